@@ -1,0 +1,32 @@
+# Multi-stage build of the Warbler image.
+#
+#   docker build -t warbler .
+#
+# Where no base image can be pulled (air-gapped builders), build the image from a locally
+# made Debian base and a binary built on the host instead: scripts/docker-image.sh
+# (see deploy/docker/README.md).
+ARG RUST_IMAGE=rust:1.88-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends clang libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin warbler \
+ && cp target/release/warbler /usr/local/bin/warbler
+
+FROM ${RUNTIME_IMAGE}
+COPY --from=build /usr/local/bin/warbler /usr/local/bin/warbler
+COPY deploy/docker/runtime-setup.sh /tmp/runtime-setup.sh
+RUN sh /tmp/runtime-setup.sh && rm /tmp/runtime-setup.sh
+USER warbler
+ENV WARBLER_DATA_DIR=/var/lib/warbler \
+    WARBLER_CLIENT_ADDR=0.0.0.0:7400 \
+    WARBLER_HTTP_ADDR=0.0.0.0:7480 \
+    WARBLER_CLUSTER_ADDR=0.0.0.0:7410
+EXPOSE 7400 7480 7410 7410/udp
+VOLUME /var/lib/warbler
+ENTRYPOINT ["/usr/local/bin/warbler"]
+CMD ["serve"]

@@ -1,0 +1,352 @@
+//! `UserMailbox`: the single writer of one user's sequence on this node.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_bytes::ByteBuf;
+use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, Store, StorageError, StoredMessage};
+
+use crate::error::MailboxError;
+use crate::session::SessionMsg;
+
+/// Bounds of one mailbox.
+#[derive(Debug, Clone, Copy)]
+pub struct MailboxLimits {
+    /// Messages sent to one device and not yet acked.
+    pub inflight_max: u32,
+    /// Recent committed messages kept in memory for online delivery.
+    pub tail_cache_max: usize,
+    /// Stop after this long with no subscriber and nothing pending.
+    pub idle_timeout: Duration,
+}
+
+/// A committed message as handed to sessions (shared, not copied per device).
+pub type Committed = (u64, Arc<StoredMessage>);
+
+/// What a subscriber learns when it subscribes.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeInfo {
+    /// The device's cursor: every message up to here was acked.
+    pub acked: u64,
+    /// The highest committed seq.
+    pub last_seq: u64,
+}
+
+/// One device of the user, as `GET /v1/users/{user}/devices` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device: String,
+    pub acked: u64,
+    pub online: bool,
+}
+
+pub enum MailboxMsg {
+    /// Store a message; replies with its seq once durable.
+    Publish {
+        id: String,
+        body: ByteBuf,
+        from: Option<String>,
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
+    },
+    /// The partition log finished entry `seq` (sent by the commit callback, in order).
+    Committed { seq: u64, result: Result<(), StorageError> },
+    /// Subscribe a session for `device`. `resume` = (acked, sent) of a session that
+    /// re-subscribes after the mailbox restarted; `None` for a new connection.
+    Subscribe {
+        device: String,
+        session: ActorRef<SessionMsg>,
+        resume: Option<(u64, u64)>,
+        reply: RpcReplyPort<SubscribeInfo>,
+    },
+    Unsubscribe { device: String, session: ActorId },
+    /// Cumulative ack from a device's session.
+    Ack { device: String, session: ActorId, seq: u64 },
+    Devices { reply: RpcReplyPort<Vec<DeviceInfo>> },
+    IdleCheck,
+}
+
+pub struct MailboxArgs {
+    pub user: String,
+    pub partition: PartitionId,
+    pub store: Store,
+    pub log: Arc<dyn PartitionLog>,
+    pub limits: MailboxLimits,
+    /// The previous mailbox of this user crashed: wait until its in-flight writes are
+    /// settled before reading the head.
+    pub after_crash: bool,
+}
+
+struct Pending {
+    msg: Arc<StoredMessage>,
+    waiters: Vec<RpcReplyPort<Result<u64, MailboxError>>>,
+}
+
+struct Subscriber {
+    session: ActorRef<SessionMsg>,
+    acked: u64,
+    sent: u64,
+}
+
+pub struct MailboxState {
+    user: String,
+    partition: PartitionId,
+    store: Store,
+    log: Arc<dyn PartitionLog>,
+    limits: MailboxLimits,
+    /// Highest seq handed out (committed or pending).
+    assigned: u64,
+    /// Highest durable seq.
+    committed: u64,
+    pending: BTreeMap<u64, Pending>,
+    pending_ids: HashMap<String, u64>,
+    tail: VecDeque<Committed>,
+    subs: HashMap<String, Subscriber>,
+    cursors: HashMap<String, u64>,
+    last_active: Instant,
+}
+
+pub struct UserMailbox;
+
+impl Actor for UserMailbox {
+    type Msg = MailboxMsg;
+    type State = MailboxState;
+    type Arguments = MailboxArgs;
+
+    async fn pre_start(&self, myself: ActorRef<MailboxMsg>, args: MailboxArgs) -> Result<MailboxState, ActorProcessingErr> {
+        if args.after_crash {
+            args.log.barrier(args.partition).await?;
+        }
+        let last = args.store.last_seq(args.partition, &args.user)?;
+        let period = (args.limits.idle_timeout / 2).max(Duration::from_millis(5));
+        myself.send_interval(period, || MailboxMsg::IdleCheck);
+        metrics::gauge!("warbler_mailboxes_alive").increment(1.0);
+        Ok(MailboxState {
+            user: args.user,
+            partition: args.partition,
+            store: args.store,
+            log: args.log,
+            limits: args.limits,
+            assigned: last,
+            committed: last,
+            pending: BTreeMap::new(),
+            pending_ids: HashMap::new(),
+            tail: VecDeque::new(),
+            subs: HashMap::new(),
+            cursors: HashMap::new(),
+            last_active: Instant::now(),
+        })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<MailboxMsg>, state: &mut MailboxState) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!("warbler_mailboxes_alive").decrement(1.0);
+        for (_, p) in std::mem::take(&mut state.pending) {
+            for w in p.waiters {
+                let _ = w.send(Err(MailboxError::Restarted));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<MailboxMsg>, msg: MailboxMsg, state: &mut MailboxState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MailboxMsg::Publish { id, body, from, reply } => {
+                state.last_active = Instant::now();
+                state.publish(&myself, id, body, from, reply).await?;
+            }
+            MailboxMsg::Committed { seq, result } => state.on_committed(&myself, seq, result)?,
+            MailboxMsg::Subscribe { device, session, resume, reply } => {
+                state.last_active = Instant::now();
+                let info = state.subscribe(device.clone(), session, resume)?;
+                let _ = reply.send(info);
+                state.pump(&device)?;
+            }
+            MailboxMsg::Unsubscribe { device, session } => {
+                if state.subs.get(&device).is_some_and(|s| s.session.get_id() == session) {
+                    state.subs.remove(&device);
+                }
+                state.last_active = Instant::now();
+            }
+            MailboxMsg::Ack { device, session, seq } => state.ack(&device, session, seq).await?,
+            MailboxMsg::Devices { reply } => {
+                let _ = reply.send(state.devices()?);
+            }
+            MailboxMsg::IdleCheck => {
+                if state.subs.is_empty()
+                    && state.pending.is_empty()
+                    && state.last_active.elapsed() >= state.limits.idle_timeout
+                {
+                    myself.stop(Some("idle".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MailboxState {
+    async fn publish(
+        &mut self,
+        myself: &ActorRef<MailboxMsg>,
+        id: String,
+        body: ByteBuf,
+        from: Option<String>,
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(seq) = self.pending_ids.get(&id) {
+            self.pending.get_mut(seq).expect("pending id has an entry").waiters.push(reply);
+            return Ok(());
+        }
+        if let Some(seq) = self.store.dedup(self.partition, &self.user, &id)? {
+            metrics::counter!("warbler_publish_duplicates_total").increment(1);
+            let _ = reply.send(Ok(seq));
+            return Ok(());
+        }
+        if !self.log.writable() {
+            let _ = reply.send(Err(MailboxError::Unavailable("the partition log refuses writes".into())));
+            return Ok(());
+        }
+        let seq = self.assigned + 1;
+        let msg = Arc::new(StoredMessage { id: id.clone(), ts: now_ms(), from, body });
+        let op = Op::Append { partition: self.partition, user: self.user.clone(), seq, msg: (*msg).clone() };
+        let me = myself.clone();
+        let done = Box::new(move |result| {
+            let _ = me.cast(MailboxMsg::Committed { seq, result });
+        });
+        if let Err(e) = self.log.propose(self.partition, vec![op], Some(done)).await {
+            let _ = reply.send(Err(MailboxError::Unavailable(e.to_string())));
+            return Ok(());
+        }
+        self.assigned = seq;
+        self.pending_ids.insert(id, seq);
+        self.pending.insert(seq, Pending { msg, waiters: vec![reply] });
+        Ok(())
+    }
+
+    fn on_committed(&mut self, myself: &ActorRef<MailboxMsg>, seq: u64, result: Result<(), StorageError>) -> Result<(), ActorProcessingErr> {
+        if let Err(e) = result {
+            // Later pending entries fail too (the log is poisoned): answer them all, then
+            // restart from storage, which holds exactly what became durable.
+            for (_, p) in std::mem::take(&mut self.pending) {
+                for w in p.waiters {
+                    let _ = w.send(Err(MailboxError::Unavailable(e.to_string())));
+                }
+            }
+            myself.stop(Some(format!("write failed: {e}")));
+            return Ok(());
+        }
+        // Paired with the assignment in `publish`: commits arrive in seq order, no gaps.
+        assert_eq!(seq, self.committed + 1, "user {} committed seq out of order", self.user);
+        let p = self.pending.remove(&seq).expect("a committed seq was pending");
+        self.committed = seq;
+        self.pending_ids.remove(&p.msg.id);
+        metrics::counter!("warbler_publishes_total").increment(1);
+        for w in p.waiters {
+            let _ = w.send(Ok(seq));
+        }
+        if self.limits.tail_cache_max > 0 {
+            if self.tail.len() >= self.limits.tail_cache_max {
+                self.tail.pop_front();
+            }
+            self.tail.push_back((seq, p.msg));
+        }
+        let devices: Vec<String> = self.subs.keys().cloned().collect();
+        for d in devices {
+            self.pump(&d)?;
+        }
+        Ok(())
+    }
+
+    fn cursor(&mut self, device: &str) -> Result<u64, StorageError> {
+        if let Some(c) = self.cursors.get(device) {
+            return Ok(*c);
+        }
+        let c = self.store.cursor(self.partition, &self.user, device)?;
+        self.cursors.insert(device.to_string(), c);
+        Ok(c)
+    }
+
+    fn subscribe(&mut self, device: String, session: ActorRef<SessionMsg>, resume: Option<(u64, u64)>) -> Result<SubscribeInfo, StorageError> {
+        let stored = self.cursor(&device)?;
+        let (acked, sent) = match resume {
+            Some((acked, sent)) => (acked.max(stored), sent.max(acked).max(stored)),
+            None => (stored, stored),
+        };
+        if let Some(old) = self.subs.remove(&device) {
+            if old.session.get_id() != session.get_id() {
+                let _ = old.session.cast(SessionMsg::Replaced);
+            }
+        }
+        self.subs.insert(device, Subscriber { session, acked, sent });
+        Ok(SubscribeInfo { acked: stored, last_seq: self.committed })
+    }
+
+    async fn ack(&mut self, device: &str, session: ActorId, seq: u64) -> Result<(), ActorProcessingErr> {
+        let Some(sub) = self.subs.get_mut(device) else { return Ok(()) };
+        if sub.session.get_id() != session || seq <= sub.acked {
+            return Ok(());
+        }
+        sub.acked = seq.min(sub.sent);
+        let acked = sub.acked;
+        self.cursors.insert(device.to_string(), acked);
+        metrics::counter!("warbler_acks_total").increment(1);
+        // Cursors may lag on a crash (delivery is at least once), so no need to wait.
+        let op = Op::Cursor { partition: self.partition, user: self.user.clone(), device: device.to_string(), acked };
+        self.log.propose(self.partition, vec![op], None).await?;
+        self.pump(device)?;
+        Ok(())
+    }
+
+    /// Sends `device` the committed messages it has not been sent, within its window.
+    fn pump(&mut self, device: &str) -> Result<(), StorageError> {
+        let Some(sub) = self.subs.get(device) else { return Ok(()) };
+        let window_end = sub.acked + u64::from(self.limits.inflight_max);
+        let upto = self.committed.min(window_end);
+        if sub.sent >= upto {
+            return Ok(());
+        }
+        let (from, count) = (sub.sent, (upto - sub.sent) as usize);
+        let batch = self.read_committed(from, count)?;
+        let Some(&(last, _)) = batch.last() else { return Ok(()) };
+        let sub = self.subs.get_mut(device).expect("checked above");
+        sub.sent = last;
+        metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
+        if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
+            self.subs.remove(device);
+        }
+        Ok(())
+    }
+
+    /// Up to `count` committed messages after `after`: from the tail cache when it covers
+    /// them, else from storage.
+    fn read_committed(&self, after: u64, count: usize) -> Result<Vec<Committed>, StorageError> {
+        if let Some(&(front, _)) = self.tail.front() {
+            if after + 1 >= front {
+                let start = (after + 1 - front) as usize;
+                return Ok(self.tail.iter().skip(start).take(count).cloned().collect());
+            }
+        }
+        Ok(self
+            .store
+            .read_range(self.partition, &self.user, after, count)?
+            .into_iter()
+            .map(|(seq, m)| (seq, Arc::new(m)))
+            .collect())
+    }
+
+    fn devices(&mut self) -> Result<Vec<DeviceInfo>, StorageError> {
+        let mut out: BTreeMap<String, DeviceInfo> = BTreeMap::new();
+        for (device, acked) in self.store.cursors(self.partition, &self.user)? {
+            out.insert(device.clone(), DeviceInfo { device, acked, online: false });
+        }
+        for (device, acked) in &self.cursors {
+            let e = out.entry(device.clone()).or_insert(DeviceInfo { device: device.clone(), acked: 0, online: false });
+            e.acked = e.acked.max(*acked);
+        }
+        for device in self.subs.keys() {
+            out.entry(device.clone()).or_insert(DeviceInfo { device: device.clone(), acked: 0, online: false }).online = true;
+        }
+        Ok(out.into_values().collect())
+    }
+}

@@ -1,0 +1,188 @@
+//! `MailboxRegistry`: the node's map of active mailboxes, and their supervisor.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
+use serde_bytes::ByteBuf;
+use warbler_storage::{PartitionId, PartitionLog, Store};
+
+use crate::error::MailboxError;
+use crate::mailbox::{DeviceInfo, MailboxArgs, MailboxLimits, MailboxMsg, UserMailbox};
+
+/// How often a request is retried when the mailbox it reached stopped under it (idle stop
+/// or crash); each retry gets a fresh mailbox from the registry.
+const MAILBOX_RETRIES_MAX: u32 = 5;
+/// Longest wait for a mailbox's answer: publishes wait for an fsync, which takes
+/// milliseconds; seconds mean the disk is stuck.
+const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub enum RegistryMsg {
+    /// The running mailbox of `user`, spawned if needed.
+    Get { user: String, partition: PartitionId, reply: RpcReplyPort<Result<ActorRef<MailboxMsg>, MailboxError>> },
+    /// Number of active mailboxes.
+    Count { reply: RpcReplyPort<usize> },
+}
+
+pub struct RegistryArgs {
+    pub store: Store,
+    pub log: Arc<dyn PartitionLog>,
+    pub limits: MailboxLimits,
+    pub partitions: u16,
+}
+
+pub struct RegistryState {
+    args: RegistryArgs,
+    active: HashMap<String, ActorRef<MailboxMsg>>,
+    /// Users whose mailbox crashed and has not been started again yet.
+    crashed: HashSet<String>,
+}
+
+pub struct MailboxRegistry;
+
+impl Actor for MailboxRegistry {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<RegistryMsg>, args: RegistryArgs) -> Result<RegistryState, ActorProcessingErr> {
+        Ok(RegistryState { args, active: HashMap::new(), crashed: HashSet::new() })
+    }
+
+    async fn handle(&self, myself: ActorRef<RegistryMsg>, msg: RegistryMsg, state: &mut RegistryState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMsg::Get { user, partition, reply } => {
+                let _ = reply.send(state.get(&myself, user, partition).await);
+            }
+            RegistryMsg::Count { reply } => {
+                let _ = reply.send(state.active.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// A mailbox that stops or crashes leaves the map; the next request spawns a fresh one
+    /// from storage. Never stops the registry itself.
+    async fn handle_supervisor_evt(&self, _myself: ActorRef<RegistryMsg>, evt: SupervisionEvent, state: &mut RegistryState) -> Result<(), ActorProcessingErr> {
+        let (cell, failure): (ActorCell, Option<String>) = match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            _ => return Ok(()),
+        };
+        let id = cell.get_id();
+        let Some(user) = state.active.iter().find(|(_, r)| r.get_id() == id).map(|(u, _)| u.clone()) else {
+            return Ok(());
+        };
+        state.active.remove(&user);
+        if let Some(err) = failure {
+            tracing::error!(%user, error = %err, "mailbox failed; it restarts from storage on next use");
+            metrics::counter!("warbler_mailbox_failures_total").increment(1);
+            state.crashed.insert(user);
+        }
+        Ok(())
+    }
+}
+
+impl RegistryState {
+    async fn get(&mut self, myself: &ActorRef<RegistryMsg>, user: String, partition: PartitionId) -> Result<ActorRef<MailboxMsg>, MailboxError> {
+        if let Some(r) = self.active.get(&user) {
+            if r.get_status() == ActorStatus::Running {
+                return Ok(r.clone());
+            }
+            // Stopping but not yet reported: if it is failing, its writes may be in flight.
+            self.active.remove(&user);
+            self.crashed.insert(user.clone());
+        }
+        let args = MailboxArgs {
+            user: user.clone(),
+            partition,
+            store: self.args.store.clone(),
+            log: self.args.log.clone(),
+            limits: self.args.limits,
+            after_crash: self.crashed.remove(&user),
+        };
+        let (r, _) = Actor::spawn_linked(None, UserMailbox, args, myself.get_cell())
+            .await
+            .map_err(|e| MailboxError::Unavailable(format!("cannot start the mailbox of {user}: {e}")))?;
+        self.active.insert(user, r.clone());
+        Ok(r)
+    }
+}
+
+/// The gateway's handle on the node's mailboxes. Cheap to clone.
+#[derive(Clone)]
+pub struct Mailboxes {
+    registry: ActorRef<RegistryMsg>,
+    partitions: u16,
+}
+
+impl Mailboxes {
+    /// Starts the registry actor.
+    pub async fn start(args: RegistryArgs) -> Result<(Mailboxes, JoinHandle<()>), ractor::SpawnErr> {
+        let partitions = args.partitions;
+        let (registry, handle) = Actor::spawn(Some("mailbox-registry".into()), MailboxRegistry, args).await?;
+        Ok((Mailboxes { registry, partitions }, handle))
+    }
+
+    pub fn partition_of(&self, user: &str) -> PartitionId {
+        warbler_cluster::partition_of(user, self.partitions)
+    }
+
+    /// The running mailbox of `user`.
+    pub async fn get(&self, user: &str) -> Result<ActorRef<MailboxMsg>, MailboxError> {
+        let partition = self.partition_of(user);
+        match self
+            .registry
+            .call(|reply| RegistryMsg::Get { user: user.to_string(), partition, reply }, Some(MAILBOX_CALL_TIMEOUT))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(MailboxError::ShuttingDown),
+        }
+    }
+
+    /// Calls `user`'s mailbox, retrying on a fresh mailbox if the one reached stopped.
+    async fn call<T: Send + 'static>(
+        &self,
+        user: &str,
+        make: impl Fn(RpcReplyPort<T>) -> MailboxMsg,
+    ) -> Result<T, MailboxError> {
+        for attempt in 0..MAILBOX_RETRIES_MAX {
+            let mailbox = self.get(user).await?;
+            match mailbox.call(&make, Some(MAILBOX_CALL_TIMEOUT)).await {
+                Ok(ractor::rpc::CallResult::Success(v)) => return Ok(v),
+                Ok(ractor::rpc::CallResult::Timeout) => {
+                    return Err(MailboxError::Unavailable("the mailbox did not answer in 30 s".into()))
+                }
+                // The mailbox stopped (idle) or crashed with our request queued.
+                _ => tokio::time::sleep(Duration::from_millis(1 << attempt)).await,
+            }
+        }
+        Err(MailboxError::Restarted)
+    }
+
+    /// Publishes one message; returns its seq once durable. Retrying the same id returns the
+    /// same seq.
+    pub async fn publish(&self, user: &str, id: &str, body: ByteBuf, from: Option<String>) -> Result<u64, MailboxError> {
+        self.call(user, |reply| MailboxMsg::Publish { id: id.to_string(), body: body.clone(), from: from.clone(), reply })
+            .await?
+    }
+
+    pub async fn devices(&self, user: &str) -> Result<Vec<DeviceInfo>, MailboxError> {
+        self.call(user, |reply| MailboxMsg::Devices { reply }).await
+    }
+
+    pub async fn active_count(&self) -> usize {
+        match self.registry.call(|reply| RegistryMsg::Count { reply }, Some(MAILBOX_CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Stops the registry and with it every mailbox.
+    pub fn stop(&self) {
+        self.registry.stop(Some("shutdown".into()));
+    }
+}

@@ -1,0 +1,36 @@
+//! Warbler's benchmarks. They treat Warbler as a black box: they start the real binary (or
+//! reach a running one) and speak the documented protocol through `warbler-client`.
+//!
+//! Layout:
+//! - `src/bin/load.rs` (`warbler-load`): the end-to-end load generator: open loop at a
+//!   target rate, latency timed from the intended send time (no coordinated omission),
+//!   HDR histograms; and the idle-connection holder used to measure memory per connection.
+//! - [`tokens`]: HS256 tokens minted from the node's secret file.
+
+pub mod tokens {
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        scope: &'a str,
+        exp: u64,
+    }
+
+    /// Mints a token for `user` with `scope`, valid for a day.
+    pub fn mint(secret: &[u8], user: &str, scope: &str) -> String {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 86_400;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &Claims { sub: user, scope, exp },
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .expect("HS256 encoding does not fail")
+    }
+
+    /// Reads a secret file the way the server does (surrounding whitespace trimmed).
+    pub fn read_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(text.trim().as_bytes().to_vec())
+    }
+}

@@ -1,0 +1,495 @@
+//! Warbler's typed configuration: one tree, built in layers.
+//!
+//! Layout:
+//! - [`Config`] and its sections, with defaults in code (`Default`).
+//! - [`Config::from_toml_str`] / [`Config::load_file`]: the TOML file layer.
+//! - [`Config::apply_env`]: `WARBLER_*` overrides (see [`ENV_KEYS`]).
+//! - [`Config::validate`]: every bound checked, errors name the field and the allowed range.
+//! - [`Config::for_test`]: a small, fast configuration for tests.
+//!
+//! The CLI (in `src/`) applies its flags last, then calls `validate()`.
+
+mod error;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::error::ConfigError;
+
+/// Default client (device protocol over TCP) port.
+pub const DEFAULT_CLIENT_PORT: u16 = 7400;
+/// Default HTTP / WebSocket / metrics port.
+pub const DEFAULT_HTTP_PORT: u16 = 7480;
+/// Default peer RPC and gossip port.
+pub const DEFAULT_CLUSTER_PORT: u16 = 7410;
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's stable name (the pod name in a StatefulSet).
+    pub node_id: String,
+    /// Where RocksDB and node state live.
+    pub data_dir: PathBuf,
+    /// Device protocol over TCP (TLS when `tls` is set).
+    pub client_addr: SocketAddr,
+    /// HTTP API, WebSocket, metrics.
+    pub http_addr: SocketAddr,
+    /// Peer RPC (TCP) and gossip (UDP).
+    pub cluster_addr: SocketAddr,
+    /// Cluster addresses (or DNS names) to join through.
+    pub seeds: Vec<String>,
+    /// Form a new cluster once this many members are up (1 = single node).
+    pub bootstrap_expect: u32,
+    /// File holding the HS256 secret for JWTs.
+    pub jwt_secret_file: Option<PathBuf>,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub storage: StorageConfig,
+    pub retention: RetentionConfig,
+    pub mailbox: MailboxConfig,
+    pub log: LogConfig,
+}
+
+/// TLS on the client port. Both files set = TLS on; both unset = plain TCP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain served on the client port.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Bounds on what clients may send and hold.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted or sent on the device protocol (bytes, after the length prefix).
+    pub max_frame_bytes: usize,
+    /// Largest message body accepted by publish (bytes). Must leave room for the `msg`
+    /// frame's other fields inside `max_frame_bytes`.
+    pub max_body_bytes: usize,
+    /// Messages sent to one device but not yet acknowledged by it.
+    pub inflight_max: u32,
+    /// Publishes one connection may have waiting for durability at once.
+    pub publish_inflight_max: u32,
+    /// Open device connections per node (TCP and WebSocket together).
+    pub connections_max: u32,
+    /// Seconds a new connection has to send its `hello`.
+    pub hello_timeout_ms: u64,
+    /// Recipients in one fan-out request.
+    pub fanout_max: usize,
+}
+
+/// RocksDB and group commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Records (appends, cursor updates) in one synced write batch at most.
+    pub batch_records_max: usize,
+    /// Bytes in one synced write batch at most.
+    pub batch_bytes_max: usize,
+    /// Write requests waiting for the committer; publishers wait when it is full.
+    pub queue_max: usize,
+    /// fsync every batch. Turning this off loses acknowledged messages on power loss.
+    pub sync: bool,
+}
+
+/// What is kept, and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Messages kept per user; older ones are trimmed (0 = no count limit).
+    pub max_messages_per_user: u64,
+    /// Age after which messages are trimmed, in seconds (0 = no age limit).
+    pub max_age_secs: u64,
+    /// How long a publish id is remembered for idempotent retries, in seconds.
+    pub dedup_window_secs: u64,
+    /// How often the retention sweep runs, in seconds.
+    pub sweep_interval_secs: u64,
+}
+
+/// Per-user mailbox actors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// A mailbox with no subscriber and no pending write stops after this long.
+    pub idle_timeout_ms: u64,
+    /// Recent messages kept in memory per mailbox for online delivery.
+    pub tail_cache_max: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `warbler=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: "warbler-0".to_string(),
+            data_dir: PathBuf::from("./data"),
+            client_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+            cluster_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLUSTER_PORT)),
+            seeds: Vec::new(),
+            bootstrap_expect: 1,
+            jwt_secret_file: None,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            storage: StorageConfig::default(),
+            retention: RetentionConfig::default(),
+            mailbox: MailboxConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            max_body_bytes: 512 * 1024,
+            // 256 unacked messages keep a phone on a slow link busy without letting one
+            // device pin much memory (256 x 1 KiB typical).
+            inflight_max: 256,
+            publish_inflight_max: 1024,
+            // Below the 20,000 open files of a default container, leaving room for RocksDB.
+            connections_max: 18_000,
+            hello_timeout_ms: 10_000,
+            fanout_max: 10_000,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            // One fsync costs milliseconds here; 4096 records a batch keeps the disk busy
+            // without making a batch's tail wait long.
+            batch_records_max: 4096,
+            batch_bytes_max: 8 << 20,
+            queue_max: 65_536,
+            sync: true,
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_messages_per_user: 100_000,
+            max_age_secs: 30 * 24 * 3600,
+            dedup_window_secs: 24 * 3600,
+            sweep_interval_secs: 60,
+        }
+    }
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        Self { idle_timeout_ms: 60_000, tail_cache_max: 512 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".to_string() }
+    }
+}
+
+/// The `WARBLER_*` variables [`Config::apply_env`] reads, and the field each one sets.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("WARBLER_NODE_ID", "node_id"),
+    ("WARBLER_DATA_DIR", "data_dir"),
+    ("WARBLER_CLIENT_ADDR", "client_addr"),
+    ("WARBLER_HTTP_ADDR", "http_addr"),
+    ("WARBLER_CLUSTER_ADDR", "cluster_addr"),
+    ("WARBLER_SEEDS", "seeds"),
+    ("WARBLER_BOOTSTRAP_EXPECT", "bootstrap_expect"),
+    ("WARBLER_JWT_SECRET_FILE", "jwt_secret_file"),
+    ("WARBLER_TLS_CERT_FILE", "tls.cert_file"),
+    ("WARBLER_TLS_KEY_FILE", "tls.key_file"),
+    ("WARBLER_MAX_FRAME_BYTES", "limits.max_frame_bytes"),
+    ("WARBLER_MAX_BODY_BYTES", "limits.max_body_bytes"),
+    ("WARBLER_INFLIGHT_MAX", "limits.inflight_max"),
+    ("WARBLER_CONNECTIONS_MAX", "limits.connections_max"),
+    ("WARBLER_STORAGE_SYNC", "storage.sync"),
+    ("WARBLER_RETENTION_MAX_MESSAGES", "retention.max_messages_per_user"),
+    ("WARBLER_RETENTION_MAX_AGE_SECS", "retention.max_age_secs"),
+    ("WARBLER_DEDUP_WINDOW_SECS", "retention.dedup_window_secs"),
+    ("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "mailbox.idle_timeout_ms"),
+    ("WARBLER_LOG_FORMAT", "log.format"),
+    ("WARBLER_LOG", "log.level"),
+];
+
+impl Config {
+    /// A configuration for tests: ports 0 on loopback, data under `data_dir`.
+    pub fn for_test(data_dir: &Path) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            client_addr: any,
+            http_addr: any,
+            cluster_addr: any,
+            ..Self::default()
+        }
+    }
+
+    /// Parses a TOML document; unknown keys are errors so typos do not pass silently.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Toml { path: None, message: e.to_string() })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+            path: Some(path.to_path_buf()),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `WARBLER_*` overrides from `vars` (pass `std::env::vars()`).
+    pub fn apply_env<I: IntoIterator<Item = (String, String)>>(
+        &mut self,
+        vars: I,
+    ) -> Result<(), ConfigError> {
+        for (key, value) in vars {
+            if let Some((_, field)) = ENV_KEYS.iter().find(|(k, _)| *k == key) {
+                self.set(field, &value).map_err(|message| ConfigError::Env {
+                    var: key.clone(),
+                    value: value.clone(),
+                    message,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one field by its dotted name from a string (env variables and flags).
+    pub fn set(&mut self, field: &str, value: &str) -> Result<(), String> {
+        fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, String> {
+            value.trim().parse().map_err(|_| format!("expected {what}, got {value:?}"))
+        }
+        fn path(value: &str) -> Option<PathBuf> {
+            (!value.is_empty()).then(|| PathBuf::from(value))
+        }
+        let addr = "HOST:PORT with a numeric IP, e.g. 0.0.0.0:7400";
+        match field {
+            "node_id" => self.node_id = value.to_string(),
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "client_addr" => self.client_addr = parse(value, addr)?,
+            "http_addr" => self.http_addr = parse(value, addr)?,
+            "cluster_addr" => self.cluster_addr = parse(value, addr)?,
+            "seeds" => {
+                self.seeds = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "bootstrap_expect" => self.bootstrap_expect = parse(value, "a whole number")?,
+            "jwt_secret_file" => self.jwt_secret_file = path(value),
+            "tls.cert_file" => self.tls.cert_file = path(value),
+            "tls.key_file" => self.tls.key_file = path(value),
+            "limits.max_frame_bytes" => self.limits.max_frame_bytes = parse(value, "bytes")?,
+            "limits.max_body_bytes" => self.limits.max_body_bytes = parse(value, "bytes")?,
+            "limits.inflight_max" => self.limits.inflight_max = parse(value, "a whole number")?,
+            "limits.connections_max" => {
+                self.limits.connections_max = parse(value, "a whole number")?
+            }
+            "storage.sync" => self.storage.sync = parse(value, "true or false")?,
+            "retention.max_messages_per_user" => {
+                self.retention.max_messages_per_user = parse(value, "a whole number")?
+            }
+            "retention.max_age_secs" => {
+                self.retention.max_age_secs = parse(value, "seconds")?
+            }
+            "retention.dedup_window_secs" => {
+                self.retention.dedup_window_secs = parse(value, "seconds")?
+            }
+            "mailbox.idle_timeout_ms" => {
+                self.mailbox.idle_timeout_ms = parse(value, "milliseconds")?
+            }
+            "log.format" => {
+                self.log.format = match value.trim() {
+                    "human" => LogFormat::Human,
+                    "json" => LogFormat::Json,
+                    _ => return Err(format!("expected human or json, got {value:?}")),
+                }
+            }
+            "log.level" => self.log.level = value.to_string(),
+            _ => return Err(format!("unknown configuration field {field:?}")),
+        }
+        Ok(())
+    }
+
+    /// Checks every bound. The error names the field, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(
+            field: &'static str,
+            value: T,
+            min: T,
+            max: T,
+        ) -> Result<(), ConfigError> {
+            if value < min || value > max {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{value} is outside the allowed range {min}..={max}"),
+                });
+            }
+            Ok(())
+        }
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid { field, message };
+
+        if self.node_id.is_empty()
+            || self.node_id.len() > 63
+            || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid(
+                "node_id",
+                format!(
+                    "{:?} must be 1..=63 characters of letters, digits, '-', '_' or '.'",
+                    self.node_id
+                ),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".to_string()));
+        }
+        range("bootstrap_expect", self.bootstrap_expect, 1, 99)?;
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls",
+                "set both tls.cert_file and tls.key_file to serve TLS, or neither for plain TCP"
+                    .to_string(),
+            ));
+        }
+        let l = &self.limits;
+        range("limits.max_frame_bytes", l.max_frame_bytes, 1024, 64 << 20)?;
+        range("limits.max_body_bytes", l.max_body_bytes, 1, l.max_frame_bytes.saturating_sub(1024))
+            .map_err(|e| match e {
+                ConfigError::Invalid { field, message } => ConfigError::Invalid {
+                    field,
+                    message: format!(
+                        "{message} (a body must fit in limits.max_frame_bytes minus 1024 bytes \
+                         of frame overhead)"
+                    ),
+                },
+                other => other,
+            })?;
+        range("limits.inflight_max", l.inflight_max, 1, 65_536)?;
+        range("limits.publish_inflight_max", l.publish_inflight_max, 1, 65_536)?;
+        range("limits.connections_max", l.connections_max, 1, 10_000_000)?;
+        range("limits.hello_timeout_ms", l.hello_timeout_ms, 100, 600_000)?;
+        range("limits.fanout_max", l.fanout_max, 1, 1_000_000)?;
+        let s = &self.storage;
+        range("storage.batch_records_max", s.batch_records_max, 1, 1_000_000)?;
+        range("storage.batch_bytes_max", s.batch_bytes_max, 4096, 1 << 30)?;
+        range("storage.queue_max", s.queue_max, 1, 10_000_000)?;
+        let r = &self.retention;
+        range("retention.dedup_window_secs", r.dedup_window_secs, 1, 365 * 24 * 3600)?;
+        range("retention.sweep_interval_secs", r.sweep_interval_secs, 1, 24 * 3600)?;
+        range("mailbox.idle_timeout_ms", self.mailbox.idle_timeout_ms, 10, 86_400_000)?;
+        range("mailbox.tail_cache_max", self.mailbox.tail_cache_max, 0, 1_000_000)?;
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty; try \"info\"".to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_design() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.client_addr.port(), 7400);
+        assert_eq!(c.http_addr.port(), 7480);
+        assert_eq!(c.cluster_addr.port(), 7410);
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn toml_layer_overrides_defaults_and_rejects_unknown_keys() {
+        let c = Config::from_toml_str(
+            "node_id = \"n1\"\n[limits]\ninflight_max = 8\n[retention]\nmax_age_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.node_id, "n1");
+        assert_eq!(c.limits.inflight_max, 8);
+        assert_eq!(c.retention.max_age_secs, 5);
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20, "untouched fields keep defaults");
+        let err = Config::from_toml_str("[limits]\ninflight_maxx = 8\n").unwrap_err();
+        assert!(err.to_string().contains("inflight_maxx"), "{err}");
+    }
+
+    #[test]
+    fn env_layer_sets_fields_and_names_bad_values() {
+        let mut c = Config::default();
+        c.apply_env(vec![
+            ("WARBLER_NODE_ID".into(), "pod-3".into()),
+            ("WARBLER_SEEDS".into(), "a:7410, b:7410".into()),
+            ("WARBLER_STORAGE_SYNC".into(), "false".into()),
+            ("UNRELATED".into(), "x".into()),
+        ])
+        .unwrap();
+        assert_eq!(c.node_id, "pod-3");
+        assert_eq!(c.seeds, vec!["a:7410", "b:7410"]);
+        assert!(!c.storage.sync);
+        let err = c
+            .apply_env(vec![("WARBLER_CLIENT_ADDR".into(), "localhost".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WARBLER_CLIENT_ADDR") && err.contains("HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_field_and_the_range() {
+        let mut c = Config::default();
+        c.limits.inflight_max = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.inflight_max") && err.contains("1..=65536"), "{err}");
+
+        let mut c = Config::default();
+        c.limits.max_body_bytes = c.limits.max_frame_bytes;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.max_body_bytes"), "{err}");
+
+        let mut c = Config::default();
+        c.tls.cert_file = Some("cert.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("tls.key_file"));
+
+        let mut c = Config::default();
+        c.node_id = "bad name".into();
+        assert!(c.validate().unwrap_err().to_string().contains("node_id"));
+    }
+
+    #[test]
+    fn example_file_in_the_repo_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("warbler.toml");
+        let c = Config::load_file(&path).unwrap();
+        c.validate().unwrap();
+    }
+}

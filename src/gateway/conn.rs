@@ -1,0 +1,253 @@
+//! One device connection, from `hello` to close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use ractor::{Actor, ActorRef};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use warbler_actors::{DeviceSession, MailboxError, Mailboxes, SessionArgs, SessionMsg};
+use warbler_client::codec::CodecError;
+use warbler_client::{DecodeError, ErrorCode, Frame, PROTOCOL_VERSION};
+use warbler_config::LimitsConfig;
+
+use crate::auth::{Auth, AuthError, Claims, Scope};
+
+/// Longest user, device or message id, in bytes (ids are stored with a one-byte length).
+pub const ID_BYTES_MAX: usize = 128;
+/// Frames queued for a connection's writer beyond the delivery window (welcome, published,
+/// pong, errors).
+const WRITER_QUEUE_EXTRA: usize = 64;
+/// How long a client is told to wait before reconnecting when the node drains.
+const BYE_RETRY_MS: u64 = 1000;
+
+/// Everything a connection needs; one per node.
+pub struct Gateway {
+    pub node_id: String,
+    pub auth: Auth,
+    pub mailboxes: Mailboxes,
+    pub limits: LimitsConfig,
+    /// One permit per open connection (`limits.connections_max`).
+    pub slots: Arc<Semaphore>,
+    /// Cancelled when the node drains: connections say `bye` and close.
+    pub shutdown: CancellationToken,
+}
+
+/// Checks an id (user, device, message): 1..=128 bytes, no control characters.
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > ID_BYTES_MAX || id.chars().any(char::is_control) {
+        return Err(format!("{what} must be 1..={ID_BYTES_MAX} bytes without control characters, got {} bytes", id.len()));
+    }
+    Ok(())
+}
+
+impl Gateway {
+    /// The writer queue size of a connection.
+    pub fn writer_queue(&self) -> usize {
+        self.limits.inflight_max as usize + WRITER_QUEUE_EXTRA
+    }
+
+    /// Runs one connection. `frames` yields what the client sends; `out` is the
+    /// connection's writer queue (the caller's writer task drains it to the socket and
+    /// closes the socket once every sender is gone).
+    pub async fn run<S>(self: Arc<Self>, mut frames: S, out: mpsc::Sender<Frame>, transport: &'static str)
+    where
+        S: Stream<Item = Result<Frame, CodecError>> + Unpin,
+    {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            let msg = format!("this node holds its maximum of {} connections; connect to another node or retry later", self.limits.connections_max);
+            send_error(&out, ErrorCode::Overloaded, msg, None).await;
+            return;
+        };
+        metrics::counter!("warbler_connections_total", "transport" => transport).increment(1);
+        let gauge = metrics::gauge!("warbler_connections", "transport" => transport);
+        gauge.increment(1.0);
+        let closed = CancellationToken::new();
+        if let Some((claims, session)) = self.accept(&mut frames, &out, &closed).await {
+            self.serve(frames, &out, &closed, &claims, session.as_ref()).await;
+            if let Some(s) = session {
+                s.stop(None);
+            }
+        }
+        gauge.decrement(1.0);
+    }
+
+    /// Waits for `hello`, authenticates, starts the session. `None`: refused (the error
+    /// frame is queued).
+    async fn accept<S>(&self, frames: &mut S, out: &mpsc::Sender<Frame>, closed: &CancellationToken)
+        -> Option<(Claims, Option<ActorRef<SessionMsg>>)>
+    where
+        S: Stream<Item = Result<Frame, CodecError>> + Unpin,
+    {
+        let wait = Duration::from_millis(self.limits.hello_timeout_ms);
+        let (token, device, v) = match tokio::time::timeout(wait, frames.next()).await {
+            Ok(Some(Ok(Frame::Hello { token, device, v }))) => (token, device, v),
+            Ok(Some(Ok(other))) => {
+                let msg = format!("the first frame must be hello, got {}", other.type_name());
+                send_error(out, ErrorCode::HelloRequired, msg, None).await;
+                return None;
+            }
+            Ok(Some(Err(CodecError::Decode(e)))) => {
+                send_decode_error(out, &e).await;
+                return None;
+            }
+            Ok(Some(Err(CodecError::Io(_)))) | Ok(None) => return None,
+            Err(_) => {
+                let msg = format!("no hello within {} ms; send hello first", self.limits.hello_timeout_ms);
+                send_error(out, ErrorCode::HelloRequired, msg, None).await;
+                return None;
+            }
+        };
+        if v != PROTOCOL_VERSION {
+            let msg = format!("protocol version {v} is not supported; this server speaks v={PROTOCOL_VERSION}");
+            send_error(out, ErrorCode::BadRequest, msg, None).await;
+            return None;
+        }
+        let claims = match self.auth.verify(&token) {
+            Ok(c) => c,
+            Err(e) => {
+                send_error(out, ErrorCode::Unauthorized, e.to_string(), None).await;
+                return None;
+            }
+        };
+        if let Err(msg) = check_id("device", &device).and_then(|_| check_id("user (token sub)", &claims.sub)) {
+            send_error(out, ErrorCode::BadRequest, msg, None).await;
+            return None;
+        }
+        if claims.device.as_ref().is_some_and(|d| *d != device) {
+            let msg = format!("this token is for device {:?}, not {device:?}", claims.device.as_deref().unwrap_or(""));
+            send_error(out, ErrorCode::Forbidden, msg, None).await;
+            return None;
+        }
+        if claims.allows(Scope::Device) {
+            let args = SessionArgs {
+                user: claims.sub.clone(),
+                device,
+                node: self.node_id.clone(),
+                mailboxes: self.mailboxes.clone(),
+                out: out.clone(),
+                closed: closed.clone(),
+            };
+            match Actor::spawn(None, DeviceSession, args).await {
+                Ok((session, _)) => Some((claims, Some(session))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session start failed");
+                    let msg = "the user's mailbox is not available on this node right now; retry shortly";
+                    send_error(out, ErrorCode::Unavailable, msg, None).await;
+                    None
+                }
+            }
+        } else if claims.allows(Scope::Publish) {
+            // A publish-only connection: no deliveries, no cursor.
+            let welcome = Frame::Welcome { user: claims.sub.clone(), device, node: self.node_id.clone(), acked: 0 };
+            out.send(welcome).await.ok()?;
+            Some((claims, None))
+        } else {
+            let msg = format!("the token's scope {:?} allows neither device nor publish", claims.scope);
+            send_error(out, ErrorCode::Forbidden, msg, None).await;
+            None
+        }
+    }
+
+    /// The authenticated part: acks, publishes, pings, until either side closes.
+    async fn serve<S>(&self, mut frames: S, out: &mpsc::Sender<Frame>, closed: &CancellationToken, claims: &Claims, session: Option<&ActorRef<SessionMsg>>)
+    where
+        S: Stream<Item = Result<Frame, CodecError>> + Unpin,
+    {
+        let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
+        loop {
+            let frame = tokio::select! {
+                _ = closed.cancelled() => return,
+                _ = self.shutdown.cancelled() => {
+                    let bye = Frame::Bye { reason: "node is shutting down; reconnect to another node".into(), retry_ms: BYE_RETRY_MS };
+                    let _ = out.send(bye).await;
+                    return;
+                }
+                f = frames.next() => f,
+            };
+            match frame {
+                None | Some(Err(CodecError::Io(_))) => return,
+                Some(Err(CodecError::Decode(e))) => {
+                    send_decode_error(out, &e).await;
+                    if matches!(e, DecodeError::TooLarge { .. } | DecodeError::Malformed(_)) {
+                        return;
+                    }
+                }
+                Some(Ok(Frame::Ack { seq })) => match session {
+                    Some(s) => {
+                        if s.cast(SessionMsg::ClientAck(seq)).is_err() {
+                            return;
+                        }
+                    }
+                    None => send_error(out, ErrorCode::Forbidden, "this connection receives no messages (its token has no device scope), so it has nothing to ack", None).await,
+                },
+                Some(Ok(Frame::Ping { n })) => {
+                    if out.send(Frame::Pong { n }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Frame::Pong { .. })) => {}
+                Some(Ok(Frame::Publish { id, to, body })) => {
+                    let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
+                    match self.check_publish(claims, &id, &to, &body) {
+                        Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
+                        Ok(()) => {
+                            let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
+                            tokio::spawn(async move {
+                                let reply = match mailboxes.publish(&to, &id, body, Some(from)).await {
+                                    Ok(seq) => Frame::Published { id, to, seq },
+                                    Err(e) => mailbox_error_frame(&e, id),
+                                };
+                                let _ = out.send(reply).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
+                Some(Ok(Frame::Hello { .. })) => {
+                    send_error(out, ErrorCode::BadRequest, "already authenticated; hello is sent once per connection", None).await
+                }
+                Some(Ok(other)) => {
+                    let msg = format!("{} frames are sent by the server, not by clients", other.type_name());
+                    send_error(out, ErrorCode::BadRequest, msg, None).await
+                }
+            }
+        }
+    }
+
+    fn check_publish(&self, claims: &Claims, id: &str, to: &str, body: &ByteBuf) -> Result<(), (ErrorCode, String)> {
+        if !claims.allows(Scope::Publish) {
+            let e = AuthError::Forbidden { have: claims.scope.clone(), need: Scope::Publish.as_str() };
+            return Err((ErrorCode::Forbidden, e.to_string()));
+        }
+        check_id("id", id).map_err(|m| (ErrorCode::BadRequest, m))?;
+        check_id("to", to).map_err(|m| (ErrorCode::BadRequest, m))?;
+        if body.len() > self.limits.max_body_bytes {
+            let msg = format!("body of {} bytes exceeds the limit of {} bytes", body.len(), self.limits.max_body_bytes);
+            return Err((ErrorCode::BodyTooLarge, msg));
+        }
+        Ok(())
+    }
+}
+
+pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
+    metrics::counter!("warbler_publish_errors_total").increment(1);
+    Frame::error(ErrorCode::Unavailable, e.to_string(), Some(id))
+}
+
+async fn send_error(out: &mpsc::Sender<Frame>, code: ErrorCode, message: impl Into<String>, id: Option<String>) {
+    metrics::counter!("warbler_protocol_errors_total", "code" => code.as_str()).increment(1);
+    let _ = out.send(Frame::error(code, message, id)).await;
+}
+
+async fn send_decode_error(out: &mpsc::Sender<Frame>, e: &DecodeError) {
+    let advice = match e {
+        DecodeError::TooLarge { .. } => "; the connection is closed (split the message, or raise limits.max_frame_bytes)",
+        DecodeError::Malformed(_) => "; the connection is closed (each frame is a 4-byte big-endian length and a MessagePack map with a string \"t\")",
+        DecodeError::UnknownType(_) => "; known types: hello, ack, publish, ping, pong",
+        DecodeError::BadFields { .. } => "; see docs/protocol.md for the fields of each frame",
+    };
+    send_error(out, e.code(), format!("{e}{advice}"), None).await;
+}

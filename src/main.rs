@@ -1,0 +1,182 @@
+//! `warbler`: the Warbler binary. It parses flags, builds the configuration and wires the
+//! crates together; the behaviour lives in the crates.
+//!
+//! Layout:
+//! - [`node`]: start and stop one node.
+//! - [`gateway`]: the device protocol on a connection (TCP, TLS, WebSocket).
+//! - [`http`]: the HTTP API, `/v1/ws`, health and metrics.
+//! - [`auth`]: JWT minting and checking.
+//! - [`cli`]: the client-side commands (`token`, `send`, `listen`) and `dev`.
+//! - [`telemetry`]: logs and metrics.
+
+mod auth;
+mod cli;
+mod gateway;
+mod http;
+mod node;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use warbler_config::Config;
+
+#[derive(Parser)]
+#[command(name = "warbler", version, about = "Durable, ordered push and IM delivery", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node from a config file, WARBLER_* variables and flags.
+    Serve(ServeArgs),
+    /// Run a local development node on the defaults, with a generated secret.
+    Dev(cli::DevArgs),
+    /// Mint a JWT for development and scripts; prints it on stdout.
+    Token(cli::TokenArgs),
+    /// Publish one message over the device protocol and print its seq.
+    Send(cli::SendArgs),
+    /// Connect as a device, print messages as they arrive and acknowledge them.
+    Listen(cli::ListenArgs),
+}
+
+/// Flags of `serve`. Each overrides the config file and the WARBLER_* variables.
+#[derive(Args, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file (see config/warbler.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This node's stable name (the pod name in a StatefulSet).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Where RocksDB and node state live.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Device protocol over TCP (TLS when a certificate is configured), HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    client_addr: Option<String>,
+    /// HTTP API, WebSocket and metrics, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    http_addr: Option<String>,
+    /// Peer RPC and gossip, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_addr: Option<String>,
+    /// Cluster addresses (or DNS names) to join through, comma-separated.
+    #[arg(long, value_name = "ADDR,...")]
+    seeds: Option<String>,
+    /// Form a new cluster once N members are up (1 = single node).
+    #[arg(long, value_name = "N")]
+    bootstrap_expect: Option<String>,
+    /// File holding the HS256 JWT secret.
+    #[arg(long, value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// PEM certificate chain: serves TLS on the client port (with --tls-key-file).
+    #[arg(long, value_name = "FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, value_name = "FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// Log format: human or json.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+}
+
+impl ServeArgs {
+    /// Builds the configuration: defaults, file, WARBLER_* variables, these flags, validate.
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_env(std::env::vars())?;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let flags: [(&str, &str, Option<String>); 11] = [
+            ("--node-id", "node_id", self.node_id.clone()),
+            ("--data-dir", "data_dir", path(&self.data_dir)),
+            ("--client-addr", "client_addr", self.client_addr.clone()),
+            ("--http-addr", "http_addr", self.http_addr.clone()),
+            ("--cluster-addr", "cluster_addr", self.cluster_addr.clone()),
+            ("--seeds", "seeds", self.seeds.clone()),
+            ("--bootstrap-expect", "bootstrap_expect", self.bootstrap_expect.clone()),
+            ("--jwt-secret-file", "jwt_secret_file", path(&self.jwt_secret_file)),
+            ("--tls-cert-file", "tls.cert_file", path(&self.tls_cert_file)),
+            ("--tls-key-file", "tls.key_file", path(&self.tls_key_file)),
+            ("--log-format", "log.format", self.log_format.clone()),
+        ];
+        for (flag, field, value) in flags {
+            if let Some(v) = value {
+                config.set(field, &v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))?;
+            }
+        }
+        config.validate()?;
+        if config.bootstrap_expect > 1 || !config.seeds.is_empty() {
+            anyhow::bail!(
+                "--bootstrap-expect {} / --seeds ask for a cluster, but this build runs single nodes only; \
+                 use --bootstrap-expect 1 and no seeds",
+                config.bootstrap_expect
+            );
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            let config = args.config()?;
+            let secret = config.jwt_secret_file.clone().ok_or_else(|| {
+                anyhow::anyhow!("no JWT secret: pass --jwt-secret-file FILE (or set jwt_secret_file / WARBLER_JWT_SECRET_FILE)")
+            })?;
+            let auth = auth::Auth::from_file(&secret).map_err(anyhow::Error::msg)?;
+            serve(config, auth).await
+        }
+        Command::Dev(args) => cli::dev(args).await,
+        Command::Token(args) => cli::token(args),
+        Command::Send(args) => cli::send(args).await,
+        Command::Listen(args) => cli::listen(args).await,
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn serve(config: Config, auth: auth::Auth) -> anyhow::Result<()> {
+    telemetry::init_logs(config.log.format, &config.log.level);
+    let metrics = telemetry::init_metrics()?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        trigger.cancel();
+    });
+    node::run(config, auth, metrics, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

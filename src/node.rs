@@ -1,0 +1,113 @@
+//! Starting and stopping one node: storage, the committer, the mailbox registry, the
+//! client and HTTP listeners, the retention sweeper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs};
+use warbler_config::Config;
+use warbler_storage::{now_ms, Committer, CommitterLimits, LocalLog, RetentionPolicy, Store};
+
+use crate::auth::Auth;
+use crate::gateway::{tcp, Gateway};
+use crate::http::{self, AppState, NodeAddrs};
+
+/// Partitions of a cluster created by this version (fixed when the cluster is created).
+pub const PARTITIONS: u16 = 64;
+/// How long a draining node waits for connections to say bye and writes to finish.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs a node until `shutdown` is cancelled (SIGTERM / Ctrl-C in `main`).
+pub async fn run(config: Config, auth: Auth, metrics: metrics_exporter_prometheus::PrometheusHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Store::open(&config.data_dir.join("db"))?;
+    let s = &config.storage;
+    let committer = Committer::start(store.clone(), CommitterLimits {
+        batch_records_max: s.batch_records_max,
+        batch_bytes_max: s.batch_bytes_max,
+        queue_max: s.queue_max,
+        sync: s.sync,
+    });
+    if !s.sync {
+        tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
+    }
+    let log = LocalLog::new(committer);
+    let limits = MailboxLimits {
+        inflight_max: config.limits.inflight_max,
+        tail_cache_max: config.mailbox.tail_cache_max,
+        idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
+    };
+    let (mailboxes, registry_handle) = Mailboxes::start(RegistryArgs {
+        store: store.clone(),
+        log: Arc::new(log.clone()),
+        limits,
+        partitions: PARTITIONS,
+    })
+    .await?;
+
+    let gw = Arc::new(Gateway {
+        node_id: config.node_id.clone(),
+        auth,
+        mailboxes: mailboxes.clone(),
+        limits: config.limits.clone(),
+        slots: Arc::new(Semaphore::new(config.limits.connections_max as usize)),
+        shutdown: shutdown.clone(),
+    });
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(c), Some(k)) => Some(tcp::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let client = TcpListener::bind(config.client_addr).await.with_context(|| format!("cannot listen on client_addr {}; is another process using it? pick another with --client-addr", config.client_addr))?;
+    let http_listener = TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on http_addr {}; is another process using it? pick another with --http-addr", config.http_addr))?;
+    let addrs = NodeAddrs { client: client.local_addr()?, http: http_listener.local_addr()?, cluster: config.cluster_addr };
+
+    let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone()));
+    let app = http::router(AppState { gw: gw.clone(), store: store.clone(), log, metrics, partitions: PARTITIONS, addrs });
+    let http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await
+    });
+    let sweeper = tokio::spawn(sweep_retention(store.clone(), config.clone()));
+
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), data_dir = %config.data_dir.display(), "warbler node ready");
+    // A machine-readable line for scripts and tests that start the node on port 0.
+    println!("warbler ready node={} client={} http={}", config.node_id, addrs.client, addrs.http);
+
+    shutdown.cancelled().await;
+    tracing::info!("draining: saying bye to connections");
+    let _ = client_task.await;
+    tokio::time::sleep(DRAIN_GRACE.min(Duration::from_millis(200))).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, http_task).await;
+    sweeper.abort();
+    mailboxes.stop();
+    let _ = tokio::time::timeout(DRAIN_GRACE, registry_handle).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Applies retention to every user, every `retention.sweep_interval_secs`.
+async fn sweep_retention(store: Store, config: Config) {
+    let r = &config.retention;
+    let policy = RetentionPolicy {
+        max_messages: r.max_messages_per_user,
+        max_age_ms: r.max_age_secs.saturating_mul(1000),
+        dedup_window_ms: r.dedup_window_secs.saturating_mul(1000),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(r.sweep_interval_secs));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep(&policy, now_ms())).await {
+            Ok(Ok(report)) if report.messages + report.dedup_records > 0 => {
+                tracing::info!(users = report.users, messages = report.messages, dedup = report.dedup_records, "retention sweep")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "retention sweep panicked"),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! [`PartitionLog`]: where state changes are proposed. The single-node implementation
+//! commits them through the group committer; the replicated one (one consensus group per
+//! partition) implements the same trait, so the actors above do not change.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::commit::{Committer, Done};
+use crate::error::StorageError;
+use crate::store::Op;
+use crate::PartitionId;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A per-partition log of entries, each a list of [`Op`]s applied atomically.
+pub trait PartitionLog: Send + Sync + 'static {
+    /// Proposes an entry. `done` runs once the entry is durable (on one node: fsynced; when
+    /// replicated: committed by a majority) or has failed. Entries of one partition become
+    /// durable in the order they were proposed. The future resolves once the entry is
+    /// queued; it waits while the log is full (backpressure).
+    fn propose(&self, partition: PartitionId, ops: Vec<Op>, done: Option<Done>)
+        -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Resolves once every entry proposed before it is durable (or failed). A mailbox that
+    /// restarts after a crash waits on this before reading its head, so it cannot reuse a
+    /// seq its crashed predecessor still had in flight.
+    fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// False when this node cannot accept writes (a write failed, or no quorum).
+    fn writable(&self) -> bool;
+}
+
+/// The single-node log: every partition commits straight to the local database.
+#[derive(Clone)]
+pub struct LocalLog {
+    committer: Committer,
+}
+
+impl LocalLog {
+    pub fn new(committer: Committer) -> Self {
+        Self { committer }
+    }
+}
+
+impl PartitionLog for LocalLog {
+    fn propose(&self, _partition: PartitionId, ops: Vec<Op>, done: Option<Done>)
+        -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.committer.submit(ops, done))
+    }
+
+    fn barrier(&self, _partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.committer.commit(Vec::new()))
+    }
+
+    fn writable(&self) -> bool {
+        !self.committer.is_poisoned()
+    }
+}

@@ -1,0 +1,426 @@
+//! [`Store`]: the RocksDB database of one node.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, DB,
+};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::error::StorageError;
+use crate::keys::{self, msg_key, prefix_end, suffixed_key, u64_be, user_prefix};
+use crate::PartitionId;
+
+const CF_MSGS: &str = "msgs";
+const CF_CURSORS: &str = "cursors";
+const CF_DEDUP: &str = "dedup";
+const CF_HEADS: &str = "heads";
+const COLUMN_FAMILIES: [&str; 4] = [CF_MSGS, CF_CURSORS, CF_DEDUP, CF_HEADS];
+
+/// Most records one range read returns, whatever the caller asks.
+pub const RANGE_READ_MAX: usize = 10_000;
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub id: String,
+    pub ts: u64,
+    pub from: Option<String>,
+    pub body: ByteBuf,
+}
+
+/// One state change. A log entry is a list of these, applied atomically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Store message `seq` of `user`, its dedup record, and advance the user's head.
+    Append { partition: PartitionId, user: String, seq: u64, msg: StoredMessage },
+    /// Move a device's cursor to `acked`.
+    Cursor { partition: PartitionId, user: String, device: String, acked: u64 },
+}
+
+impl Op {
+    /// Approximate bytes this op adds to a write batch (for batch limits).
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Op::Append { user, msg, .. } => 64 + user.len() * 3 + msg.id.len() * 2 + msg.body.len(),
+            Op::Cursor { user, device, .. } => 32 + user.len() + device.len(),
+        }
+    }
+}
+
+/// What retention keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    /// Messages kept per user (0 = no limit).
+    pub max_messages: u64,
+    /// Messages older than this are trimmed (0 = no limit).
+    pub max_age_ms: u64,
+    /// Dedup records older than this are dropped.
+    pub dedup_window_ms: u64,
+}
+
+/// What a retention pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrimReport {
+    pub users: u64,
+    pub messages: u64,
+    pub dedup_records: u64,
+}
+
+/// The node's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StorageError> {
+        let open_err = |message: String| StorageError::Open { path: dir.display().to_string(), message };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        // Bound the WAL so a node with many idle column families still recycles it.
+        opts.set_max_total_wal_size(256 << 20);
+        let cfs = COLUMN_FAMILIES.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(e.into_string()))?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    /// Adds `ops` to `batch` (the committer writes the batch).
+    pub fn stage(&self, batch: &mut WriteBatch, op: &Op) {
+        match op {
+            Op::Append { partition, user, seq, msg } => {
+                let value = rmp_serde::to_vec_named(msg).expect("message serialization is infallible");
+                batch.put_cf(self.cf(CF_MSGS), msg_key(*partition, user, *seq), value);
+                let mut dedup = Vec::with_capacity(16);
+                dedup.extend_from_slice(&seq.to_be_bytes());
+                dedup.extend_from_slice(&msg.ts.to_be_bytes());
+                batch.put_cf(self.cf(CF_DEDUP), suffixed_key(*partition, user, &msg.id), dedup);
+                batch.put_cf(self.cf(CF_HEADS), user_prefix(*partition, user), seq.to_be_bytes());
+            }
+            Op::Cursor { partition, user, device, acked } => {
+                batch.put_cf(
+                    self.cf(CF_CURSORS),
+                    suffixed_key(*partition, user, device),
+                    acked.to_be_bytes(),
+                );
+            }
+        }
+    }
+
+    /// Writes a batch; `sync` fsyncs the WAL before returning.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Applies ops at once (tests and tools; the hot path goes through the committer).
+    pub fn apply(&self, ops: &[Op], sync: bool) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            self.stage(&mut batch, op);
+        }
+        self.write(batch, sync)
+    }
+
+    /// The highest `seq` ever assigned to `user` (0 if none). Never decreases, even after
+    /// trimming: sequence numbers are not reused.
+    pub fn last_seq(&self, partition: PartitionId, user: &str) -> Result<u64, StorageError> {
+        let v = self.db.get_cf(self.cf(CF_HEADS), user_prefix(partition, user))?;
+        match v {
+            None => Ok(0),
+            Some(v) => u64_be(&v).ok_or_else(|| StorageError::Corrupt(format!("head of {user} is {} bytes", v.len()))),
+        }
+    }
+
+    /// The lowest retained `seq` of `user`, if any message is retained.
+    pub fn first_seq(&self, partition: PartitionId, user: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self.read_range(partition, user, 0, 1)?.first().map(|(s, _)| *s))
+    }
+
+    /// Messages of `user` with `seq > after`, in `seq` order, at most `limit`
+    /// (capped at [`RANGE_READ_MAX`]).
+    pub fn read_range(
+        &self,
+        partition: PartitionId,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>, StorageError> {
+        let limit = limit.min(RANGE_READ_MAX);
+        let mut out = Vec::with_capacity(limit.min(256));
+        if limit == 0 || after == u64::MAX {
+            return Ok(out);
+        }
+        let start = msg_key(partition, user, after + 1);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(start.clone()..prefix_end(&user_prefix(partition, user)));
+        let iter = self.db.iterator_cf_opt(self.cf(CF_MSGS), ro, IteratorMode::From(&start, Direction::Forward));
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let seq = keys::split_user_key(&k)
+                .and_then(|(_, _, rest)| u64_be(rest))
+                .ok_or_else(|| StorageError::Corrupt(format!("bad message key {k:?}")))?;
+            let msg = rmp_serde::from_slice(&v)
+                .map_err(|e| StorageError::Corrupt(format!("message {user}/{seq}: {e}")))?;
+            out.push((seq, msg));
+        }
+        Ok(out)
+    }
+
+    /// The durable cursor of one device (0 if it never acked).
+    pub fn cursor(&self, partition: PartitionId, user: &str, device: &str) -> Result<u64, StorageError> {
+        let v = self.db.get_cf(self.cf(CF_CURSORS), suffixed_key(partition, user, device))?;
+        Ok(v.and_then(|v| u64_be(&v)).unwrap_or(0))
+    }
+
+    /// Every device of `user` with its cursor, by device id.
+    pub fn cursors(&self, partition: PartitionId, user: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        let prefix = user_prefix(partition, user);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(self.cf(CF_CURSORS), ro, IteratorMode::Start) {
+            let (k, v) = item?;
+            let device = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((device, u64_be(&v).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// The `seq` a message id was given, if it is within the dedup window.
+    pub fn dedup(&self, partition: PartitionId, user: &str, id: &str) -> Result<Option<u64>, StorageError> {
+        let v = self.db.get_cf(self.cf(CF_DEDUP), suffixed_key(partition, user, id))?;
+        Ok(v.and_then(|v| u64_be(&v)))
+    }
+
+    /// Checks that `user`'s retained messages are one contiguous run ending at the head.
+    /// Returns the (first, last) retained seqs, or `None` when nothing is retained.
+    pub fn verify_user(&self, partition: PartitionId, user: &str) -> Result<Option<(u64, u64)>, StorageError> {
+        let head = self.last_seq(partition, user)?;
+        let mut expect: Option<u64> = None;
+        let mut first = None;
+        let mut after = 0;
+        loop {
+            let chunk = self.read_range(partition, user, after, RANGE_READ_MAX)?;
+            let Some(&(last_in_chunk, _)) = chunk.last() else { break };
+            for (seq, _) in &chunk {
+                if let Some(e) = expect {
+                    if *seq != e {
+                        return Err(StorageError::Corrupt(format!("{user}: expected seq {e}, found {seq}")));
+                    }
+                }
+                first.get_or_insert(*seq);
+                expect = Some(seq + 1);
+            }
+            after = last_in_chunk;
+        }
+        match (first, expect) {
+            (Some(f), Some(e)) if e - 1 == head => Ok(Some((f, head))),
+            (Some(_), Some(e)) => Err(StorageError::Corrupt(format!("{user}: last message {} but head {head}", e - 1))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every user with a head, as (partition, user, last_seq).
+    pub fn users(&self) -> Result<Vec<(PartitionId, String, u64)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_HEADS), IteratorMode::Start) {
+            let (k, v) = item?;
+            if let Some((p, user, _)) = keys::split_user_key(&k) {
+                out.push((p, user.to_string(), u64_be(&v).unwrap_or(0)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies retention to one user: count, then age, then the dedup window.
+    pub fn trim_user(
+        &self,
+        partition: PartitionId,
+        user: &str,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<TrimReport, StorageError> {
+        let mut report = TrimReport::default();
+        let last = self.last_seq(partition, user)?;
+        let Some(first) = self.first_seq(partition, user)? else {
+            report.dedup_records = self.trim_dedup(partition, user, policy, now_ms)?;
+            return Ok(report);
+        };
+        let mut keep_from = first;
+        if policy.max_messages > 0 && last - first + 1 > policy.max_messages {
+            keep_from = last - policy.max_messages + 1;
+        }
+        if policy.max_age_ms > 0 {
+            let cutoff = now_ms.saturating_sub(policy.max_age_ms);
+            // Timestamps grow with seq, so the old messages are a prefix; stop at the first
+            // young one (bounded by the range read cap per pass).
+            for (seq, msg) in self.read_range(partition, user, keep_from - 1, RANGE_READ_MAX)? {
+                if msg.ts >= cutoff {
+                    break;
+                }
+                keep_from = seq + 1;
+            }
+        }
+        if keep_from > first {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(self.cf(CF_MSGS), msg_key(partition, user, 0), msg_key(partition, user, keep_from));
+            self.write(batch, false)?;
+            report.messages = keep_from - first;
+        }
+        report.dedup_records = self.trim_dedup(partition, user, policy, now_ms)?;
+        Ok(report)
+    }
+
+    fn trim_dedup(&self, partition: PartitionId, user: &str, policy: &RetentionPolicy, now_ms: u64) -> Result<u64, StorageError> {
+        let prefix = user_prefix(partition, user);
+        let cutoff = now_ms.saturating_sub(policy.dedup_window_ms);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf_opt(self.cf(CF_DEDUP), ro, IteratorMode::Start) {
+            let (k, v) = item?;
+            let ts = v.get(8..16).and_then(u64_be).unwrap_or(0);
+            if ts < cutoff {
+                batch.delete_cf(self.cf(CF_DEDUP), k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.write(batch, false)?;
+        }
+        Ok(n)
+    }
+
+    /// One retention pass over every user.
+    pub fn sweep(&self, policy: &RetentionPolicy, now_ms: u64) -> Result<TrimReport, StorageError> {
+        let mut total = TrimReport::default();
+        for (p, user, _) in self.users()? {
+            let r = self.trim_user(p, &user, policy, now_ms)?;
+            if r.messages > 0 || r.dedup_records > 0 {
+                total.users += 1;
+            }
+            total.messages += r.messages;
+            total.dedup_records += r.dedup_records;
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str, ts: u64) -> StoredMessage {
+        StoredMessage { id: id.into(), ts, from: None, body: ByteBuf::from(id.as_bytes().to_vec()) }
+    }
+
+    fn append(store: &Store, user: &str, seqs: std::ops::RangeInclusive<u64>, ts: u64) {
+        let ops: Vec<Op> = seqs
+            .map(|seq| Op::Append { partition: 3, user: user.into(), seq, msg: msg(&format!("{user}-{seq}"), ts + seq) })
+            .collect();
+        store.apply(&ops, true).unwrap();
+    }
+
+    #[test]
+    fn appends_read_back_in_order_with_heads_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_seq(3, "al").unwrap(), 0);
+        append(&store, "al", 1..=50, 1000);
+        append(&store, "alice", 1..=5, 1000);
+        assert_eq!(store.last_seq(3, "al").unwrap(), 50);
+        let r = store.read_range(3, "al", 10, 5).unwrap();
+        assert_eq!(r.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![11, 12, 13, 14, 15]);
+        assert_eq!(r[0].1.id, "al-11");
+        // The neighbour "alice" does not leak into "al"'s range.
+        assert_eq!(store.read_range(3, "al", 45, 100).unwrap().len(), 5);
+        assert_eq!(store.dedup(3, "al", "al-7").unwrap(), Some(7));
+        assert_eq!(store.dedup(3, "al", "nope").unwrap(), None);
+        assert_eq!(store.verify_user(3, "al").unwrap(), Some((1, 50)));
+    }
+
+    #[test]
+    fn cursors_are_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cursor = |device: &str, acked| Op::Cursor { partition: 1, user: "u".into(), device: device.into(), acked };
+        store.apply(&[cursor("phone", 4), cursor("desk", 9), cursor("phone", 6)], true).unwrap();
+        assert_eq!(store.cursor(1, "u", "phone").unwrap(), 6);
+        assert_eq!(store.cursor(1, "u", "desk").unwrap(), 9);
+        assert_eq!(store.cursor(1, "u", "web").unwrap(), 0);
+        assert_eq!(store.cursors(1, "u").unwrap(), vec![("desk".into(), 9), ("phone".into(), 6)]);
+    }
+
+    #[test]
+    fn verify_detects_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        append(&store, "g", 1..=3, 0);
+        append(&store, "g", 5..=6, 0);
+        let err = store.verify_user(3, "g").unwrap_err().to_string();
+        assert!(err.contains("expected seq 4, found 5"), "{err}");
+    }
+
+    #[test]
+    fn retention_trims_by_count_and_age_but_never_reuses_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        append(&store, "c", 1..=100, 10_000);
+        let policy = RetentionPolicy { max_messages: 30, max_age_ms: 0, dedup_window_ms: u64::MAX };
+        let r = store.trim_user(3, "c", &policy, 20_000).unwrap();
+        assert_eq!(r.messages, 70);
+        assert_eq!(store.verify_user(3, "c").unwrap(), Some((71, 100)));
+        // Age: messages have ts 10_000 + seq; cutoff 10_090 keeps seq >= 90.
+        let policy = RetentionPolicy { max_messages: 0, max_age_ms: 1_000, dedup_window_ms: u64::MAX };
+        store.trim_user(3, "c", &policy, 11_090).unwrap();
+        assert_eq!(store.verify_user(3, "c").unwrap(), Some((90, 100)));
+        // Everything aged out: the head stays, so the next seq is still 101.
+        store.trim_user(3, "c", &policy, 1_000_000).unwrap();
+        assert_eq!(store.verify_user(3, "c").unwrap(), None);
+        assert_eq!(store.last_seq(3, "c").unwrap(), 100);
+    }
+
+    #[test]
+    fn dedup_records_expire_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        append(&store, "d", 1..=10, 1_000); // ts 1001..=1010
+        let policy = RetentionPolicy { max_messages: 0, max_age_ms: 0, dedup_window_ms: 100 };
+        let report = store.sweep(&policy, 1_105).unwrap();
+        assert_eq!(report.dedup_records, 5);
+        assert_eq!(store.dedup(3, "d", "d-5").unwrap(), None);
+        assert_eq!(store.dedup(3, "d", "d-6").unwrap(), Some(6));
+        assert_eq!(store.read_range(3, "d", 0, 100).unwrap().len(), 10, "messages stay");
+    }
+
+    #[test]
+    fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            append(&store, "r", 1..=7, 0);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.verify_user(3, "r").unwrap(), Some((1, 7)));
+    }
+}

@@ -1,0 +1,189 @@
+//! Acceptance: ordered, gap-free delivery over TCP, TLS and WebSocket; resume after a
+//! reconnect; independent device cursors; idempotent publish; mailbox restart from storage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{recv_n, token, Node};
+use futures::{SinkExt, StreamExt};
+use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
+
+#[tokio::test]
+async fn device_receives_http_publishes_in_order_and_resumes_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let mut phone = node.device("alice", "phone").await;
+    assert_eq!(phone.acked, 0);
+    for i in 1..=50u64 {
+        assert_eq!(node.publish("alice", &format!("m{i}"), &format!("hello {i}")).await, i);
+    }
+    let got = recv_n(&mut phone, 50).await;
+    let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    assert_eq!(got[6].body, b"hello 7");
+    assert_eq!(got[6].id, "m7");
+    phone.ack(30).await.unwrap();
+    // Give the ack a moment to reach the mailbox, then disconnect mid-stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(phone);
+    for i in 51..=60u64 {
+        node.publish("alice", &format!("m{i}"), "later").await;
+    }
+    let mut phone = node.device("alice", "phone").await;
+    assert_eq!(phone.acked, 30, "welcome carries the durable cursor");
+    let rest = recv_n(&mut phone, 30).await;
+    assert_eq!(rest.iter().map(|m| m.seq).collect::<Vec<_>>(), (31..=60).collect::<Vec<_>>());
+    // Exactly the rest: nothing more arrives.
+    let extra = tokio::time::timeout(Duration::from_millis(300), phone.recv_msg()).await;
+    assert!(extra.is_err(), "unexpected extra delivery: {extra:?}");
+}
+
+#[tokio::test]
+async fn two_devices_of_one_user_have_independent_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let mut phone = node.device("bob", "phone").await;
+    let mut desk = node.device("bob", "desk").await;
+    for i in 1..=20 {
+        node.publish("bob", &format!("b{i}"), "x").await;
+    }
+    let p = recv_n(&mut phone, 20).await;
+    let d = recv_n(&mut desk, 20).await;
+    assert_eq!(p.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(d.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    phone.ack(20).await.unwrap();
+    desk.ack(5).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, v) = node.http("GET", "/v1/users/bob/devices", Some(&token("bob", "device")), "").await;
+    let devices = v["devices"].as_array().unwrap();
+    let cursor = |name: &str| devices.iter().find(|d| d["device"] == name).unwrap()["acked"].as_u64().unwrap();
+    assert_eq!((cursor("phone"), cursor("desk")), (20, 5));
+    drop(phone);
+    drop(desk);
+    let desk = node.device("bob", "desk").await;
+    assert_eq!(desk.acked, 5, "the phone's acks did not advance the desk");
+    let mut desk = desk;
+    assert_eq!(recv_n(&mut desk, 1).await[0].seq, 6);
+    let phone = node.device("bob", "phone").await;
+    assert_eq!(phone.acked, 20);
+}
+
+#[tokio::test]
+async fn the_same_message_id_twice_gets_the_same_seq_and_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let a = node.publish("carol", "order-1", "first").await;
+    let b = node.publish("carol", "order-2", "second").await;
+    let again = node.publish("carol", "order-1", "first (retry)").await;
+    assert_eq!((a, b, again), (1, 2, 1));
+    // Over the device protocol too, concurrently with itself.
+    let mut publisher = node.publisher().await;
+    for _ in 0..3 {
+        publisher.publish("order-3", "carol", b"third").await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        if let Frame::Published { seq, .. } = publisher.recv().await.unwrap() {
+            seqs.push(seq);
+        }
+    }
+    assert_eq!(seqs, vec![3, 3, 3]);
+    let history = node.history("carol").await;
+    let ids: Vec<&str> = history.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids, vec!["order-1", "order-2", "order-3"]);
+    assert_eq!(history[0].2, "first", "the retry did not overwrite the original");
+}
+
+#[tokio::test]
+async fn idle_mailboxes_stop_and_restart_from_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &[("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "50")], &[]);
+    assert_eq!(node.publish("dave", "d1", "x").await, 1);
+    assert_eq!(node.publish("dave", "d2", "x").await, 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, cluster) = node.http("GET", "/v1/cluster", None, "").await;
+    assert_eq!(cluster["mailboxes_active"], 0, "the idle mailbox stopped: {cluster}");
+    assert_eq!(node.publish("dave", "d3", "x").await, 3, "seq continues from storage");
+    assert_eq!(node.publish("dave", "d1", "x").await, 1, "dedup survives the restart");
+}
+
+#[tokio::test]
+async fn websocket_devices_get_the_same_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", node.http)).await.unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    let hello = Frame::Hello { token: token("erin", "device"), device: "browser".into(), v: 1 };
+    ws.send(Message::Binary(hello.encode().into())).await.unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Frame::Welcome { acked: 0, .. }));
+    for i in 1..=5 {
+        node.publish("erin", &format!("e{i}"), "via ws").await;
+    }
+    for i in 1..=5u64 {
+        match next_frame(&mut ws).await {
+            Frame::Msg { seq, body, .. } => assert_eq!((seq, &body[..]), (i, &b"via ws"[..])),
+            other => panic!("expected msg, got {other:?}"),
+        }
+    }
+    ws.send(Message::Binary(Frame::Ack { seq: 5 }.encode().into())).await.unwrap();
+    ws.send(Message::Text("not a frame".into())).await.unwrap();
+    let err = next_frame(&mut ws).await;
+    assert!(matches!(&err, Frame::Error { code, .. } if code == "malformed_frame"), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node.device("erin", "browser").await.acked, 5);
+}
+
+#[tokio::test]
+async fn tls_devices_connect_and_receive() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let node = Node::start_with(
+        &dir.path().join("node"),
+        &[],
+        &["--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()],
+    );
+    let tls = TlsOptions { server_name: "localhost".into(), ca_pem: ck.cert.pem().into_bytes() };
+    let opts = ConnectOptions::new(&node.client, token("frank", "device"), "phone").with_tls(tls);
+    let mut conn = Connection::connect(opts).await.expect("TLS connect");
+    node.publish("frank", "f1", "secret").await;
+    let m = recv_n(&mut conn, 1).await;
+    assert_eq!((m[0].seq, &m[0].body[..]), (1, &b"secret"[..]));
+    // A plain-TCP client gets no service on the TLS port.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(ConnectOptions::new(&node.client, token("frank", "device"), "plain")),
+    )
+    .await
+    .expect("the TLS port answers a plain client promptly");
+    assert!(plain.is_err());
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_same_device_replaces_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let mut first = node.device("gina", "phone").await;
+    let mut second = node.device("gina", "phone").await;
+    match tokio::time::timeout(Duration::from_secs(5), first.recv()).await.unwrap() {
+        Err(warbler_client::ClientError::Server { code, .. }) => assert_eq!(code, "replaced"),
+        other => panic!("expected a replaced error, got {other:?}"),
+    }
+    node.publish("gina", "g1", "x").await;
+    assert_eq!(recv_n(&mut second, 1).await[0].seq, 1);
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_frame(ws: &mut Ws) -> Frame {
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Binary(b) => return Frame::decode(&b).unwrap(),
+            _ => continue,
+        }
+    }
+}
