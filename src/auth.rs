@@ -170,6 +170,6 @@ mod tests {
 
     #[test]
     fn short_secrets_are_refused() {
-        assert!(Auth::new(b"short").unwrap_err().contains("at least 16"));
+        assert!(Auth::new(b"short").err().unwrap().contains("at least 16"));
     }
 }

@@ -187,3 +187,21 @@ async fn next_frame(ws: &mut Ws) -> Frame {
         }
     }
 }
+
+#[tokio::test]
+async fn a_device_that_does_not_ack_gets_at_most_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &[("WARBLER_INFLIGHT_MAX", "8")], &[]);
+    let mut slow = node.device("hank", "phone").await;
+    let mut publisher = node.publisher().await;
+    for i in 1..=20 {
+        publisher.publish_wait(&format!("h{i}"), "hank", b"x").await.unwrap();
+    }
+    let first = recv_n(&mut slow, 8).await;
+    assert_eq!(first.last().unwrap().seq, 8);
+    let more = tokio::time::timeout(Duration::from_millis(300), slow.recv_msg()).await;
+    assert!(more.is_err(), "the window of 8 was exceeded: {more:?}");
+    slow.ack(5).await.unwrap();
+    let next = common::recv_n_acking(&mut slow, 12).await;
+    assert_eq!(next.iter().map(|m| m.seq).collect::<Vec<_>>(), (9..=20).collect::<Vec<_>>());
+}

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{recv_n, seed, Node};
+use common::{recv_n_acking, seed, Node};
 use rand::{Rng, SeedableRng};
 
 const USERS: usize = 8;
@@ -75,7 +75,7 @@ async fn kill9_during_publishes_loses_nothing_acknowledged() {
     // Every device gets every message, in order, from seq 1.
     for (user, history) in histories {
         let mut device = node.device(&user, "phone").await;
-        let got = recv_n(&mut device, history.len()).await;
+        let got = recv_n_acking(&mut device, history.len()).await;
         assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=history.len() as u64).collect::<Vec<_>>());
     }
 }

@@ -88,7 +88,9 @@ impl Actor for MailboxRegistry {
 impl RegistryState {
     async fn get(&mut self, myself: &ActorRef<RegistryMsg>, user: String, partition: PartitionId) -> Result<ActorRef<MailboxMsg>, MailboxError> {
         if let Some(r) = self.active.get(&user) {
-            if r.get_status() == ActorStatus::Running {
+            // A mailbox that is starting or running is the user's one writer; never start a
+            // second one beside it.
+            if r.get_status() <= ActorStatus::Running {
                 return Ok(r.clone());
             }
             // Stopping but not yet reported: if it is failing, its writes may be in flight.

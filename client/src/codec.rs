@@ -10,7 +10,12 @@ use crate::frame::Frame;
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 
 /// Decodes and encodes [`Frame`]s, refusing any frame longer than `max_frame_bytes` in
-/// either direction. After an error the stream is not resynchronised: close it.
+/// either direction.
+///
+/// A payload that does not decode is consumed whole and yielded as an `Err` *item*: the
+/// stream stays aligned on frame boundaries and the caller decides whether to close. Only
+/// an oversized length is a stream error (the rest of the stream cannot be trusted), and
+/// `tokio_util` ends a framed stream after a stream error.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_frame_bytes: usize,
@@ -51,10 +56,10 @@ impl std::fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 impl Decoder for FrameCodec {
-    type Item = Frame;
+    type Item = Result<Frame, DecodeError>;
     type Error = CodecError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
         if src.len() < LENGTH_PREFIX_BYTES {
             return Ok(None);
         }
@@ -71,7 +76,7 @@ impl Decoder for FrameCodec {
         }
         src.advance(LENGTH_PREFIX_BYTES);
         let payload = src.split_to(len);
-        Frame::decode(&payload).map(Some).map_err(CodecError::Decode)
+        Ok(Some(Frame::decode(&payload)))
     }
 }
 
@@ -157,7 +162,7 @@ mod tests {
             for chunk in wire.chunks(cut) {
                 buf.extend_from_slice(chunk);
                 while let Some(f) = codec.decode(&mut buf).unwrap() {
-                    out.push(f);
+                    out.push(f.unwrap());
                 }
             }
             prop_assert_eq!(out, frames);
@@ -183,6 +188,15 @@ mod tests {
             Err(CodecError::Decode(DecodeError::TooLarge { len: 1025, max: 1024 })) => {}
             other => panic!("expected TooLarge, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_bad_payload_is_an_item_and_the_next_frame_still_decodes() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 2, 0xc1, 0xc1][..]);
+        codec.encode(&Frame::Ping { n: 7 }, &mut buf).unwrap();
+        assert!(matches!(codec.decode(&mut buf), Ok(Some(Err(DecodeError::Malformed(_))))));
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap(), Frame::Ping { n: 7 });
     }
 
     #[test]

@@ -213,11 +213,12 @@ impl Receiver {
         match self.read.next().await {
             None => Err(ClientError::Closed),
             Some(Err(e)) => Err(codec_err(e)),
-            Some(Ok(Frame::Error { code, message, id })) => {
+            Some(Ok(Err(e))) => Err(ClientError::Decode(e)),
+            Some(Ok(Ok(Frame::Error { code, message, id }))) => {
                 Err(ClientError::Server { code, message, id })
             }
-            Some(Ok(Frame::Bye { reason, retry_ms })) => Err(ClientError::Bye { reason, retry_ms }),
-            Some(Ok(frame)) => Ok(frame),
+            Some(Ok(Ok(Frame::Bye { reason, retry_ms }))) => Err(ClientError::Bye { reason, retry_ms }),
+            Some(Ok(Ok(frame))) => Ok(frame),
         }
     }
 }

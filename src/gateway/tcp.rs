@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use futures::StreamExt;
 use tokio_util::codec::{Encoder, FramedRead};
+use warbler_client::codec::CodecError;
 use warbler_client::{Frame, FrameCodec};
 
 use super::Gateway;
@@ -73,7 +75,9 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
 async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, gw: Arc<Gateway>, transport: &'static str) {
     let (r, w) = tokio::io::split(stream);
     let codec = FrameCodec::new(gw.limits.max_frame_bytes);
-    let frames = FramedRead::with_capacity(r, codec.clone(), READ_BUFFER_BYTES);
+    // Per-frame decode errors arrive as items; flatten them into the gateway's stream.
+    let frames = FramedRead::with_capacity(r, codec.clone(), READ_BUFFER_BYTES)
+        .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
     let (tx, rx) = mpsc::channel(gw.writer_queue());
     let writer = tokio::spawn(write_frames(rx, w, codec));
     gw.run(frames, tx, transport).await;

@@ -6,10 +6,16 @@
 //! were queued. Batches are written in queue order, so a request completing means every
 //! request queued before it is durable too.
 //!
+//! Before staging, every append is checked against its user's head: its seq must be exactly
+//! head + 1 (counting appends earlier in the same batch). A request that breaks this is
+//! refused with [`StorageError::Corrupt`] and not written: a second writer or a lost update
+//! can never overwrite a message or leave a gap. This pairs with the mailbox's own check.
+//!
 //! A failed write poisons the committer: every later request fails with
 //! [`StorageError::Poisoned`], so no later write can land after a lost one (which would open
 //! a gap in some user's sequence).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +25,10 @@ use tokio::sync::mpsc;
 
 use crate::error::StorageError;
 use crate::store::{Op, Store};
+
+/// Heads cached by the committer for the contiguity check; cleared when it grows past this
+/// (a miss costs one point read).
+const HEAD_CACHE_MAX: usize = 100_000;
 
 /// Runs once a request's batch is durable (or failed). Called on the committer thread, in
 /// queue order: keep it short (send a message, complete a channel).
@@ -79,6 +89,7 @@ impl Committer {
 fn run(store: Store, limits: CommitterLimits, mut rx: mpsc::Receiver<Request>, poisoned: Arc<AtomicBool>) {
     let mut poison: Option<String> = None;
     let mut pending: Vec<Request> = Vec::new();
+    let mut heads = Heads { store: store.clone(), cached: HashMap::new() };
     while let Some(first) = rx.blocking_recv() {
         pending.push(first);
         let mut records = pending[0].ops.len();
@@ -93,11 +104,21 @@ fn run(store: Store, limits: CommitterLimits, mut rx: mpsc::Receiver<Request>, p
                 Err(_) => break,
             }
         }
+        let mut refused: Vec<(usize, StorageError)> = Vec::new();
+        if poison.is_none() {
+            for (i, req) in pending.iter().enumerate() {
+                if let Err(e) = heads.admit(&req.ops) {
+                    tracing::error!(error = %e, "refusing a non-contiguous append");
+                    refused.push((i, e));
+                }
+            }
+        }
+        let writable = pending.len() - refused.len();
         let result = match &poison {
             Some(why) => Err(StorageError::Poisoned(why.clone())),
             // Only barriers: nothing to write; completing them in order is the point.
-            None if records == 0 => Ok(()),
-            None => write_batch(&store, &pending, records, limits.sync),
+            None if records == 0 || writable == 0 => Ok(()),
+            None => write_batch(&store, &pending, &refused, records, limits.sync),
         };
         if let Err(e) = &result {
             if poison.is_none() {
@@ -106,18 +127,62 @@ fn run(store: Store, limits: CommitterLimits, mut rx: mpsc::Receiver<Request>, p
                 poisoned.store(true, Ordering::Release);
             }
         }
-        for req in pending.drain(..) {
+        let mut refused = refused.into_iter().peekable();
+        for (i, req) in pending.drain(..).enumerate() {
+            let r = match refused.next_if(|(j, _)| *j == i) {
+                Some((_, e)) => Err(e),
+                None => result.clone(),
+            };
             if let Some(done) = req.done {
-                done(result.clone());
+                done(r);
             }
         }
     }
 }
 
-fn write_batch(store: &Store, pending: &[Request], records: usize, sync: bool) -> Result<(), StorageError> {
+/// The head of every user the committer has written, for the contiguity check.
+struct Heads {
+    store: Store,
+    cached: HashMap<(crate::PartitionId, String), u64>,
+}
+
+impl Heads {
+    /// Admits a request if each of its appends is its user's head + 1, advancing the heads;
+    /// otherwise refuses it whole and leaves the heads as they were.
+    fn admit(&mut self, ops: &[Op]) -> Result<(), StorageError> {
+        let mut advanced: Vec<((crate::PartitionId, String), u64)> = Vec::new();
+        for op in ops {
+            let Op::Append { partition, user, seq, .. } = op else { continue };
+            let key = (*partition, user.clone());
+            let head = match advanced.iter().rev().find(|(k, _)| *k == key) {
+                Some((_, h)) => *h,
+                None => match self.cached.get(&key) {
+                    Some(h) => *h,
+                    None => self.store.last_seq(*partition, user)?,
+                },
+            };
+            if *seq != head + 1 {
+                return Err(StorageError::Corrupt(format!(
+                    "append of seq {seq} for user {user:?} whose head is {head}: refused (two writers, or a lost update)"
+                )));
+            }
+            advanced.push((key, *seq));
+        }
+        if self.cached.len() + advanced.len() > HEAD_CACHE_MAX {
+            self.cached.clear();
+        }
+        self.cached.extend(advanced);
+        Ok(())
+    }
+}
+
+fn write_batch(store: &Store, pending: &[Request], refused: &[(usize, StorageError)], records: usize, sync: bool) -> Result<(), StorageError> {
     let started = Instant::now();
     let mut batch = WriteBatch::default();
-    for req in pending {
+    for (i, req) in pending.iter().enumerate() {
+        if refused.iter().any(|(j, _)| *j == i) {
+            continue;
+        }
         for op in &req.ops {
             store.stage(&mut batch, op);
         }
@@ -187,5 +252,30 @@ mod tests {
         }
         c.commit(Vec::new()).await.unwrap();
         assert_eq!(store.last_seq(0, "b").unwrap(), 300, "the barrier waited for all 300");
+    }
+
+    fn append(seq: u64, id: &str) -> Op {
+        Op::Append {
+            partition: 0,
+            user: "w".into(),
+            seq,
+            msg: StoredMessage { id: id.into(), ts: 0, from: None, body: ByteBuf::new() },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_cannot_overwrite_or_skip_a_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = Committer::start(store.clone(), limits());
+        c.commit(vec![append(1, "a"), append(2, "b")]).await.unwrap();
+        let reuse = c.commit(vec![append(2, "other")]).await.unwrap_err();
+        assert!(reuse.to_string().contains("head is 2"), "{reuse}");
+        let gap = c.commit(vec![append(4, "c")]).await.unwrap_err();
+        assert!(matches!(gap, StorageError::Corrupt(_)));
+        // A refused request does not poison the committer; the right next seq still lands.
+        c.commit(vec![append(3, "d")]).await.unwrap();
+        let ids: Vec<String> = store.read_range(0, "w", 0, 10).unwrap().into_iter().map(|(_, m)| m.id).collect();
+        assert_eq!(ids, vec!["a", "b", "d"]);
     }
 }

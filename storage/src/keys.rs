@@ -74,7 +74,8 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!(msg_key(2, "ab", 258), vec![0, 2, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2]);
-        let (p, u, rest) = split_user_key(&msg_key(7, "bob", 1)).unwrap();
+        let key = msg_key(7, "bob", 1);
+        let (p, u, rest) = split_user_key(&key).unwrap();
         assert_eq!((p, u, rest), (7, "bob", &[0, 0, 0, 0, 0, 0, 0, 1][..]));
     }
 

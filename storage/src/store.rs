@@ -406,10 +406,11 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         append(&store, "d", 1..=10, 1_000); // ts 1001..=1010
         let policy = RetentionPolicy { max_messages: 0, max_age_ms: 0, dedup_window_ms: 100 };
+        // Cutoff 1_005: records with ts 1001..=1004 (seqs 1..=4) go.
         let report = store.sweep(&policy, 1_105).unwrap();
-        assert_eq!(report.dedup_records, 5);
-        assert_eq!(store.dedup(3, "d", "d-5").unwrap(), None);
-        assert_eq!(store.dedup(3, "d", "d-6").unwrap(), Some(6));
+        assert_eq!(report.dedup_records, 4);
+        assert_eq!(store.dedup(3, "d", "d-4").unwrap(), None);
+        assert_eq!(store.dedup(3, "d", "d-5").unwrap(), Some(5));
         assert_eq!(store.read_range(3, "d", 0, 100).unwrap().len(), 10, "messages stay");
     }
 

@@ -204,3 +204,15 @@ pub fn seed(test: &str) -> u64 {
     println!("{test}: seed {seed} (replay with WARBLER_TEST_SEED={seed})");
     seed
 }
+
+/// Receives exactly `n` messages, acking each (a device that never acks stops receiving
+/// after the in-flight window).
+pub async fn recv_n_acking(conn: &mut Connection, n: usize) -> Vec<warbler_client::Delivery> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg()).await.expect("message within 20 s").expect("a message");
+        conn.ack(m.seq).await.expect("ack");
+        out.push(m);
+    }
+    out
+}
