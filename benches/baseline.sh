@@ -10,7 +10,8 @@ source scripts/prereqs.sh
 USERS="${USERS:-10000}"
 IDLE="${IDLE:-16000}"
 DURATION="${DURATION:-20}"
-cargo build --release --bin warbler --bin warbler-load >&2
+cargo build --release --bin warbler >&2
+cargo build --release -p warbler-benches --bin warbler-load >&2
 BIN="$CARGO_TARGET_DIR/release"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -25,12 +26,16 @@ start_node() {
     echo "node did not start" >&2; exit 1
 }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime, in clock ticks
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(date -u +%F)"
 start_node
 echo "== throughput: $USERS users x 1 device, 256 B bodies, as fast as 4 publishers x 1024 in flight allow"
+node_cpu0=$(cpu_ticks "$NODE_PID"); t0=$(date +%s.%N)
 "$BIN/warbler-load" run --addr 127.0.0.1:17400 --jwt-secret-file "$work/secret" --users "$USERS" \
     --rate 0 --publishers 4 --window 1024 --duration-secs "$DURATION" | tee "$work/max.txt"
+node_cpu=$(( $(cpu_ticks "$NODE_PID") - node_cpu0 )); t1=$(date +%s.%N)
+echo "server CPU during the run: $(echo "scale=2; $node_cpu / $(getconf CLK_TCK) / ($t1 - $t0)" | bc) cores of $(nproc) (the load generator had the rest)"
 max=$(awk -F'deliver_rate=' '/deliver_rate/ {split($2,a,"/"); print int(a[1])}' "$work/max.txt")
 half=$((max / 2))
 echo "== latency at half of that: $half msg/s, open loop"

@@ -116,10 +116,17 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let acked_hist = Arc::new(Mutex::new(hist()));
     let delivered = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // Each device must see seq 1, 2, 3, ... exactly: anything else is counted.
+    let order_violations = Arc::new(AtomicU64::new(0));
     for mut d in devices {
-        let (deliver, delivered) = (deliver.clone(), delivered.clone());
+        let (deliver, delivered, bad) = (deliver.clone(), delivered.clone(), order_violations.clone());
         tokio::spawn(async move {
+            let mut last = d.acked;
             while let Ok(m) = d.recv_msg().await {
+                if m.seq != last + 1 {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                last = m.seq;
                 let sent = u64::from_be_bytes(m.body[..8].try_into().unwrap());
                 let us = now_ns().saturating_sub(sent) / 1000;
                 deliver.lock().unwrap().saturating_record(us.max(1));
@@ -142,7 +149,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let opts = ConnectOptions::new(&a.addr, tokens::mint(&secret, "load-publisher", "publish"), format!("p{p}"));
         let conn = Connection::connect(opts).await.context("publisher connect")?;
         let (mut tx, mut rx) = conn.split();
-        let window = Arc::new(Semaphore::new(if a.rate == 0 { a.window } else { Semaphore::MAX_PERMITS }));
+        // The window only bounds the closed-loop (--rate 0) mode; open loop never waits.
+        let windowed = a.rate == 0;
+        let window = Arc::new(Semaphore::new(a.window));
         let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Arc::default();
         let (acked_hist, errors, published, w2, s2) = (acked_hist.clone(), errors.clone(), published.clone(), window.clone(), sent_at.clone());
         let reader = tokio::spawn(async move {
@@ -154,12 +163,16 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             acked_hist.lock().unwrap().saturating_record((now_ns().saturating_sub(t) / 1000).max(1));
                         }
                         published.fetch_add(1, Ordering::Relaxed);
-                        w2.add_permits(1);
+                        if windowed {
+                            w2.add_permits(1);
+                        }
                     }
                     Ok(_) => {}
                     Err(warbler_client::ClientError::Server { .. }) => {
                         errors.fetch_add(1, Ordering::Relaxed);
-                        w2.add_permits(1);
+                        if windowed {
+                            w2.add_permits(1);
+                        }
                     }
                     Err(_) => return,
                 }
@@ -210,7 +223,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         "users={} publishers={} offered_rate={} body={}B duration={:.1}s",
         a.users, a.publishers, if a.rate == 0 { "max".into() } else { a.rate.to_string() }, a.body_bytes, elapsed_send
     );
-    println!("published={pubd} delivered={deliv} errors={} publish_rate={:.0}/s deliver_rate={:.0}/s", errors.load(Ordering::Relaxed), pubd as f64 / elapsed_send, deliv as f64 / elapsed);
+    println!(
+        "published={pubd} delivered={deliv} errors={} order_violations={} publish_rate={:.0}/s deliver_rate={:.0}/s",
+        errors.load(Ordering::Relaxed),
+        order_violations.load(Ordering::Relaxed),
+        pubd as f64 / elapsed_send,
+        deliv as f64 / elapsed
+    );
     println!("publish->ack ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}", q(&ack, 0.5), q(&ack, 0.99), q(&ack, 0.999), ack.max() as f64 / 1000.0);
     println!("publish->deliver ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}", q(&d, 0.5), q(&d, 0.99), q(&d, 0.999), d.max() as f64 / 1000.0);
     Ok(())
