@@ -109,7 +109,9 @@ impl Auth {
             Ok(data) => Ok(data.claims),
             Err(e) => match e.kind() {
                 ErrorKind::ExpiredSignature => Err(AuthError::Expired),
-                ErrorKind::InvalidSignature => Err(AuthError::Invalid("bad signature (was it minted with this cluster's secret?)".into())),
+                ErrorKind::InvalidSignature => Err(AuthError::Invalid(
+                    "bad signature (was it minted with this cluster's secret?)".into(),
+                )),
                 _ => Err(AuthError::Invalid(e.to_string())),
             },
         }
@@ -119,7 +121,10 @@ impl Auth {
     pub fn require(&self, token: &str, scope: Scope) -> Result<Claims, AuthError> {
         let claims = self.verify(token)?;
         if !claims.allows(scope) {
-            return Err(AuthError::Forbidden { have: claims.scope, need: scope.as_str() });
+            return Err(AuthError::Forbidden {
+                have: claims.scope,
+                need: scope.as_str(),
+            });
         }
         Ok(claims)
     }
@@ -132,7 +137,11 @@ pub fn now_secs() -> u64 {
 
 /// A message id from the clock and randomness, for commands that publish once.
 pub fn now_ms_id() -> String {
-    format!("{}-{:08x}", warbler_storage::now_ms(), rand::random::<u32>())
+    format!(
+        "{}-{:08x}",
+        warbler_storage::now_ms(),
+        rand::random::<u32>()
+    )
 }
 
 #[cfg(test)]
@@ -140,7 +149,13 @@ mod tests {
     use super::*;
 
     fn claims(scope: &str, exp: u64) -> Claims {
-        Claims { sub: "alice".into(), scope: scope.into(), exp, iat: None, device: None }
+        Claims {
+            sub: "alice".into(),
+            scope: scope.into(),
+            exp,
+            iat: None,
+            device: None,
+        }
     }
 
     #[test]
@@ -151,7 +166,10 @@ mod tests {
         assert_eq!(c.sub, "alice");
         assert!(c.allows(Scope::Device) && c.allows(Scope::Publish) && !c.allows(Scope::Admin));
         let t = auth.mint(&claims("device", now_secs() + 60));
-        assert!(matches!(auth.require(&t, Scope::Publish), Err(AuthError::Forbidden { .. })));
+        assert!(matches!(
+            auth.require(&t, Scope::Publish),
+            Err(AuthError::Forbidden { .. })
+        ));
         let admin = auth.mint(&claims("admin", now_secs() + 60));
         assert!(auth.require(&admin, Scope::Publish).is_ok());
     }
@@ -164,7 +182,10 @@ mod tests {
         let other = Auth::new(b"another-secret-of-enough-bytes").unwrap();
         let t = other.mint(&claims("device", now_secs() + 60));
         assert!(matches!(auth.verify(&t), Err(AuthError::Invalid(_))));
-        assert!(matches!(auth.verify("not.a.jwt"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.verify("not.a.jwt"),
+            Err(AuthError::Invalid(_))
+        ));
         assert_eq!(auth.verify(""), Err(AuthError::Missing));
     }
 

@@ -105,7 +105,9 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
     let auth = Auth::from_file(&args.jwt_secret_file).map_err(anyhow::Error::msg)?;
     for s in args.scope.split([',', ' ']).filter(|s| !s.is_empty()) {
         if !matches!(s, "device" | "publish" | "admin") {
-            bail!("unknown scope {s:?}: use device, publish or admin (comma-separated for several)");
+            bail!(
+                "unknown scope {s:?}: use device, publish or admin (comma-separated for several)"
+            );
         }
     }
     crate::gateway::conn::check_id("--user", &args.user).map_err(anyhow::Error::msg)?;
@@ -120,42 +122,76 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn options(conn: &ConnArgs, user: &str, scope: &str, device: &str) -> anyhow::Result<ConnectOptions> {
+fn options(
+    conn: &ConnArgs,
+    user: &str,
+    scope: &str,
+    device: &str,
+) -> anyhow::Result<ConnectOptions> {
     let token = match &conn.token {
         Some(t) => t.clone(),
         None => {
-            let auth = Auth::from_file(&conn.jwt_secret_file)
-                .map_err(|e| anyhow::anyhow!("{e}\n(pass --token, or --jwt-secret-file of the node you connect to)"))?;
-            auth.mint(&Claims { sub: user.into(), scope: scope.into(), exp: now_secs() + 3600, iat: Some(now_secs()), device: None })
+            let auth = Auth::from_file(&conn.jwt_secret_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n(pass --token, or --jwt-secret-file of the node you connect to)"
+                )
+            })?;
+            auth.mint(&Claims {
+                sub: user.into(),
+                scope: scope.into(),
+                exp: now_secs() + 3600,
+                iat: Some(now_secs()),
+                device: None,
+            })
         }
     };
     let mut opts = ConnectOptions::new(conn.addr.clone(), token, device);
     if let Some(ca) = &conn.tls_ca_file {
-        let ca_pem = std::fs::read(ca).with_context(|| format!("cannot read --tls-ca-file {}", ca.display()))?;
-        opts = opts.with_tls(warbler_client::TlsOptions { server_name: conn.tls_server_name.clone(), ca_pem });
+        let ca_pem = std::fs::read(ca)
+            .with_context(|| format!("cannot read --tls-ca-file {}", ca.display()))?;
+        opts = opts.with_tls(warbler_client::TlsOptions {
+            server_name: conn.tls_server_name.clone(),
+            ca_pem,
+        });
     }
     Ok(opts)
 }
 
 pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     let opts = options(&args.conn, &args.from, "publish", "cli-send")?;
-    let mut conn = Connection::connect(opts).await.with_context(|| format!("cannot connect to {}", args.conn.addr))?;
+    let mut conn = Connection::connect(opts)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.conn.addr))?;
     let id = args.id.unwrap_or_else(now_ms_id);
-    let seq = conn.publish_wait(&id, &args.to, args.body.as_bytes()).await?;
+    let seq = conn
+        .publish_wait(&id, &args.to, args.body.as_bytes())
+        .await?;
     println!("published id={id} to={} seq={seq}", args.to);
     Ok(())
 }
 
 pub async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let opts = options(&args.conn, &args.user, "device", &args.device)?;
-    let mut conn = Connection::connect(opts).await.with_context(|| format!("cannot connect to {}", args.conn.addr))?;
-    eprintln!("listening as user={} device={} on node {} (acked up to {})", conn.user, conn.device, conn.node, conn.acked);
+    let mut conn = Connection::connect(opts)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.conn.addr))?;
+    eprintln!(
+        "listening as user={} device={} on node {} (acked up to {})",
+        conn.user, conn.device, conn.node, conn.acked
+    );
     let mut received = 0;
     let mut stdout = std::io::stdout();
     while args.count.is_none_or(|c| received < c) {
         let m = conn.recv_msg().await?;
         let body = String::from_utf8_lossy(&m.body);
-        writeln!(stdout, "seq={} id={} from={} {}", m.seq, m.id, m.from.as_deref().unwrap_or("-"), body)?;
+        writeln!(
+            stdout,
+            "seq={} id={} from={} {}",
+            m.seq,
+            m.id,
+            m.from.as_deref().unwrap_or("-"),
+            body
+        )?;
         stdout.flush()?;
         conn.ack(m.seq).await?;
         received += 1;
@@ -165,7 +201,8 @@ pub async fn listen(args: ListenArgs) -> anyhow::Result<()> {
 
 /// Creates the dev secret on first start (kept, so minted tokens stay valid).
 fn dev_secret(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     let path = dir.join(DEV_SECRET_FILE);
     if !path.exists() {
         let mut bytes = [0u8; 32];
@@ -180,15 +217,24 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes != 1 {
         bail!("--nodes {}: this build runs single nodes only; use --nodes 1 (multi-node clusters come with replication)", args.nodes);
     }
-    let mut config = Config { data_dir: args.data_dir.clone(), ..Config::default() };
-    config.set("client_addr", &args.client_addr).map_err(|e| anyhow::anyhow!("--client-addr: {e}"))?;
-    config.set("http_addr", &args.http_addr).map_err(|e| anyhow::anyhow!("--http-addr: {e}"))?;
+    let mut config = Config {
+        data_dir: args.data_dir.clone(),
+        ..Config::default()
+    };
+    config
+        .set("client_addr", &args.client_addr)
+        .map_err(|e| anyhow::anyhow!("--client-addr: {e}"))?;
+    config
+        .set("http_addr", &args.http_addr)
+        .map_err(|e| anyhow::anyhow!("--http-addr: {e}"))?;
     config.apply_env(std::env::vars())?;
     let secret = dev_secret(&config.data_dir)?;
     config.jwt_secret_file = Some(secret.clone());
     config.validate()?;
     let auth = Auth::from_file(&secret).map_err(anyhow::Error::msg)?;
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "warbler".into());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "warbler".into());
     let d = config.data_dir.display();
     eprintln!(
         "\nWarbler dev node \"{node}\": data in {d}, secret in {secret}\n\

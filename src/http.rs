@@ -61,7 +61,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -88,13 +92,21 @@ impl From<AuthError> for ApiError {
 impl From<MailboxError> for ApiError {
     fn from(e: MailboxError) -> Self {
         metrics::counter!("warbler_publish_errors_total").increment(1);
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
     }
 }
 
 impl From<warbler_storage::StorageError> for ApiError {
     fn from(e: warbler_storage::StorageError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
     }
 }
 
@@ -112,7 +124,13 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see docs/protocol.md") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see docs/protocol.md",
+            )
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -132,18 +150,32 @@ fn may_read(state: &AppState, headers: &HeaderMap, user: &str) -> Result<(), Api
     if c.sub == user || c.allows(Scope::Admin) {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("a token for {:?} cannot read {user:?}; use that user's token or an admin token", c.sub)))
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "a token for {:?} cannot read {user:?}; use that user's token or an admin token",
+            c.sub
+        ),
+    ))
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body is too large; see limits.max_body_bytes")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body is too large; see limits.max_body_bytes",
+            )
         } else {
             ApiError::bad_request(format!("cannot read the request body: {e}"))
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("request body is not the expected JSON: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body is not the expected JSON: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -163,38 +195,69 @@ struct FanoutBody {
     from: Option<String>,
 }
 
-fn message_body(state: &AppState, body: Option<String>, body_b64: Option<String>) -> Result<ByteBuf, ApiError> {
+fn message_body(
+    state: &AppState,
+    body: Option<String>,
+    body_b64: Option<String>,
+) -> Result<ByteBuf, ApiError> {
     let bytes = match (body, body_b64) {
         (Some(text), None) => text.into_bytes(),
         (None, Some(b64)) => base64::engine::general_purpose::STANDARD
             .decode(b64.as_bytes())
             .map_err(|e| ApiError::bad_request(format!("body_b64 is not valid base64: {e}")))?,
-        _ => return Err(ApiError::bad_request("give exactly one of \"body\" (text) or \"body_b64\" (base64)")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of \"body\" (text) or \"body_b64\" (base64)",
+            ))
+        }
     };
     let max = state.gw.limits.max_body_bytes;
     if bytes.len() > max {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("body of {} bytes exceeds the limit of {max} bytes", bytes.len())));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "body of {} bytes exceeds the limit of {max} bytes",
+                bytes.len()
+            ),
+        ));
     }
     Ok(ByteBuf::from(bytes))
 }
 
-async fn publish(State(state): State<AppState>, Path(user): Path<String>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn publish(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     claims(&state, &headers, Scope::Publish)?;
     let req: PublishBody = json_body(body)?;
     check_id("user", &user).map_err(ApiError::bad_request)?;
     check_id("id", &req.id).map_err(ApiError::bad_request)?;
     let body = message_body(&state, req.body, req.body_b64)?;
-    let seq = state.gw.mailboxes.publish(&user, &req.id, body, req.from).await?;
+    let seq = state
+        .gw
+        .mailboxes
+        .publish(&user, &req.id, body, req.from)
+        .await?;
     Ok(Json(json!({"user": user, "id": req.id, "seq": seq})).into_response())
 }
 
-async fn fanout(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn fanout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     claims(&state, &headers, Scope::Publish)?;
     let req: FanoutBody = json_body(body)?;
     check_id("id", &req.id).map_err(ApiError::bad_request)?;
     let max = state.gw.limits.fanout_max;
     if req.to.is_empty() || req.to.len() > max {
-        return Err(ApiError::bad_request(format!("\"to\" must list 1..={max} users, got {}", req.to.len())));
+        return Err(ApiError::bad_request(format!(
+            "\"to\" must list 1..={max} users, got {}",
+            req.to.len()
+        )));
     }
     for u in &req.to {
         check_id("each user in \"to\"", u).map_err(ApiError::bad_request)?;
@@ -214,7 +277,11 @@ async fn fanout(State(state): State<AppState>, headers: HeaderMap, body: Result<
         .collect()
         .await;
     let all_failed = results.iter().all(|r| r.get("error").is_some());
-    let status = if all_failed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if all_failed {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(json!({"id": req.id, "results": results}))).into_response())
 }
 
@@ -224,22 +291,36 @@ struct HistoryQuery {
     limit: Option<usize>,
 }
 
-async fn history(State(state): State<AppState>, Path(user): Path<String>, headers: HeaderMap, query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+async fn history(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
     may_read(&state, &headers, &user)?;
     check_id("user", &user).map_err(ApiError::bad_request)?;
-    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("bad query: {e}; use ?after=SEQ&limit=N")))?;
+    let Query(q) = query
+        .map_err(|e| ApiError::bad_request(format!("bad query: {e}; use ?after=SEQ&limit=N")))?;
     let limit = q.limit.unwrap_or(HISTORY_LIMIT_DEFAULT);
     if limit == 0 || limit > HISTORY_LIMIT_MAX {
-        return Err(ApiError::bad_request(format!("limit must be 1..={HISTORY_LIMIT_MAX}, got {limit}")));
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1..={HISTORY_LIMIT_MAX}, got {limit}"
+        )));
     }
     let partition = state.gw.mailboxes.partition_of(&user);
     let store = state.store.clone();
     let (u, after) = (user.clone(), q.after.unwrap_or(0));
-    let (rows, last_seq) = tokio::task::spawn_blocking(move || -> Result<_, warbler_storage::StorageError> {
-        Ok((store.read_range(partition, &u, after, limit)?, store.last_seq(partition, &u)?))
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let (rows, last_seq) =
+        tokio::task::spawn_blocking(move || -> Result<_, warbler_storage::StorageError> {
+            Ok((
+                store.read_range(partition, &u, after, limit)?,
+                store.last_seq(partition, &u)?,
+            ))
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     let messages: Vec<Value> = rows
         .into_iter()
         .map(|(seq, m)| {
@@ -253,17 +334,26 @@ async fn history(State(state): State<AppState>, Path(user): Path<String>, header
     Ok(Json(json!({"user": user, "last_seq": last_seq, "messages": messages})).into_response())
 }
 
-async fn devices(State(state): State<AppState>, Path(user): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn devices(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     may_read(&state, &headers, &user)?;
     check_id("user", &user).map_err(ApiError::bad_request)?;
     let list = state.gw.mailboxes.devices(&user).await?;
-    let devices: Vec<Value> = list.into_iter().map(|d| json!({"device": d.device, "acked": d.acked, "online": d.online})).collect();
+    let devices: Vec<Value> = list
+        .into_iter()
+        .map(|d| json!({"device": d.device, "acked": d.acked, "online": d.online}))
+        .collect();
     Ok(Json(json!({"user": user, "devices": devices})).into_response())
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<Value> {
     let node = &state.gw.node_id;
-    let partitions: Vec<Value> = (0..state.partitions).map(|p| json!({"partition": p, "replicas": [node], "leader": node})).collect();
+    let partitions: Vec<Value> = (0..state.partitions)
+        .map(|p| json!({"partition": p, "replicas": [node], "leader": node}))
+        .collect();
     Json(json!({
         "members": [{
             "node": node, "state": "serving",
@@ -282,18 +372,31 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.log.writable() && !state.gw.shutdown.is_cancelled() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this node does not accept writes (storage failed or shutting down); see its logs").into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this node does not accept writes (storage failed or shutting down); see its logs",
+        )
+        .into_response()
     }
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
     let max = state.gw.limits.max_frame_bytes;
     // Accept up to twice the frame limit so an oversized frame still gets an error frame.
-    ws.max_message_size(max * 2).max_frame_size(max * 2).on_upgrade(move |socket| serve_ws(socket, state.gw.clone()))
+    ws.max_message_size(max * 2)
+        .max_frame_size(max * 2)
+        .on_upgrade(move |socket| serve_ws(socket, state.gw.clone()))
 }
 
 async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
@@ -302,9 +405,16 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
     let frames = stream.filter_map(move |m| async move {
         match m {
             Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
-            Ok(Message::Binary(b)) if b.len() > max => Some(Err(CodecError::Decode(DecodeError::TooLarge { len: b.len(), max }))),
+            Ok(Message::Binary(b)) if b.len() > max => {
+                Some(Err(CodecError::Decode(DecodeError::TooLarge {
+                    len: b.len(),
+                    max,
+                })))
+            }
             Ok(Message::Binary(b)) => Some(Frame::decode(&b).map_err(CodecError::Decode)),
-            Ok(Message::Text(_)) => Some(Err(CodecError::Decode(DecodeError::Malformed("text messages are not frames; send each frame as one binary message".into())))),
+            Ok(Message::Text(_)) => Some(Err(CodecError::Decode(DecodeError::Malformed(
+                "text messages are not frames; send each frame as one binary message".into(),
+            )))),
             Ok(Message::Close(_)) => None,
             Ok(_) => Some(Ok(Frame::Pong { n: 0 })), // WebSocket-level ping/pong: nothing to do
         }
@@ -312,11 +422,19 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
     let (tx, mut rx) = mpsc::channel::<Frame>(gw.writer_queue());
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if sink.feed(Message::Binary(frame.encode().into())).await.is_err() {
+            if sink
+                .feed(Message::Binary(frame.encode().into()))
+                .await
+                .is_err()
+            {
                 return;
             }
             while let Ok(frame) = rx.try_recv() {
-                if sink.feed(Message::Binary(frame.encode().into())).await.is_err() {
+                if sink
+                    .feed(Message::Binary(frame.encode().into()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -101,15 +101,29 @@ impl ServeArgs {
             ("--http-addr", "http_addr", self.http_addr.clone()),
             ("--cluster-addr", "cluster_addr", self.cluster_addr.clone()),
             ("--seeds", "seeds", self.seeds.clone()),
-            ("--bootstrap-expect", "bootstrap_expect", self.bootstrap_expect.clone()),
-            ("--jwt-secret-file", "jwt_secret_file", path(&self.jwt_secret_file)),
-            ("--tls-cert-file", "tls.cert_file", path(&self.tls_cert_file)),
+            (
+                "--bootstrap-expect",
+                "bootstrap_expect",
+                self.bootstrap_expect.clone(),
+            ),
+            (
+                "--jwt-secret-file",
+                "jwt_secret_file",
+                path(&self.jwt_secret_file),
+            ),
+            (
+                "--tls-cert-file",
+                "tls.cert_file",
+                path(&self.tls_cert_file),
+            ),
             ("--tls-key-file", "tls.key_file", path(&self.tls_key_file)),
             ("--log-format", "log.format", self.log_format.clone()),
         ];
         for (flag, field, value) in flags {
             if let Some(v) = value {
-                config.set(field, &v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))?;
+                config
+                    .set(field, &v)
+                    .map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))?;
             }
         }
         config.validate()?;
@@ -126,7 +140,10 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -22,15 +22,23 @@ pub const PARTITIONS: u16 = 64;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs a node until `shutdown` is cancelled (SIGTERM / Ctrl-C in `main`).
-pub async fn run(config: Config, auth: Auth, metrics: metrics_exporter_prometheus::PrometheusHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    auth: Auth,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let store = Store::open(&config.data_dir.join("db"))?;
     let s = &config.storage;
-    let committer = Committer::start(store.clone(), CommitterLimits {
-        batch_records_max: s.batch_records_max,
-        batch_bytes_max: s.batch_bytes_max,
-        queue_max: s.queue_max,
-        sync: s.sync,
-    });
+    let committer = Committer::start(
+        store.clone(),
+        CommitterLimits {
+            batch_records_max: s.batch_records_max,
+            batch_bytes_max: s.batch_bytes_max,
+            queue_max: s.queue_max,
+            sync: s.sync,
+        },
+    );
     if !s.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
     }
@@ -62,19 +70,35 @@ pub async fn run(config: Config, auth: Auth, metrics: metrics_exporter_prometheu
     };
     let client = TcpListener::bind(config.client_addr).await.with_context(|| format!("cannot listen on client_addr {}; is another process using it? pick another with --client-addr", config.client_addr))?;
     let http_listener = TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on http_addr {}; is another process using it? pick another with --http-addr", config.http_addr))?;
-    let addrs = NodeAddrs { client: client.local_addr()?, http: http_listener.local_addr()?, cluster: config.cluster_addr };
+    let addrs = NodeAddrs {
+        client: client.local_addr()?,
+        http: http_listener.local_addr()?,
+        cluster: config.cluster_addr,
+    };
 
     let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone()));
-    let app = http::router(AppState { gw: gw.clone(), store: store.clone(), log, metrics, partitions: PARTITIONS, addrs });
+    let app = http::router(AppState {
+        gw: gw.clone(),
+        store: store.clone(),
+        log,
+        metrics,
+        partitions: PARTITIONS,
+        addrs,
+    });
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
     });
     let sweeper = tokio::spawn(sweep_retention(store.clone(), config.clone()));
 
     tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
-    println!("warbler ready node={} client={} http={}", config.node_id, addrs.client, addrs.http);
+    println!(
+        "warbler ready node={} client={} http={}",
+        config.node_id, addrs.client, addrs.http
+    );
 
     shutdown.cancelled().await;
     tracing::info!("draining: saying bye to connections");
@@ -103,7 +127,12 @@ async fn sweep_retention(store: Store, config: Config) {
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.sweep(&policy, now_ms())).await {
             Ok(Ok(report)) if report.messages + report.dedup_records > 0 => {
-                tracing::info!(users = report.users, messages = report.messages, dedup = report.dedup_records, "retention sweep")
+                tracing::info!(
+                    users = report.users,
+                    messages = report.messages,
+                    dedup = report.dedup_records,
+                    "retention sweep"
+                )
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),

@@ -14,7 +14,9 @@ pub fn init_logs(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -38,18 +40,43 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!("warbler_connections", "Open device connections, by transport");
+    describe_gauge!(
+        "warbler_connections",
+        "Open device connections, by transport"
+    );
     describe_counter!("warbler_connections_total", "Device connections accepted");
     describe_counter!("warbler_publishes_total", "Messages made durable");
-    describe_counter!("warbler_publish_duplicates_total", "Publishes answered from the dedup index");
-    describe_counter!("warbler_publish_errors_total", "Publishes refused or failed");
-    describe_counter!("warbler_deliveries_total", "Messages handed to device sessions");
+    describe_counter!(
+        "warbler_publish_duplicates_total",
+        "Publishes answered from the dedup index"
+    );
+    describe_counter!(
+        "warbler_publish_errors_total",
+        "Publishes refused or failed"
+    );
+    describe_counter!(
+        "warbler_deliveries_total",
+        "Messages handed to device sessions"
+    );
     describe_counter!("warbler_acks_total", "Cursor advances from device acks");
     describe_counter!("warbler_fsync_batches_total", "Synced write batches");
-    describe_histogram!("warbler_fsync_batch_records", "Records per synced write batch");
-    describe_histogram!("warbler_fsync_seconds", Unit::Seconds, "Time to write and fsync one batch");
+    describe_histogram!(
+        "warbler_fsync_batch_records",
+        "Records per synced write batch"
+    );
+    describe_histogram!(
+        "warbler_fsync_seconds",
+        Unit::Seconds,
+        "Time to write and fsync one batch"
+    );
     describe_gauge!("warbler_mailboxes_alive", "UserMailbox actors running");
     describe_gauge!("warbler_sessions_alive", "DeviceSession actors running");
-    describe_counter!("warbler_protocol_errors_total", "Error frames sent to devices, by code");
-    describe_counter!("warbler_mailbox_failures_total", "Mailbox actors that crashed");
+    describe_counter!(
+        "warbler_protocol_errors_total",
+        "Error frames sent to devices, by code"
+    );
+    describe_counter!(
+        "warbler_mailbox_failures_total",
+        "Mailbox actors that crashed"
+    );
 }

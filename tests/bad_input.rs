@@ -13,14 +13,19 @@ use warbler_client::Frame;
 /// Reads one frame; `None` on EOF.
 async fn read_frame(s: &mut TcpStream) -> Option<Frame> {
     let mut len = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len)).await.expect("frame within 10 s").ok()?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+        .await
+        .expect("frame within 10 s")
+        .ok()?;
     let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
     s.read_exact(&mut buf).await.ok()?;
     Some(Frame::decode(&buf).expect("the server sends valid frames"))
 }
 
 async fn write_raw(s: &mut TcpStream, payload: &[u8]) {
-    s.write_all(&(payload.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(&(payload.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
     s.write_all(payload).await.unwrap();
 }
 
@@ -37,7 +42,10 @@ fn error_code(f: Option<Frame>) -> (String, String, Option<String>) {
 
 async fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 #[tokio::test]
@@ -55,14 +63,20 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
     write_raw(&mut s, b"\xc1\xc1garbage").await;
     let (code, message, _) = error_code(read_frame(&mut s).await);
     assert_eq!(code, "malformed_frame", "{message}");
-    assert!(closed(&mut s).await, "the connection is closed after a malformed frame");
+    assert!(
+        closed(&mut s).await,
+        "the connection is closed after a malformed frame"
+    );
 
     // A frame over the 1 MiB limit: refused from its length alone.
     let mut s = TcpStream::connect(&node.client).await.unwrap();
     s.write_all(&(2u32 << 20).to_be_bytes()).await.unwrap();
     let (code, message, _) = error_code(read_frame(&mut s).await);
     assert_eq!(code, "frame_too_large");
-    assert!(message.contains("2097152") && message.contains("1048576"), "{message}");
+    assert!(
+        message.contains("2097152") && message.contains("1048576"),
+        "{message}"
+    );
     assert!(closed(&mut s).await);
 
     // The first frame must be hello.
@@ -71,9 +85,20 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
     assert_eq!(error_code(read_frame(&mut s).await).0, "hello_required");
 
     // A bad token, and an expired one.
-    for (tok, expect) in [("not-a-jwt".to_string(), "not valid"), (expired_token("zoe"), "expired")] {
+    for (tok, expect) in [
+        ("not-a-jwt".to_string(), "not valid"),
+        (expired_token("zoe"), "expired"),
+    ] {
         let mut s = TcpStream::connect(&node.client).await.unwrap();
-        send(&mut s, &Frame::Hello { token: tok, device: "d".into(), v: 1 }).await;
+        send(
+            &mut s,
+            &Frame::Hello {
+                token: tok,
+                device: "d".into(),
+                v: 1,
+            },
+        )
+        .await;
         let (code, message, _) = error_code(read_frame(&mut s).await);
         assert_eq!(code, "unauthorized");
         assert!(message.contains(expect), "{message}");
@@ -82,9 +107,24 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
 
     // A device token may not publish; the connection stays usable.
     let mut s = TcpStream::connect(&node.client).await.unwrap();
-    send(&mut s, &Frame::Hello { token: token("mallory", "device"), device: "d".into(), v: 1 }).await;
-    assert!(matches!(read_frame(&mut s).await, Some(Frame::Welcome { .. })));
-    let publish = Frame::Publish { id: "evil".into(), to: "zoe".into(), body: serde_bytes::ByteBuf::from(b"x".to_vec()) };
+    send(
+        &mut s,
+        &Frame::Hello {
+            token: token("mallory", "device"),
+            device: "d".into(),
+            v: 1,
+        },
+    )
+    .await;
+    assert!(matches!(
+        read_frame(&mut s).await,
+        Some(Frame::Welcome { .. })
+    ));
+    let publish = Frame::Publish {
+        id: "evil".into(),
+        to: "zoe".into(),
+        body: serde_bytes::ByteBuf::from(b"x".to_vec()),
+    };
     send(&mut s, &publish).await;
     let (code, message, id) = error_code(read_frame(&mut s).await);
     assert_eq!((code.as_str(), id.as_deref()), ("forbidden", Some("evil")));
@@ -99,31 +139,81 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
 
     // HTTP: not JSON, no token, wrong scope, too large, unknown route.
     let publish_tok = token("backend", "publish");
-    let (status, body) = http_raw(&node.http, "POST", "/v1/users/zoe/messages", Some(&publish_tok), b"{not json").await;
+    let (status, body) = http_raw(
+        &node.http,
+        "POST",
+        "/v1/users/zoe/messages",
+        Some(&publish_tok),
+        b"{not json",
+    )
+    .await;
     assert_eq!(status, 400);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "bad_request");
-    assert!(v["error"]["message"].as_str().unwrap().contains("JSON"), "{v}");
-    let (status, body) = http_raw(&node.http, "POST", "/v1/users/zoe/messages", None, br#"{"id":"a","body":"b"}"#).await;
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("JSON"),
+        "{v}"
+    );
+    let (status, body) = http_raw(
+        &node.http,
+        "POST",
+        "/v1/users/zoe/messages",
+        None,
+        br#"{"id":"a","body":"b"}"#,
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
-    let (status, _) = http_raw(&node.http, "POST", "/v1/users/zoe/messages", Some(&token("zoe", "device")), br#"{"id":"a","body":"b"}"#).await;
+    let (status, _) = http_raw(
+        &node.http,
+        "POST",
+        "/v1/users/zoe/messages",
+        Some(&token("zoe", "device")),
+        br#"{"id":"a","body":"b"}"#,
+    )
+    .await;
     assert_eq!(status, 403);
     let big = format!(r#"{{"id":"big","body":"{}"}}"#, "x".repeat(600 * 1024));
-    let (status, body) = http_raw(&node.http, "POST", "/v1/users/zoe/messages", Some(&publish_tok), big.as_bytes()).await;
+    let (status, body) = http_raw(
+        &node.http,
+        "POST",
+        "/v1/users/zoe/messages",
+        Some(&publish_tok),
+        big.as_bytes(),
+    )
+    .await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body_too_large"), "{body}");
     let (status, body) = http_raw(&node.http, "GET", "/v1/nope", None, b"").await;
     assert_eq!(status, 404);
     assert!(body.contains("not_found"));
-    let (status, _) = http_raw(&node.http, "GET", "/v1/users/zoe/messages", Some(&token("eve", "device")), b"").await;
-    assert_eq!(status, 403, "a device token cannot read another user's history");
+    let (status, _) = http_raw(
+        &node.http,
+        "GET",
+        "/v1/users/zoe/messages",
+        Some(&token("eve", "device")),
+        b"",
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "a device token cannot read another user's history"
+    );
 
     // Nothing stored was lost, the bystander was not disturbed, the node still serves.
     node.publish("zoe", "z4", "after").await;
     let got = recv_n(&mut bystander, 4).await;
-    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     let history = node.history("zoe").await;
-    assert_eq!(history.iter().map(|(_, id, _)| id.as_str()).collect::<Vec<_>>(), vec!["z1", "z2", "z3", "z4"]);
+    assert_eq!(
+        history
+            .iter()
+            .map(|(_, id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["z1", "z2", "z3", "z4"]
+    );
     let (status, _) = http_raw(&node.http, "GET", "/healthz", None, b"").await;
     assert_eq!(status, 200);
 }
@@ -131,12 +221,21 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
 #[tokio::test]
 async fn bad_configuration_is_refused_with_the_field_named() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
-        .args(["serve", "--client-addr", "localhost:99999", "--jwt-secret-file", "/nonexistent"])
+        .args([
+            "serve",
+            "--client-addr",
+            "localhost:99999",
+            "--jwt-secret-file",
+            "/nonexistent",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--client-addr") && err.contains("HOST:PORT"), "{err}");
+    assert!(
+        err.contains("--client-addr") && err.contains("HOST:PORT"),
+        "{err}"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
         .args(["serve"])
@@ -145,7 +244,10 @@ async fn bad_configuration_is_refused_with_the_field_named() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("limits.inflight_max") && err.contains("1..=65536"), "{err}");
+    assert!(
+        err.contains("limits.inflight_max") && err.contains("1..=65536"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))

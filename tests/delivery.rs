@@ -16,7 +16,11 @@ async fn device_receives_http_publishes_in_order_and_resumes_after_reconnect() {
     let mut phone = node.device("alice", "phone").await;
     assert_eq!(phone.acked, 0);
     for i in 1..=50u64 {
-        assert_eq!(node.publish("alice", &format!("m{i}"), &format!("hello {i}")).await, i);
+        assert_eq!(
+            node.publish("alice", &format!("m{i}"), &format!("hello {i}"))
+                .await,
+            i
+        );
     }
     let got = recv_n(&mut phone, 50).await;
     let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
@@ -33,7 +37,10 @@ async fn device_receives_http_publishes_in_order_and_resumes_after_reconnect() {
     let mut phone = node.device("alice", "phone").await;
     assert_eq!(phone.acked, 30, "welcome carries the durable cursor");
     let rest = recv_n(&mut phone, 30).await;
-    assert_eq!(rest.iter().map(|m| m.seq).collect::<Vec<_>>(), (31..=60).collect::<Vec<_>>());
+    assert_eq!(
+        rest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (31..=60).collect::<Vec<_>>()
+    );
     // Exactly the rest: nothing more arrives.
     let extra = tokio::time::timeout(Duration::from_millis(300), phone.recv_msg()).await;
     assert!(extra.is_err(), "unexpected extra delivery: {extra:?}");
@@ -50,14 +57,31 @@ async fn two_devices_of_one_user_have_independent_cursors() {
     }
     let p = recv_n(&mut phone, 20).await;
     let d = recv_n(&mut desk, 20).await;
-    assert_eq!(p.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
-    assert_eq!(d.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        p.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        d.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
     phone.ack(20).await.unwrap();
     desk.ack(5).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (_, v) = node.http("GET", "/v1/users/bob/devices", Some(&token("bob", "device")), "").await;
+    let (_, v) = node
+        .http(
+            "GET",
+            "/v1/users/bob/devices",
+            Some(&token("bob", "device")),
+            "",
+        )
+        .await;
     let devices = v["devices"].as_array().unwrap();
-    let cursor = |name: &str| devices.iter().find(|d| d["device"] == name).unwrap()["acked"].as_u64().unwrap();
+    let cursor = |name: &str| {
+        devices.iter().find(|d| d["device"] == name).unwrap()["acked"]
+            .as_u64()
+            .unwrap()
+    };
     assert_eq!((cursor("phone"), cursor("desk")), (20, 5));
     drop(phone);
     drop(desk);
@@ -80,7 +104,10 @@ async fn the_same_message_id_twice_gets_the_same_seq_and_is_stored_once() {
     // Over the device protocol too, concurrently with itself.
     let mut publisher = node.publisher().await;
     for _ in 0..3 {
-        publisher.publish("order-3", "carol", b"third").await.unwrap();
+        publisher
+            .publish("order-3", "carol", b"third")
+            .await
+            .unwrap();
     }
     let mut seqs = Vec::new();
     while seqs.len() < 3 {
@@ -92,31 +119,60 @@ async fn the_same_message_id_twice_gets_the_same_seq_and_is_stored_once() {
     let history = node.history("carol").await;
     let ids: Vec<&str> = history.iter().map(|(_, id, _)| id.as_str()).collect();
     assert_eq!(ids, vec!["order-1", "order-2", "order-3"]);
-    assert_eq!(history[0].2, "first", "the retry did not overwrite the original");
+    assert_eq!(
+        history[0].2, "first",
+        "the retry did not overwrite the original"
+    );
 }
 
 #[tokio::test]
 async fn idle_mailboxes_stop_and_restart_from_storage() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start_with(dir.path(), &[("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "50")], &[]);
+    let node = Node::start_with(
+        dir.path(),
+        &[("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "50")],
+        &[],
+    );
     assert_eq!(node.publish("dave", "d1", "x").await, 1);
     assert_eq!(node.publish("dave", "d2", "x").await, 2);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (_, cluster) = node.http("GET", "/v1/cluster", None, "").await;
-    assert_eq!(cluster["mailboxes_active"], 0, "the idle mailbox stopped: {cluster}");
-    assert_eq!(node.publish("dave", "d3", "x").await, 3, "seq continues from storage");
-    assert_eq!(node.publish("dave", "d1", "x").await, 1, "dedup survives the restart");
+    assert_eq!(
+        cluster["mailboxes_active"], 0,
+        "the idle mailbox stopped: {cluster}"
+    );
+    assert_eq!(
+        node.publish("dave", "d3", "x").await,
+        3,
+        "seq continues from storage"
+    );
+    assert_eq!(
+        node.publish("dave", "d1", "x").await,
+        1,
+        "dedup survives the restart"
+    );
 }
 
 #[tokio::test]
 async fn websocket_devices_get_the_same_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", node.http)).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", node.http))
+        .await
+        .unwrap();
     use tokio_tungstenite::tungstenite::Message;
-    let hello = Frame::Hello { token: token("erin", "device"), device: "browser".into(), v: 1 };
-    ws.send(Message::Binary(hello.encode().into())).await.unwrap();
-    assert!(matches!(next_frame(&mut ws).await, Frame::Welcome { acked: 0, .. }));
+    let hello = Frame::Hello {
+        token: token("erin", "device"),
+        device: "browser".into(),
+        v: 1,
+    };
+    ws.send(Message::Binary(hello.encode().into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Welcome { acked: 0, .. }
+    ));
     for i in 1..=5 {
         node.publish("erin", &format!("e{i}"), "via ws").await;
     }
@@ -126,10 +182,15 @@ async fn websocket_devices_get_the_same_protocol() {
             other => panic!("expected msg, got {other:?}"),
         }
     }
-    ws.send(Message::Binary(Frame::Ack { seq: 5 }.encode().into())).await.unwrap();
+    ws.send(Message::Binary(Frame::Ack { seq: 5 }.encode().into()))
+        .await
+        .unwrap();
     ws.send(Message::Text("not a frame".into())).await.unwrap();
     let err = next_frame(&mut ws).await;
-    assert!(matches!(&err, Frame::Error { code, .. } if code == "malformed_frame"), "{err:?}");
+    assert!(
+        matches!(&err, Frame::Error { code, .. } if code == "malformed_frame"),
+        "{err:?}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(node.device("erin", "browser").await.acked, 5);
 }
@@ -144,9 +205,17 @@ async fn tls_devices_connect_and_receive() {
     let node = Node::start_with(
         &dir.path().join("node"),
         &[],
-        &["--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()],
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+        ],
     );
-    let tls = TlsOptions { server_name: "localhost".into(), ca_pem: ck.cert.pem().into_bytes() };
+    let tls = TlsOptions {
+        server_name: "localhost".into(),
+        ca_pem: ck.cert.pem().into_bytes(),
+    };
     let opts = ConnectOptions::new(&node.client, token("frank", "device"), "phone").with_tls(tls);
     let mut conn = Connection::connect(opts).await.expect("TLS connect");
     node.publish("frank", "f1", "secret").await;
@@ -155,7 +224,11 @@ async fn tls_devices_connect_and_receive() {
     // A plain-TCP client gets no service on the TLS port.
     let plain = tokio::time::timeout(
         Duration::from_secs(5),
-        Connection::connect(ConnectOptions::new(&node.client, token("frank", "device"), "plain")),
+        Connection::connect(ConnectOptions::new(
+            &node.client,
+            token("frank", "device"),
+            "plain",
+        )),
     )
     .await
     .expect("the TLS port answers a plain client promptly");
@@ -168,7 +241,10 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() {
     let node = Node::start(dir.path());
     let mut first = node.device("gina", "phone").await;
     let mut second = node.device("gina", "phone").await;
-    match tokio::time::timeout(Duration::from_secs(5), first.recv()).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(5), first.recv())
+        .await
+        .unwrap()
+    {
         Err(warbler_client::ClientError::Server { code, .. }) => assert_eq!(code, "replaced"),
         other => panic!("expected a replaced error, got {other:?}"),
     }
@@ -176,12 +252,18 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() {
     assert_eq!(recv_n(&mut second, 1).await[0].seq, 1);
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn next_frame(ws: &mut Ws) -> Frame {
     use tokio_tungstenite::tungstenite::Message;
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Message::Binary(b) => return Frame::decode(&b).unwrap(),
             _ => continue,
         }
@@ -195,7 +277,10 @@ async fn a_device_that_does_not_ack_gets_at_most_the_window() {
     let mut slow = node.device("hank", "phone").await;
     let mut publisher = node.publisher().await;
     for i in 1..=20 {
-        publisher.publish_wait(&format!("h{i}"), "hank", b"x").await.unwrap();
+        publisher
+            .publish_wait(&format!("h{i}"), "hank", b"x")
+            .await
+            .unwrap();
     }
     let first = recv_n(&mut slow, 8).await;
     assert_eq!(first.last().unwrap().seq, 8);
@@ -203,5 +288,8 @@ async fn a_device_that_does_not_ack_gets_at_most_the_window() {
     assert!(more.is_err(), "the window of 8 was exceeded: {more:?}");
     slow.ack(5).await.unwrap();
     let next = common::recv_n_acking(&mut slow, 12).await;
-    assert_eq!(next.iter().map(|m| m.seq).collect::<Vec<_>>(), (9..=20).collect::<Vec<_>>());
+    assert_eq!(
+        next.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (9..=20).collect::<Vec<_>>()
+    );
 }

@@ -10,7 +10,7 @@
 //! - [`session`]: `DeviceSession`, one per connected device: subscribes to its user's
 //!   mailbox, writes deliveries to the connection, forwards cumulative acks, re-subscribes
 //!   from its cursor when the mailbox restarts.
-//! - [`error`]: [`MailboxError`].
+//! - [`error`]: the [`MailboxError`] type.
 
 pub mod error;
 pub mod mailbox;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_bytes::ByteBuf;
-use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, Store, StorageError, StoredMessage};
+use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store, StoredMessage};
 
 use crate::error::MailboxError;
 use crate::session::SessionMsg;
@@ -51,7 +51,10 @@ pub enum MailboxMsg {
         reply: RpcReplyPort<Result<u64, MailboxError>>,
     },
     /// The partition log finished entry `seq` (sent by the commit callback, in order).
-    Committed { seq: u64, result: Result<(), StorageError> },
+    Committed {
+        seq: u64,
+        result: Result<(), StorageError>,
+    },
     /// Subscribe a session for `device`. `resume` = (acked, sent) of a session that
     /// re-subscribes after the mailbox restarted; `None` for a new connection.
     Subscribe {
@@ -60,10 +63,19 @@ pub enum MailboxMsg {
         resume: Option<(u64, u64)>,
         reply: RpcReplyPort<SubscribeInfo>,
     },
-    Unsubscribe { device: String, session: ActorId },
+    Unsubscribe {
+        device: String,
+        session: ActorId,
+    },
     /// Cumulative ack from a device's session.
-    Ack { device: String, session: ActorId, seq: u64 },
-    Devices { reply: RpcReplyPort<Vec<DeviceInfo>> },
+    Ack {
+        device: String,
+        session: ActorId,
+        seq: u64,
+    },
+    Devices {
+        reply: RpcReplyPort<Vec<DeviceInfo>>,
+    },
     IdleCheck,
 }
 
@@ -114,7 +126,11 @@ impl Actor for UserMailbox {
     type State = MailboxState;
     type Arguments = MailboxArgs;
 
-    async fn pre_start(&self, myself: ActorRef<MailboxMsg>, args: MailboxArgs) -> Result<MailboxState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MailboxMsg>,
+        args: MailboxArgs,
+    ) -> Result<MailboxState, ActorProcessingErr> {
         if args.after_crash {
             args.log.barrier(args.partition).await?;
         }
@@ -139,7 +155,11 @@ impl Actor for UserMailbox {
         })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<MailboxMsg>, state: &mut MailboxState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<MailboxMsg>,
+        state: &mut MailboxState,
+    ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_mailboxes_alive").decrement(1.0);
         for (_, p) in std::mem::take(&mut state.pending) {
             for w in p.waiters {
@@ -149,26 +169,49 @@ impl Actor for UserMailbox {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<MailboxMsg>, msg: MailboxMsg, state: &mut MailboxState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<MailboxMsg>,
+        msg: MailboxMsg,
+        state: &mut MailboxState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            MailboxMsg::Publish { id, body, from, reply } => {
+            MailboxMsg::Publish {
+                id,
+                body,
+                from,
+                reply,
+            } => {
                 state.last_active = Instant::now();
                 state.publish(&myself, id, body, from, reply).await?;
             }
             MailboxMsg::Committed { seq, result } => state.on_committed(&myself, seq, result)?,
-            MailboxMsg::Subscribe { device, session, resume, reply } => {
+            MailboxMsg::Subscribe {
+                device,
+                session,
+                resume,
+                reply,
+            } => {
                 state.last_active = Instant::now();
                 let info = state.subscribe(device.clone(), session, resume)?;
                 let _ = reply.send(info);
                 state.pump(&device)?;
             }
             MailboxMsg::Unsubscribe { device, session } => {
-                if state.subs.get(&device).is_some_and(|s| s.session.get_id() == session) {
+                if state
+                    .subs
+                    .get(&device)
+                    .is_some_and(|s| s.session.get_id() == session)
+                {
                     state.subs.remove(&device);
                 }
                 state.last_active = Instant::now();
             }
-            MailboxMsg::Ack { device, session, seq } => state.ack(&device, session, seq).await?,
+            MailboxMsg::Ack {
+                device,
+                session,
+                seq,
+            } => state.ack(&device, session, seq).await?,
             MailboxMsg::Devices { reply } => {
                 let _ = reply.send(state.devices()?);
             }
@@ -195,7 +238,11 @@ impl MailboxState {
         reply: RpcReplyPort<Result<u64, MailboxError>>,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(seq) = self.pending_ids.get(&id) {
-            self.pending.get_mut(seq).expect("pending id has an entry").waiters.push(reply);
+            self.pending
+                .get_mut(seq)
+                .expect("pending id has an entry")
+                .waiters
+                .push(reply);
             return Ok(());
         }
         if let Some(seq) = self.store.dedup(self.partition, &self.user, &id)? {
@@ -204,12 +251,24 @@ impl MailboxState {
             return Ok(());
         }
         if !self.log.writable() {
-            let _ = reply.send(Err(MailboxError::Unavailable("the partition log refuses writes".into())));
+            let _ = reply.send(Err(MailboxError::Unavailable(
+                "the partition log refuses writes".into(),
+            )));
             return Ok(());
         }
         let seq = self.assigned + 1;
-        let msg = Arc::new(StoredMessage { id: id.clone(), ts: now_ms(), from, body });
-        let op = Op::Append { partition: self.partition, user: self.user.clone(), seq, msg: (*msg).clone() };
+        let msg = Arc::new(StoredMessage {
+            id: id.clone(),
+            ts: now_ms(),
+            from,
+            body,
+        });
+        let op = Op::Append {
+            partition: self.partition,
+            user: self.user.clone(),
+            seq,
+            msg: (*msg).clone(),
+        };
         let me = myself.clone();
         let done = Box::new(move |result| {
             let _ = me.cast(MailboxMsg::Committed { seq, result });
@@ -220,11 +279,22 @@ impl MailboxState {
         }
         self.assigned = seq;
         self.pending_ids.insert(id, seq);
-        self.pending.insert(seq, Pending { msg, waiters: vec![reply] });
+        self.pending.insert(
+            seq,
+            Pending {
+                msg,
+                waiters: vec![reply],
+            },
+        );
         Ok(())
     }
 
-    fn on_committed(&mut self, myself: &ActorRef<MailboxMsg>, seq: u64, result: Result<(), StorageError>) -> Result<(), ActorProcessingErr> {
+    fn on_committed(
+        &mut self,
+        myself: &ActorRef<MailboxMsg>,
+        seq: u64,
+        result: Result<(), StorageError>,
+    ) -> Result<(), ActorProcessingErr> {
         if let Err(e) = result {
             // Later pending entries fail too (the log is poisoned): answer them all, then
             // restart from storage, which holds exactly what became durable.
@@ -237,8 +307,16 @@ impl MailboxState {
             return Ok(());
         }
         // Paired with the assignment in `publish`: commits arrive in seq order, no gaps.
-        assert_eq!(seq, self.committed + 1, "user {} committed seq out of order", self.user);
-        let p = self.pending.remove(&seq).expect("a committed seq was pending");
+        assert_eq!(
+            seq,
+            self.committed + 1,
+            "user {} committed seq out of order",
+            self.user
+        );
+        let p = self
+            .pending
+            .remove(&seq)
+            .expect("a committed seq was pending");
         self.committed = seq;
         self.pending_ids.remove(&p.msg.id);
         metrics::counter!("warbler_publishes_total").increment(1);
@@ -267,7 +345,12 @@ impl MailboxState {
         Ok(c)
     }
 
-    fn subscribe(&mut self, device: String, session: ActorRef<SessionMsg>, resume: Option<(u64, u64)>) -> Result<SubscribeInfo, StorageError> {
+    fn subscribe(
+        &mut self,
+        device: String,
+        session: ActorRef<SessionMsg>,
+        resume: Option<(u64, u64)>,
+    ) -> Result<SubscribeInfo, StorageError> {
         let stored = self.cursor(&device)?;
         let (acked, sent) = match resume {
             Some((acked, sent)) => (acked.max(stored), sent.max(acked).max(stored)),
@@ -278,12 +361,29 @@ impl MailboxState {
                 let _ = old.session.cast(SessionMsg::Replaced);
             }
         }
-        self.subs.insert(device, Subscriber { session, acked, sent });
-        Ok(SubscribeInfo { acked: stored, last_seq: self.committed })
+        self.subs.insert(
+            device,
+            Subscriber {
+                session,
+                acked,
+                sent,
+            },
+        );
+        Ok(SubscribeInfo {
+            acked: stored,
+            last_seq: self.committed,
+        })
     }
 
-    async fn ack(&mut self, device: &str, session: ActorId, seq: u64) -> Result<(), ActorProcessingErr> {
-        let Some(sub) = self.subs.get_mut(device) else { return Ok(()) };
+    async fn ack(
+        &mut self,
+        device: &str,
+        session: ActorId,
+        seq: u64,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(sub) = self.subs.get_mut(device) else {
+            return Ok(());
+        };
         if sub.session.get_id() != session || seq <= sub.acked {
             return Ok(());
         }
@@ -292,7 +392,12 @@ impl MailboxState {
         self.cursors.insert(device.to_string(), acked);
         metrics::counter!("warbler_acks_total").increment(1);
         // Cursors may lag on a crash (delivery is at least once), so no need to wait.
-        let op = Op::Cursor { partition: self.partition, user: self.user.clone(), device: device.to_string(), acked };
+        let op = Op::Cursor {
+            partition: self.partition,
+            user: self.user.clone(),
+            device: device.to_string(),
+            acked,
+        };
         self.log.propose(self.partition, vec![op], None).await?;
         self.pump(device)?;
         Ok(())
@@ -300,7 +405,9 @@ impl MailboxState {
 
     /// Sends `device` the committed messages it has not been sent, within its window.
     fn pump(&mut self, device: &str) -> Result<(), StorageError> {
-        let Some(sub) = self.subs.get(device) else { return Ok(()) };
+        let Some(sub) = self.subs.get(device) else {
+            return Ok(());
+        };
         let window_end = sub.acked + u64::from(self.limits.inflight_max);
         let upto = self.committed.min(window_end);
         if sub.sent >= upto {
@@ -308,7 +415,9 @@ impl MailboxState {
         }
         let (from, count) = (sub.sent, (upto - sub.sent) as usize);
         let batch = self.read_committed(from, count)?;
-        let Some(&(last, _)) = batch.last() else { return Ok(()) };
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(());
+        };
         let sub = self.subs.get_mut(device).expect("checked above");
         sub.sent = last;
         metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
@@ -338,14 +447,31 @@ impl MailboxState {
     fn devices(&mut self) -> Result<Vec<DeviceInfo>, StorageError> {
         let mut out: BTreeMap<String, DeviceInfo> = BTreeMap::new();
         for (device, acked) in self.store.cursors(self.partition, &self.user)? {
-            out.insert(device.clone(), DeviceInfo { device, acked, online: false });
+            out.insert(
+                device.clone(),
+                DeviceInfo {
+                    device,
+                    acked,
+                    online: false,
+                },
+            );
         }
         for (device, acked) in &self.cursors {
-            let e = out.entry(device.clone()).or_insert(DeviceInfo { device: device.clone(), acked: 0, online: false });
+            let e = out.entry(device.clone()).or_insert(DeviceInfo {
+                device: device.clone(),
+                acked: 0,
+                online: false,
+            });
             e.acked = e.acked.max(*acked);
         }
         for device in self.subs.keys() {
-            out.entry(device.clone()).or_insert(DeviceInfo { device: device.clone(), acked: 0, online: false }).online = true;
+            out.entry(device.clone())
+                .or_insert(DeviceInfo {
+                    device: device.clone(),
+                    acked: 0,
+                    online: false,
+                })
+                .online = true;
         }
         Ok(out.into_values().collect())
     }

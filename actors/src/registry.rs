@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent,
+};
 use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, PartitionLog, Store};
 
@@ -21,7 +23,11 @@ const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub enum RegistryMsg {
     /// The running mailbox of `user`, spawned if needed.
-    Get { user: String, partition: PartitionId, reply: RpcReplyPort<Result<ActorRef<MailboxMsg>, MailboxError>> },
+    Get {
+        user: String,
+        partition: PartitionId,
+        reply: RpcReplyPort<Result<ActorRef<MailboxMsg>, MailboxError>>,
+    },
     /// Number of active mailboxes.
     Count { reply: RpcReplyPort<usize> },
 }
@@ -47,13 +53,30 @@ impl Actor for MailboxRegistry {
     type State = RegistryState;
     type Arguments = RegistryArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<RegistryMsg>, args: RegistryArgs) -> Result<RegistryState, ActorProcessingErr> {
-        Ok(RegistryState { args, active: HashMap::new(), crashed: HashSet::new() })
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RegistryMsg>,
+        args: RegistryArgs,
+    ) -> Result<RegistryState, ActorProcessingErr> {
+        Ok(RegistryState {
+            args,
+            active: HashMap::new(),
+            crashed: HashSet::new(),
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<RegistryMsg>, msg: RegistryMsg, state: &mut RegistryState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        msg: RegistryMsg,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMsg::Get { user, partition, reply } => {
+            RegistryMsg::Get {
+                user,
+                partition,
+                reply,
+            } => {
                 let _ = reply.send(state.get(&myself, user, partition).await);
             }
             RegistryMsg::Count { reply } => {
@@ -65,14 +88,24 @@ impl Actor for MailboxRegistry {
 
     /// A mailbox that stops or crashes leaves the map; the next request spawns a fresh one
     /// from storage. Never stops the registry itself.
-    async fn handle_supervisor_evt(&self, _myself: ActorRef<RegistryMsg>, evt: SupervisionEvent, state: &mut RegistryState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<RegistryMsg>,
+        evt: SupervisionEvent,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
         let (cell, failure): (ActorCell, Option<String>) = match evt {
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
             _ => return Ok(()),
         };
         let id = cell.get_id();
-        let Some(user) = state.active.iter().find(|(_, r)| r.get_id() == id).map(|(u, _)| u.clone()) else {
+        let Some(user) = state
+            .active
+            .iter()
+            .find(|(_, r)| r.get_id() == id)
+            .map(|(u, _)| u.clone())
+        else {
             return Ok(());
         };
         state.active.remove(&user);
@@ -86,7 +119,12 @@ impl Actor for MailboxRegistry {
 }
 
 impl RegistryState {
-    async fn get(&mut self, myself: &ActorRef<RegistryMsg>, user: String, partition: PartitionId) -> Result<ActorRef<MailboxMsg>, MailboxError> {
+    async fn get(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        user: String,
+        partition: PartitionId,
+    ) -> Result<ActorRef<MailboxMsg>, MailboxError> {
         if let Some(r) = self.active.get(&user) {
             // A mailbox that is starting or running is the user's one writer; never start a
             // second one beside it.
@@ -107,7 +145,9 @@ impl RegistryState {
         };
         let (r, _) = Actor::spawn_linked(None, UserMailbox, args, myself.get_cell())
             .await
-            .map_err(|e| MailboxError::Unavailable(format!("cannot start the mailbox of {user}: {e}")))?;
+            .map_err(|e| {
+                MailboxError::Unavailable(format!("cannot start the mailbox of {user}: {e}"))
+            })?;
         self.active.insert(user, r.clone());
         Ok(r)
     }
@@ -122,10 +162,19 @@ pub struct Mailboxes {
 
 impl Mailboxes {
     /// Starts the registry actor.
-    pub async fn start(args: RegistryArgs) -> Result<(Mailboxes, JoinHandle<()>), ractor::SpawnErr> {
+    pub async fn start(
+        args: RegistryArgs,
+    ) -> Result<(Mailboxes, JoinHandle<()>), ractor::SpawnErr> {
         let partitions = args.partitions;
-        let (registry, handle) = Actor::spawn(Some("mailbox-registry".into()), MailboxRegistry, args).await?;
-        Ok((Mailboxes { registry, partitions }, handle))
+        let (registry, handle) =
+            Actor::spawn(Some("mailbox-registry".into()), MailboxRegistry, args).await?;
+        Ok((
+            Mailboxes {
+                registry,
+                partitions,
+            },
+            handle,
+        ))
     }
 
     pub fn partition_of(&self, user: &str) -> PartitionId {
@@ -137,7 +186,14 @@ impl Mailboxes {
         let partition = self.partition_of(user);
         match self
             .registry
-            .call(|reply| RegistryMsg::Get { user: user.to_string(), partition, reply }, Some(MAILBOX_CALL_TIMEOUT))
+            .call(
+                |reply| RegistryMsg::Get {
+                    user: user.to_string(),
+                    partition,
+                    reply,
+                },
+                Some(MAILBOX_CALL_TIMEOUT),
+            )
             .await
         {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
@@ -156,7 +212,9 @@ impl Mailboxes {
             match mailbox.call(&make, Some(MAILBOX_CALL_TIMEOUT)).await {
                 Ok(ractor::rpc::CallResult::Success(v)) => return Ok(v),
                 Ok(ractor::rpc::CallResult::Timeout) => {
-                    return Err(MailboxError::Unavailable("the mailbox did not answer in 30 s".into()))
+                    return Err(MailboxError::Unavailable(
+                        "the mailbox did not answer in 30 s".into(),
+                    ))
                 }
                 // The mailbox stopped (idle) or crashed with our request queued.
                 _ => tokio::time::sleep(Duration::from_millis(1 << attempt)).await,
@@ -167,9 +225,20 @@ impl Mailboxes {
 
     /// Publishes one message; returns its seq once durable. Retrying the same id returns the
     /// same seq.
-    pub async fn publish(&self, user: &str, id: &str, body: ByteBuf, from: Option<String>) -> Result<u64, MailboxError> {
-        self.call(user, |reply| MailboxMsg::Publish { id: id.to_string(), body: body.clone(), from: from.clone(), reply })
-            .await?
+    pub async fn publish(
+        &self,
+        user: &str,
+        id: &str,
+        body: ByteBuf,
+        from: Option<String>,
+    ) -> Result<u64, MailboxError> {
+        self.call(user, |reply| MailboxMsg::Publish {
+            id: id.to_string(),
+            body: body.clone(),
+            from: from.clone(),
+            reply,
+        })
+        .await?
     }
 
     pub async fn devices(&self, user: &str) -> Result<Vec<DeviceInfo>, MailboxError> {
@@ -177,7 +246,14 @@ impl Mailboxes {
     }
 
     pub async fn active_count(&self) -> usize {
-        match self.registry.call(|reply| RegistryMsg::Count { reply }, Some(MAILBOX_CALL_TIMEOUT)).await {
+        match self
+            .registry
+            .call(
+                |reply| RegistryMsg::Count { reply },
+                Some(MAILBOX_CALL_TIMEOUT),
+            )
+            .await
+        {
             Ok(ractor::rpc::CallResult::Success(n)) => n,
             _ => 0,
         }

@@ -54,7 +54,11 @@ impl Actor for DeviceSession {
     type State = SessionState;
     type Arguments = SessionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
         let (mailbox, info) = subscribe(&args, &myself, None).await?;
         args.out
             .send(Frame::Welcome {
@@ -66,24 +70,47 @@ impl Actor for DeviceSession {
             .await?;
         myself.send_interval(MAILBOX_CHECK_INTERVAL, || SessionMsg::CheckMailbox);
         metrics::gauge!("warbler_sessions_alive").increment(1.0);
-        Ok(SessionState { args, mailbox, acked: info.acked, sent: info.acked })
+        Ok(SessionState {
+            args,
+            mailbox,
+            acked: info.acked,
+            sent: info.acked,
+        })
     }
 
-    async fn post_stop(&self, myself: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_sessions_alive").decrement(1.0);
-        let _ = state.mailbox.cast(MailboxMsg::Unsubscribe { device: state.args.device.clone(), session: myself.get_id() });
+        let _ = state.mailbox.cast(MailboxMsg::Unsubscribe {
+            device: state.args.device.clone(),
+            session: myself.get_id(),
+        });
         state.args.closed.cancel();
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Deliver(batch) => {
                 for (seq, m) in batch {
                     if seq <= state.sent {
                         continue; // already written (a re-subscribe resends from the cursor)
                     }
-                    let frame = Frame::Msg { seq, id: m.id.clone(), ts: m.ts, body: m.body.clone(), from: m.from.clone() };
+                    let frame = Frame::Msg {
+                        seq,
+                        id: m.id.clone(),
+                        ts: m.ts,
+                        body: m.body.clone(),
+                        from: m.from.clone(),
+                    };
                     if state.args.out.send(frame).await.is_err() {
                         myself.stop(Some("connection closed".into()));
                         return Ok(());
@@ -93,19 +120,37 @@ impl Actor for DeviceSession {
             }
             SessionMsg::ClientAck(seq) => {
                 if seq > state.sent {
-                    let message = format!("ack {seq} is beyond the last delivered seq {}; ack only seqs you received", state.sent);
-                    let _ = state.args.out.send(Frame::error(ErrorCode::BadRequest, message, None)).await;
+                    let message = format!(
+                        "ack {seq} is beyond the last delivered seq {}; ack only seqs you received",
+                        state.sent
+                    );
+                    let _ = state
+                        .args
+                        .out
+                        .send(Frame::error(ErrorCode::BadRequest, message, None))
+                        .await;
                 } else if seq > state.acked {
                     state.acked = seq;
-                    let ack = MailboxMsg::Ack { device: state.args.device.clone(), session: myself.get_id(), seq };
+                    let ack = MailboxMsg::Ack {
+                        device: state.args.device.clone(),
+                        session: myself.get_id(),
+                        seq,
+                    };
                     if state.mailbox.cast(ack).is_err() {
                         resubscribe(&myself, state).await;
                     }
                 }
             }
             SessionMsg::Replaced => {
-                let message = format!("device {:?} connected again elsewhere; this connection is closed", state.args.device);
-                let _ = state.args.out.send(Frame::error(ErrorCode::Replaced, message, None)).await;
+                let message = format!(
+                    "device {:?} connected again elsewhere; this connection is closed",
+                    state.args.device
+                );
+                let _ = state
+                    .args
+                    .out
+                    .send(Frame::error(ErrorCode::Replaced, message, None))
+                    .await;
                 myself.stop(Some("replaced".into()));
             }
             SessionMsg::CheckMailbox => {
@@ -127,11 +172,23 @@ async fn subscribe(
     let device = args.device.clone();
     let session = myself.clone();
     let info = mailbox
-        .call(move |reply| MailboxMsg::Subscribe { device, session, resume, reply }, Some(SUBSCRIBE_TIMEOUT))
+        .call(
+            move |reply| MailboxMsg::Subscribe {
+                device,
+                session,
+                resume,
+                reply,
+            },
+            Some(SUBSCRIBE_TIMEOUT),
+        )
         .await?;
     match info {
         ractor::rpc::CallResult::Success(info) => Ok((mailbox, info)),
-        _ => Err(format!("the mailbox of {} did not accept the subscription", args.user).into()),
+        _ => Err(format!(
+            "the mailbox of {} did not accept the subscription",
+            args.user
+        )
+        .into()),
     }
 }
 
@@ -142,6 +199,8 @@ async fn resubscribe(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
             tracing::debug!(user = %state.args.user, device = %state.args.device, "re-subscribed");
             state.mailbox = mailbox;
         }
-        Err(e) => tracing::warn!(user = %state.args.user, error = %e, "re-subscribe failed; retrying"),
+        Err(e) => {
+            tracing::warn!(user = %state.args.user, error = %e, "re-subscribe failed; retrying")
+        }
     }
 }

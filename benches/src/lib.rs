@@ -19,10 +19,18 @@ pub mod tokens {
 
     /// Mints a token for `user` with `scope`, valid for a day.
     pub fn mint(secret: &[u8], user: &str, scope: &str) -> String {
-        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 86_400;
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 86_400;
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
-            &Claims { sub: user, scope, exp },
+            &Claims {
+                sub: user,
+                scope,
+                exp,
+            },
             &jsonwebtoken::EncodingKey::from_secret(secret),
         )
         .expect("HS256 encoding does not fail")

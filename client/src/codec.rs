@@ -99,7 +99,10 @@ impl Encoder<&Frame> for FrameCodec {
 fn encode_into(frame: &Frame, max: usize, dst: &mut BytesMut) -> Result<(), CodecError> {
     let payload = frame.encode();
     if payload.len() > max {
-        return Err(CodecError::Decode(DecodeError::TooLarge { len: payload.len(), max }));
+        return Err(CodecError::Decode(DecodeError::TooLarge {
+            len: payload.len(),
+            max,
+        }));
     }
     dst.reserve(LENGTH_PREFIX_BYTES + payload.len());
     dst.put_u32(payload.len() as u32);
@@ -118,14 +121,28 @@ mod tests {
         let s = "[a-z0-9]{0,12}";
         prop_oneof![
             (s, s, any::<u32>()).prop_map(|(token, device, v)| Frame::Hello { token, device, v }),
-            (any::<u64>(), s, any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64),
-                proptest::option::of(s))
+            (
+                any::<u64>(),
+                s,
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                proptest::option::of(s)
+            )
                 .prop_map(|(seq, id, ts, body, from)| Frame::Msg {
-                    seq, id, ts, body: ByteBuf::from(body), from
+                    seq,
+                    id,
+                    ts,
+                    body: ByteBuf::from(body),
+                    from
                 }),
             any::<u64>().prop_map(|seq| Frame::Ack { seq }),
-            (s, s, proptest::collection::vec(any::<u8>(), 0..64))
-                .prop_map(|(id, to, body)| Frame::Publish { id, to, body: ByteBuf::from(body) }),
+            (s, s, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(id, to, body)| {
+                Frame::Publish {
+                    id,
+                    to,
+                    body: ByteBuf::from(body),
+                }
+            }),
             any::<u64>().prop_map(|n| Frame::Ping { n }),
         ]
     }
@@ -185,7 +202,10 @@ mod tests {
         let mut codec = FrameCodec::new(1024);
         let mut buf = BytesMut::from(&[0u8, 0, 4, 1][..]); // 1025
         match codec.decode(&mut buf) {
-            Err(CodecError::Decode(DecodeError::TooLarge { len: 1025, max: 1024 })) => {}
+            Err(CodecError::Decode(DecodeError::TooLarge {
+                len: 1025,
+                max: 1024,
+            })) => {}
             other => panic!("expected TooLarge, got {other:?}"),
         }
     }
@@ -195,14 +215,24 @@ mod tests {
         let mut codec = FrameCodec::new(1024);
         let mut buf = BytesMut::from(&[0u8, 0, 0, 2, 0xc1, 0xc1][..]);
         codec.encode(&Frame::Ping { n: 7 }, &mut buf).unwrap();
-        assert!(matches!(codec.decode(&mut buf), Ok(Some(Err(DecodeError::Malformed(_))))));
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap(), Frame::Ping { n: 7 });
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Ok(Some(Err(DecodeError::Malformed(_))))
+        ));
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap().unwrap(),
+            Frame::Ping { n: 7 }
+        );
     }
 
     #[test]
     fn oversized_frames_are_not_encoded() {
         let mut codec = FrameCodec::new(1024);
-        let big = Frame::Publish { id: "x".into(), to: "y".into(), body: ByteBuf::from(vec![0; 2000]) };
+        let big = Frame::Publish {
+            id: "x".into(),
+            to: "y".into(),
+            body: ByteBuf::from(vec![0; 2000]),
+        };
         assert!(codec.encode(&big, &mut BytesMut::new()).is_err());
     }
 }

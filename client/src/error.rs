@@ -32,7 +32,11 @@ pub enum ClientError {
     #[error("could not decode a frame from the server: {0}")]
     Decode(#[from] DecodeError),
     #[error("the server refused: {code}: {message}")]
-    Server { code: String, message: String, id: Option<String> },
+    Server {
+        code: String,
+        message: String,
+        id: Option<String>,
+    },
     #[error("the server closed the connection")]
     Closed,
     #[error("the server is draining: {reason}; reconnect in {retry_ms} ms")]

@@ -14,28 +14,73 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(tag = "t", rename_all = "lowercase")]
 pub enum Frame {
     /// Client → server, first frame: authenticate as the token's subject.
-    Hello { token: String, device: String, v: u32 },
+    Hello {
+        token: String,
+        device: String,
+        v: u32,
+    },
     /// Server → client: accepted; `acked` is this device's durable cursor.
-    Welcome { user: String, device: String, node: String, acked: u64 },
+    Welcome {
+        user: String,
+        device: String,
+        node: String,
+        acked: u64,
+    },
     /// Server → client: one message, in increasing `seq`.
-    Msg { seq: u64, id: String, ts: u64, body: ByteBuf, from: Option<String> },
+    Msg {
+        seq: u64,
+        id: String,
+        ts: u64,
+        body: ByteBuf,
+        from: Option<String>,
+    },
     /// Client → server: every message with `seq` ≤ this was received.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// Client → server: publish `body` to user `to` with the publisher-chosen `id`.
-    Publish { id: String, to: String, body: ByteBuf },
+    Publish {
+        id: String,
+        to: String,
+        body: ByteBuf,
+    },
     /// Server → client: the publish is durable.
-    Published { id: String, to: String, seq: u64 },
-    Ping { n: u64 },
-    Pong { n: u64 },
+    Published {
+        id: String,
+        to: String,
+        seq: u64,
+    },
+    Ping {
+        n: u64,
+    },
+    Pong {
+        n: u64,
+    },
     /// Server → client: a refused request, or why the connection closes.
-    Error { code: String, message: String, id: Option<String> },
+    Error {
+        code: String,
+        message: String,
+        id: Option<String>,
+    },
     /// Server → client: the node is draining; reconnect elsewhere after `retry_ms`.
-    Bye { reason: String, retry_ms: u64 },
+    Bye {
+        reason: String,
+        retry_ms: u64,
+    },
 }
 
 /// The frame types a server or client knows, for telling "unknown type" from "bad fields".
 const KNOWN_TYPES: &[&str] = &[
-    "hello", "welcome", "msg", "ack", "publish", "published", "ping", "pong", "error", "bye",
+    "hello",
+    "welcome",
+    "msg",
+    "ack",
+    "publish",
+    "published",
+    "ping",
+    "pong",
+    "error",
+    "bye",
 ];
 
 /// Error codes carried in `error.code`. Stable strings: clients match on them.
@@ -83,7 +128,11 @@ impl std::fmt::Display for ErrorCode {
 impl Frame {
     /// Builds an `error` frame.
     pub fn error(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Frame {
-        Frame::Error { code: code.as_str().to_string(), message: message.into(), id }
+        Frame::Error {
+            code: code.as_str().to_string(),
+            message: message.into(),
+            id,
+        }
     }
 
     /// The frame's `"t"` value.
@@ -124,9 +173,10 @@ fn classify(bytes: &[u8], err: rmp_serde::decode::Error) -> DecodeError {
         t: String,
     }
     match rmp_serde::from_slice::<Probe>(bytes) {
-        Ok(Probe { t }) if KNOWN_TYPES.contains(&t.as_str()) => {
-            DecodeError::BadFields { t, message: err.to_string() }
-        }
+        Ok(Probe { t }) if KNOWN_TYPES.contains(&t.as_str()) => DecodeError::BadFields {
+            t,
+            message: err.to_string(),
+        },
         Ok(Probe { t }) => DecodeError::UnknownType(t.chars().take(64).collect()),
         Err(probe_err) => DecodeError::Malformed(probe_err.to_string()),
     }
@@ -138,8 +188,17 @@ mod tests {
 
     fn all_frames() -> Vec<Frame> {
         vec![
-            Frame::Hello { token: "tok".into(), device: "phone".into(), v: 1 },
-            Frame::Welcome { user: "u".into(), device: "d".into(), node: "n".into(), acked: 7 },
+            Frame::Hello {
+                token: "tok".into(),
+                device: "phone".into(),
+                v: 1,
+            },
+            Frame::Welcome {
+                user: "u".into(),
+                device: "d".into(),
+                node: "n".into(),
+                acked: 7,
+            },
             Frame::Msg {
                 seq: 1,
                 id: "m1".into(),
@@ -148,12 +207,23 @@ mod tests {
                 from: None,
             },
             Frame::Ack { seq: u64::MAX },
-            Frame::Publish { id: "p".into(), to: "bob".into(), body: ByteBuf::from(b"hi".to_vec()) },
-            Frame::Published { id: "p".into(), to: "bob".into(), seq: 3 },
+            Frame::Publish {
+                id: "p".into(),
+                to: "bob".into(),
+                body: ByteBuf::from(b"hi".to_vec()),
+            },
+            Frame::Published {
+                id: "p".into(),
+                to: "bob".into(),
+                seq: 3,
+            },
             Frame::Ping { n: 1 },
             Frame::Pong { n: 1 },
             Frame::error(ErrorCode::Forbidden, "no", Some("x".into())),
-            Frame::Bye { reason: "draining".into(), retry_ms: 500 },
+            Frame::Bye {
+                reason: "draining".into(),
+                retry_ms: 500,
+            },
         ]
     }
 
@@ -162,7 +232,10 @@ mod tests {
         for f in all_frames() {
             let bytes = f.encode();
             // 0x80..=0x8f fixmap, 0xde map16: the frame is a map, not an array.
-            assert!(bytes[0] & 0xf0 == 0x80 || bytes[0] == 0xde, "{f:?} is not a map");
+            assert!(
+                bytes[0] & 0xf0 == 0x80 || bytes[0] == 0xde,
+                "{f:?} is not a map"
+            );
             assert_eq!(Frame::decode(&bytes).unwrap(), f);
             let t: std::collections::BTreeMap<String, rmpv_like::Any> =
                 rmp_serde::from_slice(&bytes).unwrap();
@@ -197,7 +270,10 @@ mod tests {
                     fn visit_none<E>(self) -> Result<Any, E> {
                         Ok(Any(None))
                     }
-                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Any, A::Error> {
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut a: A,
+                    ) -> Result<Any, A::Error> {
                         while a.next_element::<IgnoredAny>()?.is_some() {}
                         Ok(Any(None))
                     }
@@ -215,7 +291,12 @@ mod tests {
             seq: u64,
             extra: &'static str,
         }
-        let bytes = rmp_serde::to_vec_named(&AckPlus { t: "ack", seq: 9, extra: "x" }).unwrap();
+        let bytes = rmp_serde::to_vec_named(&AckPlus {
+            t: "ack",
+            seq: 9,
+            extra: "x",
+        })
+        .unwrap();
         assert_eq!(Frame::decode(&bytes).unwrap(), Frame::Ack { seq: 9 });
     }
 
@@ -228,9 +309,16 @@ mod tests {
             to: &'static str,
             body: &'static str,
         }
-        let bytes =
-            rmp_serde::to_vec_named(&Pub { t: "publish", id: "1", to: "u", body: "hey" }).unwrap();
-        let Frame::Publish { body, .. } = Frame::decode(&bytes).unwrap() else { panic!() };
+        let bytes = rmp_serde::to_vec_named(&Pub {
+            t: "publish",
+            id: "1",
+            to: "u",
+            body: "hey",
+        })
+        .unwrap();
+        let Frame::Publish { body, .. } = Frame::decode(&bytes).unwrap() else {
+            panic!()
+        };
         assert_eq!(&body[..], b"hey");
     }
 
@@ -241,10 +329,22 @@ mod tests {
             t: &'static str,
         }
         let unknown = rmp_serde::to_vec_named(&T { t: "launch" }).unwrap();
-        assert_eq!(Frame::decode(&unknown), Err(DecodeError::UnknownType("launch".into())));
+        assert_eq!(
+            Frame::decode(&unknown),
+            Err(DecodeError::UnknownType("launch".into()))
+        );
         let bad = rmp_serde::to_vec_named(&T { t: "ack" }).unwrap();
-        assert!(matches!(Frame::decode(&bad), Err(DecodeError::BadFields { .. })));
-        assert!(matches!(Frame::decode(b"\xc1garbage"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(Frame::decode(&[0x93, 1, 2, 3]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Frame::decode(&bad),
+            Err(DecodeError::BadFields { .. })
+        ));
+        assert!(matches!(
+            Frame::decode(b"\xc1garbage"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Frame::decode(&[0x93, 1, 2, 3]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -51,7 +51,11 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
-    pub fn new(addr: impl Into<String>, token: impl Into<String>, device: impl Into<String>) -> Self {
+    pub fn new(
+        addr: impl Into<String>,
+        token: impl Into<String>,
+        device: impl Into<String>,
+    ) -> Self {
         Self {
             addr: addr.into(),
             token: token.into(),
@@ -111,11 +115,18 @@ impl Connection {
     }
 
     /// Runs the hello/welcome exchange over an already connected stream.
-    pub async fn handshake(io: Box<dyn Io>, opts: &ConnectOptions) -> Result<Connection, ClientError> {
+    pub async fn handshake(
+        io: Box<dyn Io>,
+        opts: &ConnectOptions,
+    ) -> Result<Connection, ClientError> {
         let (r, w) = tokio::io::split(io);
         let codec = FrameCodec::new(opts.max_frame_bytes);
-        let mut tx = Sender { write: FramedWrite::new(w, codec.clone()) };
-        let mut rx = Receiver { read: FramedRead::new(r, codec) };
+        let mut tx = Sender {
+            write: FramedWrite::new(w, codec.clone()),
+        };
+        let mut rx = Receiver {
+            read: FramedRead::new(r, codec),
+        };
         tx.send(Frame::Hello {
             token: opts.token.clone(),
             device: opts.device.clone(),
@@ -126,9 +137,19 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Timeout("welcome"))??;
         match first {
-            Frame::Welcome { user, device, node, acked } => {
-                Ok(Connection { user, device, node, acked, tx, rx })
-            }
+            Frame::Welcome {
+                user,
+                device,
+                node,
+                acked,
+            } => Ok(Connection {
+                user,
+                device,
+                node,
+                acked,
+                tx,
+                rx,
+            }),
             other => Err(unexpected("welcome", other)),
         }
     }
@@ -146,9 +167,19 @@ impl Connection {
     /// Receives the next message; an `error` or `bye` frame becomes an error.
     pub async fn recv_msg(&mut self) -> Result<Delivery, ClientError> {
         match self.recv().await? {
-            Frame::Msg { seq, id, ts, body, from } => {
-                Ok(Delivery { seq, id, ts, body: body.into_vec(), from })
-            }
+            Frame::Msg {
+                seq,
+                id,
+                ts,
+                body,
+                from,
+            } => Ok(Delivery {
+                seq,
+                id,
+                ts,
+                body: body.into_vec(),
+                from,
+            }),
             other => Err(unexpected("msg", other)),
         }
     }
@@ -170,7 +201,12 @@ impl Connection {
     }
 
     /// Publishes and waits for the durable answer; returns the assigned `seq`.
-    pub async fn publish_wait(&mut self, id: &str, to: &str, body: &[u8]) -> Result<u64, ClientError> {
+    pub async fn publish_wait(
+        &mut self,
+        id: &str,
+        to: &str,
+        body: &[u8],
+    ) -> Result<u64, ClientError> {
         self.publish(id, to, body).await?;
         loop {
             match self.recv().await? {
@@ -203,7 +239,9 @@ impl Sender {
     }
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        SinkExt::<Frame>::flush(&mut self.write).await.map_err(codec_err)
+        SinkExt::<Frame>::flush(&mut self.write)
+            .await
+            .map_err(codec_err)
     }
 }
 
@@ -217,7 +255,9 @@ impl Receiver {
             Some(Ok(Ok(Frame::Error { code, message, id }))) => {
                 Err(ClientError::Server { code, message, id })
             }
-            Some(Ok(Ok(Frame::Bye { reason, retry_ms }))) => Err(ClientError::Bye { reason, retry_ms }),
+            Some(Ok(Ok(Frame::Bye { reason, retry_ms }))) => {
+                Err(ClientError::Bye { reason, retry_ms })
+            }
             Some(Ok(Ok(frame))) => Ok(frame),
         }
     }
@@ -234,7 +274,10 @@ fn unexpected(expected: &'static str, got: Frame) -> ClientError {
     match got {
         Frame::Error { code, message, id } => ClientError::Server { code, message, id },
         Frame::Bye { reason, retry_ms } => ClientError::Bye { reason, retry_ms },
-        other => ClientError::Unexpected { expected, got: other.type_name().to_string() },
+        other => ClientError::Unexpected {
+            expected,
+            got: other.type_name().to_string(),
+        },
     }
 }
 
@@ -248,7 +291,9 @@ async fn tls_connect(
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
         let cert = cert.map_err(|e| ClientError::Tls(format!("bad CA PEM: {e}")))?;
-        roots.add(cert).map_err(|e| ClientError::Tls(format!("bad CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Tls(format!("bad CA certificate: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

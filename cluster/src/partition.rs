@@ -44,6 +44,9 @@ mod tests {
         }
         let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         // 1000 expected per partition; a fair hash stays well within ±20%.
-        assert!(*min > 800 && *max < 1200, "uneven spread: min {min} max {max}");
+        assert!(
+            *min > 800 && *max < 1200,
+            "uneven spread: min {min} max {max}"
+        );
     }
 }

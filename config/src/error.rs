@@ -6,9 +6,19 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {message}; check the path given to --config")]
     Read { path: PathBuf, message: String },
     #[error("config file{} is not valid: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
-    Toml { path: Option<PathBuf>, message: String },
+    Toml {
+        path: Option<PathBuf>,
+        message: String,
+    },
     #[error("environment variable {var}={value:?} is not valid: {message}")]
-    Env { var: String, value: String, message: String },
+    Env {
+        var: String,
+        value: String,
+        message: String,
+    },
     #[error("configuration field {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }

@@ -203,13 +203,19 @@ impl Default for RetentionConfig {
 
 impl Default for MailboxConfig {
     fn default() -> Self {
-        Self { idle_timeout_ms: 60_000, tail_cache_max: 512 }
+        Self {
+            idle_timeout_ms: 60_000,
+            tail_cache_max: 512,
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".to_string() }
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_string(),
+        }
     }
 }
 
@@ -230,7 +236,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_INFLIGHT_MAX", "limits.inflight_max"),
     ("WARBLER_CONNECTIONS_MAX", "limits.connections_max"),
     ("WARBLER_STORAGE_SYNC", "storage.sync"),
-    ("WARBLER_RETENTION_MAX_MESSAGES", "retention.max_messages_per_user"),
+    (
+        "WARBLER_RETENTION_MAX_MESSAGES",
+        "retention.max_messages_per_user",
+    ),
     ("WARBLER_RETENTION_MAX_AGE_SECS", "retention.max_age_secs"),
     ("WARBLER_DEDUP_WINDOW_SECS", "retention.dedup_window_secs"),
     ("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "mailbox.idle_timeout_ms"),
@@ -253,13 +262,18 @@ impl Config {
 
     /// Parses a TOML document; unknown keys are errors so typos do not pass silently.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Toml { path: None, message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Toml {
+            path: None,
+            message: e.to_string(),
+        })
     }
 
     /// Reads and parses a TOML file.
     pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         toml::from_str(&text).map_err(|e| ConfigError::Toml {
             path: Some(path.to_path_buf()),
             message: e.to_string(),
@@ -273,11 +287,12 @@ impl Config {
     ) -> Result<(), ConfigError> {
         for (key, value) in vars {
             if let Some((_, field)) = ENV_KEYS.iter().find(|(k, _)| *k == key) {
-                self.set(field, &value).map_err(|message| ConfigError::Env {
-                    var: key.clone(),
-                    value: value.clone(),
-                    message,
-                })?;
+                self.set(field, &value)
+                    .map_err(|message| ConfigError::Env {
+                        var: key.clone(),
+                        value: value.clone(),
+                        message,
+                    })?;
             }
         }
         Ok(())
@@ -286,7 +301,10 @@ impl Config {
     /// Sets one field by its dotted name from a string (env variables and flags).
     pub fn set(&mut self, field: &str, value: &str) -> Result<(), String> {
         fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, String> {
-            value.trim().parse().map_err(|_| format!("expected {what}, got {value:?}"))
+            value
+                .trim()
+                .parse()
+                .map_err(|_| format!("expected {what}, got {value:?}"))
         }
         fn path(value: &str) -> Option<PathBuf> {
             (!value.is_empty()).then(|| PathBuf::from(value))
@@ -320,9 +338,7 @@ impl Config {
             "retention.max_messages_per_user" => {
                 self.retention.max_messages_per_user = parse(value, "a whole number")?
             }
-            "retention.max_age_secs" => {
-                self.retention.max_age_secs = parse(value, "seconds")?
-            }
+            "retention.max_age_secs" => self.retention.max_age_secs = parse(value, "seconds")?,
             "retention.dedup_window_secs" => {
                 self.retention.dedup_window_secs = parse(value, "seconds")?
             }
@@ -358,11 +374,15 @@ impl Config {
             }
             Ok(())
         }
-        let invalid = |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
 
         if self.node_id.is_empty()
             || self.node_id.len() > 63
-            || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || !self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         {
             return Err(invalid(
                 "node_id",
@@ -385,33 +405,71 @@ impl Config {
         }
         let l = &self.limits;
         range("limits.max_frame_bytes", l.max_frame_bytes, 1024, 64 << 20)?;
-        range("limits.max_body_bytes", l.max_body_bytes, 1, l.max_frame_bytes.saturating_sub(1024))
-            .map_err(|e| match e {
-                ConfigError::Invalid { field, message } => ConfigError::Invalid {
-                    field,
-                    message: format!(
-                        "{message} (a body must fit in limits.max_frame_bytes minus 1024 bytes \
+        range(
+            "limits.max_body_bytes",
+            l.max_body_bytes,
+            1,
+            l.max_frame_bytes.saturating_sub(1024),
+        )
+        .map_err(|e| match e {
+            ConfigError::Invalid { field, message } => ConfigError::Invalid {
+                field,
+                message: format!(
+                    "{message} (a body must fit in limits.max_frame_bytes minus 1024 bytes \
                          of frame overhead)"
-                    ),
-                },
-                other => other,
-            })?;
+                ),
+            },
+            other => other,
+        })?;
         range("limits.inflight_max", l.inflight_max, 1, 65_536)?;
-        range("limits.publish_inflight_max", l.publish_inflight_max, 1, 65_536)?;
+        range(
+            "limits.publish_inflight_max",
+            l.publish_inflight_max,
+            1,
+            65_536,
+        )?;
         range("limits.connections_max", l.connections_max, 1, 10_000_000)?;
         range("limits.hello_timeout_ms", l.hello_timeout_ms, 100, 600_000)?;
         range("limits.fanout_max", l.fanout_max, 1, 1_000_000)?;
         let s = &self.storage;
-        range("storage.batch_records_max", s.batch_records_max, 1, 1_000_000)?;
+        range(
+            "storage.batch_records_max",
+            s.batch_records_max,
+            1,
+            1_000_000,
+        )?;
         range("storage.batch_bytes_max", s.batch_bytes_max, 4096, 1 << 30)?;
         range("storage.queue_max", s.queue_max, 1, 10_000_000)?;
         let r = &self.retention;
-        range("retention.dedup_window_secs", r.dedup_window_secs, 1, 365 * 24 * 3600)?;
-        range("retention.sweep_interval_secs", r.sweep_interval_secs, 1, 24 * 3600)?;
-        range("mailbox.idle_timeout_ms", self.mailbox.idle_timeout_ms, 10, 86_400_000)?;
-        range("mailbox.tail_cache_max", self.mailbox.tail_cache_max, 0, 1_000_000)?;
+        range(
+            "retention.dedup_window_secs",
+            r.dedup_window_secs,
+            1,
+            365 * 24 * 3600,
+        )?;
+        range(
+            "retention.sweep_interval_secs",
+            r.sweep_interval_secs,
+            1,
+            24 * 3600,
+        )?;
+        range(
+            "mailbox.idle_timeout_ms",
+            self.mailbox.idle_timeout_ms,
+            10,
+            86_400_000,
+        )?;
+        range(
+            "mailbox.tail_cache_max",
+            self.mailbox.tail_cache_max,
+            0,
+            1_000_000,
+        )?;
         if self.log.level.trim().is_empty() {
-            return Err(invalid("log.level", "must not be empty; try \"info\"".to_string()));
+            return Err(invalid(
+                "log.level",
+                "must not be empty; try \"info\"".to_string(),
+            ));
         }
         Ok(())
     }
@@ -440,7 +498,11 @@ mod tests {
         assert_eq!(c.node_id, "n1");
         assert_eq!(c.limits.inflight_max, 8);
         assert_eq!(c.retention.max_age_secs, 5);
-        assert_eq!(c.limits.max_frame_bytes, 1 << 20, "untouched fields keep defaults");
+        assert_eq!(
+            c.limits.max_frame_bytes,
+            1 << 20,
+            "untouched fields keep defaults"
+        );
         let err = Config::from_toml_str("[limits]\ninflight_maxx = 8\n").unwrap_err();
         assert!(err.to_string().contains("inflight_maxx"), "{err}");
     }
@@ -462,7 +524,10 @@ mod tests {
             .apply_env(vec![("WARBLER_CLIENT_ADDR".into(), "localhost".into())])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("WARBLER_CLIENT_ADDR") && err.contains("HOST:PORT"), "{err}");
+        assert!(
+            err.contains("WARBLER_CLIENT_ADDR") && err.contains("HOST:PORT"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -470,7 +535,10 @@ mod tests {
         let mut c = Config::default();
         c.limits.inflight_max = 0;
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("limits.inflight_max") && err.contains("1..=65536"), "{err}");
+        assert!(
+            err.contains("limits.inflight_max") && err.contains("1..=65536"),
+            "{err}"
+        );
 
         let mut c = Config::default();
         c.limits.max_body_bytes = c.limits.max_frame_bytes;
@@ -479,10 +547,16 @@ mod tests {
 
         let mut c = Config::default();
         c.tls.cert_file = Some("cert.pem".into());
-        assert!(c.validate().unwrap_err().to_string().contains("tls.key_file"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tls.key_file"));
 
-        let mut c = Config::default();
-        c.node_id = "bad name".into();
+        let c = Config {
+            node_id: "bad name".into(),
+            ..Config::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("node_id"));
     }
 

@@ -38,7 +38,10 @@ pub struct Gateway {
 /// Checks an id (user, device, message): 1..=128 bytes, no control characters.
 pub fn check_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > ID_BYTES_MAX || id.chars().any(char::is_control) {
-        return Err(format!("{what} must be 1..={ID_BYTES_MAX} bytes without control characters, got {} bytes", id.len()));
+        return Err(format!(
+            "{what} must be 1..={ID_BYTES_MAX} bytes without control characters, got {} bytes",
+            id.len()
+        ));
     }
     Ok(())
 }
@@ -52,8 +55,12 @@ impl Gateway {
     /// Runs one connection. `frames` yields what the client sends; `out` is the
     /// connection's writer queue (the caller's writer task drains it to the socket and
     /// closes the socket once every sender is gone).
-    pub async fn run<S>(self: Arc<Self>, mut frames: S, out: mpsc::Sender<Frame>, transport: &'static str)
-    where
+    pub async fn run<S>(
+        self: Arc<Self>,
+        mut frames: S,
+        out: mpsc::Sender<Frame>,
+        transport: &'static str,
+    ) where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
@@ -66,7 +73,8 @@ impl Gateway {
         gauge.increment(1.0);
         let closed = CancellationToken::new();
         if let Some((claims, session)) = self.accept(&mut frames, &out, &closed).await {
-            self.serve(frames, &out, &closed, &claims, session.as_ref()).await;
+            self.serve(frames, &out, &closed, &claims, session.as_ref())
+                .await;
             if let Some(s) = session {
                 s.stop(None);
             }
@@ -76,8 +84,12 @@ impl Gateway {
 
     /// Waits for `hello`, authenticates, starts the session. `None`: refused (the error
     /// frame is queued).
-    async fn accept<S>(&self, frames: &mut S, out: &mpsc::Sender<Frame>, closed: &CancellationToken)
-        -> Option<(Claims, Option<ActorRef<SessionMsg>>)>
+    async fn accept<S>(
+        &self,
+        frames: &mut S,
+        out: &mpsc::Sender<Frame>,
+        closed: &CancellationToken,
+    ) -> Option<(Claims, Option<ActorRef<SessionMsg>>)>
     where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
@@ -95,13 +107,18 @@ impl Gateway {
             }
             Ok(Some(Err(CodecError::Io(_)))) | Ok(None) => return None,
             Err(_) => {
-                let msg = format!("no hello within {} ms; send hello first", self.limits.hello_timeout_ms);
+                let msg = format!(
+                    "no hello within {} ms; send hello first",
+                    self.limits.hello_timeout_ms
+                );
                 send_error(out, ErrorCode::HelloRequired, msg, None).await;
                 return None;
             }
         };
         if v != PROTOCOL_VERSION {
-            let msg = format!("protocol version {v} is not supported; this server speaks v={PROTOCOL_VERSION}");
+            let msg = format!(
+                "protocol version {v} is not supported; this server speaks v={PROTOCOL_VERSION}"
+            );
             send_error(out, ErrorCode::BadRequest, msg, None).await;
             return None;
         }
@@ -112,12 +129,17 @@ impl Gateway {
                 return None;
             }
         };
-        if let Err(msg) = check_id("device", &device).and_then(|_| check_id("user (token sub)", &claims.sub)) {
+        if let Err(msg) =
+            check_id("device", &device).and_then(|_| check_id("user (token sub)", &claims.sub))
+        {
             send_error(out, ErrorCode::BadRequest, msg, None).await;
             return None;
         }
         if claims.device.as_ref().is_some_and(|d| *d != device) {
-            let msg = format!("this token is for device {:?}, not {device:?}", claims.device.as_deref().unwrap_or(""));
+            let msg = format!(
+                "this token is for device {:?}, not {device:?}",
+                claims.device.as_deref().unwrap_or("")
+            );
             send_error(out, ErrorCode::Forbidden, msg, None).await;
             return None;
         }
@@ -134,26 +156,41 @@ impl Gateway {
                 Ok((session, _)) => Some((claims, Some(session))),
                 Err(e) => {
                     tracing::warn!(error = %e, "session start failed");
-                    let msg = "the user's mailbox is not available on this node right now; retry shortly";
+                    let msg =
+                        "the user's mailbox is not available on this node right now; retry shortly";
                     send_error(out, ErrorCode::Unavailable, msg, None).await;
                     None
                 }
             }
         } else if claims.allows(Scope::Publish) {
             // A publish-only connection: no deliveries, no cursor.
-            let welcome = Frame::Welcome { user: claims.sub.clone(), device, node: self.node_id.clone(), acked: 0 };
+            let welcome = Frame::Welcome {
+                user: claims.sub.clone(),
+                device,
+                node: self.node_id.clone(),
+                acked: 0,
+            };
             out.send(welcome).await.ok()?;
             Some((claims, None))
         } else {
-            let msg = format!("the token's scope {:?} allows neither device nor publish", claims.scope);
+            let msg = format!(
+                "the token's scope {:?} allows neither device nor publish",
+                claims.scope
+            );
             send_error(out, ErrorCode::Forbidden, msg, None).await;
             None
         }
     }
 
     /// The authenticated part: acks, publishes, pings, until either side closes.
-    async fn serve<S>(&self, mut frames: S, out: &mpsc::Sender<Frame>, closed: &CancellationToken, claims: &Claims, session: Option<&ActorRef<SessionMsg>>)
-    where
+    async fn serve<S>(
+        &self,
+        mut frames: S,
+        out: &mpsc::Sender<Frame>,
+        closed: &CancellationToken,
+        claims: &Claims,
+        session: Option<&ActorRef<SessionMsg>>,
+    ) where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
@@ -217,15 +254,28 @@ impl Gateway {
         }
     }
 
-    fn check_publish(&self, claims: &Claims, id: &str, to: &str, body: &ByteBuf) -> Result<(), (ErrorCode, String)> {
+    fn check_publish(
+        &self,
+        claims: &Claims,
+        id: &str,
+        to: &str,
+        body: &ByteBuf,
+    ) -> Result<(), (ErrorCode, String)> {
         if !claims.allows(Scope::Publish) {
-            let e = AuthError::Forbidden { have: claims.scope.clone(), need: Scope::Publish.as_str() };
+            let e = AuthError::Forbidden {
+                have: claims.scope.clone(),
+                need: Scope::Publish.as_str(),
+            };
             return Err((ErrorCode::Forbidden, e.to_string()));
         }
         check_id("id", id).map_err(|m| (ErrorCode::BadRequest, m))?;
         check_id("to", to).map_err(|m| (ErrorCode::BadRequest, m))?;
         if body.len() > self.limits.max_body_bytes {
-            let msg = format!("body of {} bytes exceeds the limit of {} bytes", body.len(), self.limits.max_body_bytes);
+            let msg = format!(
+                "body of {} bytes exceeds the limit of {} bytes",
+                body.len(),
+                self.limits.max_body_bytes
+            );
             return Err((ErrorCode::BodyTooLarge, msg));
         }
         Ok(())
@@ -237,7 +287,12 @@ pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
     Frame::error(ErrorCode::Unavailable, e.to_string(), Some(id))
 }
 
-async fn send_error(out: &mpsc::Sender<Frame>, code: ErrorCode, message: impl Into<String>, id: Option<String>) {
+async fn send_error(
+    out: &mpsc::Sender<Frame>,
+    code: ErrorCode,
+    message: impl Into<String>,
+    id: Option<String>,
+) {
     metrics::counter!("warbler_protocol_errors_total", "code" => code.as_str()).increment(1);
     let _ = out.send(Frame::error(code, message, id)).await;
 }

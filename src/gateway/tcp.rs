@@ -4,11 +4,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use futures::StreamExt;
 use tokio_util::codec::{Encoder, FramedRead};
 use warbler_client::codec::CodecError;
 use warbler_client::{Frame, FrameCodec};
@@ -30,10 +30,23 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
     let certs = CertificateDer::pem_file_iter(cert_file)
         .with_context(|| format!("cannot read TLS certificate file {}", cert_file.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("TLS certificate file {} is not valid PEM", cert_file.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "TLS certificate file {} holds no certificate", cert_file.display());
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .with_context(|| format!("cannot read a private key from {} (PKCS#8, PKCS#1 or SEC1 PEM)", key_file.display()))?;
+        .with_context(|| {
+            format!(
+                "TLS certificate file {} is not valid PEM",
+                cert_file.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "TLS certificate file {} holds no certificate",
+        cert_file.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key_file).with_context(|| {
+        format!(
+            "cannot read a private key from {} (PKCS#8, PKCS#1 or SEC1 PEM)",
+            key_file.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -72,7 +85,11 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, gw: Arc<Gateway>, transport: &'static str) {
+async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    gw: Arc<Gateway>,
+    transport: &'static str,
+) {
     let (r, w) = tokio::io::split(stream);
     let codec = FrameCodec::new(gw.limits.max_frame_bytes);
     // Per-frame decode errors arrive as items; flatten them into the gateway's stream.
@@ -86,7 +103,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, gw: Arc<G
 
 /// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down
 /// once every sender is gone.
-async fn write_frames<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Frame>, mut w: W, mut codec: FrameCodec) {
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Frame>,
+    mut w: W,
+    mut codec: FrameCodec,
+) {
     let mut buf = BytesMut::new();
     while let Some(frame) = rx.recv().await {
         let mut next = Some(frame);
@@ -97,7 +118,11 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Frame>, mut 
                 tracing::error!(t = frame.type_name(), "a frame exceeds limits.max_frame_bytes; closing the connection (raise the limit to deliver it)");
                 return;
             }
-            next = if buf.len() < WRITE_BUFFER_KEEP_BYTES { rx.try_recv().ok() } else { None };
+            next = if buf.len() < WRITE_BUFFER_KEEP_BYTES {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
             return;

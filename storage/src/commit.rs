@@ -70,13 +70,22 @@ impl Committer {
 
     /// Queues `ops`; `done` runs once they are durable. Waits while the queue is full.
     pub async fn submit(&self, ops: Vec<Op>, done: Option<Done>) -> Result<(), StorageError> {
-        self.tx.send(Request { ops, done }).await.map_err(|_| StorageError::Closed)
+        self.tx
+            .send(Request { ops, done })
+            .await
+            .map_err(|_| StorageError::Closed)
     }
 
     /// Queues `ops` and waits until they are durable.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<(), StorageError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(ops, Some(Box::new(move |r| { let _ = tx.send(r); }))).await?;
+        self.submit(
+            ops,
+            Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        )
+        .await?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -86,10 +95,18 @@ impl Committer {
     }
 }
 
-fn run(store: Store, limits: CommitterLimits, mut rx: mpsc::Receiver<Request>, poisoned: Arc<AtomicBool>) {
+fn run(
+    store: Store,
+    limits: CommitterLimits,
+    mut rx: mpsc::Receiver<Request>,
+    poisoned: Arc<AtomicBool>,
+) {
     let mut poison: Option<String> = None;
     let mut pending: Vec<Request> = Vec::new();
-    let mut heads = Heads { store: store.clone(), cached: HashMap::new() };
+    let mut heads = Heads {
+        store: store.clone(),
+        cached: HashMap::new(),
+    };
     while let Some(first) = rx.blocking_recv() {
         pending.push(first);
         let mut records = pending[0].ops.len();
@@ -152,7 +169,15 @@ impl Heads {
     fn admit(&mut self, ops: &[Op]) -> Result<(), StorageError> {
         let mut advanced: Vec<((crate::PartitionId, String), u64)> = Vec::new();
         for op in ops {
-            let Op::Append { partition, user, seq, .. } = op else { continue };
+            let Op::Append {
+                partition,
+                user,
+                seq,
+                ..
+            } = op
+            else {
+                continue;
+            };
             let key = (*partition, user.clone());
             let head = match advanced.iter().rev().find(|(k, _)| *k == key) {
                 Some((_, h)) => *h,
@@ -176,7 +201,13 @@ impl Heads {
     }
 }
 
-fn write_batch(store: &Store, pending: &[Request], refused: &[(usize, StorageError)], records: usize, sync: bool) -> Result<(), StorageError> {
+fn write_batch(
+    store: &Store,
+    pending: &[Request],
+    refused: &[(usize, StorageError)],
+    records: usize,
+    sync: bool,
+) -> Result<(), StorageError> {
     let started = Instant::now();
     let mut batch = WriteBatch::default();
     for (i, req) in pending.iter().enumerate() {
@@ -202,7 +233,12 @@ mod tests {
     use crate::store::StoredMessage;
 
     fn limits() -> CommitterLimits {
-        CommitterLimits { batch_records_max: 64, batch_bytes_max: 1 << 20, queue_max: 1024, sync: true }
+        CommitterLimits {
+            batch_records_max: 64,
+            batch_bytes_max: 1 << 20,
+            queue_max: 1024,
+            sync: true,
+        }
     }
 
     #[tokio::test]
@@ -219,12 +255,20 @@ mod tests {
                 partition: 0,
                 user: "u".into(),
                 seq,
-                msg: StoredMessage { id: seq.to_string(), ts: 0, from: None, body: ByteBuf::new() },
+                msg: StoredMessage {
+                    id: seq.to_string(),
+                    ts: 0,
+                    from: None,
+                    body: ByteBuf::new(),
+                },
             };
-            c.submit(vec![op], Some(Box::new(move |r| {
-                order.lock().unwrap().push(seq);
-                let _ = tx.send(r);
-            })))
+            c.submit(
+                vec![op],
+                Some(Box::new(move |r| {
+                    order.lock().unwrap().push(seq);
+                    let _ = tx.send(r);
+                })),
+            )
             .await
             .unwrap();
             waits.push(rx);
@@ -246,12 +290,21 @@ mod tests {
                 partition: 0,
                 user: "b".into(),
                 seq,
-                msg: StoredMessage { id: seq.to_string(), ts: 0, from: None, body: ByteBuf::new() },
+                msg: StoredMessage {
+                    id: seq.to_string(),
+                    ts: 0,
+                    from: None,
+                    body: ByteBuf::new(),
+                },
             };
             c.submit(vec![op], None).await.unwrap();
         }
         c.commit(Vec::new()).await.unwrap();
-        assert_eq!(store.last_seq(0, "b").unwrap(), 300, "the barrier waited for all 300");
+        assert_eq!(
+            store.last_seq(0, "b").unwrap(),
+            300,
+            "the barrier waited for all 300"
+        );
     }
 
     fn append(seq: u64, id: &str) -> Op {
@@ -259,7 +312,12 @@ mod tests {
             partition: 0,
             user: "w".into(),
             seq,
-            msg: StoredMessage { id: id.into(), ts: 0, from: None, body: ByteBuf::new() },
+            msg: StoredMessage {
+                id: id.into(),
+                ts: 0,
+                from: None,
+                body: ByteBuf::new(),
+            },
         }
     }
 
@@ -268,14 +326,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let c = Committer::start(store.clone(), limits());
-        c.commit(vec![append(1, "a"), append(2, "b")]).await.unwrap();
+        c.commit(vec![append(1, "a"), append(2, "b")])
+            .await
+            .unwrap();
         let reuse = c.commit(vec![append(2, "other")]).await.unwrap_err();
         assert!(reuse.to_string().contains("head is 2"), "{reuse}");
         let gap = c.commit(vec![append(4, "c")]).await.unwrap_err();
         assert!(matches!(gap, StorageError::Corrupt(_)));
         // A refused request does not poison the committer; the right next seq still lands.
         c.commit(vec![append(3, "d")]).await.unwrap();
-        let ids: Vec<String> = store.read_range(0, "w", 0, 10).unwrap().into_iter().map(|(_, m)| m.id).collect();
+        let ids: Vec<String> = store
+            .read_range(0, "w", 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, m)| m.id)
+            .collect();
         assert_eq!(ids, vec!["a", "b", "d"]);
     }
 }

@@ -18,7 +18,11 @@ pub const ID_BYTES_MAX: usize = 255;
 /// `partition ++ len ++ user`.
 pub fn user_prefix(partition: PartitionId, user: &str) -> Vec<u8> {
     let u = user.as_bytes();
-    assert!(!u.is_empty() && u.len() <= ID_BYTES_MAX, "user id length {} out of range", u.len());
+    assert!(
+        !u.is_empty() && u.len() <= ID_BYTES_MAX,
+        "user id length {} out of range",
+        u.len()
+    );
     let mut k = Vec::with_capacity(3 + u.len() + 8);
     k.extend_from_slice(&partition.to_be_bytes());
     k.push(u.len() as u8);
@@ -73,7 +77,10 @@ mod tests {
 
     #[test]
     fn layout_is_stable() {
-        assert_eq!(msg_key(2, "ab", 258), vec![0, 2, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(
+            msg_key(2, "ab", 258),
+            vec![0, 2, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2]
+        );
         let key = msg_key(7, "bob", 1);
         let (p, u, rest) = split_user_key(&key).unwrap();
         assert_eq!((p, u, rest), (7, "bob", &[0, 0, 0, 0, 0, 0, 0, 1][..]));

@@ -9,7 +9,7 @@
 //!   `WriteBatch` and one fsync, and completes each request after its batch is durable.
 //! - [`log`]: [`PartitionLog`], the seam replication plugs into. On one node,
 //!   [`LocalLog`] commits entries straight through the committer.
-//! - [`error`]: [`StorageError`].
+//! - [`error`]: the [`StorageError`] type.
 
 pub mod commit;
 pub mod error;

@@ -18,8 +18,12 @@ pub trait PartitionLog: Send + Sync + 'static {
     /// replicated: committed by a majority) or has failed. Entries of one partition become
     /// durable in the order they were proposed. The future resolves once the entry is
     /// queued; it waits while the log is full (backpressure).
-    fn propose(&self, partition: PartitionId, ops: Vec<Op>, done: Option<Done>)
-        -> BoxFuture<'_, Result<(), StorageError>>;
+    fn propose(
+        &self,
+        partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>>;
 
     /// Resolves once every entry proposed before it is durable (or failed). A mailbox that
     /// restarts after a crash waits on this before reading its head, so it cannot reuse a
@@ -43,8 +47,12 @@ impl LocalLog {
 }
 
 impl PartitionLog for LocalLog {
-    fn propose(&self, _partition: PartitionId, ops: Vec<Op>, done: Option<Done>)
-        -> BoxFuture<'_, Result<(), StorageError>> {
+    fn propose(
+        &self,
+        _partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(self.committer.submit(ops, done))
     }
 

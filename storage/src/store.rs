@@ -36,9 +36,19 @@ pub struct StoredMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Store message `seq` of `user`, its dedup record, and advance the user's head.
-    Append { partition: PartitionId, user: String, seq: u64, msg: StoredMessage },
+    Append {
+        partition: PartitionId,
+        user: String,
+        seq: u64,
+        msg: StoredMessage,
+    },
     /// Move a device's cursor to `acked`.
-    Cursor { partition: PartitionId, user: String, device: String, acked: u64 },
+    Cursor {
+        partition: PartitionId,
+        user: String,
+        device: String,
+        acked: u64,
+    },
 }
 
 impl Op {
@@ -79,7 +89,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Store, StorageError> {
-        let open_err = |message: String| StorageError::Open { path: dir.display().to_string(), message };
+        let open_err = |message: String| StorageError::Open {
+            path: dir.display().to_string(),
+            message,
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -98,22 +111,43 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     /// Adds `ops` to `batch` (the committer writes the batch).
     pub fn stage(&self, batch: &mut WriteBatch, op: &Op) {
         match op {
-            Op::Append { partition, user, seq, msg } => {
-                let value = rmp_serde::to_vec_named(msg).expect("message serialization is infallible");
+            Op::Append {
+                partition,
+                user,
+                seq,
+                msg,
+            } => {
+                let value =
+                    rmp_serde::to_vec_named(msg).expect("message serialization is infallible");
                 batch.put_cf(self.cf(CF_MSGS), msg_key(*partition, user, *seq), value);
                 let mut dedup = Vec::with_capacity(16);
                 dedup.extend_from_slice(&seq.to_be_bytes());
                 dedup.extend_from_slice(&msg.ts.to_be_bytes());
-                batch.put_cf(self.cf(CF_DEDUP), suffixed_key(*partition, user, &msg.id), dedup);
-                batch.put_cf(self.cf(CF_HEADS), user_prefix(*partition, user), seq.to_be_bytes());
+                batch.put_cf(
+                    self.cf(CF_DEDUP),
+                    suffixed_key(*partition, user, &msg.id),
+                    dedup,
+                );
+                batch.put_cf(
+                    self.cf(CF_HEADS),
+                    user_prefix(*partition, user),
+                    seq.to_be_bytes(),
+                );
             }
-            Op::Cursor { partition, user, device, acked } => {
+            Op::Cursor {
+                partition,
+                user,
+                device,
+                acked,
+            } => {
                 batch.put_cf(
                     self.cf(CF_CURSORS),
                     suffixed_key(*partition, user, device),
@@ -143,16 +177,27 @@ impl Store {
     /// The highest `seq` ever assigned to `user` (0 if none). Never decreases, even after
     /// trimming: sequence numbers are not reused.
     pub fn last_seq(&self, partition: PartitionId, user: &str) -> Result<u64, StorageError> {
-        let v = self.db.get_cf(self.cf(CF_HEADS), user_prefix(partition, user))?;
+        let v = self
+            .db
+            .get_cf(self.cf(CF_HEADS), user_prefix(partition, user))?;
         match v {
             None => Ok(0),
-            Some(v) => u64_be(&v).ok_or_else(|| StorageError::Corrupt(format!("head of {user} is {} bytes", v.len()))),
+            Some(v) => u64_be(&v).ok_or_else(|| {
+                StorageError::Corrupt(format!("head of {user} is {} bytes", v.len()))
+            }),
         }
     }
 
     /// The lowest retained `seq` of `user`, if any message is retained.
-    pub fn first_seq(&self, partition: PartitionId, user: &str) -> Result<Option<u64>, StorageError> {
-        Ok(self.read_range(partition, user, 0, 1)?.first().map(|(s, _)| *s))
+    pub fn first_seq(
+        &self,
+        partition: PartitionId,
+        user: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .read_range(partition, user, 0, 1)?
+            .first()
+            .map(|(s, _)| *s))
     }
 
     /// Messages of `user` with `seq > after`, in `seq` order, at most `limit`
@@ -172,7 +217,11 @@ impl Store {
         let start = msg_key(partition, user, after + 1);
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(start.clone()..prefix_end(&user_prefix(partition, user)));
-        let iter = self.db.iterator_cf_opt(self.cf(CF_MSGS), ro, IteratorMode::From(&start, Direction::Forward));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_MSGS),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
         for item in iter.take(limit) {
             let (k, v) = item?;
             let seq = keys::split_user_key(&k)
@@ -186,18 +235,32 @@ impl Store {
     }
 
     /// The durable cursor of one device (0 if it never acked).
-    pub fn cursor(&self, partition: PartitionId, user: &str, device: &str) -> Result<u64, StorageError> {
-        let v = self.db.get_cf(self.cf(CF_CURSORS), suffixed_key(partition, user, device))?;
+    pub fn cursor(
+        &self,
+        partition: PartitionId,
+        user: &str,
+        device: &str,
+    ) -> Result<u64, StorageError> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_CURSORS), suffixed_key(partition, user, device))?;
         Ok(v.and_then(|v| u64_be(&v)).unwrap_or(0))
     }
 
     /// Every device of `user` with its cursor, by device id.
-    pub fn cursors(&self, partition: PartitionId, user: &str) -> Result<Vec<(String, u64)>, StorageError> {
+    pub fn cursors(
+        &self,
+        partition: PartitionId,
+        user: &str,
+    ) -> Result<Vec<(String, u64)>, StorageError> {
         let prefix = user_prefix(partition, user);
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(self.cf(CF_CURSORS), ro, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_CURSORS), ro, IteratorMode::Start)
+        {
             let (k, v) = item?;
             let device = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             out.push((device, u64_be(&v).unwrap_or(0)));
@@ -206,25 +269,40 @@ impl Store {
     }
 
     /// The `seq` a message id was given, if it is within the dedup window.
-    pub fn dedup(&self, partition: PartitionId, user: &str, id: &str) -> Result<Option<u64>, StorageError> {
-        let v = self.db.get_cf(self.cf(CF_DEDUP), suffixed_key(partition, user, id))?;
+    pub fn dedup(
+        &self,
+        partition: PartitionId,
+        user: &str,
+        id: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_DEDUP), suffixed_key(partition, user, id))?;
         Ok(v.and_then(|v| u64_be(&v)))
     }
 
     /// Checks that `user`'s retained messages are one contiguous run ending at the head.
     /// Returns the (first, last) retained seqs, or `None` when nothing is retained.
-    pub fn verify_user(&self, partition: PartitionId, user: &str) -> Result<Option<(u64, u64)>, StorageError> {
+    pub fn verify_user(
+        &self,
+        partition: PartitionId,
+        user: &str,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
         let head = self.last_seq(partition, user)?;
         let mut expect: Option<u64> = None;
         let mut first = None;
         let mut after = 0;
         loop {
             let chunk = self.read_range(partition, user, after, RANGE_READ_MAX)?;
-            let Some(&(last_in_chunk, _)) = chunk.last() else { break };
+            let Some(&(last_in_chunk, _)) = chunk.last() else {
+                break;
+            };
             for (seq, _) in &chunk {
                 if let Some(e) = expect {
                     if *seq != e {
-                        return Err(StorageError::Corrupt(format!("{user}: expected seq {e}, found {seq}")));
+                        return Err(StorageError::Corrupt(format!(
+                            "{user}: expected seq {e}, found {seq}"
+                        )));
                     }
                 }
                 first.get_or_insert(*seq);
@@ -234,7 +312,10 @@ impl Store {
         }
         match (first, expect) {
             (Some(f), Some(e)) if e - 1 == head => Ok(Some((f, head))),
-            (Some(_), Some(e)) => Err(StorageError::Corrupt(format!("{user}: last message {} but head {head}", e - 1))),
+            (Some(_), Some(e)) => Err(StorageError::Corrupt(format!(
+                "{user}: last message {} but head {head}",
+                e - 1
+            ))),
             _ => Ok(None),
         }
     }
@@ -282,7 +363,11 @@ impl Store {
         }
         if keep_from > first {
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(self.cf(CF_MSGS), msg_key(partition, user, 0), msg_key(partition, user, keep_from));
+            batch.delete_range_cf(
+                self.cf(CF_MSGS),
+                msg_key(partition, user, 0),
+                msg_key(partition, user, keep_from),
+            );
             self.write(batch, false)?;
             report.messages = keep_from - first;
         }
@@ -290,14 +375,23 @@ impl Store {
         Ok(report)
     }
 
-    fn trim_dedup(&self, partition: PartitionId, user: &str, policy: &RetentionPolicy, now_ms: u64) -> Result<u64, StorageError> {
+    fn trim_dedup(
+        &self,
+        partition: PartitionId,
+        user: &str,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
         let prefix = user_prefix(partition, user);
         let cutoff = now_ms.saturating_sub(policy.dedup_window_ms);
         let mut ro = ReadOptions::default();
         ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
         let mut batch = WriteBatch::default();
         let mut n = 0;
-        for item in self.db.iterator_cf_opt(self.cf(CF_DEDUP), ro, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_DEDUP), ro, IteratorMode::Start)
+        {
             let (k, v) = item?;
             let ts = v.get(8..16).and_then(u64_be).unwrap_or(0);
             if ts < cutoff {
@@ -331,12 +425,22 @@ mod tests {
     use super::*;
 
     fn msg(id: &str, ts: u64) -> StoredMessage {
-        StoredMessage { id: id.into(), ts, from: None, body: ByteBuf::from(id.as_bytes().to_vec()) }
+        StoredMessage {
+            id: id.into(),
+            ts,
+            from: None,
+            body: ByteBuf::from(id.as_bytes().to_vec()),
+        }
     }
 
     fn append(store: &Store, user: &str, seqs: std::ops::RangeInclusive<u64>, ts: u64) {
         let ops: Vec<Op> = seqs
-            .map(|seq| Op::Append { partition: 3, user: user.into(), seq, msg: msg(&format!("{user}-{seq}"), ts + seq) })
+            .map(|seq| Op::Append {
+                partition: 3,
+                user: user.into(),
+                seq,
+                msg: msg(&format!("{user}-{seq}"), ts + seq),
+            })
             .collect();
         store.apply(&ops, true).unwrap();
     }
@@ -350,7 +454,10 @@ mod tests {
         append(&store, "alice", 1..=5, 1000);
         assert_eq!(store.last_seq(3, "al").unwrap(), 50);
         let r = store.read_range(3, "al", 10, 5).unwrap();
-        assert_eq!(r.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![11, 12, 13, 14, 15]);
+        assert_eq!(
+            r.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![11, 12, 13, 14, 15]
+        );
         assert_eq!(r[0].1.id, "al-11");
         // The neighbour "alice" does not leak into "al"'s range.
         assert_eq!(store.read_range(3, "al", 45, 100).unwrap().len(), 5);
@@ -363,12 +470,25 @@ mod tests {
     fn cursors_are_per_device() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let cursor = |device: &str, acked| Op::Cursor { partition: 1, user: "u".into(), device: device.into(), acked };
-        store.apply(&[cursor("phone", 4), cursor("desk", 9), cursor("phone", 6)], true).unwrap();
+        let cursor = |device: &str, acked| Op::Cursor {
+            partition: 1,
+            user: "u".into(),
+            device: device.into(),
+            acked,
+        };
+        store
+            .apply(
+                &[cursor("phone", 4), cursor("desk", 9), cursor("phone", 6)],
+                true,
+            )
+            .unwrap();
         assert_eq!(store.cursor(1, "u", "phone").unwrap(), 6);
         assert_eq!(store.cursor(1, "u", "desk").unwrap(), 9);
         assert_eq!(store.cursor(1, "u", "web").unwrap(), 0);
-        assert_eq!(store.cursors(1, "u").unwrap(), vec![("desk".into(), 9), ("phone".into(), 6)]);
+        assert_eq!(
+            store.cursors(1, "u").unwrap(),
+            vec![("desk".into(), 9), ("phone".into(), 6)]
+        );
     }
 
     #[test]
@@ -386,12 +506,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         append(&store, "c", 1..=100, 10_000);
-        let policy = RetentionPolicy { max_messages: 30, max_age_ms: 0, dedup_window_ms: u64::MAX };
+        let policy = RetentionPolicy {
+            max_messages: 30,
+            max_age_ms: 0,
+            dedup_window_ms: u64::MAX,
+        };
         let r = store.trim_user(3, "c", &policy, 20_000).unwrap();
         assert_eq!(r.messages, 70);
         assert_eq!(store.verify_user(3, "c").unwrap(), Some((71, 100)));
         // Age: messages have ts 10_000 + seq; cutoff 10_090 keeps seq >= 90.
-        let policy = RetentionPolicy { max_messages: 0, max_age_ms: 1_000, dedup_window_ms: u64::MAX };
+        let policy = RetentionPolicy {
+            max_messages: 0,
+            max_age_ms: 1_000,
+            dedup_window_ms: u64::MAX,
+        };
         store.trim_user(3, "c", &policy, 11_090).unwrap();
         assert_eq!(store.verify_user(3, "c").unwrap(), Some((90, 100)));
         // Everything aged out: the head stays, so the next seq is still 101.
@@ -405,13 +533,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         append(&store, "d", 1..=10, 1_000); // ts 1001..=1010
-        let policy = RetentionPolicy { max_messages: 0, max_age_ms: 0, dedup_window_ms: 100 };
+        let policy = RetentionPolicy {
+            max_messages: 0,
+            max_age_ms: 0,
+            dedup_window_ms: 100,
+        };
         // Cutoff 1_005: records with ts 1001..=1004 (seqs 1..=4) go.
         let report = store.sweep(&policy, 1_105).unwrap();
         assert_eq!(report.dedup_records, 4);
         assert_eq!(store.dedup(3, "d", "d-4").unwrap(), None);
         assert_eq!(store.dedup(3, "d", "d-5").unwrap(), Some(5));
-        assert_eq!(store.read_range(3, "d", 0, 100).unwrap().len(), 10, "messages stay");
+        assert_eq!(
+            store.read_range(3, "d", 0, 100).unwrap().len(),
+            10,
+            "messages stay"
+        );
     }
 
     #[test]

@@ -40,18 +40,36 @@ fn body(user: u64, seq: u64) -> Vec<u8> {
 }
 
 fn child(dir: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = Store::open(std::path::Path::new(dir)).unwrap();
-        let committer = Committer::start(store.clone(), CommitterLimits { batch_records_max: 512, batch_bytes_max: 4 << 20, queue_max: 4096, sync: true });
-        let mut next: Vec<u64> = (0..USERS).map(|u| store.last_seq(0, &format!("u{u}")).unwrap() + 1).collect();
+        let committer = Committer::start(
+            store.clone(),
+            CommitterLimits {
+                batch_records_max: 512,
+                batch_bytes_max: 4 << 20,
+                queue_max: 4096,
+                sync: true,
+            },
+        );
+        let mut next: Vec<u64> = (0..USERS)
+            .map(|u| store.last_seq(0, &format!("u{u}")).unwrap() + 1)
+            .collect();
         let window = std::sync::Arc::new(tokio::sync::Semaphore::new(INFLIGHT));
         for i in 0u64.. {
             let user = i % USERS;
             let seq = next[user as usize];
             next[user as usize] += 1;
             let name = format!("u{user}");
-            let msg = StoredMessage { id: format!("{name}-{seq}"), ts: i, from: None, body: ByteBuf::from(body(user, seq)) };
+            let msg = StoredMessage {
+                id: format!("{name}-{seq}"),
+                ts: i,
+                from: None,
+                body: ByteBuf::from(body(user, seq)),
+            };
             let permit = window.clone().acquire_owned().await.unwrap();
             let done = Box::new(move |r: Result<(), warbler_storage::StorageError>| {
                 r.expect("append failed");
@@ -60,15 +78,32 @@ fn child(dir: &str) {
                 out.flush().unwrap();
                 drop(permit);
             });
-            committer.submit(vec![Op::Append { partition: 0, user: name, seq, msg }], Some(done)).await.unwrap();
+            committer
+                .submit(
+                    vec![Op::Append {
+                        partition: 0,
+                        user: name,
+                        seq,
+                        msg,
+                    }],
+                    Some(done),
+                )
+                .await
+                .unwrap();
         }
     });
 }
 
 fn parent() {
-    let seed = std::env::var("WARBLER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("WARBLER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("crash: seed {seed} (replay with WARBLER_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +121,10 @@ fn parent() {
             let mut acks = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let mut parts = line.split_whitespace().skip(1).map(|p| p.parse::<u64>().unwrap());
+                let mut parts = line
+                    .split_whitespace()
+                    .skip(1)
+                    .map(|p| p.parse::<u64>().unwrap());
                 if let (Some(u), Some(s)) = (parts.next(), parts.next()) {
                     acks.push((u, s));
                 }
@@ -105,15 +143,26 @@ fn parent() {
         let store = Store::open(dir.path()).unwrap();
         for u in 0..USERS {
             let user = format!("u{u}");
-            let range = store.verify_user(0, &user).unwrap_or_else(|e| panic!("kill {kill}: {e}"));
-            let last = range.map(|(first, last)| {
-                assert_eq!(first, 1, "kill {kill}: {user} does not start at 1");
-                last
-            }).unwrap_or(0);
+            let range = store
+                .verify_user(0, &user)
+                .unwrap_or_else(|e| panic!("kill {kill}: {e}"));
+            let last = range
+                .map(|(first, last)| {
+                    assert_eq!(first, 1, "kill {kill}: {user} does not start at 1");
+                    last
+                })
+                .unwrap_or(0);
             let want = acked.get(&u).copied().unwrap_or(0);
-            assert!(last >= want, "kill {kill}: {user} acked up to {want} but recovered only {last}");
+            assert!(
+                last >= want,
+                "kill {kill}: {user} acked up to {want} but recovered only {last}"
+            );
             for (seq, m) in store.read_range(0, &user, 0, usize::MAX).unwrap() {
-                assert_eq!(m.body.as_ref(), body(u, seq).as_slice(), "kill {kill}: {user}/{seq} content");
+                assert_eq!(
+                    m.body.as_ref(),
+                    body(u, seq).as_slice(),
+                    "kill {kill}: {user}/{seq} content"
+                );
             }
         }
         drop(store);

@@ -33,22 +33,33 @@ impl Node {
     pub fn start_with(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("secret"), SECRET).unwrap();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         Self::spawn(dir, env, args)
     }
 
     fn spawn(dir: &Path, extra_env: Vec<(String, String)>, extra_args: Vec<String>) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_warbler"));
-        cmd.args(["serve", "--node-id", "test-node", "--client-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--jwt-secret-file")
-            .arg(dir.join("secret"))
-            .args(&extra_args)
-            .env("WARBLER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "serve",
+            "--node-id",
+            "test-node",
+            "--client-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--jwt-secret-file")
+        .arg(dir.join("secret"))
+        .args(&extra_args)
+        .env("WARBLER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         for (k, v) in &extra_env {
             cmd.env(k, v);
         }
@@ -65,9 +76,20 @@ impl Node {
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let field = |name: &str| {
-            ready.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{name}="))).unwrap().to_string()
+            ready
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .to_string()
         };
-        Node { child, dir: dir.to_path_buf(), client: field("client"), http: field("http"), extra_env, extra_args }
+        Node {
+            child,
+            dir: dir.to_path_buf(),
+            client: field("client"),
+            http: field("http"),
+            extra_env,
+            extra_args,
+        }
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -79,7 +101,11 @@ impl Node {
     /// Starts again on the same data directory (new ports).
     pub fn restart(&mut self) {
         self.kill9();
-        let fresh = Self::spawn(&self.dir.clone(), self.extra_env.clone(), self.extra_args.clone());
+        let fresh = Self::spawn(
+            &self.dir.clone(),
+            self.extra_env.clone(),
+            self.extra_args.clone(),
+        );
         *self = fresh;
     }
 
@@ -92,21 +118,36 @@ impl Node {
     }
 
     pub async fn device(&self, user: &str, device: &str) -> Connection {
-        Connection::connect(ConnectOptions::new(&self.client, token(user, "device"), device))
-            .await
-            .unwrap_or_else(|e| panic!("device {user}/{device} could not connect: {e}"))
+        Connection::connect(ConnectOptions::new(
+            &self.client,
+            token(user, "device"),
+            device,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("device {user}/{device} could not connect: {e}"))
     }
 
     pub async fn publisher(&self) -> Connection {
-        Connection::connect(ConnectOptions::new(&self.client, token("backend", "publish"), "pub"))
-            .await
-            .expect("publisher connects")
+        Connection::connect(ConnectOptions::new(
+            &self.client,
+            token("backend", "publish"),
+            "pub",
+        ))
+        .await
+        .expect("publisher connects")
     }
 
     /// POST /v1/users/{user}/messages; returns the seq.
     pub async fn publish(&self, user: &str, id: &str, body: &str) -> u64 {
         let body = serde_json::json!({"id": id, "body": body}).to_string();
-        let (status, v) = self.http("POST", &format!("/v1/users/{user}/messages"), Some(&token("backend", "publish")), &body).await;
+        let (status, v) = self
+            .http(
+                "POST",
+                &format!("/v1/users/{user}/messages"),
+                Some(&token("backend", "publish")),
+                &body,
+            )
+            .await;
         assert_eq!(status, 200, "publish failed: {v}");
         v["seq"].as_u64().unwrap()
     }
@@ -117,7 +158,9 @@ impl Node {
         let mut after = 0;
         loop {
             let path = format!("/v1/users/{user}/messages?after={after}&limit=1000");
-            let (status, v) = self.http("GET", &path, Some(&token("ops", "admin")), "").await;
+            let (status, v) = self
+                .http("GET", &path, Some(&token("ops", "admin")), "")
+                .await;
             assert_eq!(status, 200, "history failed: {v}");
             let page = v["messages"].as_array().unwrap();
             if page.is_empty() {
@@ -125,14 +168,24 @@ impl Node {
             }
             for m in page {
                 let seq = m["seq"].as_u64().unwrap();
-                out.push((seq, m["id"].as_str().unwrap().to_string(), m["body"].as_str().unwrap_or("").to_string()));
+                out.push((
+                    seq,
+                    m["id"].as_str().unwrap().to_string(),
+                    m["body"].as_str().unwrap_or("").to_string(),
+                ));
                 after = seq;
             }
         }
     }
 
     /// A minimal HTTP/1.1 request (Connection: close); returns status and JSON body.
-    pub async fn http(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, Value) {
         let (status, text) = http_raw(&self.http, method, path, token, body.as_bytes()).await;
         let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, v)
@@ -145,9 +198,17 @@ impl Drop for Node {
     }
 }
 
-pub async fn http_raw(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+pub async fn http_raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("HTTP connect");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -157,8 +218,15 @@ pub async fn http_raw(addr: &str, method: &str, path: &str, token: Option<&str>,
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("HTTP status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -170,7 +238,10 @@ struct Claims<'a> {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A token signed with the test secret.
@@ -179,7 +250,16 @@ pub fn token(user: &str, scope: &str) -> String {
 }
 
 pub fn token_exp(user: &str, scope: &str, exp: u64) -> String {
-    jsonwebtoken::encode(&Header::default(), &Claims { sub: user, scope, exp }, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    jsonwebtoken::encode(
+        &Header::default(),
+        &Claims {
+            sub: user,
+            scope,
+            exp,
+        },
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 pub fn expired_token(user: &str) -> String {
@@ -190,7 +270,10 @@ pub fn expired_token(user: &str) -> String {
 pub async fn recv_n(conn: &mut Connection, n: usize) -> Vec<warbler_client::Delivery> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg()).await.expect("message within 20 s").expect("a message");
+        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg())
+            .await
+            .expect("message within 20 s")
+            .expect("a message");
         out.push(m);
     }
     out
@@ -198,9 +281,15 @@ pub async fn recv_n(conn: &mut Connection, n: usize) -> Vec<warbler_client::Deli
 
 /// A seed from WARBLER_TEST_SEED or the clock; printed so a run can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("WARBLER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("WARBLER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("{test}: seed {seed} (replay with WARBLER_TEST_SEED={seed})");
     seed
 }
@@ -210,7 +299,10 @@ pub fn seed(test: &str) -> u64 {
 pub async fn recv_n_acking(conn: &mut Connection, n: usize) -> Vec<warbler_client::Delivery> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg()).await.expect("message within 20 s").expect("a message");
+        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg())
+            .await
+            .expect("message within 20 s")
+            .expect("a message");
         conn.ack(m.seq).await.expect("ack");
         out.push(m);
     }

@@ -75,7 +75,10 @@ struct IdleArgs {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn hist() -> Histogram<u64> {
@@ -90,13 +93,22 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn connect_devices(addr: &str, secret: &[u8], prefix: &str, n: usize) -> anyhow::Result<Vec<Connection>> {
+async fn connect_devices(
+    addr: &str,
+    secret: &[u8],
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Connection>> {
     // Connect in parallel batches: fast, without a thundering herd of handshakes.
     let mut conns = Vec::with_capacity(n);
     for chunk_start in (0..n).step_by(500) {
         let batch: Vec<_> = (chunk_start..(chunk_start + 500).min(n))
             .map(|i| {
-                let opts = ConnectOptions::new(addr, tokens::mint(secret, &format!("{prefix}-{i}"), "device"), "d0");
+                let opts = ConnectOptions::new(
+                    addr,
+                    tokens::mint(secret, &format!("{prefix}-{i}"), "device"),
+                    "d0",
+                );
                 tokio::spawn(Connection::connect(opts))
             })
             .collect();
@@ -119,7 +131,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     // Each device must see seq 1, 2, 3, ... exactly: anything else is counted.
     let order_violations = Arc::new(AtomicU64::new(0));
     for mut d in devices {
-        let (deliver, delivered, bad) = (deliver.clone(), delivered.clone(), order_violations.clone());
+        let (deliver, delivered, bad) =
+            (deliver.clone(), delivered.clone(), order_violations.clone());
         tokio::spawn(async move {
             let mut last = d.acked;
             while let Ok(m) = d.recv_msg().await {
@@ -139,28 +152,49 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let start_ns = now_ns() + 200_000_000;
     let start = Instant::now() + Duration::from_millis(200);
-    let total = if a.rate == 0 { u64::MAX } else { a.rate * a.duration_secs };
+    let total = if a.rate == 0 {
+        u64::MAX
+    } else {
+        a.rate * a.duration_secs
+    };
     let per_pub = total / a.publishers as u64;
-    let interval_ns = if a.rate == 0 { 0 } else { a.publishers as u64 * 1_000_000_000 / a.rate };
+    let interval_ns = (a.publishers as u64 * 1_000_000_000)
+        .checked_div(a.rate)
+        .unwrap_or(0);
     let deadline = start + Duration::from_secs(a.duration_secs);
     let published = Arc::new(AtomicU64::new(0));
     let mut pubs = Vec::new();
     for p in 0..a.publishers {
-        let opts = ConnectOptions::new(&a.addr, tokens::mint(&secret, "load-publisher", "publish"), format!("p{p}"));
-        let conn = Connection::connect(opts).await.context("publisher connect")?;
+        let opts = ConnectOptions::new(
+            &a.addr,
+            tokens::mint(&secret, "load-publisher", "publish"),
+            format!("p{p}"),
+        );
+        let conn = Connection::connect(opts)
+            .await
+            .context("publisher connect")?;
         let (mut tx, mut rx) = conn.split();
         // The window only bounds the closed-loop (--rate 0) mode; open loop never waits.
         let windowed = a.rate == 0;
         let window = Arc::new(Semaphore::new(a.window));
         let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Arc::default();
-        let (acked_hist, errors, published, w2, s2) = (acked_hist.clone(), errors.clone(), published.clone(), window.clone(), sent_at.clone());
+        let (acked_hist, errors, published, w2, s2) = (
+            acked_hist.clone(),
+            errors.clone(),
+            published.clone(),
+            window.clone(),
+            sent_at.clone(),
+        );
         let reader = tokio::spawn(async move {
             loop {
                 match rx.recv().await {
                     Ok(Frame::Published { id, .. }) => {
                         let k: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
                         if let Some(t) = s2.lock().unwrap().remove(&k) {
-                            acked_hist.lock().unwrap().saturating_record((now_ns().saturating_sub(t) / 1000).max(1));
+                            acked_hist
+                                .lock()
+                                .unwrap()
+                                .saturating_record((now_ns().saturating_sub(t) / 1000).max(1));
                         }
                         published.fetch_add(1, Ordering::Relaxed);
                         if windowed {
@@ -186,7 +220,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             for k in 0..per_pub {
                 let due_ns = start_ns + k * interval_ns;
                 if interval_ns > 0 {
-                    tokio::time::sleep_until((start + Duration::from_nanos(k * interval_ns)).into()).await;
+                    tokio::time::sleep_until(
+                        (start + Duration::from_nanos(k * interval_ns)).into(),
+                    )
+                    .await;
                 } else {
                     window.acquire().await.unwrap().forget();
                 }
@@ -197,7 +234,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 body[..8].copy_from_slice(&stamp.to_be_bytes());
                 sent_at.lock().unwrap().insert(k, stamp);
                 let user = format!("{prefix}-{}", (k as usize * a.publishers + p) % users);
-                let frame = Frame::Publish { id: format!("p{p}-{k}"), to: user, body: serde_bytes::ByteBuf::from(body.clone()) };
+                let frame = Frame::Publish {
+                    id: format!("p{p}-{k}"),
+                    to: user,
+                    body: serde_bytes::ByteBuf::from(body.clone()),
+                };
                 if tx.send(frame).await.is_err() {
                     break;
                 }
@@ -211,17 +252,30 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let elapsed_send = start.elapsed().as_secs_f64();
     // Let the tail drain.
     let drain_until = Instant::now() + Duration::from_secs(10);
-    while delivered.load(Ordering::Relaxed) < published.load(Ordering::Relaxed) && Instant::now() < drain_until {
+    while delivered.load(Ordering::Relaxed) < published.load(Ordering::Relaxed)
+        && Instant::now() < drain_until
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let (d, ack) = (deliver.lock().unwrap().clone(), acked_hist.lock().unwrap().clone());
+    let (d, ack) = (
+        deliver.lock().unwrap().clone(),
+        acked_hist.lock().unwrap().clone(),
+    );
     let pubd = published.load(Ordering::Relaxed);
     let deliv = delivered.load(Ordering::Relaxed);
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
     println!(
         "users={} publishers={} offered_rate={} body={}B duration={:.1}s",
-        a.users, a.publishers, if a.rate == 0 { "max".into() } else { a.rate.to_string() }, a.body_bytes, elapsed_send
+        a.users,
+        a.publishers,
+        if a.rate == 0 {
+            "max".into()
+        } else {
+            a.rate.to_string()
+        },
+        a.body_bytes,
+        elapsed_send
     );
     println!(
         "published={pubd} delivered={deliv} errors={} order_violations={} publish_rate={:.0}/s deliver_rate={:.0}/s",
@@ -230,8 +284,20 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         pubd as f64 / elapsed_send,
         deliv as f64 / elapsed
     );
-    println!("publish->ack ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}", q(&ack, 0.5), q(&ack, 0.99), q(&ack, 0.999), ack.max() as f64 / 1000.0);
-    println!("publish->deliver ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}", q(&d, 0.5), q(&d, 0.99), q(&d, 0.999), d.max() as f64 / 1000.0);
+    println!(
+        "publish->ack ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+        q(&ack, 0.5),
+        q(&ack, 0.99),
+        q(&ack, 0.999),
+        ack.max() as f64 / 1000.0
+    );
+    println!(
+        "publish->deliver ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+        q(&d, 0.5),
+        q(&d, 0.99),
+        q(&d, 0.999),
+        d.max() as f64 / 1000.0
+    );
     Ok(())
 }
 
