@@ -307,13 +307,34 @@ async fn fanout_publishes_to_every_recipient_idempotently() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["user"].as_str().unwrap().to_string(), r["seq"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap().to_string(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(seqs, vec![("ivy".into(), 2), ("jack".into(), 1), ("kim".into(), 1)]);
+    assert_eq!(
+        seqs,
+        vec![("ivy".into(), 2), ("jack".into(), 1), ("kim".into(), 1)]
+    );
     let (_, again) = node.http("POST", "/v1/messages", Some(&tok), body).await;
-    assert_eq!(again["results"], v["results"], "a retried fan-out maps to the same seqs");
-    assert_eq!(node.history("kim").await, vec![(1, "news-1".to_string(), "hello all".to_string())]);
-    let (status, _) = node.http("POST", "/v1/messages", Some(&tok), r#"{"to": [], "id": "x", "body": "y"}"#).await;
+    assert_eq!(
+        again["results"], v["results"],
+        "a retried fan-out maps to the same seqs"
+    );
+    assert_eq!(
+        node.history("kim").await,
+        vec![(1, "news-1".to_string(), "hello all".to_string())]
+    );
+    let (status, _) = node
+        .http(
+            "POST",
+            "/v1/messages",
+            Some(&tok),
+            r#"{"to": [], "id": "x", "body": "y"}"#,
+        )
+        .await;
     assert_eq!(status, 400);
 }
 
@@ -322,16 +343,36 @@ async fn history_pages_by_after_and_limit() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
     for i in 1..=7 {
-        node.publish("lena", &format!("l{i}"), &format!("{i}")).await;
+        node.publish("lena", &format!("l{i}"), &format!("{i}"))
+            .await;
     }
     let admin = token("ops", "admin");
-    let (status, v) = node.http("GET", "/v1/users/lena/messages?after=2&limit=3", Some(&admin), "").await;
+    let (status, v) = node
+        .http(
+            "GET",
+            "/v1/users/lena/messages?after=2&limit=3",
+            Some(&admin),
+            "",
+        )
+        .await;
     assert_eq!(status, 200);
-    let seqs: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![3, 4, 5]);
     assert_eq!(v["last_seq"], 7);
     assert_eq!(v["messages"][0]["body_b64"], "Mw==");
-    let (status, v) = node.http("GET", "/v1/users/lena/messages?limit=5000", Some(&admin), "").await;
+    let (status, v) = node
+        .http(
+            "GET",
+            "/v1/users/lena/messages?limit=5000",
+            Some(&admin),
+            "",
+        )
+        .await;
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("1..=1000"));
 }
@@ -343,9 +384,15 @@ async fn sigterm_says_bye_to_devices_and_readyz_reflects_it() {
     let (status, _) = node.http("GET", "/readyz", None, "").await;
     assert_eq!(status, 200);
     let mut phone = node.device("mia", "phone").await;
-    let kill = std::process::Command::new("kill").args(["-TERM", &node.pid().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &node.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
-    match tokio::time::timeout(Duration::from_secs(5), phone.recv()).await.expect("bye within 5 s") {
+    match tokio::time::timeout(Duration::from_secs(5), phone.recv())
+        .await
+        .expect("bye within 5 s")
+    {
         Err(warbler_client::ClientError::Bye { retry_ms, .. }) => assert!(retry_ms > 0),
         other => panic!("expected bye, got {other:?}"),
     }

@@ -117,6 +117,9 @@ pub struct MailboxState {
     subs: HashMap<String, Subscriber>,
     cursors: HashMap<String, u64>,
     last_active: Instant,
+    /// An `IdleCheck` is scheduled. Armed only while there is no subscriber, so a busy
+    /// mailbox carries no timer.
+    idle_timer: bool,
 }
 
 pub struct UserMailbox;
@@ -135,8 +138,7 @@ impl Actor for UserMailbox {
             args.log.barrier(args.partition).await?;
         }
         let last = args.store.last_seq(args.partition, &args.user)?;
-        let period = (args.limits.idle_timeout / 2).max(Duration::from_millis(5));
-        myself.send_interval(period, || MailboxMsg::IdleCheck);
+        myself.send_after(args.limits.idle_timeout, || MailboxMsg::IdleCheck);
         metrics::gauge!("warbler_mailboxes_alive").increment(1.0);
         Ok(MailboxState {
             user: args.user,
@@ -152,6 +154,7 @@ impl Actor for UserMailbox {
             subs: HashMap::new(),
             cursors: HashMap::new(),
             last_active: Instant::now(),
+            idle_timer: true,
         })
     }
 
@@ -216,11 +219,15 @@ impl Actor for UserMailbox {
                 let _ = reply.send(state.devices()?);
             }
             MailboxMsg::IdleCheck => {
+                state.idle_timer = false;
+                let idle_for = state.last_active.elapsed();
                 if state.subs.is_empty()
                     && state.pending.is_empty()
-                    && state.last_active.elapsed() >= state.limits.idle_timeout
+                    && idle_for >= state.limits.idle_timeout
                 {
                     myself.stop(Some("idle".into()));
+                } else {
+                    state.arm_idle_timer(&myself);
                 }
             }
         }
@@ -229,6 +236,22 @@ impl Actor for UserMailbox {
 }
 
 impl MailboxState {
+    /// Schedules the next idle check, unless one is pending or a device is subscribed (the
+    /// last unsubscribe arms it again).
+    fn arm_idle_timer(&mut self, myself: &ActorRef<MailboxMsg>) {
+        if self.idle_timer || !self.subs.is_empty() {
+            return;
+        }
+        let remaining = self
+            .limits
+            .idle_timeout
+            .saturating_sub(self.last_active.elapsed());
+        myself.send_after(remaining.max(Duration::from_millis(10)), || {
+            MailboxMsg::IdleCheck
+        });
+        self.idle_timer = true;
+    }
+
     async fn publish(
         &mut self,
         myself: &ActorRef<MailboxMsg>,

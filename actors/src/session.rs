@@ -1,9 +1,10 @@
 //! `DeviceSession`: one connected device. The connection's reader task feeds it acks; it
-//! writes `welcome` and `msg` frames to the connection's writer queue.
+//! writes `welcome` and `msg` frames to the connection's writer queue. It monitors its
+//! mailbox and re-subscribes from its cursor when that mailbox stops.
 
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus};
+use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warbler_client::{ErrorCode, Frame};
@@ -11,9 +12,8 @@ use warbler_client::{ErrorCode, Frame};
 use crate::mailbox::{Committed, MailboxMsg, SubscribeInfo};
 use crate::registry::Mailboxes;
 
-/// How often a session checks that its mailbox is alive (it re-subscribes from its
-/// cursor when the mailbox crashed or restarted).
-const MAILBOX_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a session waits before retrying a failed re-subscribe.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
 /// How long subscribing may take before the connection is refused.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,7 +24,8 @@ pub enum SessionMsg {
     ClientAck(u64),
     /// Another connection of the same device took over.
     Replaced,
-    CheckMailbox,
+    /// Subscribe again (the mailbox stopped, or an earlier attempt failed).
+    Resubscribe,
 }
 
 pub struct SessionArgs {
@@ -68,7 +69,7 @@ impl Actor for DeviceSession {
                 acked: info.acked,
             })
             .await?;
-        myself.send_interval(MAILBOX_CHECK_INTERVAL, || SessionMsg::CheckMailbox);
+        watch(&myself, &mailbox);
         metrics::gauge!("warbler_sessions_alive").increment(1.0);
         Ok(SessionState {
             args,
@@ -153,13 +154,40 @@ impl Actor for DeviceSession {
                     .await;
                 myself.stop(Some("replaced".into()));
             }
-            SessionMsg::CheckMailbox => {
-                if state.mailbox.get_status() != ActorStatus::Running {
+            SessionMsg::Resubscribe => {
+                if state.mailbox.get_status() > ActorStatus::Running {
                     resubscribe(&myself, state).await;
                 }
             }
         }
         Ok(())
+    }
+
+    /// The watched mailbox stopped (idle stop cannot happen while subscribed, so: crash,
+    /// failed write, or shutdown). Subscribe to its successor from where this session is.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        evt: SupervisionEvent,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let stopped = match &evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => cell.get_id(),
+            SupervisionEvent::ActorFailed(cell, _) => cell.get_id(),
+            _ => return Ok(()),
+        };
+        if stopped == state.mailbox.get_id() {
+            resubscribe(&myself, state).await;
+        }
+        Ok(())
+    }
+}
+
+/// Watches `mailbox` for termination; if it already stopped, asks for a re-subscribe.
+fn watch(myself: &ActorRef<SessionMsg>, mailbox: &ActorRef<MailboxMsg>) {
+    myself.get_cell().monitor(mailbox.get_cell());
+    if mailbox.get_status() > ActorStatus::Running {
+        let _ = myself.cast(SessionMsg::Resubscribe);
     }
 }
 
@@ -197,10 +225,13 @@ async fn resubscribe(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
     match subscribe(&state.args, myself, Some((state.acked, state.sent))).await {
         Ok((mailbox, _)) => {
             tracing::debug!(user = %state.args.user, device = %state.args.device, "re-subscribed");
+            myself.get_cell().unmonitor(state.mailbox.get_cell());
             state.mailbox = mailbox;
+            watch(myself, &state.mailbox);
         }
         Err(e) => {
-            tracing::warn!(user = %state.args.user, error = %e, "re-subscribe failed; retrying")
+            tracing::warn!(user = %state.args.user, error = %e, "re-subscribe failed; retrying");
+            myself.send_after(RESUBSCRIBE_RETRY, || SessionMsg::Resubscribe);
         }
     }
 }
