@@ -4,5 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
+# The protocol interop test runs a Python client written from docs/protocol.md.
+if ! python3 -c "import msgpack" >/dev/null 2>&1; then
+    echo "installing the Python msgpack package for the protocol interop test" >&2
+    command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip >/dev/null; }
+    python3 -m pip install --quiet msgpack 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-msgpack >/dev/null; }
+fi
 # One profile (release) for tests, binaries and benchmarks: RocksDB is compiled once.
 cargo test --release --workspace "$@"

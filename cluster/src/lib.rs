@@ -4,10 +4,14 @@
 //! - [`partition`]: the fixed, documented user → partition hash (FNV-1a 64 over the user id's
 //!   UTF-8 bytes, modulo the partition count). Platform-independent: a client in any
 //!   language computes the same partition.
+//! - [`ring`]: partitions → ordered replica lists by consistent hashing with virtual nodes
+//!   over the serving members (pure functions; membership feeds them).
 //!
-//! Membership, the ring and replicated partitions build on this crate later.
+//! Membership and replicated partitions build on these.
 
 pub mod partition;
+pub mod ring;
 
 pub use crate::partition::{fnv1a64, partition_of};
+pub use crate::ring::{Ring, VNODES_DEFAULT};
 pub use warbler_storage::PartitionId;

@@ -76,7 +76,9 @@ impl Gateway {
             self.serve(frames, &out, &closed, &claims, session.as_ref())
                 .await;
             if let Some(s) = session {
-                s.stop(None);
+                // Drain, not stop: a stop signal jumps the queue and would drop the acks the
+                // client sent just before closing.
+                let _ = s.drain();
             }
         }
         gauge.decrement(1.0);
