@@ -7,11 +7,16 @@
 //! - [`ring`]: partitions → ordered replica lists by consistent hashing with virtual nodes
 //!   over the serving members (pure functions; membership feeds them).
 //!
-//! Membership and replicated partitions build on these.
+//! - [`membership`]: SWIM membership and failure detection (foca) over UDP: the live view
+//!   of the cluster, published on a watch channel.
+//!
+//! Replicated partitions build on these.
 
+pub mod membership;
 pub mod partition;
 pub mod ring;
 
+pub use crate::membership::{Membership, NodeId, Timing};
 pub use crate::partition::{fnv1a64, partition_of};
 pub use crate::ring::{Ring, VNODES_DEFAULT};
 pub use warbler_storage::PartitionId;

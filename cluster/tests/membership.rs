@@ -1,0 +1,122 @@
+//! SWIM membership over real UDP sockets on loopback: join through a seed, detect a killed
+//! node, let a restarted node back in, see a graceful leave, and keep every member while
+//! both cores are busy. Times are printed (liveness bounds are generous; the figures are
+//! what docs/benchmarks.md quotes).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use warbler_cluster::{Membership, NodeId, Timing};
+
+fn id(name: &str, generation: u64) -> NodeId {
+    NodeId {
+        name: name.into(),
+        gossip: "127.0.0.1:0".parse().unwrap(),
+        generation,
+    }
+}
+
+async fn start(name: &str, generation: u64, seeds: &[SocketAddr]) -> Membership {
+    Membership::start(id(name, generation), seeds.to_vec(), Timing::lan())
+        .await
+        .unwrap()
+}
+
+/// Waits until `m` sees exactly `names` (other members), up to `limit`; returns the wait.
+async fn until_view(m: &Membership, names: &[&str], limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    loop {
+        let mut got: Vec<String> = m.members().into_iter().map(|n| n.name).collect();
+        got.sort();
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} sees {got:?}, wanted {want:?} within {limit:?}",
+            m.me().name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_detect_failures_rejoin_and_leave() {
+    let limit = Duration::from_secs(15);
+    let a = start("a", 1, &[]).await;
+    let seed = [a.me().gossip];
+    let b = start("b", 1, &seed).await;
+    let c = start("c", 1, &seed).await;
+    let joined = until_view(&a, &["b", "c"], limit).await;
+    until_view(&b, &["a", "c"], limit).await;
+    until_view(&c, &["a", "b"], limit).await;
+    println!("membership: 3 nodes joined through one seed in {joined:?}");
+
+    // Busy cores must not cause false downs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                x
+            })
+        })
+        .collect();
+    let busy_until = Instant::now() + Duration::from_secs(5);
+    let mut false_downs = 0;
+    while Instant::now() < busy_until {
+        for m in [&a, &b, &c] {
+            if m.members().len() != 2 {
+                false_downs += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in burners {
+        t.join().unwrap();
+    }
+    println!("membership: {false_downs} samples with a missing member during 5 s of 2 busy cores");
+    assert_eq!(
+        false_downs, 0,
+        "a live member was declared down while the cores were busy"
+    );
+
+    // kill: no goodbye.
+    let c_addr = c.me().gossip;
+    drop(c);
+    let detect = until_view(&a, &["b"], limit).await;
+    until_view(&b, &["a"], limit).await;
+    println!("membership: a killed node was declared down after {detect:?}");
+
+    // The same node restarts with a higher generation and is let back in.
+    let c2 = Membership::start(
+        NodeId {
+            name: "c".into(),
+            gossip: c_addr,
+            generation: 2,
+        },
+        seed.to_vec(),
+        Timing::lan(),
+    )
+    .await
+    .unwrap();
+    let rejoin = until_view(&a, &["b", "c"], limit).await;
+    assert!(a
+        .members()
+        .iter()
+        .any(|n| n.name == "c" && n.generation == 2));
+    until_view(&c2, &["a", "b"], limit).await;
+    println!("membership: the restarted node was back after {rejoin:?}");
+
+    // A graceful leave.
+    b.leave().await;
+    let left = until_view(&a, &["c"], limit).await;
+    println!("membership: a leaving node was gone after {left:?}");
+}
