@@ -10,13 +10,18 @@
 //! - [`membership`]: SWIM membership and failure detection (foca) over UDP: the live view
 //!   of the cluster, published on a watch channel.
 //!
+//! - [`transport`]: request/response RPC to peers over one multiplexed TCP connection per
+//!   peer, versioned frames, optional mutual TLS, bounded queues, reconnect with backoff.
+//!
 //! Replicated partitions build on these.
 
 pub mod membership;
 pub mod partition;
 pub mod ring;
+pub mod transport;
 
 pub use crate::membership::{Membership, NodeId, Timing};
 pub use crate::partition::{fnv1a64, partition_of};
 pub use crate::ring::{Ring, VNODES_DEFAULT};
+pub use crate::transport::{PeerError, PeerHandler, PeerTls, PeerTransport};
 pub use warbler_storage::PartitionId;

@@ -1,0 +1,425 @@
+//! Peer transport: request/response RPC between nodes over one multiplexed TCP connection
+//! per peer, optionally with mutual TLS.
+//!
+//! Wire: the device protocol's framing (4-byte big-endian length, then MessagePack maps),
+//! with its own frames: [`PeerFrame`]. The dialer's first frame is `hello{v, from}`; a
+//! version other than [`PEER_PROTOCOL_VERSION`] is refused with `error` and the connection
+//! is closed. Every request carries a correlation id, a partition and a kind, so many
+//! partitions' traffic (consensus messages, snapshots) shares one connection and answers
+//! may come back in any order.
+//!
+//! Bounds: each peer has a queue of [`PEER_QUEUE_MAX`] outgoing frames (a full queue
+//! refuses the call at once: the caller backs off instead of piling up memory) and at most
+//! [`PEER_CALLS_MAX`] unanswered calls. A dropped connection fails its unanswered calls and
+//! is re-dialled with exponential backoff ([`BACKOFF_MIN`] to [`BACKOFF_MAX`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// The peer protocol version this build speaks.
+pub const PEER_PROTOCOL_VERSION: u32 = 1;
+/// Largest peer frame (snapshots are sent in chunks below this).
+pub const PEER_FRAME_BYTES_MAX: usize = 16 << 20;
+/// Outgoing frames queued per peer.
+pub const PEER_QUEUE_MAX: usize = 4096;
+/// Unanswered calls per peer.
+pub const PEER_CALLS_MAX: usize = 4096;
+/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A frame between peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+pub enum PeerFrame {
+    Hello {
+        v: u32,
+        from: String,
+    },
+    Request {
+        id: u64,
+        partition: u16,
+        kind: u8,
+        body: ByteBuf,
+    },
+    Response {
+        id: u64,
+        ok: bool,
+        body: ByteBuf,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {0} is not reachable right now")]
+    Unreachable(String),
+    #[error("the queue to peer {0} is full; back off and retry")]
+    Overloaded(String),
+    #[error("peer {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("the connection to peer {0} dropped before it answered")]
+    Disconnected(String),
+    #[error("peer {peer} refused: {message}")]
+    Remote { peer: String, message: String },
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a node does with requests from its peers.
+pub trait PeerHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        from: String,
+        partition: u16,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
+}
+
+/// TLS for peer connections: both sides present certificates of the cluster CA.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name every node's certificate carries (one cluster-wide name keeps setup simple).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The node's transport: serves peers' requests and makes calls to peers.
+pub struct PeerTransport {
+    me: String,
+    addr: SocketAddr,
+    tls: Option<PeerTls>,
+    links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+/// The answer slot of one call.
+type Reply = oneshot::Sender<Result<Vec<u8>, PeerError>>;
+/// A queued frame, with where its answer goes (requests only).
+type Outgoing = (PeerFrame, Option<Reply>);
+
+struct Link {
+    peer: SocketAddr,
+    queue: mpsc::Sender<Outgoing>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PeerTransport {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        for link in self.links.lock().unwrap().values() {
+            link.task.abort();
+        }
+    }
+}
+
+impl PeerTransport {
+    /// Listens on `bind` (port 0 allowed) and serves requests with `handler`.
+    pub async fn start(
+        me: &str,
+        bind: SocketAddr,
+        tls: Option<PeerTls>,
+        handler: Arc<dyn PeerHandler>,
+    ) -> std::io::Result<PeerTransport> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let accept_task = tokio::spawn(accept(listener, tls.clone(), handler));
+        Ok(PeerTransport {
+            me: me.to_string(),
+            addr,
+            tls,
+            links: Mutex::new(HashMap::new()),
+            accept_task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Calls `peer` and waits for its answer up to `timeout`.
+    pub async fn call(
+        &self,
+        peer: SocketAddr,
+        partition: u16,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        let link = self.link(peer);
+        let (tx, rx) = oneshot::channel();
+        let frame = PeerFrame::Request {
+            id: 0,
+            partition,
+            kind,
+            body: ByteBuf::from(body),
+        };
+        link.queue
+            .try_send((frame, Some(tx)))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => PeerError::Overloaded(peer.to_string()),
+                mpsc::error::TrySendError::Closed(_) => PeerError::Unreachable(peer.to_string()),
+            })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(PeerError::Disconnected(peer.to_string())),
+            Err(_) => Err(PeerError::Timeout(peer.to_string(), timeout)),
+        }
+    }
+
+    fn link(&self, peer: SocketAddr) -> Arc<Link> {
+        let mut links = self.links.lock().unwrap();
+        links
+            .entry(peer)
+            .or_insert_with(|| {
+                let (queue, rx) = mpsc::channel(PEER_QUEUE_MAX);
+                let task = tokio::spawn(run_link(self.me.clone(), peer, self.tls.clone(), rx));
+                Arc::new(Link { peer, queue, task })
+            })
+            .clone()
+    }
+
+    /// The peers this node has links to.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.links
+            .lock()
+            .unwrap()
+            .values()
+            .map(|l| l.peer)
+            .collect()
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &PeerFrame) -> std::io::Result<()> {
+    let bytes = rmp_serde::to_vec_named(frame).expect("peer frame serialization is infallible");
+    if bytes.len() > PEER_FRAME_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "peer frame over the limit",
+        ));
+    }
+    w.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    w.write_all(&bytes).await
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<PeerFrame> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > PEER_FRAME_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("peer frame of {len} bytes over the limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    rmp_serde::from_slice(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+}
+
+async fn accept(listener: TcpListener, tls: Option<PeerTls>, handler: Arc<dyn PeerHandler>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, handler) = (tls.clone(), handler.clone());
+        tokio::spawn(async move {
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(t) => match t.acceptor.accept(tcp).await {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer TLS handshake refused");
+                        return;
+                    }
+                },
+            };
+            serve_peer(io, handler).await;
+        });
+    }
+}
+
+/// Serves one inbound peer connection: hello, then requests answered concurrently.
+async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
+    let (mut r, mut w) = tokio::io::split(io);
+    let from = match read_frame(&mut r).await {
+        Ok(PeerFrame::Hello { v, from }) if v == PEER_PROTOCOL_VERSION => from,
+        Ok(PeerFrame::Hello { v, .. }) => {
+            let message = format!("peer protocol version {v} is not supported; this node speaks {PEER_PROTOCOL_VERSION}: upgrade the older node");
+            let _ = write_frame(&mut w, &PeerFrame::Error { message }).await;
+            return;
+        }
+        _ => return,
+    };
+    let (tx, mut rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if write_frame(&mut w, &f).await.is_err() {
+                return;
+            }
+        }
+    });
+    while let Ok(frame) = read_frame(&mut r).await {
+        let PeerFrame::Request {
+            id,
+            partition,
+            kind,
+            body,
+        } = frame
+        else {
+            continue;
+        };
+        let (handler, tx, from) = (handler.clone(), tx.clone(), from.clone());
+        tokio::spawn(async move {
+            let reply = match handler.handle(from, partition, kind, body.into_vec()).await {
+                Ok(b) => PeerFrame::Response {
+                    id,
+                    ok: true,
+                    body: ByteBuf::from(b),
+                },
+                Err(m) => PeerFrame::Response {
+                    id,
+                    ok: false,
+                    body: ByteBuf::from(m.into_bytes()),
+                },
+            };
+            let _ = tx.send(reply).await;
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, Reply>>>;
+
+/// Keeps a connection to `peer`: dials with backoff, sends queued requests, routes answers.
+async fn run_link(
+    me: String,
+    peer: SocketAddr,
+    tls: Option<PeerTls>,
+    mut queue: mpsc::Receiver<Outgoing>,
+) {
+    let name = peer.to_string();
+    let mut backoff = BACKOFF_MIN;
+    let mut next_id = 1u64;
+    loop {
+        let io = match dial(&me, peer, tls.as_ref()).await {
+            Ok(io) => {
+                backoff = BACKOFF_MIN;
+                io
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
+                // Calls queued meanwhile fail fast rather than wait out their timeouts.
+                while let Ok((_, waiter)) = queue.try_recv() {
+                    if let Some(w) = waiter {
+                        let _ = w.send(Err(PeerError::Unreachable(name.clone())));
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let (mut r, mut w) = tokio::io::split(io);
+        let waiters: Waiters = Arc::default();
+        let reader_waiters = waiters.clone();
+        let reader_name = name.clone();
+        let mut reader = tokio::spawn(async move {
+            while let Ok(frame) = read_frame(&mut r).await {
+                match frame {
+                    PeerFrame::Response { id, ok, body } => {
+                        if let Some(w) = reader_waiters.lock().unwrap().remove(&id) {
+                            let r = if ok {
+                                Ok(body.into_vec())
+                            } else {
+                                Err(PeerError::Remote {
+                                    peer: reader_name.clone(),
+                                    message: String::from_utf8_lossy(&body).into_owned(),
+                                })
+                            };
+                            let _ = w.send(r);
+                        }
+                    }
+                    PeerFrame::Error { message } => {
+                        tracing::error!(peer = %reader_name, %message, "peer refused the connection");
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        loop {
+            let next = tokio::select! {
+                _ = &mut reader => break,
+                n = queue.recv() => n,
+            };
+            let Some((mut frame, waiter)) = next else {
+                reader.abort();
+                return;
+            };
+            if let PeerFrame::Request { id, .. } = &mut frame {
+                *id = next_id;
+                next_id += 1;
+                if let Some(w) = waiter {
+                    let mut waiting = waiters.lock().unwrap();
+                    if waiting.len() >= PEER_CALLS_MAX {
+                        let _ = w.send(Err(PeerError::Overloaded(name.clone())));
+                        continue;
+                    }
+                    waiting.insert(*id, w);
+                }
+            }
+            if write_frame(&mut w, &frame).await.is_err() {
+                reader.abort();
+                break;
+            }
+        }
+        for (_, w) in waiters.lock().unwrap().drain() {
+            let _ = w.send(Err(PeerError::Disconnected(name.clone())));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn dial(me: &str, peer: SocketAddr, tls: Option<&PeerTls>) -> std::io::Result<Box<dyn Io>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(peer))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    let mut io: Box<dyn Io> = match tls {
+        None => Box::new(tcp),
+        Some(t) => Box::new(t.connector.connect(t.server_name.clone(), tcp).await?),
+    };
+    write_frame(
+        &mut io,
+        &PeerFrame::Hello {
+            v: PEER_PROTOCOL_VERSION,
+            from: me.to_string(),
+        },
+    )
+    .await?;
+    Ok(io)
+}

@@ -1,0 +1,261 @@
+//! Peer transport over real sockets on loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warbler_cluster::transport::{BoxFuture, PeerFrame, PEER_PROTOCOL_VERSION};
+use warbler_cluster::{PeerError, PeerHandler, PeerTls, PeerTransport};
+
+/// Answers `<from>/<partition>/<kind>:<body>` after `body[0]` milliseconds; kind 9 fails.
+struct Echo;
+
+impl PeerHandler for Echo {
+    fn handle(
+        &self,
+        from: String,
+        partition: u16,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(u64::from(
+                body.first().copied().unwrap_or(0),
+            )))
+            .await;
+            if kind == 9 {
+                return Err("kind 9 is refused".into());
+            }
+            Ok(format!("{from}/{partition}/{kind}:{}", body.len()).into_bytes())
+        })
+    }
+}
+
+const T: Duration = Duration::from_secs(5);
+const ANY: &str = "127.0.0.1:0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_link_and_answers_match_out_of_order() {
+    let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let client = Arc::new(
+        PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+            .await
+            .unwrap(),
+    );
+    let to = server.local_addr();
+    let calls: Vec<_> = (0..500u32)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                // Varying delays: later calls often finish first.
+                let body = vec![(20 - i % 20) as u8; (i % 7) as usize + 1];
+                let got = client
+                    .call(to, (i % 64) as u16, (i % 5) as u8, body.clone(), T)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    format!("client/{}/{}:{}", i % 64, i % 5, body.len())
+                );
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    assert_eq!(client.peers(), vec![to], "one link to the one peer");
+    let err = client.call(to, 0, 9, vec![0], T).await.unwrap_err();
+    assert!(
+        matches!(&err, PeerError::Remote { message, .. } if message.contains("kind 9")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_fails_fast_and_is_redialled_when_it_comes_up() {
+    // Reserve a port, then free it so nothing listens there.
+    let port_holder = std::net::TcpListener::bind(ANY).unwrap();
+    let to: SocketAddr = port_holder.local_addr().unwrap();
+    drop(port_holder);
+    let client = PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = client.call(to, 1, 1, vec![0], T).await.unwrap_err();
+    assert!(
+        matches!(err, PeerError::Unreachable(_) | PeerError::Disconnected(_)),
+        "{err}"
+    );
+    assert!(started.elapsed() < T, "failed fast, not by timeout");
+    let _server = PeerTransport::start("server", to, None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.call(to, 1, 1, vec![0], T).await {
+            Ok(b) => {
+                assert_eq!(b, b"client/1/1:1");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never reconnected: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_connection_fails_the_calls_waiting_on_it() {
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let to = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf).await; // hello and the request
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s); // never answers
+    });
+    let client = PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = client.call(to, 0, 0, vec![0], T).await.unwrap_err();
+    assert_eq!(err, PeerError::Disconnected(to.to_string()));
+    assert!(started.elapsed() < T);
+}
+
+#[tokio::test]
+async fn another_protocol_version_is_refused_with_a_reason() {
+    let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let hello = rmp_serde::to_vec_named(&PeerFrame::Hello {
+        v: PEER_PROTOCOL_VERSION + 1,
+        from: "future".into(),
+    })
+    .unwrap();
+    s.write_all(&(hello.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.unwrap();
+    match rmp_serde::from_slice::<PeerFrame>(&buf).unwrap() {
+        PeerFrame::Error { message } => assert!(message.contains("version 2"), "{message}"),
+        other => panic!("expected error, got {other:?}"),
+    }
+}
+
+/// A cluster CA and one certificate for the cluster-wide peer name.
+fn cluster_pki() -> (
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+    PrivateKeyDer<'static>,
+) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let node_key = KeyPair::generate().unwrap();
+    let node_cert = CertificateParams::new(vec!["warbler-peer".to_string()])
+        .unwrap()
+        .signed_by(&node_key, &issuer)
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(node_key.serialize_der()));
+    (ca_cert.der().clone(), node_cert.der().clone(), key)
+}
+
+fn peer_tls(
+    ca: &CertificateDer<'static>,
+    cert: Option<(&CertificateDer<'static>, &PrivateKeyDer<'static>)>,
+) -> PeerTls {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let (own_cert, own_key) = cert
+        .map(|(c, k)| (c.clone(), k.clone_key()))
+        .unwrap_or_else(|| {
+            // A server still needs some certificate; a client without one gets refused.
+            let (_, c, k) = cluster_pki();
+            (c, k)
+        });
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![own_cert.clone()], own_key.clone_key())
+        .unwrap();
+    let client_builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let client = match cert {
+        Some(_) => client_builder
+            .with_client_auth_cert(vec![own_cert], own_key)
+            .unwrap(),
+        None => client_builder.with_no_client_auth(),
+    };
+    PeerTls {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        server_name: ServerName::try_from("warbler-peer").unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_cluster_members_only() {
+    let (ca, cert, key) = cluster_pki();
+    let tls = peer_tls(&ca, Some((&cert, &key)));
+    let server = PeerTransport::start(
+        "server",
+        ANY.parse().unwrap(),
+        Some(tls.clone()),
+        Arc::new(Echo),
+    )
+    .await
+    .unwrap();
+    let member = PeerTransport::start("member", ANY.parse().unwrap(), Some(tls), Arc::new(Echo))
+        .await
+        .unwrap();
+    assert_eq!(
+        member
+            .call(server.local_addr(), 3, 4, vec![0], T)
+            .await
+            .unwrap(),
+        b"member/3/4:1"
+    );
+
+    let stranger = PeerTransport::start(
+        "stranger",
+        ANY.parse().unwrap(),
+        Some(peer_tls(&ca, None)),
+        Arc::new(Echo),
+    )
+    .await
+    .unwrap();
+    let err = stranger
+        .call(server.local_addr(), 3, 4, vec![0], Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err, PeerError::Remote { .. }),
+        "a peer without a cluster certificate got an answer"
+    );
+}
