@@ -49,20 +49,22 @@ async fn a_client_written_from_the_protocol_doc_interoperates() {
             .await;
     }
     let device = token("pia", "device");
-    let out = python(&[
-        "listen",
-        "--addr",
-        &node.client,
-        "--token",
-        &device,
-        "--device",
-        "py",
-        "--count",
-        "3",
-    ]);
-    let lines: Vec<&str> = out.lines().collect();
+    let listen = |count: &str| {
+        let out = python(&[
+            "listen",
+            "--addr",
+            &node.client,
+            "--token",
+            &device,
+            "--device",
+            "py",
+            "--count",
+            count,
+        ]);
+        out.lines().map(String::from).collect::<Vec<_>>()
+    };
     assert_eq!(
-        lines,
+        listen("3"),
         vec![
             "welcome user=pia acked=0",
             "seq=1 id=py-1 body=from python",
@@ -72,20 +74,8 @@ async fn a_client_written_from_the_protocol_doc_interoperates() {
     );
     // Reconnect: exactly the unacked rest.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let out = python(&[
-        "listen",
-        "--addr",
-        &node.client,
-        "--token",
-        &device,
-        "--device",
-        "py",
-        "--count",
-        "2",
-    ]);
-    let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
-        lines,
+        listen("2"),
         vec![
             "welcome user=pia acked=3",
             "seq=4 id=m4 body=body 4",

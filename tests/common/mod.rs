@@ -268,15 +268,7 @@ pub fn expired_token(user: &str) -> String {
 
 /// Receives exactly `n` messages, acking none.
 pub async fn recv_n(conn: &mut Connection, n: usize) -> Vec<warbler_client::Delivery> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg())
-            .await
-            .expect("message within 20 s")
-            .expect("a message");
-        out.push(m);
-    }
-    out
+    receive(conn, n, false).await
 }
 
 /// A seed from WARBLER_TEST_SEED or the clock; printed so a run can be replayed.
@@ -297,13 +289,19 @@ pub fn seed(test: &str) -> u64 {
 /// Receives exactly `n` messages, acking each (a device that never acks stops receiving
 /// after the in-flight window).
 pub async fn recv_n_acking(conn: &mut Connection, n: usize) -> Vec<warbler_client::Delivery> {
+    receive(conn, n, true).await
+}
+
+async fn receive(conn: &mut Connection, n: usize, ack: bool) -> Vec<warbler_client::Delivery> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(20), conn.recv_msg())
             .await
             .expect("message within 20 s")
             .expect("a message");
-        conn.ack(m.seq).await.expect("ack");
+        if ack {
+            conn.ack(m.seq).await.expect("ack");
+        }
         out.push(m);
     }
     out
