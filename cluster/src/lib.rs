@@ -13,10 +13,14 @@
 //! - [`transport`]: request/response RPC to peers over one multiplexed TCP connection per
 //!   peer, versioned frames, optional mutual TLS, bounded queues, reconnect with backoff.
 //!
+//! - [`raft_store`]: one partition's consensus log and state machine (openraft) in the
+//!   node's RocksDB, checked by openraft's own storage test suite.
+//!
 //! Replicated partitions build on these.
 
 pub mod membership;
 pub mod partition;
+pub mod raft_store;
 pub mod ring;
 pub mod transport;
 

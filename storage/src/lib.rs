@@ -20,7 +20,7 @@ pub mod store;
 pub use crate::commit::{Committer, CommitterLimits, Done};
 pub use crate::error::StorageError;
 pub use crate::log::{LocalLog, PartitionLog};
-pub use crate::store::{Op, RetentionPolicy, Store, StoredMessage, TrimReport};
+pub use crate::store::{Op, PartitionRows, RetentionPolicy, Store, StoredMessage, TrimReport};
 
 /// A partition number, `0..partitions`.
 pub type PartitionId = u16;

@@ -18,7 +18,20 @@ const CF_MSGS: &str = "msgs";
 const CF_CURSORS: &str = "cursors";
 const CF_DEDUP: &str = "dedup";
 const CF_HEADS: &str = "heads";
-const COLUMN_FAMILIES: [&str; 4] = [CF_MSGS, CF_CURSORS, CF_DEDUP, CF_HEADS];
+/// Consensus log entries: partition:u16be index:u64be -> entry bytes.
+const CF_RAFT_LOG: &str = "raft_log";
+/// Consensus metadata (vote, purge point, applied point): partition:u16be key -> bytes.
+const CF_RAFT_META: &str = "raft_meta";
+const COLUMN_FAMILIES: [&str; 6] = [
+    CF_MSGS,
+    CF_CURSORS,
+    CF_DEDUP,
+    CF_HEADS,
+    CF_RAFT_LOG,
+    CF_RAFT_META,
+];
+/// The column families holding a partition's replicated state (what a snapshot carries).
+const PARTITION_STATE_CFS: [&str; 4] = [CF_MSGS, CF_CURSORS, CF_DEDUP, CF_HEADS];
 
 /// Most records one range read returns, whatever the caller asks.
 pub const RANGE_READ_MAX: usize = 10_000;
@@ -420,6 +433,189 @@ impl Store {
     }
 }
 
+fn raft_log_key(partition: PartitionId, index: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(&partition.to_be_bytes());
+    k[2..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn raft_meta_key(partition: PartitionId, key: &str) -> Vec<u8> {
+    let mut k = partition.to_be_bytes().to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// One partition's replicated state, as a snapshot carries it: (column family, key, value).
+pub type PartitionRows = Vec<(String, Vec<u8>, Vec<u8>)>;
+
+/// Storage for the per-partition consensus log and its metadata, and partition snapshots.
+/// Generic bytes: the consensus library's types stay out of this crate.
+impl Store {
+    /// Appends (or overwrites) log entries of `partition`; `sync` fsyncs before returning.
+    pub fn raft_log_put(
+        &self,
+        partition: PartitionId,
+        entries: &[(u64, Vec<u8>)],
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for (index, bytes) in entries {
+            batch.put_cf(self.cf(CF_RAFT_LOG), raft_log_key(partition, *index), bytes);
+        }
+        self.write(batch, sync)
+    }
+
+    /// Entries of `partition` with `start <= index < end`, in order.
+    pub fn raft_log_range(
+        &self,
+        partition: PartitionId,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let (from, to) = (raft_log_key(partition, start), raft_log_key(partition, end));
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(from.to_vec()..to.to_vec());
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_RAFT_LOG),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            out.push((u64_be(&k[2..]).unwrap_or(0), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last entry of `partition`'s log, if any.
+    pub fn raft_log_last(
+        &self,
+        partition: PartitionId,
+    ) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let (from, to) = (
+            raft_log_key(partition, 0),
+            raft_log_key(partition, u64::MAX),
+        );
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(from.to_vec()..to.to_vec());
+        let mut iter = self
+            .db
+            .iterator_cf_opt(self.cf(CF_RAFT_LOG), ro, IteratorMode::End);
+        match iter.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((u64_be(&k[2..]).unwrap_or(0), v.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes entries of `partition` with `start <= index < end`.
+    pub fn raft_log_delete(
+        &self,
+        partition: PartitionId,
+        start: u64,
+        end: u64,
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_RAFT_LOG),
+            raft_log_key(partition, start),
+            raft_log_key(partition, end),
+        );
+        self.write(batch, sync)
+    }
+
+    pub fn raft_meta_put(
+        &self,
+        partition: PartitionId,
+        key: &str,
+        value: &[u8],
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
+        self.write(batch, sync)
+    }
+
+    pub fn raft_meta_get(
+        &self,
+        partition: PartitionId,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key))?)
+    }
+
+    /// Applies state-machine ops and metadata in one atomic batch.
+    pub fn apply_with_meta(
+        &self,
+        partition: PartitionId,
+        ops: &[Op],
+        meta: &[(&str, Vec<u8>)],
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            self.stage(&mut batch, op);
+        }
+        for (key, value) in meta {
+            batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
+        }
+        self.write(batch, sync)
+    }
+
+    /// Every row of `partition`'s replicated state.
+    pub fn export_partition(&self, partition: PartitionId) -> Result<PartitionRows, StorageError> {
+        let prefix = partition.to_be_bytes().to_vec();
+        let mut rows = Vec::new();
+        for cf in PARTITION_STATE_CFS {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
+            {
+                let (k, v) = item?;
+                rows.push((cf.to_string(), k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Replaces `partition`'s replicated state with `rows` (and `meta`), atomically.
+    pub fn import_partition(
+        &self,
+        partition: PartitionId,
+        rows: &PartitionRows,
+        meta: &[(&str, Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        let prefix = partition.to_be_bytes().to_vec();
+        let mut batch = WriteBatch::default();
+        for cf in PARTITION_STATE_CFS {
+            batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
+        }
+        for (cf, k, v) in rows {
+            if !PARTITION_STATE_CFS.contains(&cf.as_str()) || !k.starts_with(&prefix) {
+                return Err(StorageError::Corrupt(format!(
+                    "snapshot row for {cf} is outside partition {partition}"
+                )));
+            }
+            batch.put_cf(self.cf(cf), k, v);
+        }
+        for (key, value) in meta {
+            batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
+        }
+        self.write(batch, true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +743,76 @@ mod tests {
             store.read_range(3, "d", 0, 100).unwrap().len(),
             10,
             "messages stay"
+        );
+    }
+
+    #[test]
+    fn raft_log_ranges_stay_inside_their_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entries: Vec<(u64, Vec<u8>)> = (1..=10).map(|i| (i, vec![i as u8])).collect();
+        store.raft_log_put(4, &entries, true).unwrap();
+        store.raft_log_put(5, &[(1, vec![99])], true).unwrap();
+        assert_eq!(
+            store
+                .raft_log_range(4, 3, 6)
+                .unwrap()
+                .iter()
+                .map(|(i, _)| *i)
+                .collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(store.raft_log_last(4).unwrap(), Some((10, vec![10])));
+        store.raft_log_delete(4, 8, u64::MAX, true).unwrap();
+        assert_eq!(store.raft_log_last(4).unwrap().unwrap().0, 7);
+        assert_eq!(
+            store.raft_log_last(5).unwrap(),
+            Some((1, vec![99])),
+            "partition 5 untouched"
+        );
+        assert_eq!(store.raft_log_last(6).unwrap(), None);
+    }
+
+    #[test]
+    fn a_partition_exports_and_imports_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        append(&a, "x", 1..=5, 0); // partition 3
+        a.apply(
+            &[Op::Cursor {
+                partition: 3,
+                user: "x".into(),
+                device: "d".into(),
+                acked: 2,
+            }],
+            true,
+        )
+        .unwrap();
+        a.apply(
+            &[Op::Cursor {
+                partition: 7,
+                user: "y".into(),
+                device: "d".into(),
+                acked: 9,
+            }],
+            true,
+        )
+        .unwrap();
+        let rows = a.export_partition(3).unwrap();
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        append(&b, "stale", 1..=2, 0);
+        b.import_partition(3, &rows, &[]).unwrap();
+        assert_eq!(b.verify_user(3, "x").unwrap(), Some((1, 5)));
+        assert_eq!(b.cursor(3, "x", "d").unwrap(), 2);
+        assert_eq!(
+            b.last_seq(3, "stale").unwrap(),
+            0,
+            "the import replaced the partition"
+        );
+        assert_eq!(
+            b.cursor(7, "y", "d").unwrap(),
+            0,
+            "other partitions are not exported"
         );
     }
 

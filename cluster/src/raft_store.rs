@@ -1,0 +1,352 @@
+//! Consensus storage for one partition: the openraft log store and state machine, both in
+//! the node's RocksDB.
+//!
+//! - The **log** keeps entries under `raft_log` (partition, index) and the vote, the
+//!   committed id and the purge point under `raft_meta`. Appends and votes are fsynced
+//!   before openraft is told they are durable.
+//! - The **state machine** applies each entry's [`Batch`] of ops (appends, cursor moves,
+//!   with their dedup records) to the partition's mailboxes, together with the last applied
+//!   log id and membership, in one atomic write. Applying is not fsynced: after a crash the
+//!   log replays from the last applied id that did reach the disk.
+//! - A **snapshot** is the partition's whole replicated state (its rows in the message,
+//!   cursor, dedup and head column families) plus the applied id and membership.
+//!
+//! Not wired into the node yet: the replicated `PartitionLog` builds on it.
+
+// openraft's storage traits return `StorageError` by value (224 bytes); the helpers here
+// return what those traits return, so boxing would only add a conversion at every call.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use warbler_storage::{Op, PartitionId, PartitionRows, Store};
+
+/// One log entry's worth of state changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+/// What applying a batch returns to the proposer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub ops: usize,
+}
+
+openraft::declare_raft_types!(
+    /// Warbler's consensus types: node ids are u64, entries carry [`Batch`]es.
+    pub TypeConfig:
+        D = Batch,
+        R = Applied,
+);
+
+pub type NodeId = u64;
+type Error = StorageError<NodeId>;
+/// The last applied log id and the membership as of it.
+type AppliedState = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, openraft::BasicNode>,
+);
+
+const META_VOTE: &str = "vote";
+const META_COMMITTED: &str = "committed";
+const META_PURGED: &str = "purged";
+const META_APPLIED: &str = "applied";
+const META_MEMBERSHIP: &str = "membership";
+const META_SNAPSHOT: &str = "snapshot";
+
+fn io_err(e: impl ToString) -> Error {
+    StorageIOError::write(&std::io::Error::other(e.to_string())).into()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("consensus types serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
+    rmp_serde::from_slice(bytes).map_err(io_err)
+}
+
+/// The log of one partition.
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+    partition: PartitionId,
+}
+
+impl LogStore {
+    pub fn new(store: Store, partition: PartitionId) -> Self {
+        Self { store, partition }
+    }
+
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, Error> {
+        match self
+            .store
+            .raft_meta_get(self.partition, key)
+            .map_err(io_err)?
+        {
+            Some(b) => decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), Error> {
+        self.store
+            .raft_meta_put(self.partition, key, &encode(v), true)
+            .map_err(io_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => *e,
+            Bound::Unbounded => u64::MAX,
+        };
+        let rows = self
+            .store
+            .raft_log_range(self.partition, start, end)
+            .map_err(io_err)?;
+        rows.iter().map(|(_, b)| decode(b)).collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Error> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.meta(META_PURGED)?;
+        let last = match self.store.raft_log_last(self.partition).map_err(io_err)? {
+            Some((_, b)) => Some(decode::<Entry<TypeConfig>>(&b)?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
+        self.put_meta(META_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, Error> {
+        self.meta(META_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        self.put_meta(META_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
+        Ok(self
+            .meta::<Option<LogId<NodeId>>>(META_COMMITTED)?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let rows: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (e.log_id.index, encode(&e)))
+            .collect();
+        let r = self.store.raft_log_put(self.partition, &rows, true);
+        callback.log_io_completed(
+            r.as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        r.map_err(io_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        self.store
+            .raft_log_delete(self.partition, log_id.index, u64::MAX, true)
+            .map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        // The purge point first: a crash between the two leaves extra entries, never a hole.
+        self.put_meta(META_PURGED, &log_id)?;
+        self.store
+            .raft_log_delete(self.partition, 0, log_id.index + 1, false)
+            .map_err(io_err)
+    }
+}
+
+/// The state machine of one partition.
+#[derive(Clone)]
+pub struct StateMachine {
+    log: LogStore,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    rows: PartitionRows,
+}
+
+impl StateMachine {
+    pub fn new(store: Store, partition: PartitionId) -> Self {
+        Self {
+            log: LogStore::new(store, partition),
+        }
+    }
+
+    fn applied(&self) -> Result<AppliedState, Error> {
+        Ok((
+            self.log
+                .meta::<Option<LogId<NodeId>>>(META_APPLIED)?
+                .flatten(),
+            self.log.meta(META_MEMBERSHIP)?.unwrap_or_default(),
+        ))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let (last_applied, membership) = self.applied()?;
+        let rows = self
+            .log
+            .store
+            .export_partition(self.log.partition)
+            .map_err(io_err)?;
+        let snapshot_id = match last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, rows.len()),
+            None => format!("empty-{}", rows.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let bytes = encode(&SnapshotFile {
+            meta: meta.clone(),
+            rows,
+        });
+        self.log
+            .store
+            .raft_meta_put(self.log.partition, META_SNAPSHOT, &bytes, true)
+            .map_err(io_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<AppliedState, Error> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (_, mut membership) = self.applied()?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let ops: &[Op] = match &entry.payload {
+                EntryPayload::Normal(batch) => &batch.ops,
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    &[]
+                }
+                EntryPayload::Blank => &[],
+            };
+            let meta = [
+                (META_APPLIED, encode(&Some(entry.log_id))),
+                (META_MEMBERSHIP, encode(&membership)),
+            ];
+            self.log
+                .store
+                .apply_with_meta(self.log.partition, ops, &meta, false)
+                .map_err(io_err)?;
+            out.push(Applied { ops: ops.len() });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let bytes = snapshot.into_inner();
+        let file: SnapshotFile = decode(&bytes)?;
+        let applied = [
+            (META_APPLIED, encode(&meta.last_log_id)),
+            (META_MEMBERSHIP, encode(&meta.last_membership)),
+            (
+                META_SNAPSHOT,
+                encode(&SnapshotFile {
+                    meta: meta.clone(),
+                    rows: Vec::new(),
+                }),
+            ),
+        ];
+        self.log
+            .store
+            .import_partition(self.log.partition, &file.rows, &applied)
+            .map_err(io_err)?;
+        // Keep the received snapshot whole, so it can be served on to other replicas.
+        self.log
+            .store
+            .raft_meta_put(self.log.partition, META_SNAPSHOT, &bytes, true)
+            .map_err(io_err)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        match self
+            .log
+            .store
+            .raft_meta_get(self.log.partition, META_SNAPSHOT)
+            .map_err(io_err)?
+        {
+            None => Ok(None),
+            Some(bytes) => {
+                let file: SnapshotFile = decode(&bytes)?;
+                Ok(Some(Snapshot {
+                    meta: file.meta,
+                    snapshot: Box::new(Cursor::new(bytes)),
+                }))
+            }
+        }
+    }
+}
