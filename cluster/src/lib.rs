@@ -16,10 +16,14 @@
 //! - [`raft_store`]: one partition's consensus log and state machine (openraft) in the
 //!   node's RocksDB, checked by openraft's own storage test suite.
 //!
+//! - [`raft_net`]: openraft's network over the peer transport, and the service that hands
+//!   peers' consensus RPCs to each partition's `Raft`.
+//!
 //! Replicated partitions build on these.
 
 pub mod membership;
 pub mod partition;
+pub mod raft_net;
 pub mod raft_store;
 pub mod ring;
 pub mod transport;

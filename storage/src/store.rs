@@ -295,39 +295,45 @@ impl Store {
     }
 
     /// Checks that `user`'s retained messages are one contiguous run ending at the head.
-    /// Returns the (first, last) retained seqs, or `None` when nothing is retained.
+    /// Returns the (first, last) retained seqs, or `None` when nothing is retained. Reads
+    /// from one database snapshot, so concurrent writes cannot produce a false verdict.
     pub fn verify_user(
         &self,
         partition: PartitionId,
         user: &str,
     ) -> Result<Option<(u64, u64)>, StorageError> {
-        let head = self.last_seq(partition, user)?;
-        let mut expect: Option<u64> = None;
+        let snap = self.db.snapshot();
+        let head = match snap.get_cf(self.cf(CF_HEADS), user_prefix(partition, user))? {
+            None => 0,
+            Some(v) => u64_be(&v).ok_or_else(|| {
+                StorageError::Corrupt(format!("head of {user} is {} bytes", v.len()))
+            })?,
+        };
+        let prefix = user_prefix(partition, user);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
         let mut first = None;
-        let mut after = 0;
-        loop {
-            let chunk = self.read_range(partition, user, after, RANGE_READ_MAX)?;
-            let Some(&(last_in_chunk, _)) = chunk.last() else {
-                break;
-            };
-            for (seq, _) in &chunk {
-                if let Some(e) = expect {
-                    if *seq != e {
-                        return Err(StorageError::Corrupt(format!(
-                            "{user}: expected seq {e}, found {seq}"
-                        )));
-                    }
+        let mut last: Option<u64> = None;
+        for item in snap.iterator_cf_opt(self.cf(CF_MSGS), ro, IteratorMode::Start) {
+            let (k, _) = item?;
+            let seq = keys::split_user_key(&k)
+                .and_then(|(_, _, rest)| u64_be(rest))
+                .ok_or_else(|| StorageError::Corrupt(format!("bad message key {k:?}")))?;
+            if let Some(prev) = last {
+                if seq != prev + 1 {
+                    return Err(StorageError::Corrupt(format!(
+                        "{user}: expected seq {}, found {seq}",
+                        prev + 1
+                    )));
                 }
-                first.get_or_insert(*seq);
-                expect = Some(seq + 1);
             }
-            after = last_in_chunk;
+            first.get_or_insert(seq);
+            last = Some(seq);
         }
-        match (first, expect) {
-            (Some(f), Some(e)) if e - 1 == head => Ok(Some((f, head))),
-            (Some(_), Some(e)) => Err(StorageError::Corrupt(format!(
-                "{user}: last message {} but head {head}",
-                e - 1
+        match (first, last) {
+            (Some(f), Some(l)) if l == head => Ok(Some((f, head))),
+            (Some(_), Some(l)) => Err(StorageError::Corrupt(format!(
+                "{user}: last message {l} but head {head}"
             ))),
             _ => Ok(None),
         }

@@ -1,0 +1,172 @@
+//! openraft's network over the peer transport: every partition's consensus RPCs share the
+//! one connection per peer, tagged with the partition and an RPC kind.
+//!
+//! The serving side ([`RaftService`]) hands each request to the partition's `Raft` and sends
+//! back the serialized `Result`, so a refusal by the remote Raft (a higher vote, a missing
+//! log) reaches the caller as that error, and transport failures as network errors.
+
+#![allow(clippy::result_large_err)] // openraft's RPC errors are returned by value.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::raft_store::{NodeId, TypeConfig};
+use crate::transport::{BoxFuture, PeerError, PeerHandler, PeerTransport};
+
+/// RPC kinds on the peer transport.
+pub const KIND_APPEND_ENTRIES: u8 = 1;
+pub const KIND_VOTE: u8 = 2;
+pub const KIND_INSTALL_SNAPSHOT: u8 = 3;
+
+/// Creates clients for one partition's Raft.
+#[derive(Clone)]
+pub struct Network {
+    pub transport: Arc<PeerTransport>,
+    pub partition: u16,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Client;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Client {
+        Client {
+            transport: self.transport.clone(),
+            partition: self.partition,
+            target,
+            addr: node.addr.parse().ok(),
+        }
+    }
+}
+
+/// Talks to one peer's replica of one partition.
+pub struct Client {
+    transport: Arc<PeerTransport>,
+    partition: u16,
+    target: NodeId,
+    addr: Option<SocketAddr>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Client {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(addr) = self.addr else {
+            let e = PeerError::Unreachable(format!("node {} has no valid address", self.target));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        let body = rmp_serde::to_vec_named(req).expect("consensus requests serialize");
+        match self
+            .transport
+            .call(addr, self.partition, kind, body, option.hard_ttl())
+            .await
+        {
+            Ok(bytes) => {
+                let answer: Result<Resp, RaftError<NodeId, E>> = rmp_serde::from_slice(&bytes)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Err(
+                e @ (PeerError::Unreachable(_)
+                | PeerError::Disconnected(_)
+                | PeerError::Overloaded(_)),
+            ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Client {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(KIND_APPEND_ENTRIES, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(KIND_INSTALL_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(KIND_VOTE, &rpc, &option).await
+    }
+}
+
+/// Serves peers' consensus RPCs for every partition this node replicates.
+#[derive(Default)]
+pub struct RaftService {
+    rafts: RwLock<HashMap<u16, Raft<TypeConfig>>>,
+}
+
+impl RaftService {
+    /// Starts serving `partition` with `raft`.
+    pub fn insert(&self, partition: u16, raft: Raft<TypeConfig>) {
+        self.rafts.write().unwrap().insert(partition, raft);
+    }
+
+    pub fn remove(&self, partition: u16) -> Option<Raft<TypeConfig>> {
+        self.rafts.write().unwrap().remove(&partition)
+    }
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    Ok(rmp_serde::to_vec_named(v).expect("consensus responses serialize"))
+}
+
+fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(body).map_err(|e| format!("cannot decode the consensus request: {e}"))
+}
+
+impl PeerHandler for RaftService {
+    fn handle(
+        &self,
+        _from: String,
+        partition: u16,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let raft = self.rafts.read().unwrap().get(&partition).cloned();
+        Box::pin(async move {
+            let raft =
+                raft.ok_or_else(|| format!("this node does not replicate partition {partition}"))?;
+            match kind {
+                KIND_APPEND_ENTRIES => reply(&raft.append_entries(request(&body)?).await),
+                KIND_VOTE => reply(&raft.vote(request(&body)?).await),
+                KIND_INSTALL_SNAPSHOT => reply(&raft.install_snapshot(request(&body)?).await),
+                other => Err(format!("unknown consensus RPC kind {other}")),
+            }
+        })
+    }
+}
