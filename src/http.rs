@@ -369,7 +369,8 @@ async fn cluster(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.log.writable() && !state.gw.shutdown.is_cancelled() {
+    // The local log is writable for every partition or for none.
+    if state.log.writable(0) && !state.gw.shutdown.is_cancelled() {
         Json(json!({"status": "ready"})).into_response()
     } else {
         ApiError::new(

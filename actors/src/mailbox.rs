@@ -273,7 +273,7 @@ impl MailboxState {
             let _ = reply.send(Ok(seq));
             return Ok(());
         }
-        if !self.log.writable() {
+        if !self.log.writable(self.partition) {
             let _ = reply.send(Err(MailboxError::Unavailable(
                 "the partition log refuses writes".into(),
             )));

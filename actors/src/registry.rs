@@ -166,8 +166,7 @@ impl Mailboxes {
         args: RegistryArgs,
     ) -> Result<(Mailboxes, JoinHandle<()>), ractor::SpawnErr> {
         let partitions = args.partitions;
-        let (registry, handle) =
-            Actor::spawn(Some("mailbox-registry".into()), MailboxRegistry, args).await?;
+        let (registry, handle) = Actor::spawn(None, MailboxRegistry, args).await?;
         Ok((
             Mailboxes {
                 registry,

@@ -19,10 +19,14 @@
 //! - [`raft_net`]: openraft's network over the peer transport, and the service that hands
 //!   peers' consensus RPCs to each partition's `Raft`.
 //!
-//! Replicated partitions build on these.
+//! - [`raft_log`]: the replicated `PartitionLog`: entries through each partition's Raft
+//!   group, completions in log order.
+//!
+//! Node wiring (groups per partition from the ring, routing to leaders) builds on these.
 
 pub mod membership;
 pub mod partition;
+pub mod raft_log;
 pub mod raft_net;
 pub mod raft_store;
 pub mod ring;

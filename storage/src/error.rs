@@ -12,6 +12,8 @@ pub enum StorageError {
     Closed,
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    #[error("this node cannot write partition {partition} now: {reason}")]
+    NotWritable { partition: u16, reason: String },
 }
 
 impl From<rocksdb::Error> for StorageError {

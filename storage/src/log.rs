@@ -30,8 +30,9 @@ pub trait PartitionLog: Send + Sync + 'static {
     /// seq its crashed predecessor still had in flight.
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>>;
 
-    /// False when this node cannot accept writes (a write failed, or no quorum).
-    fn writable(&self) -> bool;
+    /// False when this node cannot accept writes for `partition` now (a write failed, it
+    /// does not lead the partition, or the partition has no quorum).
+    fn writable(&self, partition: PartitionId) -> bool;
 }
 
 /// The single-node log: every partition commits straight to the local database.
@@ -60,7 +61,7 @@ impl PartitionLog for LocalLog {
         Box::pin(self.committer.commit(Vec::new()))
     }
 
-    fn writable(&self) -> bool {
+    fn writable(&self, _partition: PartitionId) -> bool {
         !self.committer.is_poisoned()
     }
 }

@@ -1,0 +1,128 @@
+//! The replicated [`PartitionLog`]: entries go through each partition's Raft group, so an
+//! entry is durable once a majority of the partition's replicas have it, and only the
+//! partition's leader can write.
+//!
+//! Ordering, as the trait promises: `propose` hands the entry to Raft before it returns, so
+//! entries proposed one after another enter the log in that order; one completion task per
+//! partition awaits the answers first in, first out, so `done` callbacks run in log order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use tokio::sync::mpsc;
+use warbler_storage::log::BoxFuture;
+use warbler_storage::{Done, Op, PartitionId, PartitionLog, StorageError};
+
+use crate::raft_store::{Batch, TypeConfig};
+
+type Answer = openraft::raft::responder::OneshotResponder<TypeConfig>;
+type Pending = (
+    <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver,
+    Option<Done>,
+);
+
+struct Group {
+    raft: Raft<TypeConfig>,
+    /// Answers awaited in log order. Unbounded on purpose: every item is an entry Raft
+    /// already accepted, bounded by the mailboxes' own limits upstream.
+    completions: mpsc::UnboundedSender<Pending>,
+}
+
+/// The Raft groups of the partitions this node replicates.
+#[derive(Default)]
+pub struct RaftLog {
+    groups: RwLock<HashMap<PartitionId, Arc<Group>>>,
+}
+
+impl RaftLog {
+    /// Routes `partition`'s entries to `raft`.
+    pub fn insert(&self, partition: PartitionId, raft: Raft<TypeConfig>) {
+        let (completions, rx) = mpsc::unbounded_channel();
+        tokio::spawn(complete_in_order(partition, rx));
+        self.groups
+            .write()
+            .unwrap()
+            .insert(partition, Arc::new(Group { raft, completions }));
+    }
+
+    fn group(&self, partition: PartitionId) -> Result<Arc<Group>, StorageError> {
+        self.groups
+            .read()
+            .unwrap()
+            .get(&partition)
+            .cloned()
+            .ok_or_else(|| StorageError::NotWritable {
+                partition,
+                reason: "this node does not replicate it".into(),
+            })
+    }
+}
+
+fn not_writable(partition: PartitionId, reason: impl ToString) -> StorageError {
+    StorageError::NotWritable {
+        partition,
+        reason: reason.to_string(),
+    }
+}
+
+async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    while let Some((answer, done)) = rx.recv().await {
+        let result = match answer.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(not_writable(
+                partition,
+                format!("not the leader (the leader is {:?})", f.leader_id),
+            )),
+            Ok(Err(e)) => Err(not_writable(partition, e)),
+            Err(_) => Err(not_writable(partition, "the Raft group stopped")),
+        };
+        if let Some(done) = done {
+            done(result);
+        }
+    }
+}
+
+impl PartitionLog for RaftLog {
+    fn propose(
+        &self,
+        partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let group = self.group(partition)?;
+            let answer = group
+                .raft
+                .client_write_ff(Batch { ops })
+                .await
+                .map_err(|e| not_writable(partition, e))?;
+            group
+                .completions
+                .send((answer, done))
+                .map_err(|_| not_writable(partition, "the completion task stopped"))
+        })
+    }
+
+    fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let group = self.group(partition)?;
+            group
+                .raft
+                .ensure_linearizable()
+                .await
+                .map(|_| ())
+                .map_err(|e: RaftError<u64, _>| not_writable(partition, e))
+        })
+    }
+
+    fn writable(&self, partition: PartitionId) -> bool {
+        let Ok(group) = self.group(partition) else {
+            return false;
+        };
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow();
+        m.current_leader == Some(m.id)
+    }
+}
