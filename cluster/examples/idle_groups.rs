@@ -1,0 +1,111 @@
+//! Measures what idle Raft groups cost: 3 replicas x N partitions (one Raft group per
+//! partition, all sharing one peer transport per node, as in a cluster) in one process,
+//! leaders elected, nothing written; prints the process CPU over a quiet interval.
+//!
+//!   cargo run --release --example idle_groups -- [partitions=64] [heartbeat_ms=50] [seconds=10]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, Config, Raft};
+use warbler_cluster::raft_net::{Network, RaftService};
+use warbler_cluster::raft_store::{LogStore, StateMachine, TypeConfig};
+use warbler_cluster::PeerTransport;
+use warbler_storage::Store;
+
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let partitions = *args.first().unwrap_or(&64) as u16;
+    let heartbeat = *args.get(1).unwrap_or(&50);
+    let seconds = *args.get(2).unwrap_or(&10);
+    let config = Arc::new(
+        Config {
+            heartbeat_interval: heartbeat,
+            election_timeout_min: heartbeat * 4,
+            election_timeout_max: heartbeat * 8,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let store = Store::open(&dir.path().join(id.to_string())).unwrap();
+        let service = Arc::new(RaftService::default());
+        let transport = Arc::new(
+            PeerTransport::start(
+                &format!("n{id}"),
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                service.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+        nodes.push((id, store, service, transport));
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|(id, _, _, t)| (*id, BasicNode::new(t.local_addr().to_string())))
+        .collect();
+    let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
+    for p in 0..partitions {
+        for (id, store, service, transport) in &nodes {
+            let raft = Raft::new(
+                *id,
+                config.clone(),
+                Network {
+                    transport: transport.clone(),
+                    partition: p,
+                },
+                LogStore::new(store.clone(), p),
+                StateMachine::new(store.clone(), p),
+            )
+            .await
+            .unwrap();
+            service.insert(p, raft.clone());
+            if *id == 1 + u64::from(p) % 3 {
+                raft.initialize(members.clone()).await.unwrap();
+            }
+            rafts.push(raft);
+        }
+    }
+    let start = Instant::now();
+    while rafts
+        .iter()
+        .any(|r| r.metrics().borrow().current_leader.is_none())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "leaders not elected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, t0) = (cpu_secs(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = (cpu_secs() - cpu0) / t0.elapsed().as_secs_f64();
+    println!(
+        "idle raft groups: {partitions} partitions x 3 replicas, heartbeat {heartbeat} ms: {:.1}% of one core for the whole 3-node cluster ({:.3}% per replica group)",
+        cpu * 100.0,
+        cpu * 100.0 / (f64::from(partitions) * 3.0)
+    );
+}
