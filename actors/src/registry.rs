@@ -153,11 +153,20 @@ impl RegistryState {
     }
 }
 
+/// Mailbox references the gateway keeps to skip the registry round trip; cleared whole
+/// when it grows past this (a miss only costs that round trip).
+const REF_CACHE_MAX: usize = 100_000;
+
 /// The gateway's handle on the node's mailboxes. Cheap to clone.
+///
+/// It caches references to running mailboxes. Only the registry spawns mailboxes, so a
+/// cached reference is always the user's one writer or a stopped actor; a stopped one is
+/// skipped here, and a call that reaches a mailbox as it stops is retried via the registry.
 #[derive(Clone)]
 pub struct Mailboxes {
     registry: ActorRef<RegistryMsg>,
     partitions: u16,
+    refs: Arc<std::sync::RwLock<HashMap<String, ActorRef<MailboxMsg>>>>,
 }
 
 impl Mailboxes {
@@ -171,6 +180,7 @@ impl Mailboxes {
             Mailboxes {
                 registry,
                 partitions,
+                refs: Arc::default(),
             },
             handle,
         ))
@@ -182,6 +192,21 @@ impl Mailboxes {
 
     /// The running mailbox of `user`.
     pub async fn get(&self, user: &str) -> Result<ActorRef<MailboxMsg>, MailboxError> {
+        if let Some(r) = self.refs.read().unwrap().get(user) {
+            if r.get_status() <= ActorStatus::Running {
+                return Ok(r.clone());
+            }
+        }
+        let r = self.get_from_registry(user).await?;
+        let mut refs = self.refs.write().unwrap();
+        if refs.len() >= REF_CACHE_MAX {
+            refs.clear();
+        }
+        refs.insert(user.to_string(), r.clone());
+        Ok(r)
+    }
+
+    async fn get_from_registry(&self, user: &str) -> Result<ActorRef<MailboxMsg>, MailboxError> {
         let partition = self.partition_of(user);
         match self
             .registry
