@@ -10,8 +10,8 @@ use openraft::{BasicNode, Config, Raft};
 use serde_bytes::ByteBuf;
 use warbler_actors::{MailboxError, MailboxLimits, Mailboxes, RegistryArgs};
 use warbler_cluster::raft_log::RaftLog;
-use warbler_cluster::raft_net::{Network, RaftService};
-use warbler_cluster::raft_store::{LogStore, StateMachine, TypeConfig};
+use warbler_cluster::raft_net::{start_group, RaftService};
+use warbler_cluster::raft_store::TypeConfig;
 use warbler_cluster::{partition_of, PeerTransport};
 use warbler_storage::{PartitionLog, Store};
 
@@ -46,19 +46,16 @@ async fn replica(id: u64, partition: u16) -> Replica {
         election_timeout_max: 800,
         ..Default::default()
     };
-    let raft = Raft::new(
+    let raft = start_group(
         id,
+        partition,
         Arc::new(config.validate().unwrap()),
-        Network {
-            transport: transport.clone(),
-            partition,
-        },
-        LogStore::new(store.clone(), partition),
-        StateMachine::new(store.clone(), partition),
+        &store,
+        &transport,
+        &service,
     )
     .await
     .unwrap();
-    service.insert(partition, raft.clone());
     let log = Arc::new(RaftLog::default());
     log.insert(partition, raft.clone());
     Replica {

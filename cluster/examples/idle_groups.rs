@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, Config, Raft};
-use warbler_cluster::raft_net::{Network, RaftService};
-use warbler_cluster::raft_store::{LogStore, StateMachine, TypeConfig};
+use warbler_cluster::raft_net::{start_group, RaftService};
+use warbler_cluster::raft_store::TypeConfig;
 use warbler_cluster::PeerTransport;
 use warbler_storage::Store;
 
@@ -69,19 +69,9 @@ async fn main() {
     let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
     for p in 0..partitions {
         for (id, store, service, transport) in &nodes {
-            let raft = Raft::new(
-                *id,
-                config.clone(),
-                Network {
-                    transport: transport.clone(),
-                    partition: p,
-                },
-                LogStore::new(store.clone(), p),
-                StateMachine::new(store.clone(), p),
-            )
-            .await
-            .unwrap();
-            service.insert(p, raft.clone());
+            let raft = start_group(*id, p, config.clone(), store, transport, service)
+                .await
+                .unwrap();
             if *id == 1 + u64::from(p) % 3 {
                 raft.initialize(members.clone()).await.unwrap();
             }

@@ -170,3 +170,24 @@ impl PeerHandler for RaftService {
         })
     }
 }
+
+/// Starts this node's replica of `partition`: a Raft group over `store`, reached through
+/// `transport`, registered with `service` so peers' RPCs find it.
+pub async fn start_group(
+    id: NodeId,
+    partition: u16,
+    config: Arc<openraft::Config>,
+    store: &warbler_storage::Store,
+    transport: &Arc<PeerTransport>,
+    service: &RaftService,
+) -> Result<Raft<TypeConfig>, openraft::error::Fatal<NodeId>> {
+    let network = Network {
+        transport: transport.clone(),
+        partition,
+    };
+    let log = crate::raft_store::LogStore::new(store.clone(), partition);
+    let state_machine = crate::raft_store::StateMachine::new(store.clone(), partition);
+    let raft = Raft::new(id, config, network, log, state_machine).await?;
+    service.insert(partition, raft.clone());
+    Ok(raft)
+}

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, Config, Raft};
 use serde_bytes::ByteBuf;
-use warbler_cluster::raft_net::{Network, RaftService};
-use warbler_cluster::raft_store::{Batch, LogStore, StateMachine, TypeConfig};
+use warbler_cluster::raft_net::{start_group, RaftService};
+use warbler_cluster::raft_store::{Batch, TypeConfig};
 use warbler_cluster::PeerTransport;
 use warbler_storage::{Op, Store, StoredMessage};
 
@@ -44,20 +44,16 @@ async fn replica(id: u64) -> Replica {
         election_timeout_max: 800,
         ..Default::default()
     };
-    let network = Network {
-        transport: transport.clone(),
-        partition: PARTITION,
-    };
-    let raft = Raft::new(
+    let raft = start_group(
         id,
+        PARTITION,
         Arc::new(config.validate().unwrap()),
-        network,
-        LogStore::new(store.clone(), PARTITION),
-        StateMachine::new(store.clone(), PARTITION),
+        &store,
+        &transport,
+        &service,
     )
     .await
     .unwrap();
-    service.insert(PARTITION, raft.clone());
     Replica {
         _dir: dir,
         store,
