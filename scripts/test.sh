@@ -11,4 +11,11 @@ if ! python3 -c "import msgpack" >/dev/null 2>&1; then
     python3 -m pip install --quiet msgpack 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-msgpack >/dev/null; }
 fi
 # One profile (release) for tests, binaries and benchmarks: RocksDB is compiled once.
-cargo test --release --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+# cargo prints one result line per test binary, the last often a doc-test run with no
+# tests; end with the total.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
