@@ -417,7 +417,8 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
                 "text messages are not frames; send each frame as one binary message".into(),
             )))),
             Ok(Message::Close(_)) => None,
-            Ok(_) => Some(Ok(Frame::Pong { n: 0 })), // WebSocket-level ping/pong: nothing to do
+            // WebSocket-level ping/pong are answered by the library; not frames.
+            Ok(_) => None,
         }
     });
     let (tx, mut rx) = mpsc::channel::<Frame>(gw.writer_queue());

@@ -264,7 +264,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     );
     let pubd = published.load(Ordering::Relaxed);
     let deliv = delivered.load(Ordering::Relaxed);
-    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
     println!(
         "users={} publishers={} offered_rate={} body={}B duration={:.1}s",
         a.users,
@@ -284,21 +283,21 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         pubd as f64 / elapsed_send,
         deliv as f64 / elapsed
     );
-    println!(
-        "publish->ack ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
-        q(&ack, 0.5),
-        q(&ack, 0.99),
-        q(&ack, 0.999),
-        ack.max() as f64 / 1000.0
-    );
-    println!(
-        "publish->deliver ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
-        q(&d, 0.5),
-        q(&d, 0.99),
-        q(&d, 0.999),
-        d.max() as f64 / 1000.0
-    );
+    print_latency("publish->ack", &ack);
+    print_latency("publish->deliver", &d);
     Ok(())
+}
+
+/// Prints p50/p99/p99.9/max of a histogram of microseconds, in milliseconds.
+fn print_latency(name: &str, h: &Histogram<u64>) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "{name} ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    );
 }
 
 async fn idle(a: IdleArgs) -> anyhow::Result<()> {
