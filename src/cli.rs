@@ -16,7 +16,8 @@ const DEV_SECRET_FILE: &str = "dev-secret";
 
 #[derive(Args)]
 pub struct DevArgs {
-    /// Nodes to start. This build runs single nodes; clustering comes with replication.
+    /// Nodes to start (1-9). Above 1, each node is a separate `warbler serve` process with
+    /// its own data directory (DIR/node-N), ports counting up from the given ones.
     #[arg(long, default_value_t = 1)]
     nodes: u32,
     /// Data directory (the secret is generated into it on first start).
@@ -214,8 +215,14 @@ fn dev_secret(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    if args.nodes != 1 {
-        bail!("--nodes {}: this build runs single nodes only; use --nodes 1 (multi-node clusters come with replication)", args.nodes);
+    if !(1..=9).contains(&args.nodes) {
+        bail!(
+            "--nodes {}: choose 1 to 9 local nodes (ports count up from --client-addr and --http-addr)",
+            args.nodes
+        );
+    }
+    if args.nodes > 1 {
+        return dev_cluster(args).await;
     }
     let mut config = Config {
         data_dir: args.data_dir.clone(),
@@ -250,4 +257,218 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         http = config.http_addr,
     );
     crate::serve(config, auth).await
+}
+
+fn port_plus(addr: &str, flag: &str, n: u32) -> anyhow::Result<std::net::SocketAddr> {
+    let a: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{flag} {addr:?}: expected IP:PORT, e.g. 127.0.0.1:7400"))?;
+    Ok(std::net::SocketAddr::new(a.ip(), a.port() + n as u16))
+}
+
+/// `dev --nodes N`: N `warbler serve` processes on this machine forming one cluster.
+async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let secret = dev_secret(&args.data_dir)?;
+    let exe = std::env::current_exe().context("cannot find the warbler executable")?;
+    let seed = port_plus(&args.client_addr, "--client-addr", 10)?;
+    let mut children = Vec::new();
+    let mut lines = Vec::new();
+    for i in 0..args.nodes {
+        let name = format!("node-{i}");
+        let client = port_plus(&args.client_addr, "--client-addr", i)?;
+        let http = port_plus(&args.http_addr, "--http-addr", i)?;
+        let cluster = port_plus(&args.client_addr, "--client-addr", 10 + i)?;
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("serve")
+            .args(["--node-id", &name])
+            .arg("--data-dir")
+            .arg(args.data_dir.join(&name))
+            .args(["--client-addr", &client.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(["--cluster-addr", &cluster.to_string()])
+            .args(["--seeds", &seed.to_string()])
+            .args(["--bootstrap-expect", &args.nodes.to_string()])
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+        let ready = loop {
+            match out.next_line().await? {
+                Some(l) if l.starts_with("warbler ready") => break l,
+                Some(_) => continue,
+                None => bail!("{name} exited before it was ready; see its log above"),
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+        lines.push(format!(
+            "  {name}  device tcp://{client}  HTTP http://{http}  cluster {cluster}"
+        ));
+        let _ = ready;
+        children.push(child);
+    }
+    let http0 = port_plus(&args.http_addr, "--http-addr", 0)?;
+    let e = exe.display();
+    eprintln!(
+        "\nWarbler dev cluster of {n} nodes (separate processes), data in {d}/node-*, secret in {s}\n\n{nodes}\n\
+         \nAny node takes devices and publishes. Try it from another terminal in this directory:\n\
+         \n  {e} cluster status --http {http0}\
+         \n  {e} listen --user alice --addr {c1}\
+         \n  {e} send --to alice \"hello\" --addr {c0}\n\
+         \nCtrl-C stops all nodes.\n",
+        n = args.nodes,
+        d = args.data_dir.display(),
+        s = secret.display(),
+        nodes = lines.join("\n"),
+        c0 = port_plus(&args.client_addr, "--client-addr", 0)?,
+        c1 = port_plus(&args.client_addr, "--client-addr", 1)?,
+    );
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut exited = Box::pin(futures::future::select_all(
+        children.iter_mut().map(|c| Box::pin(c.wait())),
+    ));
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        (status, i, _) = &mut exited => {
+            eprintln!("node-{i} exited ({status:?}); stopping the others");
+        }
+    }
+    drop(exited);
+    for c in &children {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), c.wait()).await;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ClusterStatusArgs {
+    /// Any node's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    http: String,
+    /// Print the raw JSON of GET /v1/cluster.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A GET over plain HTTP/1.1 (the operator commands need nothing more).
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach {addr}; is a node's HTTP API there? (--http)"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("{addr} did not answer with HTTP"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `warbler cluster status`: members, their state, partitions with replicas and leaders.
+pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
+    let (status, body) = http_get(&args.http, "/v1/cluster").await?;
+    if status != 200 {
+        bail!("GET /v1/cluster on {} answered {status}: {body}", args.http);
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("{} sent JSON this version cannot read", args.http))?;
+    println!("MEMBER            STATE      CLIENT                 HTTP                   CLUSTER");
+    for m in v["members"].as_array().into_iter().flatten() {
+        let s = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<17} {:<10} {:<22} {:<22} {}",
+            s("node"),
+            s("state"),
+            s("client_addr"),
+            s("http_addr"),
+            s("cluster_addr")
+        );
+    }
+    let parts = v["partitions"].as_array().cloned().unwrap_or_default();
+    let mut led: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut leaderless = Vec::new();
+    for p in &parts {
+        match p["leader"].as_str() {
+            Some(l) => *led.entry(l.to_string()).or_default() += 1,
+            None => leaderless.push(p["partition"].to_string()),
+        }
+    }
+    println!(
+        "\npartitions: {}  replication factor: {}",
+        v["partition_count"], v["replication_factor"]
+    );
+    for (node, n) in &led {
+        println!("  {node} leads {n}");
+    }
+    if !leaderless.is_empty() {
+        println!(
+            "  without a leader (election running or no quorum): {}",
+            leaderless.join(" ")
+        );
+    }
+    println!("\nPARTITION  LEADER            REPLICAS");
+    for p in &parts {
+        let reps: Vec<&str> = p["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str())
+            .collect();
+        println!(
+            "{:<10} {:<17} {}",
+            p["partition"],
+            p["leader"].as_str().unwrap_or("-"),
+            reps.join(",")
+        );
+    }
+    Ok(())
 }

@@ -38,10 +38,8 @@ const FANOUT_CONCURRENCY: usize = 64;
 pub struct AppState {
     pub gw: Arc<Gateway>,
     pub store: Store,
-    pub log: LocalLog,
+    pub view: Arc<dyn NodeView>,
     pub metrics: PrometheusHandle,
-    pub partitions: u16,
-    pub addrs: NodeAddrs,
 }
 
 #[derive(Clone, Copy)]
@@ -112,6 +110,74 @@ impl From<warbler_storage::StorageError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// What `/v1/cluster`, `/readyz` and the fault switch see of the node: a single node, or
+/// a member of a cluster.
+pub trait NodeView: Send + Sync + 'static {
+    /// Members, partitions with replicas and leaders.
+    fn status(&self) -> Value;
+    /// `Err(why)` while the node should not get traffic.
+    fn ready(&self) -> Result<(), String>;
+    /// Testing only: cut the node off from peers at these cluster addresses (`None`: this
+    /// node has no fault switch).
+    fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()>;
+}
+
+/// A node on its own: it leads every partition.
+pub struct SingleNode {
+    pub log: LocalLog,
+    pub node_id: String,
+    pub addrs: NodeAddrs,
+    pub partitions: u16,
+}
+
+impl NodeView for SingleNode {
+    fn status(&self) -> Value {
+        let node = &self.node_id;
+        let partitions: Vec<Value> = (0..self.partitions)
+            .map(|p| json!({"partition": p, "replicas": [node], "leader": node}))
+            .collect();
+        json!({
+            "node": node,
+            "members": [{
+                "node": node, "alive": true, "state": "serving",
+                "client_addr": self.addrs.client.to_string(),
+                "http_addr": self.addrs.http.to_string(),
+                "cluster_addr": self.addrs.cluster.to_string(),
+            }],
+            "replication_factor": 1,
+            "partition_count": self.partitions,
+            "partitions": partitions,
+        })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        // The local log is writable for every partition or for none.
+        if self.log.writable(0) {
+            Ok(())
+        } else {
+            Err("storage failed; see the node's logs".into())
+        }
+    }
+
+    fn set_faults(&self, _blocked: Vec<SocketAddr>) -> Option<()> {
+        None
+    }
+}
+
+impl NodeView for crate::cluster::ClusterNode {
+    fn status(&self) -> Value {
+        crate::cluster::ClusterNode::status(self)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        crate::cluster::ClusterNode::ready(self)
+    }
+
+    fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()> {
+        crate::cluster::ClusterNode::set_faults(self, blocked)
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     // Base64 grows a body by 4/3; JSON adds a little.
     let body_limit = state.gw.limits.max_body_bytes * 4 / 3 + 64 * 1024;
@@ -120,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/messages", post(fanout))
         .route("/v1/users/{user}/devices", get(devices))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/debug/faults", post(faults))
         .route("/v1/ws", get(websocket))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -350,35 +417,51 @@ async fn devices(
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<Value> {
-    let node = &state.gw.node_id;
-    let partitions: Vec<Value> = (0..state.partitions)
-        .map(|p| json!({"partition": p, "replicas": [node], "leader": node}))
-        .collect();
-    Json(json!({
-        "members": [{
-            "node": node, "state": "serving",
-            "client_addr": state.addrs.client.to_string(),
-            "http_addr": state.addrs.http.to_string(),
-            "cluster_addr": state.addrs.cluster.to_string(),
-        }],
-        "replication_factor": 1,
-        "partition_count": state.partitions,
-        "partitions": partitions,
-        "mailboxes_active": state.gw.mailboxes.active_count().await,
-    }))
+    let mut status = state.view.status();
+    status["mailboxes_active"] = json!(state.gw.mailboxes.active_count().await);
+    Json(status)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    // The local log is writable for every partition or for none.
-    if state.log.writable(0) && !state.gw.shutdown.is_cancelled() {
-        Json(json!({"status": "ready"})).into_response()
+    let ready = if state.gw.shutdown.is_cancelled() {
+        Err("shutting down".to_string())
     } else {
-        ApiError::new(
+        state.view.ready()
+    };
+    match ready {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(why) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            "this node does not accept writes (storage failed or shutting down); see its logs",
+            format!("this node is not ready: {why}"),
         )
-        .into_response()
+        .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FaultsBody {
+    /// Cluster addresses of the peers to cut off; empty heals.
+    block: Vec<SocketAddr>,
+}
+
+/// Testing only (`cluster.fault_injection = true`): cut this node off from some peers.
+async fn faults(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<FaultsBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    claims(&state, &headers, Scope::Admin)?;
+    let Json(body) = body.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{e}; send {{\"block\": [\"HOST:PORT\", ...]}} with peers' cluster addresses"
+        ))
+    })?;
+    match state.view.set_faults(body.block.clone()) {
+        Some(()) => Ok(Json(json!({"blocked": body.block})).into_response()),
+        None => Err(ApiError::bad_request(
+            "fault injection is off: it exists for tests only, on cluster nodes started with cluster.fault_injection = true",
+        )),
     }
 }
 

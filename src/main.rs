@@ -11,6 +11,7 @@
 
 mod auth;
 mod cli;
+mod cluster;
 mod gateway;
 mod http;
 mod node;
@@ -42,6 +43,15 @@ enum Command {
     Send(cli::SendArgs),
     /// Connect as a device, print messages as they arrive and acknowledge them.
     Listen(cli::ListenArgs),
+    /// Operator commands for a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members and their state, partitions with replicas and leaders.
+    Status(cli::ClusterStatusArgs),
 }
 
 /// Flags of `serve`. Each overrides the config file and the WARBLER_* variables.
@@ -127,13 +137,6 @@ impl ServeArgs {
             }
         }
         config.validate()?;
-        if config.bootstrap_expect > 1 || !config.seeds.is_empty() {
-            anyhow::bail!(
-                "--bootstrap-expect {} / --seeds ask for a cluster, but this build runs single nodes only; \
-                 use --bootstrap-expect 1 and no seeds",
-                config.bootstrap_expect
-            );
-        }
         Ok(config)
     }
 }
@@ -173,6 +176,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Token(args) => cli::token(args),
         Command::Send(args) => cli::send(args).await,
         Command::Listen(args) => cli::listen(args).await,
+        Command::Cluster(ClusterCommand::Status(args)) => cli::cluster_status(args).await,
     }
 }
 

@@ -13,8 +13,9 @@ use warbler_config::Config;
 use warbler_storage::{now_ms, Committer, CommitterLimits, LocalLog, RetentionPolicy, Store};
 
 use crate::auth::Auth;
+use crate::cluster::ClusterNode;
 use crate::gateway::{tcp, Gateway};
-use crate::http::{self, AppState, NodeAddrs};
+use crate::http::{self, AppState, NodeAddrs, NodeView, SingleNode};
 
 /// Partitions of a cluster created by this version (fixed when the cluster is created).
 pub const PARTITIONS: u16 = 64;
@@ -30,31 +31,66 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.data_dir.join("db"))?;
     let s = &config.storage;
-    let committer = Committer::start(
-        store.clone(),
-        CommitterLimits {
-            batch_records_max: s.batch_records_max,
-            batch_bytes_max: s.batch_bytes_max,
-            queue_max: s.queue_max,
-            sync: s.sync,
-        },
-    );
     if !s.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
     }
-    let log = LocalLog::new(committer);
+    let client = TcpListener::bind(config.client_addr).await.with_context(|| format!("cannot listen on client_addr {}; is another process using it? pick another with --client-addr", config.client_addr))?;
+    let http_listener = TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on http_addr {}; is another process using it? pick another with --http-addr", config.http_addr))?;
+    let mut addrs = NodeAddrs {
+        client: client.local_addr()?,
+        http: http_listener.local_addr()?,
+        cluster: config.cluster_addr,
+    };
     let limits = MailboxLimits {
         inflight_max: config.limits.inflight_max,
         tail_cache_max: config.mailbox.tail_cache_max,
         idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
     };
-    let (mailboxes, registry_handle) = Mailboxes::start(RegistryArgs {
-        store: store.clone(),
-        log: Arc::new(log.clone()),
-        limits,
-        partitions: PARTITIONS,
-    })
-    .await?;
+
+    // A cluster of one is the single-node mode: no consensus, the group committer writes.
+    let clustered = config.bootstrap_expect > 1 || !config.seeds.is_empty();
+    let (mailboxes, registry_handle, view, cluster): (_, _, Arc<dyn NodeView>, _) = if clustered {
+        let node =
+            ClusterNode::start(&config, &store, addrs.client, addrs.http, PARTITIONS).await?;
+        addrs.cluster = node.transport.local_addr();
+        let (mailboxes, handle) = Mailboxes::start(RegistryArgs {
+            store: store.clone(),
+            log: node.raft_log.clone(),
+            limits,
+            partitions: PARTITIONS,
+        })
+        .await?;
+        let routing = node.routing();
+        let mailboxes = mailboxes.with_routing(routing.clone());
+        node.serve_routes(mailboxes.clone(), routing.clone());
+        let view: Arc<dyn NodeView> = node.clone();
+        (mailboxes, handle, view, Some((node, routing)))
+    } else {
+        let committer = Committer::start(
+            store.clone(),
+            CommitterLimits {
+                batch_records_max: s.batch_records_max,
+                batch_bytes_max: s.batch_bytes_max,
+                queue_max: s.queue_max,
+                sync: s.sync,
+            },
+        );
+        let log = LocalLog::new(committer);
+        let (mailboxes, handle) = Mailboxes::start(RegistryArgs {
+            store: store.clone(),
+            log: Arc::new(log.clone()),
+            limits,
+            partitions: PARTITIONS,
+        })
+        .await?;
+        let view: Arc<dyn NodeView> = Arc::new(SingleNode {
+            log,
+            node_id: config.node_id.clone(),
+            addrs,
+            partitions: PARTITIONS,
+        });
+        (mailboxes, handle, view, None)
+    };
 
     let gw = Arc::new(Gateway {
         node_id: config.node_id.clone(),
@@ -68,22 +104,13 @@ pub async fn run(
         (Some(c), Some(k)) => Some(tcp::tls_acceptor(c, k)?),
         _ => None,
     };
-    let client = TcpListener::bind(config.client_addr).await.with_context(|| format!("cannot listen on client_addr {}; is another process using it? pick another with --client-addr", config.client_addr))?;
-    let http_listener = TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on http_addr {}; is another process using it? pick another with --http-addr", config.http_addr))?;
-    let addrs = NodeAddrs {
-        client: client.local_addr()?,
-        http: http_listener.local_addr()?,
-        cluster: config.cluster_addr,
-    };
 
     let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone()));
     let app = http::router(AppState {
         gw: gw.clone(),
         store: store.clone(),
-        log,
+        view,
         metrics,
-        partitions: PARTITIONS,
-        addrs,
     });
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
@@ -93,14 +120,30 @@ pub async fn run(
     });
     let sweeper = tokio::spawn(sweep_retention(store.clone(), config.clone()));
 
-    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), data_dir = %config.data_dir.display(), "warbler node ready");
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), clustered, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
     println!(
-        "warbler ready node={} client={} http={}",
-        config.node_id, addrs.client, addrs.http
+        "warbler ready node={} client={} http={} cluster={}",
+        config.node_id, addrs.client, addrs.http, addrs.cluster
     );
 
-    shutdown.cancelled().await;
+    // In a cluster the node serves at once (requests wait for leaders) and forms or
+    // rejoins the cluster meanwhile; /readyz says when it is done.
+    let mut form_failed = None;
+    if let Some((node, routing)) = &cluster {
+        tokio::select! {
+            formed = node.form(&config, &store) => match formed {
+                Ok(()) => node.watch_leaders(mailboxes.clone(), routing.clone()),
+                Err(e) => form_failed = Some(e),
+            },
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    if form_failed.is_none() {
+        shutdown.cancelled().await;
+    } else {
+        shutdown.cancel();
+    }
     tracing::info!("draining: saying bye to connections");
     let _ = client_task.await;
     tokio::time::sleep(DRAIN_GRACE.min(Duration::from_millis(200))).await;
@@ -108,8 +151,14 @@ pub async fn run(
     sweeper.abort();
     mailboxes.stop();
     let _ = tokio::time::timeout(DRAIN_GRACE, registry_handle).await;
+    if let Some((node, _)) = &cluster {
+        let _ = tokio::time::timeout(DRAIN_GRACE, node.shutdown()).await;
+    }
     tracing::info!("stopped");
-    Ok(())
+    match form_failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Applies retention to every user, every `retention.sweep_interval_secs`.

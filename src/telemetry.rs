@@ -10,9 +10,17 @@ use warbler_config::LogFormat;
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Installs the log subscriber (stderr). `RUST_LOG`, when set, wins over `level`.
+/// The consensus library's own logs are off unless `level` names them (e.g.
+/// `info,openraft=warn`): it logs every unanswered RPC to a down peer as an error, which a
+/// cluster reports better through membership events and `/v1/cluster`.
 pub fn init_logs(format: LogFormat, level: &str) {
+    let level = if level.contains("openraft") {
+        level.to_string()
+    } else {
+        format!("{level},openraft=off")
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: container and file logs stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -31,8 +31,8 @@ impl PartitionLog for InstantLog {
     fn barrier(&self, _p: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async { Ok(()) })
     }
-    fn writable(&self, _p: PartitionId) -> bool {
-        true
+    fn leader_term(&self, _p: PartitionId) -> Option<u64> {
+        Some(0)
     }
 }
 

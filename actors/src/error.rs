@@ -1,5 +1,8 @@
-/// Why a mailbox request failed. The gateway maps these to protocol errors.
-#[derive(Debug, Clone, thiserror::Error)]
+use serde::{Deserialize, Serialize};
+
+/// Why a mailbox request failed. The gateway maps these to protocol errors. Serializable:
+/// a request routed to another node gets its answer back as this type.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum MailboxError {
     #[error("storage is not accepting writes: {0}; retry later or check the node's disk")]
     Unavailable(String),
@@ -9,4 +12,20 @@ pub enum MailboxError {
     Restarted,
     #[error("the node is shutting down; retry on another node")]
     ShuttingDown,
+    /// This node does not lead the user's partition (leadership moved, or no leader yet).
+    #[error(
+        "the user's partition has no reachable leader right now ({0}); retry with the same id"
+    )]
+    NoLeader(String),
+}
+
+impl MailboxError {
+    /// Worth retrying elsewhere or a moment later: the partition's leader moved or is being
+    /// elected, or the mailbox restarted.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            MailboxError::NoLeader(_) | MailboxError::Restarted | MailboxError::Unavailable(_)
+        )
+    }
 }

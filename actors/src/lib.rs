@@ -10,14 +10,18 @@
 //! - [`session`]: `DeviceSession`, one per connected device: subscribes to its user's
 //!   mailbox, writes deliveries to the connection, forwards cumulative acks, re-subscribes
 //!   from its cursor when the mailbox restarts.
+//! - [`route`]: in a cluster, requests for users whose partition another node leads go
+//!   there: publishes are forwarded, sessions subscribe through a stand-in on the leader.
 //! - [`error`]: the [`MailboxError`] type.
 
 pub mod error;
 pub mod mailbox;
 pub mod registry;
+pub mod route;
 pub mod session;
 
 pub use crate::error::MailboxError;
 pub use crate::mailbox::{DeviceInfo, MailboxLimits, MailboxMsg, SubscribeInfo};
 pub use crate::registry::{Mailboxes, RegistryArgs};
+pub use crate::route::{Leader, RouteService, Router, Routing};
 pub use crate::session::{DeviceSession, SessionArgs, SessionMsg};

@@ -107,6 +107,8 @@ pub struct MailboxState {
     store: Store,
     log: Arc<dyn PartitionLog>,
     limits: MailboxLimits,
+    /// The log term this mailbox started under; it stops when the term changes.
+    term: u64,
     /// Highest seq handed out (committed or pending).
     assigned: u64,
     /// Highest durable seq.
@@ -134,8 +136,19 @@ impl Actor for UserMailbox {
         myself: ActorRef<MailboxMsg>,
         args: MailboxArgs,
     ) -> Result<MailboxState, ActorProcessingErr> {
-        if args.after_crash {
+        // When replicated, leadership may have moved since this node last wrote the
+        // partition: only after the barrier does local storage hold every committed entry.
+        let term = args.log.leader_term(args.partition).ok_or_else(|| {
+            MailboxError::NoLeader(format!(
+                "this node does not lead partition {}",
+                args.partition
+            ))
+        })?;
+        if args.after_crash || args.log.replicated() {
             args.log.barrier(args.partition).await?;
+        }
+        if args.log.leader_term(args.partition) != Some(term) {
+            return Err(MailboxError::NoLeader("leadership moved while starting".into()).into());
         }
         let last = args.store.last_seq(args.partition, &args.user)?;
         myself.send_after(args.limits.idle_timeout, || MailboxMsg::IdleCheck);
@@ -146,6 +159,7 @@ impl Actor for UserMailbox {
             store: args.store,
             log: args.log,
             limits: args.limits,
+            term,
             assigned: last,
             committed: last,
             pending: BTreeMap::new(),
@@ -273,10 +287,13 @@ impl MailboxState {
             let _ = reply.send(Ok(seq));
             return Ok(());
         }
-        if !self.log.writable(self.partition) {
-            let _ = reply.send(Err(MailboxError::Unavailable(
-                "the partition log refuses writes".into(),
+        if self.log.leader_term(self.partition) != Some(self.term) {
+            // Leadership moved (or the log failed): this mailbox's view may be stale. Stop;
+            // the next request starts a fresh one where the partition is led now.
+            let _ = reply.send(Err(MailboxError::NoLeader(
+                "leadership moved away from this node".into(),
             )));
+            myself.stop(Some("leadership moved".into()));
             return Ok(());
         }
         let seq = self.assigned + 1;

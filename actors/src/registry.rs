@@ -13,6 +13,7 @@ use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
 use crate::mailbox::{DeviceInfo, MailboxArgs, MailboxLimits, MailboxMsg, UserMailbox};
+use crate::route::{Leader, Routing, KIND_DEVICES, KIND_PUBLISH};
 
 /// How often a request is retried when the mailbox it reached stopped under it (idle stop
 /// or crash); each retry gets a fresh mailbox from the registry.
@@ -30,6 +31,9 @@ pub enum RegistryMsg {
     },
     /// Number of active mailboxes.
     Count { reply: RpcReplyPort<usize> },
+    /// This node stopped leading `partition`: stop its mailboxes (their sessions subscribe
+    /// again where the partition is led now).
+    StopPartition { partition: PartitionId },
 }
 
 pub struct RegistryArgs {
@@ -81,6 +85,14 @@ impl Actor for MailboxRegistry {
             }
             RegistryMsg::Count { reply } => {
                 let _ = reply.send(state.active.len());
+            }
+            RegistryMsg::StopPartition { partition } => {
+                let parts = state.args.partitions;
+                for (user, r) in &state.active {
+                    if warbler_cluster::partition_of(user, parts) == partition {
+                        r.stop(Some("leadership moved".into()));
+                    }
+                }
             }
         }
         Ok(())
@@ -135,6 +147,11 @@ impl RegistryState {
             self.active.remove(&user);
             self.crashed.insert(user.clone());
         }
+        if self.args.log.leader_term(partition).is_none() {
+            return Err(MailboxError::NoLeader(format!(
+                "this node does not lead partition {partition}"
+            )));
+        }
         let args = MailboxArgs {
             user: user.clone(),
             partition,
@@ -146,7 +163,12 @@ impl RegistryState {
         let (r, _) = Actor::spawn_linked(None, UserMailbox, args, myself.get_cell())
             .await
             .map_err(|e| {
-                MailboxError::Unavailable(format!("cannot start the mailbox of {user}: {e}"))
+                let e = e.to_string();
+                if e.contains("partition has no reachable leader") {
+                    MailboxError::NoLeader(e)
+                } else {
+                    MailboxError::Unavailable(format!("cannot start the mailbox of {user}: {e}"))
+                }
             })?;
         self.active.insert(user, r.clone());
         Ok(r)
@@ -167,6 +189,8 @@ pub struct Mailboxes {
     registry: ActorRef<RegistryMsg>,
     partitions: u16,
     refs: Arc<std::sync::RwLock<HashMap<String, ActorRef<MailboxMsg>>>>,
+    /// Set in a cluster: requests for partitions led elsewhere go to their leader.
+    route: Option<Arc<Routing>>,
 }
 
 impl Mailboxes {
@@ -181,9 +205,34 @@ impl Mailboxes {
                 registry,
                 partitions,
                 refs: Arc::default(),
+                route: None,
             },
             handle,
         ))
+    }
+
+    /// Routes requests for partitions this node does not lead through `routing`.
+    pub fn with_routing(mut self, routing: Arc<Routing>) -> Mailboxes {
+        self.route = Some(routing);
+        self
+    }
+
+    pub fn routing(&self) -> Option<&Arc<Routing>> {
+        self.route.as_ref()
+    }
+
+    /// Where `user`'s mailbox runs: here, unless this node is in a cluster and another
+    /// node leads the user's partition.
+    pub fn leader_of(&self, user: &str) -> Leader {
+        match &self.route {
+            None => Leader::Local,
+            Some(r) => r.router.leader(self.partition_of(user)),
+        }
+    }
+
+    /// Stops the mailboxes of `partition` (this node no longer leads it).
+    pub fn stop_partition(&self, partition: PartitionId) {
+        let _ = self.registry.cast(RegistryMsg::StopPartition { partition });
     }
 
     pub fn partition_of(&self, user: &str) -> PartitionId {
@@ -247,9 +296,28 @@ impl Mailboxes {
         Err(MailboxError::Restarted)
     }
 
-    /// Publishes one message; returns its seq once durable. Retrying the same id returns the
-    /// same seq.
+    /// Publishes one message on whichever node leads the user's partition; returns its seq
+    /// once durable. Retrying the same id returns the same seq.
     pub async fn publish(
+        &self,
+        user: &str,
+        id: &str,
+        body: ByteBuf,
+        from: Option<String>,
+    ) -> Result<u64, MailboxError> {
+        let Some(route) = &self.route else {
+            return self.publish_local(user, id, body, from).await;
+        };
+        let req = crate::route::publish_req(user, id, &body, &from);
+        route
+            .on_leader(self.partition_of(user), KIND_PUBLISH, &req, || {
+                self.publish_local(user, id, body.clone(), from.clone())
+            })
+            .await
+    }
+
+    /// Publishes through this node's own mailbox of `user`.
+    pub async fn publish_local(
         &self,
         user: &str,
         id: &str,
@@ -265,7 +333,30 @@ impl Mailboxes {
         .await?
     }
 
+    /// The devices of `user`, from whichever node leads the user's partition.
     pub async fn devices(&self, user: &str) -> Result<Vec<DeviceInfo>, MailboxError> {
+        let Some(route) = &self.route else {
+            return self.devices_local(user).await;
+        };
+        let local = || async {
+            self.devices_local(user).await.map(|d| {
+                d.into_iter()
+                    .map(|d| (d.device, d.acked, d.online))
+                    .collect()
+            })
+        };
+        let wire: Vec<(String, u64, bool)> = route
+            .on_leader(
+                self.partition_of(user),
+                KIND_DEVICES,
+                &crate::route::user_req(user),
+                local,
+            )
+            .await?;
+        Ok(crate::route::devices_from_wire(wire))
+    }
+
+    pub async fn devices_local(&self, user: &str) -> Result<Vec<DeviceInfo>, MailboxError> {
         self.call(user, |reply| MailboxMsg::Devices { reply }).await
     }
 

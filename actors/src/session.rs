@@ -1,7 +1,10 @@
 //! `DeviceSession`: one connected device. The connection's reader task feeds it acks; it
 //! writes `welcome` and `msg` frames to the connection's writer queue. It monitors its
-//! mailbox and re-subscribes from its cursor when that mailbox stops.
+//! mailbox and re-subscribes from its cursor when that mailbox stops. In a cluster the
+//! mailbox may run on another node (the partition's leader): the session then subscribes
+//! through a stand-in there, and follows the leader when it moves.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
@@ -9,11 +12,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warbler_client::{ErrorCode, Frame};
 
+use crate::error::MailboxError;
 use crate::mailbox::{Committed, MailboxMsg, SubscribeInfo};
 use crate::registry::Mailboxes;
+use crate::route::Leader;
 
 /// How long a session waits before retrying a failed re-subscribe.
-const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(250);
 /// How long subscribing may take before the connection is refused.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,6 +31,19 @@ pub enum SessionMsg {
     Replaced,
     /// Subscribe again (the mailbox stopped, or an earlier attempt failed).
     Resubscribe,
+    /// The partition's leader may have moved: subscribe again if it is not where this
+    /// session's subscription is.
+    CheckRoute,
+}
+
+/// Where the session's subscription is.
+enum Upstream {
+    Local(ActorRef<MailboxMsg>),
+    /// Through a stand-in on the leader at `addr`, known there by `key`.
+    Remote {
+        addr: SocketAddr,
+        key: u64,
+    },
 }
 
 pub struct SessionArgs {
@@ -41,7 +59,7 @@ pub struct SessionArgs {
 
 pub struct SessionState {
     args: SessionArgs,
-    mailbox: ActorRef<MailboxMsg>,
+    upstream: Upstream,
     /// Highest seq the client acked.
     acked: u64,
     /// Highest seq written to the connection.
@@ -60,7 +78,17 @@ impl Actor for DeviceSession {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
-        let (mailbox, info) = subscribe(&args, &myself, None).await?;
+        // A new connection during a leader election waits for the new leader.
+        let give_up = std::time::Instant::now() + SUBSCRIBE_TIMEOUT;
+        let (upstream, info) = loop {
+            match subscribe(&args, &myself, None).await {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < give_up && is_transient(&e) => {
+                    tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         args.out
             .send(Frame::Welcome {
                 user: args.user.clone(),
@@ -69,11 +97,11 @@ impl Actor for DeviceSession {
                 acked: info.acked,
             })
             .await?;
-        watch(&myself, &mailbox);
+        watch(&myself, &upstream);
         metrics::gauge!("warbler_sessions_alive").increment(1.0);
         Ok(SessionState {
             args,
-            mailbox,
+            upstream,
             acked: info.acked,
             sent: info.acked,
         })
@@ -85,10 +113,7 @@ impl Actor for DeviceSession {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_sessions_alive").decrement(1.0);
-        let _ = state.mailbox.cast(MailboxMsg::Unsubscribe {
-            device: state.args.device.clone(),
-            session: myself.get_id(),
-        });
+        unsubscribe(&myself, state);
         state.args.closed.cancel();
         Ok(())
     }
@@ -132,13 +157,22 @@ impl Actor for DeviceSession {
                         .await;
                 } else if seq > state.acked {
                     state.acked = seq;
-                    let ack = MailboxMsg::Ack {
-                        device: state.args.device.clone(),
-                        session: myself.get_id(),
-                        seq,
-                    };
-                    if state.mailbox.cast(ack).is_err() {
-                        resubscribe(&myself, state).await;
+                    match &state.upstream {
+                        Upstream::Local(mailbox) => {
+                            let ack = MailboxMsg::Ack {
+                                device: state.args.device.clone(),
+                                session: myself.get_id(),
+                                seq,
+                            };
+                            if mailbox.cast(ack).is_err() {
+                                resubscribe(&myself, state).await;
+                            }
+                        }
+                        Upstream::Remote { addr, key } => {
+                            if let Some(r) = state.args.mailboxes.routing() {
+                                r.ack_remote(*addr, *key, seq);
+                            }
+                        }
                     }
                 }
             }
@@ -154,8 +188,17 @@ impl Actor for DeviceSession {
                     .await;
                 myself.stop(Some("replaced".into()));
             }
-            SessionMsg::Resubscribe => {
-                if state.mailbox.get_status() > ActorStatus::Running {
+            SessionMsg::Resubscribe => resubscribe(&myself, state).await,
+            SessionMsg::CheckRoute => {
+                let leader = state.args.mailboxes.leader_of(&state.args.user);
+                let current = match (&state.upstream, &leader) {
+                    (Upstream::Local(m), Leader::Local) => m.get_status() <= ActorStatus::Running,
+                    (Upstream::Remote { addr, .. }, Leader::Remote { addr: a, .. }) => addr == a,
+                    // No leader known: keep what there is until one is elected.
+                    (_, Leader::Unknown(_)) => true,
+                    _ => false,
+                };
+                if !current {
                     resubscribe(&myself, state).await;
                 }
             }
@@ -176,18 +219,44 @@ impl Actor for DeviceSession {
             SupervisionEvent::ActorFailed(cell, _) => cell.get_id(),
             _ => return Ok(()),
         };
-        if stopped == state.mailbox.get_id() {
+        if matches!(&state.upstream, Upstream::Local(m) if m.get_id() == stopped) {
             resubscribe(&myself, state).await;
         }
         Ok(())
     }
 }
 
-/// Watches `mailbox` for termination; if it already stopped, asks for a re-subscribe.
-fn watch(myself: &ActorRef<SessionMsg>, mailbox: &ActorRef<MailboxMsg>) {
-    myself.get_cell().monitor(mailbox.get_cell());
-    if mailbox.get_status() > ActorStatus::Running {
-        let _ = myself.cast(SessionMsg::Resubscribe);
+/// Watches a local mailbox for termination; if it already stopped, asks for a
+/// re-subscribe. (A remote subscription is watched by the routing layer: the stand-in says
+/// when it closes, and leadership changes trigger `CheckRoute`.)
+fn watch(myself: &ActorRef<SessionMsg>, upstream: &Upstream) {
+    if let Upstream::Local(mailbox) = upstream {
+        myself.get_cell().monitor(mailbox.get_cell());
+        if mailbox.get_status() > ActorStatus::Running {
+            let _ = myself.cast(SessionMsg::Resubscribe);
+        }
+    }
+}
+
+fn is_transient(e: &ActorProcessingErr) -> bool {
+    e.downcast_ref::<MailboxError>()
+        .is_some_and(MailboxError::is_transient)
+}
+
+fn unsubscribe(myself: &ActorRef<SessionMsg>, state: &SessionState) {
+    match &state.upstream {
+        Upstream::Local(mailbox) => {
+            myself.get_cell().unmonitor(mailbox.get_cell());
+            let _ = mailbox.cast(MailboxMsg::Unsubscribe {
+                device: state.args.device.clone(),
+                session: myself.get_id(),
+            });
+        }
+        Upstream::Remote { addr, key } => {
+            if let Some(r) = state.args.mailboxes.routing() {
+                r.unsubscribe_remote(*addr, *key);
+            }
+        }
     }
 }
 
@@ -195,7 +264,29 @@ async fn subscribe(
     args: &SessionArgs,
     myself: &ActorRef<SessionMsg>,
     resume: Option<(u64, u64)>,
-) -> Result<(ActorRef<MailboxMsg>, SubscribeInfo), ActorProcessingErr> {
+) -> Result<(Upstream, SubscribeInfo), ActorProcessingErr> {
+    match args.mailboxes.leader_of(&args.user) {
+        Leader::Local => {}
+        Leader::Remote { addr, .. } => {
+            let routing = args
+                .mailboxes
+                .routing()
+                .expect("a remote leader implies routing");
+            let partition = args.mailboxes.partition_of(&args.user);
+            let (key, info) = routing
+                .subscribe_remote(
+                    addr,
+                    partition,
+                    &args.user,
+                    &args.device,
+                    myself.clone(),
+                    resume,
+                )
+                .await?;
+            return Ok((Upstream::Remote { addr, key }, info));
+        }
+        Leader::Unknown(why) => return Err(MailboxError::NoLeader(why).into()),
+    }
     let mailbox = args.mailboxes.get(&args.user).await?;
     let device = args.device.clone();
     let session = myself.clone();
@@ -211,7 +302,7 @@ async fn subscribe(
         )
         .await?;
     match info {
-        ractor::rpc::CallResult::Success(info) => Ok((mailbox, info)),
+        ractor::rpc::CallResult::Success(info) => Ok((Upstream::Local(mailbox), info)),
         _ => Err(format!(
             "the mailbox of {} did not accept the subscription",
             args.user
@@ -220,17 +311,19 @@ async fn subscribe(
     }
 }
 
-/// Subscribes again after the mailbox stopped, resuming after what was already written.
+/// Subscribes again (the mailbox stopped or the leader moved), resuming after what was
+/// already written to the connection.
 async fn resubscribe(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
+    unsubscribe(myself, state);
     match subscribe(&state.args, myself, Some((state.acked, state.sent))).await {
-        Ok((mailbox, _)) => {
+        Ok((upstream, _)) => {
             tracing::debug!(user = %state.args.user, device = %state.args.device, "re-subscribed");
-            myself.get_cell().unmonitor(state.mailbox.get_cell());
-            state.mailbox = mailbox;
-            watch(myself, &state.mailbox);
+            metrics::counter!("warbler_resubscribes_total").increment(1);
+            state.upstream = upstream;
+            watch(myself, &state.upstream);
         }
         Err(e) => {
-            tracing::warn!(user = %state.args.user, error = %e, "re-subscribe failed; retrying");
+            tracing::debug!(user = %state.args.user, error = %e, "re-subscribe failed; retrying");
             myself.send_after(RESUBSCRIBE_RETRY, || SessionMsg::Resubscribe);
         }
     }

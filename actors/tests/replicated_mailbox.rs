@@ -53,6 +53,7 @@ async fn replica(id: u64, partition: u16) -> Replica {
         &store,
         &transport,
         &service,
+        None,
     )
     .await
     .unwrap();

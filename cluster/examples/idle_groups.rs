@@ -69,7 +69,7 @@ async fn main() {
     let mut rafts: Vec<Raft<TypeConfig>> = Vec::new();
     for p in 0..partitions {
         for (id, store, service, transport) in &nodes {
-            let raft = start_group(*id, p, config.clone(), store, transport, service)
+            let raft = start_group(*id, p, config.clone(), store, transport, service, None)
                 .await
                 .unwrap();
             if *id == 1 + u64::from(p) % 3 {

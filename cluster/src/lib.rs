@@ -32,8 +32,8 @@ pub mod raft_store;
 pub mod ring;
 pub mod transport;
 
-pub use crate::membership::{Membership, NodeId, Timing};
+pub use crate::membership::{Membership, NodeId, NodeMeta, NodeState, Timing};
 pub use crate::partition::{fnv1a64, partition_of};
 pub use crate::ring::{Ring, VNODES_DEFAULT};
-pub use crate::transport::{PeerError, PeerHandler, PeerTls, PeerTransport};
+pub use crate::transport::{Faults, PeerError, PeerHandler, PeerTls, PeerTransport};
 pub use warbler_storage::PartitionId;

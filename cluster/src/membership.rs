@@ -11,23 +11,126 @@
 //! `renew` lets a node that was wrongly declared down rejoin under a new generation.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use foca::{Config, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
+use foca::{
+    BroadcastHandler, Config, Foca, Identity, Invalidates, OwnedNotification, PostcardCodec, Timer,
+};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+use crate::transport::Faults;
 
 /// Inputs queued for the foca task. Bounded: a flood of datagrams waits rather than
 /// growing memory.
 const INPUT_QUEUE_MAX: usize = 1024;
 /// How often a node that knows no member announces itself to its seeds again.
 const SEED_RETRY: Duration = Duration::from_secs(1);
+/// How often a node spreads its metadata again, so members that joined after the last
+/// change learn it too (custom broadcasts are sent a bounded number of times).
+const META_REFRESH: Duration = Duration::from_secs(3);
+
+/// Where a node is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Started, not yet part of a formed cluster or not caught up.
+    Joining,
+    /// Serving its partitions.
+    Serving,
+    /// Shutting down: hands over and stops.
+    Draining,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Joining => "joining",
+            NodeState::Serving => "serving",
+            NodeState::Draining => "draining",
+        })
+    }
+}
+
+/// What a node tells the others about itself, spread with foca's custom broadcasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    pub name: String,
+    /// Device protocol address.
+    pub client: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// Peer transport (TCP) address.
+    pub cluster: SocketAddr,
+    pub state: NodeState,
+    /// True once the node belongs to a formed cluster (it knows the member list).
+    pub formed: bool,
+}
+
+/// One metadata broadcast: newer (generation, version) replaces older.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MetaUpdate {
+    generation: u64,
+    version: u64,
+    meta: NodeMeta,
+}
+
+/// Dissemination key: one node's metadata at one version.
+struct MetaKey {
+    name: String,
+    stamp: (u64, u64),
+}
+
+impl Invalidates for MetaKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && self.stamp >= other.stamp
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable node metadata: {0}")]
+struct MetaError(String);
+
+/// Keeps the newest metadata of every node and publishes it.
+struct MetaHandler {
+    known: HashMap<String, MetaUpdate>,
+    out: watch::Sender<HashMap<String, NodeMeta>>,
+}
+
+impl BroadcastHandler<NodeId> for MetaHandler {
+    type Key = MetaKey;
+    type Error = MetaError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeId>,
+    ) -> Result<Option<MetaKey>, MetaError> {
+        let update: MetaUpdate =
+            rmp_serde::from_slice(data).map_err(|e| MetaError(e.to_string()))?;
+        let stamp = (update.generation, update.version);
+        if let Some(old) = self.known.get(&update.meta.name) {
+            if (old.generation, old.version) >= stamp {
+                return Ok(None);
+            }
+        }
+        let name = update.meta.name.clone();
+        self.known.insert(name.clone(), update);
+        let metas = self
+            .known
+            .iter()
+            .map(|(n, u)| (n.clone(), u.meta.clone()))
+            .collect();
+        let _ = self.out.send(metas);
+        Ok(Some(MetaKey { name, stamp }))
+    }
+}
 
 /// A member's identity on the gossip layer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -97,6 +200,8 @@ enum Input {
     Data(bytes::Bytes),
     Timer(Timer<NodeId>),
     AnnounceSeeds,
+    /// Spread this node's metadata again (changed, or periodic refresh).
+    Meta(Option<NodeMeta>),
     Leave,
 }
 
@@ -104,6 +209,7 @@ enum Input {
 pub struct Membership {
     me: NodeId,
     view: watch::Receiver<Vec<NodeId>>,
+    metas: watch::Receiver<HashMap<String, NodeMeta>>,
     inputs: mpsc::Sender<Input>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -112,16 +218,32 @@ impl Membership {
     /// Binds `me.gossip` (port 0 is allowed: the bound port replaces it) and starts gossiping;
     /// `seeds` are gossip addresses of nodes to join through.
     pub async fn start(
+        me: NodeId,
+        seeds: Vec<SocketAddr>,
+        timing: Timing,
+    ) -> std::io::Result<Membership> {
+        Membership::start_with_meta(me, seeds, timing, None, Faults::default()).await
+    }
+
+    /// Like [`Membership::start`], and spreads `meta` (this node's addresses and state).
+    pub async fn start_with_meta(
         mut me: NodeId,
         seeds: Vec<SocketAddr>,
         timing: Timing,
+        meta: Option<NodeMeta>,
+        faults: Faults,
     ) -> std::io::Result<Membership> {
         let socket = Arc::new(UdpSocket::bind(me.gossip).await?);
         me.gossip = socket.local_addr()?;
         let rng: rand010::rngs::StdRng = rand010::make_rng();
         let config = timing.foca_config(seeds.len() as u32 + 1);
         let max_packet = config.max_packet_size.get();
-        let foca = Foca::new(me.clone(), config, rng, PostcardCodec);
+        let (metas_tx, metas) = watch::channel(HashMap::new());
+        let handler = MetaHandler {
+            known: HashMap::new(),
+            out: metas_tx,
+        };
+        let foca = Foca::with_custom_broadcast(me.clone(), config, rng, PostcardCodec, handler);
         let (inputs, rx) = mpsc::channel(INPUT_QUEUE_MAX);
         let (view_tx, view) = watch::channel(Vec::new());
         let (timers_tx, timers_rx) = mpsc::unbounded_channel();
@@ -129,7 +251,10 @@ impl Membership {
             tokio::spawn(drive(
                 foca,
                 rx,
-                socket.clone(),
+                Outbox {
+                    socket: socket.clone(),
+                    faults,
+                },
                 timers_tx,
                 view_tx,
                 seeds,
@@ -138,11 +263,16 @@ impl Membership {
             tokio::spawn(schedule(timers_rx, inputs.clone())),
             tokio::spawn(receive(socket, inputs.clone(), max_packet)),
             tokio::spawn(retry_seeds(inputs.clone())),
+            tokio::spawn(refresh_meta(inputs.clone())),
         ];
         let _ = inputs.send(Input::AnnounceSeeds).await;
+        if meta.is_some() {
+            let _ = inputs.send(Input::Meta(meta)).await;
+        }
         Ok(Membership {
             me,
             view,
+            metas,
             inputs,
             tasks,
         })
@@ -163,8 +293,19 @@ impl Membership {
         self.view.clone()
     }
 
+    /// The newest metadata of every node heard of (this one included), by name. Entries of
+    /// nodes that are down stay: check [`Membership::members`] for liveness.
+    pub fn metas(&self) -> watch::Receiver<HashMap<String, NodeMeta>> {
+        self.metas.clone()
+    }
+
+    /// Changes this node's metadata (for example its state) and spreads it.
+    pub async fn set_meta(&self, meta: NodeMeta) {
+        let _ = self.inputs.send(Input::Meta(Some(meta))).await;
+    }
+
     /// Tells the cluster this node leaves (so it is not merely suspected), then stops.
-    pub async fn leave(self) {
+    pub async fn leave(&self) {
         let _ = self.inputs.send(Input::Leave).await;
         // Give the goodbye datagrams a moment to go out.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -182,12 +323,12 @@ impl Drop for Membership {
     }
 }
 
-type Agent = Foca<NodeId, PostcardCodec, rand010::rngs::StdRng, foca::NoCustomBroadcast>;
+type Agent = Foca<NodeId, PostcardCodec, rand010::rngs::StdRng, MetaHandler>;
 
 async fn drive(
     mut foca: Agent,
     mut rx: mpsc::Receiver<Input>,
-    socket: Arc<UdpSocket>,
+    socket: Outbox,
     timers: mpsc::UnboundedSender<(Instant, Timer<NodeId>)>,
     view: watch::Sender<Vec<NodeId>>,
     seeds: Vec<SocketAddr>,
@@ -195,6 +336,8 @@ async fn drive(
 ) {
     let mut runtime = foca::AccumulatingRuntime::new();
     let mut cluster_size = 1;
+    let mut own_meta: Option<NodeMeta> = None;
+    let mut meta_version = 0u64;
     while let Some(input) = rx.recv().await {
         let result = match input {
             Input::Data(data) => foca.handle_data(&data, &mut runtime),
@@ -214,6 +357,12 @@ async fn drive(
                 Ok(())
             }
             Input::AnnounceSeeds => Ok(()),
+            Input::Meta(meta) => {
+                if meta.is_some() {
+                    own_meta = meta;
+                }
+                spread_meta(&mut foca, own_meta.as_ref(), &mut meta_version)
+            }
             Input::Leave => {
                 let r = foca.leave_cluster(&mut runtime);
                 flush(&mut runtime, &socket, &timers).await;
@@ -233,18 +382,49 @@ async fn drive(
                 let _ = foca.set_config(timing.foca_config(cluster_size as u32));
             }
             let _ = view.send(members);
+            // A member that just came up has heard none of our earlier broadcasts.
+            if let Err(e) = spread_meta(&mut foca, own_meta.as_ref(), &mut meta_version) {
+                tracing::debug!(error = %e, "metadata broadcast failed");
+            }
+            flush(&mut runtime, &socket, &timers).await;
         }
     }
 }
 
+fn spread_meta(
+    foca: &mut Agent,
+    meta: Option<&NodeMeta>,
+    version: &mut u64,
+) -> Result<(), foca::Error> {
+    let Some(m) = meta else {
+        return Ok(());
+    };
+    *version += 1;
+    let update = MetaUpdate {
+        generation: foca.identity().generation,
+        version: *version,
+        meta: m.clone(),
+    };
+    let bytes = rmp_serde::to_vec(&update).expect("metadata serializes");
+    foca.add_broadcast(&bytes).map(|_| ())
+}
+
 /// Sends what foca queued, schedules its timers; true when membership changed.
+/// The gossip socket, as foca's output sees it.
+struct Outbox {
+    socket: Arc<UdpSocket>,
+    faults: Faults,
+}
+
 async fn flush(
     runtime: &mut foca::AccumulatingRuntime<NodeId>,
-    socket: &UdpSocket,
+    socket: &Outbox,
     timers: &mpsc::UnboundedSender<(Instant, Timer<NodeId>)>,
 ) -> bool {
     while let Some((dst, data)) = runtime.to_send() {
-        let _ = socket.send_to(&data, dst.gossip).await;
+        if !socket.faults.blocks(&dst.gossip) {
+            let _ = socket.socket.send_to(&data, dst.gossip).await;
+        }
     }
     let now = Instant::now();
     while let Some((delay, timer)) = runtime.to_schedule() {
@@ -322,6 +502,17 @@ async fn receive(socket: Arc<UdpSocket>, out: mpsc::Sender<Input>, max_packet: u
                 }
             }
             Err(e) => tracing::debug!(error = %e, "gossip receive failed"),
+        }
+    }
+}
+
+async fn refresh_meta(out: mpsc::Sender<Input>) {
+    let mut tick = tokio::time::interval(META_REFRESH);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if out.send(Input::Meta(None)).await.is_err() {
+            return;
         }
     }
 }

@@ -70,6 +70,9 @@ fn not_writable(partition: PartitionId, reason: impl ToString) -> StorageError {
 async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiver<Pending>) {
     while let Some((answer, done)) = rx.recv().await {
         let result = match answer.await {
+            Ok(Ok(r)) if r.data.refused.is_some() => {
+                Err(not_writable(partition, r.data.refused.unwrap_or_default()))
+            }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(not_writable(
                 partition,
@@ -117,12 +120,14 @@ impl PartitionLog for RaftLog {
         })
     }
 
-    fn writable(&self, partition: PartitionId) -> bool {
-        let Ok(group) = self.group(partition) else {
-            return false;
-        };
+    fn leader_term(&self, partition: PartitionId) -> Option<u64> {
+        let group = self.group(partition).ok()?;
         let metrics = group.raft.metrics();
         let m = metrics.borrow();
-        m.current_leader == Some(m.id)
+        (m.current_leader == Some(m.id)).then_some(m.current_term)
+    }
+
+    fn replicated(&self) -> bool {
+        true
     }
 }

@@ -31,11 +31,16 @@ pub const KIND_APPEND_ENTRIES: u8 = 1;
 pub const KIND_VOTE: u8 = 2;
 pub const KIND_INSTALL_SNAPSHOT: u8 = 3;
 
+/// Finds a node's current peer address by its consensus id (nodes may restart elsewhere,
+/// e.g. a pod with a new IP); `None` falls back to the address in the Raft membership.
+pub type Resolver = Arc<dyn Fn(NodeId) -> Option<SocketAddr> + Send + Sync>;
+
 /// Creates clients for one partition's Raft.
 #[derive(Clone)]
 pub struct Network {
     pub transport: Arc<PeerTransport>,
     pub partition: u16,
+    pub resolve: Option<Resolver>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -47,6 +52,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             partition: self.partition,
             target,
             addr: node.addr.parse().ok(),
+            resolve: self.resolve.clone(),
         }
     }
 }
@@ -57,6 +63,7 @@ pub struct Client {
     partition: u16,
     target: NodeId,
     addr: Option<SocketAddr>,
+    resolve: Option<Resolver>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -73,7 +80,8 @@ impl Client {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let Some(addr) = self.addr else {
+        let resolved = self.resolve.as_ref().and_then(|r| r(self.target));
+        let Some(addr) = resolved.or(self.addr) else {
             let e = PeerError::Unreachable(format!("node {} has no valid address", self.target));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
@@ -180,10 +188,12 @@ pub async fn start_group(
     store: &warbler_storage::Store,
     transport: &Arc<PeerTransport>,
     service: &RaftService,
+    resolve: Option<Resolver>,
 ) -> Result<Raft<TypeConfig>, openraft::error::Fatal<NodeId>> {
     let network = Network {
         transport: transport.clone(),
         partition,
+        resolve,
     };
     let log = crate::raft_store::LogStore::new(store.clone(), partition);
     let state_machine = crate::raft_store::StateMachine::new(store.clone(), partition);

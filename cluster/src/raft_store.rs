@@ -39,6 +39,9 @@ pub struct Batch {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
     pub ops: usize,
+    /// Why the entry was refused (applied as a no-op on every replica): an append whose
+    /// seq does not follow the user's head, i.e. a writer with a stale view.
+    pub refused: Option<String>,
 }
 
 openraft::declare_raft_types!(
@@ -174,7 +177,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index, encode(&e)))
             .collect();
-        let r = self.store.raft_log_put(self.partition, &rows, true);
+        // On the blocking pool: the fsync takes milliseconds, and appends of many
+        // partitions running at once share one fsync (RocksDB's write group).
+        let (store, partition) = (self.store.clone(), self.partition);
+        let r = tokio::task::spawn_blocking(move || store.raft_log_put(partition, &rows, true))
+            .await
+            .unwrap_or_else(|e| Err(warbler_storage::StorageError::Rocks(e.to_string())));
         callback.log_io_completed(
             r.as_ref()
                 .map(|_| ())
@@ -211,6 +219,32 @@ struct SnapshotFile {
 }
 
 impl StateMachine {
+    /// Every append must follow its user's head (the mailbox's no-gap, no-reuse rule). The
+    /// check reads the replicated state, so every replica reaches the same verdict.
+    fn check_contiguous(&self, ops: &[Op]) -> Result<Option<String>, Error> {
+        let mut heads: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for op in ops {
+            let Op::Append { user, seq, .. } = op else {
+                continue;
+            };
+            let head = match heads.get(user.as_str()) {
+                Some(h) => *h,
+                None => self
+                    .log
+                    .store
+                    .last_seq(self.log.partition, user)
+                    .map_err(io_err)?,
+            };
+            if *seq != head + 1 {
+                return Ok(Some(format!(
+                    "append of seq {seq} for user {user} refused: the stored head is {head} (a writer with a stale view; it restarts from storage)"
+                )));
+            }
+            heads.insert(user, *seq);
+        }
+        Ok(None)
+    }
+
     pub fn new(store: Store, partition: PartitionId) -> Self {
         Self {
             log: LogStore::new(store, partition),
@@ -282,6 +316,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Blank => &[],
             };
+            let refused = self.check_contiguous(ops)?;
+            let ops = if refused.is_some() { &[][..] } else { ops };
             let meta = [
                 (META_APPLIED, encode(&Some(entry.log_id))),
                 (META_MEMBERSHIP, encode(&membership)),
@@ -290,7 +326,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .store
                 .apply_with_meta(self.log.partition, ops, &meta, false)
                 .map_err(io_err)?;
-            out.push(Applied { ops: ops.len() });
+            out.push(Applied {
+                ops: ops.len(),
+                refused,
+            });
         }
         Ok(out)
     }

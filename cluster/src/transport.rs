@@ -90,6 +90,27 @@ pub trait PeerHandler: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
+/// Peers this node behaves as if it cannot reach: calls to them fail as unreachable and
+/// gossip to them is dropped. Empty unless a test injects faults; blocking each other on
+/// both sides isolates two nodes completely.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<std::sync::RwLock<std::collections::HashSet<SocketAddr>>>);
+
+impl Faults {
+    pub fn set(&self, blocked: impl IntoIterator<Item = SocketAddr>) {
+        *self.0.write().unwrap() = blocked.into_iter().collect();
+    }
+
+    pub fn blocks(&self, peer: &SocketAddr) -> bool {
+        let blocked = self.0.read().unwrap();
+        !blocked.is_empty() && blocked.contains(peer)
+    }
+
+    pub fn blocked(&self) -> Vec<SocketAddr> {
+        self.0.read().unwrap().iter().copied().collect()
+    }
+}
+
 /// TLS for peer connections: both sides present certificates of the cluster CA.
 #[derive(Clone)]
 pub struct PeerTls {
@@ -109,6 +130,7 @@ pub struct PeerTransport {
     tls: Option<PeerTls>,
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
     accept_task: tokio::task::JoinHandle<()>,
+    faults: Faults,
 }
 
 /// The answer slot of one call.
@@ -148,11 +170,17 @@ impl PeerTransport {
             tls,
             links: Mutex::new(HashMap::new()),
             accept_task,
+            faults: Faults::default(),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The fault switch of this transport (see [`Faults`]).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 
     /// Calls `peer` and waits for its answer up to `timeout`.
@@ -164,6 +192,9 @@ impl PeerTransport {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, PeerError> {
+        if self.faults.blocks(&peer) {
+            return Err(PeerError::Unreachable(format!("{peer} (fault injected)")));
+        }
         let link = self.link(peer);
         let (tx, rx) = oneshot::channel();
         let frame = PeerFrame::Request {

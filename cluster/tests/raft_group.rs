@@ -51,6 +51,7 @@ async fn replica(id: u64) -> Replica {
         &store,
         &transport,
         &service,
+        None,
     )
     .await
     .unwrap();

@@ -50,6 +50,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub retention: RetentionConfig,
     pub mailbox: MailboxConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -122,6 +123,25 @@ pub struct MailboxConfig {
     pub tail_cache_max: usize,
 }
 
+/// Replication and failure detection in a cluster (ignored by a single node).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Copies of every partition (capped at the number of members).
+    pub replication_factor: u32,
+    /// How often a partition's leader tells its followers it is alive.
+    pub raft_heartbeat_ms: u64,
+    /// A follower that hears nothing for this long (randomised up to twice it) starts an
+    /// election: the time a failover takes.
+    pub raft_election_timeout_ms: u64,
+    /// Host (name or IP) other nodes reach this node's `cluster_addr` port at, when
+    /// `cluster_addr` binds a wildcard address (e.g. the pod IP or DNS name).
+    pub advertise_host: Option<String>,
+    /// Testing only: serve `POST /v1/debug/faults`, which cuts this node off from chosen
+    /// peers (isolation tests). Never enable in production.
+    pub fault_injection: bool,
+}
+
 /// Logging.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -155,6 +175,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             retention: RetentionConfig::default(),
             mailbox: MailboxConfig::default(),
+            cluster: ClusterConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -210,6 +231,18 @@ impl Default for MailboxConfig {
     }
 }
 
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            replication_factor: 3,
+            raft_heartbeat_ms: 250,
+            raft_election_timeout_ms: 1000,
+            advertise_host: None,
+            fault_injection: false,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
@@ -243,6 +276,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_RETENTION_MAX_AGE_SECS", "retention.max_age_secs"),
     ("WARBLER_DEDUP_WINDOW_SECS", "retention.dedup_window_secs"),
     ("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "mailbox.idle_timeout_ms"),
+    ("WARBLER_REPLICATION_FACTOR", "cluster.replication_factor"),
+    ("WARBLER_RAFT_HEARTBEAT_MS", "cluster.raft_heartbeat_ms"),
+    (
+        "WARBLER_RAFT_ELECTION_TIMEOUT_MS",
+        "cluster.raft_election_timeout_ms",
+    ),
+    ("WARBLER_ADVERTISE_HOST", "cluster.advertise_host"),
+    ("WARBLER_FAULT_INJECTION", "cluster.fault_injection"),
     ("WARBLER_LOG_FORMAT", "log.format"),
     ("WARBLER_LOG", "log.level"),
 ];
@@ -341,6 +382,21 @@ impl Config {
             "retention.max_age_secs" => self.retention.max_age_secs = parse(value, "seconds")?,
             "retention.dedup_window_secs" => {
                 self.retention.dedup_window_secs = parse(value, "seconds")?
+            }
+            "cluster.replication_factor" => {
+                self.cluster.replication_factor = parse(value, "a whole number")?
+            }
+            "cluster.raft_heartbeat_ms" => {
+                self.cluster.raft_heartbeat_ms = parse(value, "milliseconds")?
+            }
+            "cluster.raft_election_timeout_ms" => {
+                self.cluster.raft_election_timeout_ms = parse(value, "milliseconds")?
+            }
+            "cluster.advertise_host" => {
+                self.cluster.advertise_host = (!value.is_empty()).then(|| value.to_string())
+            }
+            "cluster.fault_injection" => {
+                self.cluster.fault_injection = parse(value, "true or false")?
             }
             "mailbox.idle_timeout_ms" => {
                 self.mailbox.idle_timeout_ms = parse(value, "milliseconds")?
@@ -459,6 +515,30 @@ impl Config {
             10,
             86_400_000,
         )?;
+        range(
+            "cluster.replication_factor",
+            self.cluster.replication_factor,
+            1,
+            7,
+        )?;
+        range(
+            "cluster.raft_heartbeat_ms",
+            self.cluster.raft_heartbeat_ms,
+            10,
+            10_000,
+        )?;
+        if self.cluster.raft_election_timeout_ms < 3 * self.cluster.raft_heartbeat_ms
+            || self.cluster.raft_election_timeout_ms > 60_000
+        {
+            return Err(invalid(
+                "cluster.raft_election_timeout_ms",
+                format!(
+                    "{} must be at least 3 x cluster.raft_heartbeat_ms ({}) and at most 60000, or followers start elections while the leader is healthy",
+                    self.cluster.raft_election_timeout_ms,
+                    3 * self.cluster.raft_heartbeat_ms
+                ),
+            ));
+        }
         range(
             "mailbox.tail_cache_max",
             self.mailbox.tail_cache_max,

@@ -30,9 +30,21 @@ pub trait PartitionLog: Send + Sync + 'static {
     /// seq its crashed predecessor still had in flight.
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>>;
 
-    /// False when this node cannot accept writes for `partition` now (a write failed, it
-    /// does not lead the partition, or the partition has no quorum).
-    fn writable(&self, partition: PartitionId) -> bool;
+    /// The term under which this node may write `partition` now, or `None` when it cannot
+    /// (a write failed, it does not lead the partition, or the partition has no quorum). A
+    /// writer that started under one term must not write under another: in between,
+    /// another node may have written the partition.
+    fn leader_term(&self, partition: PartitionId) -> Option<u64>;
+
+    fn writable(&self, partition: PartitionId) -> bool {
+        self.leader_term(partition).is_some()
+    }
+
+    /// True when entries are replicated to other nodes, so leadership can move: writers
+    /// then read their state only after a barrier.
+    fn replicated(&self) -> bool {
+        false
+    }
 }
 
 /// The single-node log: every partition commits straight to the local database.
@@ -61,7 +73,7 @@ impl PartitionLog for LocalLog {
         Box::pin(self.committer.commit(Vec::new()))
     }
 
-    fn writable(&self, _partition: PartitionId) -> bool {
-        !self.committer.is_poisoned()
+    fn leader_term(&self, _partition: PartitionId) -> Option<u64> {
+        (!self.committer.is_poisoned()).then_some(0)
     }
 }

@@ -43,23 +43,19 @@ impl Node {
 
     fn spawn(dir: &Path, extra_env: Vec<(String, String)>, extra_args: Vec<String>) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_warbler"));
-        cmd.args([
-            "serve",
-            "--node-id",
-            "test-node",
-            "--client-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--jwt-secret-file")
-        .arg(dir.join("secret"))
-        .args(&extra_args)
-        .env("WARBLER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        cmd.arg("serve");
+        if !extra_args.iter().any(|a| a == "--node-id") {
+            cmd.args(["--node-id", "test-node"]);
+        }
+        cmd.args(["--client-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--jwt-secret-file")
+            .arg(dir.join("secret"))
+            .args(&extra_args)
+            .env("WARBLER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         for (k, v) in &extra_env {
             cmd.env(k, v);
         }
@@ -107,6 +103,15 @@ impl Node {
             self.extra_args.clone(),
         );
         *self = fresh;
+    }
+
+    /// SIGSTOP / SIGCONT: the process freezes, its sockets stay open.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
     }
 
     pub fn pid(&self) -> u32 {
@@ -192,8 +197,21 @@ impl Node {
     }
 }
 
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
         self.kill9();
     }
 }

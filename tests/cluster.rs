@@ -1,0 +1,500 @@
+//! Acceptance of the cluster: three real `warbler serve` processes, RF = 3.
+//!
+//! - `kill -9` of the leader of a hot user's partition, repeatedly, while publishers run
+//!   against every node: nothing acknowledged is lost, every device sees 1..n in order,
+//!   every id keeps one seq, the restarted node catches up.
+//! - A leader paused (SIGSTOP) past the election timeout acknowledges nothing under its old
+//!   term: no id gets two seqs, no seq two ids.
+//! - A node cut off from the other two acknowledges nothing for the partitions it led; the
+//!   majority keeps serving.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{seed, token, Node};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const USERS: usize = 12;
+/// The user whose partition's leader the faults target.
+const HOT: &str = "u0";
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    cluster_addrs: Vec<String>,
+}
+
+/// A port free for both TCP and UDP (the cluster address uses both).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let name = format!("n{i}");
+                let expect = n.to_string();
+                Node::start_with(
+                    &dir.path().join(&name),
+                    &[
+                        ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
+                        ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
+                        ("WARBLER_FAULT_INJECTION", "true"),
+                    ],
+                    &[
+                        "--node-id",
+                        &name,
+                        "--cluster-addr",
+                        &cluster_addrs[i],
+                        "--seeds",
+                        &cluster_addrs[0],
+                        "--bootstrap-expect",
+                        &expect,
+                    ],
+                )
+            })
+            .collect();
+        let c = Cluster {
+            _dir: dir,
+            nodes,
+            cluster_addrs,
+        };
+        for i in 0..n {
+            c.wait_ready(i, Duration::from_secs(60)).await;
+        }
+        c
+    }
+
+    async fn wait_ready(&self, i: usize, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let (status, v) = self.nodes[i].http("GET", "/readyz", None, "").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                start.elapsed() < within,
+                "node n{i} not ready after {within:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// GET /v1/cluster from the first node that answers, skipping `except`.
+    async fn status(&self, except: Option<usize>) -> Value {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if Some(i) == except {
+                continue;
+            }
+            let (status, v) = n.http("GET", "/v1/cluster", None, "").await;
+            if status == 200 {
+                return v;
+            }
+        }
+        panic!("no node answers /v1/cluster");
+    }
+
+    /// The index of the node leading `user`'s partition (waits for one to be elected).
+    async fn leader_of(&self, user: &str, except: Option<usize>) -> usize {
+        let partition = warbler_cluster::partition_of(user, 64);
+        let start = Instant::now();
+        loop {
+            let v = self.status(except).await;
+            if let Some(l) = v["partitions"][partition as usize]["leader"].as_str() {
+                return l.trim_start_matches('n').parse().unwrap();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no leader for {user}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn clients(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+}
+
+/// id → (user, seqs it was acknowledged with).
+type Outcomes = Arc<Mutex<HashMap<String, (String, Vec<u64>)>>>;
+
+/// Publishes to every user through the node `clients[k % n]`, moving to the next node when
+/// a connection fails, retrying each id with the same id until it is acknowledged.
+async fn publisher(
+    clients: Arc<Mutex<Vec<String>>>,
+    k: usize,
+    outcomes: Outcomes,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut node = k;
+    let mut conn: Option<warbler_client::Connection> = None;
+    let mut i = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let id = format!("p{k}-{i}");
+        let user = if i % 2 == 0 {
+            HOT.to_string()
+        } else {
+            format!("u{}", (k + i) % USERS)
+        };
+        outcomes
+            .lock()
+            .unwrap()
+            .entry(id.clone())
+            .or_insert((user.clone(), Vec::new()));
+        if conn.is_none() {
+            let addr = {
+                let c = clients.lock().unwrap();
+                c[node % c.len()].clone()
+            };
+            let opts = warbler_client::ConnectOptions::new(
+                addr,
+                token("backend", "publish"),
+                format!("pub{k}"),
+            );
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                warbler_client::Connection::connect(opts),
+            )
+            .await
+            {
+                Ok(Ok(c)) => conn = Some(c),
+                _ => {
+                    node += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().unwrap();
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            c.publish_wait(&id, &user, id.as_bytes()),
+        )
+        .await
+        {
+            Ok(Ok(seq)) => {
+                outcomes.lock().unwrap().get_mut(&id).unwrap().1.push(seq);
+                i += 1;
+            }
+            Ok(Err(warbler_client::ClientError::Server { .. })) => {
+                // A refusal (no leader yet): retry the same id after a moment.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => {
+                // Connection lost or stuck: retry the same id on another node.
+                conn = None;
+                node += 1;
+            }
+        }
+    }
+}
+
+/// Every user's full stream from a device on node `via`: 1..=n in order, every
+/// acknowledged (id, seq) at its place, no id at two seqs.
+async fn check_streams(cluster: &Cluster, via: usize, outcomes: &Outcomes) -> usize {
+    let outcomes = outcomes.lock().unwrap().clone();
+    let mut by_user: HashMap<String, BTreeMap<u64, String>> = HashMap::new();
+    for (id, (user, seqs)) in &outcomes {
+        if let Some(first) = seqs.first() {
+            assert!(
+                seqs.iter().all(|s| s == first),
+                "id {id} acknowledged with different seqs {seqs:?}"
+            );
+            let prev = by_user
+                .entry(user.clone())
+                .or_default()
+                .insert(*first, id.clone());
+            assert!(
+                prev.is_none(),
+                "seq {first} of {user} acknowledged for two ids ({id}, {prev:?})"
+            );
+        }
+    }
+    let mut delivered_total = 0;
+    for (user, acked) in &by_user {
+        let last = *acked.keys().last().unwrap();
+        let mut dev = cluster.nodes[via].device(user, "checker").await;
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut expect = 1;
+        while expect <= last {
+            let m = tokio::time::timeout(Duration::from_secs(20), dev.recv_msg())
+                .await
+                .unwrap_or_else(|_| panic!("{user}: stuck waiting for seq {expect} of {last}"))
+                .unwrap();
+            assert_eq!(
+                m.seq, expect,
+                "{user}: got seq {} where {expect} was due",
+                m.seq
+            );
+            if let Some(id) = acked.get(&m.seq) {
+                assert_eq!(
+                    &m.id, id,
+                    "{user}: seq {} holds {} but {id} was acknowledged with it",
+                    m.seq, m.id
+                );
+            }
+            if let Some(other) = seen.insert(m.id.clone(), m.seq) {
+                panic!("{user}: id {} delivered at seq {other} and {}", m.id, m.seq);
+            }
+            if !outcomes.contains_key(&m.id) {
+                panic!("{user}: delivered id {} that nobody published", m.id);
+            }
+            dev.ack(m.seq).await.unwrap();
+            expect += 1;
+        }
+        delivered_total += last as usize;
+    }
+    delivered_total
+}
+
+fn acked_count(outcomes: &Outcomes) -> usize {
+    outcomes
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|(_, s)| !s.is_empty())
+        .count()
+}
+
+fn acked_for(outcomes: &Outcomes, user: &str) -> usize {
+    outcomes
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|(u, s)| u == user && !s.is_empty())
+        .count()
+}
+
+fn start_publishers(
+    cluster: &Cluster,
+    outcomes: &Outcomes,
+    n: usize,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<Mutex<Vec<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = Arc::new(Mutex::new(cluster.clients()));
+    let tasks = (0..n)
+        .map(|k| {
+            tokio::spawn(publisher(
+                clients.clone(),
+                k,
+                outcomes.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    (stop, clients, tasks)
+}
+
+async fn stop_publishers(
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_leader_loses_nothing_acknowledged() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed("cluster-kill9"));
+    let mut cluster = Cluster::start(3).await;
+    let outcomes: Outcomes = Arc::default();
+    let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 6);
+    let mut downtimes = Vec::new();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2000))).await;
+        let victim = cluster.leader_of(HOT, None).await;
+        let before = acked_for(&outcomes, HOT);
+        let t0 = Instant::now();
+        cluster.nodes[victim].kill9();
+        // Publishing to the hot user resumes on the survivors.
+        while acked_for(&outcomes, HOT) <= before + 5 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no publish acknowledged 30 s after killing n{victim}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        downtimes.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.nodes[victim].restart();
+        clients.lock().unwrap()[victim] = cluster.nodes[victim].client.clone();
+        cluster.wait_ready(victim, Duration::from_secs(60)).await;
+        println!(
+            "round {round}: killed leader n{victim}; publishing resumed after {:?}",
+            downtimes[round]
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop_publishers(stop, tasks).await;
+    let acked = acked_count(&outcomes);
+    assert!(
+        acked > 100,
+        "the test must publish under load (acked {acked})"
+    );
+    // Read every stream through each node in turn (sessions on followers subscribe remotely).
+    let delivered = check_streams(&cluster, 1, &outcomes).await;
+    // The last restarted node caught up: its copy of the hot user's history is complete.
+    let hot_last = outcomes
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|(u, _)| u == HOT)
+        .filter_map(|(_, s)| s.first().copied())
+        .max()
+        .unwrap();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let start = Instant::now();
+        loop {
+            let h = n.history(HOT).await;
+            if h.len() as u64 >= hot_last
+                && h.iter()
+                    .enumerate()
+                    .all(|(k, (s, _, _))| *s == k as u64 + 1)
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "n{i} holds {} of {hot_last} messages of {HOT}",
+                h.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!("cluster kill9: {acked} acknowledged, {delivered} delivered in order; downtimes {downtimes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_acknowledges_nothing_under_its_old_term() {
+    let cluster = Cluster::start(3).await;
+    let outcomes: Outcomes = Arc::default();
+    let (stop, _clients, tasks) = start_publishers(&cluster, &outcomes, 6);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = cluster.leader_of(HOT, None).await;
+    let before = cluster.status(None).await;
+    let partition = warbler_cluster::partition_of(HOT, 64) as usize;
+    let term_before = before["partitions"][partition]["term"].as_u64();
+    cluster.nodes[victim].pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let new_leader = cluster.leader_of(HOT, Some(victim)).await;
+    assert_ne!(
+        new_leader, victim,
+        "a new leader is elected while n{victim} is paused"
+    );
+    cluster.nodes[victim].resume();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_publishers(stop, tasks).await;
+    let after = cluster.status(None).await;
+    assert!(
+        after["partitions"][partition]["term"].as_u64() > term_before,
+        "the hot partition moved to a new term"
+    );
+    let acked = acked_count(&outcomes);
+    assert!(
+        acked > 50,
+        "publishes went on around the pause (acked {acked})"
+    );
+    let delivered = check_streams(&cluster, victim, &outcomes).await;
+    println!("pause: leader n{victim} paused 3 s, n{new_leader} took over; {acked} acknowledged, {delivered} delivered in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_node_acknowledges_nothing_and_the_majority_serves() {
+    let cluster = Cluster::start(3).await;
+    let isolated = cluster.leader_of(HOT, None).await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != isolated).collect();
+    let admin = token("ops", "admin");
+    let block = |addrs: Vec<&String>| serde_json::json!({ "block": addrs }).to_string();
+    let (s, v) = cluster.nodes[isolated]
+        .http(
+            "POST",
+            "/v1/debug/faults",
+            Some(&admin),
+            &block(others.iter().map(|i| &cluster.cluster_addrs[*i]).collect()),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for &o in &others {
+        let (s, v) = cluster.nodes[o]
+            .http(
+                "POST",
+                "/v1/debug/faults",
+                Some(&admin),
+                &block(vec![&cluster.cluster_addrs[isolated]]),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    // The isolated node cannot get a majority: a publish through it is not acknowledged.
+    let mut conn = cluster.nodes[isolated].publisher().await;
+    let isolated_try = tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.publish_wait("iso-1", HOT, b"x"),
+    )
+    .await;
+    assert!(
+        !matches!(isolated_try, Ok(Ok(_))),
+        "the isolated node acknowledged a publish: {isolated_try:?}"
+    );
+    // The majority elects a leader and serves.
+    let majority = &cluster.nodes[others[0]];
+    let mut conn2 = majority.publisher().await;
+    let t0 = Instant::now();
+    let seq = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            conn2.publish_wait("maj-1", HOT, b"y"),
+        )
+        .await
+        {
+            Ok(Ok(seq)) => break seq,
+            other => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "the majority did not serve: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    println!(
+        "isolation: majority acknowledged maj-1 at seq {seq} after {:?}",
+        t0.elapsed()
+    );
+    // Heal; the history has maj-1 exactly once and iso-1 at most once, gap-free.
+    for n in &cluster.nodes {
+        let (s, _) = n
+            .http("POST", "/v1/debug/faults", Some(&admin), r#"{"block":[]}"#)
+            .await;
+        assert_eq!(s, 200);
+    }
+    cluster.wait_ready(isolated, Duration::from_secs(30)).await;
+    let h = majority.history(HOT).await;
+    for (k, (s, _, _)) in h.iter().enumerate() {
+        assert_eq!(*s, k as u64 + 1, "gap-free history");
+    }
+    assert_eq!(h.iter().filter(|(_, id, _)| id == "maj-1").count(), 1);
+    assert!(h.iter().filter(|(_, id, _)| id == "iso-1").count() <= 1);
+    assert_eq!(h.iter().find(|(_, id, _)| id == "maj-1").unwrap().0, seq);
+}
