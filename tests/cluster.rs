@@ -498,3 +498,85 @@ async fn an_isolated_node_acknowledges_nothing_and_the_majority_serves() {
     assert!(h.iter().filter(|(_, id, _)| id == "iso-1").count() <= 1);
     assert_eq!(h.iter().find(|(_, id, _)| id == "maj-1").unwrap().0, seq);
 }
+
+/// Failover figures for docs/benchmarks.md: kill -9 the leader of a fresh user's partition
+/// (WARBLER_KILLS times, default 20) while that user gets a publish every 10 ms through a
+/// surviving node, and time from the kill until its device (on a surviving node) receives
+/// the first message published after the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --workspace --test cluster failover_figures -- --ignored --nocapture"]
+async fn failover_figures() {
+    let kills: usize = std::env::var("WARBLER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut cluster = Cluster::start(3).await;
+    let mut resumed = Vec::new();
+    for k in 0..kills {
+        let user = format!("f{k}");
+        let victim = cluster.leader_of(&user, None).await;
+        let observer = (victim + 1) % 3;
+        let mut dev = cluster.nodes[observer].device(&user, "d").await;
+        let mut publisher = cluster.nodes[observer].publisher().await;
+        let started: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2, u2) = (stop.clone(), started.clone(), user.clone());
+        let pubtask = tokio::spawn(async move {
+            let mut i = 0;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                st2.lock().unwrap().push(Instant::now());
+                let id = format!("m{i}");
+                loop {
+                    match tokio::time::timeout(
+                        Duration::from_secs(20),
+                        publisher.publish_wait(&id, &u2, b"x"),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => break,
+                        _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        // Warm up: deliveries flow.
+        for _ in 0..5 {
+            let m = dev.recv_msg().await.unwrap();
+            dev.ack(m.seq).await.unwrap();
+        }
+        let t0 = Instant::now();
+        cluster.nodes[victim].kill9();
+        let first_after = started.lock().unwrap().len();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), dev.recv_msg())
+                .await
+                .expect("delivery resumes")
+                .unwrap();
+            dev.ack(m.seq).await.unwrap();
+            let idx: usize = m.id.trim_start_matches('m').parse().unwrap();
+            if idx >= first_after {
+                resumed.push(t0.elapsed());
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = pubtask.await;
+        cluster.nodes[victim].restart();
+        cluster.wait_ready(victim, Duration::from_secs(60)).await;
+        println!(
+            "kill {k}: n{victim}, delivery resumed after {:?}",
+            resumed[k]
+        );
+    }
+    resumed.sort();
+    let pct =
+        |p: f64| resumed[((resumed.len() as f64 * p).ceil() as usize).clamp(1, resumed.len()) - 1];
+    println!(
+        "failover over {kills} kills (heartbeat 100 ms, election timeout 500-1000 ms): p50 {:?}, p99 {:?}, max {:?}",
+        pct(0.5),
+        pct(0.99),
+        resumed.last().unwrap()
+    );
+}

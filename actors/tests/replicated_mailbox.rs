@@ -150,7 +150,7 @@ async fn mailboxes_write_through_the_leader_and_every_replica_agrees() {
         .publish(USER, "from-follower", ByteBuf::from(vec![1]), None)
         .await;
     assert!(
-        matches!(refused, Err(MailboxError::Unavailable(_))),
+        matches!(refused, Err(MailboxError::NoLeader(_))),
         "{refused:?}"
     );
     assert_eq!(follower.store.last_seq(partition, USER).unwrap(), 20);

@@ -104,8 +104,10 @@ async fn connect_devices(
     for chunk_start in (0..n).step_by(500) {
         let batch: Vec<_> = (chunk_start..(chunk_start + 500).min(n))
             .map(|i| {
+                // A comma-separated list spreads devices over a cluster's nodes.
+                let addrs: Vec<&str> = addr.split(',').collect();
                 let opts = ConnectOptions::new(
-                    addr,
+                    addrs[i % addrs.len()],
                     tokens::mint(secret, &format!("{prefix}-{i}"), "device"),
                     "d0",
                 );
@@ -165,8 +167,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let published = Arc::new(AtomicU64::new(0));
     let mut pubs = Vec::new();
     for p in 0..a.publishers {
+        let addrs: Vec<&str> = a.addr.split(',').collect();
         let opts = ConnectOptions::new(
-            &a.addr,
+            addrs[p % addrs.len()],
             tokens::mint(&secret, "load-publisher", "publish"),
             format!("p{p}"),
         );
