@@ -34,9 +34,11 @@ pub const PEER_FRAME_BYTES_MAX: usize = 16 << 20;
 pub const PEER_QUEUE_MAX: usize = 4096;
 /// Unanswered calls per peer.
 pub const PEER_CALLS_MAX: usize = 4096;
-/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
+/// First reconnect delay; doubles up to [`BACKOFF_MAX`]. The cap is short: a peer that
+/// restarts must be reached again within a fraction of an election timeout, and a refused
+/// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// A frame between peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
