@@ -2,9 +2,12 @@
 //! entry is durable once a majority of the partition's replicas have it, and only the
 //! partition's leader can write.
 //!
-//! Ordering, as the trait promises: `propose` hands the entry to Raft before it returns, so
-//! entries proposed one after another enter the log in that order; one completion task per
-//! partition awaits the answers first in, first out, so `done` callbacks run in log order.
+//! Ordering, as the trait promises: `propose` queues the entry on the partition's proposer
+//! before it returns, so entries proposed one after another enter the log in that order.
+//! The proposer hands Raft whatever has queued up as one log entry (up to
+//! [`BATCH_OPS_MAX`] ops): under load many publishes and acks share one entry, one append and
+//! one fsync per replica. One completion task per partition awaits the answers first in,
+//! first out, so `done` callbacks run in log order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -17,17 +20,19 @@ use warbler_storage::{Done, Op, PartitionId, PartitionLog, StorageError};
 
 use crate::raft_store::{Batch, TypeConfig};
 
+/// Most ops merged into one log entry.
+pub const BATCH_OPS_MAX: usize = 512;
+
 type Answer = openraft::raft::responder::OneshotResponder<TypeConfig>;
-type Pending = (
-    <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver,
-    Option<Done>,
-);
+type Receiver = <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver;
+/// One entry handed to Raft (or refused before it got there), with its proposers' callbacks.
+type Pending = (Result<Receiver, StorageError>, Vec<Option<Done>>);
 
 struct Group {
     raft: Raft<TypeConfig>,
-    /// Answers awaited in log order. Unbounded on purpose: every item is an entry Raft
-    /// already accepted, bounded by the mailboxes' own limits upstream.
-    completions: mpsc::UnboundedSender<Pending>,
+    /// Proposals waiting to become an entry. Unbounded on purpose: bounded by the
+    /// mailboxes' own limits upstream.
+    proposals: mpsc::UnboundedSender<(Vec<Op>, Option<Done>)>,
 }
 
 /// The Raft groups of the partitions this node replicates.
@@ -41,10 +46,17 @@ impl RaftLog {
     pub fn insert(&self, partition: PartitionId, raft: Raft<TypeConfig>) {
         let (completions, rx) = mpsc::unbounded_channel();
         tokio::spawn(complete_in_order(partition, rx));
+        let (proposals, queued) = mpsc::unbounded_channel();
+        tokio::spawn(propose_batches(
+            partition,
+            raft.clone(),
+            queued,
+            completions,
+        ));
         self.groups
             .write()
             .unwrap()
-            .insert(partition, Arc::new(Group { raft, completions }));
+            .insert(partition, Arc::new(Group { raft, proposals }));
     }
 
     fn group(&self, partition: PartitionId) -> Result<Arc<Group>, StorageError> {
@@ -67,8 +79,45 @@ fn not_writable(partition: PartitionId, reason: impl ToString) -> StorageError {
     }
 }
 
+/// Merges queued proposals into entries, in order.
+async fn propose_batches(
+    partition: PartitionId,
+    raft: Raft<TypeConfig>,
+    mut queued: mpsc::UnboundedReceiver<(Vec<Op>, Option<Done>)>,
+    completions: mpsc::UnboundedSender<Pending>,
+) {
+    while let Some((mut ops, done)) = queued.recv().await {
+        let mut dones = vec![done];
+        while ops.len() < BATCH_OPS_MAX {
+            match queued.try_recv() {
+                Ok((more, done)) => {
+                    ops.extend(more);
+                    dones.push(done);
+                }
+                Err(_) => break,
+            }
+        }
+        let answer = raft
+            .client_write_ff(Batch { ops })
+            .await
+            .map_err(|e| not_writable(partition, e));
+        if completions.send((answer, dones)).is_err() {
+            return;
+        }
+    }
+}
+
 async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    while let Some((answer, done)) = rx.recv().await {
+    while let Some((answer, dones)) = rx.recv().await {
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                for done in dones.into_iter().flatten() {
+                    done(Err(e.clone()));
+                }
+                continue;
+            }
+        };
         let result = match answer.await {
             Ok(Ok(r)) if r.data.refused.is_some() => {
                 Err(not_writable(partition, r.data.refused.unwrap_or_default()))
@@ -81,8 +130,8 @@ async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiv
             Ok(Err(e)) => Err(not_writable(partition, e)),
             Err(_) => Err(not_writable(partition, "the Raft group stopped")),
         };
-        if let Some(done) = done {
-            done(result);
+        for done in dones.into_iter().flatten() {
+            done(result.clone());
         }
     }
 }
@@ -96,15 +145,10 @@ impl PartitionLog for RaftLog {
     ) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             let group = self.group(partition)?;
-            let answer = group
-                .raft
-                .client_write_ff(Batch { ops })
-                .await
-                .map_err(|e| not_writable(partition, e))?;
             group
-                .completions
-                .send((answer, done))
-                .map_err(|_| not_writable(partition, "the completion task stopped"))
+                .proposals
+                .send((ops, done))
+                .map_err(|_| not_writable(partition, "the proposer stopped"))
         })
     }
 

@@ -17,6 +17,7 @@
 // return what those traits return, so boxing would only add a conversion at every call.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -221,13 +222,17 @@ struct SnapshotFile {
 impl StateMachine {
     /// Every append must follow its user's head (the mailbox's no-gap, no-reuse rule). The
     /// check reads the replicated state, so every replica reaches the same verdict.
-    fn check_contiguous(&self, ops: &[Op]) -> Result<Option<String>, Error> {
-        let mut heads: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    fn check_contiguous(
+        &self,
+        ops: &[Op],
+        heads: &mut HashMap<String, u64>,
+    ) -> Result<Option<String>, Error> {
+        let mut next: HashMap<&str, u64> = HashMap::new();
         for op in ops {
             let Op::Append { user, seq, .. } = op else {
                 continue;
             };
-            let head = match heads.get(user.as_str()) {
+            let head = match next.get(user.as_str()).or(heads.get(user)) {
                 Some(h) => *h,
                 None => self
                     .log
@@ -240,7 +245,10 @@ impl StateMachine {
                     "append of seq {seq} for user {user} refused: the stored head is {head} (a writer with a stale view; it restarts from storage)"
                 )));
             }
-            heads.insert(user, *seq);
+            next.insert(user, *seq);
+        }
+        for (user, seq) in next {
+            heads.insert(user.to_string(), seq);
         }
         Ok(None)
     }
@@ -305,31 +313,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // All entries of one call in one write: one batch instead of one per entry.
         let (_, mut membership) = self.applied()?;
         let mut out = Vec::new();
+        let mut heads = HashMap::new();
+        let mut ops_all: Vec<Op> = Vec::new();
+        let mut last = None;
         for entry in entries {
-            let ops: &[Op] = match &entry.payload {
-                EntryPayload::Normal(batch) => &batch.ops,
+            last = Some(entry.log_id);
+            let ops = match entry.payload {
+                EntryPayload::Normal(batch) => batch.ops,
                 EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    &[]
+                    membership = StoredMembership::new(Some(entry.log_id), m);
+                    Vec::new()
                 }
-                EntryPayload::Blank => &[],
+                EntryPayload::Blank => Vec::new(),
             };
-            let refused = self.check_contiguous(ops)?;
-            let ops = if refused.is_some() { &[][..] } else { ops };
+            let refused = self.check_contiguous(&ops, &mut heads)?;
+            out.push(Applied {
+                ops: if refused.is_some() { 0 } else { ops.len() },
+                refused: refused.clone(),
+            });
+            if refused.is_none() {
+                ops_all.extend(ops);
+            }
+        }
+        if let Some(last) = last {
             let meta = [
-                (META_APPLIED, encode(&Some(entry.log_id))),
+                (META_APPLIED, encode(&Some(last))),
                 (META_MEMBERSHIP, encode(&membership)),
             ];
             self.log
                 .store
-                .apply_with_meta(self.log.partition, ops, &meta, false)
+                .apply_with_meta(self.log.partition, &ops_all, &meta, false)
                 .map_err(io_err)?;
-            out.push(Applied {
-                ops: ops.len(),
-                refused,
-            });
         }
         Ok(out)
     }
