@@ -498,8 +498,10 @@ impl ClusterNode {
             Some(pl) => (0..self.partitions)
                 .map(|p| {
                     let leader = self.leader_name(pl, p);
-                    let term = pl.rafts.get(&p).map(|r| r.metrics().borrow().current_term);
-                    json!({"partition": p, "replicas": pl.replicas[p as usize], "leader": leader, "term": term})
+                    let m = pl.rafts.get(&p).map(|r| r.metrics().borrow().clone());
+                    let term = m.as_ref().map(|m| m.current_term);
+                    let applied = m.as_ref().map(|m| m.last_applied.map(|l| l.index).unwrap_or(0));
+                    json!({"partition": p, "replicas": pl.replicas[p as usize], "leader": leader, "term": term, "applied": applied})
                 })
                 .collect(),
         };

@@ -146,7 +146,7 @@ async fn publisher(
     let mut i = 0usize;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let id = format!("p{k}-{i}");
-        let user = if i % 2 == 0 {
+        let user = if i.is_multiple_of(2) {
             HOT.to_string()
         } else {
             format!("u{}", (k + i) % USERS)
@@ -280,15 +280,14 @@ fn acked_for(outcomes: &Outcomes, user: &str) -> usize {
         .count()
 }
 
-fn start_publishers(
-    cluster: &Cluster,
-    outcomes: &Outcomes,
-    n: usize,
-) -> (
+/// The stop flag, the node list the publishers pick from, and their tasks.
+type Publishers = (
     Arc<std::sync::atomic::AtomicBool>,
     Arc<Mutex<Vec<String>>>,
     Vec<tokio::task::JoinHandle<()>>,
-) {
+);
+
+fn start_publishers(cluster: &Cluster, outcomes: &Outcomes, n: usize) -> Publishers {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients = Arc::new(Mutex::new(cluster.clients()));
     let tasks = (0..n)
@@ -578,5 +577,57 @@ async fn failover_figures() {
         pct(0.5),
         pct(0.99),
         resumed.last().unwrap()
+    );
+}
+
+/// Catch-up figure for docs/benchmarks.md: stop one node with `kill -9`, publish through the
+/// other two for WARBLER_DOWN_SECS (default 10), restart it and time until every one of its
+/// replicas has applied what the others had applied when it came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --workspace --test cluster catchup_figures -- --ignored --nocapture"]
+async fn catchup_figures() {
+    let down_secs: u64 = std::env::var("WARBLER_DOWN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut cluster = Cluster::start(3).await;
+    let victim = 2;
+    cluster.nodes[victim].kill9();
+    let outcomes: Outcomes = Arc::default();
+    let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 8);
+    clients.lock().unwrap().truncate(2);
+    tokio::time::sleep(Duration::from_secs(down_secs)).await;
+    stop_publishers(stop, tasks).await;
+    let missed = acked_count(&outcomes);
+    // What the live nodes have applied, per partition.
+    let mut target = vec![0u64; 64];
+    for i in 0..2 {
+        let (_, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
+        for (p, t) in target.iter_mut().enumerate() {
+            *t = (*t).max(v["partitions"][p]["applied"].as_u64().unwrap_or(0));
+        }
+    }
+    let t0 = Instant::now();
+    cluster.nodes[victim].restart();
+    loop {
+        let (status, v) = cluster.nodes[victim]
+            .http("GET", "/v1/cluster", None, "")
+            .await;
+        if status == 200
+            && (0..64).all(|p| v["partitions"][p]["applied"].as_u64().unwrap_or(0) >= target[p])
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "n{victim} did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed();
+    println!(
+        "catch-up: {missed} messages published while n{victim} was down {down_secs} s; caught up {:?} after restart (process start included): {:.0} msgs/s",
+        took,
+        missed as f64 / took.as_secs_f64()
     );
 }
