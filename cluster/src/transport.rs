@@ -241,7 +241,11 @@ impl PeerTransport {
     }
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &PeerFrame) -> std::io::Result<()> {
+/// Frames queued together are written with one syscall, up to this many bytes.
+const WRITE_COALESCE_BYTES: usize = 64 * 1024;
+
+/// Appends `frame`, length-prefixed, to `buf`.
+fn encode_frame(buf: &mut Vec<u8>, frame: &PeerFrame) -> std::io::Result<()> {
     let bytes = rmp_serde::to_vec_named(frame).expect("peer frame serialization is infallible");
     if bytes.len() > PEER_FRAME_BYTES_MAX {
         return Err(std::io::Error::new(
@@ -249,8 +253,15 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &PeerFrame) -> std
             "peer frame over the limit",
         ));
     }
-    w.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    w.write_all(&bytes).await
+    buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&bytes);
+    Ok(())
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &PeerFrame) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    encode_frame(&mut buf, frame)?;
+    w.write_all(&buf).await
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<PeerFrame> {
@@ -307,8 +318,20 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
     };
     let (tx, mut rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_MAX);
     let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
         while let Some(f) = rx.recv().await {
-            if write_frame(&mut w, &f).await.is_err() {
+            buf.clear();
+            let _ = encode_frame(&mut buf, &f);
+            // Answers ready at the same time go out in one write.
+            while buf.len() < WRITE_COALESCE_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        let _ = encode_frame(&mut buf, &f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if w.write_all(&buf).await.is_err() {
                 return;
             }
         }
@@ -356,6 +379,7 @@ async fn run_link(
     let name = peer.to_string();
     let mut backoff = BACKOFF_MIN;
     let mut next_id = 1u64;
+    let mut buf = Vec::new();
     loop {
         let io = match dial(&me, peer, tls.as_ref()).await {
             Ok(io) => {
@@ -408,23 +432,42 @@ async fn run_link(
                 _ = &mut reader => break,
                 n = queue.recv() => n,
             };
-            let Some((mut frame, waiter)) = next else {
+            let Some(first) = next else {
                 reader.abort();
                 return;
             };
-            if let PeerFrame::Request { id, .. } = &mut frame {
-                *id = next_id;
-                next_id += 1;
-                if let Some(w) = waiter {
-                    let mut waiting = waiters.lock().unwrap();
-                    if waiting.len() >= PEER_CALLS_MAX {
-                        let _ = w.send(Err(PeerError::Overloaded(name.clone())));
-                        continue;
+            // Calls queued at the same time go out in one write.
+            buf.clear();
+            let mut item = Some(first);
+            while let Some((mut frame, waiter)) = item.take() {
+                if let PeerFrame::Request { id, .. } = &mut frame {
+                    *id = next_id;
+                    next_id += 1;
+                    if let Some(w) = waiter {
+                        let mut waiting = waiters.lock().unwrap();
+                        if waiting.len() >= PEER_CALLS_MAX {
+                            let _ = w.send(Err(PeerError::Overloaded(name.clone())));
+                            continue;
+                        }
+                        waiting.insert(*id, w);
                     }
-                    waiting.insert(*id, w);
+                }
+                if let Err(e) = encode_frame(&mut buf, &frame) {
+                    // Too large to send: fail this call only.
+                    if let PeerFrame::Request { id, .. } = &frame {
+                        if let Some(w) = waiters.lock().unwrap().remove(id) {
+                            let _ = w.send(Err(PeerError::Remote {
+                                peer: name.clone(),
+                                message: format!("not sent: {e}"),
+                            }));
+                        }
+                    }
+                }
+                if buf.len() < WRITE_COALESCE_BYTES {
+                    item = queue.try_recv().ok();
                 }
             }
-            if write_frame(&mut w, &frame).await.is_err() {
+            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
                 reader.abort();
                 break;
             }
