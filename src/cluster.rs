@@ -248,7 +248,9 @@ impl ClusterNode {
                 cluster_name: "warbler".into(),
                 heartbeat_interval: config.cluster.raft_heartbeat_ms,
                 election_timeout_min: config.cluster.raft_election_timeout_ms,
-                election_timeout_max: config.cluster.raft_election_timeout_ms * 2,
+                // openraft's leader lease is the maximum: a follower refuses votes for that
+                // long after the last heartbeat, so a wide range slows every failover.
+                election_timeout_max: config.cluster.raft_election_timeout_ms * 3 / 2,
                 install_snapshot_timeout: 10_000,
                 ..Default::default()
             }

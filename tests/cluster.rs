@@ -573,7 +573,7 @@ async fn failover_figures() {
     let pct =
         |p: f64| resumed[((resumed.len() as f64 * p).ceil() as usize).clamp(1, resumed.len()) - 1];
     println!(
-        "failover over {kills} kills (heartbeat 100 ms, election timeout 500-1000 ms): p50 {:?}, p99 {:?}, max {:?}",
+        "failover over {kills} kills (heartbeat 100 ms, election timeout 500-750 ms): p50 {:?}, p99 {:?}, max {:?}",
         pct(0.5),
         pct(0.99),
         resumed.last().unwrap()

@@ -131,8 +131,8 @@ pub struct ClusterConfig {
     pub replication_factor: u32,
     /// How often a partition's leader tells its followers it is alive.
     pub raft_heartbeat_ms: u64,
-    /// A follower that hears nothing for this long (randomised up to twice it) starts an
-    /// election: the time a failover takes.
+    /// A follower that hears nothing for this long (randomised up to 1.5 times it) starts
+    /// an election: the time a failover takes.
     pub raft_election_timeout_ms: u64,
     /// Host (name or IP) other nodes reach this node's `cluster_addr` port at, when
     /// `cluster_addr` binds a wildcard address (e.g. the pod IP or DNS name).
