@@ -19,8 +19,8 @@ use warbler_cluster::raft_net::{self, RaftService, Resolver};
 use warbler_cluster::raft_store::TypeConfig;
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::{
-    fnv1a64, Faults, Membership, NodeId, NodeMeta, NodeState, PeerHandler, PeerTransport, Ring,
-    Timing, VNODES_DEFAULT,
+    fnv1a64, Faults, Membership, NodeId, NodeMeta, NodeState, PeerHandler, PeerTls, PeerTransport,
+    Ring, Timing, VNODES_DEFAULT,
 };
 use warbler_config::Config;
 use warbler_storage::{PartitionId, Store};
@@ -142,8 +142,16 @@ impl ClusterNode {
             node: OnceLock::new(),
             raft: raft_service.clone(),
         });
+        let c = &config.cluster;
+        let tls = match (&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some(
+                PeerTls::from_pem_files(ca, cert, key)
+                    .map_err(|e| anyhow::anyhow!("cluster TLS: {e}"))?,
+            ),
+            _ => None,
+        };
         let transport = Arc::new(
-            PeerTransport::start(&config.node_id, config.cluster_addr, None, service.clone())
+            PeerTransport::start(&config.node_id, config.cluster_addr, tls, service.clone())
                 .await
                 .with_context(|| format!("cannot listen on cluster_addr {} (TCP); is another process using it? pick another with --cluster-addr", config.cluster_addr))?,
         );

@@ -41,20 +41,25 @@ fn free_port() -> u16 {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
+        Cluster::start_with(n, tempfile::tempdir().unwrap(), &[]).await
+    }
+
+    async fn start_with(n: usize, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Cluster {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let cluster_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let nodes = (0..n)
             .map(|i| {
                 let name = format!("n{i}");
                 let expect = n.to_string();
+                let mut vars = vec![
+                    ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
+                    ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
+                    ("WARBLER_FAULT_INJECTION", "true"),
+                ];
+                vars.extend_from_slice(env);
                 Node::start_with(
                     &dir.path().join(&name),
-                    &[
-                        ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
-                        ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
-                        ("WARBLER_FAULT_INJECTION", "true"),
-                    ],
+                    &vars,
                     &[
                         "--node-id",
                         &name,
@@ -629,5 +634,90 @@ async fn catchup_figures() {
         "catch-up: {missed} messages published while n{victim} was down {down_secs} s; caught up {:?} after restart (process start included): {:.0} msgs/s",
         took,
         missed as f64 / took.as_secs_f64()
+    );
+}
+
+/// Peer traffic under mutual TLS: a two-node cluster whose nodes hold certificates of one
+/// cluster CA forms, forwards a publish to the other node's partition and delivers it to a
+/// device through a remote subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_over_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let node_key = KeyPair::generate().unwrap();
+    let node_cert = CertificateParams::new(vec!["warbler-peer".to_string()])
+        .unwrap()
+        .signed_by(&node_key, &issuer)
+        .unwrap();
+    let pem = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = pem("ca.pem", ca_cert.pem());
+    let cert = pem("node.pem", node_cert.pem());
+    let key = pem("node.key", node_key.serialize_pem());
+    let cluster = Cluster::start_with(
+        2,
+        dir,
+        &[
+            ("WARBLER_CLUSTER_TLS_CA_FILE", &ca),
+            ("WARBLER_CLUSTER_TLS_CERT_FILE", &cert),
+            ("WARBLER_CLUSTER_TLS_KEY_FILE", &key),
+        ],
+    )
+    .await;
+    // A user whose partition n1 leads, reached through n0.
+    let mut user = None;
+    for k in 0..200 {
+        let u = format!("tls{k}");
+        if cluster.leader_of(&u, None).await == 1 {
+            user = Some(u);
+            break;
+        }
+    }
+    let user = user.expect("n1 leads some partition");
+    let seq = cluster.nodes[0].publish(&user, "t1", "over tls").await;
+    assert_eq!(seq, 1);
+    let mut dev = cluster.nodes[0].device(&user, "d").await;
+    let m = tokio::time::timeout(Duration::from_secs(10), dev.recv_msg())
+        .await
+        .expect("delivered through the remote subscription")
+        .unwrap();
+    assert_eq!((m.seq, m.id.as_str()), (1, "t1"));
+
+    // The cluster port does not speak plain TCP: a peer without TLS gets no answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warbler_cluster::transport::{PeerFrame, PEER_PROTOCOL_VERSION};
+    let mut plain = tokio::net::TcpStream::connect(&cluster.cluster_addrs[0])
+        .await
+        .unwrap();
+    for frame in [
+        PeerFrame::Hello {
+            v: PEER_PROTOCOL_VERSION,
+            from: "intruder".into(),
+        },
+        PeerFrame::Request {
+            id: 1,
+            partition: 0,
+            kind: 20,
+            body: Default::default(),
+        },
+    ] {
+        let bytes = rmp_serde::to_vec_named(&frame).unwrap();
+        let _ = plain.write_all(&(bytes.len() as u32).to_be_bytes()).await;
+        let _ = plain.write_all(&bytes).await;
+    }
+    // All that comes back is, at most, a TLS alert record (content type 21), then EOF.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut got)).await;
+    assert!(
+        got.is_empty() || got[0] == 21,
+        "a plain-TCP peer got an answer from a TLS cluster port: {got:?}"
     );
 }

@@ -122,6 +122,81 @@ pub struct PeerTls {
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
+/// The name every node's peer certificate must carry (a DNS subject alternative name).
+pub const PEER_TLS_NAME: &str = "warbler-peer";
+
+impl PeerTls {
+    /// Mutual TLS from PEM files: the cluster CA, and this node's certificate (for the name
+    /// [`PEER_TLS_NAME`], signed by that CA) and private key. Peers must present a
+    /// certificate of the same CA.
+    pub fn from_pem_files(
+        ca_file: &std::path::Path,
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Result<PeerTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let certs = |f: &std::path::Path| {
+            CertificateDer::pem_file_iter(f)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read PEM certificates from {}: {e}", f.display()))
+                .and_then(|c| {
+                    if c.is_empty() {
+                        Err(format!("{} holds no certificate", f.display()))
+                    } else {
+                        Ok(c)
+                    }
+                })
+        };
+        let ca = certs(ca_file)?;
+        let own = certs(cert_file)?;
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+            format!(
+                "cannot read a private key from {} (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+                key_file.display()
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|e| {
+                format!("{} is not a usable CA certificate: {e}", ca_file.display())
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("cannot build the peer certificate verifier: {e}"))?;
+        let mismatch = |e: rustls::Error| {
+            format!(
+                "the certificate {} and key {} do not match: {e}",
+                cert_file.display(),
+                key_file.display()
+            )
+        };
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(own.clone(), key.clone_key())
+            .map_err(mismatch)?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(own, key)
+            .map_err(mismatch)?;
+        Ok(PeerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            server_name: ServerName::try_from(PEER_TLS_NAME).expect("a valid DNS name"),
+        })
+    }
+}
+
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 

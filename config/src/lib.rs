@@ -137,6 +137,12 @@ pub struct ClusterConfig {
     /// Host (name or IP) other nodes reach this node's `cluster_addr` port at, when
     /// `cluster_addr` binds a wildcard address (e.g. the pod IP or DNS name).
     pub advertise_host: Option<String>,
+    /// Mutual TLS between nodes: the cluster CA (PEM). With `tls_cert_file` and
+    /// `tls_key_file` (this node's certificate for the name `warbler-peer`, signed by the
+    /// CA); all three set = peer traffic encrypted and only CA-signed nodes admitted.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Testing only: serve `POST /v1/debug/faults`, which cuts this node off from chosen
     /// peers (isolation tests). Never enable in production.
     pub fault_injection: bool,
@@ -238,6 +244,9 @@ impl Default for ClusterConfig {
             raft_heartbeat_ms: 250,
             raft_election_timeout_ms: 1000,
             advertise_host: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             fault_injection: false,
         }
     }
@@ -284,6 +293,9 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ),
     ("WARBLER_ADVERTISE_HOST", "cluster.advertise_host"),
     ("WARBLER_FAULT_INJECTION", "cluster.fault_injection"),
+    ("WARBLER_CLUSTER_TLS_CA_FILE", "cluster.tls_ca_file"),
+    ("WARBLER_CLUSTER_TLS_CERT_FILE", "cluster.tls_cert_file"),
+    ("WARBLER_CLUSTER_TLS_KEY_FILE", "cluster.tls_key_file"),
     ("WARBLER_LOG_FORMAT", "log.format"),
     ("WARBLER_LOG", "log.level"),
 ];
@@ -395,6 +407,9 @@ impl Config {
             "cluster.advertise_host" => {
                 self.cluster.advertise_host = (!value.is_empty()).then(|| value.to_string())
             }
+            "cluster.tls_ca_file" => self.cluster.tls_ca_file = path(value),
+            "cluster.tls_cert_file" => self.cluster.tls_cert_file = path(value),
+            "cluster.tls_key_file" => self.cluster.tls_key_file = path(value),
             "cluster.fault_injection" => {
                 self.cluster.fault_injection = parse(value, "true or false")?
             }
@@ -515,6 +530,17 @@ impl Config {
             10,
             86_400_000,
         )?;
+        let c = &self.cluster;
+        let set = [&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if set != 0 && set != 3 {
+            return Err(invalid(
+                "cluster.tls_ca_file",
+                "set all of cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file for mutual TLS between nodes, or none of them".to_string(),
+            ));
+        }
         range(
             "cluster.replication_factor",
             self.cluster.replication_factor,
