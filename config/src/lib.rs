@@ -667,6 +667,23 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked() {
+        let mut c = Config::default();
+        c.set("cluster.raft_heartbeat_ms", "400").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.raft_election_timeout_ms"), "{e}");
+        c.set("cluster.raft_election_timeout_ms", "1200").unwrap();
+        c.validate().unwrap();
+        c.set("cluster.tls_ca_file", "/ca.pem").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.tls_cert_file"), "{e}");
+        c.set("cluster.tls_cert_file", "/n.pem").unwrap();
+        c.set("cluster.tls_key_file", "/n.key").unwrap();
+        c.validate().unwrap();
+        assert!(c.set("cluster.replication_factor", "three").is_err());
+    }
+
+    #[test]
     fn example_file_in_the_repo_parses_and_validates() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("warbler.toml");
         let c = Config::load_file(&path).unwrap();
