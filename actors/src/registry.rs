@@ -12,8 +12,11 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
-use crate::mailbox::{DeviceInfo, MailboxArgs, MailboxLimits, MailboxMsg, UserMailbox};
+use crate::mailbox::{
+    DeviceInfo, MailboxArgs, MailboxLimits, MailboxMsg, SubscribeInfo, UserMailbox,
+};
 use crate::route::{Leader, Routing, KIND_DEVICES, KIND_PUBLISH};
+use crate::session::SessionMsg;
 
 /// How often a request is retried when the mailbox it reached stopped under it (idle stop
 /// or crash); each retry gets a fresh mailbox from the registry.
@@ -21,6 +24,8 @@ const MAILBOX_RETRIES_MAX: u32 = 5;
 /// Longest wait for a mailbox's answer: publishes wait for an fsync, which takes
 /// milliseconds; seconds mean the disk is stuck.
 const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long subscribing may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub enum RegistryMsg {
     /// The running mailbox of `user`, spawned if needed.
@@ -331,6 +336,35 @@ impl Mailboxes {
             reply,
         })
         .await?
+    }
+
+    /// Subscribes `session` as `device` to this node's mailbox of `user`; returns the
+    /// mailbox (to watch) and where the device stands.
+    pub async fn subscribe_local(
+        &self,
+        user: &str,
+        device: &str,
+        session: ActorRef<SessionMsg>,
+        resume: Option<(u64, u64)>,
+    ) -> Result<(ActorRef<MailboxMsg>, SubscribeInfo), MailboxError> {
+        let mailbox = self.get(user).await?;
+        let device = device.to_string();
+        match mailbox
+            .call(
+                move |reply| MailboxMsg::Subscribe {
+                    device,
+                    session,
+                    resume,
+                    reply,
+                },
+                Some(SUBSCRIBE_TIMEOUT),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(info)) => Ok((mailbox, info)),
+            // The mailbox stopped (idle, crash, leadership moved) before it answered.
+            _ => Err(MailboxError::Restarted),
+        }
     }
 
     /// The devices of `user`, from whichever node leads the user's partition.

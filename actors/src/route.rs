@@ -521,26 +521,10 @@ impl Actor for RemoteSubscriber {
         mut args: ProxyArgs,
     ) -> Result<ProxyState, ActorProcessingErr> {
         let info = args.info.take().expect("set by start_proxy");
-        let subscribed = async {
-            let mailbox = args.mailboxes.get(&args.user).await?;
-            let (device, session, resume) = (args.device.clone(), myself.clone(), args.resume);
-            match mailbox
-                .call(
-                    move |reply| MailboxMsg::Subscribe {
-                        device,
-                        session,
-                        resume,
-                        reply,
-                    },
-                    Some(ROUTE_CALL_TIMEOUT),
-                )
-                .await
-            {
-                Ok(ractor::rpc::CallResult::Success(i)) => Ok((mailbox, i)),
-                _ => Err(MailboxError::Restarted),
-            }
-        }
-        .await;
+        let subscribed = args
+            .mailboxes
+            .subscribe_local(&args.user, &args.device, myself.clone(), args.resume)
+            .await;
         match subscribed {
             Ok((mailbox, i)) => {
                 myself.get_cell().monitor(mailbox.get_cell());

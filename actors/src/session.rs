@@ -287,28 +287,11 @@ async fn subscribe(
         }
         Leader::Unknown(why) => return Err(MailboxError::NoLeader(why).into()),
     }
-    let mailbox = args.mailboxes.get(&args.user).await?;
-    let device = args.device.clone();
-    let session = myself.clone();
-    let info = mailbox
-        .call(
-            move |reply| MailboxMsg::Subscribe {
-                device,
-                session,
-                resume,
-                reply,
-            },
-            Some(SUBSCRIBE_TIMEOUT),
-        )
+    let (mailbox, info) = args
+        .mailboxes
+        .subscribe_local(&args.user, &args.device, myself.clone(), resume)
         .await?;
-    match info {
-        ractor::rpc::CallResult::Success(info) => Ok((Upstream::Local(mailbox), info)),
-        _ => Err(format!(
-            "the mailbox of {} did not accept the subscription",
-            args.user
-        )
-        .into()),
-    }
+    Ok((Upstream::Local(mailbox), info))
 }
 
 /// Subscribes again (the mailbox stopped or the leader moved), resuming after what was
