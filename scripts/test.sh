@@ -10,6 +10,11 @@ if ! python3 -c "import msgpack" >/dev/null 2>&1; then
     command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip >/dev/null; }
     python3 -m pip install --quiet msgpack 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-msgpack >/dev/null; }
 fi
+# The load driver's tests run it against real NATS JetStream and Mosquitto servers.
+if ! command -v nats-server >/dev/null 2>&1 || ! { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }; then
+    echo "installing nats-server and mosquitto (Debian's packages) for the load driver's tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server mosquitto >/dev/null
+fi
 # One profile (release) for tests, binaries and benchmarks: RocksDB is compiled once.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -5,7 +5,14 @@
 //! - `src/bin/load.rs` (`warbler-load`): the end-to-end load generator: open loop at a
 //!   target rate, latency timed from the intended send time (no coordinated omission),
 //!   HDR histograms; and the idle-connection holder used to measure memory per connection.
+//! - [`stats`]: what a run measures (latency from the intended send time, per-device order
+//!   checks), and how worker processes hand their histograms to the parent.
+//! - [`systems`]: the systems a run drives on one workload: Warbler, NATS JetStream and
+//!   Mosquitto (MQTT).
 //! - [`tokens`]: HS256 tokens minted from the node's secret file.
+
+pub mod stats;
+pub mod systems;
 
 pub mod tokens {
     use serde::Serialize;

@@ -1,28 +1,40 @@
-//! `warbler-load`: end-to-end load against a running node.
+//! `warbler-load`: end-to-end load against a running Warbler, NATS JetStream or Mosquitto.
 //!
-//! `warbler-load run`: U users with one device each; P publisher connections send at a
-//! fixed total rate (open loop: message k of a publisher is due at start + k/rate, and
-//! latency counts from that due time, so a stalled server cannot hide its queue) or, with
-//! `--rate 0`, as fast as a window of unanswered publishes per publisher allows. Reports
-//! delivered throughput, publish→ack and publish→deliver latency.
+//! `warbler-load run`: U users with M devices each; P publishers each own some users and
+//! send to them in turn, at a fixed total rate (open loop: message k of a publisher is due
+//! at start + k/rate, and latency counts from that due time, so a stalled server cannot
+//! hide its queue) or, with `--rate 0`, as fast as a window of unanswered publishes per
+//! publisher allows. Users, devices and publishers are split over `--procs` worker
+//! processes (the open-file limit is per process) that start sending at one agreed instant;
+//! the parent merges their HDR histograms. Reports publish→ack and publish→deliver latency,
+//! delivered throughput, errors and order violations.
 //!
 //! `warbler-load idle`: opens N idle device connections and holds them (memory per
 //! connection is the server's RSS growth divided by N).
+//!
+//! `warbler-load storm`: connects N devices to the first of the addresses, waits for the
+//! node to die, and times until every device is connected to one of the others again.
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use tokio::sync::Semaphore;
+use serde::{Deserialize, Serialize};
+use warbler_benches::stats::{decode_histogram, histogram, now_ns, Quantiles, Stats, WorkerResult};
+use warbler_benches::systems::{self, Plan, System, Target};
 use warbler_benches::tokens;
-use warbler_client::{ConnectOptions, Connection, Frame};
+use warbler_client::{ConnectOptions, Connection};
 
 #[derive(Parser)]
-#[command(name = "warbler-load", about = "End-to-end load generator for Warbler")]
+#[command(
+    name = "warbler-load",
+    about = "End-to-end load generator for Warbler and its peers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -31,17 +43,53 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     Run(RunArgs),
+    /// One worker process of `run` (started by it; speaks JSON lines on stdin/stdout).
+    #[command(hide = true)]
+    Worker {
+        spec: String,
+    },
     Idle(IdleArgs),
+    Storm(StormArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct TargetArgs {
+    #[arg(long, value_enum, default_value = "warbler")]
+    system: System,
+    /// Comma-separated host:port list; connections are spread over it.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    addr: String,
+    /// Warbler: the node's JWT secret file, to mint tokens.
+    #[arg(long)]
+    jwt_secret_file: Option<PathBuf>,
+    /// Trust this CA (PEM) and connect over TLS (warbler, nats).
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<Target> {
+        if self.system == System::Warbler && self.jwt_secret_file.is_none() {
+            bail!("--jwt-secret-file is required for --system warbler (the node's secret, to mint tokens)");
+        }
+        Ok(Target {
+            system: self.system,
+            addrs: self.addr.split(',').map(str::to_string).collect(),
+            jwt_secret_file: self.jwt_secret_file.clone(),
+            tls_ca_file: self.tls_ca_file.clone(),
+        })
+    }
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    addr: String,
-    #[arg(long)]
-    jwt_secret_file: PathBuf,
+    #[command(flatten)]
+    target: TargetArgs,
     #[arg(long, default_value_t = 10_000)]
     users: usize,
+    /// Devices per user; every device gets every message of its user.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
     /// Total publishes per second (0 = as fast as the window allows).
     #[arg(long, default_value_t = 5_000)]
     rate: u64,
@@ -49,22 +97,35 @@ struct RunArgs {
     duration_secs: u64,
     #[arg(long, default_value_t = 4)]
     publishers: usize,
-    /// Unanswered publishes per publisher at most, in --rate 0 mode.
+    /// Unanswered publishes per publisher at most.
     #[arg(long, default_value_t = 1024)]
     window: usize,
     #[arg(long, default_value_t = 256)]
     body_bytes: usize,
-    /// Prefix of user names (distinct per run keeps runs independent).
+    /// Worker processes to spread users, devices and publishers over.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Prefix of user names (a time suffix keeps runs independent).
     #[arg(long, default_value = "load")]
     user_prefix: String,
+    /// NATS: create the stream with this many replicas before the run.
+    #[arg(long, default_value_t = 1)]
+    nats_replicas: usize,
+    /// NATS: place the stream on the server with this tag.
+    #[arg(long)]
+    nats_tag: Option<String>,
+    /// Append the run's result as one JSON line to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// A name for the run in the JSON line (e.g. "warbler-1").
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 #[derive(clap::Args)]
 struct IdleArgs {
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    addr: String,
-    #[arg(long)]
-    jwt_secret_file: PathBuf,
+    #[command(flatten)]
+    target: TargetArgs,
     #[arg(long, default_value_t = 5_000)]
     connections: usize,
     #[arg(long, default_value = "idle")]
@@ -74,240 +135,402 @@ struct IdleArgs {
     hold_secs: u64,
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+#[derive(clap::Args)]
+struct StormArgs {
+    /// Comma-separated node addresses: devices connect to the first, then move to the rest.
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    jwt_secret_file: PathBuf,
+    #[arg(long, default_value_t = 2_000)]
+    connections: usize,
+    #[arg(long, default_value = "storm")]
+    user_prefix: String,
+    /// Give up waiting for the devices to come back after this long.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
 }
 
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 120_000_000, 3).unwrap() // 1 µs .. 120 s
+/// What a worker process is asked to do.
+#[derive(Serialize, Deserialize)]
+struct WorkerSpec {
+    target: Target,
+    shard: usize,
+    users: usize,
+    devices: usize,
+    publishers: usize,
+    /// Publishes per second of this worker (0 = windowed maximum).
+    rate: u64,
+    window: usize,
+    duration_secs: u64,
+    body_bytes: usize,
+    prefix: String,
+}
+
+/// The merged result of a run, as written to `--json-out`.
+#[derive(Serialize)]
+struct RunResult {
+    label: String,
+    system: System,
+    users: usize,
+    devices_per_user: usize,
+    publishers: usize,
+    procs: usize,
+    /// Offered publishes per second; 0 = as fast as the window allows.
+    offered_rate: u64,
+    body_bytes: usize,
+    published: u64,
+    delivered: u64,
+    errors: u64,
+    order_violations: u64,
+    /// Acknowledged publishes per second over the sending phase.
+    publish_rate: f64,
+    /// Deliveries to devices per second, from the start to the last delivery.
+    deliver_rate: f64,
+    ack_ms: Quantiles,
+    deliver_ms: Quantiles,
+    date: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run(a).await,
+        Cmd::Worker { spec } => {
+            worker(serde_json::from_str(&spec).context("bad worker spec")?).await
+        }
         Cmd::Idle(a) => idle(a).await,
+        Cmd::Storm(a) => storm(a).await,
     }
 }
 
-async fn connect_devices(
-    addr: &str,
-    secret: &[u8],
-    prefix: &str,
-    n: usize,
-) -> anyhow::Result<Vec<Connection>> {
-    // Connect in parallel batches: fast, without a thundering herd of handshakes.
-    let mut conns = Vec::with_capacity(n);
-    for chunk_start in (0..n).step_by(500) {
-        let batch: Vec<_> = (chunk_start..(chunk_start + 500).min(n))
-            .map(|i| {
-                // A comma-separated list spreads devices over a cluster's nodes.
-                let addrs: Vec<&str> = addr.split(',').collect();
-                let opts = ConnectOptions::new(
-                    addrs[i % addrs.len()],
-                    tokens::mint(secret, &format!("{prefix}-{i}"), "device"),
-                    "d0",
-                );
-                tokio::spawn(Connection::connect(opts))
-            })
+/// Connects `n` things in parallel batches: fast, without a thundering herd of handshakes.
+async fn in_batches<F, Fut, T>(n: usize, batch: usize, f: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(batch.max(1)) {
+        let tasks: Vec<_> = (start..(start + batch).min(n))
+            .map(|i| tokio::spawn(f(i)))
             .collect();
-        for t in batch {
-            conns.push(t.await?.context("device connect")?);
+        for t in tasks {
+            out.push(t.await??);
         }
     }
-    Ok(conns)
+    Ok(out)
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let secret = tokens::read_secret(&a.jwt_secret_file)?;
+    let target = a.target.target()?;
+    if a.procs == 0 || a.users < a.procs || a.publishers < a.procs {
+        bail!("--procs must be at least 1 and at most --users and --publishers");
+    }
+    if target.system == System::Nats {
+        systems::reset_nats_stream(&target, a.nats_replicas, a.nats_tag.clone()).await?;
+    }
     let prefix = format!("{}-{}", a.user_prefix, now_ns() % 1_000_000_000);
-    let devices = connect_devices(&a.addr, &secret, &prefix, a.users).await?;
-    eprintln!("{} devices connected", devices.len());
-    let deliver = Arc::new(Mutex::new(hist()));
-    let acked_hist = Arc::new(Mutex::new(hist()));
-    let delivered = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    // Each device must see seq 1, 2, 3, ... exactly: anything else is counted.
-    let order_violations = Arc::new(AtomicU64::new(0));
-    for mut d in devices {
-        let (deliver, delivered, bad) =
-            (deliver.clone(), delivered.clone(), order_violations.clone());
-        tokio::spawn(async move {
-            let mut last = d.acked;
-            while let Ok(m) = d.recv_msg().await {
-                if m.seq != last + 1 {
-                    bad.fetch_add(1, Ordering::Relaxed);
-                }
-                last = m.seq;
-                let sent = u64::from_be_bytes(m.body[..8].try_into().unwrap());
-                let us = now_ns().saturating_sub(sent) / 1000;
-                deliver.lock().unwrap().saturating_record(us.max(1));
-                delivered.fetch_add(1, Ordering::Relaxed);
-                if d.ack(m.seq).await.is_err() {
-                    return;
-                }
-            }
-        });
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for shard in 0..a.procs {
+        let share = |total: usize| total / a.procs + usize::from(shard < total % a.procs);
+        let spec = WorkerSpec {
+            target: target.clone(),
+            shard,
+            users: share(a.users),
+            devices: a.devices,
+            publishers: share(a.publishers),
+            rate: a.rate * share(a.publishers) as u64 / a.publishers as u64,
+            window: a.window,
+            duration_secs: a.duration_secs,
+            body_bytes: a.body_bytes,
+            prefix: prefix.clone(),
+        };
+        let child = tokio::process::Command::new(&exe)
+            .arg("worker")
+            .arg(serde_json::to_string(&spec)?)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker process")?;
+        children.push(child);
     }
-    let start_ns = now_ns() + 200_000_000;
-    let start = Instant::now() + Duration::from_millis(200);
-    let total = if a.rate == 0 {
-        u64::MAX
-    } else {
-        a.rate * a.duration_secs
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut lines = Vec::new();
+    for c in &mut children {
+        let mut out = tokio::io::BufReader::new(c.stdout.take().unwrap()).lines();
+        match out.next_line().await? {
+            Some(l) if l == "ready" => {}
+            other => bail!("a worker failed before it was ready ({other:?}); its error is above"),
+        }
+        lines.push(out);
+    }
+    let (connections, users) = (a.users * a.devices, a.users);
+    eprintln!(
+        "{connections} devices of {users} users connected over {} processes",
+        a.procs
+    );
+    let start_ns = now_ns() + 300_000_000;
+    for c in &mut children {
+        let stdin = c.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{start_ns}\n").as_bytes()).await?;
+        stdin.flush().await?;
+    }
+    let (mut ack, mut deliver) = (histogram(), histogram());
+    let mut total = WorkerResult {
+        published: 0,
+        delivered: 0,
+        errors: 0,
+        order_violations: 0,
+        last_delivery_ns: 0,
+        ack: String::new(),
+        deliver: String::new(),
     };
-    let per_pub = total / a.publishers as u64;
-    let interval_ns = (a.publishers as u64 * 1_000_000_000)
-        .checked_div(a.rate)
-        .unwrap_or(0);
-    let deadline = start + Duration::from_secs(a.duration_secs);
-    let published = Arc::new(AtomicU64::new(0));
-    let mut pubs = Vec::new();
-    for p in 0..a.publishers {
-        let addrs: Vec<&str> = a.addr.split(',').collect();
-        let opts = ConnectOptions::new(
-            addrs[p % addrs.len()],
-            tokens::mint(&secret, "load-publisher", "publish"),
-            format!("p{p}"),
-        );
-        let conn = Connection::connect(opts)
-            .await
-            .context("publisher connect")?;
-        let (mut tx, mut rx) = conn.split();
-        // The window only bounds the closed-loop (--rate 0) mode; open loop never waits.
-        let windowed = a.rate == 0;
-        let window = Arc::new(Semaphore::new(a.window));
-        let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Arc::default();
-        let (acked_hist, errors, published, w2, s2) = (
-            acked_hist.clone(),
-            errors.clone(),
-            published.clone(),
-            window.clone(),
-            sent_at.clone(),
-        );
-        let reader = tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(Frame::Published { id, .. }) => {
-                        let k: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
-                        if let Some(t) = s2.lock().unwrap().remove(&k) {
-                            acked_hist
-                                .lock()
-                                .unwrap()
-                                .saturating_record((now_ns().saturating_sub(t) / 1000).max(1));
-                        }
-                        published.fetch_add(1, Ordering::Relaxed);
-                        if windowed {
-                            w2.add_permits(1);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(warbler_client::ClientError::Server { .. }) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        if windowed {
-                            w2.add_permits(1);
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-        let users = a.users;
-        let prefix = prefix.clone();
-        let body_bytes = a.body_bytes.max(8);
-        let writer = tokio::spawn(async move {
-            let mut body = vec![b'x'; body_bytes];
-            for k in 0..per_pub {
-                let due_ns = start_ns + k * interval_ns;
-                if interval_ns > 0 {
-                    tokio::time::sleep_until(
-                        (start + Duration::from_nanos(k * interval_ns)).into(),
-                    )
-                    .await;
-                } else {
-                    window.acquire().await.unwrap().forget();
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let stamp = if interval_ns > 0 { due_ns } else { now_ns() };
-                body[..8].copy_from_slice(&stamp.to_be_bytes());
-                sent_at.lock().unwrap().insert(k, stamp);
-                let user = format!("{prefix}-{}", (k as usize * a.publishers + p) % users);
-                let frame = Frame::Publish {
-                    id: format!("p{p}-{k}"),
-                    to: user,
-                    body: serde_bytes::ByteBuf::from(body.clone()),
-                };
-                if tx.send(frame).await.is_err() {
-                    break;
-                }
-            }
-        });
-        pubs.push((writer, reader));
+    for out in &mut lines {
+        let line = out
+            .next_line()
+            .await?
+            .context("a worker died during the run")?;
+        let r: WorkerResult = serde_json::from_str(&line).context("bad worker result")?;
+        ack.add(decode_histogram(&r.ack)?)?;
+        deliver.add(decode_histogram(&r.deliver)?)?;
+        total.published += r.published;
+        total.delivered += r.delivered;
+        total.errors += r.errors;
+        total.order_violations += r.order_violations;
+        total.last_delivery_ns = total.last_delivery_ns.max(r.last_delivery_ns);
     }
-    for (w, _) in &mut pubs {
-        w.await?;
+    let send_secs = a.duration_secs as f64;
+    let span_secs = (total.last_delivery_ns.saturating_sub(start_ns) as f64 / 1e9).max(send_secs);
+    let result = RunResult {
+        label: a.label.clone(),
+        system: target.system,
+        users: a.users,
+        devices_per_user: a.devices,
+        publishers: a.publishers,
+        procs: a.procs,
+        offered_rate: a.rate,
+        body_bytes: a.body_bytes,
+        published: total.published,
+        delivered: total.delivered,
+        errors: total.errors,
+        order_violations: total.order_violations,
+        publish_rate: total.published as f64 / send_secs,
+        deliver_rate: total.delivered as f64 / span_secs,
+        ack_ms: Quantiles::of(&ack),
+        deliver_ms: Quantiles::of(&deliver),
+        date: String::from_utf8_lossy(
+            &std::process::Command::new("date")
+                .args(["-u", "+%F"])
+                .output()?
+                .stdout,
+        )
+        .trim()
+        .to_string(),
+    };
+    print_result(&result);
+    if let Some(path) = &a.json_out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{}", serde_json::to_string(&result)?)?;
     }
-    let elapsed_send = start.elapsed().as_secs_f64();
-    // Let the tail drain.
-    let drain_until = Instant::now() + Duration::from_secs(10);
-    while delivered.load(Ordering::Relaxed) < published.load(Ordering::Relaxed)
-        && Instant::now() < drain_until
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let (d, ack) = (
-        deliver.lock().unwrap().clone(),
-        acked_hist.lock().unwrap().clone(),
-    );
-    let pubd = published.load(Ordering::Relaxed);
-    let deliv = delivered.load(Ordering::Relaxed);
-    println!(
-        "users={} publishers={} offered_rate={} body={}B duration={:.1}s",
-        a.users,
-        a.publishers,
-        if a.rate == 0 {
-            "max".into()
-        } else {
-            a.rate.to_string()
-        },
-        a.body_bytes,
-        elapsed_send
-    );
-    println!(
-        "published={pubd} delivered={deliv} errors={} order_violations={} publish_rate={:.0}/s deliver_rate={:.0}/s",
-        errors.load(Ordering::Relaxed),
-        order_violations.load(Ordering::Relaxed),
-        pubd as f64 / elapsed_send,
-        deliv as f64 / elapsed
-    );
-    print_latency("publish->ack", &ack);
-    print_latency("publish->deliver", &d);
     Ok(())
 }
 
-/// Prints p50/p99/p99.9/max of a histogram of microseconds, in milliseconds.
-fn print_latency(name: &str, h: &Histogram<u64>) {
-    let ms = |us: u64| us as f64 / 1000.0;
+fn print_result(r: &RunResult) {
+    let rate = if r.offered_rate == 0 {
+        "max".to_string()
+    } else {
+        r.offered_rate.to_string()
+    };
     println!(
-        "{name} ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
-        ms(h.value_at_quantile(0.5)),
-        ms(h.value_at_quantile(0.99)),
-        ms(h.value_at_quantile(0.999)),
-        ms(h.max())
+        "system={:?} users={} devices_per_user={} publishers={} offered_rate={rate} body={}B",
+        r.system, r.users, r.devices_per_user, r.publishers, r.body_bytes
     );
+    println!(
+        "published={} delivered={} errors={} order_violations={} publish_rate={:.0}/s deliver_rate={:.0}/s",
+        r.published, r.delivered, r.errors, r.order_violations, r.publish_rate, r.deliver_rate
+    );
+    for (name, q) in [
+        ("publish->ack", r.ack_ms),
+        ("publish->deliver", r.deliver_ms),
+    ] {
+        println!(
+            "{name} ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+            q.p50, q.p99, q.p999, q.max
+        );
+    }
+}
+
+async fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
+    let target = Arc::new(spec.target);
+    let stats = Arc::new(Stats::default());
+    let users: Vec<String> = (0..spec.users)
+        .map(|i| format!("{}-s{}-{i}", spec.prefix, spec.shard))
+        .collect();
+    // JetStream consumer creation is a replicated API call: fewer at a time.
+    let batch = if target.system == System::Nats {
+        50
+    } else {
+        250
+    };
+    let (t, s, u, m) = (target.clone(), stats.clone(), users.clone(), spec.devices);
+    in_batches(spec.users * m, batch, move |i| {
+        systems::spawn_device(t.clone(), s.clone(), u[i / m].clone(), i % m, i)
+    })
+    .await?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let start_ns: u64 = line.trim().parse().context("expected the start time")?;
+    let start = Instant::now() + Duration::from_nanos(start_ns.saturating_sub(now_ns()));
+    let interval_ns = (spec.publishers as u64 * 1_000_000_000)
+        .checked_div(spec.rate)
+        .unwrap_or(0);
+    let mut pubs = Vec::new();
+    for p in 0..spec.publishers {
+        // Publisher p owns every publishers-th user, so each user has one publisher and
+        // its messages one order.
+        let owned: Vec<String> = users
+            .iter()
+            .skip(p)
+            .step_by(spec.publishers)
+            .cloned()
+            .collect();
+        let plan = Plan::new(
+            owned,
+            spec.body_bytes,
+            start,
+            start_ns,
+            interval_ns,
+            Duration::from_secs(spec.duration_secs),
+            spec.window,
+        );
+        let name = format!("{}-s{}-p{p}", spec.prefix, spec.shard);
+        let index = spec.shard * spec.publishers + p;
+        pubs.push(tokio::spawn(systems::run_publisher(
+            target.clone(),
+            stats.clone(),
+            name,
+            index,
+            plan,
+        )));
+    }
+    for p in pubs {
+        p.await??;
+    }
+    // Let the tail drain: every acknowledged publish reaches every device of its user.
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let want = stats.published.load(Ordering::Relaxed) * spec.devices as u64;
+        if stats.delivered.load(Ordering::Relaxed) >= want || Instant::now() > drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{}", serde_json::to_string(&stats.summary()?)?);
+    std::io::stdout().flush()?;
+    Ok(())
 }
 
 async fn idle(a: IdleArgs) -> anyhow::Result<()> {
-    let secret = tokens::read_secret(&a.jwt_secret_file)?;
-    let conns = connect_devices(&a.addr, &secret, &a.user_prefix, a.connections).await?;
+    let target = Arc::new(a.target.target()?);
+    let prefix = a.user_prefix.clone();
+    let t = target.clone();
+    let conns = in_batches(a.connections, 250, move |i| {
+        let t = t.clone();
+        let user = format!("{prefix}-{i}");
+        async move { systems::idle_device(&t, user, i).await }
+    })
+    .await?;
     println!("connected {}", conns.len());
     tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
     drop(conns);
+    Ok(())
+}
+
+async fn storm(a: StormArgs) -> anyhow::Result<()> {
+    let addrs: Vec<String> = a.addr.split(',').map(str::to_string).collect();
+    if addrs.len() < 2 {
+        bail!("--addr needs the node to kill first and at least one other node");
+    }
+    let secret = tokens::read_secret(&a.jwt_secret_file)?;
+    let prefix = a.user_prefix.clone();
+    let (first, s) = (addrs[0].clone(), secret.clone());
+    let conns = in_batches(a.connections, 250, move |i| {
+        let opts = ConnectOptions::new(
+            first.clone(),
+            tokens::mint(&s, &format!("{prefix}-{i}"), "device"),
+            "d0",
+        );
+        async move { Ok(Connection::connect(opts).await?) }
+    })
+    .await?;
+    println!("connected {}", conns.len());
+    std::io::stdout().flush()?;
+    let first_down = Arc::new(AtomicU64::new(u64::MAX));
+    let back = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let others = addrs[1..].to_vec();
+        let (first_down, back, secret) = (first_down.clone(), back.clone(), secret.clone());
+        let user = format!("{}-{i}", a.user_prefix);
+        tasks.push(tokio::spawn(async move {
+            // Wait for the node to go away.
+            while conn.recv().await.is_ok() {}
+            let down = now_ns();
+            first_down.fetch_min(down, Ordering::Relaxed);
+            let mut attempt = 0usize;
+            loop {
+                let opts = ConnectOptions::new(
+                    others[(i + attempt) % others.len()].clone(),
+                    tokens::mint(&secret, &user, "device"),
+                    "d0",
+                );
+                if let Ok(c) = Connection::connect(opts).await {
+                    back.fetch_add(1, Ordering::Relaxed);
+                    let at = now_ns();
+                    return Some((c, at - down, at));
+                }
+                attempt += 1;
+                // Spread retries so the survivors are not hit in lockstep.
+                let jitter = (i as u64 * 7919 + attempt as u64 * 104_729) % 200;
+                tokio::time::sleep(Duration::from_millis(50 + jitter)).await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
+    let mut per_device: Histogram<u64> = histogram();
+    let mut last_back = 0u64;
+    let mut kept = Vec::new();
+    for t in tasks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Ok(Some((c, took, at)))) = tokio::time::timeout(left, t).await {
+            per_device.saturating_record((took / 1000).max(1));
+            last_back = last_back.max(at);
+            kept.push(c);
+        }
+    }
+    let n = back.load(Ordering::Relaxed);
+    let down = first_down.load(Ordering::Relaxed);
+    let all = last_back.saturating_sub(down) as f64 / 1e9;
+    let q = Quantiles::of(&per_device);
+    println!(
+        "storm: reconnected={n} of {} all_back_secs={all:.2} per_device_ms p50={:.0} p99={:.0} max={:.0}",
+        a.connections, q.p50, q.p99, q.max
+    );
+    if n < a.connections {
+        bail!(
+            "{} devices did not come back within {} s",
+            a.connections - n,
+            a.timeout_secs
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,14 @@
+# Shortcuts; each target is one documented script.
+.PHONY: test bench bench-quick dev
+
+test:          ## the whole test suite (what CI runs)
+	bash scripts/test.sh
+
+bench:         ## Warbler vs NATS JetStream and Mosquitto, idle memory, reconnect storm, micro benchmarks; writes docs/benchmarks.md
+	bash benches/compare.sh
+
+bench-quick:   ## the same at a small size (a few minutes), to try the harness
+	USERS=200 DURATION=5 IDLE=2000 STORM=500 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
+
+dev:           ## a local 3-node cluster
+	cargo run --release -- dev --nodes 3

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Warbler side by side with NATS JetStream and Mosquitto, on one machine, one workload, in
+# one run; then memory per idle connection (TLS off and on), a reconnect storm, and the
+# micro benchmarks. Writes the "Side by side" section of docs/benchmarks.md and the PNG
+# plots in docs/img/. `make bench` runs this.
+#
+#   bash benches/compare.sh                 # the documented size (about 12 minutes here)
+#   USERS=200 DURATION=5 IDLE=2000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
+#
+# Knobs: USERS (1000), DEVICES per user (2), PUBLISHERS (4), PROCS load processes (2),
+# DURATION s per run (10), BODY bytes (256), IDLE connections (19000), STORM devices (4000),
+# MICRO=0 skips the criterion benchmarks, PROFILE=0 skips perf, OUT (a results directory).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+source scripts/prereqs.sh
+USERS="${USERS:-1000}"
+DEVICES="${DEVICES:-2}"
+PUBLISHERS="${PUBLISHERS:-4}"
+PROCS="${PROCS:-2}"
+DURATION="${DURATION:-10}"
+BODY="${BODY:-256}"
+IDLE="${IDLE:-19000}"
+STORM="${STORM:-4000}"
+MICRO="${MICRO:-1}"
+PROFILE="${PROFILE:-1}"
+started=$(date +%s)
+
+# --- peers and tools ------------------------------------------------------------------
+need_apt=()
+command -v nats-server >/dev/null || need_apt+=(nats-server)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v openssl >/dev/null || need_apt+=(openssl)
+[ "$PROFILE" = 0 ] || command -v perf >/dev/null || need_apt+=(linux-perf)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing ${need_apt[*]} from Debian's packages" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+cargo build --release --workspace --bin warbler --bin warbler-load >&2
+BIN="$CARGO_TARGET_DIR/release"
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+RUNS="$OUT/runs.jsonl"
+: > "$RUNS"
+work=$(mktemp -d)
+cleanup() { kill -9 $(jobs -p) 2>/dev/null || true; pkill -9 -f "$work" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
+echo "results in $OUT" >&2
+
+{
+    echo "date=$(date -u '+%F %H:%M UTC')"
+    echo "cpu=$(nproc) x $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+    echo "memory_gib=$(free -g | awk '/Mem:/ {print $2}')"
+    echo "kernel=$(uname -r)"
+    echo "warbler=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "nats=$(nats-server --version)"
+    echo "mosquitto=$("$MOSQUITTO" -h 2>/dev/null | head -1)"
+    echo "workload=users $USERS x $DEVICES devices, $PUBLISHERS publishers over $PROCS load processes, $BODY B bodies, $DURATION s per point"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+# A CA and a server certificate for localhost (TLS runs).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench-ca -keyout "$work/ca.key" \
+    -out "$work/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout "$work/tls.key" -out "$work/tls.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$work/ext"
+openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 2 -extfile "$work/ext" -out "$work/tls.pem" 2>/dev/null
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing listens on $1" >&2; return 1; }
+json_val() { python3 -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])[sys.argv[1]])" "$1" < "$RUNS"; }
+
+# --- servers ----------------------------------------------------------------------------
+WARBLER_PIDS=()
+start_warbler() { # $1 = nodes (1 or 3); extra env passes through
+    WARBLER_PIDS=()
+    local n=$1 i
+    for i in $(seq 0 $((n - 1))); do
+        local cluster_args=()
+        [ "$n" -eq 1 ] || cluster_args=(--cluster-addr "127.0.0.1:1761$i" --seeds 127.0.0.1:17610 --bootstrap-expect "$n")
+        rm -rf "$work/w$i"
+        WARBLER_LOG=warn "$BIN/warbler" serve --node-id "w$i" --data-dir "$work/w$i" \
+            --jwt-secret-file "$work/secret" --client-addr "127.0.0.1:1760$i" \
+            --http-addr "127.0.0.1:1768$i" "${cluster_args[@]}" > "$work/w$i.out" 2>&1 &
+        WARBLER_PIDS+=($!)
+    done
+    for i in $(seq 0 $((n - 1))); do
+        for _ in $(seq 600); do curl -sf "http://127.0.0.1:1768$i/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    done
+    WARBLER_ADDRS=$(seq 0 $((n - 1)) | sed 's/^/127.0.0.1:1760/' | paste -sd,)
+}
+stop_warbler() { kill -9 "${WARBLER_PIDS[@]}" 2>/dev/null || true; wait "${WARBLER_PIDS[@]}" 2>/dev/null || true; }
+
+NATS_PIDS=()
+start_nats() { # a 3-node JetStream cluster on loopback; $1 = "tls" for TLS on the client port
+    NATS_PIDS=()
+    local i
+    for i in 1 2 3; do
+        rm -rf "$work/nats$i"; mkdir -p "$work/nats$i"
+        {
+            echo "server_name: nats-$i"
+            echo "listen: 127.0.0.1:1742$i"
+            echo "http: 127.0.0.1:1782$i"
+            echo "server_tags: [\"n$i\"]"
+            echo "max_connections: 64000"
+            echo "jetstream { store_dir: \"$work/nats$i\", max_file_store: 20G, max_memory_store: 1G }"
+            echo "cluster { name: bench, listen: 127.0.0.1:1762$i, routes: [nats-route://127.0.0.1:17621, nats-route://127.0.0.1:17622, nats-route://127.0.0.1:17623] }"
+            if [ "${1:-}" = tls ]; then echo "tls { cert_file: \"$work/tls.pem\", key_file: \"$work/tls.key\" }"; fi
+        } > "$work/nats$i.conf"
+        nats-server -c "$work/nats$i.conf" > "$work/nats$i.out" 2>&1 &
+        NATS_PIDS+=($!)
+    done
+    for i in 1 2 3; do
+        for _ in $(seq 300); do curl -sf "http://127.0.0.1:1782$i/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    done
+    sleep 2 # JetStream's meta group elects its leader
+}
+stop_nats() { kill "${NATS_PIDS[@]}" 2>/dev/null || true; wait "${NATS_PIDS[@]}" 2>/dev/null || true; }
+
+start_mosquitto() {
+    rm -rf "$work/mosq"; mkdir -p "$work/mosq"
+    cat > "$work/mosq.conf" <<EOF
+listener 17883 127.0.0.1
+allow_anonymous true
+user root
+persistence true
+persistence_location $work/mosq/
+max_queued_messages 1000000
+EOF
+    "$MOSQUITTO" -c "$work/mosq.conf" > "$work/mosq.out" 2>&1 &
+    MOSQ_PID=$!
+    wait_port 127.0.0.1:17883
+}
+stop_mosquitto() { kill "$MOSQ_PID" 2>/dev/null || true; wait "$MOSQ_PID" 2>/dev/null || true; }
+
+# --- load -------------------------------------------------------------------------------
+# run LABEL RATE SYSTEM ADDRS [extra warbler-load args]
+run() {
+    local label=$1 rate=$2 system=$3 addrs=$4; shift 4
+    echo "== $label at $([ "$rate" = 0 ] && echo 'max (closed loop)' || echo "$rate/s")" >&2
+    "$BIN/warbler-load" run --system "$system" --addr "$addrs" --jwt-secret-file "$work/secret" \
+        --users "$USERS" --devices "$DEVICES" --publishers "$PUBLISHERS" --procs "$PROCS" \
+        --body-bytes "$BODY" --duration-secs "$DURATION" --rate "$rate" --window 1024 \
+        --label "$label" --json-out "$RUNS" --user-prefix "$label" "$@" | sed 's/^/   /' >&2
+}
+profile() { # profile LABEL PID: perf of PID during the next DURATION-2 seconds, in the background
+    [ "$PROFILE" = 0 ] && return 0
+    ( sleep 2; perf record -F 499 -g -o "$work/$1.perf" -p "$2" -- sleep $((DURATION - 4)) >/dev/null 2>&1 &&
+      perf report -i "$work/$1.perf" --no-children --sort dso,symbol --stdio 2>/dev/null |
+      grep -E '^ +[0-9.]+%' | head -25 > "$OUT/profile-$1.txt" ) &
+}
+# curve LABEL SYSTEM ADDRS MAXRATE [extra]: open-loop points at fixed fractions of RATE_BASE
+curve() {
+    local label=$1 system=$2 addrs=$3; shift 3
+    for f in 25 50 75 100; do
+        run "$label" $((RATE_BASE * f / 100)) "$system" "$addrs" "$@"
+    done
+}
+
+# Group 1: one node. Warbler single node, NATS JetStream R1 (the stream on one server of the
+# 3-node cluster, clients on that server), Mosquitto.
+start_warbler 1
+profile warbler-1 "${WARBLER_PIDS[0]}"
+run warbler-1 0 warbler "$WARBLER_ADDRS"
+W1=$(json_val publish_rate)
+stop_warbler
+start_nats
+run nats-r1 0 nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1
+N1=$(json_val publish_rate)
+stop_nats
+start_mosquitto
+run mosquitto 0 mqtt 127.0.0.1:17883
+M1=$(json_val publish_rate)
+stop_mosquitto
+RATE_BASE=$(python3 -c "print(int(min($W1, $N1, $M1)))")
+echo "== one-node group: common offered loads are fractions of $RATE_BASE/s" >&2
+start_warbler 1; curve warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
+start_nats; curve nats-r1 nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1; stop_nats
+start_mosquitto; curve mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
+
+# Group 2: three replicas. Warbler RF 3 vs NATS JetStream R3, clients over all three nodes.
+start_warbler 3
+profile warbler-3 "${WARBLER_PIDS[0]}"
+run warbler-3 0 warbler "$WARBLER_ADDRS"
+W3=$(json_val publish_rate)
+stop_warbler
+start_nats
+run nats-r3 0 nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3
+N3=$(json_val publish_rate)
+stop_nats
+RATE_BASE=$(python3 -c "print(int(min($W3, $N3)))")
+echo "== three-replica group: common offered loads are fractions of $RATE_BASE/s" >&2
+start_warbler 3; curve warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
+start_nats; curve nats-r3 nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3; stop_nats
+
+# --- memory per idle connection ----------------------------------------------------------
+# idle SYSTEM TLS(on|off) ADDR PID: IDLE connections over 2 client processes, RSS growth of PID
+idle() {
+    local system=$1 tls=$2 addr=$3 pid=$4 half=$((IDLE / 2)) p
+    local tls_args=()
+    [ "$tls" = on ] && tls_args=(--tls-ca-file "$work/ca.pem")
+    sleep 1
+    local before; before=$(rss_kb "$pid")
+    for p in 1 2; do
+        "$BIN/warbler-load" idle --system "$system" --addr "$addr" --jwt-secret-file "$work/secret" \
+            "${tls_args[@]}" --connections "$half" --user-prefix "idle$p" --hold-secs 25 > "$work/idle$p.out" &
+    done
+    for _ in $(seq 600); do
+        [ "$(cat "$work"/idle[12].out 2>/dev/null | grep -c connected)" = 2 ] && break; sleep 0.2
+    done
+    local up; up=$(cat "$work"/idle[12].out | awk '/connected/ {s += $2} END {print s + 0}')
+    sleep 3
+    local after; after=$(rss_kb "$pid")
+    echo "== idle $system tls=$tls: $up connections, RSS ${before} -> ${after} KiB" >&2
+    echo "{\"kind\":\"idle\",\"system\":\"$system\",\"tls\":\"$tls\",\"connections\":$up,\"requested\":$((half * 2)),\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$OUT/idle.jsonl"
+    wait $(jobs -p | tail -2) 2>/dev/null || true
+    rm -f "$work"/idle[12].out
+}
+: > "$OUT/idle.jsonl"
+for tls in off on; do
+    if [ $tls = on ]; then export WARBLER_TLS_CERT_FILE="$work/tls.pem" WARBLER_TLS_KEY_FILE="$work/tls.key"; fi
+    start_warbler 1; idle warbler $tls 127.0.0.1:17600 "${WARBLER_PIDS[0]}"; stop_warbler
+    unset WARBLER_TLS_CERT_FILE WARBLER_TLS_KEY_FILE
+    start_nats "$([ $tls = on ] && echo tls || echo plain)"; idle nats $tls 127.0.0.1:17421 "${NATS_PIDS[0]}"; stop_nats
+done
+
+# --- reconnect storm ---------------------------------------------------------------------
+# STORM devices on node w2 of a 3-node cluster; kill -9 w2; time until all are back on w0/w1.
+start_warbler 3
+"$BIN/warbler-load" storm --addr 127.0.0.1:17602,127.0.0.1:17600,127.0.0.1:17601 \
+    --jwt-secret-file "$work/secret" --connections "$STORM" > "$work/storm.out" 2>&1 &
+storm_pid=$!
+for _ in $(seq 600); do grep -q '^connected' "$work/storm.out" 2>/dev/null && break; sleep 0.2; done
+sleep 2
+kill -9 "${WARBLER_PIDS[2]}"
+wait "$storm_pid" || true
+cat "$work/storm.out" >&2
+grep '^storm:' "$work/storm.out" > "$OUT/storm.txt" || echo "storm: failed" > "$OUT/storm.txt"
+stop_warbler
+
+# --- micro benchmarks --------------------------------------------------------------------
+if [ "$MICRO" != 0 ]; then
+    echo "== micro benchmarks (criterion)" >&2
+    cargo bench --workspace --bench frame --bench storage --bench placement --bench mailbox \
+        -- --warm-up-time 1 --measurement-time 2 2>/dev/null | tee "$OUT/micro.txt" | grep -E 'time:' >&2 || true
+fi
+
+wait 2>/dev/null || true
+echo "elapsed_secs=$(( $(date +%s) - started ))" >> "$OUT/machine.txt"
+python3 benches/report.py "$OUT" "$ROOT/docs/benchmarks.md" "$ROOT/docs/img"
+echo "wrote docs/benchmarks.md (section 'Side by side') and docs/img/*.png from $OUT" >&2

@@ -1,0 +1,481 @@
+//! The systems a load run can drive, on one workload: users with M devices each, and
+//! publishers that each own some users and send to them in turn.
+//!
+//! - **warbler**: the device protocol through `warbler-client`. A device is a connection
+//!   with a device id; it acks every message. A publish is acknowledged once durable.
+//! - **nats**: NATS JetStream. One stream `WARBLER` holds the subjects `u.<user>`; a device
+//!   is its own connection with a durable pull consumer filtered on its user's subject, acking
+//!   every message explicitly. Publishes are async with a bounded window of pending acks.
+//! - **mqtt** (Mosquitto): a device is a persistent session (clean session off, its own
+//!   client id) subscribed at QoS 1 to `u/<user>`; a publish is QoS 1, acknowledged by PUBACK.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
+
+use crate::stats::{now_ns, stamp_body, DeviceTrack, Stats, HEADER_BYTES};
+use crate::tokens;
+
+/// The JetStream stream every NATS run uses.
+pub const NATS_STREAM: &str = "WARBLER";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    Warbler,
+    Nats,
+    Mqtt,
+}
+
+/// How to reach the system under test.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Target {
+    pub system: System,
+    /// Addresses (host:port); devices and publishers are spread over them in turn.
+    pub addrs: Vec<String>,
+    /// Warbler: the node's JWT secret file.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A CA (PEM) to trust: TLS on when set (Warbler and NATS).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn addr(&self, i: usize) -> &str {
+        &self.addrs[i % self.addrs.len()]
+    }
+
+    fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        let path = self
+            .jwt_secret_file
+            .as_ref()
+            .context("--jwt-secret-file is required for --system warbler")?;
+        tokens::read_secret(path)
+    }
+
+    fn warbler_options(
+        &self,
+        i: usize,
+        token: String,
+        device: String,
+    ) -> anyhow::Result<ConnectOptions> {
+        let opts = ConnectOptions::new(self.addr(i), token, device);
+        Ok(match &self.tls_ca_file {
+            None => opts,
+            Some(ca) => opts.with_tls(TlsOptions {
+                server_name: "localhost".into(),
+                ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            }),
+        })
+    }
+
+    async fn nats_client(&self, i: usize) -> anyhow::Result<async_nats::Client> {
+        let mut opts =
+            async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(30)));
+        if let Some(ca) = &self.tls_ca_file {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let addr = self.addr(i);
+        opts.connect(addr)
+            .await
+            .with_context(|| format!("connecting to NATS at {addr}"))
+    }
+
+    fn mqtt_options(&self, i: usize, client_id: String) -> anyhow::Result<rumqttc::MqttOptions> {
+        let addr = self.addr(i);
+        let (host, port) = addr
+            .rsplit_once(':')
+            .with_context(|| format!("MQTT address {addr:?} is not host:port"))?;
+        let port = port
+            .parse()
+            .with_context(|| format!("bad port in {addr:?}"))?;
+        let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+        o.set_keep_alive(Duration::from_secs(60));
+        Ok(o)
+    }
+}
+
+/// What one publisher sends: its users in turn, at a fixed rate (open loop) or as fast as
+/// its window of unanswered publishes allows (`interval_ns == 0`). The window also bounds
+/// the open loop, whose latency still counts from each message's intended send time.
+pub struct Plan {
+    pub users: Vec<String>,
+    pub body_bytes: usize,
+    pub start: Instant,
+    pub start_ns: u64,
+    pub interval_ns: u64,
+    pub deadline: Instant,
+    pub window: Arc<Semaphore>,
+    numbers: Vec<u64>,
+    k: u64,
+}
+
+/// One publish the plan wants sent now.
+pub struct Publish {
+    pub k: u64,
+    pub user: usize,
+    pub due_ns: u64,
+    pub body: Vec<u8>,
+}
+
+impl Plan {
+    pub fn new(
+        users: Vec<String>,
+        body_bytes: usize,
+        start: Instant,
+        start_ns: u64,
+        interval_ns: u64,
+        duration: Duration,
+        window: usize,
+    ) -> Self {
+        let n = users.len();
+        Self {
+            users,
+            body_bytes: body_bytes.max(HEADER_BYTES),
+            start,
+            start_ns,
+            interval_ns,
+            deadline: start + duration,
+            window: Arc::new(Semaphore::new(window)),
+            numbers: vec![0; n],
+            k: 0,
+        }
+    }
+
+    /// Waits until the next publish is due and a window slot is free; `None` at the end.
+    pub async fn next(&mut self) -> Option<Publish> {
+        if self.users.is_empty() {
+            return None;
+        }
+        if self.interval_ns > 0 {
+            let at = self.start + Duration::from_nanos(self.k * self.interval_ns);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        let permit = self.window.acquire().await.expect("never closed");
+        if Instant::now() >= self.deadline {
+            return None; // the permit goes back: nothing was sent
+        }
+        permit.forget();
+        let due_ns = if self.interval_ns > 0 {
+            self.start_ns + self.k * self.interval_ns
+        } else {
+            now_ns()
+        };
+        let user = (self.k % self.users.len() as u64) as usize;
+        self.numbers[user] += 1;
+        let mut body = vec![b'x'; self.body_bytes];
+        stamp_body(&mut body, due_ns, self.numbers[user]);
+        let send = Publish {
+            k: self.k,
+            user,
+            due_ns,
+            body,
+        };
+        self.k += 1;
+        Some(send)
+    }
+
+    /// A publish was answered (acked or refused): its window slot is free again.
+    pub fn releaser(&self) -> Arc<Semaphore> {
+        self.window.clone()
+    }
+}
+
+/// Connects one device of `user` and spawns the task that receives, checks and acks its
+/// messages. Returns once the device is subscribed.
+pub async fn spawn_device(
+    target: Arc<Target>,
+    stats: Arc<Stats>,
+    user: String,
+    device: usize,
+    index: usize,
+) -> anyhow::Result<()> {
+    match target.system {
+        System::Warbler => {
+            let secret = target.secret()?;
+            let opts = target.warbler_options(
+                index,
+                tokens::mint(&secret, &user, "device"),
+                format!("d{device}"),
+            )?;
+            let mut conn = Connection::connect(opts).await.context("device connect")?;
+            tokio::spawn(async move {
+                let mut track = DeviceTrack::default();
+                while let Ok(m) = conn.recv_msg().await {
+                    track.on_delivery(&stats, &m.body);
+                    if conn.ack(m.seq).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        System::Nats => {
+            use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+            let client = target.nats_client(index).await?;
+            let js = async_nats::jetstream::new(client);
+            let stream = js
+                .get_stream(NATS_STREAM)
+                .await
+                .context("no JetStream stream WARBLER: the run creates it first")?;
+            let name = format!("{user}-d{device}");
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(name),
+                    filter_subject: format!("u.{user}"),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .context("creating a JetStream consumer")?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .context("starting a pull consumer")?;
+            tokio::spawn(async move {
+                let mut track = DeviceTrack::default();
+                while let Some(Ok(m)) = messages.next().await {
+                    track.on_delivery(&stats, &m.payload);
+                    if m.ack().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        System::Mqtt => {
+            use rumqttc::{AsyncClient, Event, Packet, QoS};
+            let mut o = target.mqtt_options(index, format!("{user}-d{device}"))?;
+            o.set_clean_session(false);
+            let (client, mut events) = AsyncClient::new(o, 64);
+            client
+                .subscribe(format!("u/{user}"), QoS::AtLeastOnce)
+                .await?;
+            loop {
+                match events.poll().await.context("MQTT device connect")? {
+                    Event::Incoming(Packet::SubAck(_)) => break,
+                    Event::Incoming(Packet::ConnAck(_)) | Event::Outgoing(_) => {}
+                    other => bail!("unexpected MQTT event before the subscription: {other:?}"),
+                }
+            }
+            tokio::spawn(async move {
+                let _client = client; // dropping it would end the event loop
+                let mut track = DeviceTrack::default();
+                while let Ok(ev) = events.poll().await {
+                    if let Event::Incoming(Packet::Publish(p)) = ev {
+                        track.on_delivery(&stats, &p.payload);
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Connects publisher `index` and sends its plan; returns when the plan is done (answers
+/// still in flight keep arriving afterwards).
+pub async fn run_publisher(
+    target: Arc<Target>,
+    stats: Arc<Stats>,
+    name: String,
+    index: usize,
+    mut plan: Plan,
+) -> anyhow::Result<()> {
+    let free = plan.releaser();
+    let window = plan.window.available_permits();
+    match target.system {
+        System::Warbler => {
+            let secret = target.secret()?;
+            let opts = target.warbler_options(
+                index,
+                tokens::mint(&secret, "load-publisher", "publish"),
+                name.clone(),
+            )?;
+            let (mut tx, mut rx) = Connection::connect(opts)
+                .await
+                .context("publisher connect")?
+                .split();
+            let due: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+            let (due2, stats2) = (due.clone(), stats.clone());
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(Frame::Published { id, .. }) => {
+                            let k = id.rsplit('-').next().and_then(|k| k.parse::<u64>().ok());
+                            if let Some(t) = k.and_then(|k| due2.lock().unwrap().remove(&k)) {
+                                stats2.on_ack(t);
+                            }
+                            free.add_permits(1);
+                        }
+                        Ok(_) => {}
+                        Err(warbler_client::ClientError::Server { .. }) => {
+                            stats2.on_error();
+                            free.add_permits(1);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+            while let Some(s) = plan.next().await {
+                due.lock().unwrap().insert(s.k, s.due_ns);
+                let frame = Frame::Publish {
+                    id: format!("{name}-{}", s.k),
+                    to: plan.users[s.user].clone(),
+                    body: serde_bytes::ByteBuf::from(s.body),
+                };
+                tx.send(frame).await.context("publisher connection lost")?;
+            }
+            answered(&plan.window, window).await;
+        }
+        System::Nats => {
+            let client = target.nats_client(index).await?;
+            let js = async_nats::jetstream::context::ContextBuilder::new()
+                .max_ack_inflight(window)
+                .timeout(Duration::from_secs(30))
+                .build(client);
+            while let Some(s) = plan.next().await {
+                let subject = format!("u.{}", plan.users[s.user]);
+                let (stats, free) = (stats.clone(), free.clone());
+                match js.publish(subject, s.body.into()).await {
+                    Ok(ack) => {
+                        tokio::spawn(async move {
+                            match ack.await {
+                                Ok(_) => stats.on_ack(s.due_ns),
+                                Err(_) => stats.on_error(),
+                            }
+                            free.add_permits(1);
+                        });
+                    }
+                    Err(_) => {
+                        stats.on_error();
+                        free.add_permits(1);
+                    }
+                }
+            }
+            answered(&plan.window, window).await;
+        }
+        System::Mqtt => {
+            use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+            let mut o = target.mqtt_options(index, name)?;
+            o.set_inflight(window.min(u16::MAX as usize - 1) as u16);
+            let (client, mut events) = AsyncClient::new(o, window);
+            // Requests leave in order, so the event loop's n-th outgoing publish is the n-th
+            // queued due time; its packet id then finds it again at the PUBACK.
+            let queued: Arc<Mutex<VecDeque<u64>>> = Arc::default();
+            let queued2 = queued.clone();
+            let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let mut up = Some(up_tx);
+                let mut in_flight: HashMap<u16, u64> = HashMap::new();
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            if let Some(up) = up.take() {
+                                let _ = up.send(());
+                            }
+                        }
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            if let Some(t) = queued2.lock().unwrap().pop_front() {
+                                in_flight.insert(pkid, t);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(a))) => {
+                            if let Some(t) = in_flight.remove(&a.pkid) {
+                                stats.on_ack(t);
+                                free.add_permits(1);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            stats.on_error();
+                            return;
+                        }
+                    }
+                }
+            });
+            up_rx.await.context("MQTT publisher could not connect")?;
+            while let Some(s) = plan.next().await {
+                queued.lock().unwrap().push_back(s.due_ns);
+                let topic = format!("u/{}", plan.users[s.user]);
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, s.body)
+                    .await
+                    .context("MQTT publisher stopped")?;
+            }
+            // Keep the client (and so the event loop) until the answers are in.
+            answered(&plan.window, window).await;
+            drop(client);
+        }
+    }
+    Ok(())
+}
+
+/// Waits (10 s at most) until every publish sent has been answered: the window is whole.
+async fn answered(window: &Semaphore, size: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while window.available_permits() < size && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes and creates the stream of a NATS run, with `replicas` copies and, when `tag` is
+/// set, placed on the server carrying that tag.
+pub async fn reset_nats_stream(
+    target: &Target,
+    replicas: usize,
+    tag: Option<String>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream::{Config, Placement, StorageType};
+    let js = async_nats::jetstream::new(target.nats_client(0).await?);
+    let _ = js.delete_stream(NATS_STREAM).await;
+    js.create_stream(Config {
+        name: NATS_STREAM.into(),
+        subjects: vec!["u.>".into()],
+        storage: StorageType::File,
+        num_replicas: replicas,
+        placement: tag.map(|t| Placement {
+            cluster: None,
+            tags: vec![t],
+        }),
+        ..Default::default()
+    })
+    .await
+    .context("creating the JetStream stream")?;
+    Ok(())
+}
+
+/// Opens one idle device connection (no traffic) and returns what keeps it open.
+pub async fn idle_device(
+    target: &Target,
+    user: String,
+    index: usize,
+) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+    Ok(match target.system {
+        System::Warbler => {
+            let secret = target.secret()?;
+            let opts = target.warbler_options(
+                index,
+                tokens::mint(&secret, &user, "device"),
+                "d0".into(),
+            )?;
+            Box::new(Connection::connect(opts).await.context("device connect")?)
+        }
+        System::Nats => {
+            // A core-NATS subscription to the user's subject: the lightest device NATS has.
+            let client = target.nats_client(index).await?;
+            let sub = client.subscribe(format!("u.{user}")).await?;
+            client.flush().await?;
+            Box::new((client, sub))
+        }
+        System::Mqtt => bail!("idle connections are measured for warbler and nats"),
+    })
+}
