@@ -149,7 +149,7 @@ run() {
 }
 profile() { # profile LABEL PID: perf of PID during the next DURATION-2 seconds, in the background
     [ "$PROFILE" = 0 ] && return 0
-    ( sleep 2; perf record -F 499 -g -o "$work/$1.perf" -p "$2" -- sleep $((DURATION - 4)) >/dev/null 2>&1 &&
+    ( sleep 4; perf record -F 499 -g -o "$work/$1.perf" -p "$2" -- sleep $((DURATION - 4)) >/dev/null 2>&1 &&
       perf report -i "$work/$1.perf" --no-children --sort dso,symbol --stdio 2>/dev/null |
       grep -E '^ +[0-9.]+%' | head -25 > "$OUT/profile-$1.txt" ) &
 }
@@ -200,14 +200,15 @@ start_nats; curve nats-r3 nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 -
 # --- memory per idle connection ----------------------------------------------------------
 # idle SYSTEM TLS(on|off) ADDR PID: IDLE connections over 2 client processes, RSS growth of PID
 idle() {
-    local system=$1 tls=$2 addr=$3 pid=$4 half=$((IDLE / 2)) p
+    local system=$1 tls=$2 addr=$3 pid=$4 half=$((IDLE / 2)) p holders=()
     local tls_args=()
     [ "$tls" = on ] && tls_args=(--tls-ca-file "$work/ca.pem")
     sleep 1
     local before; before=$(rss_kb "$pid")
     for p in 1 2; do
         "$BIN/warbler-load" idle --system "$system" --addr "$addr" --jwt-secret-file "$work/secret" \
-            "${tls_args[@]}" --connections "$half" --user-prefix "idle$p" --hold-secs 25 > "$work/idle$p.out" &
+            "${tls_args[@]}" --connections "$half" --user-prefix "idle$p" --hold-secs 300 > "$work/idle$p.out" &
+        holders+=($!)
     done
     for _ in $(seq 600); do
         [ "$(cat "$work"/idle[12].out 2>/dev/null | grep -c connected)" = 2 ] && break; sleep 0.2
@@ -217,7 +218,8 @@ idle() {
     local after; after=$(rss_kb "$pid")
     echo "== idle $system tls=$tls: $up connections, RSS ${before} -> ${after} KiB" >&2
     echo "{\"kind\":\"idle\",\"system\":\"$system\",\"tls\":\"$tls\",\"connections\":$up,\"requested\":$((half * 2)),\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$OUT/idle.jsonl"
-    wait $(jobs -p | tail -2) 2>/dev/null || true
+    kill "${holders[@]}" 2>/dev/null || true
+    wait "${holders[@]}" 2>/dev/null || true
     rm -f "$work"/idle[12].out
 }
 : > "$OUT/idle.jsonl"

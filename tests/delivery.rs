@@ -397,3 +397,43 @@ async fn sigterm_says_bye_to_devices_and_readyz_reflects_it() {
         other => panic!("expected bye, got {other:?}"),
     }
 }
+
+/// Publishes pipelined on one connection keep their order per user: the k-th publish to a
+/// user gets the k-th seq, also while the mailbox starts and while other users' publishes
+/// are in flight beside them.
+#[tokio::test]
+async fn pipelined_publishes_to_one_user_keep_the_order_they_were_sent_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let (mut tx, mut rx) = node.publisher().await.split();
+    let (users, per_user) = (8usize, 150usize);
+    for k in 0..per_user {
+        for u in 0..users {
+            let frame = Frame::Publish {
+                id: format!("u{u}-{k}"),
+                to: format!("fifo-{u}"),
+                body: serde_bytes::ByteBuf::from(format!("{k}").into_bytes()),
+            };
+            tx.send(frame).await.unwrap();
+        }
+    }
+    let mut seq_of = std::collections::HashMap::new();
+    while seq_of.len() < users * per_user {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Ok(Frame::Published { id, seq, .. })) => {
+                seq_of.insert(id, seq);
+            }
+            other => panic!("expected published, got {other:?}"),
+        }
+    }
+    for u in 0..users {
+        let seqs: Vec<u64> = (0..per_user)
+            .map(|k| seq_of[&format!("u{u}-{k}")])
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=per_user as u64).collect::<Vec<_>>(),
+            "user fifo-{u}"
+        );
+    }
+}

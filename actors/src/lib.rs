@@ -22,6 +22,6 @@ pub mod session;
 
 pub use crate::error::MailboxError;
 pub use crate::mailbox::{DeviceInfo, MailboxLimits, MailboxMsg, SubscribeInfo};
-pub use crate::registry::{Mailboxes, RegistryArgs};
+pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};
 pub use crate::route::{Leader, RouteService, Router, Routing};
 pub use crate::session::{DeviceSession, SessionArgs, SessionMsg};

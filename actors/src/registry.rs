@@ -1,6 +1,7 @@
 //! `MailboxRegistry`: the node's map of active mailboxes, and their supervisor.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,6 +190,9 @@ const REF_CACHE_MAX: usize = 100_000;
 /// It caches references to running mailboxes. Only the registry spawns mailboxes, so a
 /// cached reference is always the user's one writer or a stopped actor; a stopped one is
 /// skipped here, and a call that reaches a mailbox as it stops is retried via the registry.
+/// A publish handed over by [`Mailboxes::publish_submit`], waiting for its seq.
+pub type PendingPublish = std::pin::Pin<Box<dyn Future<Output = Result<u64, MailboxError>> + Send>>;
+
 #[derive(Clone)]
 pub struct Mailboxes {
     registry: ActorRef<RegistryMsg>,
@@ -319,6 +323,60 @@ impl Mailboxes {
                 self.publish_local(user, id, body.clone(), from.clone())
             })
             .await
+    }
+
+    /// Hands one publish over and returns the wait for its seq. A caller that awaits this
+    /// for each of its publishes to one user in turn gets their seqs in that order: on this
+    /// node the message is in the mailbox's queue when this returns; for a leader elsewhere
+    /// the request is queued on the link to it, and the leader keeps the order as long as the
+    /// user's mailbox is running there (the first publishes to a mailbox that is starting, and
+    /// retries across a leader change, may be reordered).
+    pub async fn publish_submit(
+        &self,
+        user: String,
+        id: String,
+        body: ByteBuf,
+        from: Option<String>,
+    ) -> PendingPublish {
+        let here = match &self.route {
+            None => true,
+            Some(route) => matches!(route.router.leader(self.partition_of(&user)), Leader::Local),
+        };
+        if here {
+            if let Ok(mailbox) = self.get(&user).await {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                let msg = MailboxMsg::Publish {
+                    id: id.clone(),
+                    body: body.clone(),
+                    from: from.clone(),
+                    reply: tx.into(),
+                };
+                if mailbox.cast(msg).is_ok() {
+                    let this = self.clone();
+                    return Box::pin(async move {
+                        match tokio::time::timeout(MAILBOX_CALL_TIMEOUT, rx).await {
+                            Ok(Ok(r)) => r,
+                            // The mailbox stopped with it queued: again, under the same id.
+                            Ok(Err(_)) => this.publish(&user, &id, body, from).await,
+                            Err(_) => Err(MailboxError::Unavailable(
+                                "the mailbox did not answer in 30 s".into(),
+                            )),
+                        }
+                    });
+                }
+            }
+        }
+        let this = self.clone();
+        let mut pending: PendingPublish =
+            Box::pin(async move { this.publish(&user, &id, body, from).await });
+        // Run it up to its first wait now: that queues the request to the leader.
+        if let std::task::Poll::Ready(r) = pending
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            return Box::pin(std::future::ready(r));
+        }
+        pending
     }
 
     /// Publishes through this node's own mailbox of `user`.

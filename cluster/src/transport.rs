@@ -380,6 +380,17 @@ async fn accept(listener: TcpListener, tls: Option<PeerTls>, handler: Arc<dyn Pe
 }
 
 /// Serves one inbound peer connection: hello, then requests answered concurrently.
+/// Runs `fut` here up to its first wait, then on a task of its own: requests start in the
+/// order they arrived (a publish reaches a running mailbox in that order), and still run
+/// concurrently.
+fn start_in_order(fut: impl Future<Output = ()> + Send + 'static) {
+    let mut fut = Box::pin(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(fut);
+    }
+}
+
 async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
     let (mut r, mut w) = tokio::io::split(io);
     let from = match read_frame(&mut r).await {
@@ -422,7 +433,7 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
             continue;
         };
         let (handler, tx, from) = (handler.clone(), tx.clone(), from.clone());
-        tokio::spawn(async move {
+        start_in_order(async move {
             let reply = match handler.handle(from, partition, kind, body.into_vec()).await {
                 Ok(b) => PeerFrame::Response {
                     id,

@@ -1,12 +1,13 @@
 //! One device connection, from `hello` to close.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ractor::{Actor, ActorRef};
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use warbler_actors::{DeviceSession, MailboxError, Mailboxes, SessionArgs, SessionMsg};
 use warbler_client::codec::CodecError;
@@ -22,6 +23,8 @@ pub const ID_BYTES_MAX: usize = 128;
 const WRITER_QUEUE_EXTRA: usize = 64;
 /// How long a client is told to wait before reconnecting when the node drains.
 const BYE_RETRY_MS: u64 = 1000;
+/// Users a connection remembers hand-overs for before it forgets the finished ones.
+const HANDED_PRUNE_AT: usize = 4096;
 
 /// Everything a connection needs; one per node.
 pub struct Gateway {
@@ -196,6 +199,10 @@ impl Gateway {
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
+        // Publishes to one user keep the order they came in: each is handed to the mailbox
+        // only once the one before it to the same user was (then they wait for their fsync
+        // together). The value is dropped when that hand-over is done.
+        let mut handed: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
         loop {
             let frame = tokio::select! {
                 _ = closed.cancelled() => return,
@@ -234,8 +241,18 @@ impl Gateway {
                         Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
                         Ok(()) => {
                             let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
+                            let (handed_over, handed_rx) = oneshot::channel::<()>();
+                            let before = handed.insert(to.clone(), handed_rx);
+                            if handed.len() > HANDED_PRUNE_AT {
+                                handed.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+                            }
                             tokio::spawn(async move {
-                                let reply = match mailboxes.publish(&to, &id, body, Some(from)).await {
+                                if let Some(before) = before {
+                                    let _ = before.await;
+                                }
+                                let pending = mailboxes.publish_submit(to.clone(), id.clone(), body, Some(from)).await;
+                                drop(handed_over);
+                                let reply = match pending.await {
                                     Ok(seq) => Frame::Published { id, to, seq },
                                     Err(e) => mailbox_error_frame(&e, id),
                                 };
