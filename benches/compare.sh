@@ -145,7 +145,7 @@ run() {
     "$BIN/warbler-load" run --system "$system" --addr "$addrs" --jwt-secret-file "$work/secret" \
         --users "$USERS" --devices "$DEVICES" --publishers "$PUBLISHERS" --procs "$PROCS" \
         --body-bytes "$BODY" --duration-secs "$DURATION" --rate "$rate" --window 1024 \
-        --label "$label" --json-out "$RUNS" --user-prefix "$label" "$@" | sed 's/^/   /' >&2
+        --label "$label" --json-out "$RUNS" --user-prefix "${label//\~/-}" "$@" | sed 's/^/   /' >&2
 }
 profile() { # profile LABEL PID: perf of PID during the next DURATION-2 seconds, in the background
     [ "$PROFILE" = 0 ] && return 0
@@ -153,49 +153,46 @@ profile() { # profile LABEL PID: perf of PID during the next DURATION-2 seconds,
       perf report -i "$work/$1.perf" --no-children --sort dso,symbol --stdio 2>/dev/null |
       grep -E '^ +[0-9.]+%' | head -25 > "$OUT/profile-$1.txt" ) &
 }
-# curve LABEL SYSTEM ADDRS MAXRATE [extra]: open-loop points at fixed fractions of RATE_BASE
-curve() {
+# Each system: a closed-loop run for its maximum, then open-loop points at 33/66/100% of it.
+# system_runs LABEL SYSTEM ADDRS [extra]; the maximum lands in MAX_<label>.
+system_runs() {
     local label=$1 system=$2 addrs=$3; shift 3
-    for f in 25 50 75 100; do
-        run "$label" $((RATE_BASE * f / 100)) "$system" "$addrs" "$@"
+    run "$label" 0 "$system" "$addrs" "$@"
+    local max; max=$(json_val publish_rate | cut -d. -f1)
+    eval "MAX_${label//-/_}=$max"
+    for f in 33 66 100; do
+        run "$label" $((max * f / 100)) "$system" "$addrs" "$@"
     done
 }
+max_of() { local v="MAX_${1//-/_}"; echo "${!v}"; }
+NATS1=(nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1)
+NATS3=(nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3)
 
 # Group 1: one node. Warbler single node, NATS JetStream R1 (the stream on one server of the
 # 3-node cluster, clients on that server), Mosquitto.
-start_warbler 1
-profile warbler-1 "${WARBLER_PIDS[0]}"
-run warbler-1 0 warbler "$WARBLER_ADDRS"
-W1=$(json_val publish_rate)
-stop_warbler
-start_nats
-run nats-r1 0 nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1
-N1=$(json_val publish_rate)
-stop_nats
-start_mosquitto
-run mosquitto 0 mqtt 127.0.0.1:17883
-M1=$(json_val publish_rate)
-stop_mosquitto
-RATE_BASE=$(python3 -c "print(int(min($W1, $N1, $M1)))")
-echo "== one-node group: common offered loads are fractions of $RATE_BASE/s" >&2
-start_warbler 1; curve warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
-start_nats; curve nats-r1 nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1; stop_nats
-start_mosquitto; curve mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
-
+start_warbler 1; profile warbler-1 "${WARBLER_PIDS[0]}"; system_runs warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
+start_nats; system_runs nats-r1 "${NATS1[@]}"; stop_nats
+start_mosquitto; system_runs mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
 # Group 2: three replicas. Warbler RF 3 vs NATS JetStream R3, clients over all three nodes.
-start_warbler 3
-profile warbler-3 "${WARBLER_PIDS[0]}"
-run warbler-3 0 warbler "$WARBLER_ADDRS"
-W3=$(json_val publish_rate)
-stop_warbler
-start_nats
-run nats-r3 0 nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3
-N3=$(json_val publish_rate)
-stop_nats
-RATE_BASE=$(python3 -c "print(int(min($W3, $N3)))")
-echo "== three-replica group: common offered loads are fractions of $RATE_BASE/s" >&2
-start_warbler 3; curve warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
-start_nats; curve nats-r3 nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3; stop_nats
+start_warbler 3; profile warbler-3 "${WARBLER_PIDS[0]}"; system_runs warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
+start_nats; system_runs nats-r3 "${NATS3[@]}"; stop_nats
+
+# Equal offered load, pair by pair: both at half the lower of the two maxima.
+# pair OURS PEER: labelled OURS~PEER, one run of each.
+pair() {
+    local ours=$1 peer=$2 rate
+    rate=$(( $(python3 -c "print(min($(max_of "$ours"), $(max_of "$peer")))") / 2 ))
+    if [ "$ours" = warbler-1 ]; then start_warbler 1; else start_warbler 3; fi
+    run "$ours~$peer" "$rate" warbler "$WARBLER_ADDRS"; stop_warbler
+    case $peer in
+        nats-r1) start_nats; run "$ours~$peer" "$rate" "${NATS1[@]}"; stop_nats ;;
+        nats-r3) start_nats; run "$ours~$peer" "$rate" "${NATS3[@]}"; stop_nats ;;
+        mosquitto) start_mosquitto; run "$ours~$peer" "$rate" mqtt 127.0.0.1:17883; stop_mosquitto ;;
+    esac
+}
+pair warbler-1 nats-r1
+pair warbler-1 mosquitto
+pair warbler-3 nats-r3
 
 # --- memory per idle connection ----------------------------------------------------------
 # idle SYSTEM TLS(on|off) ADDR PID: IDLE connections over 2 client processes, RSS growth of PID

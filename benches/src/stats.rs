@@ -2,8 +2,10 @@
 //!
 //! Every body starts with a 16-byte header: the message's intended send time (ns since the
 //! Unix epoch, so latency counts from when it *should* have been sent) and its number in its
-//! user's stream (1, 2, 3, … from the one publisher that owns the user). A device that sees
-//! anything but the next number counts an order violation: a gap, a repeat or a reordering.
+//! user's stream (1, 2, 3, … from the one publisher that owns the user). A device that sees a
+//! number at or below the last one counts an order violation (a repeat or a reordering); the
+//! numbers it never sees count as gaps (each failed publish leaves one, so gaps are read
+//! against `errors`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -51,6 +53,7 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub errors: AtomicU64,
     pub order_violations: AtomicU64,
+    pub gaps: AtomicU64,
     pub last_delivery_ns: AtomicU64,
 }
 
@@ -63,6 +66,7 @@ impl Default for Stats {
             delivered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
         }
     }
@@ -96,6 +100,7 @@ impl Stats {
             delivered: self.delivered.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             order_violations: self.order_violations.load(Ordering::Relaxed),
+            gaps: self.gaps.load(Ordering::Relaxed),
             last_delivery_ns: self.last_delivery_ns.load(Ordering::Relaxed),
             ack: encode_histogram(&self.ack.lock().expect("not poisoned"))?,
             deliver: encode_histogram(&self.deliver.lock().expect("not poisoned"))?,
@@ -116,10 +121,15 @@ impl DeviceTrack {
             stats.order_violations.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if number != self.last + 1 {
+        if number <= self.last {
             stats.order_violations.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Numbers skipped: publishes that failed (counted in `errors`) or were lost.
+            stats
+                .gaps
+                .fetch_add(number - self.last - 1, Ordering::Relaxed);
+            self.last = number;
         }
-        self.last = number;
         let now = record(&stats.deliver, due);
         stats.delivered.fetch_add(1, Ordering::Relaxed);
         stats.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
@@ -133,6 +143,7 @@ pub struct WorkerResult {
     pub delivered: u64,
     pub errors: u64,
     pub order_violations: u64,
+    pub gaps: u64,
     pub last_delivery_ns: u64,
     /// Base64 of the V2 serialization of the histogram.
     pub ack: String,
@@ -186,15 +197,16 @@ mod tests {
         let stats = Stats::default();
         let mut d = DeviceTrack::default();
         let mut body = vec![0u8; 32];
-        for n in [1, 2, 3, 5, 5, 4, 6] {
+        for n in [1, 2, 3, 5, 5, 4, 6, 9] {
             stamp_body(&mut body, now_ns(), n);
             d.on_delivery(&stats, &body);
         }
-        // 3 -> 5 (gap), 5 -> 5 (repeat), 5 -> 4 (reorder), 4 -> 6 (gap after the reorder).
-        assert_eq!(stats.order_violations.load(Ordering::Relaxed), 4);
-        assert_eq!(stats.delivered.load(Ordering::Relaxed), 7);
+        // 5 -> 5 (repeat) and 5 -> 4 (reorder) are out of order; 4 and 7, 8 were skipped.
+        assert_eq!(stats.order_violations.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.gaps.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.delivered.load(Ordering::Relaxed), 8);
         d.on_delivery(&stats, b"short");
-        assert_eq!(stats.order_violations.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.order_violations.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -84,6 +84,7 @@ fn check(r: &Value) {
     assert!((780..=800).contains(&n("published")), "{r}");
     assert_eq!(n("errors"), 0, "{r}");
     assert_eq!(n("order_violations"), 0, "{r}");
+    assert_eq!(n("gaps"), 0, "{r}");
     assert_eq!(
         n("delivered"),
         2 * n("published"),

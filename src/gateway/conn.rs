@@ -1,6 +1,7 @@
 //! One device connection, from `hello` to close.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -241,17 +242,41 @@ impl Gateway {
                         Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
                         Ok(()) => {
                             let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
-                            let (handed_over, handed_rx) = oneshot::channel::<()>();
-                            let before = handed.insert(to.clone(), handed_rx);
-                            if handed.len() > HANDED_PRUNE_AT {
-                                handed.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-                            }
-                            tokio::spawn(async move {
-                                if let Some(before) = before {
-                                    let _ = before.await;
+                            // An earlier publish to this user still on its way to the mailbox goes first.
+                            let before = handed
+                                .remove(&to)
+                                .and_then(|mut rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx));
+                            let mut submit = {
+                                let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
+                                Box::pin(async move {
+                                    if let Some(before) = before {
+                                        let _ = before.await;
+                                    }
+                                    mailboxes.publish_submit(to, id, body, Some(from)).await
+                                })
+                            };
+                            // Usually the mailbox runs here and is known: the hand-over is done now.
+                            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                            let handover = match submit.as_mut().poll(&mut cx) {
+                                std::task::Poll::Ready(pending) => Err(pending),
+                                std::task::Poll::Pending => {
+                                    let (handed_over, handed_rx) = oneshot::channel::<()>();
+                                    handed.insert(to.clone(), handed_rx);
+                                    if handed.len() > HANDED_PRUNE_AT {
+                                        handed.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+                                    }
+                                    Ok((submit, handed_over))
                                 }
-                                let pending = mailboxes.publish_submit(to.clone(), id.clone(), body, Some(from)).await;
-                                drop(handed_over);
+                            };
+                            tokio::spawn(async move {
+                                let pending = match handover {
+                                    Err(pending) => pending,
+                                    Ok((submit, handed_over)) => {
+                                        let pending = submit.await;
+                                        drop(handed_over);
+                                        pending
+                                    }
+                                };
                                 let reply = match pending.await {
                                     Ok(seq) => Frame::Published { id, to, seq },
                                     Err(e) => mailbox_error_frame(&e, id),

@@ -183,6 +183,8 @@ struct RunResult {
     delivered: u64,
     errors: u64,
     order_violations: u64,
+    /// Numbers a device never saw (each failed publish leaves one per device).
+    gaps: u64,
     /// Acknowledged publishes per second over the sending phase.
     publish_rate: f64,
     /// Deliveries to devices per second, from the start to the last delivery.
@@ -285,6 +287,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         delivered: 0,
         errors: 0,
         order_violations: 0,
+        gaps: 0,
         last_delivery_ns: 0,
         ack: String::new(),
         deliver: String::new(),
@@ -301,6 +304,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         total.delivered += r.delivered;
         total.errors += r.errors;
         total.order_violations += r.order_violations;
+        total.gaps += r.gaps;
         total.last_delivery_ns = total.last_delivery_ns.max(r.last_delivery_ns);
     }
     let send_secs = a.duration_secs as f64;
@@ -318,6 +322,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         delivered: total.delivered,
         errors: total.errors,
         order_violations: total.order_violations,
+        gaps: total.gaps,
         publish_rate: total.published as f64 / send_secs,
         deliver_rate: total.delivered as f64 / span_secs,
         ack_ms: Quantiles::of(&ack),
@@ -353,8 +358,8 @@ fn print_result(r: &RunResult) {
         r.system, r.users, r.devices_per_user, r.publishers, r.body_bytes
     );
     println!(
-        "published={} delivered={} errors={} order_violations={} publish_rate={:.0}/s deliver_rate={:.0}/s",
-        r.published, r.delivered, r.errors, r.order_violations, r.publish_rate, r.deliver_rate
+        "published={} delivered={} errors={} order_violations={} gaps={} publish_rate={:.0}/s deliver_rate={:.0}/s",
+        r.published, r.delivered, r.errors, r.order_violations, r.gaps, r.publish_rate, r.deliver_rate
     );
     for (name, q) in [
         ("publish->ack", r.ack_ms),
