@@ -246,6 +246,8 @@ impl Gateway {
                             let before = handed
                                 .remove(&to)
                                 .and_then(|mut rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx));
+                            // The hand-over yields the wait for the seq, awaited on its own task below.
+                            #[allow(clippy::async_yields_async)]
                             let mut submit = {
                                 let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
                                 Box::pin(async move {
