@@ -147,11 +147,18 @@ run() {
         --body-bytes "$BODY" --duration-secs "$DURATION" --rate "$rate" --window 1024 \
         --label "$label" --json-out "$RUNS" --user-prefix "${label//\~/-}" "$@" | sed 's/^/   /' >&2
 }
-profile() { # profile LABEL PID: perf of PID during the next DURATION-2 seconds, in the background
+# profile LABEL NODES: a separate closed-loop run (not one of the measured ones) with
+# `perf record` on node w0, reported after the run.
+profile() {
     [ "$PROFILE" = 0 ] && return 0
-    ( sleep 4; perf record -F 499 -g -o "$work/$1.perf" -p "$2" -- sleep $((DURATION - 4)) >/dev/null 2>&1 &&
-      perf report -i "$work/$1.perf" --no-children --sort dso,symbol --stdio 2>/dev/null |
-      grep -E '^ +[0-9.]+%' | head -25 > "$OUT/profile-$1.txt" ) &
+    start_warbler "$2"
+    ( sleep 4; perf record -F 499 -g -o "$work/$1.perf" -p "${WARBLER_PIDS[0]}" -- sleep $((DURATION - 4)) >/dev/null 2>&1 ) &
+    local perf_job=$!
+    run "profile-$1" 0 warbler "$WARBLER_ADDRS"
+    wait "$perf_job" || true
+    stop_warbler
+    perf report -i "$work/$1.perf" --no-children --sort dso,symbol --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -25 > "$OUT/profile-$1.txt" || true
 }
 # Each system: a closed-loop run for its maximum, then open-loop points at 33/66/100% of it.
 # system_runs LABEL SYSTEM ADDRS [extra]; the maximum lands in MAX_<label>.
@@ -170,11 +177,11 @@ NATS3=(nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3)
 
 # Group 1: one node. Warbler single node, NATS JetStream R1 (the stream on one server of the
 # 3-node cluster, clients on that server), Mosquitto.
-start_warbler 1; profile warbler-1 "${WARBLER_PIDS[0]}"; system_runs warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
+start_warbler 1; system_runs warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
 start_nats; system_runs nats-r1 "${NATS1[@]}"; stop_nats
 start_mosquitto; system_runs mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
 # Group 2: three replicas. Warbler RF 3 vs NATS JetStream R3, clients over all three nodes.
-start_warbler 3; profile warbler-3 "${WARBLER_PIDS[0]}"; system_runs warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
+start_warbler 3; system_runs warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
 start_nats; system_runs nats-r3 "${NATS3[@]}"; stop_nats
 
 # Equal offered load, pair by pair: both at half the lower of the two maxima.
@@ -193,6 +200,8 @@ pair() {
 pair warbler-1 nats-r1
 pair warbler-1 mosquitto
 pair warbler-3 nats-r3
+profile warbler-1 1
+profile warbler-3 3
 
 # --- memory per idle connection ----------------------------------------------------------
 # idle SYSTEM TLS(on|off) ADDR PID: IDLE connections over 2 client processes, RSS growth of PID

@@ -266,7 +266,8 @@ def main():
         prof = read(os.path.join(results, f"profile-{label}.txt")).rstrip()
         if prof:
             md += [f"`perf record -F 499 -g` of {'the node' if label == 'warbler-1' else 'node w0'} during "
-                   f"the closed-loop run of {NAMES[label]} (`perf report --no-children --sort dso,symbol`, top entries):",
+                   f"an extra closed-loop run of {NAMES[label]}, after the measured ones "
+                   "(`perf report --no-children --sort dso,symbol`, top entries):",
                    "", "```", prof, "```", ""]
     md.append(END)
     section = "\n".join(md) + "\n"
