@@ -231,8 +231,9 @@ def main():
     held = [r for r in idle if r["connections"] == r.get("requested")]
     if idle and len(held) == len(idle):
         md += ["", f"How many idle connections one node holds: every server above held all "
-               f"{idle[0]['requested']:,} it was offered. The open-file limit (20,000 per process on this "
-               "machine) bounds it, not memory: at the largest figure above, 20,000 connections take "
+               f"{idle[0]['requested']:,} it was offered. A Warbler node accepts `limits.connections_max` = 18,000 by "
+               "default (then refuses with `overloaded`), kept under the open-file limit of 20,000 per process "
+               "on this machine: that limit bounds it, not memory. At the largest figure above, 20,000 connections take "
                f"{20000 * max(per_conn.values()) / 2**20:,.0f} MiB.", ""]
     else:
         short = [f"{r['system']} TLS {r['tls']}: {r['connections']:,} of {r.get('requested', '?')}" for r in idle
