@@ -223,21 +223,34 @@ pub async fn spawn_device(
             use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
             let client = target.nats_client(index).await?;
             let js = async_nats::jetstream::new(client);
-            let stream = js
-                .get_stream(NATS_STREAM)
-                .await
-                .context("no JetStream stream WARBLER: the run creates it first")?;
-            let name = format!("{user}-d{device}");
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    durable_name: Some(name),
-                    filter_subject: format!("u.{user}"),
-                    ack_policy: AckPolicy::Explicit,
-                    deliver_policy: DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .context("creating a JetStream consumer")?;
+            let config = pull::Config {
+                durable_name: Some(format!("{user}-d{device}")),
+                filter_subject: format!("u.{user}"),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            };
+            // A stream just created on a cluster takes a moment to be known on every server.
+            let mut attempt = 0;
+            let consumer = loop {
+                let made = match js.get_stream(NATS_STREAM).await {
+                    Ok(stream) => stream
+                        .create_consumer(config.clone())
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                match made {
+                    Ok(c) => break c,
+                    Err(_) if attempt < 40 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => {
+                        return Err(e.context("creating a JetStream consumer on stream WARBLER"))
+                    }
+                }
+            };
             let mut messages = consumer
                 .messages()
                 .await
