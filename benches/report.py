@@ -264,7 +264,8 @@ def main():
     else:
         md += ["Warbler is ahead of every peer in this run on both ratios.", ""]
     for label in ("warbler-1", "warbler-3"):
-        prof = read(os.path.join(results, f"profile-{label}.txt")).rstrip()
+        prof = "\n".join(re.sub(r"(\s+-)+\s*$", "", line).rstrip()
+                         for line in read(os.path.join(results, f"profile-{label}.txt")).splitlines())
         if prof:
             md += [f"`perf record -F 499 -g` of {'the node' if label == 'warbler-1' else 'node w0'} during "
                    f"an extra closed-loop run of {NAMES[label]}, after the measured ones "
