@@ -4,7 +4,7 @@
 # micro benchmarks. Writes the "Side by side" section of docs/benchmarks.md and the PNG
 # plots in docs/img/. `make bench` runs this.
 #
-#   bash benches/compare.sh                 # the documented size (about 12 minutes here)
+#   bash benches/compare.sh                 # the documented size (15 min 38 s here)
 #   USERS=200 DURATION=5 IDLE=2000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
 #
 # Knobs: USERS (1000), DEVICES per user (2), PUBLISHERS (4), PROCS load processes (2),

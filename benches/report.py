@@ -62,6 +62,10 @@ def ratio(a, b):
     return a / b if b else float("nan")
 
 
+def fmt_ratio(x):
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.4f}"
+
+
 def group_rows(runs, labels):
     """Per label: its closed-loop (max) run and its open-loop points sorted by offered rate."""
     out = {}
@@ -190,8 +194,8 @@ def main():
             d = ratio(w_eq["deliver_ms"]["p99"], p_eq["deliver_ms"]["p99"])
             a = ratio(w_eq["ack_ms"]["p99"], p_eq["ack_ms"]["p99"])
             q = lambda r: " / ".join(fmt_ms(r["deliver_ms"][k]) for k in ("p50", "p99", "p999"))
-            md.append(f"| Warbler vs {NAMES[peer]} | **{t:.2f}** | {fmt_rate(w_eq['offered_rate'])}/s | "
-                      f"{q(w_eq)} vs {q(p_eq)} | **{d:.2f}** | {a:.2f} |")
+            md.append(f"| Warbler vs {NAMES[peer]} | **{fmt_ratio(t)}** | {fmt_rate(w_eq['offered_rate'])}/s | "
+                      f"{q(w_eq)} vs {q(p_eq)} | **{fmt_ratio(d)}** | {fmt_ratio(a)} |")
             if t < 1 or d > 1:
                 behind.append((ours, peer, t, d))
         md.append("")
@@ -259,7 +263,7 @@ def main():
     md += ["### Where Warbler is behind, and where its time goes", ""]
     if behind:
         for ours, peer, t, d in behind:
-            md.append(f"- {NAMES[ours]} vs {NAMES[peer]}: throughput ratio {t:.2f}, p99 ratio {d:.2f}.")
+            md.append(f"- {NAMES[ours]} vs {NAMES[peer]}: throughput ratio {fmt_ratio(t)}, p99 ratio {fmt_ratio(d)}.")
         md.append("")
     else:
         md += ["Warbler is ahead of every peer in this run on both ratios.", ""]
@@ -278,7 +282,7 @@ def main():
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
-        text = head + section + tail.lstrip("\n")
+        text = head + section + "\n" + tail.lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     with open(doc, "w") as f:
