@@ -138,14 +138,10 @@ fn drives_warbler() {
     check(&r);
 }
 
-#[test]
-fn drives_nats_jetstream() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = Server(
-        Command::new(program("nats-server"))
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path().join("js"))
+/// Starts a peer server listening on `port`, drives it with `system` and checks the run.
+fn drive_peer(dir: &Path, system: &str, mut server: Command, port: u16) {
+    let _server = Server(
+        server
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -153,9 +149,18 @@ fn drives_nats_jetstream() {
     );
     let addr = format!("127.0.0.1:{port}");
     wait_listening(&addr);
-    let r = load(dir.path(), "nats", &addr, &[]);
-    check(&r);
-    drop(server);
+    check(&load(dir, system, &addr, &[]));
+}
+
+#[test]
+fn drives_nats_jetstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = Command::new(program("nats-server"));
+    server
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path().join("js"));
+    drive_peer(dir.path(), "nats", server, port);
 }
 
 #[test]
@@ -171,18 +176,7 @@ fn drives_mosquitto() {
         ),
     )
     .unwrap();
-    let server = Server(
-        Command::new(program("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr = format!("127.0.0.1:{port}");
-    wait_listening(&addr);
-    let r = load(dir.path(), "mqtt", &addr, &[]);
-    check(&r);
-    drop(server);
+    let mut server = Command::new(program("mosquitto"));
+    server.arg("-c").arg(&conf);
+    drive_peer(dir.path(), "mqtt", server, port);
 }
