@@ -1,0 +1,577 @@
+//! Cluster drivers: real `warbler serve` processes on this machine.
+//!
+//! Two networks:
+//! - [`Net::Netns`] (root, iproute2): every node in its own network namespace with a veth
+//!   link to one bridge, at its own address (10.77.T.10+i). Cuts are blackhole routes in
+//!   both namespaces, so a cut drops packets the way a broken network does: peer TCP and
+//!   gossip UDP alike, while the harness (on the bridge) still reaches every node.
+//! - [`Net::Loopback`] (anywhere): nodes on 127.0.0.1 with their own ports; cuts go through
+//!   the nodes' fault-injecting transport (`POST /v1/debug/faults`), which drops peer and
+//!   gossip traffic to the blocked addresses.
+//!
+//! Each node can be killed (`kill -9`), paused (SIGSTOP/SIGCONT), stopped gracefully
+//! (SIGTERM), restarted on its data, and cut off from any set of the others.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use crate::auth;
+
+/// How the nodes are networked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Net {
+    Loopback,
+    Netns,
+}
+
+impl Net {
+    /// Network namespaces when this process may make them (root and `ip`), else loopback.
+    pub fn auto() -> Net {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let ip = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if root && ip {
+            Net::Netns
+        } else {
+            Net::Loopback
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Net> {
+        match s {
+            "auto" => Ok(Net::auto()),
+            "loopback" => Ok(Net::Loopback),
+            "netns" => Ok(Net::Netns),
+            other => bail!("--net {other:?}: use auto, loopback or netns"),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    pub nodes: usize,
+    pub warbler: PathBuf,
+    pub dir: PathBuf,
+    pub net: Net,
+    /// Extra `WARBLER_*` variables for every node.
+    pub env: Vec<(String, String)>,
+}
+
+struct NodeProc {
+    name: String,
+    data: PathBuf,
+    log: PathBuf,
+    client: SocketAddr,
+    http: SocketAddr,
+    cluster: SocketAddr,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// A running cluster and the faults currently applied to it.
+pub struct Cluster {
+    opts: ClusterOpts,
+    secret: PathBuf,
+    tag: u32,
+    nodes: Vec<NodeProc>,
+    /// Pairs of nodes that cannot reach each other (a < b).
+    cuts: BTreeSet<(usize, usize)>,
+    netns_ready: bool,
+}
+
+static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
+
+/// A port free for both TCP and UDP on 127.0.0.1 (the cluster address uses both).
+fn free_port() -> u16 {
+    loop {
+        let Ok(tcp) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        if port != 0 && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Runs a command to completion; an error names the command and what it printed.
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Starts every node and waits until all are ready.
+    pub async fn start(opts: ClusterOpts) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(&opts.dir)
+            .with_context(|| format!("cannot create {}", opts.dir.display()))?;
+        let secret = opts.dir.join("secret");
+        std::fs::write(&secret, auth::SECRET)?;
+        let tag = (std::process::id() * 7 + NEXT_TAG.fetch_add(1, Ordering::Relaxed)) % 200 + 20;
+        let nodes = (0..opts.nodes)
+            .map(|i| {
+                let (client, http, cluster) = match opts.net {
+                    Net::Loopback => {
+                        let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+                        (a(free_port()), a(free_port()), a(free_port()))
+                    }
+                    Net::Netns => {
+                        let ip = std::net::Ipv4Addr::new(10, 77, tag as u8, 10 + i as u8);
+                        (
+                            SocketAddr::from((ip, 7400)),
+                            SocketAddr::from((ip, 7480)),
+                            SocketAddr::from((ip, 7410)),
+                        )
+                    }
+                };
+                let home = opts.dir.join(format!("n{i}"));
+                NodeProc {
+                    name: format!("n{i}"),
+                    data: home.join("data"),
+                    log: home.join("node.log"),
+                    client,
+                    http,
+                    cluster,
+                    child: None,
+                    paused: false,
+                }
+            })
+            .collect();
+        let mut c = Cluster {
+            opts,
+            secret,
+            tag,
+            nodes,
+            cuts: BTreeSet::new(),
+            netns_ready: false,
+        };
+        if c.opts.net == Net::Netns {
+            c.netns_up().context(
+                "cannot set up network namespaces (needs root and iproute2); run with --net loopback",
+            )?;
+        }
+        for i in 0..c.nodes.len() {
+            c.spawn(i)?;
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_ready(i, Duration::from_secs(90)).await?;
+        }
+        Ok(c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn net(&self) -> Net {
+        self.opts.net
+    }
+
+    /// The device-protocol address of every node.
+    pub fn clients(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.to_string()).collect()
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("wchaos{}-{i}", self.tag)
+    }
+
+    fn bridge(&self) -> String {
+        format!("wchbr{}", self.tag)
+    }
+
+    fn netns_up(&mut self) -> anyhow::Result<()> {
+        self.netns_down();
+        let br = self.bridge();
+        let gw = format!("10.77.{}.1", self.tag);
+        sh(&["ip", "link", "add", &br, "type", "bridge"])?;
+        self.netns_ready = true;
+        sh(&["ip", "addr", "add", &format!("{gw}/24"), "dev", &br])?;
+        sh(&["ip", "link", "set", &br, "up"])?;
+        // Where bridged traffic passes iptables (br_netfilter, as with Docker's FORWARD
+        // DROP policy), let this bridge's own traffic through.
+        if Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
+            let _ = sh(&[
+                "iptables", "-I", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT",
+            ]);
+        }
+        for i in 0..self.nodes.len() {
+            let ns = self.ns(i);
+            let veth = format!("wch{}v{i}", self.tag);
+            let ip = self.nodes[i].client.ip().to_string();
+            sh(&["ip", "netns", "add", &ns])?;
+            sh(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            sh(&["ip", "link", "set", &veth, "master", &br, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    fn netns_down(&mut self) {
+        let br = self.bridge();
+        let quiet = |args: &[&str]| {
+            let _ = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        for i in 0..self.nodes.len() {
+            quiet(&["ip", "netns", "del", &self.ns(i)]);
+        }
+        quiet(&[
+            "iptables", "-D", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT",
+        ]);
+        quiet(&["ip", "link", "del", &br]);
+        self.netns_ready = false;
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| n.cluster.to_string()).collect();
+        let n = &self.nodes[i];
+        std::fs::create_dir_all(&n.data)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .with_context(|| format!("cannot open {}", n.log.display()))?;
+        let mut cmd = match self.opts.net {
+            Net::Loopback => Command::new(&self.opts.warbler),
+            Net::Netns => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &self.ns(i)])
+                    .arg(&self.opts.warbler);
+                c
+            }
+        };
+        cmd.arg("serve")
+            .args(["--node-id", &n.name])
+            .arg("--data-dir")
+            .arg(&n.data)
+            .args(["--client-addr", &n.client.to_string()])
+            .args(["--http-addr", &n.http.to_string()])
+            .args(["--cluster-addr", &n.cluster.to_string()])
+            .args(["--seeds", &seeds.join(",")])
+            .args(["--bootstrap-expect", &self.nodes.len().to_string()])
+            .arg("--jwt-secret-file")
+            .arg(&self.secret)
+            .env("WARBLER_FAULT_INJECTION", "true")
+            .env("WARBLER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.opts.warbler.display()))?;
+        let n = &mut self.nodes[i];
+        n.child = Some(child);
+        n.paused = false;
+        Ok(())
+    }
+
+    /// Whether node `i`'s process runs (paused counts as running).
+    pub fn is_up(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn is_paused(&self, i: usize) -> bool {
+        self.nodes[i].paused
+    }
+
+    /// `kill -9`.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+        self.nodes[i].paused = false;
+    }
+
+    /// SIGTERM, then waits up to 30 s for the node to leave (then `kill -9`).
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            if let Some(pid) = c.id() {
+                signal(pid, "-TERM");
+            }
+            if tokio::time::timeout(Duration::from_secs(30), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+
+    /// Starts node `i` again on its data (after a kill or stop); does not wait for ready.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.is_up(i) {
+            return Ok(());
+        }
+        self.spawn(i)
+    }
+
+    pub fn pause(&mut self, i: usize) {
+        if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
+            signal(pid, "-STOP");
+            self.nodes[i].paused = true;
+        }
+    }
+
+    pub fn resume(&mut self, i: usize) {
+        if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
+            signal(pid, "-CONT");
+        }
+        self.nodes[i].paused = false;
+    }
+
+    /// Waits until node `i` answers `/readyz` with 200.
+    pub async fn wait_ready(&mut self, i: usize, within: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if !self.is_up(i) {
+                bail!(
+                    "node {} exited; its log is {}",
+                    self.nodes[i].name,
+                    self.nodes[i].log.display()
+                );
+            }
+            let last = match self.http(i, "GET", "/readyz", "").await {
+                Ok((200, _)) => return Ok(()),
+                Ok((_, v)) => v.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > within {
+                bail!(
+                    "node {} not ready after {within:?}: {last}; its log is {}",
+                    self.nodes[i].name,
+                    self.nodes[i].log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Severs every link between a node of `a` and a node of `b`.
+    pub async fn cut(&mut self, a: &[usize], b: &[usize]) -> anyhow::Result<()> {
+        for &x in a {
+            for &y in b {
+                if x != y {
+                    self.cuts.insert((x.min(y), x.max(y)));
+                }
+            }
+        }
+        self.apply_cuts().await
+    }
+
+    /// Removes every cut.
+    pub async fn heal(&mut self) -> anyhow::Result<()> {
+        if self.cuts.is_empty() {
+            return Ok(());
+        }
+        self.cuts.clear();
+        self.apply_cuts().await
+    }
+
+    async fn apply_cuts(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            let peers: Vec<usize> = self
+                .cuts
+                .iter()
+                .filter_map(|&(a, b)| {
+                    if a == i {
+                        Some(b)
+                    } else if b == i {
+                        Some(a)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            match self.opts.net {
+                Net::Netns => {
+                    let ns = self.ns(i);
+                    // Rebuild this namespace's blackholes from the cut set.
+                    let _ = sh(&["ip", "-n", &ns, "route", "flush", "type", "blackhole"]);
+                    for p in peers {
+                        let ip = format!("{}/32", self.nodes[p].cluster.ip());
+                        sh(&["ip", "-n", &ns, "route", "add", "blackhole", &ip])?;
+                    }
+                }
+                Net::Loopback => {
+                    let addrs: Vec<String> = peers
+                        .iter()
+                        .map(|p| self.nodes[*p].cluster.to_string())
+                        .collect();
+                    let body = serde_json::json!({ "block": addrs }).to_string();
+                    if self.is_up(i) && !self.is_paused(i) {
+                        let (s, v) = self.http(i, "POST", "/v1/debug/faults", &body).await?;
+                        if s != 200 {
+                            bail!("node {} refused the fault switch: {v}", self.nodes[i].name);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/cluster?user=` from the first node that answers: the index of the node that
+    /// leads `user`'s partition, if one does.
+    pub async fn leader_of(&mut self, user: &str) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if !self.is_up(i) || self.is_paused(i) {
+                continue;
+            }
+            let path = format!("/v1/cluster?user={user}");
+            if let Ok((200, v)) = self.http(i, "GET", &path, "").await {
+                let leader = v["user"]["leader"].as_str()?;
+                return self.nodes.iter().position(|n| n.name == leader);
+            }
+        }
+        None
+    }
+
+    /// A small HTTP/1.1 request to node `i` with an admin token; 2 s timeout.
+    pub async fn http(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        let addr = self.nodes[i].http;
+        let token = auth::token("chaos", "admin");
+        let req = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(body.as_bytes()).await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
+        };
+        let text = tokio::time::timeout(Duration::from_secs(2), req)
+            .await
+            .map_err(|_| anyhow::anyhow!("{addr}: no HTTP answer within 2 s"))??;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("{addr}: not an HTTP answer"))?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let v = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+        Ok((status, v))
+    }
+
+    /// Heals everything: resumes paused nodes, starts stopped ones, removes cuts, and waits
+    /// until every node is ready.
+    pub async fn heal_all(&mut self, within: Duration) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            if self.is_paused(i) {
+                self.resume(i);
+            }
+            self.restart(i)?;
+        }
+        self.heal().await?;
+        for i in 0..self.nodes.len() {
+            self.wait_ready(i, within).await?;
+        }
+        Ok(())
+    }
+
+    /// Kills every node and removes the network namespaces.
+    pub async fn shutdown(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.resume(i);
+            self.kill(i).await;
+        }
+        if self.netns_ready {
+            self.netns_down();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(c) = n.child.as_mut() {
+                if let Some(pid) = c.id() {
+                    signal(pid, "-CONT");
+                }
+                let _ = c.start_kill();
+            }
+        }
+        if self.netns_ready {
+            self.netns_down();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,317 @@
+//! One run of a scenario: start the cluster, run the workload and the nemesis, heal, read
+//! every device's stream to its end, check the history and write the results.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::checker::{check, Check};
+use crate::driver::{Cluster, ClusterOpts, Net};
+use crate::history::{self, Event, Outcome, Recorder};
+use crate::scenario::{Action, Planned, Scenario, Target};
+use crate::workload::{self, HOT_USER};
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOpts {
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub warbler: PathBuf,
+    pub out: PathBuf,
+    pub net: Net,
+    /// `WARBLER_CHAOS_BUG` for every node: a deliberately broken build.
+    pub bug: Option<String>,
+}
+
+/// What `result.json` holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub scenario: String,
+    pub about: String,
+    pub seed: u64,
+    pub net: Net,
+    pub nodes: usize,
+    pub bug: Option<String>,
+    pub duration_s: f64,
+    pub plan: Vec<Planned>,
+    /// Faults that could not be injected (no leader known, and so on).
+    pub skipped: Vec<String>,
+    pub check: Check,
+    pub history: String,
+}
+
+/// Runs one scenario with one seed; writes `history.jsonl` and `result.json` to `out`.
+pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
+    let s = &opts.scenario;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let plan = s.plan(&mut rng);
+    println!(
+        "chaos: scenario {} seed {} ({} nodes, {:?} network, {} s{}); replay with --seed {}",
+        s.name,
+        opts.seed,
+        s.cluster.nodes,
+        opts.net,
+        s.duration_s,
+        opts.bug
+            .as_deref()
+            .map(|b| format!(", deliberate bug {b}"))
+            .unwrap_or_default(),
+        opts.seed
+    );
+    for p in &plan {
+        println!(
+            "  at {:6.1} s  {:?} {} for {} s",
+            p.at_s, p.action, p.target, p.hold_s
+        );
+    }
+    let mut env = vec![
+        (
+            "WARBLER_RAFT_HEARTBEAT_MS".to_string(),
+            s.cluster.raft_heartbeat_ms.to_string(),
+        ),
+        (
+            "WARBLER_RAFT_ELECTION_TIMEOUT_MS".to_string(),
+            s.cluster.raft_election_timeout_ms.to_string(),
+        ),
+    ];
+    if let Some(b) = &opts.bug {
+        env.push(("WARBLER_CHAOS_BUG".into(), b.clone()));
+    }
+    let mut cluster = Cluster::start(ClusterOpts {
+        nodes: s.cluster.nodes,
+        warbler: opts.warbler.clone(),
+        dir: opts.out.join("cluster"),
+        net: opts.net,
+        env,
+    })
+    .await?;
+    let result = drive(&opts, &mut cluster, plan).await;
+    cluster.shutdown().await;
+    result
+}
+
+async fn drive(
+    opts: &RunOpts,
+    cluster: &mut Cluster,
+    plan: Vec<Planned>,
+) -> anyhow::Result<RunResult> {
+    let s = &opts.scenario;
+    let w = &s.workload;
+    let rec = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = Arc::new(cluster.clients());
+    let mut tasks = Vec::new();
+    let publishers = (w.publishers_per_node * cluster.len()) as u32;
+    for k in 0..publishers {
+        tasks.push(tokio::spawn(workload::publisher(
+            k,
+            clients.clone(),
+            w.clone(),
+            opts.seed,
+            rec.clone(),
+            stop.clone(),
+        )));
+    }
+    let devices: Vec<(String, String)> = (0..w.users)
+        .flat_map(|u| (0..w.devices_per_user).map(move |d| (format!("u{u}"), format!("d{d}"))))
+        .collect();
+    for (n, (user, dev)) in devices.iter().enumerate() {
+        tasks.push(tokio::spawn(workload::device(
+            user.clone(),
+            dev.clone(),
+            clients.clone(),
+            w.clone(),
+            opts.seed.wrapping_add(1000 + n as u64),
+            rec.clone(),
+            stop.clone(),
+        )));
+    }
+
+    // The nemesis: one fault at a time, in plan order.
+    let mut skipped = Vec::new();
+    for p in &plan {
+        let wait = p.at_s * 1e3 - rec.now();
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait / 1e3)).await;
+        }
+        if let Err(e) = inject(cluster, p, &rec).await {
+            skipped.push(format!(
+                "{:?} {} at {:.1} s: {e}",
+                p.action, p.target, p.at_s
+            ));
+            println!("  skipped: {}", skipped.last().unwrap());
+        }
+    }
+    let left = s.duration_s * 1e3 - rec.now();
+    if left > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(left / 1e3)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+
+    // Heal, then read every stream to its end.
+    cluster
+        .heal_all(Duration::from_secs(90))
+        .await
+        .context("the cluster did not come back after the faults were healed")?;
+    let upto = stream_ends(&rec.snapshot());
+    let mut drains = Vec::new();
+    for (user, dev) in devices {
+        let end = upto.get(&user).copied().unwrap_or(0);
+        drains.push(tokio::spawn(workload::drain(
+            user,
+            dev,
+            clients.clone(),
+            end,
+            Duration::from_secs(60),
+            rec.clone(),
+        )));
+    }
+    for d in drains {
+        let _ = d.await;
+    }
+    let events = rec.snapshot();
+    let history = opts.out.join("history.jsonl");
+    history::write(&history, &events)?;
+    let result = RunResult {
+        scenario: s.name.clone(),
+        about: s.about.clone(),
+        seed: opts.seed,
+        net: opts.net,
+        nodes: cluster.len(),
+        bug: opts.bug.clone(),
+        duration_s: s.duration_s,
+        plan,
+        skipped,
+        check: check(&events),
+        history: history.display().to_string(),
+    };
+    let path = opts.out.join("result.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
+    Ok(result)
+}
+
+/// Per user, the highest seq acknowledged or delivered: where the final read must reach.
+fn stream_ends(events: &[Event]) -> HashMap<String, u64> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for e in events {
+        let (user, seq) = match e {
+            Event::Publish {
+                user,
+                outcome: Outcome::Ok { seq },
+                ..
+            } => (user, *seq),
+            Event::Deliver { user, seq, .. } => (user, *seq),
+            _ => continue,
+        };
+        let v = out.entry(user.clone()).or_default();
+        *v = (*v).max(seq);
+    }
+    out
+}
+
+/// The nodes a fault hits.
+async fn targets(cluster: &mut Cluster, p: &Planned) -> anyhow::Result<Vec<usize>> {
+    let n = cluster.len();
+    let mut rng = StdRng::seed_from_u64(p.pick);
+    Ok(match &p.target {
+        Target::Random => vec![rng.gen_range(0..n)],
+        Target::HotLeader => {
+            let mut found = None;
+            for _ in 0..50 {
+                found = cluster.leader_of(HOT_USER).await;
+                if found.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            vec![found.ok_or_else(|| {
+                anyhow::anyhow!("no node knows a leader for {HOT_USER}'s partition")
+            })?]
+        }
+        Target::Minority => {
+            let mut all: Vec<usize> = (0..n).collect();
+            all.shuffle(&mut rng);
+            all.truncate(((n - 1) / 2).max(1));
+            all.sort();
+            all
+        }
+        Target::All | Target::Each => (0..n).collect(),
+        Target::Node(i) => vec![*i],
+    })
+}
+
+async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::Result<()> {
+    let ts = targets(cluster, p).await?;
+    let names: Vec<&str> = ts.iter().map(|&i| cluster.name(i)).collect();
+    let detail = format!("{:?} {} ({})", p.action, p.target, names.join(","));
+    let hold = Duration::from_secs_f64(p.hold_s);
+    let ready_within = Duration::from_secs(60);
+    let t = rec.now();
+    match p.action {
+        Action::Kill => {
+            for &i in &ts {
+                cluster.kill(i).await;
+            }
+            tokio::time::sleep(hold).await;
+            for &i in &ts {
+                cluster.restart(i)?;
+            }
+        }
+        Action::Pause => {
+            for &i in &ts {
+                cluster.pause(i);
+            }
+            tokio::time::sleep(hold).await;
+            for &i in &ts {
+                cluster.resume(i);
+            }
+        }
+        Action::Isolate | Action::Partition => {
+            let rest: Vec<usize> = (0..cluster.len()).filter(|i| !ts.contains(i)).collect();
+            if p.action == Action::Isolate {
+                for &i in &ts {
+                    let others: Vec<usize> = (0..cluster.len()).filter(|&j| j != i).collect();
+                    cluster.cut(&[i], &others).await?;
+                }
+            } else {
+                cluster.cut(&ts, &rest).await?;
+            }
+            tokio::time::sleep(hold).await;
+            cluster.heal().await?;
+        }
+        Action::Restart => {
+            for &i in &ts {
+                cluster.stop(i).await;
+                cluster.restart(i)?;
+                cluster.wait_ready(i, ready_within).await?;
+                tokio::time::sleep(hold).await;
+            }
+        }
+    }
+    let end = rec.now();
+    rec.record(Event::Fault {
+        t,
+        end,
+        action: format!("{:?}", p.action).to_lowercase(),
+        targets: ts.clone(),
+        detail,
+    });
+    // The next fault starts on a whole cluster.
+    for &i in &ts {
+        cluster.wait_ready(i, ready_within).await?;
+    }
+    Ok(())
+}

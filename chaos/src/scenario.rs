@@ -1,0 +1,291 @@
+//! Scenarios are data: a TOML file naming the cluster, the workload and a schedule of
+//! faults. `chaos/scenarios/` holds the shipped ones; `docs/chaos.md` documents the format.
+//!
+//! ```toml
+//! name = "kill-random"
+//! about = "kill -9 a random node every 10 s, restart it 3 s later"
+//! duration_s = 60
+//! [cluster]
+//! nodes = 3
+//! [workload]
+//! users = 24
+//! [[fault]]
+//! action = "kill"      # kill | pause | isolate | partition | restart
+//! target = "random"    # random | hot-leader | minority | all | each | node:N
+//! start_s = 5
+//! every_s = 10
+//! hold_s = 3
+//! ```
+
+use std::path::Path;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// A whole scenario file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub about: String,
+    /// Seconds of load with faults; the final read and the check come after.
+    pub duration_s: f64,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<FaultSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_timeout_ms: u64,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 3,
+            raft_heartbeat_ms: 100,
+            raft_election_timeout_ms: 500,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub users: usize,
+    pub devices_per_user: usize,
+    /// Publishers per node (each starts on its node and moves on when it fails).
+    pub publishers_per_node: usize,
+    /// Share of publishes that go to the hot user `u0`.
+    pub hot_share: f64,
+    /// Each publisher's pause between publishes (ms); 0 publishes back to back.
+    pub think_ms: u64,
+    /// Mean seconds a device stays connected before it disconnects on purpose.
+    pub reconnect_mean_s: f64,
+    /// A publish not answered in this long has an unknown outcome and is retried.
+    pub publish_timeout_ms: u64,
+    pub body_bytes: usize,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            users: 24,
+            devices_per_user: 2,
+            publishers_per_node: 2,
+            hot_share: 0.3,
+            think_ms: 5,
+            reconnect_mean_s: 8.0,
+            publish_timeout_ms: 3000,
+            body_bytes: 64,
+        }
+    }
+}
+
+/// What a fault does to its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// `kill -9`; restarted on its data after `hold_s`.
+    Kill,
+    /// SIGSTOP; SIGCONT after `hold_s`.
+    Pause,
+    /// Cut the targets off from every other node (both ways) for `hold_s`.
+    Isolate,
+    /// Split the cluster in two: the targets on one side, the rest on the other.
+    Partition,
+    /// Graceful restart (SIGTERM, wait for exit, start again), one target after another,
+    /// each waiting until the restarted node is ready.
+    Restart,
+}
+
+/// Which nodes a fault hits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Random,
+    /// The leader of the hot user's partition at the moment of the fault.
+    HotLeader,
+    /// A random minority: (nodes - 1) / 2 nodes.
+    Minority,
+    All,
+    /// Every node in turn (for rolling restarts).
+    Each,
+    Node(usize),
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Target::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Target, String> {
+        Ok(match s {
+            "random" => Target::Random,
+            "hot-leader" => Target::HotLeader,
+            "minority" => Target::Minority,
+            "all" => Target::All,
+            "each" => Target::Each,
+            other => match other.strip_prefix("node:").map(str::parse) {
+                Some(Ok(n)) => Target::Node(n),
+                _ => {
+                    return Err(format!(
+                        "target {other:?}: use random, hot-leader, minority, all, each or node:N"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Random => f.write_str("random"),
+            Target::HotLeader => f.write_str("hot-leader"),
+            Target::Minority => f.write_str("minority"),
+            Target::All => f.write_str("all"),
+            Target::Each => f.write_str("each"),
+            Target::Node(n) => write!(f, "node:{n}"),
+        }
+    }
+}
+
+/// One line of the fault schedule.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    pub action: Action,
+    pub target: Target,
+    /// First occurrence, seconds into the run.
+    pub start_s: f64,
+    /// Repeat every this many seconds (until the run's end); once when absent.
+    #[serde(default)]
+    pub every_s: Option<f64>,
+    /// How long the fault lasts before it is healed.
+    #[serde(default = "default_hold")]
+    pub hold_s: f64,
+    /// Each occurrence starts up to this many seconds late, drawn from the seed.
+    #[serde(default)]
+    pub jitter_s: f64,
+}
+
+fn default_hold() -> f64 {
+    3.0
+}
+
+/// One planned fault.
+#[derive(Clone, Debug, Serialize)]
+pub struct Planned {
+    pub at_s: f64,
+    pub action: Action,
+    pub target: Target,
+    pub hold_s: f64,
+    /// The seeded draw that picks random targets.
+    pub pick: u64,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read scenario {}: {e}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "scenario {} is not valid: {e}; see docs/chaos.md for the format",
+                path.display()
+            )
+        })?;
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.duration_s <= 0.0 {
+            return Err("duration_s must be positive".into());
+        }
+        if !(1..=9).contains(&self.cluster.nodes) {
+            return Err(format!(
+                "cluster.nodes = {}: choose 1 to 9",
+                self.cluster.nodes
+            ));
+        }
+        let w = &self.workload;
+        if w.users == 0 || w.devices_per_user == 0 || w.publishers_per_node == 0 {
+            return Err(
+                "workload.users, devices_per_user and publishers_per_node must be at least 1"
+                    .into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&w.hot_share) {
+            return Err(format!(
+                "workload.hot_share = {}: a share between 0 and 1",
+                w.hot_share
+            ));
+        }
+        for f in &self.faults {
+            if let Target::Node(n) = f.target {
+                if n >= self.cluster.nodes {
+                    return Err(format!(
+                        "fault target node:{n}: the cluster has nodes 0 to {}",
+                        self.cluster.nodes - 1
+                    ));
+                }
+            }
+            if f.every_s.is_some_and(|e| e <= 0.0) || f.hold_s < 0.0 || f.start_s < 0.0 {
+                return Err(
+                    "fault start_s, every_s and hold_s must not be negative (every_s positive)"
+                        .into(),
+                );
+            }
+            if f.action == Action::Partition && matches!(f.target, Target::All | Target::Each) {
+                return Err("a partition needs a proper subset of the nodes as its target".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The concrete schedule for one seed, sorted by time. Faults whose heal would fall
+    /// after the run's end are left out.
+    pub fn plan(&self, rng: &mut impl Rng) -> Vec<Planned> {
+        let mut out = Vec::new();
+        for f in &self.faults {
+            let mut at = f.start_s;
+            loop {
+                let start = at + rng.gen_range(0.0..=f.jitter_s.max(0.0));
+                if start + f.hold_s > self.duration_s {
+                    break;
+                }
+                out.push(Planned {
+                    at_s: start,
+                    action: f.action,
+                    target: f.target.clone(),
+                    hold_s: f.hold_s,
+                    pick: rng.gen(),
+                });
+                match f.every_s {
+                    Some(e) => at += e,
+                    None => break,
+                }
+            }
+        }
+        out.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        out
+    }
+}

@@ -1,0 +1,321 @@
+//! The workload: publishers on every node that retry each message with the same id until it
+//! is acknowledged, and devices that connect to random nodes, ack what they get, and
+//! disconnect at random. Everything goes into the [`Recorder`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use warbler_client::{ClientError, ConnectOptions, Connection};
+
+use crate::auth::token;
+use crate::history::{Event, Outcome, Recorder};
+use crate::scenario::Workload;
+
+/// The user most publishes go to; `hot-leader` faults target its partition's leader.
+pub const HOT_USER: &str = "u0";
+
+/// Error codes after which the server has certainly stored nothing.
+const DEFINITE: [&str; 5] = [
+    "bad_request",
+    "forbidden",
+    "body_too_large",
+    "unauthorized",
+    "frame_too_large",
+];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The body every publisher sends: the id, padded to `len` bytes with dots.
+pub fn body_for(id: &str, len: usize) -> Vec<u8> {
+    let mut b = id.as_bytes().to_vec();
+    if b.len() < len {
+        b.resize(len, b'.');
+    }
+    b
+}
+
+fn body_matches(id: &str, body: &[u8]) -> bool {
+    body.starts_with(id.as_bytes()) && body[id.len()..].iter().all(|&c| c == b'.')
+}
+
+async fn connect(addr: &str, user: &str, scope: &str, device: &str) -> Option<Connection> {
+    let opts = ConnectOptions::new(addr, token(user, scope), device);
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(opts)).await {
+        Ok(Ok(c)) => Some(c),
+        _ => None,
+    }
+}
+
+/// Publisher `k`: starts on node `k % nodes`, moves to the next node when its node fails.
+pub async fn publisher(
+    k: u32,
+    clients: Arc<Vec<String>>,
+    w: Workload,
+    seed: u64,
+    rec: Recorder,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ (0x9e37_79b9 * u64::from(k + 1)));
+    let mut node = k as usize % clients.len();
+    let mut conn: Option<Connection> = None;
+    let mut n = 0u64;
+    'ids: while !stop.load(Ordering::Relaxed) {
+        let user = if w.users == 1 || rng.gen_bool(w.hot_share) {
+            HOT_USER.to_string()
+        } else {
+            format!("u{}", rng.gen_range(1..w.users))
+        };
+        let id = format!("p{k}-{n}");
+        n += 1;
+        let body = body_for(&id, w.body_bytes);
+        let mut attempt = 0;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break 'ids;
+            }
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match connect(
+                    &clients[node],
+                    "chaos-backend",
+                    "publish",
+                    &format!("pub{k}"),
+                )
+                .await
+                {
+                    Some(c) => conn.insert(c),
+                    None => {
+                        node = (node + 1) % clients.len();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            attempt += 1;
+            let t = rec.now();
+            let answer = tokio::time::timeout(
+                Duration::from_millis(w.publish_timeout_ms),
+                c.publish_wait(&id, &user, &body),
+            )
+            .await;
+            let (outcome, retry, drop_conn) = match answer {
+                Ok(Ok(seq)) => (Outcome::Ok { seq }, false, false),
+                Ok(Err(ClientError::Server { code, .. })) if DEFINITE.contains(&code.as_str()) => {
+                    (Outcome::Failed { code }, false, false)
+                }
+                Ok(Err(ClientError::Server { code, .. })) => {
+                    (Outcome::Unknown { why: code }, true, false)
+                }
+                Ok(Err(e)) => (Outcome::Unknown { why: e.to_string() }, true, true),
+                Err(_) => (
+                    Outcome::Unknown {
+                        why: "timeout".into(),
+                    },
+                    true,
+                    true,
+                ),
+            };
+            rec.record(Event::Publish {
+                t,
+                end: rec.now(),
+                publisher: k,
+                node,
+                user: user.clone(),
+                id: id.clone(),
+                attempt,
+                outcome,
+            });
+            if drop_conn {
+                conn = None;
+                node = (node + 1) % clients.len();
+            }
+            if !retry {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if w.think_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(w.think_ms)).await;
+        }
+    }
+}
+
+/// What a device session ended with.
+enum SessionEnd {
+    Stop,
+    Reached,
+    Lost(String),
+    Planned,
+}
+
+/// Reads from `conn` (recording every delivery and acking it) until `stop`, until the
+/// session's `lifetime` ends, until it reached `upto`, or until the connection fails.
+async fn session(
+    conn: &mut Connection,
+    device: &str,
+    user: &str,
+    rec: &Recorder,
+    stop: &AtomicBool,
+    lifetime: Duration,
+    upto: Option<u64>,
+    reached: &mut u64,
+) -> SessionEnd {
+    let until = tokio::time::Instant::now() + lifetime;
+    loop {
+        if upto.is_some_and(|u| *reached >= u) {
+            return SessionEnd::Reached;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return SessionEnd::Stop;
+        }
+        if tokio::time::Instant::now() >= until {
+            return SessionEnd::Planned;
+        }
+        let m = match tokio::time::timeout(Duration::from_millis(250), conn.recv_msg()).await {
+            Err(_) => continue,
+            Ok(Err(e)) => return SessionEnd::Lost(e.to_string()),
+            Ok(Ok(m)) => m,
+        };
+        rec.record(Event::Deliver {
+            t: rec.now(),
+            device: device.to_string(),
+            user: user.to_string(),
+            seq: m.seq,
+            body_ok: body_matches(&m.id, &m.body),
+            id: m.id,
+        });
+        *reached = (*reached).max(m.seq);
+        if let Err(e) = conn.ack(m.seq).await {
+            return SessionEnd::Lost(e.to_string());
+        }
+    }
+}
+
+/// A device of `user` during the run: connects to a random node, stays for a random time
+/// (exponential, mean `reconnect_mean_s`), disconnects and connects again.
+pub async fn device(
+    user: String,
+    device: String,
+    clients: Arc<Vec<String>>,
+    w: Workload,
+    seed: u64,
+    rec: Recorder,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = format!("{user}/{device}");
+    let mut reached = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let node = rng.gen_range(0..clients.len());
+        let Some(mut conn) = connect(&clients[node], &user, "device", &device).await else {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(50..300))).await;
+            continue;
+        };
+        rec.record(Event::Connect {
+            t: rec.now(),
+            device: name.clone(),
+            user: user.clone(),
+            node,
+            cursor: conn.acked,
+        });
+        let u: f64 = rng.gen_range(1e-6..1.0);
+        let lifetime = Duration::from_secs_f64(-u.ln() * w.reconnect_mean_s);
+        let why = match session(
+            &mut conn,
+            &name,
+            &user,
+            &rec,
+            &stop,
+            lifetime,
+            None,
+            &mut reached,
+        )
+        .await
+        {
+            SessionEnd::Lost(e) => e,
+            SessionEnd::Planned => "planned".into(),
+            SessionEnd::Stop | SessionEnd::Reached => "stop".into(),
+        };
+        drop(conn);
+        rec.record(Event::Disconnect {
+            t: rec.now(),
+            device: name.clone(),
+            why,
+        });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
+    }
+}
+
+/// The final read, after every fault is healed: the device connects (to any node that
+/// takes it) and reads until it has seq `upto`, or gives up after `within`.
+pub async fn drain(
+    user: String,
+    device: String,
+    clients: Arc<Vec<String>>,
+    upto: u64,
+    within: Duration,
+    rec: Recorder,
+) {
+    let name = format!("{user}/{device}");
+    let deadline = tokio::time::Instant::now() + within;
+    let never = AtomicBool::new(false);
+    let mut reached = 0;
+    let mut node = 0;
+    while tokio::time::Instant::now() < deadline {
+        let Some(mut conn) =
+            connect(&clients[node % clients.len()], &user, "device", &device).await
+        else {
+            node += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        rec.record(Event::Connect {
+            t: rec.now(),
+            device: name.clone(),
+            user: user.clone(),
+            node: node % clients.len(),
+            cursor: conn.acked,
+        });
+        reached = reached.max(conn.acked);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let end = session(
+            &mut conn,
+            &name,
+            &user,
+            &rec,
+            &never,
+            left,
+            Some(upto),
+            &mut reached,
+        )
+        .await;
+        let why = match end {
+            SessionEnd::Reached => {
+                rec.record(Event::Disconnect {
+                    t: rec.now(),
+                    device: name.clone(),
+                    why: "drained".into(),
+                });
+                break;
+            }
+            SessionEnd::Lost(e) => e,
+            SessionEnd::Planned | SessionEnd::Stop => "final read timed out".into(),
+        };
+        rec.record(Event::Disconnect {
+            t: rec.now(),
+            device: name.clone(),
+            why,
+        });
+        node += 1;
+    }
+    rec.record(Event::Drained {
+        t: rec.now(),
+        device: name,
+        user,
+        upto,
+        reached,
+    });
+}
