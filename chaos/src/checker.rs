@@ -331,7 +331,7 @@ pub fn check(events: &[Event]) -> Check {
     for (user, mut acked) in acked_by_user {
         // Descending seq; the earliest acknowledgement among higher seqs must not precede
         // this id's first send.
-        acked.sort_by(|a, b| b.0.cmp(&a.0));
+        acked.sort_by_key(|a| std::cmp::Reverse(a.0));
         let mut min_ack_above = f64::INFINITY;
         for (seq, start, ack) in acked {
             if min_ack_above < start {

@@ -1,6 +1,6 @@
 //! Cluster drivers: real `warbler serve` processes on this machine.
 //!
-//! Two networks:
+//! Three ways to run them:
 //! - [`Net::Netns`] (root, iproute2): every node in its own network namespace with a veth
 //!   link to one bridge, at its own address (10.77.T.10+i). Cuts are blackhole routes in
 //!   both namespaces, so a cut drops packets the way a broken network does: peer TCP and
@@ -8,6 +8,11 @@
 //! - [`Net::Loopback`] (anywhere): nodes on 127.0.0.1 with their own ports; cuts go through
 //!   the nodes' fault-injecting transport (`POST /v1/debug/faults`), which drops peer and
 //!   gossip traffic to the blocked addresses.
+//! - [`Net::Docker`] (a Docker engine and the `warbler:latest` image): one container per
+//!   node on a network of its own; kill is `docker kill`, pause `docker pause`, restart
+//!   `docker start` (same data volume, same address); cuts are blackhole routes entered into
+//!   the container's network namespace (`nsenter`), so they can be partial, which
+//!   `docker network disconnect` cannot.
 //!
 //! Each node can be killed (`kill -9`), paused (SIGSTOP/SIGCONT), stopped gracefully
 //! (SIGTERM), restarted on its data, and cut off from any set of the others.
@@ -32,6 +37,9 @@ use crate::auth;
 pub enum Net {
     Loopback,
     Netns,
+    /// Containers of the project's image (`warbler:latest`, scripts/docker-image.sh) on a
+    /// Docker network of their own.
+    Docker,
 }
 
 impl Net {
@@ -61,7 +69,8 @@ impl Net {
             "auto" => Ok(Net::auto()),
             "loopback" => Ok(Net::Loopback),
             "netns" => Ok(Net::Netns),
-            other => bail!("--net {other:?}: use auto, loopback or netns"),
+            "docker" => Ok(Net::Docker),
+            other => bail!("--net {other:?}: use auto, loopback, netns or docker"),
         }
     }
 }
@@ -86,6 +95,8 @@ struct NodeProc {
     cluster: SocketAddr,
     child: Option<Child>,
     paused: bool,
+    /// Docker: the container exists (started once).
+    created: bool,
 }
 
 /// A running cluster and the faults currently applied to it.
@@ -96,7 +107,7 @@ pub struct Cluster {
     nodes: Vec<NodeProc>,
     /// Pairs of nodes that cannot reach each other (a < b).
     cuts: BTreeSet<(usize, usize)>,
-    netns_ready: bool,
+    network_ready: bool,
 }
 
 static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
@@ -145,8 +156,9 @@ impl Cluster {
                         let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
                         (a(free_port()), a(free_port()), a(free_port()))
                     }
-                    Net::Netns => {
-                        let ip = std::net::Ipv4Addr::new(10, 77, tag as u8, 10 + i as u8);
+                    Net::Netns | Net::Docker => {
+                        let net = if opts.net == Net::Netns { 77 } else { 78 };
+                        let ip = std::net::Ipv4Addr::new(10, net, tag as u8, 10 + i as u8);
                         (
                             SocketAddr::from((ip, 7400)),
                             SocketAddr::from((ip, 7480)),
@@ -164,6 +176,7 @@ impl Cluster {
                     cluster,
                     child: None,
                     paused: false,
+                    created: false,
                 }
             })
             .collect();
@@ -173,12 +186,16 @@ impl Cluster {
             tag,
             nodes,
             cuts: BTreeSet::new(),
-            netns_ready: false,
+            network_ready: false,
         };
-        if c.opts.net == Net::Netns {
-            c.netns_up().context(
+        match c.opts.net {
+            Net::Netns => c.netns_up().context(
                 "cannot set up network namespaces (needs root and iproute2); run with --net loopback",
-            )?;
+            )?,
+            Net::Docker => c.docker_up().context(
+                "cannot set up the Docker network (needs a Docker engine and the warbler:latest image from scripts/docker-image.sh); run with --net netns or loopback",
+            )?,
+            Net::Loopback => {}
         }
         for i in 0..c.nodes.len() {
             c.spawn(i)?;
@@ -214,6 +231,81 @@ impl Cluster {
         format!("wchaos{}-{i}", self.tag)
     }
 
+    fn container(&self, i: usize) -> String {
+        format!("wchaos{}-n{i}", self.tag)
+    }
+
+    fn docker_net(&self) -> String {
+        format!("wchaos{}", self.tag)
+    }
+
+    fn docker_up(&mut self) -> anyhow::Result<()> {
+        self.docker_down();
+        sh(&["docker", "image", "inspect", DOCKER_IMAGE])?;
+        sh(&[
+            "docker",
+            "network",
+            "create",
+            "--subnet",
+            &format!("10.78.{}.0/24", self.tag),
+            &self.docker_net(),
+        ])?;
+        self.network_ready = true;
+        Ok(())
+    }
+
+    fn docker_down(&mut self) {
+        for i in 0..self.nodes.len() {
+            let name = self.container(i);
+            // Keep the node's log beside its data.
+            if let Ok(out) = std::process::Command::new("docker")
+                .args(["logs", &name])
+                .output()
+            {
+                let mut log = out.stdout;
+                log.extend_from_slice(&out.stderr);
+                if !log.is_empty() {
+                    let _ = std::fs::write(&self.nodes[i].log, log);
+                }
+            }
+            quiet(&["docker", "rm", "-f", &name]);
+        }
+        quiet(&["docker", "network", "rm", &self.docker_net()]);
+        self.network_ready = false;
+    }
+
+    /// The pid of node `i`'s container (its network namespace is /proc/PID/ns/net).
+    fn container_pid(&self, i: usize) -> anyhow::Result<String> {
+        let out = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Pid}}", &self.container(i)])
+            .output()?;
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        anyhow::ensure!(
+            out.status.success() && pid != "0" && !pid.is_empty(),
+            "container {} is not running",
+            self.container(i)
+        );
+        Ok(pid)
+    }
+
+    /// `ip ARGS` inside node `i`'s network namespace.
+    fn ip_in(&self, i: usize, args: &[&str]) -> anyhow::Result<()> {
+        match self.opts.net {
+            Net::Docker => {
+                let pid = self.container_pid(i)?;
+                let mut v = vec!["nsenter", "-t", &pid, "-n", "ip"];
+                v.extend_from_slice(args);
+                sh(&v)
+            }
+            _ => {
+                let ns = self.ns(i);
+                let mut v = vec!["ip", "-n", &ns];
+                v.extend_from_slice(args);
+                sh(&v)
+            }
+        }
+    }
+
     fn bridge(&self) -> String {
         format!("wchbr{}", self.tag)
     }
@@ -223,7 +315,7 @@ impl Cluster {
         let br = self.bridge();
         let gw = format!("10.77.{}.1", self.tag);
         sh(&["ip", "link", "add", &br, "type", "bridge"])?;
-        self.netns_ready = true;
+        self.network_ready = true;
         sh(&["ip", "addr", "add", &format!("{gw}/24"), "dev", &br])?;
         sh(&["ip", "link", "set", &br, "up"])?;
         // Where bridged traffic passes iptables (br_netfilter, as with Docker's FORWARD
@@ -260,13 +352,6 @@ impl Cluster {
 
     fn netns_down(&mut self) {
         let br = self.bridge();
-        let quiet = |args: &[&str]| {
-            let _ = std::process::Command::new(args[0])
-                .args(&args[1..])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        };
         for i in 0..self.nodes.len() {
             quiet(&["ip", "netns", "del", &self.ns(i)]);
         }
@@ -274,10 +359,13 @@ impl Cluster {
             "iptables", "-D", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT",
         ]);
         quiet(&["ip", "link", "del", &br]);
-        self.netns_ready = false;
+        self.network_ready = false;
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.opts.net == Net::Docker {
+            return self.docker_spawn(i);
+        }
         let seeds: Vec<String> = self.nodes.iter().map(|n| n.cluster.to_string()).collect();
         let n = &self.nodes[i];
         std::fs::create_dir_all(&n.data)?;
@@ -287,13 +375,13 @@ impl Cluster {
             .open(&n.log)
             .with_context(|| format!("cannot open {}", n.log.display()))?;
         let mut cmd = match self.opts.net {
-            Net::Loopback => Command::new(&self.opts.warbler),
             Net::Netns => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", &self.ns(i)])
                     .arg(&self.opts.warbler);
                 c
             }
+            _ => Command::new(&self.opts.warbler),
         };
         cmd.arg("serve")
             .args(["--node-id", &n.name])
@@ -306,13 +394,11 @@ impl Cluster {
             .args(["--bootstrap-expect", &self.nodes.len().to_string()])
             .arg("--jwt-secret-file")
             .arg(&self.secret)
-            .env("WARBLER_FAULT_INJECTION", "true")
-            .env("WARBLER_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        for (k, v) in &self.opts.env {
+        for (k, v) in self.node_env() {
             cmd.env(k, v);
         }
         let child = cmd
@@ -324,8 +410,89 @@ impl Cluster {
         Ok(())
     }
 
+    fn node_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("WARBLER_FAULT_INJECTION".to_string(), "true".to_string()),
+            ("WARBLER_LOG".to_string(), "warn".to_string()),
+        ];
+        env.extend(self.opts.env.iter().cloned());
+        env
+    }
+
+    /// `docker run` the first time, `docker start` (same volume, same address) after.
+    fn docker_spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let name = self.container(i);
+        if self.nodes[i].created {
+            sh(&["docker", "start", &name])?;
+        } else {
+            let seeds: Vec<String> = self.nodes.iter().map(|n| n.cluster.to_string()).collect();
+            let n = &self.nodes[i];
+            std::fs::create_dir_all(&n.data)?;
+            let mut args: Vec<String> = [
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                &self.docker_net(),
+                "--ip",
+                &n.client.ip().to_string(),
+                "--user",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.push("-v".into());
+            args.push(format!("{}:/data", n.data.display()));
+            args.push("-v".into());
+            args.push(format!("{}:/secret:ro", self.secret.display()));
+            for (k, v) in self.node_env() {
+                args.push("-e".into());
+                args.push(format!("{k}={v}"));
+            }
+            args.push(DOCKER_IMAGE.into());
+            for a in [
+                "serve",
+                "--node-id",
+                &n.name,
+                "--data-dir",
+                "/data",
+                "--client-addr",
+                &n.client.to_string(),
+                "--http-addr",
+                &n.http.to_string(),
+                "--cluster-addr",
+                &n.cluster.to_string(),
+                "--seeds",
+                &seeds.join(","),
+                "--bootstrap-expect",
+                &self.nodes.len().to_string(),
+                "--jwt-secret-file",
+                "/secret",
+            ] {
+                args.push(a.to_string());
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            sh(&refs)?;
+            self.nodes[i].created = true;
+        }
+        self.nodes[i].paused = false;
+        Ok(())
+    }
+
     /// Whether node `i`'s process runs (paused counts as running).
     pub fn is_up(&mut self, i: usize) -> bool {
+        if self.opts.net == Net::Docker {
+            if !self.nodes[i].created {
+                return false;
+            }
+            return std::process::Command::new("docker")
+                .args(["inspect", "-f", "{{.State.Running}}", &self.container(i)])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "true");
+        }
         match self.nodes[i].child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
@@ -338,7 +505,12 @@ impl Cluster {
 
     /// `kill -9`.
     pub async fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
+        if self.opts.net == Net::Docker {
+            if self.is_paused(i) {
+                quiet(&["docker", "unpause", &self.container(i)]);
+            }
+            quiet(&["docker", "kill", &self.container(i)]);
+        } else if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.start_kill();
             let _ = c.wait().await;
         }
@@ -347,6 +519,10 @@ impl Cluster {
 
     /// SIGTERM, then waits up to 30 s for the node to leave (then `kill -9`).
     pub async fn stop(&mut self, i: usize) {
+        if self.opts.net == Net::Docker {
+            quiet(&["docker", "stop", "-t", "30", &self.container(i)]);
+            return;
+        }
         if let Some(mut c) = self.nodes[i].child.take() {
             if let Some(pid) = c.id() {
                 signal(pid, "-TERM");
@@ -370,14 +546,21 @@ impl Cluster {
     }
 
     pub fn pause(&mut self, i: usize) {
-        if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
+        if self.opts.net == Net::Docker {
+            quiet(&["docker", "pause", &self.container(i)]);
+            self.nodes[i].paused = true;
+        } else if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
             signal(pid, "-STOP");
             self.nodes[i].paused = true;
         }
     }
 
     pub fn resume(&mut self, i: usize) {
-        if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
+        if self.opts.net == Net::Docker {
+            if self.nodes[i].paused {
+                quiet(&["docker", "unpause", &self.container(i)]);
+            }
+        } else if let Some(pid) = self.nodes[i].child.as_ref().and_then(Child::id) {
             signal(pid, "-CONT");
         }
         self.nodes[i].paused = false;
@@ -447,13 +630,15 @@ impl Cluster {
                 })
                 .collect();
             match self.opts.net {
-                Net::Netns => {
-                    let ns = self.ns(i);
+                Net::Netns | Net::Docker => {
+                    if !self.is_up(i) {
+                        continue;
+                    }
                     // Rebuild this namespace's blackholes from the cut set.
-                    let _ = sh(&["ip", "-n", &ns, "route", "flush", "type", "blackhole"]);
+                    let _ = self.ip_in(i, &["route", "flush", "type", "blackhole"]);
                     for p in peers {
                         let ip = format!("{}/32", self.nodes[p].cluster.ip());
-                        sh(&["ip", "-n", &ns, "route", "add", "blackhole", &ip])?;
+                        self.ip_in(i, &["route", "add", "blackhole", &ip])?;
                     }
                 }
                 Net::Loopback => {
@@ -547,8 +732,15 @@ impl Cluster {
             self.resume(i);
             self.kill(i).await;
         }
-        if self.netns_ready {
-            self.netns_down();
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.network_ready {
+            match self.opts.net {
+                Net::Docker => self.docker_down(),
+                _ => self.netns_down(),
+            }
         }
     }
 }
@@ -563,10 +755,20 @@ impl Drop for Cluster {
                 let _ = c.start_kill();
             }
         }
-        if self.netns_ready {
-            self.netns_down();
-        }
+        self.teardown();
     }
+}
+
+/// The image the Docker driver runs (scripts/docker-image.sh builds it).
+pub const DOCKER_IMAGE: &str = "warbler:latest";
+
+/// Runs a command, ignoring how it ends.
+fn quiet(args: &[&str]) {
+    let _ = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn signal(pid: u32, sig: &str) {

@@ -153,11 +153,16 @@ enum SessionEnd {
 
 /// Reads from `conn` (recording every delivery and acking it) until `stop`, until the
 /// session's `lifetime` ends, until it reached `upto`, or until the connection fails.
+/// Who reads, and where deliveries are recorded.
+struct Reader<'a> {
+    device: &'a str,
+    user: &'a str,
+    rec: &'a Recorder,
+}
+
 async fn session(
     conn: &mut Connection,
-    device: &str,
-    user: &str,
-    rec: &Recorder,
+    r: &Reader<'_>,
     stop: &AtomicBool,
     lifetime: Duration,
     upto: Option<u64>,
@@ -179,10 +184,10 @@ async fn session(
             Ok(Err(e)) => return SessionEnd::Lost(e.to_string()),
             Ok(Ok(m)) => m,
         };
-        rec.record(Event::Deliver {
-            t: rec.now(),
-            device: device.to_string(),
-            user: user.to_string(),
+        r.rec.record(Event::Deliver {
+            t: r.rec.now(),
+            device: r.device.to_string(),
+            user: r.user.to_string(),
             seq: m.seq,
             body_ok: body_matches(&m.id, &m.body),
             id: m.id,
@@ -223,18 +228,12 @@ pub async fn device(
         });
         let u: f64 = rng.gen_range(1e-6..1.0);
         let lifetime = Duration::from_secs_f64(-u.ln() * w.reconnect_mean_s);
-        let why = match session(
-            &mut conn,
-            &name,
-            &user,
-            &rec,
-            &stop,
-            lifetime,
-            None,
-            &mut reached,
-        )
-        .await
-        {
+        let reader = Reader {
+            device: &name,
+            user: &user,
+            rec: &rec,
+        };
+        let why = match session(&mut conn, &reader, &stop, lifetime, None, &mut reached).await {
             SessionEnd::Lost(e) => e,
             SessionEnd::Planned => "planned".into(),
             SessionEnd::Stop | SessionEnd::Reached => "stop".into(),
@@ -281,17 +280,12 @@ pub async fn drain(
         });
         reached = reached.max(conn.acked);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let end = session(
-            &mut conn,
-            &name,
-            &user,
-            &rec,
-            &never,
-            left,
-            Some(upto),
-            &mut reached,
-        )
-        .await;
+        let reader = Reader {
+            device: &name,
+            user: &user,
+            rec: &rec,
+        };
+        let end = session(&mut conn, &reader, &never, left, Some(upto), &mut reached).await;
         let why = match end {
             SessionEnd::Reached => {
                 rec.record(Event::Disconnect {

@@ -53,6 +53,28 @@ enum Cmd {
     Check { history: PathBuf },
 }
 
+/// The plotting script, written beside each run's results.
+const PLOT: &str = include_str!("../../plot.py");
+
+/// Plots a run's timeline to `timeline.png` with Python's matplotlib, when it is there.
+fn plot(dir: &std::path::Path) {
+    let script = dir.join("plot.py");
+    let png = dir.join("timeline.png");
+    let ok = std::fs::write(&script, PLOT).is_ok()
+        && std::process::Command::new("python3")
+            .arg(&script)
+            .arg(dir.join("result.json"))
+            .arg(&png)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if ok {
+        println!("  plot: {}", png.display());
+    } else {
+        println!("  no plot: it needs python3 with matplotlib (python3 -m pip install matplotlib)");
+    }
+}
+
 fn default_warbler() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let beside = me.with_file_name("warbler");
@@ -125,6 +147,7 @@ async fn main2() -> anyhow::Result<bool> {
                     .await?;
                     print!("{}", report::summary(&res.check));
                     println!("  results: {}", dir.join("result.json").display());
+                    plot(&dir);
                     all_valid &= res.check.valid;
                     results.push(dir.join("result.json").display().to_string());
                 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The full chaos matrix: every scenario in chaos/scenarios (but the CI one) RUNS times with
+# consecutive seeds, plus two deliberately broken builds; writes the results section of
+# docs/chaos.md and its plots. About 40 minutes with the defaults.
+#
+#   RUNS=5 SEED=<first seed> DURATION=<override seconds> OUT=/tmp/warbler-chaos-matrix
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/prereqs.sh
+RUNS="${RUNS:-5}"
+SEED="${SEED:-$(( $(date +%s) % 100000 ))}"
+OUT="${OUT:-/tmp/warbler-chaos-matrix}"
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+cargo build --release --bin warbler --bin warbler-chaos
+chaos="$CARGO_TARGET_DIR/release/warbler-chaos"
+rm -rf "$OUT" && mkdir -p "$OUT"
+start=$(date +%s)
+extra=()
+if [ -n "${DURATION:-}" ]; then extra=(--duration "$DURATION"); fi
+echo "chaos matrix: $RUNS runs per scenario from seed $SEED; results in $OUT" >&2
+scenarios=()
+for s in chaos/scenarios/*.toml; do
+    [ "$(basename "$s")" = ci-short.toml ] || scenarios+=("$s")
+done
+# An invalid run exits 1; the report shows it, so go on.
+"$chaos" run "${scenarios[@]}" --runs "$RUNS" --seed "$SEED" --out "$OUT/matrix" "${extra[@]}" || true
+# Deliberately broken builds: each must be caught.
+"$chaos" run chaos/scenarios/kill-hot-leader.toml --bug ack-before-commit --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
+"$chaos" run chaos/scenarios/ci-short.toml --bug skip-seq --seed "$SEED" --out "$OUT/bugs" || true
+took=$(( $(date +%s) - start ))
+printf '{"command": "make chaos", "date": "%s", "took": "%d min %d s"}\n' \
+    "$(date -u +%Y-%m-%d)" $((took / 60)) $((took % 60)) > "$OUT/info.json"
+python3 chaos/report.py "$OUT" docs/chaos.md docs/img
