@@ -1,5 +1,5 @@
 # Shortcuts; each target is one documented script.
-.PHONY: test bench bench-quick dev
+.PHONY: test bench bench-quick chaos dev
 
 test:          ## the whole test suite (what CI runs)
 	bash scripts/test.sh
@@ -9,6 +9,9 @@ bench:         ## Warbler vs NATS JetStream and Mosquitto, idle memory, reconnec
 
 bench-quick:   ## the same at a small size (a few minutes), to try the harness
 	USERS=200 DURATION=5 IDLE=2000 STORM=500 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
+
+chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about 40 min)
+	bash scripts/chaos.sh
 
 dev:           ## a local 3-node cluster
 	cargo run --release -- dev --nodes 3

@@ -416,9 +416,25 @@ async fn devices(
     Ok(Json(json!({"user": user, "devices": devices})).into_response())
 }
 
-async fn cluster(State(state): State<AppState>) -> Json<Value> {
+#[derive(serde::Deserialize)]
+struct ClusterQuery {
+    /// Also say where this user's partition lives.
+    user: Option<String>,
+}
+
+async fn cluster(State(state): State<AppState>, Query(q): Query<ClusterQuery>) -> Json<Value> {
     let mut status = state.view.status();
     status["mailboxes_active"] = json!(state.gw.mailboxes.active_count().await);
+    if let Some(user) = q.user {
+        let partition = warbler_cluster::partition_of(&user, crate::node::PARTITIONS);
+        let place = &status["partitions"][partition as usize];
+        status["user"] = json!({
+            "user": user,
+            "partition": partition,
+            "leader": place["leader"],
+            "replicas": place["replicas"],
+        });
+    }
     Json(status)
 }
 

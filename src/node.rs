@@ -29,6 +29,20 @@ pub async fn run(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Ok(name) = std::env::var("WARBLER_CHAOS_BUG") {
+        let bug = warbler_actors::bugs::Bug::parse(&name).map_err(anyhow::Error::msg)?;
+        if bug != warbler_actors::bugs::Bug::None {
+            anyhow::ensure!(
+                config.cluster.fault_injection,
+                "WARBLER_CHAOS_BUG={name} breaks this node on purpose and is for the chaos harness only; it needs cluster.fault_injection = true (WARBLER_FAULT_INJECTION=true), or unset WARBLER_CHAOS_BUG"
+            );
+            tracing::error!(
+                ?bug,
+                "WARBLER_CHAOS_BUG: this node breaks an invariant on purpose"
+            );
+            warbler_actors::bugs::set(bug);
+        }
+    }
     let store = Store::open(&config.data_dir.join("db"))?;
     let s = &config.storage;
     if !s.sync {

@@ -13,7 +13,9 @@
 //! - [`route`]: in a cluster, requests for users whose partition another node leads go
 //!   there: publishes are forwarded, sessions subscribe through a stand-in on the leader.
 //! - [`error`]: the [`MailboxError`] type.
+//! - [`bugs`]: deliberate bugs the chaos harness must catch (testing only).
 
+pub mod bugs;
 pub mod error;
 pub mod mailbox;
 pub mod registry;

@@ -319,13 +319,13 @@ impl MailboxState {
         }
         self.assigned = seq;
         self.pending_ids.insert(id, seq);
-        self.pending.insert(
-            seq,
-            Pending {
-                msg,
-                waiters: vec![reply],
-            },
-        );
+        let waiters = if crate::bugs::on(crate::bugs::Bug::AckBeforeCommit) {
+            let _ = reply.send(Ok(seq));
+            Vec::new()
+        } else {
+            vec![reply]
+        };
+        self.pending.insert(seq, Pending { msg, waiters });
         Ok(())
     }
 
@@ -454,12 +454,15 @@ impl MailboxState {
             return Ok(());
         }
         let (from, count) = (sub.sent, (upto - sub.sent) as usize);
-        let batch = self.read_committed(from, count)?;
+        let mut batch = self.read_committed(from, count)?;
         let Some(&(last, _)) = batch.last() else {
             return Ok(());
         };
         let sub = self.subs.get_mut(device).expect("checked above");
         sub.sent = last;
+        if crate::bugs::on(crate::bugs::Bug::SkipSeq) {
+            batch.retain(|(seq, _)| seq % crate::bugs::SKIP_EVERY != 0);
+        }
         metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
         if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
             self.subs.remove(device);

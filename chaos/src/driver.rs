@@ -43,21 +43,20 @@ pub enum Net {
 }
 
 impl Net {
-    /// Network namespaces when this process may make them (root and `ip`), else loopback.
+    /// Network namespaces when this process can make them (root and iproute2), else
+    /// loopback.
     pub fn auto() -> Net {
-        let root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let ip = std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if root && ip {
+        let probe = format!("wchaos-probe-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ok(&["netns", "add", &probe]) {
+            ok(&["netns", "del", &probe]);
             Net::Netns
         } else {
             Net::Loopback

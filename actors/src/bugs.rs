@@ -1,0 +1,65 @@
+//! Deliberate bugs, for showing that the chaos harness catches a broken build.
+//!
+//! A node turns one on only when started with `cluster.fault_injection = true` and
+//! `WARBLER_CHAOS_BUG` set (see `docs/chaos.md`). Production nodes never read it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which invariant the node breaks on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// Behave correctly.
+    None = 0,
+    /// Answer `published` as soon as the append is proposed, before it is committed on a
+    /// majority: a leader killed at the wrong moment loses acknowledged messages, and its
+    /// successor hands their seqs to other ids.
+    AckBeforeCommit = 1,
+    /// Sessions never receive seqs that are multiples of 50: every device sees gaps.
+    SkipSeq = 2,
+}
+
+static ACTIVE: AtomicU8 = AtomicU8::new(Bug::None as u8);
+
+impl Bug {
+    /// Parses the value of `WARBLER_CHAOS_BUG`.
+    pub fn parse(name: &str) -> Result<Bug, String> {
+        match name {
+            "" | "none" => Ok(Bug::None),
+            "ack-before-commit" => Ok(Bug::AckBeforeCommit),
+            "skip-seq" => Ok(Bug::SkipSeq),
+            other => Err(format!(
+                "WARBLER_CHAOS_BUG={other:?}: unknown bug; use ack-before-commit, skip-seq or none"
+            )),
+        }
+    }
+}
+
+/// Turns a deliberate bug on for this process.
+pub fn set(bug: Bug) {
+    ACTIVE.store(bug as u8, Ordering::Relaxed);
+}
+
+/// Whether `bug` is on.
+pub fn on(bug: Bug) -> bool {
+    ACTIVE.load(Ordering::Relaxed) == bug as u8
+}
+
+/// How often [`Bug::SkipSeq`] drops a seq.
+pub const SKIP_EVERY: u64 = 50;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_unknown_ones_say_what_exists() {
+        assert_eq!(Bug::parse("skip-seq"), Ok(Bug::SkipSeq));
+        assert_eq!(Bug::parse("ack-before-commit"), Ok(Bug::AckBeforeCommit));
+        assert_eq!(Bug::parse(""), Ok(Bug::None));
+        let e = Bug::parse("lose-everything").unwrap_err();
+        assert!(
+            e.contains("lose-everything") && e.contains("skip-seq"),
+            "{e}"
+        );
+    }
+}

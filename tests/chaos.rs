@@ -1,0 +1,81 @@
+//! The chaos harness in CI (docs/chaos.md): a short scenario of kills and a pause against a
+//! three-node cluster of real processes must come out valid, and a deliberately broken
+//! build must not.
+
+mod common;
+
+use std::path::Path;
+
+use warbler_chaos::driver::Net;
+use warbler_chaos::report::summary;
+use warbler_chaos::run::{run, RunOpts, RunResult};
+use warbler_chaos::scenario::Scenario;
+
+/// One chaos run at a time: each starts its own three-node cluster.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn chaos(
+    scenario: &str,
+    seed_name: &str,
+    bug: Option<&str>,
+    duration: Option<f64>,
+) -> RunResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("chaos/scenarios")
+        .join(format!("{scenario}.toml"));
+    let mut scenario = Scenario::load(&path).unwrap();
+    if let Some(d) = duration {
+        scenario.duration_s = d;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let r = run(RunOpts {
+        scenario,
+        seed: common::seed(seed_name),
+        warbler: env!("CARGO_BIN_EXE_warbler").into(),
+        out: out.path().to_path_buf(),
+        net: Net::auto(),
+        bug: bug.map(str::to_string),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the chaos run failed: {e:#}"));
+    print!("{}", summary(&r.check));
+    if !r.check.valid && bug.is_none() {
+        // Keep the evidence.
+        let keep = std::env::temp_dir().join(format!("warbler-chaos-failed-{}", r.seed));
+        let _ = std::fs::rename(out.keep(), &keep);
+        println!("history and results kept in {}", keep.display());
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_and_a_paused_leader_under_load_break_no_invariant() {
+    let r = chaos("ci-short", "chaos-ci-short", None, None).await;
+    let c = &r.check;
+    assert!(r.skipped.is_empty(), "faults not injected: {:?}", r.skipped);
+    assert_eq!(c.faults.len(), 3, "two kills and a pause");
+    assert!(
+        c.acknowledged > 300 && c.delivered >= c.acknowledged,
+        "the workload ran: {} acknowledged, {} delivered",
+        c.acknowledged,
+        c.delivered
+    );
+    assert!(c.devices >= 24);
+    assert!(c.valid, "anomalies: {:?}", c.examples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_whose_sessions_skip_seqs_is_caught() {
+    let r = chaos("ci-short", "chaos-skip-seq", Some("skip-seq"), Some(12.0)).await;
+    let c = &r.check;
+    assert!(
+        !c.valid,
+        "the checker missed a build that skips every 50th seq"
+    );
+    assert!(c.gaps > 0 && c.lost > 0, "gaps {} lost {}", c.gaps, c.lost);
+    assert_eq!(
+        c.order_violations + c.duplicate_assignments + c.seq_reuse,
+        0
+    );
+}
