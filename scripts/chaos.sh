@@ -11,7 +11,7 @@ RUNS="${RUNS:-5}"
 SEED="${SEED:-$(( $(date +%s) % 100000 ))}"
 OUT="${OUT:-/tmp/warbler-chaos-matrix}"
 python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
-cargo build --release --bin warbler --bin warbler-chaos
+cargo build --release --workspace --bin warbler --bin warbler-chaos
 chaos="$CARGO_TARGET_DIR/release/warbler-chaos"
 rm -rf "$OUT" && mkdir -p "$OUT"
 start=$(date +%s)

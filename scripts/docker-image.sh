@@ -14,7 +14,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     tar -C "$rootfs" -c . | docker import - "$BASE"
     rm -rf "$rootfs"
 fi
-cargo build --release --bin warbler
+cargo build --release --workspace --bin warbler
 ctx=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/warbler" deploy/docker/runtime-setup.sh deploy/docker/Dockerfile.prebuilt "$ctx/"
 docker build -q -f "$ctx/Dockerfile.prebuilt" --build-arg RUNTIME_IMAGE="$BASE" -t warbler:latest "$ctx"

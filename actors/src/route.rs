@@ -41,6 +41,9 @@ pub const ROUTE_RETRY_FOR: Duration = Duration::from_secs(15);
 const ROUTE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a forwarded delivery may take before the stand-in gives up on the session.
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stand-in keeps trying to reach its session's node (a link being dialled again)
+/// before it gives the subscription up.
+const DELIVER_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Peer RPC kinds of the routing layer (consensus uses 1-3).
 pub const KIND_PUBLISH: u8 = 10;
@@ -576,12 +579,26 @@ impl Actor for RemoteSubscriber {
                     key: a.key,
                     batch: batch.iter().map(|(s, m)| (*s, (**m).clone())).collect(),
                 };
-                let r: Result<(), MailboxError> = a
-                    .routing
-                    .call(a.reply_to, a.partition, KIND_DELIVER, &req, DELIVER_TIMEOUT)
-                    .await;
-                if r.is_err() {
-                    myself.stop(Some("the remote session is gone".into()));
+                // A transport failure (the link to the session's node dropped and is being
+                // dialled again) is retried: the session is likely still there, and a batch
+                // it already took is skipped by its seq. Any other answer means it is gone.
+                let give_up = Instant::now() + DELIVER_RETRY_FOR;
+                loop {
+                    let r: Result<(), MailboxError> = a
+                        .routing
+                        .call(a.reply_to, a.partition, KIND_DELIVER, &req, DELIVER_TIMEOUT)
+                        .await;
+                    match r {
+                        Ok(()) => break,
+                        Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(_) => {
+                            closed(a, false);
+                            myself.stop(Some("the remote session is gone".into()));
+                            break;
+                        }
+                    }
                 }
             }
             SessionMsg::ClientAck(seq) => {
@@ -630,9 +647,20 @@ fn closed(a: &ProxyArgs, replaced: bool) {
         replaced,
     };
     tokio::spawn(async move {
-        let _: Result<(), MailboxError> = routing
-            .call(addr, partition, KIND_CLOSED, &req, ROUTE_CALL_TIMEOUT)
-            .await;
+        // Retried while the link to the session's node reconnects: a session that never
+        // hears of it would wait for deliveries that no longer come.
+        let give_up = Instant::now() + DELIVER_RETRY_FOR;
+        loop {
+            let r: Result<(), MailboxError> = routing
+                .call(addr, partition, KIND_CLOSED, &req, ROUTE_CALL_TIMEOUT)
+                .await;
+            match r {
+                Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => return,
+            }
+        }
     });
 }
 

@@ -415,6 +415,10 @@ impl Cluster {
             ("WARBLER_LOG".to_string(), "warn".to_string()),
         ];
         env.extend(self.opts.env.iter().cloned());
+        // The harness's own WARBLER_LOG (e.g. info, to see why a run failed) reaches the nodes.
+        if let Ok(level) = std::env::var("WARBLER_LOG") {
+            env.push(("WARBLER_LOG".to_string(), level));
+        }
         env
     }
 

@@ -87,10 +87,17 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
     if let Some(b) = &opts.bug {
         env.push(("WARBLER_CHAOS_BUG".into(), b.clone()));
     }
+    // A fresh cluster every run: data left from an earlier run with this seed would be
+    // history the workload never recorded.
+    let dir = opts.out.join("cluster");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot clear {} from an earlier run", dir.display()))?;
+    }
     let mut cluster = Cluster::start(ClusterOpts {
         nodes: s.cluster.nodes,
         warbler: opts.warbler.clone(),
-        dir: opts.out.join("cluster"),
+        dir,
         net: opts.net,
         env,
     })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use warbler_client::{ClientError, ConnectOptions, Connection};
+use warbler_client::{ClientError, ConnectOptions, Connection, Frame};
 
 use crate::auth::token;
 use crate::history::{Event, Outcome, Recorder};
@@ -27,6 +27,10 @@ const DEFINITE: [&str; 5] = [
 ];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A device that hears nothing for this long pings; no answer in as long again, it
+/// reconnects elsewhere.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The body every publisher sends: the id, padded to `len` bytes with dots.
 pub fn body_for(id: &str, len: usize) -> Vec<u8> {
@@ -169,6 +173,8 @@ async fn session(
     reached: &mut u64,
 ) -> SessionEnd {
     let until = tokio::time::Instant::now() + lifetime;
+    let mut heard = tokio::time::Instant::now();
+    let mut ping_sent: Option<tokio::time::Instant> = None;
     loop {
         if upto.is_some_and(|u| *reached >= u) {
             return SessionEnd::Reached;
@@ -176,24 +182,44 @@ async fn session(
         if stop.load(Ordering::Relaxed) {
             return SessionEnd::Stop;
         }
-        if tokio::time::Instant::now() >= until {
+        let now = tokio::time::Instant::now();
+        if now >= until {
             return SessionEnd::Planned;
         }
-        let m = match tokio::time::timeout(Duration::from_millis(250), conn.recv_msg()).await {
+        // Keepalive, as a real client does: a server that answers nothing for a while
+        // (dead, paused, cut off) is given up on.
+        match ping_sent {
+            Some(at) if now - at > KEEPALIVE => {
+                return SessionEnd::Lost(format!("no answer to a ping within {KEEPALIVE:?}"))
+            }
+            None if now - heard > KEEPALIVE => {
+                if let Err(e) = conn.send(Frame::Ping { n: 1 }).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+                ping_sent = Some(now);
+            }
+            _ => {}
+        }
+        let frame = match tokio::time::timeout(Duration::from_millis(250), conn.recv()).await {
             Err(_) => continue,
             Ok(Err(e)) => return SessionEnd::Lost(e.to_string()),
-            Ok(Ok(m)) => m,
+            Ok(Ok(f)) => f,
+        };
+        heard = tokio::time::Instant::now();
+        ping_sent = None;
+        let Frame::Msg { seq, id, body, .. } = frame else {
+            continue;
         };
         r.rec.record(Event::Deliver {
             t: r.rec.now(),
             device: r.device.to_string(),
             user: r.user.to_string(),
-            seq: m.seq,
-            body_ok: body_matches(&m.id, &m.body),
-            id: m.id,
+            seq,
+            body_ok: body_matches(&id, &body),
+            id,
         });
-        *reached = (*reached).max(m.seq);
-        if let Err(e) = conn.ack(m.seq).await {
+        *reached = (*reached).max(seq);
+        if let Err(e) = conn.ack(seq).await {
             return SessionEnd::Lost(e.to_string());
         }
     }

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,14 @@ pub const PEER_CALLS_MAX: usize = 4096;
 /// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// A request kind the transport answers itself: a sign of life from the peer.
+pub const KIND_PROBE: u8 = 255;
+/// A link with calls outstanding that has heard nothing for this long sends a probe.
+pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
+/// A probe unanswered for this long means the peer is gone (killed without closing its
+/// sockets, paused, or cut off): the link drops the connection, fails its calls and dials
+/// again, rather than wait for TCP to give up (minutes).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// A frame between peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -432,6 +441,17 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
         else {
             continue;
         };
+        if kind == KIND_PROBE {
+            let pong = PeerFrame::Response {
+                id,
+                ok: true,
+                body: ByteBuf::new(),
+            };
+            if tx.send(pong).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let (handler, tx, from) = (handler.clone(), tx.clone(), from.clone());
         start_in_order(async move {
             let reply = match handler.handle(from, partition, kind, body.into_vec()).await {
@@ -489,8 +509,16 @@ async fn run_link(
         let waiters: Waiters = Arc::default();
         let reader_waiters = waiters.clone();
         let reader_name = name.clone();
+        // Milliseconds since `epoch` when the peer was last heard from.
+        let epoch = tokio::time::Instant::now();
+        let heard = Arc::new(AtomicU64::new(0));
+        let reader_heard = heard.clone();
+        let mut probe_sent: Option<u64> = None;
+        let mut tick = tokio::time::interval(PROBE_AFTER / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut reader = tokio::spawn(async move {
             while let Ok(frame) = read_frame(&mut r).await {
+                reader_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match frame {
                     PeerFrame::Response { id, ok, body } => {
                         if let Some(w) = reader_waiters.lock().unwrap().remove(&id) {
@@ -516,6 +544,40 @@ async fn run_link(
         loop {
             let next = tokio::select! {
                 _ = &mut reader => break,
+                _ = tick.tick() => {
+                    let now = epoch.elapsed().as_millis() as u64;
+                    let last = heard.load(Ordering::Relaxed);
+                    if probe_sent.is_some_and(|sent| last >= sent) {
+                        probe_sent = None;
+                    }
+                    match probe_sent {
+                        Some(sent) if now - sent > PROBE_TIMEOUT.as_millis() as u64 => {
+                            tracing::warn!(%peer, "peer silent with calls outstanding; reconnecting");
+                            reader.abort();
+                            break;
+                        }
+                        None if now - last > PROBE_AFTER.as_millis() as u64
+                            && !waiters.lock().unwrap().is_empty() =>
+                        {
+                            buf.clear();
+                            let probe = PeerFrame::Request {
+                                id: next_id,
+                                partition: 0,
+                                kind: KIND_PROBE,
+                                body: ByteBuf::new(),
+                            };
+                            next_id += 1;
+                            let _ = encode_frame(&mut buf, &probe);
+                            if !write_within(&mut w, &buf).await {
+                                reader.abort();
+                                break;
+                            }
+                            probe_sent = Some(now);
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
                 n = queue.recv() => n,
             };
             let Some(first) = next else {
@@ -553,7 +615,7 @@ async fn run_link(
                     item = queue.try_recv().ok();
                 }
             }
-            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
+            if !buf.is_empty() && !write_within(&mut w, &buf).await {
                 reader.abort();
                 break;
             }
@@ -564,6 +626,15 @@ async fn run_link(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// Writes `buf`; false when the connection failed or the peer has not taken the bytes
+/// within [`PROBE_AFTER`] + [`PROBE_TIMEOUT`] (it stopped reading: dead, paused or cut off).
+async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_AFTER + PROBE_TIMEOUT, w.write_all(buf)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn dial(me: &str, peer: SocketAddr, tls: Option<&PeerTls>) -> std::io::Result<Box<dyn Io>> {

@@ -128,6 +128,96 @@ async fn a_dropped_connection_fails_the_calls_waiting_on_it() {
     assert!(started.elapsed() < T);
 }
 
+/// A peer that stops answering without closing its socket (killed with its network
+/// namespace, paused, cut off): the link probes it, gives up on the connection within
+/// PROBE_AFTER + PROBE_TIMEOUT, fails the calls waiting on it and dials again, long before
+/// the calls' own timeouts or TCP's.
+#[tokio::test]
+async fn a_silent_peer_is_probed_and_its_connection_replaced() {
+    use warbler_cluster::transport::{PROBE_AFTER, PROBE_TIMEOUT};
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = accepted_tx.send(Instant::now());
+            // Reads what comes (the hello, the call, probes) and never answers or closes.
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            held.push(());
+        }
+    });
+    let client = PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let long = Duration::from_secs(30);
+    let err = client.call(to, 0, 5, vec![0], long).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err, PeerError::Disconnected(to.to_string()));
+    assert!(
+        took >= PROBE_AFTER && took < PROBE_AFTER + PROBE_TIMEOUT + Duration::from_secs(2),
+        "the silent connection was given up after {took:?}"
+    );
+    // It dialled again: a second connection arrives.
+    accepted.recv().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the link dials the peer again")
+        .unwrap();
+    assert!(again.duration_since(started) >= PROBE_AFTER);
+}
+
+/// Answers after 4 s: longer than PROBE_AFTER + PROBE_TIMEOUT.
+struct Slow;
+
+impl PeerHandler for Slow {
+    fn handle(
+        &self,
+        _from: String,
+        _partition: u16,
+        _kind: u8,
+        _body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            Ok(b"late".to_vec())
+        })
+    }
+}
+
+/// A live peer that takes longer than PROBE_AFTER + PROBE_TIMEOUT to answer a call keeps
+/// its connection: it answers the probes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_from_a_live_peer_is_not_mistaken_for_a_dead_peer() {
+    let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Slow))
+        .await
+        .unwrap();
+    let client = PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = client
+        .call(server.local_addr(), 1, 2, vec![], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        answer,
+        Ok(b"late".to_vec()),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
+}
+
 #[tokio::test]
 async fn another_protocol_version_is_refused_with_a_reason() {
     let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Echo))
