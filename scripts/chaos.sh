@@ -4,6 +4,7 @@
 # docs/chaos.md and its plots. About 40 minutes with the defaults.
 #
 #   RUNS=5 SEED=<first seed> DURATION=<override seconds> OUT=/tmp/warbler-chaos-matrix
+#   NET=auto|netns|loopback|docker (docker: containers of warbler:latest, built here first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
@@ -13,10 +14,12 @@ OUT="${OUT:-/tmp/warbler-chaos-matrix}"
 python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 cargo build --release --workspace --bin warbler --bin warbler-chaos
 chaos="$CARGO_TARGET_DIR/release/warbler-chaos"
+NET="${NET:-auto}"
+if [ "$NET" = docker ]; then bash scripts/docker-image.sh; fi
 rm -rf "$OUT" && mkdir -p "$OUT"
 start=$(date +%s)
-extra=()
-if [ -n "${DURATION:-}" ]; then extra=(--duration "$DURATION"); fi
+extra=(--net "$NET")
+if [ -n "${DURATION:-}" ]; then extra+=(--duration "$DURATION"); fi
 echo "chaos matrix: $RUNS runs per scenario from seed $SEED; results in $OUT" >&2
 scenarios=()
 for s in chaos/scenarios/*.toml; do
@@ -26,8 +29,10 @@ done
 "$chaos" run "${scenarios[@]}" --runs "$RUNS" --seed "$SEED" --out "$OUT/matrix" "${extra[@]}" || true
 # Deliberately broken builds: each must be caught.
 "$chaos" run chaos/scenarios/kill-hot-leader.toml --bug ack-before-commit --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
-"$chaos" run chaos/scenarios/ci-short.toml --bug skip-seq --seed "$SEED" --out "$OUT/bugs" || true
+"$chaos" run chaos/scenarios/ci-short.toml --bug skip-seq --seed "$SEED" --out "$OUT/bugs" --net "$NET" || true
 took=$(( $(date +%s) - start ))
-printf '{"command": "make chaos", "date": "%s", "took": "%d min %d s"}\n' \
-    "$(date -u +%Y-%m-%d)" $((took / 60)) $((took % 60)) > "$OUT/info.json"
+cmd="make chaos"
+if [ "$NET" != auto ]; then cmd="NET=$NET make chaos"; fi
+printf '{"command": "%s", "date": "%s", "took": "%d min %d s"}\n' \
+    "$cmd" "$(date -u +%Y-%m-%d)" $((took / 60)) $((took % 60)) > "$OUT/info.json"
 python3 chaos/report.py "$OUT" docs/chaos.md docs/img
