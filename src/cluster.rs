@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -73,6 +73,8 @@ pub struct ClusterNode {
     route_service: OnceLock<RouteService>,
     faults: Faults,
     fault_injection: bool,
+    /// Partitions this node holds no replica of: the node last named as their leader.
+    leader_hints: Mutex<HashMap<PartitionId, String>>,
 }
 
 /// Dispatches peers' requests: consensus to the Raft groups, the rest to routing.
@@ -211,6 +213,7 @@ impl ClusterNode {
             route_service: OnceLock::new(),
             faults,
             fault_injection: config.cluster.fault_injection,
+            leader_hints: Mutex::default(),
         });
         let _ = service.node.set(node.clone());
         Ok(node)
@@ -587,10 +590,17 @@ impl Router for ClusterNode {
                     }
                 }
             }
-            // Not a replica here: the preferred leader; a wrong guess is refused and retried.
-            None => match pl.replicas.get(partition as usize).and_then(|r| r.first()) {
+            // Not a replica here: a guess, corrected by redirects. First the preferred
+            // leader; a replica that is not the leader names the one that is, and one that
+            // cannot be reached makes way for the next replica.
+            None => match self.leader_hints.lock().unwrap().get(&partition) {
                 Some(n) => n.clone(),
-                None => return Leader::Unknown(format!("partition {partition} has no replicas")),
+                None => match pl.replicas.get(partition as usize).and_then(|r| r.first()) {
+                    Some(n) => n.clone(),
+                    None => {
+                        return Leader::Unknown(format!("partition {partition} has no replicas"))
+                    }
+                },
             },
         };
         match self.metas.borrow().get(&name) {
@@ -600,6 +610,30 @@ impl Router for ClusterNode {
             },
             None => Leader::Unknown(format!("no address known for node {name}")),
         }
+    }
+
+    fn redirected(&self, partition: PartitionId, leader: Option<&str>) {
+        let Some(pl) = self.placement.get() else {
+            return;
+        };
+        if pl.rafts.contains_key(&partition) {
+            return; // a replica here knows the leader from consensus, not from guesses
+        }
+        let replicas = match pl.replicas.get(partition as usize) {
+            Some(r) if !r.is_empty() => r,
+            _ => return,
+        };
+        let mut hints = self.leader_hints.lock().unwrap();
+        let next = match leader {
+            Some(l) => l.to_string(),
+            None => {
+                // The guess failed: try the replica after it.
+                let current = hints.get(&partition).unwrap_or(&replicas[0]);
+                let at = replicas.iter().position(|r| r == current).unwrap_or(0);
+                replicas[(at + 1) % replicas.len()].clone()
+            }
+        };
+        hints.insert(partition, next);
     }
 }
 

@@ -721,3 +721,75 @@ async fn nodes_talk_over_mutual_tls() {
         "a plain-TCP peer got an answer from a TLS cluster port: {got:?}"
     );
 }
+
+/// With more nodes than replicas, a node that holds no replica of a user's partition only
+/// guesses its leader (the preferred replica). When that guess is wrong (here: the preferred
+/// replica is dead), the node tries the next replica, which leads or names the leader, and
+/// the publish lands within seconds rather than failing after the 15 s of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
+    let mut cluster = Cluster::start(4).await;
+    let index = |name: &str| -> usize { name.trim_start_matches('n').parse().unwrap() };
+    // A user whose replicas leave out one node.
+    let mut found = None;
+    for k in 0..200 {
+        let user = format!("r{k}");
+        let (_, v) = cluster.nodes[0]
+            .http("GET", &format!("/v1/cluster?user={user}"), None, "")
+            .await;
+        let replicas: Vec<usize> = v["user"]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| index(n.as_str().unwrap()))
+            .collect();
+        if let Some(outsider) = (0..4).find(|i| !replicas.contains(i)) {
+            found = Some((user, replicas, outsider));
+            break;
+        }
+    }
+    let (user, replicas, outsider) =
+        found.expect("with 4 nodes and RF 3 a partition leaves one out");
+    assert_eq!(replicas.len(), 3);
+    let preferred = replicas[0];
+    cluster.nodes[preferred].kill9();
+    // The surviving replicas elect a leader.
+    let start = Instant::now();
+    loop {
+        let (_, r) = cluster.nodes[replicas[1]]
+            .http("GET", &format!("/v1/cluster?user={user}"), None, "")
+            .await;
+        if r["user"]["leader"]
+            .as_str()
+            .is_some_and(|l| index(l) != preferred)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no new leader for {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = cluster.nodes[outsider].publisher().await;
+    let t0 = Instant::now();
+    let seq = tokio::time::timeout(
+        Duration::from_secs(10),
+        conn.publish_wait("via-outsider", &user, b"x"),
+    )
+    .await
+    .expect("the publish through a node without a replica is answered within 10 s")
+    .expect("and acknowledged");
+    assert_eq!(seq, 1);
+    // A device on the outsider gets it too (its session subscribes through the redirect).
+    let mut dev = cluster.nodes[outsider].device(&user, "d").await;
+    let m = tokio::time::timeout(Duration::from_secs(10), dev.recv_msg())
+        .await
+        .expect("delivered through the node without a replica")
+        .unwrap();
+    assert_eq!((m.seq, m.id.as_str()), (1, "via-outsider"));
+    println!(
+        "redirect: {user} (replicas {replicas:?}, n{preferred} dead) published through n{outsider} in {:?}",
+        t0.elapsed()
+    );
+}

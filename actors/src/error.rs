@@ -17,6 +17,10 @@ pub enum MailboxError {
         "the user's partition has no reachable leader right now ({0}); retry with the same id"
     )]
     NoLeader(String),
+    /// This node does not lead the user's partition, and node `0` does (as far as it knows):
+    /// a router that guessed sends the request there next.
+    #[error("the user's partition is led by node {0}; retry there with the same id")]
+    Redirect(String),
 }
 
 impl MailboxError {
@@ -25,7 +29,10 @@ impl MailboxError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            MailboxError::NoLeader(_) | MailboxError::Restarted | MailboxError::Unavailable(_)
+            MailboxError::NoLeader(_)
+                | MailboxError::Redirect(_)
+                | MailboxError::Restarted
+                | MailboxError::Unavailable(_)
         )
     }
 }

@@ -392,8 +392,11 @@ impl MailboxState {
         resume: Option<(u64, u64)>,
     ) -> Result<SubscribeInfo, StorageError> {
         let stored = self.cursor(&device)?;
+        // A resumed session continues after what it wrote to its connection, even when the
+        // stored cursor is further along (the device acked through another connection): it
+        // gets those messages again (at least once) rather than a gap in its own stream.
         let (acked, sent) = match resume {
-            Some((acked, sent)) => (acked.max(stored), sent.max(acked).max(stored)),
+            Some((acked, sent)) => (acked.max(stored), sent.max(acked)),
             None => (stored, stored),
         };
         if let Some(old) = self.subs.remove(&device) {

@@ -73,6 +73,11 @@ pub enum Leader {
 /// Answers which node leads a partition.
 pub trait Router: Send + Sync + 'static {
     fn leader(&self, partition: PartitionId) -> Leader;
+
+    /// A node this router named as `partition`'s leader was not: it answered that `leader`
+    /// is (a redirect), or, with `None`, it could not be reached or did not know. A router
+    /// that only guesses (this node holds no replica of the partition) corrects its guess.
+    fn redirected(&self, _partition: PartitionId, _leader: Option<&str>) {}
 }
 
 #[derive(Serialize, Deserialize)]
@@ -194,8 +199,11 @@ impl Routing {
             let result = match self.router.leader(partition) {
                 Leader::Local => local().await,
                 Leader::Remote { addr, .. } => {
-                    self.call(addr, partition, kind, req, ROUTE_CALL_TIMEOUT)
-                        .await
+                    let r = self
+                        .call(addr, partition, kind, req, ROUTE_CALL_TIMEOUT)
+                        .await;
+                    self.correct_route(partition, &r);
+                    r
                 }
                 Leader::Unknown(why) => Err(MailboxError::NoLeader(why)),
             };
@@ -207,6 +215,15 @@ impl Routing {
                 }
                 r => return r,
             }
+        }
+    }
+
+    /// Tells the router what a call to the node it named as leader answered.
+    fn correct_route<T>(&self, partition: PartitionId, r: &Result<T, MailboxError>) {
+        match r {
+            Err(MailboxError::Redirect(leader)) => self.router.redirected(partition, Some(leader)),
+            Err(MailboxError::NoLeader(_)) => self.router.redirected(partition, None),
+            _ => {}
         }
     }
 
@@ -233,10 +250,11 @@ impl Routing {
             resume,
             reply_to: self.reply_to,
         };
-        match self
+        let answer = self
             .call::<_, (u64, u64)>(addr, partition, KIND_SUBSCRIBE, &req, ROUTE_CALL_TIMEOUT)
-            .await
-        {
+            .await;
+        self.correct_route(partition, &answer);
+        match answer {
             Ok((acked, last_seq)) => Ok((key, SubscribeInfo { acked, last_seq })),
             Err(e) => {
                 self.remote_subs.lock().unwrap().remove(&key);
@@ -362,6 +380,18 @@ pub struct RouteService {
     pub routing: Arc<Routing>,
 }
 
+/// A request sent here because the sender took this node for the leader: when this node
+/// does not lead the partition but knows which node does, say so.
+fn redirect<T>(routing: &Routing, partition: PartitionId, answer: Wire<T>) -> Wire<T> {
+    match answer {
+        Err(MailboxError::NoLeader(why)) => match routing.router.leader(partition) {
+            Leader::Remote { node, .. } => Err(MailboxError::Redirect(node)),
+            _ => Err(MailboxError::NoLeader(why)),
+        },
+        other => other,
+    }
+}
+
 fn reply<T: Serialize>(v: &Wire<T>) -> Result<Vec<u8>, String> {
     Ok(rmp_serde::to_vec_named(v).expect("routing answers serialize"))
 }
@@ -384,11 +414,10 @@ impl PeerHandler for RouteService {
             match kind {
                 KIND_PUBLISH => {
                     let r: PublishReq = decode(&body)?;
-                    reply(
-                        &mailboxes
-                            .publish_local(&r.user, &r.id, r.body, r.from)
-                            .await,
-                    )
+                    let answer = mailboxes
+                        .publish_local(&r.user, &r.id, r.body, r.from)
+                        .await;
+                    reply(&redirect(&routing, partition, answer))
                 }
                 KIND_DEVICES => {
                     let r: UserReq = decode(&body)?;
@@ -397,11 +426,12 @@ impl PeerHandler for RouteService {
                             .map(|d| (d.device, d.acked, d.online))
                             .collect::<Vec<_>>()
                     });
-                    reply(&devices)
+                    reply(&redirect(&routing, partition, devices))
                 }
                 KIND_SUBSCRIBE => {
                     let r: SubscribeReq = decode(&body)?;
-                    reply(&start_proxy(mailboxes, routing, from, partition, r).await)
+                    let answer = start_proxy(mailboxes, routing.clone(), from, partition, r).await;
+                    reply(&redirect(&routing, partition, answer))
                 }
                 KIND_ACK => {
                     let r: KeyReq = decode(&body)?;
