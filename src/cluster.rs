@@ -33,6 +33,8 @@ const CLUSTER_META_PARTITION: PartitionId = u16::MAX;
 const MEMBERS_KEY: &str = "members";
 /// How often the leader of every partition is checked for changes.
 const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(100);
+/// How often a node that knows no member resolves its seeds again.
+const SEED_REFRESH: Duration = Duration::from_secs(5);
 
 /// The nodes that form the cluster, fixed when it forms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,6 +411,38 @@ impl ClusterNode {
             m.clone()
         };
         self.membership.set_meta(meta).await;
+    }
+
+    /// Seeds given as DNS names (a StatefulSet's headless service) are resolved again every
+    /// 5 s while this node knows no other member: pods that were not up at the first lookup
+    /// are found when they come.
+    pub fn refresh_seeds(self: &Arc<Self>, names: Vec<String>, store: &Store) {
+        if names.is_empty() {
+            return;
+        }
+        let stored: Vec<SocketAddr> = load_members(store)
+            .ok()
+            .flatten()
+            .map(|l| l.addrs)
+            .unwrap_or_default();
+        let node = self.clone();
+        let own = self.transport.local_addr();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SEED_REFRESH);
+            loop {
+                tick.tick().await;
+                if !node.membership.members().is_empty() {
+                    continue;
+                }
+                let mut seeds = resolve_seeds(&names).await;
+                seeds.extend(stored.iter().copied());
+                seeds.retain(|s| *s != own);
+                seeds.sort();
+                seeds.dedup();
+                tracing::debug!(?seeds, "alone: seeds resolved again");
+                node.membership.set_seeds(seeds).await;
+            }
+        });
     }
 
     /// Watches every partition's leader: when this node stops leading one, its mailboxes

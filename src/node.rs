@@ -145,6 +145,7 @@ pub async fn run(
     // rejoins the cluster meanwhile; /readyz says when it is done.
     let mut form_failed = None;
     if let Some((node, routing)) = &cluster {
+        node.refresh_seeds(config.seeds.clone(), &store);
         tokio::select! {
             formed = node.form(&config, &store) => match formed {
                 Ok(()) => node.watch_leaders(mailboxes.clone(), routing.clone()),

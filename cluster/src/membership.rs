@@ -200,6 +200,8 @@ enum Input {
     Data(bytes::Bytes),
     Timer(Timer<NodeId>),
     AnnounceSeeds,
+    /// Seeds resolved again (a DNS name whose pods changed).
+    Seeds(Vec<SocketAddr>),
     /// Spread this node's metadata again (changed, or periodic refresh).
     Meta(Option<NodeMeta>),
     Leave,
@@ -304,6 +306,12 @@ impl Membership {
         let _ = self.inputs.send(Input::Meta(Some(meta))).await;
     }
 
+    /// Replaces the seed addresses a node that knows no member announces itself to (seeds
+    /// given as a DNS name, resolved again).
+    pub async fn set_seeds(&self, seeds: Vec<SocketAddr>) {
+        let _ = self.inputs.send(Input::Seeds(seeds)).await;
+    }
+
     /// Tells the cluster this node leaves (so it is not merely suspected), then stops.
     pub async fn leave(&self) {
         let _ = self.inputs.send(Input::Leave).await;
@@ -331,7 +339,7 @@ async fn drive(
     socket: Outbox,
     timers: mpsc::UnboundedSender<(Instant, Timer<NodeId>)>,
     view: watch::Sender<Vec<NodeId>>,
-    seeds: Vec<SocketAddr>,
+    mut seeds: Vec<SocketAddr>,
     timing: Timing,
 ) {
     let mut runtime = foca::AccumulatingRuntime::new();
@@ -357,6 +365,10 @@ async fn drive(
                 Ok(())
             }
             Input::AnnounceSeeds => Ok(()),
+            Input::Seeds(new) => {
+                seeds = new;
+                Ok(())
+            }
             Input::Meta(meta) => {
                 if meta.is_some() {
                     own_meta = meta;

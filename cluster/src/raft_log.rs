@@ -28,6 +28,9 @@ type Receiver = <Answer as openraft::raft::responder::Responder<TypeConfig>>::Re
 /// One entry handed to Raft (or refused before it got there), with its proposers' callbacks.
 type Pending = (Result<Receiver, StorageError>, Vec<Option<Done>>);
 
+/// How long a writer waits for its leader's log to be applied before it gives up.
+const BARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Group {
     raft: Raft<TypeConfig>,
     /// Proposals waiting to become an entry. Unbounded on purpose: bounded by the
@@ -159,8 +162,23 @@ impl PartitionLog for RaftLog {
                 .raft
                 .ensure_linearizable()
                 .await
+                .map_err(|e: RaftError<u64, _>| not_writable(partition, e))?;
+            // Every entry a leader holds will be committed before the ones it appends next,
+            // whether it became leader by election or resumed its term after a restart with
+            // a tail of entries it had not committed yet. A writer reading its state must see
+            // them all applied: an entry that lands later could hold a seq or an id it hands
+            // out again.
+            let target = group.raft.metrics().borrow().last_log_index;
+            group
+                .raft
+                .wait(Some(BARRIER_WAIT))
+                .metrics(
+                    |m| m.last_applied.map(|l| l.index) >= target,
+                    "the leader's whole log applied",
+                )
+                .await
                 .map(|_| ())
-                .map_err(|e: RaftError<u64, _>| not_writable(partition, e))
+                .map_err(|e| not_writable(partition, e))
         })
     }
 

@@ -120,3 +120,21 @@ async fn members_join_detect_failures_rejoin_and_leave() {
     let left = until_view(&a, &["c"], limit).await;
     println!("membership: a leaving node was gone after {left:?}");
 }
+
+/// A node whose seeds were wrong (a DNS name that resolved before the other pods existed)
+/// joins once it is given new seed addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_alone_joins_through_seeds_given_later() {
+    let a = start("a", 1, &[]).await;
+    // Nobody listens here.
+    let nowhere = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_seed = nowhere.local_addr().unwrap();
+    drop(nowhere);
+    let b = start("b", 1, &[dead_seed]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(b.members().is_empty(), "b cannot have joined yet");
+    b.set_seeds(vec![a.me().gossip]).await;
+    let joined = until_view(&b, &["a"], Duration::from_secs(10)).await;
+    until_view(&a, &["b"], Duration::from_secs(10)).await;
+    println!("membership: joined {joined:?} after new seeds were set");
+}
