@@ -19,8 +19,8 @@ async fn next(rx: &mut mpsc::Receiver<Frame>) -> Frame {
         .expect("queue open")
 }
 
-#[tokio::test]
-async fn a_session_resubscribes_when_its_mailbox_dies() {
+/// Mailboxes over a single-node log in a fresh directory (kept alive by the returned guard).
+async fn single_node_mailboxes() -> (tempfile::TempDir, Mailboxes) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let limits = CommitterLimits {
@@ -30,19 +30,24 @@ async fn a_session_resubscribes_when_its_mailbox_dies() {
         sync: true,
     };
     let log = Arc::new(LocalLog::new(Committer::start(store.clone(), limits)));
-    let mailbox_limits = MailboxLimits {
-        inflight_max: 16,
-        tail_cache_max: 8,
-        idle_timeout: Duration::from_secs(60),
-    };
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
         store,
         log,
-        limits: mailbox_limits,
+        limits: MailboxLimits {
+            inflight_max: 16,
+            tail_cache_max: 8,
+            idle_timeout: Duration::from_secs(60),
+        },
         partitions: 64,
     })
     .await
     .unwrap();
+    (dir, mailboxes)
+}
+
+#[tokio::test]
+async fn a_session_resubscribes_when_its_mailbox_dies() {
+    let (_dir, mailboxes) = single_node_mailboxes().await;
 
     let (tx, mut rx) = mpsc::channel(64);
     let closed = CancellationToken::new();
@@ -122,27 +127,7 @@ impl Actor for Probe {
 /// in between again rather than a gap in its own stream.
 #[tokio::test]
 async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let limits = CommitterLimits {
-        batch_records_max: 64,
-        batch_bytes_max: 1 << 20,
-        queue_max: 64,
-        sync: true,
-    };
-    let log = Arc::new(LocalLog::new(Committer::start(store.clone(), limits)));
-    let (mailboxes, _) = Mailboxes::start(RegistryArgs {
-        store,
-        log,
-        limits: MailboxLimits {
-            inflight_max: 16,
-            tail_cache_max: 8,
-            idle_timeout: Duration::from_secs(60),
-        },
-        partitions: 64,
-    })
-    .await
-    .unwrap();
+    let (_dir, mailboxes) = single_node_mailboxes().await;
     for i in 1..=5u64 {
         let id = format!("m{i}");
         let seq = mailboxes
