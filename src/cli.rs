@@ -364,14 +364,30 @@ pub struct ClusterStatusArgs {
 
 /// A GET over plain HTTP/1.1 (the operator commands need nothing more).
 async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_call(addr, "GET", path, None).await
+}
+
+/// A request over plain HTTP/1.1; `post` is (bearer token, JSON body).
+async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    post: Option<(&str, &str)>,
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach {addr}; is a node's HTTP API there? (--http)"))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some((token, body)) = post {
+        req.push_str(&format!(
+            "Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
@@ -471,4 +487,113 @@ pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct DecommissionArgs {
+    /// The member to remove (its node id).
+    node: String,
+    /// Any node's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    http: String,
+    /// An admin token; without it one is minted from --jwt-secret-file.
+    #[arg(long, env = "WARBLER_TOKEN")]
+    token: Option<String>,
+    /// The secret to mint an admin token from (the dev cluster's by default).
+    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    jwt_secret_file: PathBuf,
+    /// Return once the member list changed, without waiting for the partitions to move.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting for the partitions to move after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    wait_secs: u64,
+}
+
+/// `warbler cluster decommission NODE`: removes a member; waits until it holds no replica.
+pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> {
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let auth = Auth::from_file(&args.jwt_secret_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n(pass --token with an admin token, or --jwt-secret-file of the cluster)"
+                )
+            })?;
+            auth.mint(&Claims {
+                sub: "operator".into(),
+                scope: "admin".into(),
+                exp: now_secs() + 3600,
+                iat: Some(now_secs()),
+                device: None,
+            })
+        }
+    };
+    let (status, body) = http_get(&args.http, "/v1/cluster").await?;
+    if status != 200 {
+        bail!("GET /v1/cluster on {} answered {status}: {body}", args.http);
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("{} sent JSON this version cannot read", args.http))?;
+    let target_http = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["node"] == args.node.as_str())
+        .and_then(|m| m["http_addr"].as_str().map(String::from));
+    let body = serde_json::json!({ "node": args.node }).to_string();
+    let (status, answer) = http_call(
+        &args.http,
+        "POST",
+        "/v1/cluster/decommission",
+        Some((&token, &body)),
+    )
+    .await?;
+    if status != 200 {
+        bail!("decommissioning {} failed ({status}): {answer}", args.node);
+    }
+    println!(
+        "{} removed from the member list; its partitions move to the other nodes",
+        args.node
+    );
+    if args.no_wait {
+        return Ok(());
+    }
+    let Some(target) = target_http else {
+        println!(
+            "{} is not reachable from here: cannot watch its partitions move",
+            args.node
+        );
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
+    let mut last = None;
+    loop {
+        if let Ok((200, body)) = http_get(&target, "/v1/cluster").await {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let held = v["replicas_held"].as_u64();
+            if held == Some(0) && v["decommissioned"] == true {
+                println!("{} holds no replica and has left: stop it now", args.node);
+                return Ok(());
+            }
+            if held != last {
+                println!("{} still holds {} replicas", args.node, held.unwrap_or(0));
+                last = held;
+            }
+        } else {
+            println!(
+                "{} stopped answering on {target}; check `warbler cluster status`",
+                args.node
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{} still holds replicas after {} s; see `warbler cluster status` and the nodes' logs",
+                args.node,
+                args.wait_secs
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

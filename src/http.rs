@@ -120,6 +120,12 @@ pub trait NodeView: Send + Sync + 'static {
     /// Testing only: cut the node off from peers at these cluster addresses (`None`: this
     /// node has no fault switch).
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()>;
+    /// Removes a node from the cluster (its partitions move to the others).
+    fn decommission(&self, _node: String) -> futures::future::BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async {
+            Err("this node runs alone (a cluster of one): there is no other node to hand its partitions to".to_string())
+        })
+    }
 }
 
 /// A node on its own: it leads every partition.
@@ -176,6 +182,13 @@ impl NodeView for crate::cluster::ClusterNode {
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()> {
         crate::cluster::ClusterNode::set_faults(self, blocked)
     }
+
+    fn decommission(&self, node: String) -> futures::future::BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async move {
+            let list = crate::cluster::ClusterNode::decommission(self, node.clone(), false).await?;
+            Ok(crate::elastic::decommissioned_json(&node, &list))
+        })
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -186,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/messages", post(fanout))
         .route("/v1/users/{user}/devices", get(devices))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/decommission", post(decommission))
         .route("/v1/debug/faults", post(faults))
         .route("/v1/ws", get(websocket))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -452,6 +466,33 @@ async fn readyz(State(state): State<AppState>) -> Response {
             format!("this node is not ready: {why}"),
         )
         .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DecommissionBody {
+    node: String,
+}
+
+/// Removes a member from the cluster; its partitions move to the other nodes.
+async fn decommission(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DecommissionBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    claims(&state, &headers, Scope::Admin)?;
+    let Json(body) = body.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{e}; send {{\"node\": \"NAME\"}} with the member's name"
+        ))
+    })?;
+    match state.view.decommission(body.node).await {
+        Ok(v) => Ok(Json(v).into_response()),
+        Err(why) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_decommissioned",
+            why,
+        )),
     }
 }
 

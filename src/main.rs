@@ -12,6 +12,7 @@
 mod auth;
 mod cli;
 mod cluster;
+mod elastic;
 mod gateway;
 mod http;
 mod node;
@@ -52,6 +53,8 @@ enum Command {
 enum ClusterCommand {
     /// Members and their state, partitions with replicas and leaders.
     Status(cli::ClusterStatusArgs),
+    /// Remove a member: its partitions move to the other nodes, then it can be stopped.
+    Decommission(cli::DecommissionArgs),
 }
 
 /// Flags of `serve`. Each overrides the config file and the WARBLER_* variables.
@@ -177,6 +180,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Send(args) => cli::send(args).await,
         Command::Listen(args) => cli::listen(args).await,
         Command::Cluster(ClusterCommand::Status(args)) => cli::cluster_status(args).await,
+        Command::Cluster(ClusterCommand::Decommission(args)) => {
+            cli::cluster_decommission(args).await
+        }
     }
 }
 

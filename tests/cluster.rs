@@ -26,6 +26,7 @@ struct Cluster {
     _dir: tempfile::TempDir,
     nodes: Vec<Node>,
     cluster_addrs: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// A port free for both TCP and UDP (the cluster address uses both).
@@ -45,43 +46,57 @@ impl Cluster {
     }
 
     async fn start_with(n: usize, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Cluster {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let cluster_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let nodes = (0..n)
-            .map(|i| {
-                let name = format!("n{i}");
-                let expect = n.to_string();
-                let mut vars = vec![
-                    ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
-                    ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
-                    ("WARBLER_FAULT_INJECTION", "true"),
-                ];
-                vars.extend_from_slice(env);
-                Node::start_with(
-                    &dir.path().join(&name),
-                    &vars,
-                    &[
-                        "--node-id",
-                        &name,
-                        "--cluster-addr",
-                        &cluster_addrs[i],
-                        "--seeds",
-                        &cluster_addrs[0],
-                        "--bootstrap-expect",
-                        &expect,
-                    ],
-                )
-            })
-            .collect();
-        let c = Cluster {
+        let mut c = Cluster {
             _dir: dir,
-            nodes,
-            cluster_addrs,
+            nodes: Vec::new(),
+            cluster_addrs: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
+        for _ in 0..n {
+            c.spawn(n);
+        }
         for i in 0..n {
             c.wait_ready(i, Duration::from_secs(60)).await;
         }
         c
+    }
+
+    /// Starts node `n<len>`, joining through `n0`; `expect` is its --bootstrap-expect.
+    fn spawn(&mut self, expect: usize) -> usize {
+        let i = self.nodes.len();
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.cluster_addrs.push(addr.clone());
+        let name = format!("n{i}");
+        let mut vars = vec![
+            ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
+            ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
+            ("WARBLER_FAULT_INJECTION", "true"),
+        ];
+        vars.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // WARBLER_TEST_LOG=info (or a filter) shows the nodes' logs when a test fails.
+        let level = std::env::var("WARBLER_TEST_LOG").ok();
+        if let Some(level) = &level {
+            vars.push(("WARBLER_LOG", level));
+        }
+        let node = Node::start_with(
+            &self._dir.path().join(&name),
+            &vars,
+            &[
+                "--node-id",
+                &name,
+                "--cluster-addr",
+                &addr,
+                "--seeds",
+                &self.cluster_addrs[0],
+                "--bootstrap-expect",
+                &expect.to_string(),
+            ],
+        );
+        self.nodes.push(node);
+        i
     }
 
     async fn wait_ready(&self, i: usize, within: Duration) {
@@ -791,5 +806,173 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
     println!(
         "redirect: {user} (replicas {replicas:?}, n{preferred} dead) published through n{outsider} in {:?}",
         t0.elapsed()
+    );
+}
+
+/// Whether every partition's group, as each of `nodes` holds it, has exactly the replicas the
+/// ring places it on (a node's view of a partition it holds no replica of is the placement).
+async fn placement_settled(cluster: &Cluster, nodes: &[usize]) -> Result<(), String> {
+    for &i in nodes {
+        let (status, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
+        if status != 200 {
+            return Err(format!("n{i} answered {status}"));
+        }
+        for p in v["partitions"].as_array().unwrap() {
+            let names = |k: &str| -> Vec<String> {
+                let mut n: Vec<String> = p[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_str().unwrap().to_string())
+                    .collect();
+                n.sort();
+                n
+            };
+            if names("replicas") != names("placement") {
+                return Err(format!(
+                    "n{i}: partition {} has replicas {:?}, placed on {:?}",
+                    p["partition"],
+                    names("replicas"),
+                    names("placement")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wait_settled(cluster: &Cluster, nodes: &[usize], within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        match placement_settled(cluster, nodes).await {
+            Ok(()) => return start.elapsed(),
+            Err(e) if start.elapsed() > within => panic!("not settled after {within:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Scaling out and in under load: a fourth node joins the running cluster and partitions
+/// move to it; then one of the original nodes is decommissioned, its partitions move away,
+/// and it is stopped. Publishers run on every node throughout. Afterwards every acknowledged
+/// message is delivered in order with no gap, every id has one seq, and no partition's group
+/// still counts the removed node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_leave_under_load_and_lose_nothing() {
+    let mut cluster = Cluster::start(3).await;
+    let outcomes: Outcomes = Arc::default();
+    let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Scale out: n3 joins through n0 (it is started like the others, with
+    // --bootstrap-expect 3, and finds a formed cluster).
+    let t0 = Instant::now();
+    let new = cluster.spawn(3);
+    cluster.wait_ready(new, Duration::from_secs(120)).await;
+    let out = wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
+    let (_, v) = cluster.nodes[new]
+        .http("GET", "/v1/cluster", None, "")
+        .await;
+    let held = v["replicas_held"].as_u64().unwrap();
+    let placed = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["placement"].as_array().unwrap().iter().any(|n| n == "n3"))
+        .count() as u64;
+    assert!(
+        placed > 0,
+        "the ring places some partitions on the new node"
+    );
+    assert_eq!(held, placed, "n3 holds every replica placed on it: {v}");
+    clients
+        .lock()
+        .unwrap()
+        .push(cluster.nodes[new].client.clone());
+    println!(
+        "scale out: n3 ready and {placed} partitions moved in {:?} ({:?} after ready)",
+        t0.elapsed(),
+        out
+    );
+    let acked_before = acked_count(&outcomes);
+
+    // Scale in: decommission n1 through n2's API.
+    let t1 = Instant::now();
+    let (status, v) = cluster.nodes[2]
+        .http(
+            "POST",
+            "/v1/cluster/decommission",
+            Some(&token("ops", "admin")),
+            r#"{"node": "n1"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "decommission answered {v}");
+    assert!(!v["members"].as_array().unwrap().iter().any(|n| n == "n1"));
+    // Bad requests are refused with a reason, and change nothing.
+    let (status, v) = cluster.nodes[0]
+        .http(
+            "POST",
+            "/v1/cluster/decommission",
+            Some(&token("ops", "admin")),
+            r#"{"node": "nobody"}"#,
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a member"),
+        "{v}"
+    );
+    let start = Instant::now();
+    loop {
+        let (_, v) = cluster.nodes[1].http("GET", "/v1/cluster", None, "").await;
+        if v["replicas_held"] == 0 && v["decommissioned"] == true {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "n1 still holds replicas: {}; partitions it holds: {:?}",
+            v["replicas_held"],
+            v["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["term"].is_number())
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, _) = cluster.nodes[1].http("GET", "/readyz", None, "").await;
+    assert_eq!(status, 503, "a decommissioned node is not ready");
+    clients
+        .lock()
+        .unwrap()
+        .retain(|c| *c != cluster.nodes[1].client);
+    cluster.nodes[1].kill9();
+    wait_settled(&cluster, &[0, 2, 3], Duration::from_secs(60)).await;
+    for i in [0, 2, 3] {
+        let (_, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
+        for p in v["partitions"].as_array().unwrap() {
+            assert!(
+                !p["replicas"].as_array().unwrap().iter().any(|n| n == "n1"),
+                "n{i}: partition {} still counts n1: {p}",
+                p["partition"]
+            );
+        }
+    }
+    println!("scale in: n1 emptied and stopped in {:?}", t1.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_publishers(stop, tasks).await;
+    assert!(
+        acked_count(&outcomes) > acked_before,
+        "publishes went on after the scale-out"
+    );
+    let delivered = check_streams(&cluster, new, &outcomes).await;
+    println!(
+        "scale out/in: {} acknowledged, {delivered} delivered in order",
+        acked_count(&outcomes)
     );
 }

@@ -78,6 +78,12 @@ pub trait Router: Send + Sync + 'static {
     /// is (a redirect), or, with `None`, it could not be reached or did not know. A router
     /// that only guesses (this node holds no replica of the partition) corrects its guess.
     fn redirected(&self, _partition: PartitionId, _leader: Option<&str>) {}
+
+    /// Whether this node holds a replica of `partition` (so its idea of the leader comes
+    /// from consensus, and it may redirect others to it).
+    fn is_replica(&self, _partition: PartitionId) -> bool {
+        true
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -384,10 +390,12 @@ pub struct RouteService {
 /// does not lead the partition but knows which node does, say so.
 fn redirect<T>(routing: &Routing, partition: PartitionId, answer: Wire<T>) -> Wire<T> {
     match answer {
-        Err(MailboxError::NoLeader(why)) => match routing.router.leader(partition) {
-            Leader::Remote { node, .. } => Err(MailboxError::Redirect(node)),
-            _ => Err(MailboxError::NoLeader(why)),
-        },
+        Err(MailboxError::NoLeader(why)) if routing.router.is_replica(partition) => {
+            match routing.router.leader(partition) {
+                Leader::Remote { node, .. } => Err(MailboxError::Redirect(node)),
+                _ => Err(MailboxError::NoLeader(why)),
+            }
+        }
         other => other,
     }
 }

@@ -78,6 +78,8 @@ impl Net {
 #[derive(Clone, Debug)]
 pub struct ClusterOpts {
     pub nodes: usize,
+    /// Node slots not started at first: `add` starts them (scaling out).
+    pub spare: usize,
     pub warbler: PathBuf,
     pub dir: PathBuf,
     pub net: Net,
@@ -96,6 +98,8 @@ struct NodeProc {
     paused: bool,
     /// Docker: the container exists (started once).
     created: bool,
+    /// A member of the cluster: started, not decommissioned.
+    active: bool,
 }
 
 /// A running cluster and the faults currently applied to it.
@@ -148,7 +152,7 @@ impl Cluster {
         let secret = opts.dir.join("secret");
         std::fs::write(&secret, auth::SECRET)?;
         let tag = (std::process::id() * 7 + NEXT_TAG.fetch_add(1, Ordering::Relaxed)) % 200 + 20;
-        let nodes = (0..opts.nodes)
+        let nodes = (0..opts.nodes + opts.spare)
             .map(|i| {
                 let (client, http, cluster) = match opts.net {
                     Net::Loopback => {
@@ -176,6 +180,7 @@ impl Cluster {
                     child: None,
                     paused: false,
                     created: false,
+                    active: i < opts.nodes,
                 }
             })
             .collect();
@@ -196,17 +201,25 @@ impl Cluster {
             )?,
             Net::Loopback => {}
         }
-        for i in 0..c.nodes.len() {
+        for i in c.active() {
             c.spawn(i)?;
         }
-        for i in 0..c.nodes.len() {
+        for i in c.active() {
             c.wait_ready(i, Duration::from_secs(90)).await?;
         }
         Ok(c)
     }
 
+    /// Node slots, members or not.
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The members: started and not decommissioned.
+    pub fn active(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].active)
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -390,7 +403,7 @@ impl Cluster {
             .args(["--http-addr", &n.http.to_string()])
             .args(["--cluster-addr", &n.cluster.to_string()])
             .args(["--seeds", &seeds.join(",")])
-            .args(["--bootstrap-expect", &self.nodes.len().to_string()])
+            .args(["--bootstrap-expect", &self.opts.nodes.to_string()])
             .arg("--jwt-secret-file")
             .arg(&self.secret)
             .stdin(Stdio::null())
@@ -471,7 +484,7 @@ impl Cluster {
                 "--seeds",
                 &seeds.join(","),
                 "--bootstrap-expect",
-                &self.nodes.len().to_string(),
+                &self.opts.nodes.to_string(),
                 "--jwt-secret-file",
                 "/secret",
             ] {
@@ -713,19 +726,82 @@ impl Cluster {
         Ok((status, v))
     }
 
-    /// Heals everything: resumes paused nodes, starts stopped ones, removes cuts, and waits
-    /// until every node is ready.
+    /// Heals everything: resumes paused nodes, starts stopped members, removes cuts, and
+    /// waits until every member is ready.
     pub async fn heal_all(&mut self, within: Duration) -> anyhow::Result<()> {
-        for i in 0..self.nodes.len() {
+        for i in self.active() {
             if self.is_paused(i) {
                 self.resume(i);
             }
             self.restart(i)?;
         }
         self.heal().await?;
-        for i in 0..self.nodes.len() {
+        for i in self.active() {
             self.wait_ready(i, within).await?;
         }
+        Ok(())
+    }
+
+    /// Scales out: starts a node slot that is not a member, on an empty data directory (it
+    /// joins the running cluster), and waits until it is ready (its partitions moved in).
+    pub async fn add(&mut self, within: Duration) -> anyhow::Result<usize> {
+        let Some(i) = (0..self.nodes.len()).find(|&i| !self.nodes[i].active) else {
+            bail!("no spare node slot to add: raise cluster.spare_nodes in the scenario");
+        };
+        self.kill(i).await;
+        if self.opts.net == Net::Docker && self.nodes[i].created {
+            quiet(&["docker", "rm", "-f", &self.container(i)]);
+            self.nodes[i].created = false;
+        }
+        let data = self.nodes[i].data.clone();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("cannot empty {}", data.display()))?;
+        }
+        self.spawn(i)?;
+        self.nodes[i].active = true;
+        self.wait_ready(i, within).await?;
+        Ok(i)
+    }
+
+    /// Scales in: asks another member to decommission node `i`, waits until `i` holds no
+    /// replica, then stops it.
+    pub async fn decommission(&mut self, i: usize, within: Duration) -> anyhow::Result<()> {
+        let name = self.nodes[i].name.clone();
+        let body = serde_json::json!({ "node": name }).to_string();
+        let start = Instant::now();
+        loop {
+            let via = self
+                .active()
+                .into_iter()
+                .find(|&j| j != i && self.is_up(j) && !self.is_paused(j))
+                .ok_or_else(|| anyhow::anyhow!("no other member to decommission {name} through"))?;
+            let last = match self
+                .http(via, "POST", "/v1/cluster/decommission", &body)
+                .await
+            {
+                Ok((200, _)) => break,
+                Ok((_, v)) => v.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > within {
+                bail!("cannot decommission {name}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        loop {
+            let last = match self.http(i, "GET", "/v1/cluster", "").await {
+                Ok((200, v)) if v["replicas_held"] == 0 && v["decommissioned"] == true => break,
+                Ok((_, v)) => format!("replicas_held {}", v["replicas_held"]),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > within {
+                bail!("{name} still holds replicas {within:?} after its decommission: {last}; its log is {}", self.nodes[i].log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.nodes[i].active = false;
+        self.stop(i).await;
         Ok(())
     }
 

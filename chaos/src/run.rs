@@ -96,6 +96,7 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
     }
     let mut cluster = Cluster::start(ClusterOpts {
         nodes: s.cluster.nodes,
+        spare: s.cluster.spare_nodes,
         warbler: opts.warbler.clone(),
         dir,
         net: opts.net,
@@ -118,7 +119,7 @@ async fn drive(
     let stop = Arc::new(AtomicBool::new(false));
     let clients = Arc::new(cluster.clients());
     let mut tasks = Vec::new();
-    let publishers = (w.publishers_per_node * cluster.len()) as u32;
+    let publishers = (w.publishers_per_node * s.cluster.nodes) as u32;
     for k in 0..publishers {
         tasks.push(tokio::spawn(workload::publisher(
             k,
@@ -231,10 +232,11 @@ fn stream_ends(events: &[Event]) -> HashMap<String, u64> {
 
 /// The nodes a fault hits.
 async fn targets(cluster: &mut Cluster, p: &Planned) -> anyhow::Result<Vec<usize>> {
-    let n = cluster.len();
+    let members = cluster.active();
+    let n = members.len();
     let mut rng = StdRng::seed_from_u64(p.pick);
     Ok(match &p.target {
-        Target::Random => vec![rng.gen_range(0..n)],
+        Target::Random => vec![members[rng.gen_range(0..n)]],
         Target::HotLeader => {
             let mut found = None;
             for _ in 0..50 {
@@ -249,21 +251,22 @@ async fn targets(cluster: &mut Cluster, p: &Planned) -> anyhow::Result<Vec<usize
             })?]
         }
         Target::Minority => {
-            let mut all: Vec<usize> = (0..n).collect();
+            let mut all = members;
             all.shuffle(&mut rng);
             all.truncate(((n - 1) / 2).max(1));
             all.sort();
             all
         }
-        Target::All | Target::Each => (0..n).collect(),
+        Target::All | Target::Each => members,
         Target::Node(i) => vec![*i],
     })
 }
 
 async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::Result<()> {
-    let ts = targets(cluster, p).await?;
-    let names: Vec<&str> = ts.iter().map(|&i| cluster.name(i)).collect();
-    let detail = format!("{:?} {} ({})", p.action, p.target, names.join(","));
+    let mut ts = targets(cluster, p).await?;
+    if p.action == Action::Add {
+        ts = Vec::new(); // known once the node is picked
+    }
     let hold = Duration::from_secs_f64(p.hold_s);
     let ready_within = Duration::from_secs(60);
     let t = rec.now();
@@ -287,10 +290,15 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
             }
         }
         Action::Isolate | Action::Partition => {
-            let rest: Vec<usize> = (0..cluster.len()).filter(|i| !ts.contains(i)).collect();
+            let rest: Vec<usize> = cluster
+                .active()
+                .into_iter()
+                .filter(|i| !ts.contains(i))
+                .collect();
             if p.action == Action::Isolate {
                 for &i in &ts {
-                    let others: Vec<usize> = (0..cluster.len()).filter(|&j| j != i).collect();
+                    let others: Vec<usize> =
+                        cluster.active().into_iter().filter(|&j| j != i).collect();
                     cluster.cut(&[i], &others).await?;
                 }
             } else {
@@ -307,8 +315,20 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
                 tokio::time::sleep(hold).await;
             }
         }
+        Action::Add => {
+            ts.push(cluster.add(Duration::from_secs(180)).await?);
+            tokio::time::sleep(hold).await;
+        }
+        Action::Decommission => {
+            for &i in &ts {
+                cluster.decommission(i, Duration::from_secs(180)).await?;
+            }
+            tokio::time::sleep(hold).await;
+        }
     }
     let end = rec.now();
+    let names: Vec<&str> = ts.iter().map(|&i| cluster.name(i)).collect();
+    let detail = format!("{:?} {} ({})", p.action, p.target, names.join(","));
     rec.record(Event::Fault {
         t,
         end,
@@ -317,7 +337,8 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
         detail,
     });
     // The next fault starts on a whole cluster.
-    for &i in &ts {
+    let members = cluster.active();
+    for i in ts.into_iter().filter(|i| members.contains(i)) {
         cluster.wait_ready(i, ready_within).await?;
     }
     Ok(())

@@ -43,6 +43,8 @@ pub struct Scenario {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSpec {
     pub nodes: usize,
+    /// Node slots beyond `nodes`, started by `add` faults (scaling out).
+    pub spare_nodes: usize,
     pub raft_heartbeat_ms: u64,
     pub raft_election_timeout_ms: u64,
 }
@@ -51,6 +53,7 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec {
             nodes: 3,
+            spare_nodes: 0,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 500,
         }
@@ -105,11 +108,18 @@ pub enum Action {
     /// Graceful restart (SIGTERM, wait for exit, start again), one target after another,
     /// each waiting until the restarted node is ready.
     Restart,
+    /// Scale out: start a spare node on an empty data directory; it joins the running
+    /// cluster and partitions move to it (the target is ignored).
+    Add,
+    /// Scale in: remove the targets from the cluster, wait until their partitions moved
+    /// away, and stop them.
+    Decommission,
 }
 
 /// Which nodes a fault hits.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Target {
+    #[default]
     Random,
     /// The leader of the hot user's partition at the moment of the fault.
     HotLeader,
@@ -172,6 +182,7 @@ impl std::fmt::Display for Target {
 #[serde(deny_unknown_fields)]
 pub struct FaultSpec {
     pub action: Action,
+    #[serde(default)]
     pub target: Target,
     /// First occurrence, seconds into the run.
     pub start_s: f64,
@@ -226,6 +237,9 @@ impl Scenario {
                 self.cluster.nodes
             ));
         }
+        if self.cluster.nodes + self.cluster.spare_nodes > 9 {
+            return Err("cluster.nodes + cluster.spare_nodes: at most 9 node slots".into());
+        }
         let w = &self.workload;
         if w.users == 0 || w.devices_per_user == 0 || w.publishers_per_node == 0 {
             return Err(
@@ -253,6 +267,14 @@ impl Scenario {
                     "fault start_s, every_s and hold_s must not be negative (every_s positive)"
                         .into(),
                 );
+            }
+            if f.action == Action::Add && self.cluster.spare_nodes == 0 {
+                return Err(
+                    "an add fault needs a node slot to start: set cluster.spare_nodes".into(),
+                );
+            }
+            if f.action == Action::Decommission && matches!(f.target, Target::All | Target::Each) {
+                return Err("decommission a proper subset of the nodes (random, hot-leader, minority or node:N)".into());
             }
             if f.action == Action::Partition && matches!(f.target, Target::All | Target::Each) {
                 return Err("a partition needs a proper subset of the nodes as its target".into());

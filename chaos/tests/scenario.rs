@@ -22,7 +22,7 @@ fn shipped() -> Vec<(String, Scenario)> {
 #[test]
 fn every_shipped_scenario_loads_and_plans_faults() {
     let all = shipped();
-    assert!(all.len() >= 7, "{} scenarios", all.len());
+    assert!(all.len() >= 8, "{} scenarios", all.len());
     for (path, s) in &all {
         let plan = s.plan(&mut StdRng::seed_from_u64(1));
         assert!(!plan.is_empty(), "{path} plans no fault");
@@ -45,6 +45,8 @@ fn every_shipped_scenario_loads_and_plans_faults() {
         Action::Isolate,
         Action::Partition,
         Action::Restart,
+        Action::Add,
+        Action::Decommission,
     ] {
         assert!(actions.contains(&a), "no shipped scenario uses {a:?}");
     }
@@ -84,6 +86,12 @@ fn bad_scenarios_are_refused_with_a_reason() {
     assert!(e.contains("nodes 0 to 2"), "{e}");
     let e =
         parse("name='x'\nduration_s=10\n[[fault]]\naction='partition'\ntarget='all'\nstart_s=1\n");
+    assert!(e.contains("proper subset"), "{e}");
+    let e = parse("name='x'\nduration_s=10\n[[fault]]\naction='add'\nstart_s=1\n");
+    assert!(e.contains("cluster.spare_nodes"), "{e}");
+    let e = parse(
+        "name='x'\nduration_s=10\n[[fault]]\naction='decommission'\ntarget='each'\nstart_s=1\n",
+    );
     assert!(e.contains("proper subset"), "{e}");
     assert_eq!(Target::parse("node:2"), Ok(Target::Node(2)));
 }

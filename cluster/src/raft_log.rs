@@ -62,6 +62,12 @@ impl RaftLog {
             .insert(partition, Arc::new(Group { raft, proposals }));
     }
 
+    /// Stops routing `partition`'s entries (its replica moved to another node). Proposals
+    /// already queued still complete.
+    pub fn remove(&self, partition: PartitionId) {
+        self.groups.write().unwrap().remove(&partition);
+    }
+
     fn group(&self, partition: PartitionId) -> Result<Arc<Group>, StorageError> {
         self.groups
             .read()

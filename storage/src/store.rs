@@ -577,6 +577,20 @@ impl Store {
         self.write(batch, sync)
     }
 
+    /// Deletes everything this node holds of `partition`: its replicated state, its consensus
+    /// log and its consensus metadata (a replica that moved to another node).
+    pub fn drop_partition(&self, partition: PartitionId) -> Result<(), StorageError> {
+        let prefix = partition.to_be_bytes().to_vec();
+        let mut batch = WriteBatch::default();
+        for cf in PARTITION_STATE_CFS
+            .into_iter()
+            .chain([CF_RAFT_LOG, CF_RAFT_META])
+        {
+            batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
+        }
+        self.write(batch, true)
+    }
+
     /// Every row of `partition`'s replicated state.
     pub fn export_partition(&self, partition: PartitionId) -> Result<PartitionRows, StorageError> {
         let prefix = partition.to_be_bytes().to_vec();
@@ -820,6 +834,36 @@ mod tests {
             0,
             "other partitions are not exported"
         );
+    }
+
+    #[test]
+    fn a_dropped_partition_leaves_nothing_and_touches_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        append(&s, "x", 1..=5, 0); // partition 3
+        append(&s, "stale", 1..=2, 0); // partition 3 too
+        s.apply(
+            &[Op::Cursor {
+                partition: 4,
+                user: "y".into(),
+                device: "d".into(),
+                acked: 9,
+            }],
+            true,
+        )
+        .unwrap();
+        for p in [3, 4] {
+            s.raft_log_put(p, &[(1, vec![1]), (2, vec![2])], true)
+                .unwrap();
+            s.raft_meta_put(p, "vote", b"v", true).unwrap();
+        }
+        s.drop_partition(3).unwrap();
+        assert_eq!(s.export_partition(3).unwrap(), Vec::new());
+        assert_eq!(s.raft_log_last(3).unwrap(), None);
+        assert_eq!(s.raft_meta_get(3, "vote").unwrap(), None);
+        assert_eq!(s.cursor(4, "y", "d").unwrap(), 9);
+        assert_eq!(s.raft_log_last(4).unwrap().map(|e| e.0), Some(2));
+        assert_eq!(s.raft_meta_get(4, "vote").unwrap(), Some(b"v".to_vec()));
     }
 
     #[test]
