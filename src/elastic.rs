@@ -584,6 +584,10 @@ impl ClusterNode {
         let Some(mine) = self.members.read().unwrap().clone() else {
             return;
         };
+        if !mine.names.contains(&self.me) {
+            // It led the member list when it was removed, so its own copy says so.
+            return self.leave(&mine).await;
+        }
         let metas = self.metas.borrow().clone();
         let others = mine
             .names
@@ -608,15 +612,19 @@ impl ClusterNode {
                 continue;
             };
             if theirs.epoch > mine.epoch && !theirs.names.contains(&self.me) {
-                tracing::warn!(members = ?theirs.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (to join again, start it on an empty data directory)");
-                self.left.store(true, Ordering::Relaxed);
-                self.set_state(NodeState::Draining, true).await;
-                if let Some(f) = self.formed.get() {
-                    let _ = f.meta.shutdown().await;
-                    self.raft_service.remove(META_GROUP);
-                }
+                self.leave(&theirs).await;
             }
             return;
+        }
+    }
+
+    async fn leave(&self, list: &MemberList) {
+        tracing::warn!(members = ?list.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (to join again, start it on an empty data directory)");
+        self.left.store(true, Ordering::Relaxed);
+        self.set_state(NodeState::Draining, true).await;
+        if let Some(f) = self.formed.get() {
+            let _ = f.meta.shutdown().await;
+            self.raft_service.remove(META_GROUP);
         }
     }
 
