@@ -461,18 +461,8 @@ impl ClusterNode {
             return None;
         }
         names.sort();
-        let metas = self.metas.borrow();
-        let own = self.my_meta.read().unwrap().cluster;
-        let addrs = names
-            .iter()
-            .filter_map(|n| {
-                if *n == self.me {
-                    Some(own)
-                } else {
-                    metas.get(n).map(|m| m.cluster)
-                }
-            })
-            .collect();
+        let metas = self.metas.borrow().clone();
+        let addrs = self.cluster_addrs(&names, &metas);
         Some(MemberList {
             names,
             replication_factor: f.replication_factor,
@@ -485,6 +475,25 @@ impl ClusterNode {
                 .map(|l| l.index + 1)
                 .unwrap_or(1),
         })
+    }
+
+    /// The cluster addresses of `names` (this node's own, the others' from gossip).
+    fn cluster_addrs(
+        &self,
+        names: &[String],
+        metas: &HashMap<String, NodeMeta>,
+    ) -> Vec<SocketAddr> {
+        let own = self.my_meta.read().unwrap().cluster;
+        names
+            .iter()
+            .filter_map(|n| {
+                if *n == self.me {
+                    Some(own)
+                } else {
+                    metas.get(n).map(|m| m.cluster)
+                }
+            })
+            .collect()
     }
 
     /// The member list from a formed member, by joining a running cluster, or for a new
@@ -544,17 +553,7 @@ impl ClusterNode {
             candidates.dedup();
             if candidates.len() >= expect {
                 let rf = (config.cluster.replication_factor as usize).min(candidates.len());
-                let own = self.my_meta.read().unwrap().cluster;
-                let addrs = candidates
-                    .iter()
-                    .filter_map(|n| {
-                        if *n == self.me {
-                            Some(own)
-                        } else {
-                            metas.get(n).map(|m| m.cluster)
-                        }
-                    })
-                    .collect();
+                let addrs = self.cluster_addrs(&candidates, &metas);
                 return Ok(MemberList {
                     names: candidates,
                     replication_factor: rf,
@@ -896,15 +895,19 @@ impl ClusterNode {
         self.membership.leave().await;
     }
 
-    /// This node's replica of `partition`, when it has been added to the partition's group.
-    fn replica(&self, partition: PartitionId) -> Option<Raft<TypeConfig>> {
-        let raft = self
-            .placement
+    /// This node's replica of `partition`, added to the group or not.
+    pub(crate) fn local_raft(&self, partition: PartitionId) -> Option<Raft<TypeConfig>> {
+        self.placement
             .read()
             .unwrap()
             .rafts
             .get(&partition)
-            .cloned()?;
+            .cloned()
+    }
+
+    /// This node's replica of `partition`, when it has been added to the partition's group.
+    fn replica(&self, partition: PartitionId) -> Option<Raft<TypeConfig>> {
+        let raft = self.local_raft(partition)?;
         let added = raft
             .metrics()
             .borrow()

@@ -258,21 +258,7 @@ impl ClusterNode {
         }
         let change = if voters.contains(&id) {
             let mut keep: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != id).collect();
-            let live: HashSet<String> = self
-                .membership
-                .members()
-                .into_iter()
-                .map(|m| m.name)
-                .collect();
-            let names = self.names.read().unwrap().clone();
-            let mut learners: Vec<(String, u64)> = nodes
-                .iter()
-                .filter(|n| !voters.contains(n))
-                .filter_map(|n| Some((names.get(n)?.clone(), *n)))
-                .filter(|(n, _)| live.contains(n) || *n == self.me)
-                .collect();
-            learners.sort();
-            for (_, l) in learners {
+            for l in self.live_learners(&voters, &nodes) {
                 if keep.len() >= meta_voters(remaining) {
                     break;
                 }
@@ -431,12 +417,7 @@ impl ClusterNode {
     /// only, so a node that hears `false` may drop its replica).
     fn member_of(&self, partition: PartitionId, name: &str) -> Result<bool, String> {
         let raft = self
-            .placement
-            .read()
-            .unwrap()
-            .rafts
-            .get(&partition)
-            .cloned()
+            .local_raft(partition)
             .filter(is_leading)
             .ok_or_else(|| format!("this node does not lead partition {partition}"))?;
         let (_, nodes, settled) = membership_of(&raft);
@@ -700,19 +681,14 @@ impl ClusterNode {
         }
     }
 
-    /// Promotes live learners while the member-list group has fewer voters than it should.
-    async fn top_up_voters(&self) {
-        let Some(f) = self.formed.get() else { return };
-        let (voters, nodes, settled) = membership_of(&f.meta);
-        let want = meta_voters(nodes.len());
-        if !settled || voters.len() >= want {
-            return;
-        }
+    /// The learners of the member-list group that are alive (this node counts), by name.
+    fn live_learners(&self, voters: &BTreeSet<u64>, nodes: &BTreeSet<u64>) -> Vec<u64> {
         let live: HashSet<String> = self
             .membership
             .members()
             .into_iter()
             .map(|m| m.name)
+            .chain([self.me.clone()])
             .collect();
         let names = self.names.read().unwrap().clone();
         let mut learners: Vec<(String, u64)> = nodes
@@ -721,12 +697,24 @@ impl ClusterNode {
             .filter_map(|n| Some((names.get(n)?.clone(), *n)))
             .filter(|(n, _)| live.contains(n))
             .collect();
+        learners.sort();
+        learners.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Promotes live learners while the member-list group has fewer voters than it should.
+    async fn top_up_voters(&self) {
+        let Some(f) = self.formed.get() else { return };
+        let (voters, nodes, settled) = membership_of(&f.meta);
+        let want = meta_voters(nodes.len());
+        if !settled || voters.len() >= want {
+            return;
+        }
+        let learners = self.live_learners(&voters, &nodes);
         if learners.is_empty() {
             return;
         }
-        learners.sort();
         let mut keep = voters.clone();
-        for (_, l) in learners.into_iter().take(want - voters.len()) {
+        for l in learners.into_iter().take(want - voters.len()) {
             keep.insert(l);
         }
         tracing::info!(
