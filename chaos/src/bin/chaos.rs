@@ -88,13 +88,34 @@ fn default_warbler() -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match main2().await {
+    // On Ctrl-C or SIGTERM the run is dropped, and with it the cluster: its nodes are
+    // killed and its network namespaces, bridge and containers removed.
+    let outcome = tokio::select! {
+        r = main2() => r,
+        s = interrupted() => Err(anyhow::anyhow!("stopped by {s}; the cluster was torn down and this run has no result")),
+    };
+    match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
         }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM and names it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
