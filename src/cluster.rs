@@ -530,6 +530,15 @@ impl ClusterNode {
                 };
                 let list: MemberList = rmp_serde::from_slice(&bytes)?;
                 if list.names.contains(&self.me) {
+                    // Epoch 1 is the formation list as the member-list group holds it: no
+                    // node has joined or left since. This node is a founder that was late
+                    // to form (or lost its data before any change), and forms as one: it
+                    // creates the groups it is the first replica of, unless they exist.
+                    // Otherwise nobody would create them.
+                    if list.epoch <= 1 {
+                        tracing::info!(from = %name, "the cluster formed with this node in it; forming as a founder");
+                        return Ok(MemberList { epoch: 0, ..list });
+                    }
                     tracing::info!(from = %name, "rejoining the cluster with an empty data directory; replicas catch up from their leaders");
                     return Ok(list);
                 }
@@ -661,7 +670,23 @@ impl ClusterNode {
         if self.left.load(Ordering::Relaxed) {
             return Err("this node was decommissioned and is no longer a member; stop it (to join again, start it on an empty data directory)".into());
         }
-        let rafts = self.placement.read().unwrap().rafts.clone();
+        let (rafts, placed) = {
+            let pl = self.placement.read().unwrap();
+            let placed: Vec<usize> = (0..pl.replicas.len())
+                .filter(|&p| pl.replicas[p].contains(&self.me))
+                .collect();
+            (pl.rafts.clone(), placed)
+        };
+        // Replicas start one by one after the cluster forms (or when partitions are
+        // placed here): one not started yet has nothing to compare.
+        if let Some(p) = placed
+            .iter()
+            .find(|&&p| !rafts.contains_key(&(p as PartitionId)))
+        {
+            return Err(format!(
+                "partition {p} is placed here and its replica has not started yet"
+            ));
+        }
         for (p, raft) in &rafts {
             let m = raft.metrics().borrow().clone();
             if m.membership_config.membership().nodes().next().is_none() {

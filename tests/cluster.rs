@@ -7,6 +7,9 @@
 //!   term: no id gets two seqs, no seq two ids.
 //! - A node cut off from the other two acknowledges nothing for the partitions it led; the
 //!   majority keeps serving.
+//! - A follower that comes back behind is not ready until it has applied what its leaders
+//!   had applied.
+//! - Nodes join and leave under load, and nothing is lost.
 
 mod common;
 
@@ -707,6 +710,42 @@ async fn a_restarted_follower_is_not_ready_until_it_has_caught_up() {
     println!(
         "n{victim}: {missed} messages missed, ready and caught up {:?} after its restart",
         t0.elapsed()
+    );
+}
+
+/// A founding node that finds the others already formed (here `n2`, which waits for a
+/// fourth node that never comes, while `n0` and `n1` form with the three of them) still
+/// creates the partition groups it is the first replica of: otherwise those groups never
+/// get a member and the cluster never becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_late_to_form_still_creates_its_groups() {
+    let mut cluster = Cluster {
+        _dir: tempfile::tempdir().unwrap(),
+        nodes: Vec::new(),
+        cluster_addrs: Vec::new(),
+        env: Vec::new(),
+    };
+    cluster.spawn(3);
+    cluster.spawn(3);
+    cluster.spawn(4);
+    for i in 0..3 {
+        cluster.wait_ready(i, Duration::from_secs(60)).await;
+    }
+    let v = cluster.status(None).await;
+    let founders: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["member"] == true)
+        .filter_map(|m| m["node"].as_str())
+        .collect();
+    assert_eq!(founders, ["n0", "n1", "n2"], "{v}");
+    let leaderless: Vec<usize> = (0..64)
+        .filter(|&p| v["partitions"][p]["leader"].as_str().is_none())
+        .collect();
+    assert!(
+        leaderless.is_empty(),
+        "partitions without a leader: {leaderless:?}"
     );
 }
 
