@@ -113,6 +113,8 @@ def main(runs_dir, doc, img_dir):
                             text=True).stdout.strip()
     info = json.load(open(os.path.join(runs_dir, "info.json"))) if os.path.exists(
         os.path.join(runs_dir, "info.json")) else {}
+    # A matrix run from binaries built earlier names their commit in info.json.
+    commit = info.get("commit", commit)
     nets = sorted({r["net"] for r in runs})
     section = [
         BEGIN,
