@@ -10,7 +10,7 @@ bench:         ## Warbler vs NATS JetStream and Mosquitto, idle memory, reconnec
 bench-quick:   ## the same at a small size (a few minutes), to try the harness
 	USERS=200 DURATION=5 IDLE=2000 STORM=500 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
 
-chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about 40 min)
+chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about an hour)
 	bash scripts/chaos.sh
 
 dev:           ## a local 3-node cluster

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full chaos matrix: every scenario in chaos/scenarios (but the CI one) RUNS times with
 # consecutive seeds, plus two deliberately broken builds; writes the results section of
-# docs/chaos.md and its plots. About 40 minutes with the defaults.
+# docs/chaos.md and its plots. About an hour with the defaults.
 #
 #   RUNS=5 SEED=<first seed> DURATION=<override seconds> OUT=/tmp/warbler-chaos-matrix
 #   NET=auto|netns|loopback|docker (docker: containers of warbler:latest, built here first)

@@ -19,8 +19,31 @@ async fn next(rx: &mut mpsc::Receiver<Frame>) -> Frame {
         .expect("queue open")
 }
 
-/// Mailboxes over a single-node log in a fresh directory (kept alive by the returned guard).
-async fn single_node_mailboxes() -> (tempfile::TempDir, Mailboxes) {
+/// Mailboxes over a single-node log in a fresh directory, with their store and directory.
+struct Fixture {
+    mailboxes: Mailboxes,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Stops every mailbox and closes the database here, before the test ends: the
+    /// committer thread must not hold it while the process exits.
+    async fn close(self) {
+        self.mailboxes.stop();
+        let start = std::time::Instant::now();
+        while self.store.handles() > 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the database still has {} handles 5 s after the mailboxes stopped",
+                self.store.handles()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn single_node_mailboxes() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let limits = CommitterLimits {
@@ -31,7 +54,7 @@ async fn single_node_mailboxes() -> (tempfile::TempDir, Mailboxes) {
     };
     let log = Arc::new(LocalLog::new(Committer::start(store.clone(), limits)));
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
-        store,
+        store: store.clone(),
         log,
         limits: MailboxLimits {
             inflight_max: 16,
@@ -42,12 +65,17 @@ async fn single_node_mailboxes() -> (tempfile::TempDir, Mailboxes) {
     })
     .await
     .unwrap();
-    (dir, mailboxes)
+    Fixture {
+        mailboxes,
+        store,
+        _dir: dir,
+    }
 }
 
 #[tokio::test]
 async fn a_session_resubscribes_when_its_mailbox_dies() {
-    let (_dir, mailboxes) = single_node_mailboxes().await;
+    let fixture = single_node_mailboxes().await;
+    let mailboxes = fixture.mailboxes.clone();
 
     let (tx, mut rx) = mpsc::channel(64);
     let closed = CancellationToken::new();
@@ -90,6 +118,7 @@ async fn a_session_resubscribes_when_its_mailbox_dies() {
     assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 2, .. }));
     assert!(!closed.is_cancelled(), "the connection stayed up");
     assert_ne!(mailboxes.get("u").await.unwrap().get_id(), old.get_id());
+    fixture.close().await;
 }
 
 /// Stands in for a session: forwards the seqs of each delivered batch.
@@ -127,7 +156,8 @@ impl Actor for Probe {
 /// in between again rather than a gap in its own stream.
 #[tokio::test]
 async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
-    let (_dir, mailboxes) = single_node_mailboxes().await;
+    let fixture = single_node_mailboxes().await;
+    let mailboxes = fixture.mailboxes.clone();
     for i in 1..=5u64 {
         let id = format!("m{i}");
         let seq = mailboxes
@@ -176,4 +206,5 @@ async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
         vec![1, 2, 3, 4, 5],
         "the resumed connection continues after what it was sent (0), not after the stored cursor (3)"
     );
+    fixture.close().await;
 }

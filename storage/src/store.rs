@@ -100,6 +100,12 @@ pub struct Store {
 }
 
 impl Store {
+    /// How many handles keep the database open (it closes when the last one drops). A
+    /// process that ends while another thread still holds one races RocksDB's teardown.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.db)
+    }
+
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Store, StorageError> {
         let open_err = |message: String| StorageError::Open {
