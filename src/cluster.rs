@@ -670,23 +670,19 @@ impl ClusterNode {
         if self.left.load(Ordering::Relaxed) {
             return Err("this node was decommissioned and is no longer a member; stop it (to join again, start it on an empty data directory)".into());
         }
-        let (rafts, placed) = {
+        let rafts = {
             let pl = self.placement.read().unwrap();
-            let placed: Vec<usize> = (0..pl.replicas.len())
-                .filter(|&p| pl.replicas[p].contains(&self.me))
-                .collect();
-            (pl.rafts.clone(), placed)
+            // Replicas start one by one after the cluster forms (or when partitions are
+            // placed here): one not started yet has nothing to compare.
+            if let Some(p) = (0..pl.replicas.len()).find(|&p| {
+                pl.replicas[p].contains(&self.me) && !pl.rafts.contains_key(&(p as PartitionId))
+            }) {
+                return Err(format!(
+                    "partition {p} is placed here and its replica has not started yet"
+                ));
+            }
+            pl.rafts.clone()
         };
-        // Replicas start one by one after the cluster forms (or when partitions are
-        // placed here): one not started yet has nothing to compare.
-        if let Some(p) = placed
-            .iter()
-            .find(|&&p| !rafts.contains_key(&(p as PartitionId)))
-        {
-            return Err(format!(
-                "partition {p} is placed here and its replica has not started yet"
-            ));
-        }
         for (p, raft) in &rafts {
             let m = raft.metrics().borrow().clone();
             if m.membership_config.membership().nodes().next().is_none() {
