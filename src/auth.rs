@@ -3,51 +3,14 @@
 
 use std::path::Path;
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 /// Shortest accepted HS256 secret, in bytes: shorter ones are guessable.
 pub const SECRET_BYTES_MIN: usize = 16;
 /// Clock skew tolerated on `exp`, in seconds.
 const LEEWAY_SECS: u64 = 5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Device,
-    Publish,
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Device => "device",
-            Scope::Publish => "publish",
-            Scope::Admin => "admin",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Claims {
-    pub sub: String,
-    pub scope: String,
-    pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// When set, the token is valid only for this device id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-}
-
-impl Claims {
-    /// True if the token grants `scope` (`admin` grants everything).
-    pub fn allows(&self, scope: Scope) -> bool {
-        self.scope
-            .split([' ', ','])
-            .any(|s| s == scope.as_str() || s == Scope::Admin.as_str())
-    }
-}
+pub use warbler_client::auth::{Claims, Scope};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
@@ -61,43 +24,49 @@ pub enum AuthError {
     Forbidden { have: String, need: &'static str },
 }
 
+/// Why a JWT secret cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SecretError {
+    #[error("the JWT secret is {0} bytes; use at least {SECRET_BYTES_MIN} random bytes (e.g. `openssl rand -hex 32`)")]
+    TooShort(usize),
+    #[error("cannot read the JWT secret file {path}: {message}; pass --jwt-secret-file with a readable file")]
+    Unreadable { path: String, message: String },
+}
+
 /// Mints and verifies tokens with one HS256 secret.
 pub struct Auth {
-    encoding: EncodingKey,
+    secret: Vec<u8>,
     decoding: DecodingKey,
     validation: Validation,
 }
 
 impl Auth {
-    pub fn new(secret: &[u8]) -> Result<Auth, String> {
+    pub fn new(secret: &[u8]) -> Result<Auth, SecretError> {
         if secret.len() < SECRET_BYTES_MIN {
-            return Err(format!(
-                "the JWT secret is {} bytes; use at least {SECRET_BYTES_MIN} random bytes (e.g. `openssl rand -hex 32`)",
-                secret.len()
-            ));
+            return Err(SecretError::TooShort(secret.len()));
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Ok(Auth {
-            encoding: EncodingKey::from_secret(secret),
+            secret: secret.to_vec(),
             decoding: DecodingKey::from_secret(secret),
             validation,
         })
     }
 
     /// Reads the secret from a file (surrounding whitespace is not part of it).
-    pub fn from_file(path: &Path) -> Result<Auth, String> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            format!("cannot read the JWT secret file {}: {e}; pass --jwt-secret-file with a readable file", path.display())
-        })?;
-        let text = String::from_utf8_lossy(&bytes);
-        Auth::new(text.trim().as_bytes())
+    pub fn from_file(path: &Path) -> Result<Auth, SecretError> {
+        let secret =
+            warbler_client::auth::read_secret(path).map_err(|e| SecretError::Unreadable {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Auth::new(&secret)
     }
 
     pub fn mint(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
-            .expect("HS256 encoding does not fail")
+        warbler_client::auth::mint(&self.secret, claims)
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
@@ -130,11 +99,6 @@ impl Auth {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    warbler_storage::now_ms() / 1000
-}
-
 /// A message id from the clock and randomness, for commands that publish once.
 pub fn now_ms_id() -> String {
     format!(
@@ -146,6 +110,8 @@ pub fn now_ms_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use warbler_client::auth::now_secs;
+
     use super::*;
 
     fn claims(scope: &str, exp: u64) -> Claims {
@@ -191,6 +157,8 @@ mod tests {
 
     #[test]
     fn short_secrets_are_refused() {
-        assert!(Auth::new(b"short").err().unwrap().contains("at least 16"));
+        let e = Auth::new(b"short").err().unwrap();
+        assert_eq!(e, SecretError::TooShort(5));
+        assert!(e.to_string().contains("at least 16"));
     }
 }

@@ -9,7 +9,9 @@ use rand::RngCore;
 use warbler_client::{ConnectOptions, Connection};
 use warbler_config::Config;
 
-use crate::auth::{now_ms_id, now_secs, Auth, Claims};
+use crate::auth::{now_ms_id, Auth, Claims};
+use warbler_client::api::Decommissioned;
+use warbler_client::http::NodeHttp;
 
 /// Where `dev` keeps its generated secret, inside the data directory.
 const DEV_SECRET_FILE: &str = "dev-secret";
@@ -113,11 +115,8 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
     }
     crate::gateway::conn::check_id("--user", &args.user).map_err(anyhow::Error::msg)?;
     let claims = Claims {
-        sub: args.user,
-        scope: args.scope.replace(',', " "),
-        exp: now_secs() + args.ttl_secs,
-        iat: Some(now_secs()),
         device: args.device,
+        ..Claims::new(&args.user, &args.scope.replace(',', " "), args.ttl_secs)
     };
     println!("{}", auth.mint(&claims));
     Ok(())
@@ -137,13 +136,7 @@ fn options(
                     "{e}\n(pass --token, or --jwt-secret-file of the node you connect to)"
                 )
             })?;
-            auth.mint(&Claims {
-                sub: user.into(),
-                scope: scope.into(),
-                exp: now_secs() + 3600,
-                iat: Some(now_secs()),
-                device: None,
-            })
+            auth.mint(&Claims::new(user, scope, 3600))
         }
     };
     let mut opts = ConnectOptions::new(conn.addr.clone(), token, device);
@@ -362,105 +355,42 @@ pub struct ClusterStatusArgs {
     json: bool,
 }
 
-/// A GET over plain HTTP/1.1 (the operator commands need nothing more).
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    http_call(addr, "GET", path, None).await
-}
-
-/// A request over plain HTTP/1.1; `post` is (bearer token, JSON body).
-async fn http_call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    post: Option<(&str, &str)>,
-) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach {addr}; is a node's HTTP API there? (--http)"))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some((token, body)) = post {
-        req.push_str(&format!(
-            "Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        req.push_str("\r\n");
-    }
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("{addr} did not answer with HTTP"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// `warbler cluster status`: members, their state, partitions with replicas and leaders.
 pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
-    let (status, body) = http_get(&args.http, "/v1/cluster").await?;
-    if status != 200 {
-        bail!("GET /v1/cluster on {} answered {status}: {body}", args.http);
-    }
+    let node = NodeHttp::new(&args.http);
     if args.json {
-        println!("{body}");
+        let answer = node.send("GET", "/v1/cluster", None, Vec::new()).await?;
+        println!("{}", answer.body);
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("{} sent JSON this version cannot read", args.http))?;
+    let v = node.cluster_status().await?;
     println!("MEMBER            STATE      CLIENT                 HTTP                   CLUSTER");
-    for m in v["members"].as_array().into_iter().flatten() {
-        let s = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+    for m in &v.members {
+        let s = |a: &Option<String>| a.clone().unwrap_or_else(|| "-".into());
         println!(
             "{:<17} {:<10} {:<22} {:<22} {}",
-            s("node"),
-            s("state"),
-            s("client_addr"),
-            s("http_addr"),
-            s("cluster_addr")
+            m.node,
+            m.state.to_string(),
+            s(&m.client_addr),
+            s(&m.http_addr),
+            s(&m.cluster_addr)
         );
     }
-    let parts = v["partitions"].as_array().cloned().unwrap_or_default();
-    let mut led: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut led: std::collections::BTreeMap<&str, usize> = Default::default();
     let mut leaderless = Vec::new();
-    for p in &parts {
-        match p["leader"].as_str() {
-            Some(l) => *led.entry(l.to_string()).or_default() += 1,
-            None => leaderless.push(p["partition"].to_string()),
+    for p in &v.partitions {
+        match &p.leader {
+            Some(l) => *led.entry(l.as_str()).or_default() += 1,
+            None => leaderless.push(p.partition.to_string()),
         }
     }
+    let rf = v
+        .replication_factor
+        .map(|r| r.to_string())
+        .unwrap_or("-".into());
     println!(
-        "\npartitions: {}  replication factor: {}",
-        v["partition_count"], v["replication_factor"]
+        "\npartitions: {}  replication factor: {rf}",
+        v.partition_count
     );
     for (node, n) in &led {
         println!("  {node} leads {n}");
@@ -472,18 +402,12 @@ pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nPARTITION  LEADER            REPLICAS");
-    for p in &parts {
-        let reps: Vec<&str> = p["replicas"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.as_str())
-            .collect();
+    for p in &v.partitions {
         println!(
             "{:<10} {:<17} {}",
-            p["partition"],
-            p["leader"].as_str().unwrap_or("-"),
-            reps.join(",")
+            p.partition,
+            p.leader.as_deref().unwrap_or("-"),
+            p.replicas.join(",")
         );
     }
     Ok(())
@@ -520,38 +444,17 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
                     "{e}\n(pass --token with an admin token, or --jwt-secret-file of the cluster)"
                 )
             })?;
-            auth.mint(&Claims {
-                sub: "operator".into(),
-                scope: "admin".into(),
-                exp: now_secs() + 3600,
-                iat: Some(now_secs()),
-                device: None,
-            })
+            auth.mint(&Claims::new("operator", "admin", 3600))
         }
     };
-    let (status, body) = http_get(&args.http, "/v1/cluster").await?;
-    if status != 200 {
-        bail!("GET /v1/cluster on {} answered {status}: {body}", args.http);
-    }
-    let v: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("{} sent JSON this version cannot read", args.http))?;
-    let target_http = v["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["node"] == args.node.as_str())
-        .and_then(|m| m["http_addr"].as_str().map(String::from));
-    let body = serde_json::json!({ "node": args.node }).to_string();
-    let (status, answer) = http_call(
-        &args.http,
-        "POST",
-        "/v1/cluster/decommission",
-        Some((&token, &body)),
-    )
-    .await?;
-    if status != 200 {
-        bail!("decommissioning {} failed ({status}): {answer}", args.node);
-    }
+    let node = NodeHttp::new(&args.http);
+    let status = node.cluster_status().await?;
+    let target_http = status.member(&args.node).and_then(|m| m.http_addr.clone());
+    let body = serde_json::json!({ "node": args.node });
+    let _: Decommissioned = node
+        .post("/v1/cluster/decommission", &token, &body)
+        .await
+        .with_context(|| format!("decommissioning {} failed", args.node))?;
     println!(
         "{} removed from the member list; its partitions move to the other nodes",
         args.node
@@ -569,10 +472,9 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
     let mut last = None;
     loop {
-        if let Ok((200, body)) = http_get(&target, "/v1/cluster").await {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let held = v["replicas_held"].as_u64();
-            if held == Some(0) && v["decommissioned"] == true {
+        if let Ok(v) = NodeHttp::new(&target).cluster_status().await {
+            let held = v.replicas_held;
+            if held == Some(0) && v.decommissioned {
                 println!("{} holds no replica and has left: stop it now", args.node);
                 return Ok(());
             }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -19,8 +20,14 @@ use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use warbler_actors::MailboxError;
+use warbler_client::api::{
+    ClusterStatus, Decommissioned, ErrorBody, MemberState, MemberStatus, PartitionStatus,
+    UserPlacement,
+};
 use warbler_client::codec::CodecError;
 use warbler_client::{DecodeError, Frame};
+use warbler_cluster::control::NotReady;
+use warbler_cluster::{ClusterNode, RpcCode, RpcError};
 use warbler_storage::{LocalLog, PartitionLog, Store};
 
 use crate::auth::{AuthError, Claims, Scope};
@@ -72,8 +79,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
     }
 }
 
@@ -114,16 +120,16 @@ type ApiResult = Result<Response, ApiError>;
 /// a member of a cluster.
 pub trait NodeView: Send + Sync + 'static {
     /// Members, partitions with replicas and leaders.
-    fn status(&self) -> Value;
+    fn status(&self) -> ClusterStatus;
     /// `Err(why)` while the node should not get traffic.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
     /// Testing only: cut the node off from peers at these cluster addresses (`None`: this
     /// node has no fault switch).
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()>;
     /// Removes a node from the cluster (its partitions move to the others).
-    fn decommission(&self, _node: String) -> futures::future::BoxFuture<'_, Result<Value, String>> {
+    fn decommission(&self, _node: String) -> BoxFuture<'_, Result<Decommissioned, RpcError>> {
         Box::pin(async {
-            Err("this node runs alone (a cluster of one): there is no other node to hand its partitions to".to_string())
+            Err(RpcError::new(RpcCode::Refused, "this node runs alone (a cluster of one): there is no other node to hand its partitions to"))
         })
     }
 }
@@ -137,31 +143,47 @@ pub struct SingleNode {
 }
 
 impl NodeView for SingleNode {
-    fn status(&self) -> Value {
+    fn status(&self) -> ClusterStatus {
         let node = &self.node_id;
-        let partitions: Vec<Value> = (0..self.partitions)
-            .map(|p| json!({"partition": p, "replicas": [node], "leader": node}))
+        let partitions = (0..self.partitions)
+            .map(|p| PartitionStatus {
+                partition: p,
+                replicas: vec![node.clone()],
+                placement: vec![node.clone()],
+                leader: Some(node.clone()),
+                term: None,
+                applied: None,
+            })
             .collect();
-        json!({
-            "node": node,
-            "members": [{
-                "node": node, "alive": true, "state": "serving",
-                "client_addr": self.addrs.client.to_string(),
-                "http_addr": self.addrs.http.to_string(),
-                "cluster_addr": self.addrs.cluster.to_string(),
+        ClusterStatus {
+            node: node.clone(),
+            members: vec![MemberStatus {
+                node: node.clone(),
+                alive: true,
+                member: true,
+                state: MemberState::Serving,
+                client_addr: Some(self.addrs.client.to_string()),
+                http_addr: Some(self.addrs.http.to_string()),
+                cluster_addr: Some(self.addrs.cluster.to_string()),
             }],
-            "replication_factor": 1,
-            "partition_count": self.partitions,
-            "partitions": partitions,
-        })
+            member_list_epoch: None,
+            decommissioned: false,
+            replicas_held: None,
+            replication_factor: Some(1),
+            partition_count: self.partitions,
+            partitions,
+            faults_blocked: Vec::new(),
+            mailboxes_active: 0,
+            user: None,
+        }
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotReady> {
         // The local log is writable for every partition or for none.
         if self.log.writable(0) {
             Ok(())
         } else {
-            Err("storage failed; see the node's logs".into())
+            Err(NotReady::StorageFailed)
         }
     }
 
@@ -170,23 +192,28 @@ impl NodeView for SingleNode {
     }
 }
 
-impl NodeView for crate::cluster::ClusterNode {
-    fn status(&self) -> Value {
-        crate::cluster::ClusterNode::status(self)
+impl NodeView for ClusterNode {
+    fn status(&self) -> ClusterStatus {
+        ClusterNode::status(self)
     }
 
-    fn ready(&self) -> Result<(), String> {
-        crate::cluster::ClusterNode::ready(self)
+    fn ready(&self) -> Result<(), NotReady> {
+        ClusterNode::ready(self)
     }
 
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()> {
-        crate::cluster::ClusterNode::set_faults(self, blocked)
+        ClusterNode::set_faults(self, blocked)
     }
 
-    fn decommission(&self, node: String) -> futures::future::BoxFuture<'_, Result<Value, String>> {
+    fn decommission(&self, node: String) -> BoxFuture<'_, Result<Decommissioned, RpcError>> {
         Box::pin(async move {
-            let list = crate::cluster::ClusterNode::decommission(self, node.clone(), false).await?;
-            Ok(crate::elastic::decommissioned_json(&node, &list))
+            let list = ClusterNode::decommission(self, node.clone(), false).await?;
+            Ok(Decommissioned {
+                next: format!("partitions move off {node} in the background; `warbler cluster status --http <{node}'s HTTP address>` shows replicas_held 0 when it can be stopped"),
+                decommissioned: node,
+                members: list.names,
+                member_list_epoch: list.epoch,
+            })
         })
     }
 }
@@ -314,8 +341,8 @@ async fn publish(
 ) -> ApiResult {
     claims(&state, &headers, Scope::Publish)?;
     let req: PublishBody = json_body(body)?;
-    check_id("user", &user).map_err(ApiError::bad_request)?;
-    check_id("id", &req.id).map_err(ApiError::bad_request)?;
+    check_id("user", &user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_id("id", &req.id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let body = message_body(&state, req.body, req.body_b64)?;
     let seq = state
         .gw
@@ -332,7 +359,7 @@ async fn fanout(
 ) -> ApiResult {
     claims(&state, &headers, Scope::Publish)?;
     let req: FanoutBody = json_body(body)?;
-    check_id("id", &req.id).map_err(ApiError::bad_request)?;
+    check_id("id", &req.id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let max = state.gw.limits.fanout_max;
     if req.to.is_empty() || req.to.len() > max {
         return Err(ApiError::bad_request(format!(
@@ -341,7 +368,7 @@ async fn fanout(
         )));
     }
     for u in &req.to {
-        check_id("each user in \"to\"", u).map_err(ApiError::bad_request)?;
+        check_id("each user in \"to\"", u).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let body = message_body(&state, req.body, req.body_b64)?;
     let results: Vec<Value> = futures::stream::iter(req.to)
@@ -379,7 +406,7 @@ async fn history(
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     may_read(&state, &headers, &user)?;
-    check_id("user", &user).map_err(ApiError::bad_request)?;
+    check_id("user", &user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let Query(q) = query
         .map_err(|e| ApiError::bad_request(format!("bad query: {e}; use ?after=SEQ&limit=N")))?;
     let limit = q.limit.unwrap_or(HISTORY_LIMIT_DEFAULT);
@@ -421,7 +448,7 @@ async fn devices(
     headers: HeaderMap,
 ) -> ApiResult {
     may_read(&state, &headers, &user)?;
-    check_id("user", &user).map_err(ApiError::bad_request)?;
+    check_id("user", &user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let list = state.gw.mailboxes.devices(&user).await?;
     let devices: Vec<Value> = list
         .into_iter()
@@ -436,17 +463,20 @@ struct ClusterQuery {
     user: Option<String>,
 }
 
-async fn cluster(State(state): State<AppState>, Query(q): Query<ClusterQuery>) -> Json<Value> {
+async fn cluster(
+    State(state): State<AppState>,
+    Query(q): Query<ClusterQuery>,
+) -> Json<ClusterStatus> {
     let mut status = state.view.status();
-    status["mailboxes_active"] = json!(state.gw.mailboxes.active_count().await);
+    status.mailboxes_active = state.gw.mailboxes.active_count().await;
     if let Some(user) = q.user {
         let partition = warbler_cluster::partition_of(&user, crate::node::PARTITIONS);
-        let place = &status["partitions"][partition as usize];
-        status["user"] = json!({
-            "user": user,
-            "partition": partition,
-            "leader": place["leader"],
-            "replicas": place["replicas"],
+        let place = status.partitions.get(partition as usize);
+        status.user = Some(UserPlacement {
+            leader: place.and_then(|p| p.leader.clone()),
+            replicas: place.map(|p| p.replicas.clone()).unwrap_or_default(),
+            user,
+            partition,
         });
     }
     Json(status)
@@ -454,7 +484,7 @@ async fn cluster(State(state): State<AppState>, Query(q): Query<ClusterQuery>) -
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let ready = if state.gw.shutdown.is_cancelled() {
-        Err("shutting down".to_string())
+        Err(NotReady::ShuttingDown)
     } else {
         state.view.ready()
     };
@@ -491,7 +521,7 @@ async fn decommission(
         Err(why) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_decommissioned",
-            why,
+            why.message,
         )),
     }
 }

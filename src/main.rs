@@ -2,17 +2,17 @@
 //! crates together; the behaviour lives in the crates.
 //!
 //! Layout:
-//! - [`node`]: start and stop one node.
+//! - [`node`]: start and stop one node: storage, mailboxes, listeners, and in a cluster the
+//!   wiring of `warbler_cluster::ClusterNode` to the actors' routing.
 //! - [`gateway`]: the device protocol on a connection (TCP, TLS, WebSocket).
 //! - [`http`]: the HTTP API, `/v1/ws`, health and metrics.
-//! - [`auth`]: JWT minting and checking.
-//! - [`cli`]: the client-side commands (`token`, `send`, `listen`) and `dev`.
+//! - [`auth`]: JWT checking (the claims and the minter are `warbler_client::auth`).
+//! - [`cli`]: the client-side commands (`token`, `send`, `listen`, `cluster status`,
+//!   `cluster decommission`) and `dev`.
 //! - [`telemetry`]: logs and metrics.
 
 mod auth;
 mod cli;
-mod cluster;
-mod elastic;
 mod gateway;
 mod http;
 mod node;

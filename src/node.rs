@@ -5,15 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ractor::concurrency::JoinHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs};
+use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs, RouteService, Routing};
+use warbler_cluster::{ClusterNode, LeaderChange};
 use warbler_config::Config;
 use warbler_storage::{now_ms, Committer, CommitterLimits, LocalLog, RetentionPolicy, Store};
 
 use crate::auth::Auth;
-use crate::cluster::ClusterNode;
 use crate::gateway::{tcp, Gateway};
 use crate::http::{self, AppState, NodeAddrs, NodeView, SingleNode};
 
@@ -29,23 +30,9 @@ pub async fn run(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Ok(name) = std::env::var("WARBLER_CHAOS_BUG") {
-        let bug = warbler_actors::bugs::Bug::parse(&name).map_err(anyhow::Error::msg)?;
-        if bug != warbler_actors::bugs::Bug::None {
-            anyhow::ensure!(
-                config.cluster.fault_injection,
-                "WARBLER_CHAOS_BUG={name} breaks this node on purpose and is for the chaos harness only; it needs cluster.fault_injection = true (WARBLER_FAULT_INJECTION=true), or unset WARBLER_CHAOS_BUG"
-            );
-            tracing::error!(
-                ?bug,
-                "WARBLER_CHAOS_BUG: this node breaks an invariant on purpose"
-            );
-            warbler_actors::bugs::set(bug);
-        }
-    }
+    arm_chaos_bug(&config)?;
     let store = Store::open(&config.data_dir.join("db"))?;
-    let s = &config.storage;
-    if !s.sync {
+    if !config.storage.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
     }
     let client = TcpListener::bind(config.client_addr).await.with_context(|| format!("cannot listen on client_addr {}; is another process using it? pick another with --client-addr", config.client_addr))?;
@@ -55,61 +42,17 @@ pub async fn run(
         http: http_listener.local_addr()?,
         cluster: config.cluster_addr,
     };
-    let limits = MailboxLimits {
-        inflight_max: config.limits.inflight_max,
-        tail_cache_max: config.mailbox.tail_cache_max,
-        idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
-    };
-
     // A cluster of one is the single-node mode: no consensus, the group committer writes.
     let clustered = config.bootstrap_expect > 1 || !config.seeds.is_empty();
-    let (mailboxes, registry_handle, view, cluster): (_, _, Arc<dyn NodeView>, _) = if clustered {
-        let node =
-            ClusterNode::start(&config, &store, addrs.client, addrs.http, PARTITIONS).await?;
-        addrs.cluster = node.transport.local_addr();
-        let (mailboxes, handle) = Mailboxes::start(RegistryArgs {
-            store: store.clone(),
-            log: node.raft_log.clone(),
-            limits,
-            partitions: PARTITIONS,
-        })
-        .await?;
-        let routing = node.routing();
-        let mailboxes = mailboxes.with_routing(routing.clone());
-        node.serve_routes(mailboxes.clone(), routing.clone());
-        let view: Arc<dyn NodeView> = node.clone();
-        (mailboxes, handle, view, Some((node, routing)))
+    let parts = if clustered {
+        start_clustered(&config, &store, &mut addrs).await?
     } else {
-        let committer = Committer::start(
-            store.clone(),
-            CommitterLimits {
-                batch_records_max: s.batch_records_max,
-                batch_bytes_max: s.batch_bytes_max,
-                queue_max: s.queue_max,
-                sync: s.sync,
-            },
-        );
-        let log = LocalLog::new(committer);
-        let (mailboxes, handle) = Mailboxes::start(RegistryArgs {
-            store: store.clone(),
-            log: Arc::new(log.clone()),
-            limits,
-            partitions: PARTITIONS,
-        })
-        .await?;
-        let view: Arc<dyn NodeView> = Arc::new(SingleNode {
-            log,
-            node_id: config.node_id.clone(),
-            addrs,
-            partitions: PARTITIONS,
-        });
-        (mailboxes, handle, view, None)
+        start_single(&config, &store, addrs).await?
     };
-
     let gw = Arc::new(Gateway {
         node_id: config.node_id.clone(),
         auth,
-        mailboxes: mailboxes.clone(),
+        mailboxes: parts.mailboxes.clone(),
         limits: config.limits.clone(),
         slots: Arc::new(Semaphore::new(config.limits.connections_max as usize)),
         shutdown: shutdown.clone(),
@@ -118,12 +61,11 @@ pub async fn run(
         (Some(c), Some(k)) => Some(tcp::tls_acceptor(c, k)?),
         _ => None,
     };
-
     let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone()));
     let app = http::router(AppState {
         gw: gw.clone(),
         store: store.clone(),
-        view,
+        view: parts.view.clone(),
         metrics,
     });
     let http_shutdown = shutdown.clone();
@@ -140,40 +82,159 @@ pub async fn run(
         "warbler ready node={} client={} http={} cluster={}",
         config.node_id, addrs.client, addrs.http, addrs.cluster
     );
-
-    // In a cluster the node serves at once (requests wait for leaders) and forms or
-    // rejoins the cluster meanwhile; /readyz says when it is done.
-    let mut form_failed = None;
-    if let Some((node, routing)) = &cluster {
-        node.refresh_seeds(config.seeds.clone(), &store);
-        tokio::select! {
-            formed = node.form(&config, &store) => match formed {
-                Ok(()) => node.watch_leaders(mailboxes.clone(), routing.clone()),
-                Err(e) => form_failed = Some(e),
-            },
-            _ = shutdown.cancelled() => {}
-        }
-    }
-    if form_failed.is_none() {
-        shutdown.cancelled().await;
-    } else {
-        shutdown.cancel();
-    }
+    let form_failed = form(&config, &store, &parts, &shutdown).await;
     tracing::info!("draining: saying bye to connections");
     let _ = client_task.await;
     tokio::time::sleep(DRAIN_GRACE.min(Duration::from_millis(200))).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, http_task).await;
     sweeper.abort();
-    mailboxes.stop();
-    let _ = tokio::time::timeout(DRAIN_GRACE, registry_handle).await;
-    if let Some((node, _)) = &cluster {
+    parts.mailboxes.stop();
+    let _ = tokio::time::timeout(DRAIN_GRACE, parts.registry).await;
+    if let Some((node, _)) = &parts.cluster {
         let _ = tokio::time::timeout(DRAIN_GRACE, node.shutdown()).await;
     }
     tracing::info!("stopped");
-    match form_failed {
-        Some(e) => Err(e),
-        None => Ok(()),
+    form_failed.map_or(Ok(()), Err)
+}
+
+/// What a node runs on: its mailboxes, the view `/v1/cluster` and `/readyz` read, and in a
+/// cluster the cluster side and the routing through it.
+struct Parts {
+    mailboxes: Mailboxes,
+    registry: JoinHandle<()>,
+    view: Arc<dyn NodeView>,
+    cluster: Option<(Arc<ClusterNode>, Arc<Routing>)>,
+}
+
+/// `WARBLER_CHAOS_BUG`: a deliberate bug for the chaos harness, on fault-injection nodes only.
+fn arm_chaos_bug(config: &Config) -> anyhow::Result<()> {
+    let Ok(name) = std::env::var("WARBLER_CHAOS_BUG") else {
+        return Ok(());
+    };
+    let bug = warbler_actors::bugs::Bug::parse(&name)?;
+    if bug != warbler_actors::bugs::Bug::None {
+        anyhow::ensure!(
+            config.cluster.fault_injection,
+            "WARBLER_CHAOS_BUG={name} breaks this node on purpose and is for the chaos harness only; it needs cluster.fault_injection = true (WARBLER_FAULT_INJECTION=true), or unset WARBLER_CHAOS_BUG"
+        );
+        tracing::error!(
+            ?bug,
+            "WARBLER_CHAOS_BUG: this node breaks an invariant on purpose"
+        );
+        warbler_actors::bugs::set(bug);
     }
+    Ok(())
+}
+
+fn mailbox_limits(config: &Config) -> MailboxLimits {
+    MailboxLimits {
+        inflight_max: config.limits.inflight_max,
+        tail_cache_max: config.mailbox.tail_cache_max,
+        idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
+    }
+}
+
+/// A member of a cluster: the cluster side, mailboxes over its replicated log, and routing
+/// to other nodes' partitions.
+async fn start_clustered(
+    config: &Config,
+    store: &Store,
+    addrs: &mut NodeAddrs,
+) -> anyhow::Result<Parts> {
+    let node = ClusterNode::start(config, store, addrs.client, addrs.http, PARTITIONS).await?;
+    addrs.cluster = node.transport().local_addr();
+    let (mailboxes, registry) = Mailboxes::start(RegistryArgs {
+        store: store.clone(),
+        log: node.raft_log().clone(),
+        limits: mailbox_limits(config),
+        partitions: PARTITIONS,
+    })
+    .await?;
+    let routing = Arc::new(Routing::new(
+        node.clone(),
+        node.name().to_string(),
+        node.cluster_addr(),
+    ));
+    routing.set_transport(node.transport().clone());
+    let mailboxes = mailboxes.with_routing(routing.clone());
+    node.serve_routes(Arc::new(RouteService {
+        mailboxes: mailboxes.clone(),
+        routing: routing.clone(),
+    }));
+    Ok(Parts {
+        mailboxes,
+        registry,
+        view: node.clone(),
+        cluster: Some((node, routing)),
+    })
+}
+
+/// A node on its own: the group committer writes every partition.
+async fn start_single(config: &Config, store: &Store, addrs: NodeAddrs) -> anyhow::Result<Parts> {
+    let s = &config.storage;
+    let committer = Committer::start(
+        store.clone(),
+        CommitterLimits {
+            batch_records_max: s.batch_records_max,
+            batch_bytes_max: s.batch_bytes_max,
+            queue_max: s.queue_max,
+            sync: s.sync,
+        },
+    );
+    let log = LocalLog::new(committer);
+    let (mailboxes, registry) = Mailboxes::start(RegistryArgs {
+        store: store.clone(),
+        log: Arc::new(log.clone()),
+        limits: mailbox_limits(config),
+        partitions: PARTITIONS,
+    })
+    .await?;
+    let view = Arc::new(SingleNode {
+        log,
+        node_id: config.node_id.clone(),
+        addrs,
+        partitions: PARTITIONS,
+    });
+    Ok(Parts {
+        mailboxes,
+        registry,
+        view,
+        cluster: None,
+    })
+}
+
+/// In a cluster the node serves at once (requests wait for leaders) and forms or rejoins
+/// the cluster meanwhile; `/readyz` says when it is done. Returns when `shutdown` is
+/// cancelled, or at once with the error when forming failed (after cancelling it).
+async fn form(
+    config: &Config,
+    store: &Store,
+    parts: &Parts,
+    shutdown: &CancellationToken,
+) -> Option<anyhow::Error> {
+    if let Some((node, routing)) = &parts.cluster {
+        node.refresh_seeds(config.seeds.clone(), store);
+        tokio::select! {
+            formed = node.form(config, store) => match formed {
+                Ok(()) => {
+                    let (mailboxes, routing) = (parts.mailboxes.clone(), routing.clone());
+                    node.watch_leaders(move |c: LeaderChange| {
+                        if c.was_local {
+                            mailboxes.stop_partition(c.partition);
+                        }
+                        routing.leader_changed(c.partition);
+                    });
+                }
+                Err(e) => {
+                    shutdown.cancel();
+                    return Some(e.into());
+                }
+            },
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    shutdown.cancelled().await;
+    None
 }
 
 /// Applies retention to every user, every `retention.sweep_interval_secs`.

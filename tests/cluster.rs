@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::{seed, token, Node};
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
+use warbler_client::api::{ClusterStatus, Decommissioned, ErrorBody, UserPlacement};
+use warbler_client::http::NodeHttp;
 
 const USERS: usize = 12;
 /// The user whose partition's leader the faults target.
@@ -118,13 +119,12 @@ impl Cluster {
     }
 
     /// GET /v1/cluster from the first node that answers, skipping `except`.
-    async fn status(&self, except: Option<usize>) -> Value {
+    async fn status(&self, except: Option<usize>) -> ClusterStatus {
         for (i, n) in self.nodes.iter().enumerate() {
             if Some(i) == except {
                 continue;
             }
-            let (status, v) = n.http("GET", "/v1/cluster", None, "").await;
-            if status == 200 {
+            if let Some(v) = n.status().await {
                 return v;
             }
         }
@@ -137,7 +137,7 @@ impl Cluster {
         let start = Instant::now();
         loop {
             let v = self.status(except).await;
-            if let Some(l) = v["partitions"][partition as usize]["leader"].as_str() {
+            if let Some(l) = &v.partitions[partition as usize].leader {
                 return l.trim_start_matches('n').parse().unwrap();
             }
             assert!(
@@ -416,7 +416,7 @@ async fn a_paused_leader_acknowledges_nothing_under_its_old_term() {
     let victim = cluster.leader_of(HOT, None).await;
     let before = cluster.status(None).await;
     let partition = warbler_cluster::partition_of(HOT, 64) as usize;
-    let term_before = before["partitions"][partition]["term"].as_u64();
+    let term_before = before.partitions[partition].term;
     cluster.nodes[victim].pause();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let new_leader = cluster.leader_of(HOT, Some(victim)).await;
@@ -429,7 +429,7 @@ async fn a_paused_leader_acknowledges_nothing_under_its_old_term() {
     stop_publishers(stop, tasks).await;
     let after = cluster.status(None).await;
     assert!(
-        after["partitions"][partition]["term"].as_u64() > term_before,
+        after.partitions[partition].term > term_before,
         "the hot partition moved to a new term"
     );
     let acked = acked_count(&outcomes);
@@ -622,9 +622,12 @@ async fn publish_while_down(
         if i == victim {
             continue;
         }
-        let (_, v) = node.http("GET", "/v1/cluster", None, "").await;
+        let v = node
+            .status()
+            .await
+            .expect("a live node answers /v1/cluster");
         for (p, t) in target.iter_mut().enumerate() {
-            *t = (*t).max(v["partitions"][p]["applied"].as_u64().unwrap_or(0));
+            *t = (*t).max(v.partitions[p].applied.unwrap_or(0));
         }
     }
     (acked_count(&outcomes), target)
@@ -632,15 +635,11 @@ async fn publish_while_down(
 
 /// Partitions where node `i` has applied less than `target`, as (partition, applied, target).
 async fn behind(cluster: &Cluster, i: usize, target: &[u64]) -> Vec<(usize, u64, u64)> {
-    let (_, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
+    let Some(v) = cluster.nodes[i].status().await else {
+        return (0..target.len()).map(|p| (p, 0, target[p])).collect();
+    };
     (0..target.len())
-        .map(|p| {
-            (
-                p,
-                v["partitions"][p]["applied"].as_u64().unwrap_or(0),
-                target[p],
-            )
-        })
+        .map(|p| (p, v.partitions[p].applied.unwrap_or(0), target[p]))
         .filter(|(_, applied, t)| applied < t)
         .collect()
 }
@@ -732,16 +731,15 @@ async fn a_founder_late_to_form_still_creates_its_groups() {
         cluster.wait_ready(i, Duration::from_secs(60)).await;
     }
     let v = cluster.status(None).await;
-    let founders: Vec<&str> = v["members"]
-        .as_array()
-        .unwrap()
+    let founders: Vec<&str> = v
+        .members
         .iter()
-        .filter(|m| m["member"] == true)
-        .filter_map(|m| m["node"].as_str())
+        .filter(|m| m.member)
+        .map(|m| m.node.as_str())
         .collect();
-    assert_eq!(founders, ["n0", "n1", "n2"], "{v}");
+    assert_eq!(founders, ["n0", "n1", "n2"], "{v:?}");
     let leaderless: Vec<usize> = (0..64)
-        .filter(|&p| v["partitions"][p]["leader"].as_str().is_none())
+        .filter(|&p| v.partitions[p].leader.is_none())
         .collect();
     assert!(
         leaderless.is_empty(),
@@ -846,15 +844,8 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
     let mut found = None;
     for k in 0..200 {
         let user = format!("r{k}");
-        let (_, v) = cluster.nodes[0]
-            .http("GET", &format!("/v1/cluster?user={user}"), None, "")
-            .await;
-        let replicas: Vec<usize> = v["user"]["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| index(n.as_str().unwrap()))
-            .collect();
+        let v = user_status(&cluster.nodes[0], &user).await;
+        let replicas: Vec<usize> = v.replicas.iter().map(|n| index(n)).collect();
         if let Some(outsider) = (0..4).find(|i| !replicas.contains(i)) {
             found = Some((user, replicas, outsider));
             break;
@@ -868,13 +859,8 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
     // The surviving replicas elect a leader.
     let start = Instant::now();
     loop {
-        let (_, r) = cluster.nodes[replicas[1]]
-            .http("GET", &format!("/v1/cluster?user={user}"), None, "")
-            .await;
-        if r["user"]["leader"]
-            .as_str()
-            .is_some_and(|l| index(l) != preferred)
-        {
+        let r = user_status(&cluster.nodes[replicas[1]], &user).await;
+        if r.leader.is_some_and(|l| index(&l) != preferred) {
             break;
         }
         assert!(
@@ -906,31 +892,33 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
     );
 }
 
+/// Where `user` lives, as `node` sees it.
+async fn user_status(node: &Node, user: &str) -> UserPlacement {
+    NodeHttp::new(&node.http)
+        .get::<ClusterStatus>(&format!("/v1/cluster?user={user}"))
+        .await
+        .expect("/v1/cluster?user= answers")
+        .user
+        .expect("the answer says where the user lives")
+}
+
 /// Whether every partition's group, as each of `nodes` holds it, has exactly the replicas the
 /// ring places it on (a node's view of a partition it holds no replica of is the placement).
 async fn placement_settled(cluster: &Cluster, nodes: &[usize]) -> Result<(), String> {
     for &i in nodes {
-        let (status, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
-        if status != 200 {
-            return Err(format!("n{i} answered {status}"));
-        }
-        for p in v["partitions"].as_array().unwrap() {
-            let names = |k: &str| -> Vec<String> {
-                let mut n: Vec<String> = p[k]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_str().unwrap().to_string())
-                    .collect();
+        let Some(v) = cluster.nodes[i].status().await else {
+            return Err(format!("n{i} does not answer /v1/cluster"));
+        };
+        for p in &v.partitions {
+            let sorted = |n: &[String]| -> Vec<String> {
+                let mut n = n.to_vec();
                 n.sort();
                 n
             };
-            if names("replicas") != names("placement") {
+            if sorted(&p.replicas) != sorted(&p.placement) {
                 return Err(format!(
                     "n{i}: partition {} has replicas {:?}, placed on {:?}",
-                    p["partition"],
-                    names("replicas"),
-                    names("placement")
+                    p.partition, p.replicas, p.placement
                 ));
             }
         }
@@ -967,21 +955,18 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     let new = cluster.spawn(3);
     cluster.wait_ready(new, Duration::from_secs(120)).await;
     let out = wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
-    let (_, v) = cluster.nodes[new]
-        .http("GET", "/v1/cluster", None, "")
-        .await;
-    let held = v["replicas_held"].as_u64().unwrap();
-    let placed = v["partitions"]
-        .as_array()
-        .unwrap()
+    let v = cluster.nodes[new].status().await.expect("n3 answers");
+    let held = v.replicas_held.unwrap();
+    let placed = v
+        .partitions
         .iter()
-        .filter(|p| p["placement"].as_array().unwrap().iter().any(|n| n == "n3"))
-        .count() as u64;
+        .filter(|p| p.placement.iter().any(|n| n == "n3"))
+        .count();
     assert!(
         placed > 0,
         "the ring places some partitions on the new node"
     );
-    assert_eq!(held, placed, "n3 holds every replica placed on it: {v}");
+    assert_eq!(held, placed, "n3 holds every replica placed on it: {v:?}");
     clients
         .lock()
         .unwrap()
@@ -995,16 +980,12 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
 
     // Scale in: decommission n1 through n2's API.
     let t1 = Instant::now();
-    let (status, v) = cluster.nodes[2]
-        .http(
-            "POST",
-            "/v1/cluster/decommission",
-            Some(&token("ops", "admin")),
-            r#"{"node": "n1"}"#,
-        )
-        .await;
-    assert_eq!(status, 200, "decommission answered {v}");
-    assert!(!v["members"].as_array().unwrap().iter().any(|n| n == "n1"));
+    let body = serde_json::json!({"node": "n1"});
+    let v: Decommissioned = NodeHttp::new(&cluster.nodes[2].http)
+        .post("/v1/cluster/decommission", &token("ops", "admin"), &body)
+        .await
+        .expect("decommission answers 200");
+    assert!(!v.members.iter().any(|n| n == "n1"), "{v:?}");
     // Bad requests are refused with a reason, and change nothing.
     let (status, v) = cluster.nodes[0]
         .http(
@@ -1015,29 +996,21 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
         )
         .await;
     assert_eq!(status, 409);
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not a member"),
-        "{v}"
-    );
+    let e: ErrorBody = serde_json::from_value(v).expect("an error body");
+    assert!(e.error.message.contains("not a member"), "{e:?}");
     let start = Instant::now();
     loop {
-        let (_, v) = cluster.nodes[1].http("GET", "/v1/cluster", None, "").await;
-        if v["replicas_held"] == 0 && v["decommissioned"] == true {
+        let v = cluster.nodes[1].status().await.expect("n1 answers");
+        if v.replicas_held == Some(0) && v.decommissioned {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(180),
-            "n1 still holds replicas: {}; partitions it holds: {:?}",
-            v["replicas_held"],
-            v["partitions"]
-                .as_array()
-                .unwrap()
+            "n1 still holds replicas: {:?}; partitions it holds: {:?}",
+            v.replicas_held,
+            v.partitions
                 .iter()
-                .filter(|p| p["term"].is_number())
-                .map(|p| p.to_string())
+                .filter(|p| p.term.is_some())
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1051,12 +1024,12 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     cluster.nodes[1].kill9();
     wait_settled(&cluster, &[0, 2, 3], Duration::from_secs(60)).await;
     for i in [0, 2, 3] {
-        let (_, v) = cluster.nodes[i].http("GET", "/v1/cluster", None, "").await;
-        for p in v["partitions"].as_array().unwrap() {
+        let v = cluster.nodes[i].status().await.expect("a member answers");
+        for p in &v.partitions {
             assert!(
-                !p["replicas"].as_array().unwrap().iter().any(|n| n == "n1"),
-                "n{i}: partition {} still counts n1: {p}",
-                p["partition"]
+                !p.replicas.iter().any(|n| n == "n1"),
+                "n{i}: partition {} still counts n1: {p:?}",
+                p.partition
             );
         }
     }

@@ -136,10 +136,10 @@ async fn idle_mailboxes_stop_and_restart_from_storage() {
     assert_eq!(node.publish("dave", "d1", "x").await, 1);
     assert_eq!(node.publish("dave", "d2", "x").await, 2);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (_, cluster) = node.http("GET", "/v1/cluster", None, "").await;
+    let cluster = node.status().await.expect("the node answers /v1/cluster");
     assert_eq!(
-        cluster["mailboxes_active"], 0,
-        "the idle mailbox stopped: {cluster}"
+        cluster.mailboxes_active, 0,
+        "the idle mailbox stopped: {cluster:?}"
     );
     assert_eq!(
         node.publish("dave", "d3", "x").await,

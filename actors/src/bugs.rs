@@ -22,17 +22,20 @@ static ACTIVE: AtomicU8 = AtomicU8::new(Bug::None as u8);
 
 impl Bug {
     /// Parses the value of `WARBLER_CHAOS_BUG`.
-    pub fn parse(name: &str) -> Result<Bug, String> {
+    pub fn parse(name: &str) -> Result<Bug, UnknownBug> {
         match name {
             "" | "none" => Ok(Bug::None),
             "ack-before-commit" => Ok(Bug::AckBeforeCommit),
             "skip-seq" => Ok(Bug::SkipSeq),
-            other => Err(format!(
-                "WARBLER_CHAOS_BUG={other:?}: unknown bug; use ack-before-commit, skip-seq or none"
-            )),
+            other => Err(UnknownBug(other.to_string())),
         }
     }
 }
+
+/// `WARBLER_CHAOS_BUG` names no known bug.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("WARBLER_CHAOS_BUG={0:?}: unknown bug; use ack-before-commit, skip-seq or none")]
+pub struct UnknownBug(pub String);
 
 /// Turns a deliberate bug on for this process.
 pub fn set(bug: Bug) {
@@ -56,7 +59,7 @@ mod tests {
         assert_eq!(Bug::parse("skip-seq"), Ok(Bug::SkipSeq));
         assert_eq!(Bug::parse("ack-before-commit"), Ok(Bug::AckBeforeCommit));
         assert_eq!(Bug::parse(""), Ok(Bug::None));
-        let e = Bug::parse("lose-everything").unwrap_err();
+        let e = Bug::parse("lose-everything").unwrap_err().to_string();
         assert!(
             e.contains("lose-everything") && e.contains("skip-seq"),
             "{e}"

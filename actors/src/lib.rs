@@ -10,20 +10,30 @@
 //! - [`session`]: `DeviceSession`, one per connected device: subscribes to its user's
 //!   mailbox, writes deliveries to the connection, forwards cumulative acks, re-subscribes
 //!   from its cursor when the mailbox restarts.
-//! - [`route`]: in a cluster, requests for users whose partition another node leads go
+//! - [`msg`]: every actor message ([`MailboxMsg`], [`SessionMsg`], `RegistryMsg`), apart
+//!   from the actors, so that actor files import messages and not each other.
+//! - [`routing`]: in a cluster, requests for users whose partition another node leads go
 //!   there: publishes are forwarded, sessions subscribe through a stand-in on the leader.
+//! - [`route_service`]: serves peers' routed requests on this node.
+//! - [`stand_in`]: `StandIn`, the leader-side stand-in for a session on another node.
 //! - [`error`]: the [`MailboxError`] type.
 //! - [`bugs`]: deliberate bugs the chaos harness must catch (testing only).
 
 pub mod bugs;
 pub mod error;
 pub mod mailbox;
+pub mod msg;
 pub mod registry;
-pub mod route;
+pub mod route_service;
+pub mod routing;
 pub mod session;
+pub mod stand_in;
 
 pub use crate::error::MailboxError;
-pub use crate::mailbox::{DeviceInfo, MailboxLimits, MailboxMsg, SubscribeInfo};
+pub use crate::mailbox::MailboxLimits;
+pub use crate::msg::{DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
 pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};
-pub use crate::route::{Leader, RouteService, Router, Routing};
-pub use crate::session::{DeviceSession, SessionArgs, SessionMsg};
+pub use crate::route_service::RouteService;
+pub use crate::routing::Routing;
+pub use crate::session::{DeviceSession, SessionArgs};
+pub use warbler_cluster::{Leader, Router};

@@ -9,7 +9,7 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store, StoredMessage};
 
 use crate::error::MailboxError;
-use crate::session::SessionMsg;
+use crate::msg::{Committed, DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
 
 /// Bounds of one mailbox.
 #[derive(Debug, Clone, Copy)]
@@ -20,63 +20,6 @@ pub struct MailboxLimits {
     pub tail_cache_max: usize,
     /// Stop after this long with no subscriber and nothing pending.
     pub idle_timeout: Duration,
-}
-
-/// A committed message as handed to sessions (shared, not copied per device).
-pub type Committed = (u64, Arc<StoredMessage>);
-
-/// What a subscriber learns when it subscribes.
-#[derive(Debug, Clone, Copy)]
-pub struct SubscribeInfo {
-    /// The device's cursor: every message up to here was acked.
-    pub acked: u64,
-    /// The highest committed seq.
-    pub last_seq: u64,
-}
-
-/// One device of the user, as `GET /v1/users/{user}/devices` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub device: String,
-    pub acked: u64,
-    pub online: bool,
-}
-
-pub enum MailboxMsg {
-    /// Store a message; replies with its seq once durable.
-    Publish {
-        id: String,
-        body: ByteBuf,
-        from: Option<String>,
-        reply: RpcReplyPort<Result<u64, MailboxError>>,
-    },
-    /// The partition log finished entry `seq` (sent by the commit callback, in order).
-    Committed {
-        seq: u64,
-        result: Result<(), StorageError>,
-    },
-    /// Subscribe a session for `device`. `resume` = (acked, sent) of a session that
-    /// re-subscribes after the mailbox restarted; `None` for a new connection.
-    Subscribe {
-        device: String,
-        session: ActorRef<SessionMsg>,
-        resume: Option<(u64, u64)>,
-        reply: RpcReplyPort<SubscribeInfo>,
-    },
-    Unsubscribe {
-        device: String,
-        session: ActorId,
-    },
-    /// Cumulative ack from a device's session.
-    Ack {
-        device: String,
-        session: ActorId,
-        seq: u64,
-    },
-    Devices {
-        reply: RpcReplyPort<Vec<DeviceInfo>>,
-    },
-    IdleCheck,
 }
 
 pub struct MailboxArgs {

@@ -13,11 +13,11 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
-use crate::mailbox::{
-    DeviceInfo, MailboxArgs, MailboxLimits, MailboxMsg, SubscribeInfo, UserMailbox,
-};
-use crate::route::{Leader, Routing, KIND_DEVICES, KIND_PUBLISH};
-use crate::session::SessionMsg;
+use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox};
+use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, SessionMsg, SubscribeInfo};
+use crate::routing::Routing;
+use warbler_cluster::wire::{DeviceCursor, PeerKind, PublishReq, UserReq};
+use warbler_cluster::Leader;
 
 /// How often a request is retried when the mailbox it reached stopped under it (idle stop
 /// or crash); each retry gets a fresh mailbox from the registry.
@@ -27,20 +27,6 @@ const MAILBOX_RETRIES_MAX: u32 = 5;
 const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long subscribing may take.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub enum RegistryMsg {
-    /// The running mailbox of `user`, spawned if needed.
-    Get {
-        user: String,
-        partition: PartitionId,
-        reply: RpcReplyPort<Result<ActorRef<MailboxMsg>, MailboxError>>,
-    },
-    /// Number of active mailboxes.
-    Count { reply: RpcReplyPort<usize> },
-    /// This node stopped leading `partition`: stop its mailboxes (their sessions subscribe
-    /// again where the partition is led now).
-    StopPartition { partition: PartitionId },
-}
 
 pub struct RegistryArgs {
     pub store: Store,
@@ -317,9 +303,14 @@ impl Mailboxes {
         let Some(route) = &self.route else {
             return self.publish_local(user, id, body, from).await;
         };
-        let req = crate::route::publish_req(user, id, &body, &from);
+        let req = PublishReq {
+            user: user.to_string(),
+            id: id.to_string(),
+            body: body.clone(),
+            from: from.clone(),
+        };
         route
-            .on_leader(self.partition_of(user), KIND_PUBLISH, &req, || {
+            .on_leader(self.partition_of(user), PeerKind::Publish, &req, || {
                 self.publish_local(user, id, body.clone(), from.clone())
             })
             .await
@@ -433,19 +424,21 @@ impl Mailboxes {
         let local = || async {
             self.devices_local(user).await.map(|d| {
                 d.into_iter()
-                    .map(|d| (d.device, d.acked, d.online))
+                    .map(|d| DeviceCursor {
+                        device: d.device,
+                        acked: d.acked,
+                        online: d.online,
+                    })
                     .collect()
             })
         };
-        let wire: Vec<(String, u64, bool)> = route
-            .on_leader(
-                self.partition_of(user),
-                KIND_DEVICES,
-                &crate::route::user_req(user),
-                local,
-            )
+        let req = UserReq {
+            user: user.to_string(),
+        };
+        let wire: Vec<DeviceCursor> = route
+            .on_leader(self.partition_of(user), PeerKind::Devices, &req, local)
             .await?;
-        Ok(crate::route::devices_from_wire(wire))
+        Ok(crate::routing::devices_from_wire(wire))
     }
 
     pub async fn devices_local(&self, user: &str) -> Result<Vec<DeviceInfo>, MailboxError> {

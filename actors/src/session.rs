@@ -13,28 +13,14 @@ use tokio_util::sync::CancellationToken;
 use warbler_client::{ErrorCode, Frame};
 
 use crate::error::MailboxError;
-use crate::mailbox::{Committed, MailboxMsg, SubscribeInfo};
+use crate::msg::{MailboxMsg, SessionMsg, SubscribeInfo};
 use crate::registry::Mailboxes;
-use crate::route::Leader;
+use warbler_cluster::Leader;
 
 /// How long a session waits before retrying a failed re-subscribe.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(250);
 /// How long subscribing may take before the connection is refused.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub enum SessionMsg {
-    /// Committed messages, in seq order.
-    Deliver(Vec<Committed>),
-    /// The client acknowledged every seq up to this one.
-    ClientAck(u64),
-    /// Another connection of the same device took over.
-    Replaced,
-    /// Subscribe again (the mailbox stopped, or an earlier attempt failed).
-    Resubscribe,
-    /// The partition's leader may have moved: subscribe again if it is not where this
-    /// session's subscription is.
-    CheckRoute,
-}
 
 /// Where the session's subscription is.
 enum Upstream {

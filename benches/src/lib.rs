@@ -15,37 +15,13 @@ pub mod stats;
 pub mod systems;
 
 pub mod tokens {
-    use serde::Serialize;
-
-    #[derive(Serialize)]
-    struct Claims<'a> {
-        sub: &'a str,
-        scope: &'a str,
-        exp: u64,
-    }
-
     /// Mints a token for `user` with `scope`, valid for a day.
     pub fn mint(secret: &[u8], user: &str, scope: &str) -> String {
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 86_400;
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &Claims {
-                sub: user,
-                scope,
-                exp,
-            },
-            &jsonwebtoken::EncodingKey::from_secret(secret),
-        )
-        .expect("HS256 encoding does not fail")
+        warbler_client::auth::token(secret, user, scope, 86_400)
     }
 
     /// Reads a secret file the way the server does (surrounding whitespace trimmed).
     pub fn read_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-        let text = std::fs::read_to_string(path)?;
-        Ok(text.trim().as_bytes().to_vec())
+        Ok(warbler_client::auth::read_secret(path)?)
     }
 }

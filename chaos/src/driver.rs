@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
+use warbler_client::api::ClusterStatus;
+use warbler_client::http::NodeHttp;
 
 use crate::auth;
 
@@ -683,15 +684,15 @@ impl Cluster {
                 continue;
             }
             let path = format!("/v1/cluster?user={user}");
-            if let Ok((200, v)) = self.http(i, "GET", &path, "").await {
-                let leader = v["user"]["leader"].as_str()?;
+            if let Ok(v) = self.api(i).get::<ClusterStatus>(&path).await {
+                let leader = v.user?.leader?;
                 return self.nodes.iter().position(|n| n.name == leader);
             }
         }
         None
     }
 
-    /// A small HTTP/1.1 request to node `i` with an admin token; 2 s timeout.
+    /// A request to node `i`'s HTTP API with an admin token; 2 s timeout.
     pub async fn http(
         &self,
         i: usize,
@@ -699,31 +700,14 @@ impl Cluster {
         path: &str,
         body: &str,
     ) -> anyhow::Result<(u16, Value)> {
-        let addr = self.nodes[i].http;
         let token = auth::token("chaos", "admin");
-        let req = async {
-            let mut s = tokio::net::TcpStream::connect(addr).await?;
-            let head = format!(
-                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            s.write_all(head.as_bytes()).await?;
-            s.write_all(body.as_bytes()).await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
-        };
-        let text = tokio::time::timeout(Duration::from_secs(2), req)
-            .await
-            .map_err(|_| anyhow::anyhow!("{addr}: no HTTP answer within 2 s"))??;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("{addr}: not an HTTP answer"))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let v = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
-        Ok((status, v))
+        let answer = self.api(i).send(method, path, Some(&token), body).await?;
+        Ok((answer.status, answer.json()))
+    }
+
+    /// Node `i`'s HTTP API (2 s timeout).
+    pub fn api(&self, i: usize) -> NodeHttp {
+        NodeHttp::with_timeout(self.nodes[i].http.to_string(), Duration::from_secs(2))
     }
 
     /// Heals everything: resumes paused nodes, starts stopped members, removes cuts, and
@@ -790,9 +774,9 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         loop {
-            let last = match self.http(i, "GET", "/v1/cluster", "").await {
-                Ok((200, v)) if v["replicas_held"] == 0 && v["decommissioned"] == true => break,
-                Ok((_, v)) => format!("replicas_held {}", v["replicas_held"]),
+            let last = match self.api(i).cluster_status().await {
+                Ok(v) if v.replicas_held == Some(0) && v.decommissioned => break,
+                Ok(v) => format!("replicas_held {:?}", v.replicas_held),
                 Err(e) => e.to_string(),
             };
             if start.elapsed() > within {

@@ -145,7 +145,7 @@ impl Serialize for Target {
 }
 
 impl Target {
-    pub fn parse(s: &str) -> Result<Target, String> {
+    pub fn parse(s: &str) -> Result<Target, ScenarioError> {
         Ok(match s {
             "random" => Target::Random,
             "hot-leader" => Target::HotLeader,
@@ -155,9 +155,9 @@ impl Target {
             other => match other.strip_prefix("node:").map(str::parse) {
                 Some(Ok(n)) => Target::Node(n),
                 _ => {
-                    return Err(format!(
+                    return Err(ScenarioError::from(format!(
                         "target {other:?}: use random, hot-leader, minority, all, each or node:N"
-                    ))
+                    )))
                 }
             },
         })
@@ -227,57 +227,59 @@ impl Scenario {
         Ok(s)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ScenarioError> {
         if self.duration_s <= 0.0 {
-            return Err("duration_s must be positive".into());
+            return Err(ScenarioError::from("duration_s must be positive"));
         }
         if !(1..=9).contains(&self.cluster.nodes) {
-            return Err(format!(
+            return Err(ScenarioError::from(format!(
                 "cluster.nodes = {}: choose 1 to 9",
                 self.cluster.nodes
-            ));
+            )));
         }
         if self.cluster.nodes + self.cluster.spare_nodes > 9 {
-            return Err("cluster.nodes + cluster.spare_nodes: at most 9 node slots".into());
+            return Err(ScenarioError::from(
+                "cluster.nodes + cluster.spare_nodes: at most 9 node slots",
+            ));
         }
         let w = &self.workload;
         if w.users == 0 || w.devices_per_user == 0 || w.publishers_per_node == 0 {
-            return Err(
-                "workload.users, devices_per_user and publishers_per_node must be at least 1"
-                    .into(),
-            );
+            return Err(ScenarioError::from(
+                "workload.users, devices_per_user and publishers_per_node must be at least 1",
+            ));
         }
         if !(0.0..=1.0).contains(&w.hot_share) {
-            return Err(format!(
+            return Err(ScenarioError::from(format!(
                 "workload.hot_share = {}: a share between 0 and 1",
                 w.hot_share
-            ));
+            )));
         }
         for f in &self.faults {
             if let Target::Node(n) = f.target {
                 if n >= self.cluster.nodes {
-                    return Err(format!(
+                    return Err(ScenarioError::from(format!(
                         "fault target node:{n}: the cluster has nodes 0 to {}",
                         self.cluster.nodes - 1
-                    ));
+                    )));
                 }
             }
             if f.every_s.is_some_and(|e| e <= 0.0) || f.hold_s < 0.0 || f.start_s < 0.0 {
-                return Err(
-                    "fault start_s, every_s and hold_s must not be negative (every_s positive)"
-                        .into(),
-                );
+                return Err(ScenarioError::from(
+                    "fault start_s, every_s and hold_s must not be negative (every_s positive)",
+                ));
             }
             if f.action == Action::Add && self.cluster.spare_nodes == 0 {
-                return Err(
-                    "an add fault needs a node slot to start: set cluster.spare_nodes".into(),
-                );
+                return Err(ScenarioError::from(
+                    "an add fault needs a node slot to start: set cluster.spare_nodes",
+                ));
             }
             if f.action == Action::Decommission && matches!(f.target, Target::All | Target::Each) {
-                return Err("decommission a proper subset of the nodes (random, hot-leader, minority or node:N)".into());
+                return Err(ScenarioError::from("decommission a proper subset of the nodes (random, hot-leader, minority or node:N)"));
             }
             if f.action == Action::Partition && matches!(f.target, Target::All | Target::Each) {
-                return Err("a partition needs a proper subset of the nodes as its target".into());
+                return Err(ScenarioError::from(
+                    "a partition needs a proper subset of the nodes as its target",
+                ));
             }
         }
         Ok(())
@@ -309,5 +311,22 @@ impl Scenario {
         }
         out.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
         out
+    }
+}
+
+/// Why a scenario cannot run; the text names the field and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ScenarioError(pub String);
+
+impl From<String> for ScenarioError {
+    fn from(s: String) -> ScenarioError {
+        ScenarioError(s)
+    }
+}
+
+impl From<&str> for ScenarioError {
+    fn from(s: &str) -> ScenarioError {
+        ScenarioError(s.to_string())
     }
 }

@@ -6,11 +6,18 @@
 //! - [`codec`]: length-prefixed framing (4-byte big-endian length, then MessagePack) as a
 //!   `tokio_util` codec with a bounded frame size. Pure, no I/O: fuzzed by proptest.
 //! - [`sdk`]: an async client over TCP or TLS: connect, hello, receive, ack, publish.
+//! - [`api`]: the HTTP API's JSON bodies (`/v1/cluster`, decommission, errors), shared
+//!   by the server that writes them and the tools that read them.
+//! - [`auth`]: the JWT claims and the one minter of tokens.
+//! - [`http`]: the one HTTP client of the tools (CLI, chaos harness, tests).
 //! - [`error`]: decode and client errors.
 
+pub mod api;
+pub mod auth;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod http;
 pub mod sdk;
 
 pub use crate::codec::FrameCodec;

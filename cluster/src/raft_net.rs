@@ -23,13 +23,10 @@ use openraft::{BasicNode, Raft};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::error::{RpcCode, RpcError};
 use crate::raft_store::{NodeId, TypeConfig};
 use crate::transport::{BoxFuture, PeerError, PeerHandler, PeerTransport};
-
-/// RPC kinds on the peer transport.
-pub const KIND_APPEND_ENTRIES: u8 = 1;
-pub const KIND_VOTE: u8 = 2;
-pub const KIND_INSTALL_SNAPSHOT: u8 = 3;
+use crate::wire::PeerKind;
 
 /// Finds a node's current peer address by its consensus id (nodes may restart elsewhere,
 /// e.g. a pod with a new IP); `None` falls back to the address in the Raft membership.
@@ -71,7 +68,7 @@ type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E
 impl Client {
     async fn call<Req, Resp, E>(
         &self,
-        kind: u8,
+        kind: PeerKind,
         req: &Req,
         option: &RPCOption,
     ) -> RpcResult<Resp, E>
@@ -112,7 +109,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(KIND_APPEND_ENTRIES, &rpc, &option).await
+        self.call(PeerKind::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -120,7 +117,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(KIND_INSTALL_SNAPSHOT, &rpc, &option).await
+        self.call(PeerKind::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -128,7 +125,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(KIND_VOTE, &rpc, &option).await
+        self.call(PeerKind::Vote, &rpc, &option).await
     }
 }
 
@@ -149,12 +146,12 @@ impl RaftService {
     }
 }
 
-fn reply<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+fn reply<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
     Ok(rmp_serde::to_vec_named(v).expect("consensus responses serialize"))
 }
 
-fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(body).map_err(|e| format!("cannot decode the consensus request: {e}"))
+fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
+    rmp_serde::from_slice(body).map_err(|e| RpcError::bad_request("consensus request", e))
 }
 
 impl PeerHandler for RaftService {
@@ -162,18 +159,25 @@ impl PeerHandler for RaftService {
         &self,
         _from: String,
         partition: u16,
-        kind: u8,
+        kind: PeerKind,
         body: Vec<u8>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         let raft = self.rafts.read().unwrap().get(&partition).cloned();
         Box::pin(async move {
-            let raft =
-                raft.ok_or_else(|| format!("this node does not replicate partition {partition}"))?;
+            let raft = raft.ok_or_else(|| {
+                RpcError::new(
+                    RpcCode::WrongNode,
+                    format!("this node does not replicate partition {partition}"),
+                )
+            })?;
             match kind {
-                KIND_APPEND_ENTRIES => reply(&raft.append_entries(request(&body)?).await),
-                KIND_VOTE => reply(&raft.vote(request(&body)?).await),
-                KIND_INSTALL_SNAPSHOT => reply(&raft.install_snapshot(request(&body)?).await),
-                other => Err(format!("unknown consensus RPC kind {other}")),
+                PeerKind::AppendEntries => reply(&raft.append_entries(request(&body)?).await),
+                PeerKind::Vote => reply(&raft.vote(request(&body)?).await),
+                PeerKind::InstallSnapshot => reply(&raft.install_snapshot(request(&body)?).await),
+                other => Err(RpcError::new(
+                    RpcCode::UnknownKind,
+                    format!("{other:?} is not a consensus request"),
+                )),
             }
         })
     }

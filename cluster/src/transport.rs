@@ -27,6 +27,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::{RpcCode, RpcError};
+use crate::wire::PeerKind;
+
 /// The peer protocol version this build speaks.
 pub const PEER_PROTOCOL_VERSION: u32 = 1;
 /// Largest peer frame (snapshots are sent in chunks below this).
@@ -40,8 +43,6 @@ pub const PEER_CALLS_MAX: usize = 4096;
 /// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
-/// A request kind the transport answers itself: a sign of life from the peer.
-pub const KIND_PROBE: u8 = 255;
 /// A link with calls outstanding that has heard nothing for this long sends a probe.
 pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
 /// A probe unanswered for this long means the peer is gone (killed without closing its
@@ -63,10 +64,14 @@ pub enum PeerFrame {
         kind: u8,
         body: ByteBuf,
     },
+    /// An answer. A refusal has `ok` false, the message in `body` and a [`RpcCode`] in
+    /// `code` (absent from the previous release's frames, and ignored by it).
     Response {
         id: u64,
         ok: bool,
         body: ByteBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<RpcCode>,
     },
     Error {
         message: String,
@@ -84,21 +89,24 @@ pub enum PeerError {
     Timeout(String, Duration),
     #[error("the connection to peer {0} dropped before it answered")]
     Disconnected(String),
-    #[error("peer {peer} refused: {message}")]
-    Remote { peer: String, message: String },
+    #[error("peer {peer} refused: {}", error.message)]
+    Remote { peer: String, error: RpcError },
+    #[error("peer request kind {0} is not known to this node")]
+    UnknownKind(u8),
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What a node does with requests from its peers.
+/// What a node does with requests from its peers: `from` is the peer's name (from its
+/// hello), `partition` the frame's partition field.
 pub trait PeerHandler: Send + Sync + 'static {
     fn handle(
         &self,
         from: String,
         partition: u16,
-        kind: u8,
+        kind: PeerKind,
         body: Vec<u8>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>>;
 }
 
 /// Peers this node behaves as if it cannot reach: calls to them fail as unreachable and
@@ -131,6 +139,17 @@ pub struct PeerTls {
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
+/// Why the peer TLS files cannot be used; the text names the file and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PeerTlsError(pub String);
+
+impl From<String> for PeerTlsError {
+    fn from(message: String) -> PeerTlsError {
+        PeerTlsError(message)
+    }
+}
+
 /// The name every node's peer certificate must carry (a DNS subject alternative name).
 pub const PEER_TLS_NAME: &str = "warbler-peer";
 
@@ -142,7 +161,7 @@ impl PeerTls {
         ca_file: &std::path::Path,
         cert_file: &std::path::Path,
         key_file: &std::path::Path,
-    ) -> Result<PeerTls, String> {
+    ) -> Result<PeerTls, PeerTlsError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
         let certs = |f: &std::path::Path| {
@@ -274,7 +293,7 @@ impl PeerTransport {
         &self,
         peer: SocketAddr,
         partition: u16,
-        kind: u8,
+        kind: PeerKind,
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, PeerError> {
@@ -286,7 +305,7 @@ impl PeerTransport {
         let frame = PeerFrame::Request {
             id: 0,
             partition,
-            kind,
+            kind: kind as u8,
             body: ByteBuf::from(body),
         };
         link.queue
@@ -441,11 +460,24 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
         else {
             continue;
         };
-        if kind == KIND_PROBE {
+        let Some(kind) = PeerKind::from_wire(kind) else {
+            let error = RpcError::new(
+                RpcCode::UnknownKind,
+                format!(
+                    "peer request kind {kind} is not known to this node; is it an older release?"
+                ),
+            );
+            if tx.send(refusal(id, error)).await.is_err() {
+                break;
+            }
+            continue;
+        };
+        if kind == PeerKind::Probe {
             let pong = PeerFrame::Response {
                 id,
                 ok: true,
                 body: ByteBuf::new(),
+                code: None,
             };
             if tx.send(pong).await.is_err() {
                 break;
@@ -459,18 +491,25 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
                     id,
                     ok: true,
                     body: ByteBuf::from(b),
+                    code: None,
                 },
-                Err(m) => PeerFrame::Response {
-                    id,
-                    ok: false,
-                    body: ByteBuf::from(m.into_bytes()),
-                },
+                Err(e) => refusal(id, e),
             };
             let _ = tx.send(reply).await;
         });
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// The frame that refuses request `id`.
+fn refusal(id: u64, e: RpcError) -> PeerFrame {
+    PeerFrame::Response {
+        id,
+        ok: false,
+        body: ByteBuf::from(e.message.into_bytes()),
+        code: Some(e.code),
+    }
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, Reply>>>;
@@ -520,14 +559,15 @@ async fn run_link(
             while let Ok(frame) = read_frame(&mut r).await {
                 reader_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match frame {
-                    PeerFrame::Response { id, ok, body } => {
+                    PeerFrame::Response { id, ok, body, code } => {
                         if let Some(w) = reader_waiters.lock().unwrap().remove(&id) {
                             let r = if ok {
                                 Ok(body.into_vec())
                             } else {
+                                let message = String::from_utf8_lossy(&body).into_owned();
                                 Err(PeerError::Remote {
                                     peer: reader_name.clone(),
-                                    message: String::from_utf8_lossy(&body).into_owned(),
+                                    error: RpcError::new(code.unwrap_or(RpcCode::Other), message),
                                 })
                             };
                             let _ = w.send(r);
@@ -563,7 +603,7 @@ async fn run_link(
                             let probe = PeerFrame::Request {
                                 id: next_id,
                                 partition: 0,
-                                kind: KIND_PROBE,
+                                kind: PeerKind::Probe as u8,
                                 body: ByteBuf::new(),
                             };
                             next_id += 1;
@@ -606,7 +646,7 @@ async fn run_link(
                         if let Some(w) = waiters.lock().unwrap().remove(id) {
                             let _ = w.send(Err(PeerError::Remote {
                                 peer: name.clone(),
-                                message: format!("not sent: {e}"),
+                                error: RpcError::new(RpcCode::BadRequest, format!("not sent: {e}")),
                             }));
                         }
                     }

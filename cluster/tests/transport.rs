@@ -8,9 +8,12 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warbler_cluster::transport::{BoxFuture, PeerFrame, PEER_PROTOCOL_VERSION};
-use warbler_cluster::{PeerError, PeerHandler, PeerTls, PeerTransport};
+use warbler_cluster::{
+    PeerError, PeerHandler, PeerKind, PeerTls, PeerTransport, RpcCode, RpcError,
+};
 
-/// Answers `<from>/<partition>/<kind>:<body>` after `body[0]` milliseconds; kind 9 fails.
+/// Answers `<from>/<partition>/<kind number>:<body>` after `body[0]` milliseconds;
+/// `Members` is refused.
 struct Echo;
 
 impl PeerHandler for Echo {
@@ -18,20 +21,24 @@ impl PeerHandler for Echo {
         &self,
         from: String,
         partition: u16,
-        kind: u8,
+        kind: PeerKind,
         body: Vec<u8>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(u64::from(
                 body.first().copied().unwrap_or(0),
             )))
             .await;
-            if kind == 9 {
-                return Err("kind 9 is refused".into());
+            if kind == PeerKind::Members {
+                return Err(RpcError::new(RpcCode::Refused, "members is refused"));
             }
-            Ok(format!("{from}/{partition}/{kind}:{}", body.len()).into_bytes())
+            Ok(format!("{from}/{partition}/{}:{}", kind as u8, body.len()).into_bytes())
         })
     }
+}
+
+fn kind(i: u32) -> PeerKind {
+    PeerKind::ALL[(i % 5) as usize]
 }
 
 const T: Duration = Duration::from_secs(5);
@@ -55,12 +62,12 @@ async fn concurrent_calls_share_one_link_and_answers_match_out_of_order() {
                 // Varying delays: later calls often finish first.
                 let body = vec![(20 - i % 20) as u8; (i % 7) as usize + 1];
                 let got = client
-                    .call(to, (i % 64) as u16, (i % 5) as u8, body.clone(), T)
+                    .call(to, (i % 64) as u16, kind(i), body.clone(), T)
                     .await
                     .unwrap();
                 assert_eq!(
                     String::from_utf8(got).unwrap(),
-                    format!("client/{}/{}:{}", i % 64, i % 5, body.len())
+                    format!("client/{}/{}:{}", i % 64, kind(i) as u8, body.len())
                 );
             })
         })
@@ -69,9 +76,13 @@ async fn concurrent_calls_share_one_link_and_answers_match_out_of_order() {
         c.await.unwrap();
     }
     assert_eq!(client.peers(), vec![to], "one link to the one peer");
-    let err = client.call(to, 0, 9, vec![0], T).await.unwrap_err();
+    let err = client
+        .call(to, 0, PeerKind::Members, vec![0], T)
+        .await
+        .unwrap_err();
     assert!(
-        matches!(&err, PeerError::Remote { message, .. } if message.contains("kind 9")),
+        matches!(&err, PeerError::Remote { error, .. }
+            if error.code == RpcCode::Refused && error.message.contains("members is refused")),
         "{err}"
     );
 }
@@ -86,7 +97,10 @@ async fn an_unreachable_peer_fails_fast_and_is_redialled_when_it_comes_up() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = client.call(to, 1, 1, vec![0], T).await.unwrap_err();
+    let err = client
+        .call(to, 1, PeerKind::AppendEntries, vec![0], T)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, PeerError::Unreachable(_) | PeerError::Disconnected(_)),
         "{err}"
@@ -97,7 +111,10 @@ async fn an_unreachable_peer_fails_fast_and_is_redialled_when_it_comes_up() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match client.call(to, 1, 1, vec![0], T).await {
+        match client
+            .call(to, 1, PeerKind::AppendEntries, vec![0], T)
+            .await
+        {
             Ok(b) => {
                 assert_eq!(b, b"client/1/1:1");
                 break;
@@ -123,7 +140,10 @@ async fn a_dropped_connection_fails_the_calls_waiting_on_it() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = client.call(to, 0, 0, vec![0], T).await.unwrap_err();
+    let err = client
+        .call(to, 0, PeerKind::Vote, vec![0], T)
+        .await
+        .unwrap_err();
     assert_eq!(err, PeerError::Disconnected(to.to_string()));
     assert!(started.elapsed() < T);
 }
@@ -161,7 +181,10 @@ async fn a_silent_peer_is_probed_and_its_connection_replaced() {
         .unwrap();
     let started = Instant::now();
     let long = Duration::from_secs(30);
-    let err = client.call(to, 0, 5, vec![0], long).await.unwrap_err();
+    let err = client
+        .call(to, 0, PeerKind::Vote, vec![0], long)
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert_eq!(err, PeerError::Disconnected(to.to_string()));
     assert!(
@@ -185,9 +208,9 @@ impl PeerHandler for Slow {
         &self,
         _from: String,
         _partition: u16,
-        _kind: u8,
+        _kind: PeerKind,
         _body: Vec<u8>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_secs(4)).await;
             Ok(b"late".to_vec())
@@ -207,7 +230,13 @@ async fn a_slow_answer_from_a_live_peer_is_not_mistaken_for_a_dead_peer() {
         .unwrap();
     let started = Instant::now();
     let answer = client
-        .call(server.local_addr(), 1, 2, vec![], Duration::from_secs(30))
+        .call(
+            server.local_addr(),
+            1,
+            PeerKind::Vote,
+            vec![],
+            Duration::from_secs(30),
+        )
         .await;
     assert_eq!(
         answer,
@@ -242,6 +271,112 @@ async fn another_protocol_version_is_refused_with_a_reason() {
     match rmp_serde::from_slice::<PeerFrame>(&buf).unwrap() {
         PeerFrame::Error { message } => assert!(message.contains("version 2"), "{message}"),
         other => panic!("expected error, got {other:?}"),
+    }
+}
+
+async fn write_raw(s: &mut tokio::net::TcpStream, frame: &impl serde::Serialize) {
+    let bytes = rmp_serde::to_vec_named(frame).unwrap();
+    s.write_all(&(bytes.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&bytes).await.unwrap();
+}
+
+async fn read_raw<T: serde::de::DeserializeOwned>(s: &mut tokio::net::TcpStream) -> T {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.unwrap();
+    rmp_serde::from_slice(&buf).unwrap()
+}
+
+/// The previous release's `response` frame: no `code`.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum OldFrame {
+    Hello {
+        v: u32,
+        from: String,
+    },
+    Request {
+        id: u64,
+        partition: u16,
+        kind: u8,
+        body: serde_bytes::ByteBuf,
+    },
+    Response {
+        id: u64,
+        ok: bool,
+        body: serde_bytes::ByteBuf,
+    },
+}
+
+/// A node of the previous release talks to this one: it sends its frames, reads the
+/// answers (the added `code` is ignored), and a request kind this node does not know is
+/// refused with a code instead of a silent drop.
+#[tokio::test]
+async fn a_previous_release_peer_is_understood_and_unknown_kinds_are_refused_with_a_code() {
+    let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let hello = OldFrame::Hello {
+        v: PEER_PROTOCOL_VERSION,
+        from: "old".into(),
+    };
+    write_raw(&mut s, &hello).await;
+    let body = serde_bytes::ByteBuf::from(vec![0]);
+    let request = |id, kind| OldFrame::Request {
+        id,
+        partition: 7,
+        kind,
+        body: body.clone(),
+    };
+    write_raw(&mut s, &request(1, 10)).await;
+    match read_raw::<OldFrame>(&mut s).await {
+        OldFrame::Response {
+            id: 1,
+            ok: true,
+            body,
+        } => assert_eq!(&body[..], b"old/7/10:1"),
+        other => panic!("expected an answer, got {other:?}"),
+    }
+    write_raw(&mut s, &request(2, 20)).await;
+    match read_raw::<OldFrame>(&mut s).await {
+        OldFrame::Response {
+            id: 2,
+            ok: false,
+            body,
+        } => {
+            assert_eq!(&body[..], b"members is refused")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    write_raw(&mut s, &request(3, 99)).await;
+    match read_raw::<PeerFrame>(&mut s).await {
+        PeerFrame::Response {
+            id: 3,
+            ok: false,
+            code,
+            body,
+        } => {
+            assert_eq!(code, Some(RpcCode::UnknownKind));
+            assert!(String::from_utf8_lossy(&body).contains("99"));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // And an old node's refusal (no code) reads as `Other` here.
+    let old = rmp_serde::to_vec_named(&OldFrame::Response {
+        id: 4,
+        ok: false,
+        body: serde_bytes::ByteBuf::from(b"no".to_vec()),
+    })
+    .unwrap();
+    match rmp_serde::from_slice::<PeerFrame>(&old).unwrap() {
+        PeerFrame::Response { code: None, .. } => {}
+        other => panic!("expected a response without a code, got {other:?}"),
     }
 }
 
@@ -326,10 +461,10 @@ async fn mutual_tls_admits_cluster_members_only() {
         .unwrap();
     assert_eq!(
         member
-            .call(server.local_addr(), 3, 4, vec![0], T)
+            .call(server.local_addr(), 3, PeerKind::Publish, vec![0], T)
             .await
             .unwrap(),
-        b"member/3/4:1"
+        b"member/3/10:1"
     );
 
     let stranger = PeerTransport::start(
@@ -341,7 +476,13 @@ async fn mutual_tls_admits_cluster_members_only() {
     .await
     .unwrap();
     let err = stranger
-        .call(server.local_addr(), 3, 4, vec![0], Duration::from_secs(2))
+        .call(
+            server.local_addr(),
+            3,
+            PeerKind::Publish,
+            vec![0],
+            Duration::from_secs(2),
+        )
         .await
         .unwrap_err();
     assert!(

@@ -22,3 +22,8 @@ pub enum ConfigError {
         message: String,
     },
 }
+
+/// A value that does not fit its field: what was expected and what came.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(pub String);

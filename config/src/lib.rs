@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::error::ConfigError;
+pub use crate::error::{BadValue, ConfigError};
 
 /// Default client (device protocol over TCP) port.
 pub const DEFAULT_CLIENT_PORT: u16 = 7400;
@@ -340,24 +340,23 @@ impl Config {
     ) -> Result<(), ConfigError> {
         for (key, value) in vars {
             if let Some((_, field)) = ENV_KEYS.iter().find(|(k, _)| *k == key) {
-                self.set(field, &value)
-                    .map_err(|message| ConfigError::Env {
-                        var: key.clone(),
-                        value: value.clone(),
-                        message,
-                    })?;
+                self.set(field, &value).map_err(|e| ConfigError::Env {
+                    var: key.clone(),
+                    value: value.clone(),
+                    message: e.0,
+                })?;
             }
         }
         Ok(())
     }
 
     /// Sets one field by its dotted name from a string (env variables and flags).
-    pub fn set(&mut self, field: &str, value: &str) -> Result<(), String> {
-        fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, String> {
+    pub fn set(&mut self, field: &str, value: &str) -> Result<(), BadValue> {
+        fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, BadValue> {
             value
                 .trim()
                 .parse()
-                .map_err(|_| format!("expected {what}, got {value:?}"))
+                .map_err(|_| BadValue(format!("expected {what}, got {value:?}")))
         }
         fn path(value: &str) -> Option<PathBuf> {
             (!value.is_empty()).then(|| PathBuf::from(value))
@@ -420,11 +419,11 @@ impl Config {
                 self.log.format = match value.trim() {
                     "human" => LogFormat::Human,
                     "json" => LogFormat::Json,
-                    _ => return Err(format!("expected human or json, got {value:?}")),
+                    _ => return Err(BadValue(format!("expected human or json, got {value:?}"))),
                 }
             }
             "log.level" => self.log.level = value.to_string(),
-            _ => return Err(format!("unknown configuration field {field:?}")),
+            _ => return Err(BadValue(format!("unknown configuration field {field:?}"))),
         }
         Ok(())
     }

@@ -39,13 +39,21 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
 }
 
+/// An id that [`check_id`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be 1..={ID_BYTES_MAX} bytes without control characters, got {len} bytes")]
+pub struct BadId {
+    pub what: String,
+    pub len: usize,
+}
+
 /// Checks an id (user, device, message): 1..=128 bytes, no control characters.
-pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+pub fn check_id(what: &str, id: &str) -> Result<(), BadId> {
     if id.is_empty() || id.len() > ID_BYTES_MAX || id.chars().any(char::is_control) {
-        return Err(format!(
-            "{what} must be 1..={ID_BYTES_MAX} bytes without control characters, got {} bytes",
-            id.len()
-        ));
+        return Err(BadId {
+            what: what.to_string(),
+            len: id.len(),
+        });
     }
     Ok(())
 }
@@ -138,7 +146,7 @@ impl Gateway {
         if let Err(msg) =
             check_id("device", &device).and_then(|_| check_id("user (token sub)", &claims.sub))
         {
-            send_error(out, ErrorCode::BadRequest, msg, None).await;
+            send_error(out, ErrorCode::BadRequest, msg.to_string(), None).await;
             return None;
         }
         if claims.device.as_ref().is_some_and(|d| *d != device) {
@@ -314,8 +322,8 @@ impl Gateway {
             };
             return Err((ErrorCode::Forbidden, e.to_string()));
         }
-        check_id("id", id).map_err(|m| (ErrorCode::BadRequest, m))?;
-        check_id("to", to).map_err(|m| (ErrorCode::BadRequest, m))?;
+        check_id("id", id).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        check_id("to", to).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
         if body.len() > self.limits.max_body_bytes {
             let msg = format!(
                 "body of {} bytes exceeds the limit of {} bytes",

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use jsonwebtoken::{EncodingKey, Header};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use warbler_client::api::ClusterStatus;
+use warbler_client::http::NodeHttp;
 use warbler_client::{ConnectOptions, Connection};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
@@ -183,7 +182,12 @@ impl Node {
         }
     }
 
-    /// A minimal HTTP/1.1 request (Connection: close); returns status and JSON body.
+    /// `GET /v1/cluster`, typed; `None` when the node does not answer 200.
+    pub async fn status(&self) -> Option<ClusterStatus> {
+        NodeHttp::new(&self.http).cluster_status().await.ok()
+    }
+
+    /// A request to the node's HTTP API; returns status and JSON body.
     pub async fn http(
         &self,
         method: &str,
@@ -216,6 +220,7 @@ impl Drop for Node {
     }
 }
 
+/// A request to the node whose HTTP API is at `addr`; returns status and body text.
 pub async fn http_raw(
     addr: &str,
     method: &str,
@@ -223,36 +228,11 @@ pub async fn http_raw(
     token: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("HTTP connect");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("HTTP status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-#[derive(serde::Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    scope: &'a str,
-    exp: u64,
+    let answer = NodeHttp::new(addr)
+        .send(method, path, token, body.to_vec())
+        .await
+        .expect("HTTP request");
+    (answer.status, answer.body)
 }
 
 fn now_secs() -> u64 {
@@ -268,16 +248,11 @@ pub fn token(user: &str, scope: &str) -> String {
 }
 
 pub fn token_exp(user: &str, scope: &str, exp: u64) -> String {
-    jsonwebtoken::encode(
-        &Header::default(),
-        &Claims {
-            sub: user,
-            scope,
-            exp,
-        },
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    let claims = warbler_client::auth::Claims {
+        exp,
+        ..warbler_client::auth::Claims::new(user, scope, 0)
+    };
+    warbler_client::auth::mint(SECRET.as_bytes(), &claims)
 }
 
 pub fn expired_token(user: &str) -> String {

@@ -1,0 +1,102 @@
+//! Every actor message in one place, apart from the actors' behaviour, so that the actor
+//! files import these and not each other.
+//!
+//! - [`MailboxMsg`]: to a `UserMailbox` (publish, subscribe, ack, devices).
+//! - [`SessionMsg`]: to a session, a local `DeviceSession` or a `StandIn` for a session on
+//!   another node (deliveries, acks, re-subscribe).
+//! - [`RegistryMsg`]: to the node's `MailboxRegistry`.
+
+use std::sync::Arc;
+
+use ractor::{ActorId, ActorRef, RpcReplyPort};
+use serde_bytes::ByteBuf;
+use warbler_storage::{PartitionId, StorageError, StoredMessage};
+
+use crate::error::MailboxError;
+
+/// A committed message as handed to sessions (shared, not copied per device).
+pub type Committed = (u64, Arc<StoredMessage>);
+
+/// What a subscriber learns when it subscribes.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeInfo {
+    /// The device's cursor: every message up to here was acked.
+    pub acked: u64,
+    /// The highest committed seq.
+    pub last_seq: u64,
+}
+
+/// One device of the user, as `GET /v1/users/{user}/devices` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device: String,
+    pub acked: u64,
+    pub online: bool,
+}
+
+pub enum MailboxMsg {
+    /// Store a message; replies with its seq once durable.
+    Publish {
+        id: String,
+        body: ByteBuf,
+        from: Option<String>,
+        reply: RpcReplyPort<Result<u64, MailboxError>>,
+    },
+    /// The partition log finished entry `seq` (sent by the commit callback, in order).
+    Committed {
+        seq: u64,
+        result: Result<(), StorageError>,
+    },
+    /// Subscribe a session for `device`. `resume` = (acked, sent) of a session that
+    /// re-subscribes after the mailbox restarted; `None` for a new connection.
+    Subscribe {
+        device: String,
+        session: ActorRef<SessionMsg>,
+        resume: Option<(u64, u64)>,
+        reply: RpcReplyPort<SubscribeInfo>,
+    },
+    Unsubscribe {
+        device: String,
+        session: ActorId,
+    },
+    /// Cumulative ack from a device's session.
+    Ack {
+        device: String,
+        session: ActorId,
+        seq: u64,
+    },
+    Devices {
+        reply: RpcReplyPort<Vec<DeviceInfo>>,
+    },
+    IdleCheck,
+}
+
+/// To a session: a device's own (`DeviceSession`) or a stand-in for one elsewhere.
+pub enum SessionMsg {
+    /// Committed messages, in seq order.
+    Deliver(Vec<Committed>),
+    /// The client acknowledged every seq up to this one.
+    ClientAck(u64),
+    /// Another connection of the same device took over.
+    Replaced,
+    /// Subscribe again (the mailbox stopped, or an earlier attempt failed).
+    Resubscribe,
+    /// The partition's leader may have moved: subscribe again if it is not where this
+    /// session's subscription is.
+    CheckRoute,
+}
+
+/// To the node's `MailboxRegistry`.
+pub enum RegistryMsg {
+    /// The running mailbox of `user`, spawned if needed.
+    Get {
+        user: String,
+        partition: PartitionId,
+        reply: RpcReplyPort<Result<ActorRef<MailboxMsg>, MailboxError>>,
+    },
+    /// Number of active mailboxes.
+    Count { reply: RpcReplyPort<usize> },
+    /// This node stopped leading `partition`: stop its mailboxes (their sessions subscribe
+    /// again where the partition is led now).
+    StopPartition { partition: PartitionId },
+}

@@ -1,0 +1,169 @@
+//! Serving peers' routed requests on this node: publishes and device queries for users
+//! whose partition this node leads, subscriptions through stand-ins, and deliveries to
+//! sessions here that subscribed elsewhere.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use warbler_cluster::transport::BoxFuture;
+use warbler_cluster::wire::{
+    DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishReq, SubscribeReq, UserReq,
+};
+use warbler_cluster::{Leader, PeerHandler, RpcCode, RpcError};
+use warbler_storage::PartitionId;
+
+use crate::error::MailboxError;
+use crate::msg::SessionMsg;
+use crate::registry::Mailboxes;
+use crate::routing::{Routing, Wire};
+use crate::stand_in::start_stand_in;
+
+/// Serves peers' routed requests on this node.
+pub struct RouteService {
+    pub mailboxes: Mailboxes,
+    pub routing: Arc<Routing>,
+}
+
+/// A request sent here because the sender took this node for the leader: when this node
+/// does not lead the partition but knows which node does, say so.
+fn redirect<T>(routing: &Routing, partition: PartitionId, answer: Wire<T>) -> Wire<T> {
+    match answer {
+        Err(MailboxError::NoLeader(why)) if routing.router.is_replica(partition) => {
+            match routing.router.leader(partition) {
+                Leader::Remote { node, .. } => Err(MailboxError::Redirect(node)),
+                _ => Err(MailboxError::NoLeader(why)),
+            }
+        }
+        other => other,
+    }
+}
+
+fn reply<T: Serialize>(v: &Wire<T>) -> Result<Vec<u8>, RpcError> {
+    Ok(rmp_serde::to_vec_named(v).expect("routing answers serialize"))
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
+    rmp_serde::from_slice(body).map_err(|e| RpcError::bad_request("routed request", e))
+}
+
+impl PeerHandler for RouteService {
+    fn handle(
+        &self,
+        from: String,
+        partition: u16,
+        kind: PeerKind,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+        let (mailboxes, routing) = (self.mailboxes.clone(), self.routing.clone());
+        Box::pin(async move {
+            match kind {
+                PeerKind::Publish | PeerKind::Devices | PeerKind::Subscribe => {
+                    as_leader(mailboxes, routing, from, partition, kind, &body).await
+                }
+                PeerKind::Ack | PeerKind::Unsubscribe => {
+                    to_stand_in(&routing, from, kind, decode(&body)?)
+                }
+                PeerKind::Deliver => to_session(&routing, decode(&body)?),
+                PeerKind::Closed => closed(&routing, decode(&body)?),
+                other => Err(RpcError::new(
+                    RpcCode::UnknownKind,
+                    format!("{other:?} is not a routing request"),
+                )),
+            }
+        })
+    }
+}
+
+/// Requests for a user's mailbox, sent here as the partition's leader.
+async fn as_leader(
+    mailboxes: Mailboxes,
+    routing: Arc<Routing>,
+    from: String,
+    partition: PartitionId,
+    kind: PeerKind,
+    body: &[u8],
+) -> Result<Vec<u8>, RpcError> {
+    match kind {
+        PeerKind::Publish => {
+            let r: PublishReq = decode(body)?;
+            let answer = mailboxes
+                .publish_local(&r.user, &r.id, r.body, r.from)
+                .await;
+            reply(&redirect(&routing, partition, answer))
+        }
+        PeerKind::Devices => {
+            let r: UserReq = decode(body)?;
+            let devices = mailboxes.devices_local(&r.user).await.map(|d| {
+                d.into_iter()
+                    .map(|d| DeviceCursor {
+                        device: d.device,
+                        acked: d.acked,
+                        online: d.online,
+                    })
+                    .collect::<Vec<_>>()
+            });
+            reply(&redirect(&routing, partition, devices))
+        }
+        _ => {
+            let r: SubscribeReq = decode(body)?;
+            let answer = start_stand_in(mailboxes, routing.clone(), from, partition, r).await;
+            reply(&redirect(&routing, partition, answer))
+        }
+    }
+}
+
+/// A device's ack, or the end of its subscription, for the stand-in of a session on `from`.
+fn to_stand_in(
+    routing: &Routing,
+    from: String,
+    kind: PeerKind,
+    r: KeyReq,
+) -> Result<Vec<u8>, RpcError> {
+    let key = (from, r.key);
+    if kind == PeerKind::Unsubscribe {
+        let stand_in = routing.stand_ins.lock().unwrap().remove(&key);
+        if let Some(p) = stand_in {
+            p.stop(Some("unsubscribed".into()));
+        }
+        return reply(&Ok(()));
+    }
+    let stand_in = routing.stand_ins.lock().unwrap().get(&key).cloned();
+    let result = match stand_in {
+        Some(p) => p
+            .cast(SessionMsg::ClientAck(r.seq))
+            .map_err(|_| MailboxError::Restarted),
+        None => Err(MailboxError::Restarted),
+    };
+    reply(&result)
+}
+
+/// A delivery batch from a stand-in, for a session on this node.
+fn to_session(routing: &Routing, r: DeliverReq) -> Result<Vec<u8>, RpcError> {
+    let batch = r
+        .batch
+        .into_iter()
+        .map(|d| (d.seq, Arc::new(d.message)))
+        .collect();
+    let result = match routing.remote_sub(r.key) {
+        Some((_, s)) => s
+            .cast(SessionMsg::Deliver(batch))
+            .map_err(|_| MailboxError::Restarted),
+        None => Err(MailboxError::Restarted),
+    };
+    reply(&result)
+}
+
+/// A stand-in's subscription ended: its session here subscribes again (or closes, when
+/// another connection of the device took over).
+fn closed(routing: &Routing, r: KeyReq) -> Result<Vec<u8>, RpcError> {
+    if let Some((_, s)) = routing.remote_sub(r.key) {
+        let msg = if r.replaced {
+            SessionMsg::Replaced
+        } else {
+            SessionMsg::Resubscribe
+        };
+        let _ = s.cast(msg);
+    }
+    reply(&Ok(()))
+}

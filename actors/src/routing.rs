@@ -1,0 +1,319 @@
+//! Routing in a cluster: a user's mailbox lives on its partition's leader, and any node
+//! accepts that user's publishes and devices.
+//!
+//! - A publish (or a devices query) on another node is sent to the leader over the peer
+//!   transport and answered there; a transient refusal (no leader yet, leadership moved,
+//!   mailbox restarted) is retried with the same id until [`ROUTE_RETRY_FOR`] runs out.
+//! - A device connected to another node subscribes remotely: the leader runs a
+//!   [`RemoteSubscriber`] (a stand-in session) that forwards deliveries to the device's node
+//!   in order, one batch at a time, and acks come back the other way. When the leader's
+//!   mailbox stops (leadership moved, crash) the stand-in says `closed` and the device's
+//!   session subscribes again from its cursor, wherever the leader is now; the client's
+//!   connection stays open.
+//!
+//! Which node leads a partition is the [`Router`]'s answer (the node's consensus state).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use warbler_cluster::wire::{DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq, Subscribed};
+use warbler_cluster::{Leader, PeerTransport, Router};
+use warbler_storage::PartitionId;
+
+use crate::error::MailboxError;
+use crate::msg::{DeviceInfo, SessionMsg, SubscribeInfo};
+
+/// How long a routed request keeps retrying transient refusals (a leader election takes
+/// one to three seconds).
+pub const ROUTE_RETRY_FOR: Duration = Duration::from_secs(15);
+/// Longest wait for one routed call (a publish waits for a majority's fsync).
+pub(crate) const ROUTE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) type Wire<T> = Result<T, MailboxError>;
+
+/// A local session subscribed to a mailbox on another node.
+struct RemoteSub {
+    partition: PartitionId,
+    session: ActorRef<SessionMsg>,
+}
+
+/// The node's routing state. One per node, shared by the gateway's [`Mailboxes`] handle.
+pub struct Routing {
+    pub router: Arc<dyn Router>,
+    /// This node's name, as peers know it (the transport's hello).
+    me: String,
+    /// This node's peer transport address, where leaders send deliveries.
+    reply_to: SocketAddr,
+    transport: OnceLock<Arc<PeerTransport>>,
+    next_key: AtomicU64,
+    remote_subs: Mutex<HashMap<u64, RemoteSub>>,
+    /// Stand-ins on this node for sessions elsewhere: (peer name, key) → stand-in.
+    pub(crate) stand_ins: Mutex<HashMap<(String, u64), ActorRef<SessionMsg>>>,
+}
+
+impl Routing {
+    pub fn new(router: Arc<dyn Router>, me: String, reply_to: SocketAddr) -> Routing {
+        // Keys start at a per-start random point so a restarted node's keys never match
+        // stand-ins its previous run left on a leader.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Routing {
+            router,
+            me,
+            reply_to,
+            transport: OnceLock::new(),
+            next_key: AtomicU64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            remote_subs: Mutex::default(),
+            stand_ins: Mutex::default(),
+        }
+    }
+
+    /// Connects the routing layer to the node's transport (set once, after it started).
+    pub fn set_transport(&self, transport: Arc<PeerTransport>) {
+        let _ = self.transport.set(transport);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    pub(crate) async fn call<R: Serialize, T: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        partition: PartitionId,
+        kind: PeerKind,
+        req: &R,
+        timeout: Duration,
+    ) -> Result<T, MailboxError> {
+        self.clone_handle()
+            .call(addr, partition, kind, req, timeout)
+            .await
+    }
+
+    /// Runs `local` on this node or sends `req` to the partition's leader, retrying
+    /// transient refusals until [`ROUTE_RETRY_FOR`] runs out.
+    pub(crate) async fn on_leader<R, T, F, Fut>(
+        &self,
+        partition: PartitionId,
+        kind: PeerKind,
+        req: &R,
+        local: F,
+    ) -> Result<T, MailboxError>
+    where
+        R: Serialize,
+        T: DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, MailboxError>>,
+    {
+        let give_up = Instant::now() + ROUTE_RETRY_FOR;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let result = match self.router.leader(partition) {
+                Leader::Local => local().await,
+                Leader::Remote { addr, .. } => {
+                    let r = self
+                        .call(addr, partition, kind, req, ROUTE_CALL_TIMEOUT)
+                        .await;
+                    self.correct_route(partition, &r);
+                    r
+                }
+                Leader::Unknown(why) => Err(MailboxError::NoLeader(why)),
+            };
+            match result {
+                Err(e) if e.is_transient() && Instant::now() < give_up => {
+                    metrics::counter!("warbler_route_retries_total").increment(1);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Tells the router what a call to the node it named as leader answered.
+    fn correct_route<T>(&self, partition: PartitionId, r: &Result<T, MailboxError>) {
+        match r {
+            Err(MailboxError::Redirect(leader)) => self.router.redirected(partition, Some(leader)),
+            Err(MailboxError::NoLeader(_)) => self.router.redirected(partition, None),
+            _ => {}
+        }
+    }
+
+    /// Subscribes a local session to `user`'s mailbox on the node at `addr`.
+    pub(crate) async fn subscribe_remote(
+        &self,
+        addr: SocketAddr,
+        partition: PartitionId,
+        user: &str,
+        device: &str,
+        session: ActorRef<SessionMsg>,
+        resume: Option<(u64, u64)>,
+    ) -> Result<(u64, SubscribeInfo), MailboxError> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        // Registered before the call: the first delivery may overtake the answer.
+        self.remote_subs
+            .lock()
+            .unwrap()
+            .insert(key, RemoteSub { partition, session });
+        let req = SubscribeReq {
+            user: user.to_string(),
+            device: device.to_string(),
+            key,
+            resume: resume.map(Resume::from),
+            reply_to: self.reply_to,
+        };
+        let answer = self
+            .call::<_, Subscribed>(
+                addr,
+                partition,
+                PeerKind::Subscribe,
+                &req,
+                ROUTE_CALL_TIMEOUT,
+            )
+            .await;
+        self.correct_route(partition, &answer);
+        match answer {
+            Ok(s) => Ok((
+                key,
+                SubscribeInfo {
+                    acked: s.acked,
+                    last_seq: s.last_seq,
+                },
+            )),
+            Err(e) => {
+                self.remote_subs.lock().unwrap().remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forwards a device's cumulative ack to its stand-in; a failure asks the session to
+    /// subscribe again.
+    pub(crate) fn ack_remote(&self, addr: SocketAddr, key: u64, seq: u64) {
+        let Some((partition, session)) = self.remote_sub(key) else {
+            return;
+        };
+        let body = KeyReq {
+            key,
+            seq,
+            replaced: false,
+        };
+        let routing = self.clone_handle();
+        tokio::spawn(async move {
+            let r: Result<(), MailboxError> = routing
+                .call(addr, partition, PeerKind::Ack, &body, ROUTE_CALL_TIMEOUT)
+                .await;
+            if r.is_err() {
+                let _ = session.cast(SessionMsg::Resubscribe);
+            }
+        });
+    }
+
+    /// Ends a remote subscription (the session stops or subscribes elsewhere).
+    pub(crate) fn unsubscribe_remote(&self, addr: SocketAddr, key: u64) {
+        let Some(sub) = self.remote_subs.lock().unwrap().remove(&key) else {
+            return;
+        };
+        let routing = self.clone_handle();
+        let body = KeyReq {
+            key,
+            seq: 0,
+            replaced: false,
+        };
+        tokio::spawn(async move {
+            let _: Result<(), MailboxError> = routing
+                .call(
+                    addr,
+                    sub.partition,
+                    PeerKind::Unsubscribe,
+                    &body,
+                    ROUTE_CALL_TIMEOUT,
+                )
+                .await;
+        });
+    }
+
+    pub(crate) fn remote_sub(&self, key: u64) -> Option<(PartitionId, ActorRef<SessionMsg>)> {
+        self.remote_subs
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|s| (s.partition, s.session.clone()))
+    }
+
+    /// The leader of `partition` may have changed: sessions subscribed remotely check
+    /// whether they follow the current one.
+    pub fn leader_changed(&self, partition: PartitionId) {
+        for s in self.remote_subs.lock().unwrap().values() {
+            if s.partition == partition {
+                let _ = s.session.cast(SessionMsg::CheckRoute);
+            }
+        }
+    }
+
+    /// Sessions on this node subscribed to a mailbox elsewhere, and stand-ins on this node
+    /// for sessions elsewhere.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.remote_subs.lock().unwrap().len(),
+            self.stand_ins.lock().unwrap().len(),
+        )
+    }
+
+    /// What a spawned task needs to make a call.
+    pub(crate) fn clone_handle(&self) -> RoutingRef {
+        RoutingRef {
+            transport: self.transport.get().cloned(),
+        }
+    }
+}
+
+/// What a spawned task needs to make a call.
+pub(crate) struct RoutingRef {
+    transport: Option<Arc<PeerTransport>>,
+}
+
+impl RoutingRef {
+    pub(crate) async fn call<R: Serialize, T: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        partition: PartitionId,
+        kind: PeerKind,
+        req: &R,
+        timeout: Duration,
+    ) -> Result<T, MailboxError> {
+        let transport = self
+            .transport
+            .as_ref()
+            .ok_or_else(|| MailboxError::NoLeader("the peer transport is not up yet".into()))?;
+        let body = rmp_serde::to_vec_named(req).expect("routing requests serialize");
+        let bytes = transport
+            .call(addr, partition, kind, body, timeout)
+            .await
+            .map_err(|e| MailboxError::NoLeader(e.to_string()))?;
+        let answer: Wire<T> = rmp_serde::from_slice(&bytes).map_err(|e| {
+            MailboxError::Unavailable(format!("undecodable answer from {addr}: {e}"))
+        })?;
+        answer
+    }
+}
+
+/// A `devices` answer from the user's leader.
+pub(crate) fn devices_from_wire(v: Vec<DeviceCursor>) -> Vec<DeviceInfo> {
+    v.into_iter()
+        .map(|d| DeviceInfo {
+            device: d.device,
+            acked: d.acked,
+            online: d.online,
+        })
+        .collect()
+}

@@ -1,0 +1,249 @@
+//! `StandIn`: the stand-in, on a partition's leader, for a device session connected to
+//! another node. It subscribes to the user's mailbox like a local session and forwards each
+//! delivery batch to the session's node, one at a time (so batches arrive in order); acks
+//! come back the other way. When the mailbox stops it tells the session, which subscribes
+//! again wherever the leader is now.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::oneshot;
+use warbler_cluster::wire::{DeliverReq, Delivery, KeyReq, PeerKind, SubscribeReq, Subscribed};
+use warbler_storage::PartitionId;
+
+use crate::error::MailboxError;
+use crate::msg::{MailboxMsg, SessionMsg, SubscribeInfo};
+use crate::registry::Mailboxes;
+use crate::routing::{Routing, ROUTE_CALL_TIMEOUT};
+
+/// How long a forwarded delivery may take before the stand-in gives up on the session.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stand-in keeps trying to reach its session's node (a link being dialled again)
+/// before it gives the subscription up.
+const DELIVER_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Starts the stand-in of a remote session; answers (acked, last_seq).
+pub(crate) async fn start_stand_in(
+    mailboxes: Mailboxes,
+    routing: Arc<Routing>,
+    peer: String,
+    partition: PartitionId,
+    r: SubscribeReq,
+) -> Result<Subscribed, MailboxError> {
+    let (tx, rx) = oneshot::channel();
+    let args = StandInArgs {
+        mailboxes,
+        routing,
+        peer,
+        partition,
+        user: r.user,
+        device: r.device,
+        key: r.key,
+        reply_to: r.reply_to,
+        resume: r.resume.map(Into::into),
+        info: Some(tx),
+    };
+    let spawned = Actor::spawn(None, StandIn, args).await;
+    let info = rx.await.unwrap_or_else(|_| {
+        Err(MailboxError::Unavailable(
+            "the stand-in did not start".into(),
+        ))
+    });
+    if let Err(e) = spawned {
+        return Err(info
+            .err()
+            .unwrap_or(MailboxError::Unavailable(e.to_string())));
+    }
+    info.map(|i| Subscribed {
+        acked: i.acked,
+        last_seq: i.last_seq,
+    })
+}
+
+pub struct StandInArgs {
+    mailboxes: Mailboxes,
+    routing: Arc<Routing>,
+    peer: String,
+    partition: PartitionId,
+    user: String,
+    device: String,
+    key: u64,
+    reply_to: SocketAddr,
+    resume: Option<(u64, u64)>,
+    info: Option<oneshot::Sender<Result<SubscribeInfo, MailboxError>>>,
+}
+
+pub struct StandInState {
+    args: StandInArgs,
+    mailbox: ActorRef<MailboxMsg>,
+}
+
+/// The stand-in, on the leader, of a session on another node: subscribed to the mailbox
+/// like a local session, it forwards each delivery batch and waits for it to be taken
+/// before the next (so batches arrive in order).
+pub struct StandIn;
+
+impl Actor for StandIn {
+    type Msg = SessionMsg;
+    type State = StandInState;
+    type Arguments = StandInArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        mut args: StandInArgs,
+    ) -> Result<StandInState, ActorProcessingErr> {
+        let info = args.info.take().expect("set by start_stand_in");
+        let subscribed = args
+            .mailboxes
+            .subscribe_local(&args.user, &args.device, myself.clone(), args.resume)
+            .await;
+        match subscribed {
+            Ok((mailbox, i)) => {
+                myself.get_cell().monitor(mailbox.get_cell());
+                args.routing
+                    .stand_ins
+                    .lock()
+                    .unwrap()
+                    .insert((args.peer.clone(), args.key), myself.clone());
+                let _ = info.send(Ok(i));
+                Ok(StandInState { args, mailbox })
+            }
+            Err(e) => {
+                let _ = info.send(Err(e.clone()));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        state: &mut StandInState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = state.mailbox.cast(MailboxMsg::Unsubscribe {
+            device: state.args.device.clone(),
+            session: myself.get_id(),
+        });
+        let key = (state.args.peer.clone(), state.args.key);
+        let mut stand_ins = state.args.routing.stand_ins.lock().unwrap();
+        if stand_ins
+            .get(&key)
+            .is_some_and(|p| p.get_id() == myself.get_id())
+        {
+            stand_ins.remove(&key);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut StandInState,
+    ) -> Result<(), ActorProcessingErr> {
+        let a = &state.args;
+        match msg {
+            SessionMsg::Deliver(batch) => {
+                let req = DeliverReq {
+                    key: a.key,
+                    batch: batch
+                        .iter()
+                        .map(|(s, m)| Delivery {
+                            seq: *s,
+                            message: (**m).clone(),
+                        })
+                        .collect(),
+                };
+                // A transport failure (the link to the session's node dropped and is being
+                // dialled again) is retried: the session is likely still there, and a batch
+                // it already took is skipped by its seq. Any other answer means it is gone.
+                let give_up = Instant::now() + DELIVER_RETRY_FOR;
+                loop {
+                    let r: Result<(), MailboxError> = a
+                        .routing
+                        .call(
+                            a.reply_to,
+                            a.partition,
+                            PeerKind::Deliver,
+                            &req,
+                            DELIVER_TIMEOUT,
+                        )
+                        .await;
+                    match r {
+                        Ok(()) => break,
+                        Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(_) => {
+                            closed(a, false);
+                            myself.stop(Some("the remote session is gone".into()));
+                            break;
+                        }
+                    }
+                }
+            }
+            SessionMsg::ClientAck(seq) => {
+                let _ = state.mailbox.cast(MailboxMsg::Ack {
+                    device: a.device.clone(),
+                    session: myself.get_id(),
+                    seq,
+                });
+            }
+            SessionMsg::Replaced => {
+                closed(a, true);
+                myself.stop(Some("replaced".into()));
+            }
+            SessionMsg::Resubscribe | SessionMsg::CheckRoute => {}
+        }
+        Ok(())
+    }
+
+    /// The mailbox stopped (leadership moved, crash, shutdown): the session subscribes
+    /// again wherever the user's mailbox runs now.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        evt: SupervisionEvent,
+        state: &mut StandInState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorTerminated(cell, _, _)
+        | SupervisionEvent::ActorFailed(cell, _) = &evt
+        {
+            if cell.get_id() == state.mailbox.get_id() {
+                closed(&state.args, false);
+                myself.stop(Some("mailbox stopped".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tells the remote session its subscription ended.
+fn closed(a: &StandInArgs, replaced: bool) {
+    let routing = a.routing.clone_handle();
+    let (addr, partition) = (a.reply_to, a.partition);
+    let req = KeyReq {
+        key: a.key,
+        seq: 0,
+        replaced,
+    };
+    tokio::spawn(async move {
+        // Retried while the link to the session's node reconnects: a session that never
+        // hears of it would wait for deliveries that no longer come.
+        let give_up = Instant::now() + DELIVER_RETRY_FOR;
+        loop {
+            let r: Result<(), MailboxError> = routing
+                .call(addr, partition, PeerKind::Closed, &req, ROUTE_CALL_TIMEOUT)
+                .await;
+            match r {
+                Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => return,
+            }
+        }
+    });
+}

@@ -1,0 +1,196 @@
+//! The HTTP API's JSON bodies that operators' tools read: `/v1/cluster`, decommission, the
+//! error body. The server writes them with these types and the CLI, the chaos harness and
+//! the tests read them with the same types, so a renamed field breaks the build, not a
+//! script.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/cluster`: what one node sees of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node: String,
+    pub members: Vec<MemberStatus>,
+    /// The member list's epoch (absent on a single node and before the cluster forms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_list_epoch: Option<u64>,
+    /// The answering node was decommissioned.
+    #[serde(default)]
+    pub decommissioned: bool,
+    /// Replicas the answering node holds that have been added to their groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_held: Option<usize>,
+    pub replication_factor: Option<usize>,
+    pub partition_count: u16,
+    /// Empty until the cluster forms.
+    pub partitions: Vec<PartitionStatus>,
+    /// Testing only: the cluster addresses this node behaves as if it cannot reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults_blocked: Vec<String>,
+    /// User mailboxes running on the answering node.
+    #[serde(default)]
+    pub mailboxes_active: usize,
+    /// With `?user=`: where that user lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserPlacement>,
+}
+
+/// One node in [`ClusterStatus::members`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node: String,
+    /// Gossip reaches it (the answering node is always alive).
+    pub alive: bool,
+    /// It is in the member list (a joining node, or a decommissioned one still running, is
+    /// not).
+    #[serde(default = "yes")]
+    pub member: bool,
+    pub state: MemberState,
+    pub client_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub cluster_addr: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A member's state as the answering node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    #[serde(rename = "joining")]
+    Joining,
+    #[serde(rename = "serving")]
+    Serving,
+    #[serde(rename = "draining")]
+    Draining,
+    #[serde(rename = "down")]
+    Down,
+    #[serde(rename = "not a member")]
+    NotAMember,
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberState::Joining => "joining",
+            MemberState::Serving => "serving",
+            MemberState::Draining => "draining",
+            MemberState::Down => "down",
+            MemberState::NotAMember => "not a member",
+        })
+    }
+}
+
+/// One partition in [`ClusterStatus::partitions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition: u16,
+    /// Its group's voters as the answering node's replica knows them (sorted), else its
+    /// placement.
+    pub replicas: Vec<String>,
+    /// Where the ring places it (a partition being moved differs from `replicas`).
+    #[serde(default)]
+    pub placement: Vec<String>,
+    pub leader: Option<String>,
+    /// Known where the answering node holds a replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
+}
+
+/// [`ClusterStatus::user`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPlacement {
+    pub user: String,
+    pub partition: u16,
+    pub leader: Option<String>,
+    pub replicas: Vec<String>,
+}
+
+impl ClusterStatus {
+    /// The member called `node`.
+    pub fn member(&self, node: &str) -> Option<&MemberStatus> {
+        self.members.iter().find(|m| m.node == node)
+    }
+
+    /// Partitions the answering node knows no leader of.
+    pub fn leaderless(&self) -> usize {
+        self.partitions
+            .iter()
+            .filter(|p| p.leader.is_none())
+            .count()
+    }
+}
+
+/// `POST /v1/cluster/decommission`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decommissioned {
+    pub decommissioned: String,
+    /// The member list after the change.
+    pub members: Vec<String>,
+    pub member_list_epoch: u64,
+    /// What happens next and how to tell when the node can be stopped.
+    pub next: String,
+}
+
+/// The body of every HTTP error: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_states_keep_their_wire_names() {
+        for (s, text) in [
+            (MemberState::Joining, "\"joining\""),
+            (MemberState::NotAMember, "\"not a member\""),
+            (MemberState::Down, "\"down\""),
+        ] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), text);
+            assert_eq!(format!("\"{s}\""), text);
+        }
+    }
+
+    #[test]
+    fn a_single_node_status_reads_without_cluster_fields() {
+        let json = r#"{"node":"n","members":[{"node":"n","alive":true,"state":"serving",
+            "client_addr":"127.0.0.1:1","http_addr":null,"cluster_addr":null}],
+            "replication_factor":1,"partition_count":2,
+            "partitions":[{"partition":0,"replicas":["n"],"leader":"n"},
+                          {"partition":1,"replicas":["n"],"leader":null}]}"#;
+        let s: ClusterStatus = serde_json::from_str(json).unwrap();
+        assert!(s.member("n").unwrap().member);
+        assert_eq!(s.leaderless(), 1);
+        assert_eq!(s.member_list_epoch, None);
+    }
+
+    #[test]
+    fn the_error_body_has_the_documented_shape() {
+        let v = serde_json::to_value(ErrorBody::new("bad_request", "why")).unwrap();
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert_eq!(v["error"]["message"], "why");
+    }
+}

@@ -1,0 +1,247 @@
+//! Whether a node is ready to serve (`/readyz`): the cluster formed, the node is a member,
+//! and every replica placed here has started, been added to its group, has a leader and
+//! has applied what it holds; a follower has also applied what its leader had applied a
+//! second earlier.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::control::placement::first_not_started;
+use crate::control::GroupView;
+use crate::PartitionId;
+
+/// Why a node is not ready; the text says what it waits for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("the cluster has not formed yet (waiting for bootstrap_expect members)")]
+    NotFormed,
+    #[error("this node was decommissioned and is no longer a member; stop it (to join again, start it on an empty data directory)")]
+    Decommissioned,
+    #[error("partition {0} is placed here and its replica has not started yet")]
+    NotStarted(PartitionId),
+    #[error("partition {0} is moving here and this replica has not been added to it yet")]
+    NotAdded(PartitionId),
+    #[error("partition {0} has no leader yet")]
+    NoLeader(PartitionId),
+    #[error("partition {partition} is catching up (applied {applied} of {last})")]
+    Applying {
+        partition: PartitionId,
+        applied: u64,
+        last: u64,
+    },
+    #[error("partition {0}: comparing this replica with its leader")]
+    Comparing(PartitionId),
+    #[error("partition {partition} is catching up with its leader (applied {applied}, the leader {leader})")]
+    BehindLeader {
+        partition: PartitionId,
+        applied: u64,
+        leader: u64,
+    },
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("storage failed; see the node's logs")]
+    StorageFailed,
+}
+
+/// What readiness is decided from.
+pub struct ReadyInput<'a> {
+    pub me: &'a str,
+    pub my_id: u64,
+    pub formed: bool,
+    pub left: bool,
+    /// The ring's placement (each partition's replicas).
+    pub placed: &'a [Vec<String>],
+    /// This node's replicas.
+    pub replicas: &'a BTreeMap<PartitionId, GroupView>,
+    /// Partitions this node follows: their leader's applied index at the last two asks
+    /// (older, newer), one second apart.
+    pub leaders_applied: &'a HashMap<PartitionId, (u64, u64)>,
+}
+
+pub fn ready(i: &ReadyInput) -> Result<(), NotReady> {
+    if !i.formed {
+        return Err(NotReady::NotFormed);
+    }
+    if i.left {
+        return Err(NotReady::Decommissioned);
+    }
+    // Replicas start one by one after the cluster forms (or when partitions are placed
+    // here): one not started yet has nothing to compare.
+    let running = i.replicas.keys().copied().collect();
+    if let Some(p) = first_not_started(i.placed, &running, i.me) {
+        return Err(NotReady::NotStarted(p));
+    }
+    for (p, g) in i.replicas {
+        replica_ready(*p, g, i)?;
+    }
+    Ok(())
+}
+
+fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Result<(), NotReady> {
+    if !g.added() {
+        return Err(NotReady::NotAdded(partition));
+    }
+    if g.leader.is_none() {
+        return Err(NotReady::NoLeader(partition));
+    }
+    if g.applied < g.last_log {
+        return Err(NotReady::Applying {
+            partition,
+            applied: g.applied,
+            last: g.last_log,
+        });
+    }
+    if g.leader == Some(i.my_id) {
+        return Ok(());
+    }
+    // A follower has caught up when it has applied what its leader had applied a second
+    // ago (a healthy one trails it by a heartbeat at most).
+    match i.leaders_applied.get(&partition) {
+        None => Err(NotReady::Comparing(partition)),
+        Some((then, _)) if g.applied < *then => Err(NotReady::BehindLeader {
+            partition,
+            applied: g.applied,
+            leader: *then,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Records a leader's answer to "how far have you applied": keeps the last two.
+pub fn record_leader_applied(
+    seen: &mut HashMap<PartitionId, (u64, u64)>,
+    answers: impl IntoIterator<Item = (PartitionId, u64)>,
+) {
+    for (p, applied) in answers {
+        let e = seen.entry(p).or_insert((applied, applied));
+        *e = (e.1, applied);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: u64 = 1;
+
+    fn follower(applied: u64, last: u64) -> GroupView {
+        GroupView {
+            nodes: [1, 2].into(),
+            leader: Some(2),
+            applied,
+            last_log: last,
+            ..GroupView::default()
+        }
+    }
+
+    fn check(
+        placed: &[Vec<String>],
+        replicas: &BTreeMap<PartitionId, GroupView>,
+        leaders: &HashMap<PartitionId, (u64, u64)>,
+    ) -> Result<(), NotReady> {
+        ready(&ReadyInput {
+            me: "a",
+            my_id: ME,
+            formed: true,
+            left: false,
+            placed,
+            replicas,
+            leaders_applied: leaders,
+        })
+    }
+
+    fn placed() -> Vec<Vec<String>> {
+        vec![vec!["a".into(), "b".into()], vec!["b".into(), "c".into()]]
+    }
+
+    #[test]
+    fn not_formed_or_decommissioned_is_not_ready() {
+        let none = BTreeMap::new();
+        let leaders = HashMap::new();
+        let mut i = ReadyInput {
+            me: "a",
+            my_id: ME,
+            formed: false,
+            left: false,
+            placed: &[],
+            replicas: &none,
+            leaders_applied: &leaders,
+        };
+        assert_eq!(ready(&i), Err(NotReady::NotFormed));
+        i.formed = true;
+        i.left = true;
+        assert_eq!(ready(&i), Err(NotReady::Decommissioned));
+        i.left = false;
+        assert_eq!(ready(&i), Ok(()));
+    }
+
+    /// Regression: `/readyz` said ready while replicas placed here had not started yet
+    /// (they start one by one after forming), so a rolling restart moved on too early.
+    #[test]
+    fn a_placed_replica_not_started_yet_keeps_the_node_unready() {
+        let leaders = HashMap::from([(0, (5, 5))]);
+        let e = check(&placed(), &BTreeMap::new(), &leaders).unwrap_err();
+        assert_eq!(e, NotReady::NotStarted(0));
+        let started = BTreeMap::from([(0, follower(5, 5))]);
+        assert_eq!(check(&placed(), &started, &leaders), Ok(()));
+    }
+
+    #[test]
+    fn each_replica_must_be_added_led_and_applied() {
+        let leaders = HashMap::from([(0, (5, 5))]);
+        let cases = [
+            (GroupView::default(), NotReady::NotAdded(0)),
+            (
+                GroupView {
+                    leader: None,
+                    ..follower(5, 5)
+                },
+                NotReady::NoLeader(0),
+            ),
+            (
+                follower(3, 5),
+                NotReady::Applying {
+                    partition: 0,
+                    applied: 3,
+                    last: 5,
+                },
+            ),
+        ];
+        for (g, want) in cases {
+            let replicas = BTreeMap::from([(0, g)]);
+            assert_eq!(check(&placed(), &replicas, &leaders), Err(want));
+        }
+    }
+
+    /// Regression: a restarted follower said ready before it had applied what its leaders
+    /// had (it had applied all it held, but held little yet).
+    #[test]
+    fn a_follower_is_ready_once_it_has_applied_what_its_leader_had() {
+        let replicas = BTreeMap::from([(0, follower(5, 5))]);
+        let e = check(&placed(), &replicas, &HashMap::new()).unwrap_err();
+        assert_eq!(e, NotReady::Comparing(0));
+        let behind = HashMap::from([(0, (9, 12))]);
+        assert!(matches!(
+            check(&placed(), &replicas, &behind),
+            Err(NotReady::BehindLeader { leader: 9, .. })
+        ));
+        let leader_here = BTreeMap::from([(
+            0,
+            GroupView {
+                leader: Some(ME),
+                ..follower(5, 5)
+            },
+        )]);
+        assert_eq!(check(&placed(), &leader_here, &HashMap::new()), Ok(()));
+    }
+
+    #[test]
+    fn leaders_applied_keeps_the_last_two_answers() {
+        let mut seen = HashMap::new();
+        record_leader_applied(&mut seen, [(3, 10)]);
+        assert_eq!(seen[&3], (10, 10));
+        record_leader_applied(&mut seen, [(3, 14)]);
+        assert_eq!(seen[&3], (10, 14));
+        record_leader_applied(&mut seen, [(3, 20)]);
+        assert_eq!(seen[&3], (14, 20));
+    }
+}

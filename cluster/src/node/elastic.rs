@@ -1,0 +1,540 @@
+//! Nodes joining and leaving a running cluster (see [`crate::control::members`] and
+//! [`crate::control::rebalance`] for the rules).
+//!
+//! Every node keeps its replicas in step with the list (`keep_in_step`, every 500 ms): it
+//! starts an empty replica of each partition the ring now places on it, and drops a replica
+//! once the partition's leader confirms the node left the group. The node that leads the
+//! member-list group coordinates the moves.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers, Raft};
+use warbler_storage::PartitionId;
+
+use super::{group_view, ClusterNode, META_GROUP};
+use crate::control::members::{self, Change, Standing};
+use crate::control::rebalance::{self, OnReconfigure};
+use crate::control::{placement, raft_id, Coordinator, MemberList, Moved, Reconfigure};
+use crate::error::{ClusterError, ControlError, RpcCode, RpcError};
+use crate::raft_store::TypeConfig;
+use crate::router::{Leader, Router};
+use crate::wire::{self, ListChange, NodeReq, PeerKind};
+use crate::NodeState;
+
+/// How often a node brings its replicas in step with the member list.
+const STEP_PERIOD: Duration = Duration::from_millis(500);
+/// How long a new replica may take to catch up before its move is tried again.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+/// How long a change of a group's voters may take.
+const CHANGE_WAIT: Duration = Duration::from_secs(30);
+/// How long a node waits for a partition leader's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn change_members(c: Change) -> ChangeMembers<u64, BasicNode> {
+    match c {
+        Change::ReplaceAllVoters(v) => ChangeMembers::ReplaceAllVoters(v),
+        Change::RemoveNodes(n) => ChangeMembers::RemoveNodes(n),
+    }
+}
+
+fn not_ready(message: impl Into<String>) -> RpcError {
+    RpcError::new(RpcCode::NotReady, message)
+}
+
+impl ClusterNode {
+    fn meta(&self) -> Result<&Raft<TypeConfig>, RpcError> {
+        match self.formed.get() {
+            Some(f) if !self.has_left() => Ok(&f.meta),
+            Some(_) => Err(RpcError::new(
+                RpcCode::WrongNode,
+                "this node was decommissioned; ask another node",
+            )),
+            None => Err(not_ready("this node has not joined a formed cluster yet")),
+        }
+    }
+
+    fn meta_view(&self) -> Result<crate::control::GroupView, RpcError> {
+        Ok(group_view(self.meta()?, self.my_id))
+    }
+
+    /// `None` on the member list's leader; otherwise the leader's answer to the same request.
+    async fn at_list_leader(
+        &self,
+        kind: PeerKind,
+        name: &str,
+        forwarded: bool,
+    ) -> Result<Option<MemberList>, RpcError> {
+        let view = self.meta_view()?;
+        if view.leading {
+            return Ok(None);
+        }
+        let no_leader = || {
+            not_ready("the cluster's member list has no leader right now (an election is running, or most of its voters are down); retry in a few seconds")
+        };
+        if forwarded {
+            return Err(no_leader());
+        }
+        let resolve = |id| (self.formed.get()?.resolver)(id);
+        let Some(addr) = view.leader.and_then(resolve) else {
+            return Err(no_leader());
+        };
+        let (scope, body) = ListChange {
+            node: name.to_string(),
+            forwarded: true,
+        }
+        .frame();
+        let bytes = self
+            .transport
+            .call(addr, scope, kind, body, CHANGE_WAIT)
+            .await
+            .map_err(|e| match e {
+                crate::PeerError::Remote { error, .. } => error,
+                e => RpcError::new(
+                    RpcCode::Failed,
+                    format!("cannot reach the member list's leader at {addr}: {e}"),
+                ),
+            })?;
+        wire::decode(&bytes)
+            .map(Some)
+            .map_err(|e| RpcError::bad_request("member list's leader's answer", e))
+    }
+
+    /// Asks a formed member at `addr` to add this node to the member list.
+    pub(crate) async fn ask_to_join(&self, addr: SocketAddr) -> Result<MemberList, ClusterError> {
+        let (scope, body) = ListChange {
+            node: self.me.clone(),
+            forwarded: false,
+        }
+        .frame();
+        let bytes = self
+            .transport
+            .call(addr, scope, PeerKind::Join, body, CHANGE_WAIT)
+            .await?;
+        wire::decode(&bytes).map_err(|e| ClusterError::MemberListUnreadable(e.to_string()))
+    }
+
+    /// Adds `name` to the member list (as a learner of the member-list group).
+    pub(crate) async fn join(&self, name: String, forwarded: bool) -> Result<MemberList, RpcError> {
+        if let Some(list) = self
+            .at_list_leader(PeerKind::Join, &name, forwarded)
+            .await?
+        {
+            return Ok(list);
+        }
+        let meta = self.meta()?;
+        let id = raft_id(&name);
+        if !group_view(meta, self.my_id).nodes.contains(&id) {
+            self.names.write().unwrap().insert(id, name.clone());
+            meta.add_learner(id, BasicNode::new(name.clone()), false)
+                .await
+                .map_err(|e| {
+                    RpcError::new(
+                        RpcCode::Failed,
+                        format!("cannot add {name} to the member list: {e}"),
+                    )
+                })?;
+            tracing::info!(node = %name, "node joined the cluster; partitions move to it in the background");
+        }
+        let list = self
+            .list_from_meta()
+            .ok_or_else(|| not_ready("this node holds no member list yet"))?;
+        Ok(members::with_joined(list, &name))
+    }
+
+    /// Removes `name` from the member list. Its partitions then move to the other nodes;
+    /// it keeps serving them until they have.
+    pub async fn decommission(
+        &self,
+        name: String,
+        forwarded: bool,
+    ) -> Result<MemberList, RpcError> {
+        let kind = PeerKind::Decommission;
+        if let Some(list) = self.at_list_leader(kind, &name, forwarded).await? {
+            return Ok(list);
+        }
+        let meta = self.meta()?;
+        let view = group_view(meta, self.my_id);
+        let list = self
+            .list_from_meta()
+            .ok_or_else(|| not_ready("this node holds no member list yet"))?;
+        let learners = self.live_learners(&view.voters, &view.nodes);
+        let change = members::decommission(&name, &view, &list, &learners)?;
+        tokio::time::timeout(CHANGE_WAIT, meta.change_membership(change_members(change), false))
+            .await
+            .map_err(|_| RpcError::new(RpcCode::Failed, format!("removing {name} from the member list did not finish within {CHANGE_WAIT:?}; check `warbler cluster status` and retry")))?
+            .map_err(|e| RpcError::new(RpcCode::Failed, format!("cannot remove {name} from the member list: {e}")))?;
+        tracing::info!(node = %name, "node decommissioned; its partitions move to the other nodes");
+        let list = self
+            .list_from_meta()
+            .ok_or_else(|| not_ready("this node holds no member list"))?;
+        Ok(members::without(list, &name))
+    }
+
+    /// On the leader of `partition`: `Settled` when its group already has exactly the
+    /// wanted replicas; otherwise starts moving it (if not already) and answers `Moving`.
+    pub(crate) fn reconfigure(
+        self: &Arc<Self>,
+        partition: PartitionId,
+        req: Reconfigure,
+    ) -> Result<Moved, RpcError> {
+        let epoch = self.placement.read().unwrap().epoch;
+        let Some(raft) = self.local_raft(partition) else {
+            return Err(ControlError::NoReplica { partition }.into());
+        };
+        let view = group_view(&raft, self.my_id);
+        let leader_name = view.leader.and_then(|id| self.name_of(id));
+        let moving = self.moving.lock().unwrap().contains(&partition);
+        match rebalance::on_reconfigure(partition, &req, epoch, &view, leader_name, moving)? {
+            OnReconfigure::Answer(m) => Ok(m),
+            OnReconfigure::StartMove => {
+                if !self.moving.lock().unwrap().insert(partition) {
+                    return Ok(Moved::Moving);
+                }
+                {
+                    let mut names = self.names.write().unwrap();
+                    for n in &req.replicas {
+                        names.insert(raft_id(n), n.clone());
+                    }
+                }
+                let node = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.move_partition(partition, &raft, &req.replicas).await {
+                        tracing::warn!(partition, error = %e, "cannot move the partition yet; retrying later");
+                    }
+                    node.moving.lock().unwrap().remove(&partition);
+                });
+                Ok(Moved::Moving)
+            }
+        }
+    }
+
+    async fn move_partition(
+        &self,
+        partition: PartitionId,
+        raft: &Raft<TypeConfig>,
+        to: &[String],
+    ) -> Result<(), ClusterError> {
+        let view = group_view(raft, self.my_id);
+        let from: Vec<String> = view
+            .voters
+            .iter()
+            .filter_map(|v| self.name_of(*v))
+            .collect();
+        tracing::info!(partition, ?from, ?to, "moving the partition's replicas");
+        for n in rebalance::learners_to_add(&view, to) {
+            let added = tokio::time::timeout(
+                CATCH_UP_WAIT,
+                raft.add_learner(raft_id(n), BasicNode::new(n.clone()), true),
+            )
+            .await
+            .map_err(|_| {
+                ClusterError::Raft(format!(
+                    "the new replica on {n} did not catch up within {CATCH_UP_WAIT:?}"
+                ))
+            })?;
+            added.map_err(|e| {
+                ClusterError::Raft(format!("cannot add the new replica on {n}: {e}"))
+            })?;
+        }
+        // At most two changes: the voters, then the leftover learners.
+        for _ in 0..2 {
+            let Some(change) = rebalance::next_change(&group_view(raft, self.my_id), to) else {
+                break;
+            };
+            tokio::time::timeout(
+                CHANGE_WAIT,
+                raft.change_membership(change_members(change), false),
+            )
+            .await
+            .map_err(|_| {
+                ClusterError::Raft(format!(
+                    "changing the partition's replicas did not finish within {CHANGE_WAIT:?}"
+                ))
+            })?
+            .map_err(|e| {
+                ClusterError::Raft(format!("cannot change the partition's replicas: {e}"))
+            })?;
+        }
+        tracing::info!(partition, ?to, "partition moved");
+        Ok(())
+    }
+
+    /// On the leader of `partition`: whether `name` is in its group.
+    pub(crate) fn member_of(&self, partition: PartitionId, name: &str) -> Result<bool, RpcError> {
+        let view = self
+            .local_raft(partition)
+            .map(|r| group_view(&r, self.my_id))
+            .unwrap_or_default();
+        Ok(rebalance::member_of(partition, &view, name)?)
+    }
+
+    /// Every 500 ms: follow the member list, start the replicas placed here, drop the ones
+    /// moved away, and, on the member list's leader, coordinate the moves.
+    pub(crate) fn keep_in_step(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STEP_PERIOD);
+            let mut coordinator = Coordinator::default();
+            for round in 0u64.. {
+                tick.tick().await;
+                let left = node.has_left();
+                if !left {
+                    node.follow_member_list();
+                    node.start_placed().await;
+                }
+                if round % 4 == 0 {
+                    node.drop_moved(left).await;
+                    if !left {
+                        node.check_left().await;
+                    }
+                }
+                match node.formed.get() {
+                    Some(f) if !left && group_view(&f.meta, node.my_id).leading => {
+                        node.coordinate(&mut coordinator).await
+                    }
+                    _ => coordinator = Coordinator::default(),
+                }
+            }
+        });
+    }
+
+    fn follow_member_list(&self) {
+        let Some(list) = self.list_from_meta() else {
+            return;
+        };
+        if list.differs_from(self.members.read().unwrap().as_ref()) {
+            tracing::info!(members = ?list.names, epoch = list.epoch, "member list changed");
+            self.apply_members(list);
+        }
+    }
+
+    async fn start_placed(&self) {
+        let missing = {
+            let pl = self.placement.read().unwrap();
+            placement::to_start(&pl.replicas, &placement::running(&pl.rafts), &self.me)
+        };
+        for p in missing {
+            tracing::info!(
+                partition = p,
+                "partition placed here; starting an empty replica for its leader to fill"
+            );
+            if let Err(e) = self.start_replica(p).await {
+                tracing::warn!(partition = p, error = %e, "cannot start the replica");
+            }
+        }
+    }
+
+    /// Drops the replicas not placed here once their partition's leader says this node left
+    /// the group (all of them, on a decommissioned node).
+    async fn drop_moved(&self, left: bool) {
+        let candidates: Vec<(PartitionId, Raft<TypeConfig>)> = {
+            let pl = self.placement.read().unwrap();
+            placement::drop_candidates(&pl.replicas, &placement::running(&pl.rafts), &self.me, left)
+                .into_iter()
+                .filter_map(|p| Some((p, pl.rafts.get(&p)?.clone())))
+                .collect()
+        };
+        for (p, raft) in candidates {
+            let view = group_view(&raft, self.my_id);
+            let answer = if view.added() && !view.leading {
+                self.ask_member_of(p, &view).await
+            } else {
+                None
+            };
+            if !placement::may_drop(&view, answer) {
+                continue;
+            }
+            tracing::info!(
+                partition = p,
+                "the partition's replica moved away; dropping it here"
+            );
+            let _ = raft.shutdown().await;
+            self.raft_service.remove(p);
+            self.raft_log.remove(p);
+            self.placement.write().unwrap().rafts.remove(&p);
+            if let Some(f) = self.formed.get() {
+                if let Err(e) = f.store.drop_partition(p) {
+                    tracing::warn!(partition = p, error = %e, "cannot delete the moved replica's data");
+                }
+            }
+        }
+    }
+
+    /// Asks the group's nodes, in [`placement::ask_left_group`]'s order, whether this node
+    /// is still in `partition`'s group; the first that answers decides.
+    async fn ask_member_of(
+        &self,
+        partition: PartitionId,
+        view: &crate::control::GroupView,
+    ) -> Option<bool> {
+        let f = self.formed.get()?;
+        let placed = self.placed(partition);
+        let ids = placement::ask_left_group(self.my_id, view, &placed);
+        let body = wire::encode(&NodeReq(self.me.clone()));
+        for addr in ids.into_iter().filter_map(|id| (f.resolver)(id)) {
+            let asked = self
+                .transport
+                .call(
+                    addr,
+                    partition,
+                    PeerKind::MemberOf,
+                    body.clone(),
+                    ASK_TIMEOUT,
+                )
+                .await;
+            if let Ok(Ok(member)) = asked.map(|b| wire::decode::<bool>(&b)) {
+                return Some(member);
+            }
+        }
+        None
+    }
+
+    /// A decommissioned node hears of it from the others (it no longer gets the member list).
+    async fn check_left(&self) {
+        let Some(mine) = self.members.read().unwrap().clone() else {
+            return;
+        };
+        match members::standing(&self.me, &mine, None) {
+            Standing::Left(list) => return self.leave(&list).await,
+            Standing::Member => return,
+            Standing::AskOthers => {}
+        }
+        let others: Vec<SocketAddr> = {
+            let metas = self.metas.borrow();
+            mine.names
+                .iter()
+                .filter(|n| **n != self.me)
+                .filter_map(|n| metas.get(n).map(|m| m.cluster))
+                .collect()
+        };
+        for addr in others {
+            let asked = self
+                .transport
+                .call(addr, 0, PeerKind::Members, Vec::new(), ASK_TIMEOUT)
+                .await;
+            let Ok(Ok(theirs)) = asked.map(|b| wire::decode::<MemberList>(&b)) else {
+                continue;
+            };
+            if let Standing::Left(list) = members::standing(&self.me, &mine, Some(&theirs)) {
+                self.leave(&list).await;
+            }
+            return;
+        }
+    }
+
+    async fn leave(&self, list: &MemberList) {
+        tracing::warn!(members = ?list.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (to join again, start it on an empty data directory)");
+        self.left.store(true, Ordering::Relaxed);
+        self.set_state(NodeState::Draining, true).await;
+        if let Some(f) = self.formed.get() {
+            let _ = f.meta.shutdown().await;
+            self.raft_service.remove(META_GROUP);
+        }
+    }
+
+    /// On the member list's leader: keeps enough voters in the member-list group, and asks
+    /// each partition's leader to move it where the ring places it.
+    async fn coordinate(self: &Arc<Self>, c: &mut Coordinator) {
+        self.top_up_voters().await;
+        let (epoch, replicas) = {
+            let pl = self.placement.read().unwrap();
+            (pl.epoch, pl.replicas.clone())
+        };
+        c.begin_round(epoch);
+        for p in 0..self.partitions {
+            if !c.should_ask(p) {
+                continue;
+            }
+            let req = Reconfigure {
+                replicas: replicas[p as usize].clone(),
+                epoch,
+            };
+            let mut answer = self.ask_to_move(p, &req).await;
+            if let Ok(Moved::LedBy(name)) = &answer {
+                // Asked a follower (this node only guessed the leader): ask the one it named.
+                self.redirected(p, Some(name));
+                answer = self.ask_to_move(p, &req).await;
+            }
+            if let Err(e) = &answer {
+                tracing::debug!(partition = p, error = %e, "cannot ask the partition's leader to move it yet");
+            }
+            c.on_answer(p, answer.as_ref().ok());
+        }
+    }
+
+    async fn ask_to_move(
+        self: &Arc<Self>,
+        partition: PartitionId,
+        req: &Reconfigure,
+    ) -> Result<Moved, RpcError> {
+        match self.leader(partition) {
+            Leader::Local => self.reconfigure(partition, req.clone()),
+            Leader::Remote { addr, .. } => {
+                let asked = self
+                    .transport
+                    .call(
+                        addr,
+                        partition,
+                        PeerKind::Reconfigure,
+                        wire::encode(req),
+                        ASK_TIMEOUT,
+                    )
+                    .await;
+                let bytes = asked.map_err(|e| {
+                    self.redirected(partition, None);
+                    RpcError::new(RpcCode::Failed, e.to_string())
+                })?;
+                wire::decode(&bytes).map_err(|e| RpcError::bad_request("reconfigure answer", e))
+            }
+            Leader::Unknown(why) => Err(not_ready(why)),
+        }
+    }
+
+    /// The learners of the member-list group that are alive (this node counts), sorted by
+    /// name.
+    fn live_learners(&self, voters: &BTreeSet<u64>, nodes: &BTreeSet<u64>) -> Vec<u64> {
+        let live: HashSet<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .chain([self.me.clone()])
+            .collect();
+        let mut learners: Vec<(String, u64)> = nodes
+            .iter()
+            .filter(|n| !voters.contains(n))
+            .filter_map(|n| Some((self.name_of(*n)?, *n)))
+            .filter(|(n, _)| live.contains(n))
+            .collect();
+        learners.sort();
+        learners.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Promotes live learners while the member-list group has fewer voters than it should.
+    async fn top_up_voters(&self) {
+        let Some(f) = self.formed.get() else { return };
+        let view = group_view(&f.meta, self.my_id);
+        let learners = self.live_learners(&view.voters, &view.nodes);
+        let Some(keep) = members::top_up_voters(&view, &learners) else {
+            return;
+        };
+        tracing::info!(
+            voters = keep.len(),
+            "adding voters to the member list's group"
+        );
+        let change = f
+            .meta
+            .change_membership(ChangeMembers::ReplaceAllVoters(keep), true);
+        match tokio::time::timeout(CHANGE_WAIT, change).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot add voters to the member list's group")
+            }
+            Err(_) => tracing::warn!("adding voters to the member list's group timed out"),
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The driver of a node's cluster side: it runs the loops, RPCs and Raft groups, gathers
+//! snapshots for the decisions in [`crate::control`] and carries them out.
+//!
+//! Layout:
+//! - this file: [`ClusterNode`], its start, shutdown and the [`Router`] answer.
+//! - [`form`]: forming, joining or rejoining, the member list on disk and in the member-list
+//!   group, starting replicas.
+//! - [`elastic`]: joins and decommissions, moving partitions, following the member list.
+//! - [`service`]: answering peers (consensus, routing, control requests).
+//! - [`status`]: `/v1/cluster`, readiness, and the watchers behind them.
+
+mod elastic;
+mod form;
+mod service;
+mod status;
+
+pub use self::status::LeaderChange;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use openraft::{Raft, ServerState};
+use tokio::sync::watch;
+use warbler_config::Config;
+use warbler_storage::{PartitionId, Store};
+
+use crate::control::leader::{self, LeaderHints, LeaderView};
+use crate::control::{raft_id, GroupView, MemberList};
+use crate::error::ClusterError;
+use crate::raft_log::RaftLog;
+use crate::raft_net::{RaftService, Resolver};
+use crate::raft_store::TypeConfig;
+use crate::router::{Leader, Router};
+use crate::transport::{Faults, PeerHandler, PeerTls, PeerTransport};
+use crate::{Membership, NodeId, NodeMeta, NodeState, Timing};
+
+pub use self::form::META_GROUP;
+
+/// Where partitions live, as this node sees it.
+#[derive(Default)]
+pub(crate) struct Placement {
+    /// The member-list epoch `replicas` was computed from.
+    pub epoch: u64,
+    /// Each partition's replicas by the ring over the current members (where they should
+    /// be; a partition being moved still has its old replicas until its leader moved it).
+    pub replicas: Vec<Vec<String>>,
+    /// The Raft groups of the partitions this node holds a replica of.
+    pub rafts: BTreeMap<PartitionId, Raft<TypeConfig>>,
+}
+
+/// What a formed node keeps to start and stop replicas later.
+pub(crate) struct Formed {
+    pub store: Store,
+    pub raft_config: Arc<openraft::Config>,
+    pub resolver: Resolver,
+    /// This node's replica of the member-list group.
+    pub meta: Raft<TypeConfig>,
+    pub replication_factor: usize,
+}
+
+/// The cluster side of a node; also its [`Router`].
+pub struct ClusterNode {
+    me: String,
+    my_id: u64,
+    partitions: u16,
+    membership: Membership,
+    metas: watch::Receiver<HashMap<String, NodeMeta>>,
+    my_meta: RwLock<NodeMeta>,
+    placement: RwLock<Placement>,
+    members: RwLock<Option<MemberList>>,
+    formed: OnceLock<Formed>,
+    /// Consensus ids to node names (every member's, learned from the member list).
+    names: Arc<RwLock<HashMap<u64, String>>>,
+    transport: Arc<PeerTransport>,
+    raft_service: Arc<RaftService>,
+    raft_log: Arc<RaftLog>,
+    /// Serves the routing layer's peer requests (set by the node's wiring).
+    route_service: OnceLock<Arc<dyn PeerHandler>>,
+    faults: Faults,
+    fault_injection: bool,
+    /// Partitions this node holds no replica of: the node last named as their leader.
+    leader_hints: Mutex<LeaderHints>,
+    /// Partitions whose replicas this node (their leader) is moving now.
+    moving: Mutex<std::collections::HashSet<PartitionId>>,
+    /// This node was decommissioned: it is no longer a member.
+    left: AtomicBool,
+    /// Partitions this node follows: their leader's applied index at the last two asks
+    /// (older, newer), one second apart.
+    leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
+}
+
+/// What a replica's metrics say, as a decision input.
+pub(crate) fn group_view(raft: &Raft<TypeConfig>, my_id: u64) -> GroupView {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let membership = m.membership_config.membership();
+    GroupView {
+        voters: membership.voter_ids().collect(),
+        nodes: membership.nodes().map(|(id, _)| *id).collect(),
+        settled: membership.get_joint_config().len() == 1
+            && m.membership_config.log_id().as_ref() <= m.last_applied.as_ref(),
+        leader: m.current_leader,
+        leading: m.state == ServerState::Leader && m.current_leader == Some(my_id),
+        term: m.current_term,
+        applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+        last_log: m.last_log_index.unwrap_or(0),
+        membership_index: m.membership_config.log_id().as_ref().map(|l| l.index),
+    }
+}
+
+/// Mutual TLS between nodes, when the three files are configured.
+fn peer_tls(config: &Config) -> Result<Option<PeerTls>, ClusterError> {
+    let c = &config.cluster;
+    match (&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file) {
+        (Some(ca), Some(cert), Some(key)) => PeerTls::from_pem_files(ca, cert, key)
+            .map(Some)
+            .map_err(|e| ClusterError::Tls(e.to_string())),
+        _ => Ok(None),
+    }
+}
+
+/// Starts SWIM gossip with this node's metadata, seeded by `--seeds` and the members of
+/// the stored member list.
+async fn gossip(
+    config: &Config,
+    store: &Store,
+    transport: &PeerTransport,
+    meta: &NodeMeta,
+) -> Result<Membership, ClusterError> {
+    let mut seeds = form::resolve_seeds(&config.seeds).await;
+    seeds.extend(form::load_members(store)?.into_iter().flat_map(|l| l.addrs));
+    let own = transport.local_addr();
+    seeds.retain(|s| *s != own);
+    seeds.sort();
+    seeds.dedup();
+    // A per-start generation: a restarted node wins over its old self in gossip.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let id = NodeId {
+        name: config.node_id.clone(),
+        gossip: SocketAddr::new(config.cluster_addr.ip(), own.port()),
+        generation,
+    };
+    let faults = transport.faults().clone();
+    Membership::start_with_meta(id, seeds, Timing::lan(), Some(meta.clone()), faults)
+        .await
+        .map_err(|source| ClusterError::Gossip {
+            addr: config.cluster_addr,
+            source,
+        })
+}
+
+fn advertised(config: &Config, bound: SocketAddr, port_of: SocketAddr) -> SocketAddr {
+    let ip = if bound.ip().is_unspecified() {
+        config
+            .cluster
+            .advertise_host
+            .as_deref()
+            .and_then(|h| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(h, 0))
+                    .ok()?
+                    .next()
+                    .map(|a| a.ip())
+            })
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+    } else {
+        bound.ip()
+    };
+    SocketAddr::new(ip, port_of.port())
+}
+
+impl ClusterNode {
+    /// Starts membership and the peer transport; the cluster forms in [`ClusterNode::form`].
+    pub async fn start(
+        config: &Config,
+        store: &Store,
+        client: SocketAddr,
+        http: SocketAddr,
+        partitions: u16,
+    ) -> Result<Arc<ClusterNode>, ClusterError> {
+        let raft_service = Arc::new(RaftService::default());
+        let service = Arc::new(service::NodeService::new(raft_service.clone()));
+        let transport = PeerTransport::start(
+            &config.node_id,
+            config.cluster_addr,
+            peer_tls(config)?,
+            service.clone(),
+        )
+        .await
+        .map_err(|source| ClusterError::Listen {
+            addr: config.cluster_addr,
+            source,
+        })?;
+        let transport = Arc::new(transport);
+        let meta = NodeMeta {
+            name: config.node_id.clone(),
+            client: advertised(config, client, client),
+            http: advertised(config, http, http),
+            cluster: advertised(config, config.cluster_addr, transport.local_addr()),
+            state: NodeState::Joining,
+            formed: form::load_members(store)?.is_some(),
+        };
+        let faults = transport.faults().clone();
+        let membership = gossip(config, store, &transport, &meta).await?;
+        let node = Arc::new(ClusterNode {
+            me: config.node_id.clone(),
+            my_id: raft_id(&config.node_id),
+            partitions,
+            metas: membership.metas(),
+            membership,
+            my_meta: RwLock::new(meta),
+            placement: RwLock::default(),
+            members: RwLock::new(None),
+            formed: OnceLock::new(),
+            names: Arc::default(),
+            transport,
+            raft_service,
+            raft_log: Arc::new(RaftLog::default()),
+            route_service: OnceLock::new(),
+            faults,
+            fault_injection: config.cluster.fault_injection,
+            leader_hints: Mutex::default(),
+            moving: Mutex::default(),
+            left: AtomicBool::new(false),
+            leaders_applied: Mutex::default(),
+        });
+        service.set_node(&node);
+        Ok(node)
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    /// The cluster address peers reach this node at (where leaders send deliveries).
+    pub fn cluster_addr(&self) -> SocketAddr {
+        self.my_meta.read().unwrap().cluster
+    }
+
+    pub fn transport(&self) -> &Arc<PeerTransport> {
+        &self.transport
+    }
+
+    /// The replicated log the node's mailboxes append to.
+    pub fn raft_log(&self) -> &Arc<RaftLog> {
+        &self.raft_log
+    }
+
+    /// Serves the routing layer's peer requests with `handler`.
+    pub fn serve_routes(&self, handler: Arc<dyn PeerHandler>) {
+        let _ = self.route_service.set(handler);
+    }
+
+    /// Testing only: behave as if the nodes at these cluster addresses were unreachable.
+    /// `None` when fault injection is off.
+    pub fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()> {
+        if !self.fault_injection {
+            return None;
+        }
+        tracing::warn!(?blocked, "fault injection: peers blocked");
+        self.faults.set(blocked);
+        Some(())
+    }
+
+    /// Says it is draining, stops every Raft group (followers elect new leaders), and
+    /// leaves the gossip cluster.
+    pub async fn shutdown(&self) {
+        let formed = self.formed.get().is_some();
+        self.set_state(NodeState::Draining, formed).await;
+        let rafts: Vec<_> = self
+            .placement
+            .read()
+            .unwrap()
+            .rafts
+            .values()
+            .cloned()
+            .collect();
+        for raft in rafts {
+            let _ = raft.shutdown().await;
+        }
+        if let Some(f) = self.formed.get() {
+            let _ = f.meta.shutdown().await;
+        }
+        self.membership.leave().await;
+    }
+
+    pub(crate) async fn set_state(&self, state: NodeState, formed: bool) {
+        let meta = {
+            let mut m = self.my_meta.write().unwrap();
+            m.state = state;
+            m.formed = formed;
+            m.clone()
+        };
+        self.membership.set_meta(meta).await;
+    }
+
+    pub(crate) fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// This node's replica of `partition`, added to the group or not.
+    pub(crate) fn local_raft(&self, partition: PartitionId) -> Option<Raft<TypeConfig>> {
+        self.placement
+            .read()
+            .unwrap()
+            .rafts
+            .get(&partition)
+            .cloned()
+    }
+
+    /// This node's replica of `partition` and its view, when it has been added to the group.
+    fn replica(&self, partition: PartitionId) -> Option<GroupView> {
+        let raft = self.local_raft(partition)?;
+        Some(group_view(&raft, self.my_id)).filter(GroupView::added)
+    }
+
+    fn name_of(&self, id: u64) -> Option<String> {
+        self.names.read().unwrap().get(&id).cloned()
+    }
+
+    fn placed(&self, partition: PartitionId) -> Vec<String> {
+        let pl = self.placement.read().unwrap();
+        pl.replicas
+            .get(partition as usize)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Router for ClusterNode {
+    fn leader(&self, partition: PartitionId) -> Leader {
+        if self.formed.get().is_none() {
+            return Leader::Unknown("the cluster has not formed yet".into());
+        }
+        let replica = self.replica(partition);
+        let view = {
+            let hints = self.leader_hints.lock().unwrap();
+            let placed = self.placed(partition);
+            let name_of = |id| self.name_of(id);
+            leader::leader(
+                &self.me,
+                self.my_id,
+                partition,
+                replica.as_ref(),
+                name_of,
+                &hints,
+                &placed,
+            )
+        };
+        match view {
+            LeaderView::Local => Leader::Local,
+            LeaderView::Unknown(why) => Leader::Unknown(why),
+            LeaderView::Node(name) => match self.metas.borrow().get(&name) {
+                Some(meta) => Leader::Remote {
+                    node: name,
+                    addr: meta.cluster,
+                },
+                None => Leader::Unknown(format!("no address known for node {name}")),
+            },
+        }
+    }
+
+    fn redirected(&self, partition: PartitionId, leader: Option<&str>) {
+        if self.formed.get().is_none() || self.replica(partition).is_some() {
+            return; // a replica here knows the leader from consensus, not from guesses
+        }
+        let placed = self.placed(partition);
+        let mut hints = self.leader_hints.lock().unwrap();
+        hints.redirected(partition, &placed, &self.me, leader);
+    }
+
+    fn is_replica(&self, partition: PartitionId) -> bool {
+        self.replica(partition).is_some()
+    }
+}

@@ -1,0 +1,122 @@
+//! Answers peers: consensus to the Raft groups, routing to the routing layer's handler,
+//! control requests to the node.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use super::ClusterNode;
+use crate::error::{RpcCode, RpcError};
+use crate::raft_net::RaftService;
+use crate::transport::{BoxFuture, PeerHandler};
+use crate::wire::{self, Applied, AppliedReq, Layer, ListChange, NodeReq, PeerKind};
+
+/// Dispatches peers' requests by the layer their kind belongs to.
+pub(super) struct NodeService {
+    node: OnceLock<Weak<ClusterNode>>,
+    raft: Arc<RaftService>,
+}
+
+type Answer = BoxFuture<'static, Result<Vec<u8>, RpcError>>;
+
+fn refuse(code: RpcCode, message: impl Into<String>) -> Answer {
+    let e = RpcError::new(code, message);
+    Box::pin(async move { Err(e) })
+}
+
+fn decoded<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, RpcError> {
+    wire::decode(body).map_err(|e| RpcError::bad_request(what, e))
+}
+
+impl NodeService {
+    pub(super) fn new(raft: Arc<RaftService>) -> NodeService {
+        NodeService {
+            node: OnceLock::new(),
+            raft,
+        }
+    }
+
+    pub(super) fn set_node(&self, node: &Arc<ClusterNode>) {
+        let _ = self.node.set(Arc::downgrade(node));
+    }
+}
+
+impl PeerHandler for NodeService {
+    fn handle(&self, from: String, partition: u16, kind: PeerKind, body: Vec<u8>) -> Answer {
+        if kind.layer() == Layer::Consensus {
+            return self.raft.handle(from, partition, kind, body);
+        }
+        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+            return refuse(RpcCode::NotReady, "this node is still starting");
+        };
+        match kind.layer() {
+            Layer::Route => match node.route_service.get() {
+                Some(s) => s.handle(from, partition, kind, body),
+                None => refuse(RpcCode::NotReady, "this node is still starting"),
+            },
+            Layer::Control => Box::pin(async move { node.answer(partition, kind, body).await }),
+            Layer::Consensus | Layer::Transport => {
+                refuse(RpcCode::UnknownKind, format!("{kind:?} is not served here"))
+            }
+        }
+    }
+}
+
+impl ClusterNode {
+    /// Answers a control-plane request.
+    async fn answer(
+        self: Arc<Self>,
+        partition: u16,
+        kind: PeerKind,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, RpcError> {
+        match kind {
+            PeerKind::Members => match self.members.read().unwrap().clone() {
+                Some(list) => Ok(wire::encode(&list)),
+                None => Err(RpcError::new(
+                    RpcCode::NotReady,
+                    "this node has not joined a formed cluster yet",
+                )),
+            },
+            PeerKind::Applied => {
+                let req: AppliedReq = decoded(&body, "applied request")?;
+                Ok(wire::encode(&self.applied_as_leader(&req.0)))
+            }
+            PeerKind::Join => {
+                let r = ListChange::from_frame(partition, &body)
+                    .map_err(|e| RpcError::bad_request("join request", e))?;
+                Ok(wire::encode(&self.join(r.node, r.forwarded).await?))
+            }
+            PeerKind::Decommission => {
+                let r = ListChange::from_frame(partition, &body)
+                    .map_err(|e| RpcError::bad_request("decommission request", e))?;
+                Ok(wire::encode(&self.decommission(r.node, r.forwarded).await?))
+            }
+            PeerKind::Reconfigure => {
+                let req = decoded(&body, "reconfigure request")?;
+                Ok(wire::encode(&self.reconfigure(partition, req)?))
+            }
+            PeerKind::MemberOf => {
+                let NodeReq(name) = decoded(&body, "member-of request")?;
+                Ok(wire::encode(&self.member_of(partition, &name)?))
+            }
+            other => Err(RpcError::new(
+                RpcCode::UnknownKind,
+                format!("{other:?} is not a control request"),
+            )),
+        }
+    }
+
+    /// The applied index of each of `partitions` this node leads.
+    fn applied_as_leader(&self, partitions: &[u16]) -> Vec<Applied> {
+        let pl = self.placement.read().unwrap();
+        partitions
+            .iter()
+            .filter_map(|p| {
+                let g = super::group_view(pl.rafts.get(p)?, self.my_id);
+                g.leading.then_some(Applied {
+                    partition: *p,
+                    applied: g.applied,
+                })
+            })
+            .collect()
+    }
+}

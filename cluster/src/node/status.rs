@@ -1,0 +1,249 @@
+//! What a node tells about itself: `/v1/cluster`, readiness, and the watchers that feed
+//! them (leaders' applied indexes, leadership changes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use warbler_client::api::{ClusterStatus, MemberState, MemberStatus, PartitionStatus};
+use warbler_storage::PartitionId;
+
+use super::{group_view, ClusterNode};
+use crate::control::ready::{self, NotReady, ReadyInput};
+use crate::control::GroupView;
+use crate::router::{Leader, Router};
+use crate::wire::{self, Applied, AppliedReq, PeerKind};
+use crate::NodeState;
+
+/// How often a follower asks its leaders how far they have applied.
+const APPLIED_PERIOD: Duration = Duration::from_secs(1);
+/// How often the leader of every partition is checked for changes.
+const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(100);
+
+/// A partition's leader changed as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderChange {
+    pub partition: PartitionId,
+    /// This node led it until now (its mailboxes must stop: no stale writer survives).
+    pub was_local: bool,
+}
+
+impl ClusterNode {
+    fn views(&self) -> BTreeMap<PartitionId, GroupView> {
+        let pl = self.placement.read().unwrap();
+        pl.rafts
+            .iter()
+            .map(|(p, r)| (*p, group_view(r, self.my_id)))
+            .collect()
+    }
+
+    /// Ready: see [`crate::control::ready`].
+    pub fn ready(&self) -> Result<(), NotReady> {
+        let replicas = self.views();
+        let placed = self.placement.read().unwrap().replicas.clone();
+        let leaders_applied = self.leaders_applied.lock().unwrap().clone();
+        ready::ready(&ReadyInput {
+            me: &self.me,
+            my_id: self.my_id,
+            formed: self.formed.get().is_some(),
+            left: self.has_left(),
+            placed: &placed,
+            replicas: &replicas,
+            leaders_applied: &leaders_applied,
+        })
+    }
+
+    /// Every second: asks the leaders of the partitions this node follows how far they
+    /// have applied (one call per leader), for `/readyz`.
+    pub(crate) fn watch_catch_up(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(APPLIED_PERIOD);
+            loop {
+                tick.tick().await;
+                let mut by_leader: HashMap<u64, Vec<PartitionId>> = HashMap::new();
+                for (p, g) in node.views() {
+                    match g.leader {
+                        Some(l) if l != node.my_id => by_leader.entry(l).or_default().push(p),
+                        _ => {}
+                    }
+                }
+                for (leader, partitions) in by_leader {
+                    node.ask_applied(leader, partitions).await;
+                }
+            }
+        });
+    }
+
+    async fn ask_applied(&self, leader: u64, partitions: Vec<PartitionId>) {
+        let Some(addr) = self.formed.get().and_then(|f| (f.resolver)(leader)) else {
+            return;
+        };
+        let body = wire::encode(&AppliedReq(partitions));
+        let asked = self
+            .transport
+            .call(addr, 0, PeerKind::Applied, body, Duration::from_secs(2))
+            .await;
+        let Ok(Ok(answers)) = asked.map(|b| wire::decode::<Vec<Applied>>(&b)) else {
+            return;
+        };
+        let mut seen = self.leaders_applied.lock().unwrap();
+        ready::record_leader_applied(
+            &mut seen,
+            answers.into_iter().map(|a| (a.partition, a.applied)),
+        );
+    }
+
+    /// Watches every partition's leader and calls `on_change` when it changes; keeps the
+    /// `warbler_partitions_led` gauge.
+    pub fn watch_leaders(self: &Arc<Self>, on_change: impl Fn(LeaderChange) + Send + 'static) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut prev: Vec<Leader> = (0..node.partitions)
+                .map(|_| Leader::Unknown(String::new()))
+                .collect();
+            let mut tick = tokio::time::interval(LEADER_WATCH_PERIOD);
+            loop {
+                tick.tick().await;
+                let mut led = 0;
+                for p in 0..node.partitions {
+                    let now = node.leader(p);
+                    if now == Leader::Local {
+                        led += 1;
+                    }
+                    if now != prev[p as usize] {
+                        let was_local = prev[p as usize] == Leader::Local;
+                        if was_local {
+                            tracing::info!(
+                                partition = p,
+                                "no longer leading the partition; stopping its mailboxes"
+                            );
+                        }
+                        on_change(LeaderChange {
+                            partition: p,
+                            was_local,
+                        });
+                        prev[p as usize] = now;
+                    }
+                }
+                metrics::gauge!("warbler_partitions_led").set(led as f64);
+            }
+        });
+    }
+
+    /// Members, their state, partitions with replicas and leaders.
+    pub fn status(&self) -> ClusterStatus {
+        let list = self.members.read().unwrap().clone();
+        let partitions = if self.formed.get().is_none() {
+            Vec::new()
+        } else {
+            self.partition_status()
+        };
+        let held = self.views().values().filter(|g| g.added()).count();
+        ClusterStatus {
+            node: self.me.clone(),
+            members: self.member_status(list.as_ref()),
+            member_list_epoch: list.as_ref().map(|l| l.epoch),
+            decommissioned: self.has_left(),
+            replicas_held: Some(held),
+            replication_factor: list.as_ref().map(|l| l.replication_factor),
+            partition_count: self.partitions,
+            partitions,
+            faults_blocked: self
+                .faults
+                .blocked()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            mailboxes_active: 0,
+            user: None,
+        }
+    }
+
+    fn member_status(&self, list: Option<&crate::control::MemberList>) -> Vec<MemberStatus> {
+        let live: Vec<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        let metas = self.metas.borrow().clone();
+        let mut names: Vec<String> = match list {
+            Some(l) => l.names.clone(),
+            None => Vec::new(),
+        };
+        // Live nodes outside the list: joining, or decommissioned and not stopped yet.
+        names.extend(live.iter().cloned());
+        names.push(self.me.clone());
+        names.sort();
+        names.dedup();
+        let is_member = |n: &String| list.is_none_or(|l| l.names.contains(n));
+        names
+            .into_iter()
+            .map(|n| {
+                let me = n == self.me;
+                let alive = me || live.contains(&n);
+                let meta = if me {
+                    Some(self.my_meta.read().unwrap().clone())
+                } else {
+                    metas.get(&n).cloned()
+                };
+                let state = if !is_member(&n) || (me && self.has_left()) {
+                    MemberState::NotAMember
+                } else if !alive {
+                    MemberState::Down
+                } else {
+                    match meta.as_ref().map(|m| m.state) {
+                        Some(NodeState::Serving) => MemberState::Serving,
+                        Some(NodeState::Draining) => MemberState::Draining,
+                        Some(NodeState::Joining) | None => MemberState::Joining,
+                    }
+                };
+                MemberStatus {
+                    member: is_member(&n),
+                    node: n,
+                    alive,
+                    state,
+                    client_addr: meta.as_ref().map(|m| m.client.to_string()),
+                    http_addr: meta.as_ref().map(|m| m.http.to_string()),
+                    cluster_addr: meta.as_ref().map(|m| m.cluster.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    fn partition_status(&self) -> Vec<PartitionStatus> {
+        let placed = self.placement.read().unwrap().replicas.clone();
+        let views = self.views();
+        (0..self.partitions)
+            .map(|p| {
+                let placement = placed[p as usize].clone();
+                let Some(g) = views.get(&p) else {
+                    return PartitionStatus {
+                        partition: p,
+                        replicas: placement.clone(),
+                        placement,
+                        leader: None,
+                        term: None,
+                        applied: None,
+                    };
+                };
+                let mut voters: Vec<String> =
+                    g.voters.iter().filter_map(|id| self.name_of(*id)).collect();
+                voters.sort();
+                PartitionStatus {
+                    partition: p,
+                    replicas: if voters.is_empty() {
+                        placement.clone()
+                    } else {
+                        voters
+                    },
+                    placement,
+                    leader: g.leader.and_then(|id| self.name_of(id)),
+                    term: Some(g.term),
+                    applied: Some(g.applied),
+                }
+            })
+            .collect()
+    }
+}

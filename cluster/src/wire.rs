@@ -1,0 +1,414 @@
+//! Every peer message in one place: [`PeerKind`] numbers each request, and the types below
+//! are each kind's request and answer.
+//!
+//! A request travels as a transport `request` frame whose `kind` is the [`PeerKind`]'s
+//! number and whose `body` is the request in MessagePack; the answer comes back as the
+//! body of a `response`, or as a refusal with an [`RpcError`](crate::error::RpcError). The
+//! numbers and encodings are those of the first release: a request that travelled as a
+//! positional tuple still does (the types convert to and from it), so nodes of the previous
+//! release and of this one talk. `tests` below pin the encodings.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use warbler_storage::StoredMessage;
+
+use crate::PartitionId;
+
+/// The kind of a peer request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PeerKind {
+    /// Consensus: openraft's AppendEntries for the request's partition.
+    AppendEntries = 1,
+    /// Consensus: openraft's Vote.
+    Vote = 2,
+    /// Consensus: openraft's InstallSnapshot (one chunk).
+    InstallSnapshot = 3,
+    /// Routing: publish to a user whose partition the receiver leads ([`PublishReq`]).
+    Publish = 10,
+    /// Routing: subscribe a session elsewhere through a stand-in ([`SubscribeReq`]).
+    Subscribe = 11,
+    /// Routing: a device's cumulative ack, to its stand-in ([`KeyReq`]).
+    Ack = 12,
+    /// Routing: end a remote subscription ([`KeyReq`]).
+    Unsubscribe = 13,
+    /// Routing: a delivery batch from a stand-in to its session's node ([`DeliverReq`]).
+    Deliver = 14,
+    /// Routing: a stand-in's subscription ended ([`KeyReq`]).
+    Closed = 15,
+    /// Routing: a user's devices ([`UserReq`]).
+    Devices = 16,
+    /// Control: "which nodes form this cluster?" (answered by formed nodes).
+    Members = 20,
+    /// Control: "add this node to the member list" ([`ListChange`]).
+    Join = 21,
+    /// Control: "make this partition's replicas these" ([`Reconfigure`]).
+    Reconfigure = 22,
+    /// Control: "is this node still in this partition's group?" ([`NodeReq`]).
+    MemberOf = 23,
+    /// Control: "remove this node from the member list" ([`ListChange`]).
+    Decommission = 24,
+    /// Control: "how far have you applied the partitions you lead?" ([`AppliedReq`]).
+    Applied = 25,
+    /// Transport: a sign of life, answered by the transport itself.
+    Probe = 255,
+}
+
+/// Which part of a node serves a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Consensus,
+    Route,
+    Control,
+    Transport,
+}
+
+impl PeerKind {
+    pub const ALL: [PeerKind; 17] = [
+        PeerKind::AppendEntries,
+        PeerKind::Vote,
+        PeerKind::InstallSnapshot,
+        PeerKind::Publish,
+        PeerKind::Subscribe,
+        PeerKind::Ack,
+        PeerKind::Unsubscribe,
+        PeerKind::Deliver,
+        PeerKind::Closed,
+        PeerKind::Devices,
+        PeerKind::Members,
+        PeerKind::Join,
+        PeerKind::Reconfigure,
+        PeerKind::MemberOf,
+        PeerKind::Decommission,
+        PeerKind::Applied,
+        PeerKind::Probe,
+    ];
+
+    /// The kind numbered `n` on the wire.
+    pub fn from_wire(n: u8) -> Option<PeerKind> {
+        PeerKind::ALL.into_iter().find(|k| *k as u8 == n)
+    }
+
+    pub fn layer(self) -> Layer {
+        match self as u8 {
+            1..=3 => Layer::Consensus,
+            10..=16 => Layer::Route,
+            20..=25 => Layer::Control,
+            _ => Layer::Transport,
+        }
+    }
+}
+
+/// [`PeerKind::Publish`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishReq {
+    pub user: String,
+    pub id: String,
+    pub body: ByteBuf,
+    pub from: Option<String>,
+}
+
+/// [`PeerKind::Devices`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserReq {
+    pub user: String,
+}
+
+/// A device's cursor to resume from: where its connection's last delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+pub struct Resume {
+    /// The seq the device acked.
+    pub acked: u64,
+    /// The last seq its connection was sent.
+    pub sent: u64,
+}
+
+impl From<(u64, u64)> for Resume {
+    fn from((acked, sent): (u64, u64)) -> Resume {
+        Resume { acked, sent }
+    }
+}
+
+impl From<Resume> for (u64, u64) {
+    fn from(r: Resume) -> (u64, u64) {
+        (r.acked, r.sent)
+    }
+}
+
+/// [`PeerKind::Subscribe`]: `key` names the subscription on the session's node; deliveries
+/// go to `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeReq {
+    pub user: String,
+    pub device: String,
+    pub key: u64,
+    pub resume: Option<Resume>,
+    pub reply_to: SocketAddr,
+}
+
+/// The answer to [`PeerKind::Subscribe`] (on the wire: `(acked, last_seq)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+pub struct Subscribed {
+    pub acked: u64,
+    pub last_seq: u64,
+}
+
+impl From<(u64, u64)> for Subscribed {
+    fn from((acked, last_seq): (u64, u64)) -> Subscribed {
+        Subscribed { acked, last_seq }
+    }
+}
+
+impl From<Subscribed> for (u64, u64) {
+    fn from(s: Subscribed) -> (u64, u64) {
+        (s.acked, s.last_seq)
+    }
+}
+
+/// [`PeerKind::Ack`] (`seq`), [`PeerKind::Unsubscribe`] and [`PeerKind::Closed`]
+/// (`replaced`: another connection of the same device took over).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyReq {
+    pub key: u64,
+    pub seq: u64,
+    pub replaced: bool,
+}
+
+/// One delivered message (on the wire: `(seq, message)`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(u64, StoredMessage)", into = "(u64, StoredMessage)")]
+pub struct Delivery {
+    pub seq: u64,
+    pub message: StoredMessage,
+}
+
+impl From<(u64, StoredMessage)> for Delivery {
+    fn from((seq, message): (u64, StoredMessage)) -> Delivery {
+        Delivery { seq, message }
+    }
+}
+
+impl From<Delivery> for (u64, StoredMessage) {
+    fn from(d: Delivery) -> (u64, StoredMessage) {
+        (d.seq, d.message)
+    }
+}
+
+/// [`PeerKind::Deliver`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliverReq {
+    pub key: u64,
+    pub batch: Vec<Delivery>,
+}
+
+/// One device in the answer to [`PeerKind::Devices`] (on the wire: `(device, acked,
+/// online)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(String, u64, bool)", into = "(String, u64, bool)")]
+pub struct DeviceCursor {
+    pub device: String,
+    pub acked: u64,
+    pub online: bool,
+}
+
+impl From<(String, u64, bool)> for DeviceCursor {
+    fn from((device, acked, online): (String, u64, bool)) -> DeviceCursor {
+        DeviceCursor {
+            device,
+            acked,
+            online,
+        }
+    }
+}
+
+impl From<DeviceCursor> for (String, u64, bool) {
+    fn from(d: DeviceCursor) -> (String, u64, bool) {
+        (d.device, d.acked, d.online)
+    }
+}
+
+/// [`PeerKind::MemberOf`]: a node's name (on the wire: the bare string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeReq(pub String);
+
+/// [`PeerKind::Join`] and [`PeerKind::Decommission`]: the node to add or remove, and whether
+/// the request was forwarded to the member list's leader already (it is never forwarded
+/// twice).
+///
+/// On the wire, as the previous release sends it, the body is the bare name and the flag
+/// rides in the frame's `partition` field (1: forwarded). [`ListChange::frame`] and
+/// [`ListChange::from_frame`] are the only code that knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListChange {
+    pub node: String,
+    pub forwarded: bool,
+}
+
+impl ListChange {
+    /// The frame's `partition` field and body.
+    pub fn frame(&self) -> (u16, Vec<u8>) {
+        (u16::from(self.forwarded), encode(&self.node))
+    }
+
+    pub fn from_frame(partition: u16, body: &[u8]) -> Result<ListChange, rmp_serde::decode::Error> {
+        Ok(ListChange {
+            node: decode(body)?,
+            forwarded: partition == 1,
+        })
+    }
+}
+
+/// [`PeerKind::Applied`]: the partitions to report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AppliedReq(pub Vec<PartitionId>);
+
+/// One partition in the answer to [`PeerKind::Applied`] (on the wire: `(partition,
+/// applied)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(PartitionId, u64)", into = "(PartitionId, u64)")]
+pub struct Applied {
+    pub partition: PartitionId,
+    pub applied: u64,
+}
+
+impl From<(PartitionId, u64)> for Applied {
+    fn from((partition, applied): (PartitionId, u64)) -> Applied {
+        Applied { partition, applied }
+    }
+}
+
+impl From<Applied> for (PartitionId, u64) {
+    fn from(a: Applied) -> (PartitionId, u64) {
+        (a.partition, a.applied)
+    }
+}
+
+pub use crate::control::{MemberList, Moved, Reconfigure};
+
+/// A request or answer in MessagePack with field names (the encoding of every peer body).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("peer messages serialize")
+}
+
+/// Decodes a peer body.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_change_keeps_the_previous_frame() {
+        let fwd = ListChange {
+            node: "n4".into(),
+            forwarded: true,
+        };
+        assert_eq!(fwd.frame(), (1, encode(&"n4".to_string())));
+        let (p, body) = fwd.frame();
+        assert_eq!(ListChange::from_frame(p, &body).unwrap(), fwd);
+        let first = ListChange::from_frame(0, &body).unwrap();
+        assert!(!first.forwarded);
+    }
+
+    #[test]
+    fn kinds_keep_their_numbers() {
+        let numbers: Vec<u8> = PeerKind::ALL.iter().map(|k| *k as u8).collect();
+        assert_eq!(
+            numbers,
+            [1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24, 25, 255]
+        );
+        for k in PeerKind::ALL {
+            assert_eq!(PeerKind::from_wire(k as u8), Some(k));
+        }
+        assert_eq!(PeerKind::from_wire(4), None);
+        assert_eq!(PeerKind::Publish.layer(), Layer::Route);
+        assert_eq!(PeerKind::Applied.layer(), Layer::Control);
+        assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);
+    }
+
+    /// The previous release sent these as tuples and bare values: the typed messages must
+    /// encode byte for byte the same.
+    #[test]
+    fn typed_messages_encode_as_the_previous_release_did() {
+        let same = |typed: Vec<u8>, old: Vec<u8>| assert_eq!(typed, old);
+        same(
+            encode(&Subscribed {
+                acked: 3,
+                last_seq: 9,
+            }),
+            encode(&(3u64, 9u64)),
+        );
+        same(
+            encode(&Applied {
+                partition: 4,
+                applied: 7,
+            }),
+            encode(&(4u16, 7u64)),
+        );
+        same(encode(&NodeReq("n1".into())), encode(&"n1".to_string()));
+        same(encode(&AppliedReq(vec![1, 2])), encode(&vec![1u16, 2]));
+        let d = DeviceCursor {
+            device: "phone".into(),
+            acked: 5,
+            online: true,
+        };
+        same(
+            encode(&vec![d]),
+            encode(&vec![("phone".to_string(), 5u64, true)]),
+        );
+        let m = StoredMessage {
+            id: "m".into(),
+            ts: 1,
+            from: None,
+            body: ByteBuf::from(vec![1, 2]),
+        };
+        #[derive(Serialize)]
+        struct OldDeliver {
+            key: u64,
+            batch: Vec<(u64, StoredMessage)>,
+        }
+        let old = OldDeliver {
+            key: 8,
+            batch: vec![(2, m.clone())],
+        };
+        let new = DeliverReq {
+            key: 8,
+            batch: vec![Delivery { seq: 2, message: m }],
+        };
+        same(encode(&new), encode(&old));
+        #[derive(Serialize)]
+        struct OldSubscribe {
+            user: String,
+            device: String,
+            key: u64,
+            resume: Option<(u64, u64)>,
+            reply_to: SocketAddr,
+        }
+        let addr = SocketAddr::from(([10, 0, 0, 1], 7410));
+        let old = OldSubscribe {
+            user: "u".into(),
+            device: "d".into(),
+            key: 1,
+            resume: Some((2, 3)),
+            reply_to: addr,
+        };
+        let new = SubscribeReq {
+            user: "u".into(),
+            device: "d".into(),
+            key: 1,
+            resume: Some(Resume { acked: 2, sent: 3 }),
+            reply_to: addr,
+        };
+        same(encode(&new), encode(&old));
+        let back: SubscribeReq = decode(&encode(&old)).unwrap();
+        assert_eq!(back, new);
+    }
+}
