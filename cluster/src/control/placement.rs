@@ -144,14 +144,18 @@ mod tests {
     /// the group; a replica that asked only it never learned it had been moved away.
     #[test]
     fn a_replica_asks_past_a_leader_that_removed_itself() {
-        let (me, old_leader) = (raft_id("a"), raft_id("b"));
+        let (me, old_leader, other) = (raft_id("a"), raft_id("b"), raft_id("e"));
+        // The group as this replica last heard of it: itself, the old leader, and `e`,
+        // which the ring no longer places (the placement is `c`, `d`).
         let group = GroupView {
             leader: Some(old_leader),
-            nodes: [me, old_leader, raft_id("c")].into(),
+            nodes: [me, old_leader, other].into(),
             ..GroupView::default()
         };
         let asked = ask_left_group(me, &group, &names(&["c", "d"]));
-        assert_eq!(asked, [old_leader, raft_id("c"), raft_id("d")]);
+        assert_eq!(asked[0], old_leader, "the known leader first");
+        assert_eq!(asked[1], other, "then the rest of the group");
+        assert_eq!(asked[2..], [raft_id("c"), raft_id("d")], "then the placement");
     }
 
     #[test]
