@@ -155,7 +155,11 @@ mod tests {
         let asked = ask_left_group(me, &group, &names(&["c", "d"]));
         assert_eq!(asked[0], old_leader, "the known leader first");
         assert_eq!(asked[1], other, "then the rest of the group");
-        assert_eq!(asked[2..], [raft_id("c"), raft_id("d")], "then the placement");
+        assert_eq!(
+            asked[2..],
+            [raft_id("c"), raft_id("d")],
+            "then the placement"
+        );
     }
 
     #[test]
