@@ -259,49 +259,60 @@ fn port_plus(addr: &str, flag: &str, n: u32) -> anyhow::Result<std::net::SocketA
     Ok(std::net::SocketAddr::new(a.ip(), a.port() + n as u16))
 }
 
+/// Starts node `i` of a dev cluster and waits until it is ready; returns the process and a
+/// line saying where it listens.
+async fn dev_node(
+    args: &DevArgs,
+    exe: &Path,
+    secret: &Path,
+    seed: std::net::SocketAddr,
+    i: u32,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let name = format!("node-{i}");
+    let client = port_plus(&args.client_addr, "--client-addr", i)?;
+    let http = port_plus(&args.http_addr, "--http-addr", i)?;
+    let cluster = port_plus(&args.client_addr, "--client-addr", 10 + i)?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("serve")
+        .args(["--node-id", &name])
+        .arg("--data-dir")
+        .arg(args.data_dir.join(&name))
+        .args(["--client-addr", &client.to_string()])
+        .args(["--http-addr", &http.to_string()])
+        .args(["--cluster-addr", &cluster.to_string()])
+        .args(["--seeds", &seed.to_string()])
+        .args(["--bootstrap-expect", &args.nodes.to_string()])
+        .arg("--jwt-secret-file")
+        .arg(secret)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    loop {
+        match out.next_line().await? {
+            Some(l) if l.starts_with("warbler ready") => break,
+            Some(_) => continue,
+            None => bail!("{name} exited before it was ready; see its log above"),
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    let line = format!("  {name}  device tcp://{client}  HTTP http://{http}  cluster {cluster}");
+    Ok((child, line))
+}
+
 /// `dev --nodes N`: N `warbler serve` processes on this machine forming one cluster.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt;
     let secret = dev_secret(&args.data_dir)?;
     let exe = std::env::current_exe().context("cannot find the warbler executable")?;
     let seed = port_plus(&args.client_addr, "--client-addr", 10)?;
     let mut children = Vec::new();
     let mut lines = Vec::new();
     for i in 0..args.nodes {
-        let name = format!("node-{i}");
-        let client = port_plus(&args.client_addr, "--client-addr", i)?;
-        let http = port_plus(&args.http_addr, "--http-addr", i)?;
-        let cluster = port_plus(&args.client_addr, "--client-addr", 10 + i)?;
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("serve")
-            .args(["--node-id", &name])
-            .arg("--data-dir")
-            .arg(args.data_dir.join(&name))
-            .args(["--client-addr", &client.to_string()])
-            .args(["--http-addr", &http.to_string()])
-            .args(["--cluster-addr", &cluster.to_string()])
-            .args(["--seeds", &seed.to_string()])
-            .args(["--bootstrap-expect", &args.nodes.to_string()])
-            .arg("--jwt-secret-file")
-            .arg(&secret)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-        let ready = loop {
-            match out.next_line().await? {
-                Some(l) if l.starts_with("warbler ready") => break l,
-                Some(_) => continue,
-                None => bail!("{name} exited before it was ready; see its log above"),
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-        lines.push(format!(
-            "  {name}  device tcp://{client}  HTTP http://{http}  cluster {cluster}"
-        ));
-        let _ = ready;
+        let (child, line) = dev_node(&args, &exe, &secret, seed, i).await?;
         children.push(child);
+        lines.push(line);
     }
     let http0 = port_plus(&args.http_addr, "--http-addr", 0)?;
     let e = exe.display();

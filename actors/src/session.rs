@@ -130,38 +130,7 @@ impl Actor for DeviceSession {
                     state.sent = seq;
                 }
             }
-            SessionMsg::ClientAck(seq) => {
-                if seq > state.sent {
-                    let message = format!(
-                        "ack {seq} is beyond the last delivered seq {}; ack only seqs you received",
-                        state.sent
-                    );
-                    let _ = state
-                        .args
-                        .out
-                        .send(Frame::error(ErrorCode::BadRequest, message, None))
-                        .await;
-                } else if seq > state.acked {
-                    state.acked = seq;
-                    match &state.upstream {
-                        Upstream::Local(mailbox) => {
-                            let ack = MailboxMsg::Ack {
-                                device: state.args.device.clone(),
-                                session: myself.get_id(),
-                                seq,
-                            };
-                            if mailbox.cast(ack).is_err() {
-                                resubscribe(&myself, state).await;
-                            }
-                        }
-                        Upstream::Remote { addr, key } => {
-                            if let Some(r) = state.args.mailboxes.routing() {
-                                r.ack_remote(*addr, *key, seq);
-                            }
-                        }
-                    }
-                }
-            }
+            SessionMsg::ClientAck(seq) => client_ack(&myself, state, seq).await,
             SessionMsg::Replaced => {
                 let message = format!(
                     "device {:?} connected again elsewhere; this connection is closed",
@@ -176,15 +145,7 @@ impl Actor for DeviceSession {
             }
             SessionMsg::Resubscribe => resubscribe(&myself, state).await,
             SessionMsg::CheckRoute => {
-                let leader = state.args.mailboxes.leader_of(&state.args.user);
-                let current = match (&state.upstream, &leader) {
-                    (Upstream::Local(m), Leader::Local) => m.get_status() <= ActorStatus::Running,
-                    (Upstream::Remote { addr, .. }, Leader::Remote { addr: a, .. }) => addr == a,
-                    // No leader known: keep what there is until one is elected.
-                    (_, Leader::Unknown(_)) => true,
-                    _ => false,
-                };
-                if !current {
+                if !follows_leader(state) {
                     resubscribe(&myself, state).await;
                 }
             }
@@ -295,5 +256,55 @@ async fn resubscribe(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
             tracing::debug!(user = %state.args.user, error = %e, "re-subscribe failed; retrying");
             myself.send_after(RESUBSCRIBE_RETRY, || SessionMsg::Resubscribe);
         }
+    }
+}
+
+/// The client acknowledged every seq up to `seq`: passed on to the mailbox, wherever it
+/// runs; an ack beyond what was delivered is refused.
+async fn client_ack(myself: &ActorRef<SessionMsg>, state: &mut SessionState, seq: u64) {
+    if seq > state.sent {
+        let message = format!(
+            "ack {seq} is beyond the last delivered seq {}; ack only seqs you received",
+            state.sent
+        );
+        let _ = state
+            .args
+            .out
+            .send(Frame::error(ErrorCode::BadRequest, message, None))
+            .await;
+        return;
+    }
+    if seq <= state.acked {
+        return;
+    }
+    state.acked = seq;
+    match &state.upstream {
+        Upstream::Local(mailbox) => {
+            let ack = MailboxMsg::Ack {
+                device: state.args.device.clone(),
+                session: myself.get_id(),
+                seq,
+            };
+            if mailbox.cast(ack).is_err() {
+                resubscribe(myself, state).await;
+            }
+        }
+        Upstream::Remote { addr, key } => {
+            if let Some(r) = state.args.mailboxes.routing() {
+                r.ack_remote(*addr, *key, seq);
+            }
+        }
+    }
+}
+
+/// Whether the session's subscription is with the user's current leader (no leader known
+/// counts as yes: keep what there is until one is elected).
+fn follows_leader(state: &SessionState) -> bool {
+    let leader = state.args.mailboxes.leader_of(&state.args.user);
+    match (&state.upstream, &leader) {
+        (Upstream::Local(m), Leader::Local) => m.get_status() <= ActorStatus::Running,
+        (Upstream::Remote { addr, .. }, Leader::Remote { addr: a, .. }) => addr == a,
+        (_, Leader::Unknown(_)) => true,
+        _ => false,
     }
 }

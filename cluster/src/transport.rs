@@ -419,6 +419,30 @@ fn start_in_order(fut: impl Future<Output = ()> + Send + 'static) {
     }
 }
 
+/// Writes a connection's answers as they are ready; answers ready together go out in one
+/// write.
+async fn write_answers(
+    mut w: tokio::io::WriteHalf<Box<dyn Io>>,
+    mut rx: mpsc::Receiver<PeerFrame>,
+) {
+    let mut buf = Vec::new();
+    while let Some(f) = rx.recv().await {
+        buf.clear();
+        let _ = encode_frame(&mut buf, &f);
+        while buf.len() < WRITE_COALESCE_BYTES {
+            match rx.try_recv() {
+                Ok(f) => {
+                    let _ = encode_frame(&mut buf, &f);
+                }
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
     let (mut r, mut w) = tokio::io::split(io);
     let from = match read_frame(&mut r).await {
@@ -430,26 +454,8 @@ async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
         }
         _ => return,
     };
-    let (tx, mut rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_MAX);
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(f) = rx.recv().await {
-            buf.clear();
-            let _ = encode_frame(&mut buf, &f);
-            // Answers ready at the same time go out in one write.
-            while buf.len() < WRITE_COALESCE_BYTES {
-                match rx.try_recv() {
-                    Ok(f) => {
-                        let _ = encode_frame(&mut buf, &f);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if w.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (tx, rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_MAX);
+    let writer = tokio::spawn(write_answers(w, rx));
     while let Ok(frame) = read_frame(&mut r).await {
         let PeerFrame::Request {
             id,
@@ -514,6 +520,158 @@ fn refusal(id: u64, e: RpcError) -> PeerFrame {
 
 type Waiters = Arc<Mutex<HashMap<u64, Reply>>>;
 
+/// When a link last heard from its peer, and the probe it has in flight.
+struct Liveness {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch` when the peer was last heard from (set by the reader).
+    heard: Arc<AtomicU64>,
+    /// When the probe in flight was sent.
+    probe_sent: Option<u64>,
+}
+
+/// What a link does at a liveness tick.
+enum Tick {
+    Quiet,
+    /// Send a probe (now, in milliseconds since the epoch).
+    Probe(u64),
+    /// The probe went unanswered: drop the connection.
+    Dead,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            epoch: tokio::time::Instant::now(),
+            heard: Arc::new(AtomicU64::new(0)),
+            probe_sent: None,
+        }
+    }
+
+    /// A link with calls outstanding that has heard nothing for [`PROBE_AFTER`] probes;
+    /// a probe unanswered for [`PROBE_TIMEOUT`] means the peer is gone.
+    fn tick(&mut self, calls_waiting: bool) -> Tick {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.heard.load(Ordering::Relaxed);
+        if self.probe_sent.is_some_and(|sent| last >= sent) {
+            self.probe_sent = None;
+        }
+        match self.probe_sent {
+            Some(sent) if now - sent > PROBE_TIMEOUT.as_millis() as u64 => Tick::Dead,
+            None if now - last > PROBE_AFTER.as_millis() as u64 && calls_waiting => {
+                Tick::Probe(now)
+            }
+            _ => Tick::Quiet,
+        }
+    }
+}
+
+/// Reads the peer's answers and hands each to its waiting call.
+fn spawn_reader(
+    mut r: tokio::io::ReadHalf<Box<dyn Io>>,
+    waiters: Waiters,
+    name: String,
+    live: &Liveness,
+) -> tokio::task::JoinHandle<()> {
+    let (epoch, heard) = (live.epoch, live.heard.clone());
+    tokio::spawn(async move {
+        while let Ok(frame) = read_frame(&mut r).await {
+            heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            match frame {
+                PeerFrame::Response { id, ok, body, code } => {
+                    if let Some(w) = waiters.lock().unwrap().remove(&id) {
+                        let r = if ok {
+                            Ok(body.into_vec())
+                        } else {
+                            let message = String::from_utf8_lossy(&body).into_owned();
+                            Err(PeerError::Remote {
+                                peer: name.clone(),
+                                error: RpcError::new(code.unwrap_or(RpcCode::Other), message),
+                            })
+                        };
+                        let _ = w.send(r);
+                    }
+                }
+                PeerFrame::Error { message } => {
+                    tracing::error!(peer = %name, %message, "peer refused the connection");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Encodes `first` and the calls queued behind it (up to [`WRITE_COALESCE_BYTES`]) into
+/// `buf`, numbering requests and registering their waiters.
+fn encode_batch(
+    first: Outgoing,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    waiters: &Waiters,
+    next_id: &mut u64,
+    buf: &mut Vec<u8>,
+    name: &str,
+) {
+    buf.clear();
+    let mut item = Some(first);
+    while let Some((mut frame, waiter)) = item.take() {
+        if let PeerFrame::Request { id, .. } = &mut frame {
+            *id = *next_id;
+            *next_id += 1;
+            if let Some(w) = waiter {
+                let mut waiting = waiters.lock().unwrap();
+                if waiting.len() >= PEER_CALLS_MAX {
+                    let _ = w.send(Err(PeerError::Overloaded(name.to_string())));
+                    continue;
+                }
+                waiting.insert(*id, w);
+            }
+        }
+        if let Err(e) = encode_frame(buf, &frame) {
+            // Too large to send: fail this call only.
+            if let PeerFrame::Request { id, .. } = &frame {
+                if let Some(w) = waiters.lock().unwrap().remove(id) {
+                    let _ = w.send(Err(PeerError::Remote {
+                        peer: name.to_string(),
+                        error: RpcError::new(RpcCode::BadRequest, format!("not sent: {e}")),
+                    }));
+                }
+            }
+        }
+        if buf.len() < WRITE_COALESCE_BYTES {
+            item = queue.try_recv().ok();
+        }
+    }
+}
+
+/// Dials `peer` until it answers, with backoff; calls queued meanwhile fail fast rather
+/// than wait out their timeouts.
+async fn connect(
+    me: &str,
+    peer: SocketAddr,
+    tls: Option<&PeerTls>,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    backoff: &mut Duration,
+) -> Box<dyn Io> {
+    loop {
+        match dial(me, peer, tls).await {
+            Ok(io) => {
+                *backoff = BACKOFF_MIN;
+                return io;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
+                while let Ok((_, waiter)) = queue.try_recv() {
+                    if let Some(w) = waiter {
+                        let _ = w.send(Err(PeerError::Unreachable(peer.to_string())));
+                    }
+                }
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
 /// Keeps a connection to `peer`: dials with backoff, sends queued requests, routes answers.
 async fn run_link(
     me: String,
@@ -526,79 +684,25 @@ async fn run_link(
     let mut next_id = 1u64;
     let mut buf = Vec::new();
     loop {
-        let io = match dial(&me, peer, tls.as_ref()).await {
-            Ok(io) => {
-                backoff = BACKOFF_MIN;
-                io
-            }
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
-                // Calls queued meanwhile fail fast rather than wait out their timeouts.
-                while let Ok((_, waiter)) = queue.try_recv() {
-                    if let Some(w) = waiter {
-                        let _ = w.send(Err(PeerError::Unreachable(name.clone())));
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        let (mut r, mut w) = tokio::io::split(io);
+        let io = connect(&me, peer, tls.as_ref(), &mut queue, &mut backoff).await;
+        let (r, mut w) = tokio::io::split(io);
         let waiters: Waiters = Arc::default();
-        let reader_waiters = waiters.clone();
-        let reader_name = name.clone();
-        // Milliseconds since `epoch` when the peer was last heard from.
-        let epoch = tokio::time::Instant::now();
-        let heard = Arc::new(AtomicU64::new(0));
-        let reader_heard = heard.clone();
-        let mut probe_sent: Option<u64> = None;
+        let mut live = Liveness::new();
+        let mut reader = spawn_reader(r, waiters.clone(), name.clone(), &live);
         let mut tick = tokio::time::interval(PROBE_AFTER / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut reader = tokio::spawn(async move {
-            while let Ok(frame) = read_frame(&mut r).await {
-                reader_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                match frame {
-                    PeerFrame::Response { id, ok, body, code } => {
-                        if let Some(w) = reader_waiters.lock().unwrap().remove(&id) {
-                            let r = if ok {
-                                Ok(body.into_vec())
-                            } else {
-                                let message = String::from_utf8_lossy(&body).into_owned();
-                                Err(PeerError::Remote {
-                                    peer: reader_name.clone(),
-                                    error: RpcError::new(code.unwrap_or(RpcCode::Other), message),
-                                })
-                            };
-                            let _ = w.send(r);
-                        }
-                    }
-                    PeerFrame::Error { message } => {
-                        tracing::error!(peer = %reader_name, %message, "peer refused the connection");
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-        });
         loop {
             let next = tokio::select! {
                 _ = &mut reader => break,
                 _ = tick.tick() => {
-                    let now = epoch.elapsed().as_millis() as u64;
-                    let last = heard.load(Ordering::Relaxed);
-                    if probe_sent.is_some_and(|sent| last >= sent) {
-                        probe_sent = None;
-                    }
-                    match probe_sent {
-                        Some(sent) if now - sent > PROBE_TIMEOUT.as_millis() as u64 => {
+                    let calls_waiting = !waiters.lock().unwrap().is_empty();
+                    match live.tick(calls_waiting) {
+                        Tick::Dead => {
                             tracing::warn!(%peer, "peer silent with calls outstanding; reconnecting");
                             reader.abort();
                             break;
                         }
-                        None if now - last > PROBE_AFTER.as_millis() as u64
-                            && !waiters.lock().unwrap().is_empty() =>
-                        {
+                        Tick::Probe(now) => {
                             buf.clear();
                             let probe = PeerFrame::Request {
                                 id: next_id,
@@ -612,9 +716,9 @@ async fn run_link(
                                 reader.abort();
                                 break;
                             }
-                            probe_sent = Some(now);
+                            live.probe_sent = Some(now);
                         }
-                        _ => {}
+                        Tick::Quiet => {}
                     }
                     continue;
                 }
@@ -625,36 +729,7 @@ async fn run_link(
                 return;
             };
             // Calls queued at the same time go out in one write.
-            buf.clear();
-            let mut item = Some(first);
-            while let Some((mut frame, waiter)) = item.take() {
-                if let PeerFrame::Request { id, .. } = &mut frame {
-                    *id = next_id;
-                    next_id += 1;
-                    if let Some(w) = waiter {
-                        let mut waiting = waiters.lock().unwrap();
-                        if waiting.len() >= PEER_CALLS_MAX {
-                            let _ = w.send(Err(PeerError::Overloaded(name.clone())));
-                            continue;
-                        }
-                        waiting.insert(*id, w);
-                    }
-                }
-                if let Err(e) = encode_frame(&mut buf, &frame) {
-                    // Too large to send: fail this call only.
-                    if let PeerFrame::Request { id, .. } = &frame {
-                        if let Some(w) = waiters.lock().unwrap().remove(id) {
-                            let _ = w.send(Err(PeerError::Remote {
-                                peer: name.clone(),
-                                error: RpcError::new(RpcCode::BadRequest, format!("not sent: {e}")),
-                            }));
-                        }
-                    }
-                }
-                if buf.len() < WRITE_COALESCE_BYTES {
-                    item = queue.try_recv().ok();
-                }
-            }
+            encode_batch(first, &mut queue, &waiters, &mut next_id, &mut buf, &name);
             if !buf.is_empty() && !write_within(&mut w, &buf).await {
                 reader.abort();
                 break;

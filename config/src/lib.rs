@@ -430,23 +430,17 @@ impl Config {
 
     /// Checks every bound. The error names the field, the value and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + std::fmt::Display + Copy>(
-            field: &'static str,
-            value: T,
-            min: T,
-            max: T,
-        ) -> Result<(), ConfigError> {
-            if value < min || value > max {
-                return Err(ConfigError::Invalid {
-                    field,
-                    message: format!("{value} is outside the allowed range {min}..={max}"),
-                });
-            }
-            Ok(())
+        self.validate_node()?;
+        self.validate_limits()?;
+        self.validate_storage()?;
+        self.validate_cluster()?;
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty; try \"info\""));
         }
-        let invalid =
-            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        Ok(())
+    }
 
+    fn validate_node(&self) -> Result<(), ConfigError> {
         if self.node_id.is_empty()
             || self.node_id.len() > 63
             || !self
@@ -463,16 +457,19 @@ impl Config {
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(invalid("data_dir", "must not be empty".to_string()));
+            return Err(invalid("data_dir", "must not be empty"));
         }
         range("bootstrap_expect", self.bootstrap_expect, 1, 99)?;
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(invalid(
                 "tls",
-                "set both tls.cert_file and tls.key_file to serve TLS, or neither for plain TCP"
-                    .to_string(),
+                "set both tls.cert_file and tls.key_file to serve TLS, or neither for plain TCP",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         range("limits.max_frame_bytes", l.max_frame_bytes, 1024, 64 << 20)?;
         range(
@@ -501,6 +498,10 @@ impl Config {
         range("limits.connections_max", l.connections_max, 1, 10_000_000)?;
         range("limits.hello_timeout_ms", l.hello_timeout_ms, 100, 600_000)?;
         range("limits.fanout_max", l.fanout_max, 1, 1_000_000)?;
+        Ok(())
+    }
+
+    fn validate_storage(&self) -> Result<(), ConfigError> {
         let s = &self.storage;
         range(
             "storage.batch_records_max",
@@ -529,6 +530,15 @@ impl Config {
             10,
             86_400_000,
         )?;
+        range(
+            "mailbox.tail_cache_max",
+            self.mailbox.tail_cache_max,
+            0,
+            1_000_000,
+        )
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         let set = [&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file]
             .iter()
@@ -537,46 +547,46 @@ impl Config {
         if set != 0 && set != 3 {
             return Err(invalid(
                 "cluster.tls_ca_file",
-                "set all of cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file for mutual TLS between nodes, or none of them".to_string(),
+                "set all of cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file for mutual TLS between nodes, or none of them",
             ));
         }
-        range(
-            "cluster.replication_factor",
-            self.cluster.replication_factor,
-            1,
-            7,
-        )?;
-        range(
-            "cluster.raft_heartbeat_ms",
-            self.cluster.raft_heartbeat_ms,
-            10,
-            10_000,
-        )?;
-        if self.cluster.raft_election_timeout_ms < 3 * self.cluster.raft_heartbeat_ms
-            || self.cluster.raft_election_timeout_ms > 60_000
+        range("cluster.replication_factor", c.replication_factor, 1, 7)?;
+        range("cluster.raft_heartbeat_ms", c.raft_heartbeat_ms, 10, 10_000)?;
+        if c.raft_election_timeout_ms < 3 * c.raft_heartbeat_ms
+            || c.raft_election_timeout_ms > 60_000
         {
             return Err(invalid(
                 "cluster.raft_election_timeout_ms",
                 format!(
                     "{} must be at least 3 x cluster.raft_heartbeat_ms ({}) and at most 60000, or followers start elections while the leader is healthy",
-                    self.cluster.raft_election_timeout_ms,
-                    3 * self.cluster.raft_heartbeat_ms
+                    c.raft_election_timeout_ms,
+                    3 * c.raft_heartbeat_ms
                 ),
             ));
         }
-        range(
-            "mailbox.tail_cache_max",
-            self.mailbox.tail_cache_max,
-            0,
-            1_000_000,
-        )?;
-        if self.log.level.trim().is_empty() {
-            return Err(invalid(
-                "log.level",
-                "must not be empty; try \"info\"".to_string(),
-            ));
-        }
         Ok(())
+    }
+}
+
+fn range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid {
+            field,
+            message: format!("{value} is outside the allowed range {min}..={max}"),
+        });
+    }
+    Ok(())
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
     }
 }
 

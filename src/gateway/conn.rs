@@ -96,6 +96,40 @@ impl Gateway {
         gauge.decrement(1.0);
     }
 
+    /// The client's `hello`: (token, device, protocol version). `None`: no hello came (the
+    /// error frame, if any is due, is queued).
+    async fn read_hello<S>(
+        &self,
+        frames: &mut S,
+        out: &mpsc::Sender<Frame>,
+    ) -> Option<(String, String, u32)>
+    where
+        S: Stream<Item = Result<Frame, CodecError>> + Unpin,
+    {
+        let wait = Duration::from_millis(self.limits.hello_timeout_ms);
+        match tokio::time::timeout(wait, frames.next()).await {
+            Ok(Some(Ok(Frame::Hello { token, device, v }))) => Some((token, device, v)),
+            Ok(Some(Ok(other))) => {
+                let msg = format!("the first frame must be hello, got {}", other.type_name());
+                send_error(out, ErrorCode::HelloRequired, msg, None).await;
+                None
+            }
+            Ok(Some(Err(CodecError::Decode(e)))) => {
+                send_decode_error(out, &e).await;
+                None
+            }
+            Ok(Some(Err(CodecError::Io(_)))) | Ok(None) => None,
+            Err(_) => {
+                let msg = format!(
+                    "no hello within {} ms; send hello first",
+                    self.limits.hello_timeout_ms
+                );
+                send_error(out, ErrorCode::HelloRequired, msg, None).await;
+                None
+            }
+        }
+    }
+
     /// Waits for `hello`, authenticates, starts the session. `None`: refused (the error
     /// frame is queued).
     async fn accept<S>(
@@ -107,28 +141,7 @@ impl Gateway {
     where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
-        let wait = Duration::from_millis(self.limits.hello_timeout_ms);
-        let (token, device, v) = match tokio::time::timeout(wait, frames.next()).await {
-            Ok(Some(Ok(Frame::Hello { token, device, v }))) => (token, device, v),
-            Ok(Some(Ok(other))) => {
-                let msg = format!("the first frame must be hello, got {}", other.type_name());
-                send_error(out, ErrorCode::HelloRequired, msg, None).await;
-                return None;
-            }
-            Ok(Some(Err(CodecError::Decode(e)))) => {
-                send_decode_error(out, &e).await;
-                return None;
-            }
-            Ok(Some(Err(CodecError::Io(_)))) | Ok(None) => return None,
-            Err(_) => {
-                let msg = format!(
-                    "no hello within {} ms; send hello first",
-                    self.limits.hello_timeout_ms
-                );
-                send_error(out, ErrorCode::HelloRequired, msg, None).await;
-                return None;
-            }
-        };
+        let (token, device, v) = self.read_hello(frames, out).await?;
         if v != PROTOCOL_VERSION {
             let msg = format!(
                 "protocol version {v} is not supported; this server speaks v={PROTOCOL_VERSION}"
@@ -248,53 +261,7 @@ impl Gateway {
                     let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
                     match self.check_publish(claims, &id, &to, &body) {
                         Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
-                        Ok(()) => {
-                            let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
-                            // An earlier publish to this user still on its way to the mailbox goes first.
-                            let before = handed
-                                .remove(&to)
-                                .and_then(|mut rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx));
-                            // The hand-over yields the wait for the seq, awaited on its own task below.
-                            #[allow(clippy::async_yields_async)]
-                            let mut submit = {
-                                let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
-                                Box::pin(async move {
-                                    if let Some(before) = before {
-                                        let _ = before.await;
-                                    }
-                                    mailboxes.publish_submit(to, id, body, Some(from)).await
-                                })
-                            };
-                            // Usually the mailbox runs here and is known: the hand-over is done now.
-                            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                            let handover = match submit.as_mut().poll(&mut cx) {
-                                std::task::Poll::Ready(pending) => Err(pending),
-                                std::task::Poll::Pending => {
-                                    let (handed_over, handed_rx) = oneshot::channel::<()>();
-                                    handed.insert(to.clone(), handed_rx);
-                                    if handed.len() > HANDED_PRUNE_AT {
-                                        handed.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-                                    }
-                                    Ok((submit, handed_over))
-                                }
-                            };
-                            tokio::spawn(async move {
-                                let pending = match handover {
-                                    Err(pending) => pending,
-                                    Ok((submit, handed_over)) => {
-                                        let pending = submit.await;
-                                        drop(handed_over);
-                                        pending
-                                    }
-                                };
-                                let reply = match pending.await {
-                                    Ok(seq) => Frame::Published { id, to, seq },
-                                    Err(e) => mailbox_error_frame(&e, id),
-                                };
-                                let _ = out.send(reply).await;
-                                drop(permit);
-                            });
-                        }
+                        Ok(()) => self.publish(claims, id, to, body, out, &mut handed, permit),
                     }
                 }
                 Some(Ok(Frame::Hello { .. })) => {
@@ -306,6 +273,69 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Hands a checked publish to its user's mailbox, after any earlier publish to the same
+    /// user on this connection (`handed`), and answers `published` (or an error) once it is
+    /// durable; `permit` holds one of the connection's publish slots until then.
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        claims: &Claims,
+        id: String,
+        to: String,
+        body: ByteBuf,
+        out: &mpsc::Sender<Frame>,
+        handed: &mut HashMap<String, oneshot::Receiver<()>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
+        // An earlier publish to this user still on its way to the mailbox goes first.
+        let before = handed.remove(&to).and_then(|mut rx| {
+            matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx)
+        });
+        // The hand-over yields the wait for the seq, awaited on its own task below.
+        #[allow(clippy::async_yields_async)]
+        let mut submit = {
+            let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
+            Box::pin(async move {
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                mailboxes.publish_submit(to, id, body, Some(from)).await
+            })
+        };
+        // Usually the mailbox runs here and is known: the hand-over is done now.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let handover = match submit.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(pending) => Err(pending),
+            std::task::Poll::Pending => {
+                let (handed_over, handed_rx) = oneshot::channel::<()>();
+                handed.insert(to.clone(), handed_rx);
+                if handed.len() > HANDED_PRUNE_AT {
+                    handed.retain(|_, rx| {
+                        matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                    });
+                }
+                Ok((submit, handed_over))
+            }
+        };
+        tokio::spawn(async move {
+            let pending = match handover {
+                Err(pending) => pending,
+                Ok((submit, handed_over)) => {
+                    let pending = submit.await;
+                    drop(handed_over);
+                    pending
+                }
+            };
+            let reply = match pending.await {
+                Ok(seq) => Frame::Published { id, to, seq },
+                Err(e) => mailbox_error_frame(&e, id),
+            };
+            let _ = out.send(reply).await;
+            drop(permit);
+        });
     }
 
     fn check_publish(
