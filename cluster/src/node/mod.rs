@@ -313,10 +313,19 @@ impl ClusterNode {
             .cloned()
     }
 
-    /// This node's replica of `partition` and its view, when it has been added to the group.
+    /// Who leads `partition` as this node's replica knows it, when the replica has been
+    /// added to its group. Only the leadership fields are filled: this is on the path of
+    /// every routed request, so it reads the metrics without collecting the membership.
     fn replica(&self, partition: PartitionId) -> Option<GroupView> {
         let raft = self.local_raft(partition)?;
-        Some(group_view(&raft, self.my_id)).filter(GroupView::added)
+        let m = raft.metrics();
+        let m = m.borrow();
+        let added = m.membership_config.membership().nodes().next().is_some();
+        added.then(|| GroupView {
+            leader: m.current_leader,
+            leading: m.state == ServerState::Leader && m.current_leader == Some(self.my_id),
+            ..GroupView::default()
+        })
     }
 
     fn name_of(&self, id: u64) -> Option<String> {

@@ -134,12 +134,13 @@ impl ClusterNode {
     /// Members, their state, partitions with replicas and leaders.
     pub fn status(&self) -> ClusterStatus {
         let list = self.members.read().unwrap().clone();
+        let views = self.views();
         let partitions = if self.formed.get().is_none() {
             Vec::new()
         } else {
-            self.partition_status()
+            self.partition_status(&views)
         };
-        let held = self.views().values().filter(|g| g.added()).count();
+        let held = views.values().filter(|g| g.added()).count();
         ClusterStatus {
             node: self.me.clone(),
             members: self.member_status(list.as_ref()),
@@ -212,9 +213,8 @@ impl ClusterNode {
             .collect()
     }
 
-    fn partition_status(&self) -> Vec<PartitionStatus> {
+    fn partition_status(&self, views: &BTreeMap<PartitionId, GroupView>) -> Vec<PartitionStatus> {
         let placed = self.placement.read().unwrap().replicas.clone();
-        let views = self.views();
         (0..self.partitions)
             .map(|p| {
                 let placement = placed[p as usize].clone();
