@@ -255,20 +255,12 @@ async fn another_protocol_version_is_refused_with_a_reason() {
     let mut s = tokio::net::TcpStream::connect(server.local_addr())
         .await
         .unwrap();
-    let hello = rmp_serde::to_vec_named(&PeerFrame::Hello {
+    let hello = PeerFrame::Hello {
         v: PEER_PROTOCOL_VERSION + 1,
         from: "future".into(),
-    })
-    .unwrap();
-    s.write_all(&(hello.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
-    s.write_all(&hello).await.unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await.unwrap();
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).await.unwrap();
-    match rmp_serde::from_slice::<PeerFrame>(&buf).unwrap() {
+    };
+    write_raw(&mut s, &hello).await;
+    match read_raw::<PeerFrame>(&mut s).await {
         PeerFrame::Error { message } => assert!(message.contains("version 2"), "{message}"),
         other => panic!("expected error, got {other:?}"),
     }
