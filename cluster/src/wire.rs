@@ -126,18 +126,6 @@ pub struct Resume {
     pub sent: u64,
 }
 
-impl From<(u64, u64)> for Resume {
-    fn from((acked, sent): (u64, u64)) -> Resume {
-        Resume { acked, sent }
-    }
-}
-
-impl From<Resume> for (u64, u64) {
-    fn from(r: Resume) -> (u64, u64) {
-        (r.acked, r.sent)
-    }
-}
-
 /// [`PeerKind::Subscribe`]: `key` names the subscription on the session's node; deliveries
 /// go to `reply_to`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,18 +145,6 @@ pub struct Subscribed {
     pub last_seq: u64,
 }
 
-impl From<(u64, u64)> for Subscribed {
-    fn from((acked, last_seq): (u64, u64)) -> Subscribed {
-        Subscribed { acked, last_seq }
-    }
-}
-
-impl From<Subscribed> for (u64, u64) {
-    fn from(s: Subscribed) -> (u64, u64) {
-        (s.acked, s.last_seq)
-    }
-}
-
 /// [`PeerKind::Ack`] (`seq`), [`PeerKind::Unsubscribe`] and [`PeerKind::Closed`]
 /// (`replaced`: another connection of the same device took over).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,18 +162,6 @@ pub struct Delivery {
     pub message: StoredMessage,
 }
 
-impl From<(u64, StoredMessage)> for Delivery {
-    fn from((seq, message): (u64, StoredMessage)) -> Delivery {
-        Delivery { seq, message }
-    }
-}
-
-impl From<Delivery> for (u64, StoredMessage) {
-    fn from(d: Delivery) -> (u64, StoredMessage) {
-        (d.seq, d.message)
-    }
-}
-
 /// [`PeerKind::Deliver`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliverReq {
@@ -213,22 +177,6 @@ pub struct DeviceCursor {
     pub device: String,
     pub acked: u64,
     pub online: bool,
-}
-
-impl From<(String, u64, bool)> for DeviceCursor {
-    fn from((device, acked, online): (String, u64, bool)) -> DeviceCursor {
-        DeviceCursor {
-            device,
-            acked,
-            online,
-        }
-    }
-}
-
-impl From<DeviceCursor> for (String, u64, bool) {
-    fn from(d: DeviceCursor) -> (String, u64, bool) {
-        (d.device, d.acked, d.online)
-    }
 }
 
 /// [`PeerKind::MemberOf`]: a node's name (on the wire: the bare string).
@@ -277,17 +225,45 @@ pub struct Applied {
     pub applied: u64,
 }
 
-impl From<(PartitionId, u64)> for Applied {
-    fn from((partition, applied): (PartitionId, u64)) -> Applied {
-        Applied { partition, applied }
-    }
+/// `From` both ways between a struct and the tuple of its fields, in order: with
+/// `#[serde(from, into)]` the struct travels as that tuple, as the previous release sent it.
+macro_rules! tuple_on_wire {
+    ($t:ident { $($f:ident: $ty:ty),+ }) => {
+        impl From<($($ty,)+)> for $t {
+            fn from(($($f,)+): ($($ty,)+)) -> $t {
+                $t { $($f),+ }
+            }
+        }
+
+        impl From<$t> for ($($ty,)+) {
+            fn from(v: $t) -> ($($ty,)+) {
+                ($(v.$f,)+)
+            }
+        }
+    };
 }
 
-impl From<Applied> for (PartitionId, u64) {
-    fn from(a: Applied) -> (PartitionId, u64) {
-        (a.partition, a.applied)
-    }
-}
+tuple_on_wire!(Resume {
+    acked: u64,
+    sent: u64
+});
+tuple_on_wire!(Subscribed {
+    acked: u64,
+    last_seq: u64
+});
+tuple_on_wire!(Delivery {
+    seq: u64,
+    message: StoredMessage
+});
+tuple_on_wire!(DeviceCursor {
+    device: String,
+    acked: u64,
+    online: bool
+});
+tuple_on_wire!(Applied {
+    partition: PartitionId,
+    applied: u64
+});
 
 pub use crate::control::{MemberList, Moved, Reconfigure};
 
