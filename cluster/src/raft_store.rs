@@ -2,16 +2,17 @@
 //! the node's RocksDB.
 //!
 //! - The **log** keeps entries under `raft_log` (partition, index) and the vote, the
-//!   committed id and the purge point under `raft_meta`. Appends and votes are fsynced
-//!   before openraft is told they are durable.
+//!   committed id and the purge point under `raft_meta`. Appends and votes are written
+//!   without a sync and reported durable after the node's syncer's next fsync, which covers
+//!   every partition's writes at once (`warbler_storage::sync`).
 //! - The **state machine** applies each entry's [`Batch`] of ops (appends, cursor moves,
 //!   with their dedup records) to the partition's mailboxes, together with the last applied
 //!   log id and membership, in one atomic write. Applying is not fsynced: after a crash the
 //!   log replays from the last applied id that did reach the disk.
 //! - A **snapshot** is the partition's whole replicated state (its rows in the message,
 //!   cursor, dedup and head column families) plus the applied id and membership.
-//!
-//! Not wired into the node yet: the replicated `PartitionLog` builds on it.
+//! - Nothing is purged from the log before a sync: the purge point is applied, and the
+//!   sync makes that apply durable, so a restart never needs an entry that is gone.
 
 // openraft's storage traits return `StorageError` by value (224 bytes); the helpers here
 // return what those traits return, so boxing would only add a conversion at every call.
@@ -102,10 +103,16 @@ impl LogStore {
         }
     }
 
+    /// Writes `key` without a sync: callers that need it durable wait for the syncer.
     fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), Error> {
         self.store
-            .raft_meta_put(self.partition, key, &encode(v), true)
+            .raft_meta_put(self.partition, key, &encode(v), false)
             .map_err(io_err)
+    }
+
+    /// Waits for the node's next sync, which covers every write made before this call.
+    async fn synced(&self) -> Result<(), Error> {
+        self.store.synced().await.map_err(io_err)
     }
 }
 
@@ -152,7 +159,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
-        self.put_meta(META_VOTE, vote)
+        // A vote is a promise: it is on disk before it is answered.
+        self.put_meta(META_VOTE, vote)?;
+        self.synced().await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, Error> {
@@ -178,29 +187,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index, encode(&e)))
             .collect();
-        // On the blocking pool: the fsync takes milliseconds, and appends of many
-        // partitions running at once share one fsync (RocksDB's write group).
-        let (store, partition) = (self.store.clone(), self.partition);
-        let r = tokio::task::spawn_blocking(move || store.raft_log_put(partition, &rows, true))
-            .await
-            .unwrap_or_else(|e| Err(warbler_storage::StorageError::Rocks(e.to_string())));
-        callback.log_io_completed(
-            r.as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
-        r.map_err(io_err)
+        // Written now, readable at once, durable after the node's next sync: one fsync
+        // completes the appends of every group waiting on it.
+        self.store
+            .raft_log_put(self.partition, &rows, false)
+            .map_err(io_err)?;
+        self.store.after_sync(Box::new(move |r| {
+            callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())));
+        }));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        // No sync: the append that follows a truncation waits for one, and the log replays
+        // in write order, so the truncation is durable before anything appended after it.
         self.store
-            .raft_log_delete(self.partition, log_id.index, u64::MAX, true)
+            .raft_log_delete(self.partition, log_id.index, u64::MAX, false)
             .map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
         // The purge point first: a crash between the two leaves extra entries, never a hole.
         self.put_meta(META_PURGED, &log_id)?;
+        // Entries up to the purge point are applied; the sync makes those applies (written
+        // without one) durable before the entries that could replay them are gone.
+        self.synced().await?;
         self.store
             .raft_log_delete(self.partition, 0, log_id.index + 1, false)
             .map_err(io_err)

@@ -9,6 +9,8 @@
 //!   `WriteBatch` and one fsync, and completes each request after its batch is durable.
 //! - [`log`]: [`PartitionLog`], the seam replication plugs into. On one node,
 //!   [`LocalLog`] commits entries straight through the committer.
+//! - [`sync`]: the syncer: one thread per node that makes the consensus log's unsynced
+//!   writes durable with one fsync and then completes every writer waiting for it.
 //! - [`error`]: the [`StorageError`] type.
 
 pub mod commit;
@@ -16,11 +18,13 @@ pub mod error;
 pub mod keys;
 pub mod log;
 pub mod store;
+pub mod sync;
 
 pub use crate::commit::{Committer, CommitterLimits, Done};
 pub use crate::error::StorageError;
 pub use crate::log::{LocalLog, PartitionLog};
 pub use crate::store::{Op, PartitionRows, RetentionPolicy, Store, StoredMessage, TrimReport};
+pub use crate::sync::Synced;
 
 /// A partition number, `0..partitions`.
 pub type PartitionId = u16;

@@ -36,6 +36,13 @@ pub trait PartitionLog: Send + Sync + 'static {
     /// another node may have written the partition.
     fn leader_term(&self, partition: PartitionId) -> Option<u64>;
 
+    /// Whether `partition` takes a new publish now. `false` while its backlog of proposed
+    /// but not yet durable entries is at its bound: the writer refuses the publish at once
+    /// (`overloaded`) rather than queue it for seconds.
+    fn admits(&self, _partition: PartitionId) -> bool {
+        true
+    }
+
     fn writable(&self, partition: PartitionId) -> bool {
         self.leader_term(partition).is_some()
     }

@@ -12,6 +12,7 @@ use serde_bytes::ByteBuf;
 
 use crate::error::StorageError;
 use crate::keys::{self, msg_key, prefix_end, suffixed_key, u64_be, user_prefix};
+use crate::sync::{Synced, Syncer};
 use crate::PartitionId;
 
 const CF_MSGS: &str = "msgs";
@@ -97,6 +98,8 @@ pub struct TrimReport {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    /// The node's one durability point for replicated writes (see [`crate::sync`]).
+    syncer: Arc<Syncer>,
 }
 
 impl Store {
@@ -126,7 +129,9 @@ impl Store {
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(e.into_string()))?;
-        Ok(Store { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let syncer = Syncer::start(Arc::downgrade(&db));
+        Ok(Store { db, syncer })
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -182,6 +187,21 @@ impl Store {
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
         Ok(())
+    }
+
+    /// Runs `done` once every write made before this call is durable: one fsync, shared by
+    /// every writer waiting at the time (the node's syncer).
+    pub fn after_sync(&self, done: Synced) {
+        self.syncer.after_sync(done);
+    }
+
+    /// Waits until every write made before this call is durable (see [`Store::after_sync`]).
+    pub async fn synced(&self) -> Result<(), StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_sync(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await.unwrap_or(Err(StorageError::Closed))
     }
 
     /// Applies ops at once (tests and tools; the hot path goes through the committer).
