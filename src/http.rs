@@ -1,5 +1,6 @@
 //! The HTTP API (JSON), the WebSocket device endpoint and the operational endpoints.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -79,7 +80,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody::new(self.code, self.message))).into_response()
+        let body = Json(ErrorBody::new(self.code, self.message));
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // Whole seconds only: the shortest wait the header can say.
+            let retry_after_secs = warbler_actors::OVERLOAD_RETRY_MS.div_ceil(1000).to_string();
+            return (self.status, [("retry-after", retry_after_secs)], body).into_response();
+        }
+        (self.status, body).into_response()
     }
 }
 
@@ -96,11 +103,15 @@ impl From<AuthError> for ApiError {
 impl From<MailboxError> for ApiError {
     fn from(e: MailboxError) -> Self {
         metrics::counter!("warbler_publish_errors_total").increment(1);
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )
+        let (status, code) = mailbox_error_status(&e);
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn mailbox_error_status(e: &MailboxError) -> (StatusCode, &'static str) {
+    match e {
+        MailboxError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     }
 }
 
@@ -371,19 +382,7 @@ async fn fanout(
         check_id("each user in \"to\"", u).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let body = message_body(&state, req.body, req.body_b64)?;
-    let results: Vec<Value> = futures::stream::iter(req.to)
-        .map(|user| {
-            let (mb, id, body, from) = (state.gw.mailboxes.clone(), req.id.clone(), body.clone(), req.from.clone());
-            async move {
-                match mb.publish(&user, &id, body, from).await {
-                    Ok(seq) => json!({"user": user, "seq": seq}),
-                    Err(e) => json!({"user": user, "error": {"code": "unavailable", "message": e.to_string()}}),
-                }
-            }
-        })
-        .buffered(FANOUT_CONCURRENCY)
-        .collect()
-        .await;
+    let results = fanout_publish(&state, req.to, &req.id, body, req.from).await;
     let all_failed = results.iter().all(|r| r.get("error").is_some());
     let status = if all_failed {
         StatusCode::SERVICE_UNAVAILABLE
@@ -391,6 +390,71 @@ async fn fanout(
         StatusCode::OK
     };
     Ok((status, Json(json!({"id": req.id, "results": results}))).into_response())
+}
+
+/// The positions in `to` of one partition's users, and their answers.
+type ShareAnswer = (Vec<usize>, Vec<Result<u64, MailboxError>>);
+
+/// One message to many users: each partition's share goes to its leader as one request
+/// (their appends share log entries there), partitions in parallel. A user refused with a
+/// transient error (a leader moved mid-way) is published again on its own, with retries.
+/// Results come back in the order of `to`.
+async fn fanout_publish(
+    state: &AppState,
+    to: Vec<String>,
+    id: &str,
+    body: ByteBuf,
+    from: Option<String>,
+) -> Vec<Value> {
+    let mb = &state.gw.mailboxes;
+    let mut shares: BTreeMap<u16, (Vec<usize>, Vec<String>)> = BTreeMap::new();
+    for (i, user) in to.iter().enumerate() {
+        let share = shares.entry(mb.partition_of(user)).or_default();
+        share.0.push(i);
+        share.1.push(user.clone());
+    }
+    let mut results: Vec<Option<Result<u64, MailboxError>>> = vec![None; to.len()];
+    let answers: Vec<ShareAnswer> = futures::stream::iter(shares)
+        .map(|(partition, (indexes, users))| {
+            let (body, from) = (body.clone(), from.clone());
+            async move {
+                let each = mb.publish_many(partition, users, id, body, from).await;
+                (indexes, each)
+            }
+        })
+        .buffer_unordered(FANOUT_CONCURRENCY)
+        .collect()
+        .await;
+    for (indexes, each) in answers {
+        for (i, r) in indexes.into_iter().zip(each) {
+            results[i] = Some(r);
+        }
+    }
+    let again = futures::stream::iter(results.into_iter().zip(to.clone()))
+        .map(|(r, user)| {
+            let (body, from) = (body.clone(), from.clone());
+            async move {
+                match r {
+                    Some(Err(e)) if e.is_transient() => mb.publish(&user, id, body, from).await,
+                    Some(r) => r,
+                    None => Err(MailboxError::Unavailable("no answer for this user".into())),
+                }
+            }
+        })
+        .buffered(FANOUT_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    again
+        .into_iter()
+        .zip(to)
+        .map(|(r, user)| match r {
+            Ok(seq) => json!({"user": user, "seq": seq}),
+            Err(e) => {
+                let (_, code) = mailbox_error_status(&e);
+                json!({"user": user, "error": {"code": code, "message": e.to_string()}})
+            }
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]

@@ -21,7 +21,18 @@ pub enum MailboxError {
     /// a router that guessed sends the request there next.
     #[error("the user's partition is led by node {0}; retry there with the same id")]
     Redirect(String),
+    /// The partition's leader has as much in flight as it may queue: sent back at once.
+    #[error("the user's partition is overloaded ({0}); retry after {OVERLOAD_RETRY_MS} ms with the same id")]
+    Overloaded(String),
+    /// The publish before this one to the same user on the same connection (`0`, its id)
+    /// was not taken, so this one is not either: publishes keep their order.
+    #[error("the publish before this one to the same user (id {0}) was not taken; resend from that one, in order")]
+    OutOfOrder(String),
 }
+
+/// How long a publisher refused as overloaded is told to wait (HTTP `Retry-After` rounds it
+/// up to a second).
+pub const OVERLOAD_RETRY_MS: u64 = 50;
 
 impl MailboxError {
     /// Worth retrying elsewhere or a moment later: the partition's leader moved or is being

@@ -29,7 +29,7 @@ pub mod routing;
 pub mod session;
 pub mod stand_in;
 
-pub use crate::error::MailboxError;
+pub use crate::error::{MailboxError, OVERLOAD_RETRY_MS};
 pub use crate::mailbox::MailboxLimits;
 pub use crate::msg::{DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
 pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};

@@ -22,6 +22,14 @@ pub struct MailboxLimits {
     pub idle_timeout: Duration,
 }
 
+/// A publish as the mailbox takes it (see [`MailboxMsg::Publish`]).
+struct Publish {
+    id: String,
+    body: ByteBuf,
+    from: Option<String>,
+    after: Option<String>,
+}
+
 pub struct MailboxArgs {
     pub user: String,
     pub partition: PartitionId,
@@ -140,10 +148,17 @@ impl Actor for UserMailbox {
                 id,
                 body,
                 from,
+                after,
                 reply,
             } => {
                 state.last_active = Instant::now();
-                state.publish(&myself, id, body, from, reply).await?;
+                let publish = Publish {
+                    id,
+                    body,
+                    from,
+                    after,
+                };
+                state.publish(&myself, publish, reply).await?;
             }
             MailboxMsg::Committed { seq, result } => state.on_committed(&myself, seq, result)?,
             MailboxMsg::Subscribe {
@@ -209,14 +224,44 @@ impl MailboxState {
         self.idle_timer = true;
     }
 
+    /// Whether a new publish may be taken: the one it follows (if any) was taken, and the
+    /// partition's log is not at its backlog bound. Asked after the dedup check: a retry of
+    /// a publish already taken gets its seq whatever this would say.
+    fn admit(&self, after: Option<&str>) -> Result<(), MailboxError> {
+        if let Some(prev) = after {
+            let taken = self.pending_ids.contains_key(prev)
+                || self
+                    .store
+                    .dedup(self.partition, &self.user, prev)
+                    .map_err(|e| MailboxError::Unavailable(e.to_string()))?
+                    .is_some();
+            if !taken {
+                metrics::counter!("warbler_publish_out_of_order_total").increment(1);
+                return Err(MailboxError::OutOfOrder(prev.to_string()));
+            }
+        }
+        if !self.log.admits(self.partition) {
+            metrics::counter!("warbler_publish_overloaded_total").increment(1);
+            return Err(MailboxError::Overloaded(format!(
+                "partition {} has its most writes in flight",
+                self.partition
+            )));
+        }
+        Ok(())
+    }
+
     async fn publish(
         &mut self,
         myself: &ActorRef<MailboxMsg>,
-        id: String,
-        body: ByteBuf,
-        from: Option<String>,
+        publish: Publish,
         reply: RpcReplyPort<Result<u64, MailboxError>>,
     ) -> Result<(), ActorProcessingErr> {
+        let Publish {
+            id,
+            body,
+            from,
+            after,
+        } = publish;
         if let Some(seq) = self.pending_ids.get(&id) {
             self.pending
                 .get_mut(seq)
@@ -228,6 +273,10 @@ impl MailboxState {
         if let Some(seq) = self.store.dedup(self.partition, &self.user, &id)? {
             metrics::counter!("warbler_publish_duplicates_total").increment(1);
             let _ = reply.send(Ok(seq));
+            return Ok(());
+        }
+        if let Err(e) = self.admit(after.as_deref()) {
+            let _ = reply.send(Err(e));
             return Ok(());
         }
         if self.log.leader_term(self.partition) != Some(self.term) {

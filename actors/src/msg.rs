@@ -40,6 +40,9 @@ pub enum MailboxMsg {
         id: String,
         body: ByteBuf,
         from: Option<String>,
+        /// The id of the publish before this one to the same user on the same connection,
+        /// while that one was not answered yet: this one is taken only after it.
+        after: Option<String>,
         reply: RpcReplyPort<Result<u64, MailboxError>>,
     },
     /// The partition log finished entry `seq` (sent by the commit callback, in order).

@@ -16,7 +16,7 @@ use crate::error::MailboxError;
 use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox};
 use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, SessionMsg, SubscribeInfo};
 use crate::routing::Routing;
-use warbler_cluster::wire::{DeviceCursor, PeerKind, PublishReq, UserReq};
+use warbler_cluster::wire::{DeviceCursor, PeerKind, PublishManyReq, PublishReq, UserReq};
 use warbler_cluster::Leader;
 
 /// How often a request is retried when the mailbox it reached stopped under it (idle stop
@@ -300,20 +300,101 @@ impl Mailboxes {
         body: ByteBuf,
         from: Option<String>,
     ) -> Result<u64, MailboxError> {
+        self.publish_after(user, id, body, from, None).await
+    }
+
+    /// [`Mailboxes::publish`] of a publish that follows `after` (the previous publish to
+    /// the same user on the same connection, still unanswered): it is taken only after that
+    /// one, or refused with [`MailboxError::OutOfOrder`].
+    pub async fn publish_after(
+        &self,
+        user: &str,
+        id: &str,
+        body: ByteBuf,
+        from: Option<String>,
+        after: Option<String>,
+    ) -> Result<u64, MailboxError> {
         let Some(route) = &self.route else {
-            return self.publish_local(user, id, body, from).await;
+            return self.publish_local(user, id, body, from, after).await;
         };
         let req = PublishReq {
             user: user.to_string(),
             id: id.to_string(),
             body: body.clone(),
             from: from.clone(),
+            after: after.clone(),
         };
         route
             .on_leader(self.partition_of(user), PeerKind::Publish, &req, || {
-                self.publish_local(user, id, body.clone(), from.clone())
+                self.publish_local(user, id, body.clone(), from.clone(), after.clone())
             })
             .await
+    }
+
+    /// Publishes one message to many users of `partition` (a fan-out's share): one request
+    /// to the partition's leader for all of them, so their appends share log entries.
+    /// Answered per user, in the order given; a user refused with a transient error is
+    /// worth publishing again on its own ([`Mailboxes::publish`]).
+    pub async fn publish_many(
+        &self,
+        partition: PartitionId,
+        users: Vec<String>,
+        id: &str,
+        body: ByteBuf,
+        from: Option<String>,
+    ) -> Vec<Result<u64, MailboxError>> {
+        let answer = match &self.route {
+            None => {
+                self.publish_many_local(partition, &users, id, body, from)
+                    .await
+            }
+            Some(route) => {
+                let req = PublishManyReq {
+                    users: users.clone(),
+                    id: id.to_string(),
+                    body: body.clone(),
+                    from: from.clone(),
+                };
+                route
+                    .on_leader(partition, PeerKind::PublishMany, &req, || {
+                        self.publish_many_local(partition, &users, id, body.clone(), from.clone())
+                    })
+                    .await
+            }
+        };
+        match answer {
+            Ok(each) => each,
+            Err(e) => users.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// [`Mailboxes::publish_many`] on this node, its leader: all users' publishes are handed
+    /// to their mailboxes at once. Refused as a whole when this node does not lead the
+    /// partition (the sender finds the leader and asks again).
+    pub async fn publish_many_local(
+        &self,
+        partition: PartitionId,
+        users: &[String],
+        id: &str,
+        body: ByteBuf,
+        from: Option<String>,
+    ) -> Result<Vec<Result<u64, MailboxError>>, MailboxError> {
+        if let Some(route) = &self.route {
+            if !matches!(route.router.leader(partition), Leader::Local) {
+                return Err(MailboxError::NoLeader(format!(
+                    "this node does not lead partition {partition}"
+                )));
+            }
+        }
+        if let Some(user) = users.iter().find(|u| self.partition_of(u) != partition) {
+            return Err(MailboxError::Unavailable(format!(
+                "user {user} is not in partition {partition}; send each partition's users apart"
+            )));
+        }
+        let each = users
+            .iter()
+            .map(|u| self.publish_local(u, id, body.clone(), from.clone(), None));
+        Ok(futures::future::join_all(each).await)
     }
 
     /// Hands one publish over and returns the wait for its seq. A caller that awaits this
@@ -328,6 +409,7 @@ impl Mailboxes {
         id: String,
         body: ByteBuf,
         from: Option<String>,
+        after: Option<String>,
     ) -> PendingPublish {
         let here = match &self.route {
             None => true,
@@ -340,6 +422,7 @@ impl Mailboxes {
                     id: id.clone(),
                     body: body.clone(),
                     from: from.clone(),
+                    after: after.clone(),
                     reply: tx.into(),
                 };
                 if mailbox.cast(msg).is_ok() {
@@ -348,7 +431,7 @@ impl Mailboxes {
                         match tokio::time::timeout(MAILBOX_CALL_TIMEOUT, rx).await {
                             Ok(Ok(r)) => r,
                             // The mailbox stopped with it queued: again, under the same id.
-                            Ok(Err(_)) => this.publish(&user, &id, body, from).await,
+                            Ok(Err(_)) => this.publish_after(&user, &id, body, from, after).await,
                             Err(_) => Err(MailboxError::Unavailable(
                                 "the mailbox did not answer in 30 s".into(),
                             )),
@@ -359,7 +442,7 @@ impl Mailboxes {
         }
         let this = self.clone();
         let mut pending: PendingPublish =
-            Box::pin(async move { this.publish(&user, &id, body, from).await });
+            Box::pin(async move { this.publish_after(&user, &id, body, from, after).await });
         // Run it up to its first wait now: that queues the request to the leader.
         if let std::task::Poll::Ready(r) = pending
             .as_mut()
@@ -377,11 +460,13 @@ impl Mailboxes {
         id: &str,
         body: ByteBuf,
         from: Option<String>,
+        after: Option<String>,
     ) -> Result<u64, MailboxError> {
         self.call(user, |reply| MailboxMsg::Publish {
             id: id.to_string(),
             body: body.clone(),
             from: from.clone(),
+            after: after.clone(),
             reply,
         })
         .await?

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::wire::{
-    DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishReq, SubscribeReq, UserReq,
+    DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq, PublishReq, SubscribeReq, UserReq,
 };
 use warbler_cluster::{Leader, PeerHandler, RpcCode, RpcError};
 use warbler_storage::PartitionId;
@@ -58,7 +58,10 @@ impl PeerHandler for RouteService {
         let (mailboxes, routing) = (self.mailboxes.clone(), self.routing.clone());
         Box::pin(async move {
             match kind {
-                PeerKind::Publish | PeerKind::Devices | PeerKind::Subscribe => {
+                PeerKind::Publish
+                | PeerKind::PublishMany
+                | PeerKind::Devices
+                | PeerKind::Subscribe => {
                     as_leader(mailboxes, routing, from, partition, kind, &body).await
                 }
                 PeerKind::Ack | PeerKind::Unsubscribe => {
@@ -88,7 +91,14 @@ async fn as_leader(
         PeerKind::Publish => {
             let r: PublishReq = decode(body)?;
             let answer = mailboxes
-                .publish_local(&r.user, &r.id, r.body, r.from)
+                .publish_local(&r.user, &r.id, r.body, r.from, r.after)
+                .await;
+            reply(&redirect(&routing, partition, answer))
+        }
+        PeerKind::PublishMany => {
+            let r: PublishManyReq = decode(body)?;
+            let answer = mailboxes
+                .publish_many_local(partition, &r.users, &r.id, r.body, r.from)
                 .await;
             reply(&redirect(&routing, partition, answer))
         }

@@ -57,7 +57,7 @@ async fn replica(id: u64, partition: u16) -> Replica {
     )
     .await
     .unwrap();
-    let log = Arc::new(RaftLog::default());
+    let log = Arc::new(RaftLog::new(64 << 20));
     log.insert(partition, raft.clone());
     Replica {
         _dir: dir,

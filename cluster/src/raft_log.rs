@@ -5,11 +5,12 @@
 //! Ordering, as the trait promises: `propose` queues the entry on the partition's proposer
 //! before it returns, so entries proposed one after another enter the log in that order.
 //! The proposer hands Raft whatever has queued up as one log entry (up to
-//! [`BATCH_OPS_MAX`] ops): under load many publishes and acks share one entry, one append and
+//! [`BATCH_OPS_MAX`] ops and [`BATCH_BYTES_MAX`] bytes): under load many publishes and acks share one entry, one append and
 //! one fsync per replica. One completion task per partition awaits the answers first in,
 //! first out, so `done` callbacks run in log order.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -22,11 +23,28 @@ use crate::raft_store::{Batch, TypeConfig};
 
 /// Most ops merged into one log entry.
 pub const BATCH_OPS_MAX: usize = 512;
+/// Most bytes of ops merged into one log entry. One proposal larger than this still goes,
+/// alone. With [`max_payload_entries`] it keeps an AppendEntries well inside the peer frame
+/// limit; small enough that a leader's append does not hold up the next one for long.
+pub const BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// How many entries one AppendEntries may carry so that it fits the peer frame limit with
+/// room to spare, when one proposal holds at most `body_bytes_max` of body: the frame
+/// carries entries of up to `max(BATCH_BYTES_MAX, one proposal)` each.
+pub fn max_payload_entries(body_bytes_max: usize) -> u64 {
+    /// A proposal's bytes beyond its body (ids, user, encoding).
+    const PROPOSAL_OVERHEAD_BYTES: usize = 16 * 1024;
+    let entry_max = BATCH_BYTES_MAX.max(body_bytes_max + PROPOSAL_OVERHEAD_BYTES);
+    let fits = (crate::transport::PEER_FRAME_BYTES_MAX / 2) / entry_max;
+    // openraft's default (300) is the most worth sending at once.
+    fits.clamp(1, 300) as u64
+}
 
 type Answer = openraft::raft::responder::OneshotResponder<TypeConfig>;
 type Receiver = <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver;
-/// One entry handed to Raft (or refused before it got there), with its proposers' callbacks.
-type Pending = (Result<Receiver, StorageError>, Vec<Option<Done>>);
+/// One entry handed to Raft (or refused before it got there), with its proposers' callbacks
+/// and its bytes.
+type Pending = (Result<Receiver, StorageError>, Vec<Option<Done>>, usize);
 
 /// How long a writer waits for its leader's log to be applied before it gives up.
 const BARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -36,19 +54,33 @@ struct Group {
     /// Proposals waiting to become an entry. Unbounded on purpose: bounded by the
     /// mailboxes' own limits upstream.
     proposals: mpsc::UnboundedSender<(Vec<Op>, Option<Done>)>,
+    /// A proposal arrived since the quiescence driver last looked (it woke the group).
+    poked: AtomicBool,
+    /// Bytes of ops proposed and not yet durable (or failed).
+    backlog_bytes: Arc<AtomicUsize>,
 }
 
 /// The Raft groups of the partitions this node replicates.
-#[derive(Default)]
 pub struct RaftLog {
     groups: RwLock<HashMap<PartitionId, Arc<Group>>>,
+    /// Bytes of ops a partition may have proposed and not yet durable before it refuses new
+    /// publishes (`cluster.backlog_bytes_max`).
+    backlog_bytes_max: usize,
 }
 
 impl RaftLog {
+    pub fn new(backlog_bytes_max: usize) -> RaftLog {
+        RaftLog {
+            groups: RwLock::default(),
+            backlog_bytes_max,
+        }
+    }
+
     /// Routes `partition`'s entries to `raft`.
     pub fn insert(&self, partition: PartitionId, raft: Raft<TypeConfig>) {
         let (completions, rx) = mpsc::unbounded_channel();
-        tokio::spawn(complete_in_order(partition, rx));
+        let backlog_bytes = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(complete_in_order(partition, rx, backlog_bytes.clone()));
         let (proposals, queued) = mpsc::unbounded_channel();
         tokio::spawn(propose_batches(
             partition,
@@ -56,16 +88,30 @@ impl RaftLog {
             queued,
             completions,
         ));
-        self.groups
-            .write()
-            .unwrap()
-            .insert(partition, Arc::new(Group { raft, proposals }));
+        self.groups.write().unwrap().insert(
+            partition,
+            Arc::new(Group {
+                raft,
+                proposals,
+                poked: AtomicBool::new(false),
+                backlog_bytes,
+            }),
+        );
     }
 
     /// Stops routing `partition`'s entries (its replica moved to another node). Proposals
     /// already queued still complete.
     pub fn remove(&self, partition: PartitionId) {
         self.groups.write().unwrap().remove(&partition);
+    }
+
+    /// Whether a proposal reached `partition` since the last call.
+    pub fn take_poked(&self, partition: PartitionId) -> bool {
+        self.groups
+            .read()
+            .unwrap()
+            .get(&partition)
+            .is_some_and(|g| g.poked.swap(false, Ordering::Relaxed))
     }
 
     fn group(&self, partition: PartitionId) -> Result<Arc<Group>, StorageError> {
@@ -95,32 +141,49 @@ async fn propose_batches(
     mut queued: mpsc::UnboundedReceiver<(Vec<Op>, Option<Done>)>,
     completions: mpsc::UnboundedSender<Pending>,
 ) {
-    while let Some((mut ops, done)) = queued.recv().await {
+    // A proposal that did not fit the last entry opens the next one.
+    let mut carried: Option<(Vec<Op>, Option<Done>)> = None;
+    loop {
+        let next = match carried.take() {
+            Some(p) => Some(p),
+            None => queued.recv().await,
+        };
+        let Some((mut ops, done)) = next else { return };
         let mut dones = vec![done];
-        while ops.len() < BATCH_OPS_MAX {
-            match queued.try_recv() {
-                Ok((more, done)) => {
-                    ops.extend(more);
-                    dones.push(done);
-                }
-                Err(_) => break,
+        let mut bytes: usize = ops.iter().map(Op::size_bytes).sum();
+        while ops.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+            let Ok((more, done)) = queued.try_recv() else {
+                break;
+            };
+            let more_bytes: usize = more.iter().map(Op::size_bytes).sum();
+            if ops.len() + more.len() > BATCH_OPS_MAX || bytes + more_bytes > BATCH_BYTES_MAX {
+                carried = Some((more, done));
+                break;
             }
+            bytes += more_bytes;
+            ops.extend(more);
+            dones.push(done);
         }
         let answer = raft
             .client_write_ff(Batch { ops })
             .await
             .map_err(|e| not_writable(partition, e));
-        if completions.send((answer, dones)).is_err() {
+        if completions.send((answer, dones, bytes)).is_err() {
             return;
         }
     }
 }
 
-async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    while let Some((answer, dones)) = rx.recv().await {
+async fn complete_in_order(
+    partition: PartitionId,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    backlog_bytes: Arc<AtomicUsize>,
+) {
+    while let Some((answer, dones, bytes)) = rx.recv().await {
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
+                backlog_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 for done in dones.into_iter().flatten() {
                     done(Err(e.clone()));
                 }
@@ -139,6 +202,7 @@ async fn complete_in_order(partition: PartitionId, mut rx: mpsc::UnboundedReceiv
             Ok(Err(e)) => Err(not_writable(partition, e)),
             Err(_) => Err(not_writable(partition, "the Raft group stopped")),
         };
+        backlog_bytes.fetch_sub(bytes, Ordering::Relaxed);
         for done in dones.into_iter().flatten() {
             done(result.clone());
         }
@@ -154,6 +218,11 @@ impl PartitionLog for RaftLog {
     ) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             let group = self.group(partition)?;
+            // A quiet group ticks again: its leader lease must be kept up while it writes.
+            group.raft.runtime_config().tick(true);
+            group.poked.store(true, Ordering::Relaxed);
+            let bytes: usize = ops.iter().map(Op::size_bytes).sum();
+            group.backlog_bytes.fetch_add(bytes, Ordering::Relaxed);
             group
                 .proposals
                 .send((ops, done))
@@ -186,6 +255,12 @@ impl PartitionLog for RaftLog {
                 .map(|_| ())
                 .map_err(|e| not_writable(partition, e))
         })
+    }
+
+    fn admits(&self, partition: PartitionId) -> bool {
+        self.group(partition)
+            .map(|g| g.backlog_bytes.load(Ordering::Relaxed) < self.backlog_bytes_max)
+            .unwrap_or(true)
     }
 
     fn leader_term(&self, partition: PartitionId) -> Option<u64> {

@@ -7,9 +7,9 @@
 
 #![allow(clippy::result_large_err)] // openraft's RPC errors are returned by value.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -23,6 +23,7 @@ use openraft::{BasicNode, Raft};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::control::quiesce::{self, Quiesce};
 use crate::error::{RpcCode, RpcError};
 use crate::raft_store::{NodeId, TypeConfig};
 use crate::transport::{BoxFuture, PeerError, PeerHandler, PeerTransport};
@@ -133,6 +134,9 @@ impl RaftNetwork<TypeConfig> for Client {
 #[derive(Default)]
 pub struct RaftService {
     rafts: RwLock<HashMap<u16, Raft<TypeConfig>>>,
+    /// Partitions whose replica here went quiet as a follower, with the leader it went
+    /// quiet under (see [`crate::control::quiesce`]).
+    quiet: Arc<Mutex<BTreeMap<u16, u64>>>,
 }
 
 impl RaftService {
@@ -142,7 +146,47 @@ impl RaftService {
     }
 
     pub fn remove(&self, partition: u16) -> Option<Raft<TypeConfig>> {
+        self.quiet.lock().unwrap().remove(&partition);
         self.rafts.write().unwrap().remove(&partition)
+    }
+
+    /// A leader asks this follower replica to stop ticking; it agrees only while it holds
+    /// exactly the leader's log in the leader's term.
+    fn quiesce(&self, partition: u16, raft: &Raft<TypeConfig>, req: Quiesce) -> Result<(), String> {
+        let mut quiet = self.quiet.lock().unwrap();
+        let my_id = raft.metrics().borrow().id;
+        quiesce::accept(&req, &crate::node::group_view(raft, my_id))?;
+        raft.runtime_config().tick(false);
+        quiet.insert(partition, req.leader);
+        Ok(())
+    }
+
+    /// Wakes the quiet follower replicas whose leader's node is not in `alive`, and makes
+    /// each start an election now (the node-level liveness signal stands in for the
+    /// heartbeats a quiet group does not send).
+    pub fn wake_orphans(&self, alive: &BTreeSet<u64>) -> Vec<u16> {
+        let orphans = {
+            let mut quiet = self.quiet.lock().unwrap();
+            let orphans = quiesce::orphaned(&quiet, alive);
+            for p in &orphans {
+                quiet.remove(p);
+            }
+            orphans
+        };
+        for p in &orphans {
+            if let Some(raft) = self.rafts.read().unwrap().get(p).cloned() {
+                raft.runtime_config().tick(true);
+                tokio::spawn(async move {
+                    let _ = raft.trigger().elect().await;
+                });
+            }
+        }
+        orphans
+    }
+
+    /// Partitions whose follower replica here is quiet.
+    pub fn quiet_followers(&self) -> usize {
+        self.quiet.lock().unwrap().len()
     }
 }
 
@@ -154,6 +198,16 @@ fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
     rmp_serde::from_slice(body).map_err(|e| RpcError::bad_request("consensus request", e))
 }
 
+/// Something reached `partition`'s replica: if it was quiet, it ticks again. Called after
+/// the replica handled the request, so its leader lease is fresh and waking starts no
+/// election.
+fn wake(quiet: &Mutex<BTreeMap<u16, u64>>, partition: u16, raft: &Raft<TypeConfig>) {
+    let mut quiet = quiet.lock().unwrap();
+    if quiet.remove(&partition).is_some() {
+        raft.runtime_config().tick(true);
+    }
+}
+
 impl PeerHandler for RaftService {
     fn handle(
         &self,
@@ -163,14 +217,23 @@ impl PeerHandler for RaftService {
         body: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         let raft = self.rafts.read().unwrap().get(&partition).cloned();
+        let Some(raft) = raft else {
+            let e = RpcError::new(
+                RpcCode::WrongNode,
+                format!("this node does not replicate partition {partition}"),
+            );
+            return Box::pin(std::future::ready(Err(e)));
+        };
+        if kind == PeerKind::Quiesce {
+            let answer = request(&body).and_then(|req| {
+                self.quiesce(partition, &raft, req)
+                    .map_err(|why| RpcError::new(RpcCode::Refused, why))
+            });
+            return Box::pin(std::future::ready(answer.and_then(|()| reply(&()))));
+        }
+        let quiet = self.quiet.clone();
         Box::pin(async move {
-            let raft = raft.ok_or_else(|| {
-                RpcError::new(
-                    RpcCode::WrongNode,
-                    format!("this node does not replicate partition {partition}"),
-                )
-            })?;
-            match kind {
+            let answer = match kind {
                 PeerKind::AppendEntries => reply(&raft.append_entries(request(&body)?).await),
                 PeerKind::Vote => reply(&raft.vote(request(&body)?).await),
                 PeerKind::InstallSnapshot => reply(&raft.install_snapshot(request(&body)?).await),
@@ -178,7 +241,9 @@ impl PeerHandler for RaftService {
                     RpcCode::UnknownKind,
                     format!("{other:?} is not a consensus request"),
                 )),
-            }
+            };
+            wake(&quiet, partition, &raft);
+            answer
         })
     }
 }

@@ -26,6 +26,9 @@ pub enum PeerKind {
     Vote = 2,
     /// Consensus: openraft's InstallSnapshot (one chunk).
     InstallSnapshot = 3,
+    /// Consensus: "go quiet at this log" from an idle partition's leader
+    /// ([`crate::control::quiesce::Quiesce`]).
+    Quiesce = 4,
     /// Routing: publish to a user whose partition the receiver leads ([`PublishReq`]).
     Publish = 10,
     /// Routing: subscribe a session elsewhere through a stand-in ([`SubscribeReq`]).
@@ -40,6 +43,9 @@ pub enum PeerKind {
     Closed = 15,
     /// Routing: a user's devices ([`UserReq`]).
     Devices = 16,
+    /// Routing: one message to many users of the receiver's partition, a fan-out's share
+    /// ([`PublishManyReq`]).
+    PublishMany = 17,
     /// Control: "which nodes form this cluster?" (answered by formed nodes).
     Members = 20,
     /// Control: "add this node to the member list" ([`ListChange`]).
@@ -66,10 +72,11 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 17] = [
+    pub const ALL: [PeerKind; 19] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
+        PeerKind::Quiesce,
         PeerKind::Publish,
         PeerKind::Subscribe,
         PeerKind::Ack,
@@ -77,6 +84,7 @@ impl PeerKind {
         PeerKind::Deliver,
         PeerKind::Closed,
         PeerKind::Devices,
+        PeerKind::PublishMany,
         PeerKind::Members,
         PeerKind::Join,
         PeerKind::Reconfigure,
@@ -93,8 +101,8 @@ impl PeerKind {
 
     pub fn layer(self) -> Layer {
         match self as u8 {
-            1..=3 => Layer::Consensus,
-            10..=16 => Layer::Route,
+            1..=4 => Layer::Consensus,
+            10..=17 => Layer::Route,
             20..=25 => Layer::Control,
             _ => Layer::Transport,
         }
@@ -105,6 +113,20 @@ impl PeerKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishReq {
     pub user: String,
+    pub id: String,
+    pub body: ByteBuf,
+    pub from: Option<String>,
+    /// The publish this one follows on its connection, while that one is unanswered: the
+    /// leader takes this one only after it. Absent from older nodes (no order kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// [`PeerKind::PublishMany`]: the same message (one id, one body) to every user listed, all
+/// of one partition. Answered per user, in this order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishManyReq {
+    pub users: Vec<String>,
     pub id: String,
     pub body: ByteBuf,
     pub from: Option<String>,

@@ -42,6 +42,8 @@ async fn replica(id: u64) -> Replica {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
+        // As the node sets it for its largest body (512 KiB by default).
+        max_payload_entries: warbler_cluster::raft_log::max_payload_entries(512 * 1024),
         ..Default::default()
     };
     let raft = start_group(
@@ -189,4 +191,68 @@ async fn a_partition_survives_losing_its_leader() {
             "every replica holds the same log"
         );
     }
+}
+
+/// Proposals of the largest allowed body (512 KiB) queued faster than the leader appends
+/// them: the proposer splits them into entries by bytes, so every AppendEntries stays
+/// inside the peer frame limit and all of them replicate. Merged by count alone, the first
+/// entry would be ~20 MiB, more than a peer frame carries, and nothing would commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
+    use warbler_cluster::raft_log::{max_payload_entries, RaftLog, BATCH_BYTES_MAX};
+    use warbler_storage::PartitionLog;
+
+    const BODY: usize = 512 * 1024;
+    const PROPOSALS: u64 = 40;
+    let nodes = [replica(1).await, replica(2).await, replica(3).await];
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&Replica> = nodes.iter().collect();
+    let leader = leader_of(&all).await;
+    let leader = all
+        .iter()
+        .find(|r| r.raft.metrics().borrow().id == leader)
+        .unwrap();
+    // The replicas run with the bound the node configures: a full AppendEntries of such
+    // entries fits the frame.
+    let frame = warbler_cluster::transport::PEER_FRAME_BYTES_MAX as u64;
+    assert!(max_payload_entries(BODY) * ((BODY.max(BATCH_BYTES_MAX) + 16 * 1024) as u64) < frame);
+    let log = RaftLog::new(64 << 20);
+    log.insert(PARTITION, leader.raft.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for seq in 1..=PROPOSALS {
+        let msg = StoredMessage {
+            id: format!("m{seq}"),
+            ts: seq,
+            from: None,
+            body: ByteBuf::from(vec![seq as u8; BODY]),
+        };
+        let op = Op::Append {
+            partition: PARTITION,
+            user: "ann".into(),
+            seq,
+            msg,
+        };
+        let tx = tx.clone();
+        let done: warbler_storage::Done = Box::new(move |r| {
+            let _ = tx.send((seq, r));
+        });
+        log.propose(PARTITION, vec![op], Some(done)).await.unwrap();
+    }
+    for _ in 0..PROPOSALS {
+        let (seq, r) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("every proposal completes")
+            .unwrap();
+        r.unwrap_or_else(|e| panic!("proposal {seq}: {e}"));
+    }
+    converged(&all, PROPOSALS).await;
+    let last_index = leader.raft.metrics().borrow().last_log_index.unwrap();
+    println!(
+        "raft: {PROPOSALS} bodies of {BODY} B committed in log entries up to index {last_index}"
+    );
 }

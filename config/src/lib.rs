@@ -134,6 +134,10 @@ pub struct ClusterConfig {
     /// A follower that hears nothing for this long (randomised up to 1.5 times it) starts
     /// an election: the time a failover takes.
     pub raft_election_timeout_ms: u64,
+    /// Bytes of publishes a partition's leader may have proposed and not yet committed;
+    /// past it, new publishes to the partition are refused at once as `overloaded` (HTTP
+    /// 429) instead of queueing for seconds.
+    pub backlog_bytes_max: usize,
     /// Host (name or IP) other nodes reach this node's `cluster_addr` port at, when
     /// `cluster_addr` binds a wildcard address (e.g. the pod IP or DNS name).
     pub advertise_host: Option<String>,
@@ -243,6 +247,9 @@ impl Default for ClusterConfig {
             replication_factor: 3,
             raft_heartbeat_ms: 250,
             raft_election_timeout_ms: 1000,
+            // About 16,000 publishes of 256 B: several hundred milliseconds of a leader's
+            // work, beyond which a publisher waits longer in the queue than a retry costs.
+            backlog_bytes_max: 4 << 20,
             advertise_host: None,
             tls_ca_file: None,
             tls_cert_file: None,
@@ -291,6 +298,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "WARBLER_RAFT_ELECTION_TIMEOUT_MS",
         "cluster.raft_election_timeout_ms",
     ),
+    ("WARBLER_BACKLOG_BYTES_MAX", "cluster.backlog_bytes_max"),
     ("WARBLER_ADVERTISE_HOST", "cluster.advertise_host"),
     ("WARBLER_FAULT_INJECTION", "cluster.fault_injection"),
     ("WARBLER_CLUSTER_TLS_CA_FILE", "cluster.tls_ca_file"),
@@ -397,6 +405,7 @@ impl Config {
             "cluster.replication_factor" => {
                 self.cluster.replication_factor = parse(value, "a whole number")?
             }
+            "cluster.backlog_bytes_max" => self.cluster.backlog_bytes_max = parse(value, "bytes")?,
             "cluster.raft_heartbeat_ms" => {
                 self.cluster.raft_heartbeat_ms = parse(value, "milliseconds")?
             }
@@ -552,6 +561,12 @@ impl Config {
         }
         range("cluster.replication_factor", c.replication_factor, 1, 7)?;
         range("cluster.raft_heartbeat_ms", c.raft_heartbeat_ms, 10, 10_000)?;
+        range(
+            "cluster.backlog_bytes_max",
+            c.backlog_bytes_max,
+            64 << 10,
+            1 << 30,
+        )?;
         if c.raft_election_timeout_ms < 3 * c.raft_heartbeat_ms
             || c.raft_election_timeout_ms > 60_000
         {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use ractor::{Actor, ActorRef};
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use warbler_actors::{DeviceSession, MailboxError, Mailboxes, SessionArgs, SessionMsg};
 use warbler_client::codec::CodecError;
@@ -24,8 +24,76 @@ pub const ID_BYTES_MAX: usize = 128;
 const WRITER_QUEUE_EXTRA: usize = 64;
 /// How long a client is told to wait before reconnecting when the node drains.
 const BYE_RETRY_MS: u64 = 1000;
-/// Users a connection remembers hand-overs for before it forgets the finished ones.
-const HANDED_PRUNE_AT: usize = 4096;
+/// Users a connection remembers its last publish to before it forgets the answered ones.
+const CHAINS_PRUNE_AT: usize = 4096;
+
+/// A publish's answer as the next publish to the same user sees it: its seq, or the error
+/// and the id the publisher must resend from (the first of the refused publishes in a row).
+type Outcome = Result<u64, (MailboxError, String)>;
+type Answer = watch::Receiver<Option<Outcome>>;
+
+/// Per user, the last publish this connection handed on: the wait for its hand-over to
+/// the mailbox, and for its answer (see [`Gateway::publish`]).
+#[derive(Default)]
+struct Chains {
+    users: HashMap<String, Link>,
+}
+
+struct Link {
+    id: String,
+    /// Dropped when the publish was handed to the mailbox (`None`: at once).
+    handed: Option<oneshot::Receiver<()>>,
+    answered: Answer,
+}
+
+/// What a new publish to a user must respect.
+enum Before {
+    /// Nothing: the last publish to the user was taken (or there was none).
+    Free,
+    /// The last publish, still unanswered: hand over after it, be taken after it.
+    Follow {
+        handed: Option<oneshot::Receiver<()>>,
+        id: String,
+        answered: Answer,
+    },
+    /// Publishes to the user were refused from this id on: it must come again first.
+    Blocked(String),
+}
+
+impl Chains {
+    /// What a new publish `id` to `user` must respect.
+    fn before(&mut self, user: &str, id: &str) -> Before {
+        let answer = match self.users.get(user) {
+            None => return Before::Free,
+            Some(link) => link.answered.borrow().clone(),
+        };
+        match answer {
+            Some(Ok(_)) => Before::Free,
+            Some(Err((_, from))) if from == id => Before::Free,
+            Some(Err((_, from))) => Before::Blocked(from),
+            None => {
+                let link = self.users.remove(user).expect("looked up above");
+                let handed = link.handed.and_then(|mut rx| {
+                    matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx)
+                });
+                Before::Follow {
+                    handed,
+                    id: link.id,
+                    answered: link.answered,
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, user: String, link: Link) {
+        self.users.insert(user, link);
+        if self.users.len() > CHAINS_PRUNE_AT {
+            // Taken ones only: a refused user stays blocked until its publish comes again.
+            self.users
+                .retain(|_, l| !matches!(*l.answered.borrow(), Some(Ok(_))));
+        }
+    }
+}
 
 /// Everything a connection needs; one per node.
 pub struct Gateway {
@@ -221,10 +289,7 @@ impl Gateway {
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
-        // Publishes to one user keep the order they came in: each is handed to the mailbox
-        // only once the one before it to the same user was (then they wait for their fsync
-        // together). The value is dropped when that hand-over is done.
-        let mut handed: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        let mut chains = Chains::default();
         loop {
             let frame = tokio::select! {
                 _ = closed.cancelled() => return,
@@ -261,7 +326,7 @@ impl Gateway {
                     let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
                     match self.check_publish(claims, &id, &to, &body) {
                         Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
-                        Ok(()) => self.publish(claims, id, to, body, out, &mut handed, permit),
+                        Ok(()) => self.publish(claims, (id, to, body), out, &mut chains, permit).await,
                     }
                 }
                 Some(Ok(Frame::Hello { .. })) => {
@@ -275,51 +340,76 @@ impl Gateway {
         }
     }
 
-    /// Hands a checked publish to its user's mailbox, after any earlier publish to the same
-    /// user on this connection (`handed`), and answers `published` (or an error) once it is
-    /// durable; `permit` holds one of the connection's publish slots until then.
-    #[allow(clippy::too_many_arguments)]
-    fn publish(
+    /// Hands a checked publish to its user's mailbox and answers `published` (or an error)
+    /// once it is durable; `permit` holds one of the connection's publish slots until then.
+    ///
+    /// Publishes to one user keep the order they came in. Each is handed to the mailbox only
+    /// once the one before it to the same user was (then they wait for their fsync
+    /// together), and names that one while it is unanswered, so the leader takes it only
+    /// after that one. Refused for that reason, it waits for the earlier one's answer: taken,
+    /// it goes again; refused, it is refused too. Once a publish to a user is refused, every
+    /// later one to that user on this connection is refused until the refused one comes
+    /// again (same id). So a publisher that resends from the first refusal, in order, never
+    /// has its messages reordered or skipped.
+    async fn publish(
         &self,
         claims: &Claims,
-        id: String,
-        to: String,
-        body: ByteBuf,
+        (id, to, body): (String, String, ByteBuf),
         out: &mpsc::Sender<Frame>,
-        handed: &mut HashMap<String, oneshot::Receiver<()>>,
+        chains: &mut Chains,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
-        // An earlier publish to this user still on its way to the mailbox goes first.
-        let before = handed.remove(&to).and_then(|mut rx| {
-            matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)).then_some(rx)
-        });
+        let (before, prev) = match chains.before(&to, &id) {
+            Before::Blocked(first) => {
+                let _ = out
+                    .send(mailbox_error_frame(&MailboxError::OutOfOrder(first), id))
+                    .await;
+                return;
+            }
+            Before::Free => (None, None),
+            Before::Follow {
+                handed,
+                id,
+                answered,
+            } => (handed, Some((id, answered))),
+        };
+        let after = prev.as_ref().map(|(prev_id, _)| prev_id.clone());
+        let (answer_tx, answer_rx) = watch::channel(None);
         // The hand-over yields the wait for the seq, awaited on its own task below.
         #[allow(clippy::async_yields_async)]
         let mut submit = {
-            let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
+            let (mailboxes, to, id, body, from) = (
+                mailboxes.clone(),
+                to.clone(),
+                id.clone(),
+                body.clone(),
+                from.clone(),
+            );
             Box::pin(async move {
                 if let Some(before) = before {
                     let _ = before.await;
                 }
-                mailboxes.publish_submit(to, id, body, Some(from)).await
+                mailboxes
+                    .publish_submit(to, id, body, Some(from), after)
+                    .await
             })
         };
         // Usually the mailbox runs here and is known: the hand-over is done now.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let handover = match submit.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(pending) => Err(pending),
+        let (handover, handed) = match submit.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(pending) => (Err(pending), None),
             std::task::Poll::Pending => {
                 let (handed_over, handed_rx) = oneshot::channel::<()>();
-                handed.insert(to.clone(), handed_rx);
-                if handed.len() > HANDED_PRUNE_AT {
-                    handed.retain(|_, rx| {
-                        matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
-                    });
-                }
-                Ok((submit, handed_over))
+                (Ok((submit, handed_over)), Some(handed_rx))
             }
         };
+        let link = Link {
+            id: id.clone(),
+            handed,
+            answered: answer_rx,
+        };
+        chains.push(to.clone(), link);
         tokio::spawn(async move {
             let pending = match handover {
                 Err(pending) => pending,
@@ -329,11 +419,15 @@ impl Gateway {
                     pending
                 }
             };
-            let reply = match pending.await {
-                Ok(seq) => Frame::Published { id, to, seq },
-                Err(e) => mailbox_error_frame(&e, id),
+            let first = pending.await;
+            let outcome = after_previous(first, prev, &mailboxes, (&id, &to, body, from)).await;
+            let reply = match &outcome {
+                Ok(seq) => Frame::Published { id, to, seq: *seq },
+                Err((e, _)) => mailbox_error_frame(e, id),
             };
+            // The answer goes out before the next publish to the user learns it.
             let _ = out.send(reply).await;
+            let _ = answer_tx.send(Some(outcome));
             drop(permit);
         });
     }
@@ -366,9 +460,42 @@ impl Gateway {
     }
 }
 
+/// A publish's outcome given the one before it to the same user (`prev`, if it was
+/// unanswered when this one was handed over). Refused as out of order, this one waits for
+/// that one's answer: taken, it goes again after it; refused, it shares its fate and its
+/// resend point.
+async fn after_previous(
+    first: Result<u64, MailboxError>,
+    prev: Option<(String, Answer)>,
+    mailboxes: &Mailboxes,
+    (id, to, body, from): (&str, &str, ByteBuf, String),
+) -> Outcome {
+    let (Err(MailboxError::OutOfOrder(_)), Some((prev_id, mut prev))) = (&first, prev) else {
+        return first.map_err(|e| (e, id.to_string()));
+    };
+    let prev_answer = match prev.wait_for(Option::is_some).await {
+        Ok(answer) => answer.clone(),
+        Err(_) => None,
+    };
+    match prev_answer {
+        Some(Ok(_)) => mailboxes
+            .publish_after(to, id, body, Some(from), Some(prev_id))
+            .await
+            .map_err(|e| (e, id.to_string())),
+        Some(Err((_, resend_from))) => {
+            Err((MailboxError::OutOfOrder(resend_from.clone()), resend_from))
+        }
+        None => Err((MailboxError::OutOfOrder(prev_id.clone()), prev_id)),
+    }
+}
+
 pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
     metrics::counter!("warbler_publish_errors_total").increment(1);
-    Frame::error(ErrorCode::Unavailable, e.to_string(), Some(id))
+    let code = match e {
+        MailboxError::Overloaded(_) => ErrorCode::Overloaded,
+        _ => ErrorCode::Unavailable,
+    };
+    Frame::error(code, e.to_string(), Some(id))
 }
 
 async fn send_error(

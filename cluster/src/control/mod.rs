@@ -17,11 +17,13 @@
 //! - [`leader`]: who leads a partition as this node knows it, and guesses corrected by
 //!   redirects.
 //! - [`ready`]: whether a node is ready to serve (`/readyz`).
+//! - [`quiesce`]: when an idle partition stops ticking, and what wakes it.
 
 pub mod group;
 pub mod leader;
 pub mod members;
 pub mod placement;
+pub mod quiesce;
 pub mod ready;
 pub mod rebalance;
 pub mod start;

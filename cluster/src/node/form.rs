@@ -92,6 +92,7 @@ impl ClusterNode {
         self.set_state(NodeState::Serving, true).await;
         self.keep_in_step();
         self.watch_catch_up();
+        self.quiesce_idle();
         Ok(())
     }
 
@@ -347,6 +348,7 @@ fn raft_config(config: &Config) -> Result<openraft::Config, ClusterError> {
         // after the last heartbeat, so a wide range slows every failover.
         election_timeout_max: config.cluster.raft_election_timeout_ms * 3 / 2,
         install_snapshot_timeout: 10_000,
+        max_payload_entries: crate::raft_log::max_payload_entries(config.limits.max_body_bytes),
         ..Default::default()
     }
     .validate()

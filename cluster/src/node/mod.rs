@@ -8,9 +8,11 @@
 //! - [`elastic`]: joins and decommissions, moving partitions, following the member list.
 //! - [`service`]: answering peers (consensus, routing, control requests).
 //! - [`status`]: `/v1/cluster`, readiness, and the watchers behind them.
+//! - [`quiet`]: quiescence of idle partitions and waking them.
 
 mod elastic;
 mod form;
+mod quiet;
 mod service;
 mod status;
 
@@ -219,7 +221,7 @@ impl ClusterNode {
             names: Arc::default(),
             transport,
             raft_service,
-            raft_log: Arc::new(RaftLog::default()),
+            raft_log: Arc::new(RaftLog::new(config.cluster.backlog_bytes_max)),
             route_service: OnceLock::new(),
             faults,
             fault_injection: config.cluster.fault_injection,

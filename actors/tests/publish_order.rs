@@ -1,0 +1,139 @@
+//! A mailbox takes a publish that names the one before it (on its connection) only once
+//! that one was taken, and refuses new publishes at once while its partition's log is at its
+//! backlog bound.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use warbler_actors::{MailboxError, MailboxLimits, Mailboxes, RegistryArgs};
+use warbler_storage::log::BoxFuture;
+use warbler_storage::{
+    Committer, CommitterLimits, Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store,
+};
+
+/// The single-node log, with a switch that says the partition is at its backlog bound.
+struct Switched {
+    inner: LocalLog,
+    full: AtomicBool,
+}
+
+impl PartitionLog for Switched {
+    fn propose(
+        &self,
+        partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.inner.propose(partition, ops, done)
+    }
+
+    fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.inner.barrier(partition)
+    }
+
+    fn leader_term(&self, partition: PartitionId) -> Option<u64> {
+        self.inner.leader_term(partition)
+    }
+
+    fn admits(&self, _partition: PartitionId) -> bool {
+        !self.full.load(Ordering::Relaxed)
+    }
+}
+
+async fn mailboxes() -> (Mailboxes, Arc<Switched>, Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let limits = CommitterLimits {
+        batch_records_max: 64,
+        batch_bytes_max: 1 << 20,
+        queue_max: 64,
+        sync: true,
+    };
+    let log = Arc::new(Switched {
+        inner: LocalLog::new(Committer::start(store.clone(), limits)),
+        full: AtomicBool::new(false),
+    });
+    let (mailboxes, _) = Mailboxes::start(RegistryArgs {
+        store: store.clone(),
+        log: log.clone(),
+        limits: MailboxLimits {
+            inflight_max: 16,
+            tail_cache_max: 8,
+            idle_timeout: Duration::from_secs(60),
+        },
+        partitions: 64,
+    })
+    .await
+    .unwrap();
+    (mailboxes, log, store, dir)
+}
+
+/// Stops the mailboxes and waits until the database is closed: no thread may hold it while
+/// the test process exits.
+async fn close(mb: Mailboxes, log: Arc<Switched>, store: Store) {
+    mb.stop();
+    drop(log);
+    let start = std::time::Instant::now();
+    while store.handles() > 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the database stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn body(s: &str) -> ByteBuf {
+    ByteBuf::from(s.as_bytes().to_vec())
+}
+
+#[tokio::test]
+async fn a_publish_after_one_not_taken_is_refused_and_taken_once_that_one_is() {
+    let (mb, log, store, _dir) = mailboxes().await;
+    let early = mb
+        .publish_after("ann", "b", body("b"), None, Some("a".into()))
+        .await;
+    assert!(
+        matches!(&early, Err(MailboxError::OutOfOrder(id)) if id == "a"),
+        "{early:?}"
+    );
+    assert_eq!(mb.publish("ann", "a", body("a"), None).await.unwrap(), 1);
+    let b = mb.publish_after("ann", "b", body("b"), None, Some("a".into()));
+    assert_eq!(b.await.unwrap(), 2, "taken after the one it follows");
+    // A retry of a publish already taken gets its seq whatever it names.
+    let again = mb.publish_after("ann", "b", body("b"), None, Some("never-sent".into()));
+    assert_eq!(again.await.unwrap(), 2);
+    assert_eq!(store.last_seq(mb.partition_of("ann"), "ann").unwrap(), 2);
+    close(mb, log, store).await;
+}
+
+#[tokio::test]
+async fn a_full_backlog_refuses_new_publishes_at_once_but_answers_retries() {
+    let (mb, log, store, _dir) = mailboxes().await;
+    assert_eq!(mb.publish("ann", "a", body("a"), None).await.unwrap(), 1);
+    log.full.store(true, Ordering::Relaxed);
+    let refused = mb.publish("ann", "b", body("b"), None).await;
+    assert!(
+        matches!(refused, Err(MailboxError::Overloaded(_))),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.unwrap_err().is_transient(),
+        "refused back to the publisher, not retried"
+    );
+    assert_eq!(
+        mb.publish("ann", "a", body("a"), None).await.unwrap(),
+        1,
+        "a retry still answers"
+    );
+    log.full.store(false, Ordering::Relaxed);
+    assert_eq!(
+        mb.publish("ann", "b", body("b"), None).await.unwrap(),
+        2,
+        "nothing was skipped"
+    );
+    assert_eq!(store.last_seq(mb.partition_of("ann"), "ann").unwrap(), 2);
+    close(mb, log, store).await;
+}

@@ -1,0 +1,148 @@
+//! Quiescence's driver (the decisions are [`crate::control::quiesce`]): every
+//! [`QUIET_CHECK_PERIOD`] it samples the groups this node leads and quiets or wakes them,
+//! and whenever gossip's view of live nodes changes it wakes the quiet groups whose leader
+//! is gone, so they elect at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::Raft;
+use tokio::task::JoinSet;
+use warbler_storage::PartitionId;
+
+use super::{group_view, ClusterNode};
+use crate::control::quiesce::{Idle, LeaderSample, Quiesce, Step};
+use crate::control::raft_id;
+use crate::raft_store::TypeConfig;
+use crate::wire::{self, PeerKind};
+
+/// How often the groups this node leads are checked for idleness.
+const QUIET_CHECK_PERIOD: Duration = Duration::from_millis(500);
+/// How long a leader waits for a follower to agree to go quiet (a follower that does not
+/// answer in time keeps the group awake).
+const QUIESCE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn sample(raft: &Raft<TypeConfig>, my_id: u64) -> Option<LeaderSample> {
+    let view = group_view(raft, my_id);
+    if !view.leading {
+        return None;
+    }
+    let m = raft.metrics().borrow().clone();
+    let replication = m.replication.unwrap_or_default();
+    let matched = view
+        .nodes
+        .iter()
+        .filter(|id| **id != my_id)
+        .map(|id| replication.get(id).copied().flatten().map(|l| l.index))
+        .collect();
+    Some(LeaderSample {
+        term: view.term,
+        last_log: view.last_log,
+        applied: view.applied,
+        settled: view.settled,
+        matched,
+    })
+}
+
+impl ClusterNode {
+    /// Starts the quiescence loop (once, when the node has formed).
+    pub(crate) fn quiesce_idle(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut idle: HashMap<PartitionId, Idle> = HashMap::new();
+            let mut alive = node.membership.watch();
+            let mut tick = tokio::time::interval(QUIET_CHECK_PERIOD);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = alive.changed() => if changed.is_err() { return },
+                }
+                node.wake_orphans();
+                node.quiet_check(&mut idle).await;
+            }
+        });
+    }
+
+    fn wake_orphans(&self) {
+        let alive: BTreeSet<u64> = self
+            .membership
+            .members()
+            .iter()
+            .map(|m| raft_id(&m.name))
+            .collect();
+        let woken = self.raft_service.wake_orphans(&alive);
+        if !woken.is_empty() {
+            tracing::info!(partitions = ?woken, "quiet partitions lost their leader's node; electing");
+        }
+    }
+
+    async fn quiet_check(self: &Arc<Self>, idle: &mut HashMap<PartitionId, Idle>) {
+        let rafts = self.placement.read().unwrap().rafts.clone();
+        idle.retain(|p, _| rafts.contains_key(p));
+        let mut asking = JoinSet::new();
+        for (p, raft) in rafts {
+            let state = idle.entry(p).or_default();
+            let mut step = state.observe(self.my_id, sample(&raft, self.my_id).as_ref());
+            if self.raft_log.take_poked(p) && step == Step::Nothing {
+                step = state.woken();
+            }
+            match step {
+                Step::Nothing => {}
+                Step::Wake => raft.runtime_config().tick(true),
+                Step::Quiesce(req) => {
+                    let node = self.clone();
+                    asking.spawn(async move { (p, node.quiesce(p, &raft, req).await) });
+                }
+            }
+        }
+        while let Some(Ok((p, quieted))) = asking.join_next().await {
+            if quieted {
+                idle.entry(p).or_default().quieted();
+            }
+        }
+        let leaders_quiet = idle.values().filter(|i| i.is_quiet()).count();
+        metrics::gauge!("warbler_partitions_quiet", "role" => "leader").set(leaders_quiet as f64);
+        metrics::gauge!("warbler_partitions_quiet", "role" => "follower")
+            .set(self.raft_service.quiet_followers() as f64);
+    }
+
+    /// Asks every other replica of the group to go quiet; if all agree and nothing was
+    /// written meanwhile, stops this leader's ticks.
+    async fn quiesce(&self, partition: PartitionId, raft: &Raft<TypeConfig>, req: Quiesce) -> bool {
+        let Some(formed) = self.formed.get() else {
+            return false;
+        };
+        let others: Vec<u64> = group_view(raft, self.my_id)
+            .nodes
+            .into_iter()
+            .filter(|id| *id != self.my_id)
+            .collect();
+        for id in others {
+            let Some(addr) = (formed.resolver)(id) else {
+                return false;
+            };
+            let body = wire::encode(&req);
+            let answer = self
+                .transport
+                .call(
+                    addr,
+                    partition,
+                    PeerKind::Quiesce,
+                    body,
+                    QUIESCE_CALL_TIMEOUT,
+                )
+                .await;
+            if answer.is_err() {
+                return false;
+            }
+        }
+        // A write that raced the followers' answers keeps the group awake.
+        let still = sample(raft, self.my_id);
+        if still.map(|s| (s.term, s.last_log)) != Some((req.term, req.index)) {
+            return false;
+        }
+        raft.runtime_config().tick(false);
+        true
+    }
+}
