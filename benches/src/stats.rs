@@ -52,6 +52,9 @@ pub struct Stats {
     pub published: AtomicU64,
     pub delivered: AtomicU64,
     pub errors: AtomicU64,
+    /// Publishes the server refused (`overloaded`, or behind a refused one) and the
+    /// publisher sent again, in order: not failures, and no gap.
+    pub refused: AtomicU64,
     pub order_violations: AtomicU64,
     pub gaps: AtomicU64,
     pub last_delivery_ns: AtomicU64,
@@ -65,6 +68,7 @@ impl Default for Stats {
             published: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
@@ -93,12 +97,18 @@ impl Stats {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A publish was refused and will be sent again.
+    pub fn on_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The worker's figures, with its histograms serialized.
     pub fn summary(&self) -> anyhow::Result<WorkerResult> {
         Ok(WorkerResult {
             published: self.published.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
             order_violations: self.order_violations.load(Ordering::Relaxed),
             gaps: self.gaps.load(Ordering::Relaxed),
             last_delivery_ns: self.last_delivery_ns.load(Ordering::Relaxed),
@@ -142,6 +152,8 @@ pub struct WorkerResult {
     pub published: u64,
     pub delivered: u64,
     pub errors: u64,
+    #[serde(default)]
+    pub refused: u64,
     pub order_violations: u64,
     pub gaps: u64,
     pub last_delivery_ns: u64,

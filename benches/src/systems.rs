@@ -294,6 +294,94 @@ pub async fn spawn_device(
     Ok(())
 }
 
+/// How long a publisher waits before sending refused publishes again (the server's
+/// `overloaded` asks for 50 ms).
+const RESEND_AFTER: Duration = Duration::from_millis(50);
+
+/// A publish's plan key, from its id `<publisher>-<k>`.
+fn key_of(id: &str) -> Option<u64> {
+    id.rsplit('-').next().and_then(|k| k.parse().ok())
+}
+
+fn publish_frame(name: &str, to: &str, k: u64, body: Vec<u8>) -> Frame {
+    Frame::Publish {
+        id: format!("{name}-{k}"),
+        to: to.to_string(),
+        body: serde_bytes::ByteBuf::from(body),
+    }
+}
+
+/// A Warbler publisher's publishes in flight and those it sends again. The server refuses
+/// a publish (`overloaded`) and then every later one to the same user on the connection
+/// that was in flight behind it; once all of a user's in-flight publishes are answered, the
+/// refused ones go again in their order, and new ones to that user wait behind them. So no
+/// device sees a number skipped or out of order because of a refusal.
+#[derive(Default)]
+struct Resend {
+    /// k → (user, due time, body), for every publish not acknowledged yet.
+    open: HashMap<u64, (usize, u64, Vec<u8>)>,
+    users: HashMap<usize, UserResend>,
+}
+
+#[derive(Default)]
+struct UserResend {
+    in_flight: usize,
+    /// Refused, or new behind refused ones: sent at the next flush, in k order.
+    held: std::collections::BTreeSet<u64>,
+    flush_planned: bool,
+}
+
+impl Resend {
+    /// A new publish: `true` to send it now, `false` when it waits behind refused ones.
+    fn send(&mut self, k: u64, user: usize, due_ns: u64, body: &[u8]) -> bool {
+        self.open.insert(k, (user, due_ns, body.to_vec()));
+        let u = self.users.entry(user).or_default();
+        if u.held.is_empty() {
+            u.in_flight += 1;
+            true
+        } else {
+            u.held.insert(k);
+            false
+        }
+    }
+
+    /// Acknowledged: its due time, and the user to flush if this was the last answer its
+    /// held publishes waited for.
+    fn acked(&mut self, k: u64) -> (Option<u64>, Option<usize>) {
+        let Some((user, due, _)) = self.open.remove(&k) else {
+            return (None, None);
+        };
+        (Some(due), self.answered(user))
+    }
+
+    /// Refused: the user to flush, if this was the last answer its held publishes waited for.
+    fn refused(&mut self, k: u64) -> Option<usize> {
+        let user = self.open.get(&k)?.0;
+        self.users.entry(user).or_default().held.insert(k);
+        self.answered(user)
+    }
+
+    fn answered(&mut self, user: usize) -> Option<usize> {
+        let u = self.users.get_mut(&user)?;
+        u.in_flight = u.in_flight.saturating_sub(1);
+        let due = u.in_flight == 0 && !u.held.is_empty();
+        (due && !std::mem::replace(&mut u.flush_planned, true)).then_some(user)
+    }
+
+    /// The user's held publishes, to send now in order.
+    fn flush(&mut self, user: usize) -> Vec<(u64, Vec<u8>)> {
+        let Some(u) = self.users.get_mut(&user) else {
+            return Vec::new();
+        };
+        u.flush_planned = false;
+        let held = std::mem::take(&mut u.held);
+        u.in_flight += held.len();
+        held.into_iter()
+            .filter_map(|k| self.open.get(&k).map(|(_, _, body)| (k, body.clone())))
+            .collect()
+    }
+}
+
 /// Connects publisher `index` and sends its plan; returns when the plan is done (answers
 /// still in flight keep arriving afterwards).
 pub async fn run_publisher(
@@ -317,35 +405,65 @@ pub async fn run_publisher(
                 .await
                 .context("publisher connect")?
                 .split();
-            let due: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
-            let (due2, stats2) = (due.clone(), stats.clone());
+            let (frames, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
+            tokio::spawn(async move {
+                while let Some(frame) = to_send.recv().await {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let resend = Arc::new(Mutex::new(Resend::default()));
+            let (resend2, stats2, frames2) = (resend.clone(), stats.clone(), frames.clone());
+            let (users, name2) = (plan.users.clone(), name.clone());
             tokio::spawn(async move {
                 loop {
-                    match rx.recv().await {
-                        Ok(Frame::Published { id, .. }) => {
-                            let k = id.rsplit('-').next().and_then(|k| k.parse::<u64>().ok());
-                            if let Some(t) = k.and_then(|k| due2.lock().unwrap().remove(&k)) {
-                                stats2.on_ack(t);
-                            }
-                            free.add_permits(1);
+                    let (k, refused) = match rx.recv().await {
+                        Ok(Frame::Published { id, .. }) => (key_of(&id), false),
+                        Err(warbler_client::ClientError::Server { id: Some(id), .. }) => {
+                            (key_of(&id), true)
                         }
-                        Ok(_) => {}
-                        Err(warbler_client::ClientError::Server { .. }) => {
-                            stats2.on_error();
-                            free.add_permits(1);
-                        }
+                        Ok(_) | Err(warbler_client::ClientError::Server { .. }) => continue,
                         Err(_) => return,
+                    };
+                    let Some(k) = k else { continue };
+                    let flush = {
+                        let mut r = resend2.lock().unwrap();
+                        if refused {
+                            stats2.on_refused();
+                            r.refused(k)
+                        } else {
+                            let (due, flush) = r.acked(k);
+                            if let Some(due) = due {
+                                stats2.on_ack(due);
+                                free.add_permits(1);
+                            }
+                            flush
+                        }
+                    };
+                    if let Some(user) = flush {
+                        let (resend, frames, users, name) = (
+                            resend2.clone(),
+                            frames2.clone(),
+                            users.clone(),
+                            name2.clone(),
+                        );
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RESEND_AFTER).await;
+                            let again = resend.lock().unwrap().flush(user);
+                            for (k, body) in again {
+                                let _ = frames.send(publish_frame(&name, &users[user], k, body));
+                            }
+                        });
                     }
                 }
             });
             while let Some(s) = plan.next().await {
-                due.lock().unwrap().insert(s.k, s.due_ns);
-                let frame = Frame::Publish {
-                    id: format!("{name}-{}", s.k),
-                    to: plan.users[s.user].clone(),
-                    body: serde_bytes::ByteBuf::from(s.body),
-                };
-                tx.send(frame).await.context("publisher connection lost")?;
+                let send = resend.lock().unwrap().send(s.k, s.user, s.due_ns, &s.body);
+                if send {
+                    let frame = publish_frame(&name, &plan.users[s.user], s.k, s.body);
+                    frames.send(frame).context("publisher connection lost")?;
+                }
             }
             answered(&plan.window, window).await;
         }

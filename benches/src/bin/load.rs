@@ -182,6 +182,9 @@ struct RunResult {
     published: u64,
     delivered: u64,
     errors: u64,
+    /// Publishes refused by the server and sent again in order (not failures).
+    #[serde(default)]
+    refused: u64,
     order_violations: u64,
     /// Numbers a device never saw (each failed publish leaves one per device).
     gaps: u64,
@@ -286,6 +289,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         published: 0,
         delivered: 0,
         errors: 0,
+        refused: 0,
         order_violations: 0,
         gaps: 0,
         last_delivery_ns: 0,
@@ -303,6 +307,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         total.published += r.published;
         total.delivered += r.delivered;
         total.errors += r.errors;
+        total.refused += r.refused;
         total.order_violations += r.order_violations;
         total.gaps += r.gaps;
         total.last_delivery_ns = total.last_delivery_ns.max(r.last_delivery_ns);
@@ -321,6 +326,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         published: total.published,
         delivered: total.delivered,
         errors: total.errors,
+        refused: total.refused,
         order_violations: total.order_violations,
         gaps: total.gaps,
         publish_rate: total.published as f64 / send_secs,
@@ -358,8 +364,8 @@ fn print_result(r: &RunResult) {
         r.system, r.users, r.devices_per_user, r.publishers, r.body_bytes
     );
     println!(
-        "published={} delivered={} errors={} order_violations={} gaps={} publish_rate={:.0}/s deliver_rate={:.0}/s",
-        r.published, r.delivered, r.errors, r.order_violations, r.gaps, r.publish_rate, r.deliver_rate
+        "published={} delivered={} errors={} refused={} order_violations={} gaps={} publish_rate={:.0}/s deliver_rate={:.0}/s",
+        r.published, r.delivered, r.errors, r.refused, r.order_violations, r.gaps, r.publish_rate, r.deliver_rate
     );
     for (name, q) in [
         ("publish->ack", r.ack_ms),
