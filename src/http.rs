@@ -397,7 +397,8 @@ type ShareAnswer = (Vec<usize>, Vec<Result<u64, MailboxError>>);
 
 /// One message to many users: each partition's share goes to its leader as one request
 /// (their appends share log entries there), partitions in parallel. A user refused with a
-/// transient error (a leader moved mid-way) is published again on its own, with retries.
+/// transient error (a leader moved mid-way), or whose leader runs an older release, is
+/// published again on its own, with retries.
 /// Results come back in the order of `to`.
 async fn fanout_publish(
     state: &AppState,
@@ -435,7 +436,12 @@ async fn fanout_publish(
             let (body, from) = (body.clone(), from.clone());
             async move {
                 match r {
-                    Some(Err(e)) if e.is_transient() => mb.publish(&user, id, body, from).await,
+                    // A leader of an older release does not take a partition's share.
+                    Some(Err(e))
+                        if e.is_transient() || matches!(e, MailboxError::Unsupported(_)) =>
+                    {
+                        mb.publish(&user, id, body, from).await
+                    }
                     Some(r) => r,
                     None => Err(MailboxError::Unavailable("no answer for this user".into())),
                 }

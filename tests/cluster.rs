@@ -142,7 +142,8 @@ impl Cluster {
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "no leader for {user}"
+                "no leader for {user}: {:?}",
+                v.partitions[partition as usize]
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1047,21 +1048,33 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     );
 }
 
-/// Overload: a publisher pipelines large publishes to one user through a node that does
-/// not lead the user's partition, faster than the leader commits them (the backlog bound
-/// is set low). It gets `overloaded` refusals at once and, resending from the first
-/// refusal in order as the protocol asks, every message lands exactly once, in the order
-/// it was first sent: a refusal never lets a later publish overtake an earlier one.
+/// Overload: a publisher pipelines publishes to one user through a node that holds no
+/// replica of the user's partition while the leader cannot commit (both followers paused),
+/// so the leader's backlog fills. The publisher gets `overloaded` refusals at once and,
+/// resending from the first refusal in order as the protocol asks, every message lands
+/// exactly once, in the order it was first sent: a refusal never lets a later publish
+/// overtake an earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_keeps_its_order() {
     const N: usize = 60;
-    const BODY_BYTES: usize = 200 * 1024;
-    let backlog = (512 * 1024).to_string();
+    const BODY_BYTES: usize = 100 * 1024;
+    let backlog = (256 * 1024).to_string();
     let dir = tempfile::tempdir().unwrap();
     let cluster =
-        Cluster::start_with(3, dir, &[("WARBLER_BACKLOG_BYTES_MAX", backlog.as_str())]).await;
-    let leader = cluster.leader_of(HOT, None).await;
-    let via = (leader + 1) % cluster.nodes.len();
+        Cluster::start_with(4, dir, &[("WARBLER_BACKLOG_BYTES_MAX", backlog.as_str())]).await;
+    wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(60)).await;
+    let placed = user_status(&cluster.nodes[0], HOT).await;
+    let index_of = |name: &str| name.trim_start_matches('n').parse::<usize>().unwrap();
+    let replicas: Vec<usize> = placed.replicas.iter().map(|r| index_of(r)).collect();
+    let via = (0..4)
+        .find(|i| !replicas.contains(i))
+        .expect("RF 3 of 4 leaves one node out");
+    // Asked of the replicas: the node with none of the partition only knows hints.
+    let leader = cluster.leader_of(HOT, Some(via)).await;
+    let followers: Vec<usize> = replicas.into_iter().filter(|r| *r != leader).collect();
+    // The user's mailbox runs on the leader before its followers stop: it needs no quorum
+    // to start, so what follows is refused for its backlog alone.
+    assert_eq!(cluster.nodes[via].publish(HOT, "warm", "warm").await, 1);
     let (mut tx, mut rx) = cluster.nodes[via].publisher().await.split();
     let index = |id: &str| id.trim_start_matches("o-").parse::<usize>().unwrap();
     let mut todo: Vec<usize> = (0..N).collect();
@@ -1073,6 +1086,19 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
             rounds <= 500,
             "still refused after {rounds} rounds: {todo:?}"
         );
+        if rounds == 1 {
+            // The leader cannot commit for a second: what it proposes stays in its backlog.
+            followers.iter().for_each(|f| cluster.nodes[*f].pause());
+            let pids: Vec<u32> = followers.iter().map(|f| cluster.nodes[*f].pid()).collect();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                for pid in pids {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-CONT", &pid.to_string()])
+                        .status();
+                }
+            });
+        }
         for &i in &todo {
             let body = format!("o-{i}-{}", "x".repeat(BODY_BYTES));
             let frame = warbler_client::Frame::Publish {
@@ -1089,11 +1115,19 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
                 .expect("every publish is answered");
             match answer {
                 Ok(warbler_client::Frame::Published { id, seq, .. }) => {
+                    if std::env::var("OVERLOAD_DEBUG").is_ok() {
+                        println!("round {rounds}: {id} seq {seq}");
+                    }
                     seqs.insert(index(&id), seq);
                 }
                 Err(warbler_client::ClientError::Server {
-                    code, id: Some(id), ..
+                    code,
+                    id: Some(id),
+                    message,
                 }) => {
+                    if std::env::var("OVERLOAD_DEBUG").is_ok() {
+                        println!("round {rounds}: {id} {code} {message}");
+                    }
                     overloaded += usize::from(code == "overloaded");
                     refused.push(index(&id));
                 }
@@ -1107,7 +1141,7 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    println!("overload: {N} publishes of {BODY_BYTES} B, {refused_total} refusals ({overloaded} overloaded) over {rounds} rounds");
+    println!("overload: {N} publishes of {BODY_BYTES} B via n{via}, leader n{leader}: {refused_total} refusals ({overloaded} overloaded) over {rounds} rounds");
     assert!(
         overloaded > 0,
         "the backlog bound was never reached: nothing was tested"
@@ -1117,15 +1151,87 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
         by_index.windows(2).all(|w| w[0] < w[1]),
         "seqs out of send order: {by_index:?}"
     );
-    let stream: Vec<String> = cluster.nodes[via]
+    let now_leader = cluster.leader_of(HOT, Some(via)).await;
+    let stream: Vec<String> = cluster.nodes[now_leader]
         .history(HOT)
         .await
         .into_iter()
         .map(|(_, id, _)| id)
         .collect();
-    let sent: Vec<String> = (0..N).map(|i| format!("o-{i}")).collect();
+    let sent: Vec<String> = std::iter::once("warm".to_string())
+        .chain((0..N).map(|i| format!("o-{i}")))
+        .collect();
     assert_eq!(
         stream, sent,
         "the user's stream holds each publish once, in order"
+    );
+}
+
+/// The number of partitions whose replica on `node` is quiet in `role` (leader or
+/// follower), from its `/metrics`.
+async fn quiet_partitions(node: &Node, role: &str) -> u64 {
+    let (_, text) = common::http_raw(&node.http, "GET", "/metrics", None, b"").await;
+    let prefix = format!("warbler_partitions_quiet{{role=\"{role}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// An idle cluster stops heartbeating: its partitions go quiet. When the node leading a
+/// quiet partition dies, gossip wakes the followers and they elect at once, so a publish to
+/// that partition lands within seconds, and the partition's stream carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_partitions_go_quiet_and_fail_over_when_their_leader_dies() {
+    let mut cluster = Cluster::start(3).await;
+    let via = 0;
+    assert_eq!(cluster.nodes[via].publish(HOT, "q-1", "before").await, 1);
+    // Quiet after ~2 s of no writes; followers report theirs.
+    let start = Instant::now();
+    loop {
+        let mut quiet = 0;
+        for n in &cluster.nodes {
+            quiet += quiet_partitions(n, "leader").await;
+        }
+        if quiet >= 60 {
+            println!(
+                "quiesce: {quiet} of 64 partitions quiet after {:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {quiet} of 64 partitions went quiet in an idle cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Each follower replica reports going quiet on its node's next check.
+    loop {
+        let mut followers_quiet = 0;
+        for n in &cluster.nodes {
+            followers_quiet += quiet_partitions(n, "follower").await;
+        }
+        if followers_quiet >= 120 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {followers_quiet} of 128 follower replicas went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let victim = cluster.leader_of(HOT, None).await;
+    let survivor = (0..3).find(|i| *i != victim).unwrap();
+    let t0 = Instant::now();
+    cluster.nodes[victim].kill9();
+    // The publish waits out the election (the node retries for up to 15 s).
+    let seq = cluster.nodes[survivor].publish(HOT, "q-2", "after").await;
+    let failover = t0.elapsed();
+    println!("quiesce: quiet leader n{victim} killed; publish landed after {failover:?}");
+    assert_eq!(seq, 2, "the stream carries on from the quiet leader's log");
+    assert!(
+        failover < Duration::from_secs(10),
+        "a quiet partition took {failover:?} to fail over"
     );
 }

@@ -28,6 +28,10 @@ pub enum MailboxError {
     /// was not taken, so this one is not either: publishes keep their order.
     #[error("the publish before this one to the same user (id {0}) was not taken; resend from that one, in order")]
     OutOfOrder(String),
+    /// The partition's leader runs a release that does not serve this request (a rolling
+    /// upgrade): the caller falls back to requests it serves.
+    #[error("the partition's leader does not serve this request yet ({0})")]
+    Unsupported(String),
 }
 
 /// How long a publisher refused as overloaded is told to wait (HTTP `Retry-After` rounds it

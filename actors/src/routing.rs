@@ -24,7 +24,7 @@ use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::wire::{DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq, Subscribed};
-use warbler_cluster::{Leader, PeerTransport, Router};
+use warbler_cluster::{Leader, PeerError, PeerTransport, Router, RpcCode};
 use warbler_storage::PartitionId;
 
 use crate::error::MailboxError;
@@ -299,7 +299,13 @@ impl RoutingRef {
         let bytes = transport
             .call(addr, partition, kind, body, timeout)
             .await
-            .map_err(|e| MailboxError::NoLeader(e.to_string()))?;
+            .map_err(|e| match e {
+                PeerError::UnknownKind(_) => MailboxError::Unsupported(e.to_string()),
+                PeerError::Remote { ref error, .. } if error.code == RpcCode::UnknownKind => {
+                    MailboxError::Unsupported(e.to_string())
+                }
+                e => MailboxError::NoLeader(e.to_string()),
+            })?;
         let answer: Wire<T> = rmp_serde::from_slice(&bytes).map_err(|e| {
             MailboxError::Unavailable(format!("undecodable answer from {addr}: {e}"))
         })?;

@@ -18,11 +18,13 @@
 //!   node's RocksDB, checked by openraft's own storage test suite.
 //! - [`raft_net`]: openraft's network over the peer transport, and the service that hands
 //!   peers' consensus RPCs to each partition's `Raft`.
-//! - [`raft_log`]: the replicated `PartitionLog`: entries through each partition's Raft
-//!   group, completions in log order.
+//! - [`raft_log`]: the replicated `PartitionLog`: proposals batched into entries (by ops
+//!   and bytes) through each partition's Raft group, completions in log order, a backlog
+//!   bound past which publishes are refused.
 //! - [`router`]: [`Leader`] and the [`Router`] trait: which node leads a partition.
 //! - [`control`]: the control plane's decisions, with no I/O: the member list, starting,
-//!   placement, rebalancing, leader hints, readiness. Unit-tested in milliseconds.
+//!   placement, rebalancing, leader hints, readiness, quiescence. Unit-tested in
+//!   milliseconds.
 //! - [`node`]: [`ClusterNode`], the driver that runs membership, the Raft groups and the
 //!   control loops and carries the decisions out.
 

@@ -321,12 +321,14 @@ mod tests {
         let numbers: Vec<u8> = PeerKind::ALL.iter().map(|k| *k as u8).collect();
         assert_eq!(
             numbers,
-            [1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24, 25, 255]
+            [1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 255]
         );
         for k in PeerKind::ALL {
             assert_eq!(PeerKind::from_wire(k as u8), Some(k));
         }
-        assert_eq!(PeerKind::from_wire(4), None);
+        assert_eq!(PeerKind::from_wire(5), None);
+        assert_eq!(PeerKind::Quiesce.layer(), Layer::Consensus);
+        assert_eq!(PeerKind::PublishMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
         assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);

@@ -461,31 +461,34 @@ impl Gateway {
 }
 
 /// A publish's outcome given the one before it to the same user (`prev`, if it was
-/// unanswered when this one was handed over). Refused as out of order, this one waits for
-/// that one's answer: taken, it goes again after it; refused, it shares its fate and its
-/// resend point.
+/// unanswered when this one was handed over). Taken, it stands (the leader took it only
+/// after `prev`). Refused, it waits for `prev`'s answer: refused as out of order while
+/// `prev` was taken, it goes again after it; if `prev` was refused too, it keeps `prev`'s
+/// resend point, so the publisher resends from the first refusal of the run.
 async fn after_previous(
     first: Result<u64, MailboxError>,
     prev: Option<(String, Answer)>,
     mailboxes: &Mailboxes,
     (id, to, body, from): (&str, &str, ByteBuf, String),
 ) -> Outcome {
-    let (Err(MailboxError::OutOfOrder(_)), Some((prev_id, mut prev))) = (&first, prev) else {
+    let (Err(e), Some((prev_id, mut prev))) = (first.clone(), prev) else {
         return first.map_err(|e| (e, id.to_string()));
     };
     let prev_answer = match prev.wait_for(Option::is_some).await {
         Ok(answer) => answer.clone(),
         Err(_) => None,
     };
-    match prev_answer {
-        Some(Ok(_)) => mailboxes
+    match (e, prev_answer) {
+        (MailboxError::OutOfOrder(_), Some(Ok(_))) => mailboxes
             .publish_after(to, id, body, Some(from), Some(prev_id))
             .await
             .map_err(|e| (e, id.to_string())),
-        Some(Err((_, resend_from))) => {
+        (e, Some(Ok(_))) => Err((e, id.to_string())),
+        (MailboxError::OutOfOrder(_), Some(Err((_, resend_from)))) => {
             Err((MailboxError::OutOfOrder(resend_from.clone()), resend_from))
         }
-        None => Err((MailboxError::OutOfOrder(prev_id.clone()), prev_id)),
+        (e, Some(Err((_, resend_from)))) => Err((e, resend_from)),
+        (e, None) => Err((e, prev_id)),
     }
 }
 
