@@ -10,7 +10,7 @@
 //! first out, so `done` callbacks run in log order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -58,6 +58,9 @@ struct Group {
     poked: AtomicBool,
     /// Bytes of ops proposed and not yet durable (or failed).
     backlog_bytes: Arc<AtomicUsize>,
+    /// The term in which this replica last confirmed its leadership with a quorum (0:
+    /// never): later barriers in that term only wait for the local apply.
+    confirmed_term: AtomicU64,
 }
 
 /// The Raft groups of the partitions this node replicates.
@@ -95,6 +98,7 @@ impl RaftLog {
                 proposals,
                 poked: AtomicBool::new(false),
                 backlog_bytes,
+                confirmed_term: AtomicU64::new(0),
             }),
         );
     }
@@ -233,11 +237,20 @@ impl PartitionLog for RaftLog {
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             let group = self.group(partition)?;
-            group
-                .raft
-                .ensure_linearizable()
-                .await
-                .map_err(|e: RaftError<u64, _>| not_writable(partition, e))?;
+            // A quorum confirms this leadership once per term: a mailbox starting later in
+            // the same term reads no state another leader could have written meanwhile
+            // without this replica's proposals failing (a deposed leader commits nothing,
+            // and the state machine refuses an append that does not follow its user's
+            // head). So a fan-out that starts thousands of mailboxes asks the quorum once.
+            let term = group.raft.metrics().borrow().current_term;
+            if group.confirmed_term.load(Ordering::Relaxed) != term {
+                group
+                    .raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e: RaftError<u64, _>| not_writable(partition, e))?;
+                group.confirmed_term.store(term, Ordering::Relaxed);
+            }
             // Every entry a leader holds will be committed before the ones it appends next,
             // whether it became leader by election or resumed its term after a restart with
             // a tail of entries it had not committed yet. A writer reading its state must see

@@ -374,18 +374,14 @@ impl Gateway {
                 answered,
             } => (handed, Some((id, answered))),
         };
+        // Kept only to send it again after the publish it follows (no copy otherwise).
+        let resend = prev.as_ref().map(|_| (body.clone(), from.clone()));
         let after = prev.as_ref().map(|(prev_id, _)| prev_id.clone());
         let (answer_tx, answer_rx) = watch::channel(None);
         // The hand-over yields the wait for the seq, awaited on its own task below.
         #[allow(clippy::async_yields_async)]
         let mut submit = {
-            let (mailboxes, to, id, body, from) = (
-                mailboxes.clone(),
-                to.clone(),
-                id.clone(),
-                body.clone(),
-                from.clone(),
-            );
+            let (mailboxes, to, id) = (mailboxes.clone(), to.clone(), id.clone());
             Box::pin(async move {
                 if let Some(before) = before {
                     let _ = before.await;
@@ -420,7 +416,7 @@ impl Gateway {
                 }
             };
             let first = pending.await;
-            let outcome = after_previous(first, prev, &mailboxes, (&id, &to, body, from)).await;
+            let outcome = after_previous(first, prev.zip(resend), &mailboxes, (&id, &to)).await;
             let reply = match &outcome {
                 Ok(seq) => Frame::Published { id, to, seq: *seq },
                 Err((e, _)) => mailbox_error_frame(e, id),
@@ -467,11 +463,11 @@ impl Gateway {
 /// resend point, so the publisher resends from the first refusal of the run.
 async fn after_previous(
     first: Result<u64, MailboxError>,
-    prev: Option<(String, Answer)>,
+    prev: Option<((String, Answer), (ByteBuf, String))>,
     mailboxes: &Mailboxes,
-    (id, to, body, from): (&str, &str, ByteBuf, String),
+    (id, to): (&str, &str),
 ) -> Outcome {
-    let (Err(e), Some((prev_id, mut prev))) = (first.clone(), prev) else {
+    let (Err(e), Some(((prev_id, mut prev), (body, from)))) = (first.clone(), prev) else {
         return first.map_err(|e| (e, id.to_string()));
     };
     let prev_answer = match prev.wait_for(Option::is_some).await {

@@ -351,7 +351,12 @@ impl Router for ClusterNode {
         let replica = self.replica(partition);
         let view = {
             let hints = self.leader_hints.lock().unwrap();
-            let placed = self.placed(partition);
+            // Only a node without a replica guesses from the placement (this runs for
+            // every partition ten times a second: no copies when not needed).
+            let placed = match replica {
+                None => self.placed(partition),
+                Some(_) => Vec::new(),
+            };
             let name_of = |id| self.name_of(id);
             leader::leader(
                 &self.me,
