@@ -1,5 +1,5 @@
 # Shortcuts; each target is one documented script.
-.PHONY: test bench bench-quick chaos dev
+.PHONY: test bench bench-quick bench-replication chaos dev
 
 test:          ## the whole test suite (what CI runs)
 	bash scripts/test.sh
@@ -9,6 +9,9 @@ bench:         ## Warbler vs NATS JetStream and Mosquitto, idle memory, reconnec
 
 bench-quick:   ## the same at a small size (a few minutes), to try the harness
 	USERS=200 DURATION=5 IDLE=2000 STORM=500 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
+
+bench-replication: ## single node vs one-member cluster vs RF 3, idle cluster CPU, fan-out (about 4 min)
+	bash benches/replication.sh
 
 chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about an hour)
 	bash scripts/chaos.sh

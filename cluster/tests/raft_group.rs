@@ -66,6 +66,18 @@ async fn replica(id: u64) -> Replica {
     }
 }
 
+/// One partition's group on three fresh replicas, initialized.
+async fn three_replicas() -> [Replica; 3] {
+    let nodes = [replica(1).await, replica(2).await, replica(3).await];
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    nodes
+}
+
 fn batch(seq: u64) -> Batch {
     let msg = StoredMessage {
         id: format!("m{seq}"),
@@ -145,13 +157,7 @@ async fn converged(replicas: &[&Replica], last_seq: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_survives_losing_its_leader() {
-    let nodes = [replica(1).await, replica(2).await, replica(3).await];
-    let members: BTreeMap<u64, BasicNode> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
-        .collect();
-    nodes[0].raft.initialize(members).await.unwrap();
+    let nodes = three_replicas().await;
     let all: Vec<&Replica> = nodes.iter().collect();
     let first_leader = leader_of(&all).await;
     write(&all, 1..=20).await;
@@ -204,13 +210,7 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
 
     const BODY: usize = 512 * 1024;
     const PROPOSALS: u64 = 40;
-    let nodes = [replica(1).await, replica(2).await, replica(3).await];
-    let members: BTreeMap<u64, BasicNode> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
-        .collect();
-    nodes[0].raft.initialize(members).await.unwrap();
+    let nodes = three_replicas().await;
     let all: Vec<&Replica> = nodes.iter().collect();
     let leader = leader_of(&all).await;
     let leader = all
