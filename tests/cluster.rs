@@ -1080,6 +1080,8 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
     let mut todo: Vec<usize> = (0..N).collect();
     let mut seqs: BTreeMap<usize, u64> = BTreeMap::new();
     let (mut overloaded, mut refused_total, mut rounds) = (0, 0, 0);
+    // Every answer, to show when the order breaks.
+    let mut transcript: Vec<String> = Vec::new();
     while !todo.is_empty() {
         rounds += 1;
         assert!(
@@ -1115,9 +1117,7 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
                 .expect("every publish is answered");
             match answer {
                 Ok(warbler_client::Frame::Published { id, seq, .. }) => {
-                    if std::env::var("OVERLOAD_DEBUG").is_ok() {
-                        println!("round {rounds}: {id} seq {seq}");
-                    }
+                    transcript.push(format!("round {rounds}: {id} seq {seq}"));
                     seqs.insert(index(&id), seq);
                 }
                 Err(warbler_client::ClientError::Server {
@@ -1125,9 +1125,7 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
                     id: Some(id),
                     message,
                 }) => {
-                    if std::env::var("OVERLOAD_DEBUG").is_ok() {
-                        println!("round {rounds}: {id} {code} {message}");
-                    }
+                    transcript.push(format!("round {rounds}: {id} {code}: {message}"));
                     overloaded += usize::from(code == "overloaded");
                     refused.push(index(&id));
                 }
@@ -1149,7 +1147,8 @@ async fn overloaded_publishes_are_refused_and_a_publisher_resending_in_order_kee
     let by_index: Vec<u64> = seqs.values().copied().collect();
     assert!(
         by_index.windows(2).all(|w| w[0] < w[1]),
-        "seqs out of send order: {by_index:?}"
+        "seqs out of send order: {by_index:?}\nanswers:\n{}",
+        transcript.join("\n")
     );
     let now_leader = cluster.leader_of(HOT, Some(via)).await;
     let stream: Vec<String> = cluster.nodes[now_leader]
