@@ -1234,3 +1234,50 @@ async fn idle_partitions_go_quiet_and_fail_over_when_their_leader_dies() {
         "a quiet partition took {failover:?} to fail over"
     );
 }
+
+/// A fan-out on a cluster: each partition's share goes to its leader as one request
+/// (`PublishMany`), from a node that leads some partitions and follows others. Every
+/// recipient gets the message once at seq 1, in the order of `to`, and the same request
+/// again answers the same seqs (dedup on every leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
+    let cluster = Cluster::start(3).await;
+    let to: Vec<String> = (0..300).map(|i| format!("fan{i}")).collect();
+    let body = serde_json::json!({"to": to, "id": "fan-1", "body": "hello"}).to_string();
+    let tok = token("backend", "publish");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (status, v) = cluster.nodes[0]
+            .http("POST", "/v1/messages", Some(&tok), &body)
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let results = v["results"].as_array().expect("results").clone();
+        let users: Vec<&str> = results
+            .iter()
+            .map(|r| r["user"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, to.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            results.iter().all(|r| r["seq"].as_u64() == Some(1)),
+            "every recipient stores it once, at seq 1: {results:?}"
+        );
+        answers.push(results);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the same request again answers the same seqs"
+    );
+    // History is read from node 1's own replicas, which may apply a moment after commit.
+    for user in ["fan0", "fan150", "fan299"] {
+        let start = Instant::now();
+        loop {
+            let history = cluster.nodes[1].history(user).await;
+            let ids: Vec<&str> = history.iter().map(|(_, id, _)| id.as_str()).collect();
+            if ids == ["fan-1"] {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{user}: {ids:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
