@@ -17,9 +17,6 @@ use crate::NodeState;
 
 /// How often a follower asks its leaders how far they have applied.
 const APPLIED_PERIOD: Duration = Duration::from_secs(1);
-/// A replica's metrics, as openraft publishes them.
-type MetricsRx = tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>;
-
 /// How often the leader of every partition is checked for changes.
 const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(100);
 
@@ -97,20 +94,6 @@ impl ClusterNode {
         );
     }
 
-    /// Keeps one metrics receiver per local replica in `watched` (new replicas start as
-    /// changed, dropped ones go).
-    fn watch_metrics(&self, watched: &mut HashMap<PartitionId, MetricsRx>) {
-        let pl = self.placement.read().unwrap();
-        watched.retain(|p, _| pl.rafts.contains_key(p));
-        for (p, raft) in &pl.rafts {
-            watched.entry(*p).or_insert_with(|| {
-                let mut rx = raft.metrics();
-                rx.mark_changed();
-                rx
-            });
-        }
-    }
-
     /// Watches every partition's leader and calls `on_change` when it changes; keeps the
     /// `warbler_partitions_led` gauge.
     pub fn watch_leaders(self: &Arc<Self>, on_change: impl Fn(LeaderChange) + Send + 'static) {
@@ -120,28 +103,10 @@ impl ClusterNode {
                 .map(|_| Leader::Unknown(String::new()))
                 .collect();
             let mut tick = tokio::time::interval(LEADER_WATCH_PERIOD);
-            // The metrics of each local replica, to skip those that did not change: a quiet
-            // cluster then does next to nothing here.
-            let mut watched: HashMap<PartitionId, MetricsRx> = HashMap::new();
             loop {
                 tick.tick().await;
-                node.watch_metrics(&mut watched);
                 let mut led = 0;
                 for p in 0..node.partitions {
-                    // A definite answer stands while the replica's metrics do not change;
-                    // an unknown one (no leader, a leader not named yet) is asked again.
-                    let definite =
-                        matches!(prev[p as usize], Leader::Local | Leader::Remote { .. });
-                    let unchanged = watched
-                        .get_mut(&p)
-                        .is_some_and(|rx| !rx.has_changed().unwrap_or(true));
-                    if definite && unchanged {
-                        led += usize::from(prev[p as usize] == Leader::Local);
-                        continue;
-                    }
-                    if let Some(rx) = watched.get_mut(&p) {
-                        rx.mark_unchanged();
-                    }
                     let now = node.leader(p);
                     if now == Leader::Local {
                         led += 1;
