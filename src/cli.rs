@@ -195,14 +195,27 @@ pub async fn listen(args: ListenArgs) -> anyhow::Result<()> {
 
 /// Creates the dev secret on first start (kept, so minted tokens stay valid).
 fn dev_secret(dir: &Path) -> anyhow::Result<PathBuf> {
+    dev_random_file(dir, DEV_SECRET_FILE)
+}
+
+/// Creates `dir/name` holding 32 random bytes in hex, readable by its owner only, unless
+/// it exists.
+fn dev_random_file(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
-    let path = dir.join(DEV_SECRET_FILE);
+    let path = dir.join(name);
     if !path.exists() {
         let mut bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&path, hex).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, hex.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(path)
 }
@@ -265,6 +278,7 @@ async fn dev_node(
     args: &DevArgs,
     exe: &Path,
     secret: &Path,
+    cluster_key: &Path,
     seed: std::net::SocketAddr,
     i: u32,
 ) -> anyhow::Result<(tokio::process::Child, String)> {
@@ -285,6 +299,8 @@ async fn dev_node(
         .args(["--bootstrap-expect", &args.nodes.to_string()])
         .arg("--jwt-secret-file")
         .arg(secret)
+        .arg("--cluster-key-file")
+        .arg(cluster_key)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -305,12 +321,13 @@ async fn dev_node(
 /// `dev --nodes N`: N `warbler serve` processes on this machine forming one cluster.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
     let secret = dev_secret(&args.data_dir)?;
+    let cluster_key = dev_random_file(&args.data_dir, "cluster.key")?;
     let exe = std::env::current_exe().context("cannot find the warbler executable")?;
     let seed = port_plus(&args.client_addr, "--client-addr", 10)?;
     let mut children = Vec::new();
     let mut lines = Vec::new();
     for i in 0..args.nodes {
-        let (child, line) = dev_node(&args, &exe, &secret, seed, i).await?;
+        let (child, line) = dev_node(&args, &exe, &secret, &cluster_key, seed, i).await?;
         children.push(child);
         lines.push(line);
     }

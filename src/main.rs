@@ -93,6 +93,9 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert-file.
     #[arg(long, value_name = "FILE")]
     tls_key_file: Option<PathBuf>,
+    /// File holding the cluster key every member shares (required off loopback).
+    #[arg(long, value_name = "FILE")]
+    cluster_key_file: Option<PathBuf>,
     /// Log format: human or json.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
@@ -107,7 +110,7 @@ impl ServeArgs {
         };
         config.apply_env(std::env::vars())?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let flags: [(&str, &str, Option<String>); 11] = [
+        let flags: [(&str, &str, Option<String>); 12] = [
             ("--node-id", "node_id", self.node_id.clone()),
             ("--data-dir", "data_dir", path(&self.data_dir)),
             ("--client-addr", "client_addr", self.client_addr.clone()),
@@ -130,6 +133,11 @@ impl ServeArgs {
                 path(&self.tls_cert_file),
             ),
             ("--tls-key-file", "tls.key_file", path(&self.tls_key_file)),
+            (
+                "--cluster-key-file",
+                "cluster.key_file",
+                path(&self.cluster_key_file),
+            ),
             ("--log-format", "log.format", self.log_format.clone()),
         ];
         for (flag, field, value) in flags {

@@ -43,7 +43,7 @@ pub async fn run(
         cluster: config.cluster_addr,
     };
     // A cluster of one is the single-node mode: no consensus, the group committer writes.
-    let clustered = config.bootstrap_expect > 1 || !config.seeds.is_empty();
+    let clustered = config.clustered();
     let parts = if clustered {
         start_clustered(&config, &store, &mut addrs).await?
     } else {

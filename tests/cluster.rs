@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{seed, token, Node};
 use rand::{Rng, SeedableRng};
+use warbler_chaos::ports::free_port;
 use warbler_client::api::{ClusterStatus, Decommissioned, ErrorBody, UserPlacement};
 use warbler_client::http::NodeHttp;
 
@@ -33,16 +34,15 @@ struct Cluster {
     env: Vec<(String, String)>,
 }
 
-/// A port free for both TCP and UDP (the cluster address uses both).
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+/// Writes a secret file readable by its owner only, as an operator would.
+fn write_private(path: &std::path::Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// The key every test cluster's members share.
+const CLUSTER_KEY: &str = "the test cluster's key, long enough to be accepted";
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
@@ -74,7 +74,13 @@ impl Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         self.cluster_addrs.push(addr.clone());
         let name = format!("n{i}");
+        let key = self._dir.path().join("cluster.key");
+        if !key.exists() {
+            write_private(&key, CLUSTER_KEY);
+        }
+        let key = key.display().to_string();
         let mut vars = vec![
+            ("WARBLER_CLUSTER_KEY_FILE", key.as_str()),
             ("WARBLER_RAFT_HEARTBEAT_MS", "100"),
             ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "500"),
             ("WARBLER_FAULT_INJECTION", "true"),
@@ -812,6 +818,7 @@ async fn nodes_talk_over_mutual_tls() {
         PeerFrame::Hello {
             v: PEER_PROTOCOL_VERSION,
             from: "intruder".into(),
+            nonce: None,
         },
         PeerFrame::Request {
             id: 1,
@@ -1280,4 +1287,122 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A counter's value from a node's `/metrics` (0 when it has not been counted yet).
+async fn counter(node: &Node, name: &str) -> u64 {
+    let (_, text) = common::http_raw(&node.http, "GET", "/metrics", None, b"").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// The cluster port of a keyed cluster: a stranger who speaks the peer protocol perfectly
+/// but holds no key is refused before any request is read, whatever it asks (here, to
+/// publish a forged message); garbage on the gossip port is dropped and counted; a node
+/// started with another cluster's key never becomes a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_cluster_port_are_refused_and_another_key_never_joins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warbler_cluster::transport::{PeerFrame, PEER_PROTOCOL_VERSION};
+    use warbler_cluster::wire::PublishReq;
+    let mut cluster = Cluster::start(3).await;
+    let user = "victim";
+    let leader = cluster.leader_of(user, None).await;
+    let partition = warbler_cluster::partition_of(user, 64);
+    let forged = PublishReq {
+        user: user.into(),
+        id: "forged".into(),
+        body: serde_bytes::ByteBuf::from(b"send your password".to_vec()),
+        from: Some("bank".into()),
+        after: None,
+    };
+    let mut s = tokio::net::TcpStream::connect(&cluster.cluster_addrs[leader])
+        .await
+        .unwrap();
+    let frames = [
+        PeerFrame::Hello {
+            v: PEER_PROTOCOL_VERSION,
+            from: format!("n{}", (leader + 1) % 3),
+            nonce: None,
+        },
+        PeerFrame::Request {
+            id: 1,
+            partition,
+            kind: warbler_cluster::PeerKind::Publish as u8,
+            body: serde_bytes::ByteBuf::from(rmp_serde::to_vec_named(&forged).unwrap()),
+        },
+    ];
+    for frame in &frames {
+        let bytes = rmp_serde::to_vec_named(frame).unwrap();
+        s.write_all(&(bytes.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(&bytes).await.unwrap();
+    }
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+        .await
+        .expect("the node answers the stranger")
+        .unwrap();
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.unwrap();
+    match rmp_serde::from_slice::<PeerFrame>(&buf).unwrap() {
+        PeerFrame::Error { message } => assert!(
+            message.contains("cluster key") && message.contains("--cluster-key-file"),
+            "{message}"
+        ),
+        other => panic!("a stranger got {other:?}"),
+    }
+    let _ = s.shutdown().await;
+
+    // A forged datagram on the gossip port is dropped, and counted.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let refused_before = counter(&cluster.nodes[0], "warbler_gossip_datagrams_refused_total").await;
+    for _ in 0..3 {
+        udp.send_to(b"not a member's datagram", &cluster.cluster_addrs[0])
+            .unwrap();
+    }
+    let start = Instant::now();
+    while counter(&cluster.nodes[0], "warbler_gossip_datagrams_refused_total").await
+        < refused_before + 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "datagrams not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A node holding another cluster's key knocks and stays out.
+    let other_key = cluster._dir.path().join("other.key");
+    write_private(&other_key, "another cluster's key, quite long enough too");
+    cluster.env.push((
+        "WARBLER_CLUSTER_KEY_FILE".into(),
+        other_key.display().to_string(),
+    ));
+    let outsider = cluster.spawn(4);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let v = cluster.status(Some(outsider)).await;
+    let names: Vec<&str> = v.members.iter().map(|m| m.node.as_str()).collect();
+    assert!(
+        !names.contains(&"n3"),
+        "a node with another key became a member: {names:?}"
+    );
+    let (ready, body) = cluster.nodes[outsider]
+        .http("GET", "/readyz", None, "")
+        .await;
+    assert_ne!(ready, 200, "the outsider is ready: {body}");
+    assert!(counter(&cluster.nodes[0], "warbler_peer_connections_refused_total").await >= 1);
+
+    // Nothing the stranger sent was stored: the victim's stream is empty until a real
+    // publish, which gets seq 1.
+    assert_eq!(cluster.nodes[0].publish(user, "real", "hello").await, 1);
+    let mut dev = cluster.nodes[leader].device(user, "d").await;
+    let m = tokio::time::timeout(Duration::from_secs(10), dev.recv_msg())
+        .await
+        .expect("the real message arrives")
+        .unwrap();
+    assert_eq!((m.seq, m.id.as_str()), (1, "real"));
 }

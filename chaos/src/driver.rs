@@ -31,6 +31,7 @@ use warbler_client::api::ClusterStatus;
 use warbler_client::http::NodeHttp;
 
 use crate::auth;
+use crate::ports::free_port;
 
 /// How the nodes are networked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -107,6 +108,8 @@ struct NodeProc {
 pub struct Cluster {
     opts: ClusterOpts,
     secret: PathBuf,
+    /// The cluster key file every node is started with.
+    cluster_key: PathBuf,
     tag: u32,
     nodes: Vec<NodeProc>,
     /// Pairs of nodes that cannot reach each other (a < b).
@@ -115,19 +118,6 @@ pub struct Cluster {
 }
 
 static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
-
-/// A port free for both TCP and UDP on 127.0.0.1 (the cluster address uses both).
-fn free_port() -> u16 {
-    loop {
-        let Ok(tcp) = std::net::TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0 && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 /// Runs a command to completion; an error names the command and what it printed.
 fn sh(args: &[&str]) -> anyhow::Result<()> {
@@ -152,6 +142,20 @@ impl Cluster {
             .with_context(|| format!("cannot create {}", opts.dir.display()))?;
         let secret = opts.dir.join("secret");
         std::fs::write(&secret, auth::SECRET)?;
+        // Every run's cluster has a key of its own, as a production cluster would.
+        let cluster_key = opts.dir.join("cluster.key");
+        let key: String = {
+            use rand::Rng;
+            let mut rng = rand::thread_rng();
+            (0..48)
+                .map(|_| char::from(b"0123456789abcdef"[rng.gen_range(0..16)]))
+                .collect()
+        };
+        std::fs::write(&cluster_key, key)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cluster_key, std::fs::Permissions::from_mode(0o600))?;
+        }
         let tag = (std::process::id() * 7 + NEXT_TAG.fetch_add(1, Ordering::Relaxed)) % 200 + 20;
         let nodes = (0..opts.nodes + opts.spare)
             .map(|i| {
@@ -188,6 +192,7 @@ impl Cluster {
         let mut c = Cluster {
             opts,
             secret,
+            cluster_key,
             tag,
             nodes,
             cuts: BTreeSet::new(),
@@ -407,6 +412,8 @@ impl Cluster {
             .args(["--bootstrap-expect", &self.opts.nodes.to_string()])
             .arg("--jwt-secret-file")
             .arg(&self.secret)
+            .arg("--cluster-key-file")
+            .arg(&self.cluster_key)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -465,6 +472,8 @@ impl Cluster {
             args.push(format!("{}:/data", n.data.display()));
             args.push("-v".into());
             args.push(format!("{}:/secret:ro", self.secret.display()));
+            args.push("-v".into());
+            args.push(format!("{}:/cluster.key:ro", self.cluster_key.display()));
             for (k, v) in self.node_env() {
                 args.push("-e".into());
                 args.push(format!("{k}={v}"));
@@ -488,6 +497,8 @@ impl Cluster {
                 &self.opts.nodes.to_string(),
                 "--jwt-secret-file",
                 "/secret",
+                "--cluster-key-file",
+                "/cluster.key",
             ] {
                 args.push(a.to_string());
             }

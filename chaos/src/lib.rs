@@ -9,11 +9,13 @@
 //! - [`checker`]: the verdict: losses, duplicates, order violations, gaps, latency.
 //! - [`run`]: one run of one scenario with one seed.
 //! - [`report`]: the terminal summary.
+//! - [`ports`]: ports that stay free while a node is restarted on them.
 
 pub mod auth;
 pub mod checker;
 pub mod driver;
 pub mod history;
+pub mod ports;
 pub mod report;
 pub mod run;
 pub mod scenario;

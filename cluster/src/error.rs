@@ -107,6 +107,8 @@ pub enum ClusterError {
     },
     #[error("cluster TLS: {0}")]
     Tls(String),
+    #[error("cluster key: {0}")]
+    Key(String),
     #[error(transparent)]
     Storage(#[from] warbler_storage::StorageError),
     #[error(

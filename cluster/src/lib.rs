@@ -11,6 +11,7 @@
 //!   of the cluster, published on a watch channel.
 //! - [`transport`]: request/response RPC to peers over one multiplexed TCP connection per
 //!   peer, versioned frames, optional mutual TLS, bounded queues, reconnect with backoff.
+//! - [`key`]: the cluster key: challenge and response on peer connections, MACs on gossip.
 //! - [`wire`]: every peer message: [`PeerKind`] and each kind's typed request and answer.
 //! - [`error`]: [`ControlError`], [`RpcError`] (a refusal with a code that crosses the
 //!   wire) and [`ClusterError`].
@@ -30,6 +31,7 @@
 
 pub mod control;
 pub mod error;
+pub mod key;
 pub mod membership;
 pub mod node;
 pub mod partition;
@@ -43,11 +45,12 @@ pub mod wire;
 
 pub use crate::control::MemberList;
 pub use crate::error::{ClusterError, ControlError, RpcCode, RpcError};
+pub use crate::key::ClusterKey;
 pub use crate::membership::{Membership, NodeId, NodeMeta, NodeState, Timing};
 pub use crate::node::{ClusterNode, LeaderChange};
 pub use crate::partition::{fnv1a64, partition_of};
 pub use crate::ring::{Ring, VNODES_DEFAULT};
 pub use crate::router::{Leader, Router};
-pub use crate::transport::{Faults, PeerError, PeerHandler, PeerTls, PeerTransport};
+pub use crate::transport::{Faults, PeerAuth, PeerError, PeerHandler, PeerTls, PeerTransport};
 pub use crate::wire::PeerKind;
 pub use warbler_storage::PartitionId;

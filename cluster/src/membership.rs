@@ -25,6 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::key::{ClusterKey, GOSSIP_TAG_BYTES};
 use crate::transport::Faults;
 
 /// Inputs queued for the foca task. Bounded: a flood of datagrams waits rather than
@@ -224,16 +225,19 @@ impl Membership {
         seeds: Vec<SocketAddr>,
         timing: Timing,
     ) -> std::io::Result<Membership> {
-        Membership::start_with_meta(me, seeds, timing, None, Faults::default()).await
+        Membership::start_with_meta(me, seeds, timing, None, Faults::default(), None).await
     }
 
-    /// Like [`Membership::start`], and spreads `meta` (this node's addresses and state).
+    /// Like [`Membership::start`], and spreads `meta` (this node's addresses and state);
+    /// with `key`, every datagram sent carries its MAC and one received without a valid MAC
+    /// is dropped.
     pub async fn start_with_meta(
         mut me: NodeId,
         seeds: Vec<SocketAddr>,
         timing: Timing,
         meta: Option<NodeMeta>,
         faults: Faults,
+        key: Option<ClusterKey>,
     ) -> std::io::Result<Membership> {
         let socket = Arc::new(UdpSocket::bind(me.gossip).await?);
         me.gossip = socket.local_addr()?;
@@ -256,6 +260,7 @@ impl Membership {
                 Outbox {
                     socket: socket.clone(),
                     faults,
+                    key: key.clone(),
                 },
                 timers_tx,
                 view_tx,
@@ -263,7 +268,7 @@ impl Membership {
                 timing,
             )),
             tokio::spawn(schedule(timers_rx, inputs.clone())),
-            tokio::spawn(receive(socket, inputs.clone(), max_packet)),
+            tokio::spawn(receive(socket, inputs.clone(), max_packet, key)),
             tokio::spawn(retry_seeds(inputs.clone())),
             tokio::spawn(refresh_meta(inputs.clone())),
         ];
@@ -426,6 +431,7 @@ fn spread_meta(
 struct Outbox {
     socket: Arc<UdpSocket>,
     faults: Faults,
+    key: Option<ClusterKey>,
 }
 
 async fn flush(
@@ -434,9 +440,13 @@ async fn flush(
     timers: &mpsc::UnboundedSender<(Instant, Timer<NodeId>)>,
 ) -> bool {
     while let Some((dst, data)) = runtime.to_send() {
-        if !socket.faults.blocks(&dst.gossip) {
-            let _ = socket.socket.send_to(&data, dst.gossip).await;
+        if socket.faults.blocks(&dst.gossip) {
+            continue;
         }
+        let _ = match &socket.key {
+            Some(key) => socket.socket.send_to(&key.seal(&data), dst.gossip).await,
+            None => socket.socket.send_to(&data, dst.gossip).await,
+        };
     }
     let now = Instant::now();
     while let Some((delay, timer)) = runtime.to_schedule() {
@@ -500,13 +510,34 @@ async fn schedule(
     }
 }
 
-async fn receive(socket: Arc<UdpSocket>, out: mpsc::Sender<Input>, max_packet: usize) {
-    let mut buf = vec![0u8; max_packet];
+async fn receive(
+    socket: Arc<UdpSocket>,
+    out: mpsc::Sender<Input>,
+    max_packet: usize,
+    key: Option<ClusterKey>,
+) {
+    let mut buf = vec![0u8; max_packet + GOSSIP_TAG_BYTES];
+    let mut last_warned: Option<Instant> = None;
     loop {
         match socket.recv_from(&mut buf).await {
-            Ok((len, _)) => {
+            Ok((len, from)) => {
+                let data = match &key {
+                    None => &buf[..len],
+                    Some(key) => match key.open(&buf[..len]) {
+                        Some(data) => data,
+                        None => {
+                            metrics::counter!("warbler_gossip_datagrams_refused_total")
+                                .increment(1);
+                            if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                                tracing::warn!(%from, "gossip datagram without this cluster's key dropped (a stranger, or a node with another --cluster-key-file)");
+                                last_warned = Some(Instant::now());
+                            }
+                            continue;
+                        }
+                    },
+                };
                 if out
-                    .send(Input::Data(bytes::Bytes::copy_from_slice(&buf[..len])))
+                    .send(Input::Data(bytes::Bytes::copy_from_slice(data)))
                     .await
                     .is_err()
                 {

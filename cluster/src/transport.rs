@@ -4,7 +4,14 @@
 //! Wire: the device protocol's framing (4-byte big-endian length, then MessagePack maps),
 //! with its own frames: [`PeerFrame`]. The dialer's first frame is `hello{v, from}`; a
 //! version other than [`PEER_PROTOCOL_VERSION`] is refused with `error` and the connection
-//! is closed. Every request carries a correlation id, a partition and a kind, so many
+//! is closed.
+//!
+//! Trust: with a cluster key ([`ClusterKey`]) the hello carries the dialer's nonce, the
+//! acceptor answers `challenge{nonce, proof}` and the dialer `proof{proof}`; each proof is
+//! checked before anything else is read or sent, and a wrong or missing one is refused
+//! with `error` naming the fix. The whole handshake (TLS included) must finish within
+//! [`PEER_HANDSHAKE_TIMEOUT`], and at most [`PEER_CONNECTIONS_MAX`] inbound connections
+//! are served at once, counted from accept, before any handshake. Every request carries a correlation id, a partition and a kind, so many
 //! partitions' traffic (consensus messages, snapshots) shares one connection and answers
 //! may come back in any order.
 //!
@@ -28,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{RpcCode, RpcError};
+use crate::key::{ClusterKey, Side};
 use crate::wire::PeerKind;
 
 /// The peer protocol version this build speaks.
@@ -43,6 +51,10 @@ pub const PEER_CALLS_MAX: usize = 4096;
 /// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Time an inbound or outbound connection has for TLS, hello and the key handshake.
+pub const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound peer connections served at once; more are closed at accept.
+pub const PEER_CONNECTIONS_MAX: usize = 1024;
 /// A link with calls outstanding that has heard nothing for this long sends a probe.
 pub const PROBE_AFTER: Duration = Duration::from_millis(1000);
 /// A probe unanswered for this long means the peer is gone (killed without closing its
@@ -57,6 +69,18 @@ pub enum PeerFrame {
     Hello {
         v: u32,
         from: String,
+        /// The dialer's handshake nonce, when it holds a cluster key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<ByteBuf>,
+    },
+    /// The acceptor's nonce and its proof of the cluster key.
+    Challenge {
+        nonce: ByteBuf,
+        proof: ByteBuf,
+    },
+    /// The dialer's proof of the cluster key.
+    Proof {
+        proof: ByteBuf,
     },
     Request {
         id: u64,
@@ -225,6 +249,14 @@ impl PeerTls {
     }
 }
 
+/// What a node proves to its peers and demands of them: mutual TLS, the cluster key, both
+/// or (on loopback only, as configuration enforces) neither.
+#[derive(Clone, Default)]
+pub struct PeerAuth {
+    pub tls: Option<PeerTls>,
+    pub key: Option<ClusterKey>,
+}
+
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
@@ -232,7 +264,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub struct PeerTransport {
     me: String,
     addr: SocketAddr,
-    tls: Option<PeerTls>,
+    auth: PeerAuth,
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
     accept_task: tokio::task::JoinHandle<()>,
     faults: Faults,
@@ -259,20 +291,32 @@ impl Drop for PeerTransport {
 }
 
 impl PeerTransport {
-    /// Listens on `bind` (port 0 allowed) and serves requests with `handler`.
+    /// Listens on `bind` (port 0 allowed) and serves requests with `handler`; with `tls`,
+    /// only peers with a certificate of the cluster CA.
     pub async fn start(
         me: &str,
         bind: SocketAddr,
         tls: Option<PeerTls>,
         handler: Arc<dyn PeerHandler>,
     ) -> std::io::Result<PeerTransport> {
+        let auth = PeerAuth { tls, key: None };
+        PeerTransport::start_with(me, bind, auth, handler).await
+    }
+
+    /// Like [`PeerTransport::start`], with everything `auth` demands of peers.
+    pub async fn start_with(
+        me: &str,
+        bind: SocketAddr,
+        auth: PeerAuth,
+        handler: Arc<dyn PeerHandler>,
+    ) -> std::io::Result<PeerTransport> {
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let accept_task = tokio::spawn(accept(listener, tls.clone(), handler));
+        let accept_task = tokio::spawn(accept(listener, auth.clone(), handler));
         Ok(PeerTransport {
             me: me.to_string(),
             addr,
-            tls,
+            auth,
             links: Mutex::new(HashMap::new()),
             accept_task,
             faults: Faults::default(),
@@ -327,7 +371,7 @@ impl PeerTransport {
             .entry(peer)
             .or_insert_with(|| {
                 let (queue, rx) = mpsc::channel(PEER_QUEUE_MAX);
-                let task = tokio::spawn(run_link(self.me.clone(), peer, self.tls.clone(), rx));
+                let task = tokio::spawn(run_link(self.me.clone(), peer, self.auth.clone(), rx));
                 Arc::new(Link { peer, queue, task })
             })
             .clone()
@@ -383,27 +427,166 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<PeerFram
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-async fn accept(listener: TcpListener, tls: Option<PeerTls>, handler: Arc<dyn PeerHandler>) {
+async fn accept(listener: TcpListener, auth: PeerAuth, handler: Arc<dyn PeerHandler>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS_MAX));
+    let mut refusals = Refusals::default();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.note(
+                from,
+                &format!("{PEER_CONNECTIONS_MAX} peer connections are open already"),
+            );
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let (tls, handler) = (tls.clone(), handler.clone());
+        let (auth, handler) = (auth.clone(), handler.clone());
         tokio::spawn(async move {
-            let io: Box<dyn Io> = match tls {
-                None => Box::new(tcp),
-                Some(t) => match t.acceptor.accept(tcp).await {
-                    Ok(s) => Box::new(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "peer TLS handshake refused");
-                        return;
-                    }
-                },
-            };
-            serve_peer(io, handler).await;
+            let _slot = slot;
+            let handshake = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, greet(tcp, &auth)).await;
+            match handshake {
+                Ok(Ok((halves, from))) => serve_peer(halves, from, handler).await,
+                Ok(Err(reason)) => refused(from, &reason),
+                Err(_) => refused(
+                    from,
+                    &format!("no handshake within {PEER_HANDSHAKE_TIMEOUT:?}"),
+                ),
+            }
         });
+    }
+}
+
+/// Logs refused inbound connections, at most one line a second (a stranger's flood must
+/// not flood the log), and counts every one.
+#[derive(Default)]
+struct Refusals {
+    last: Option<std::time::Instant>,
+    quiet: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, from: SocketAddr, reason: &str) {
+        metrics::counter!("warbler_peer_connections_refused_total").increment(1);
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now - t < Duration::from_secs(1)) {
+            self.quiet += 1;
+            return;
+        }
+        tracing::warn!(%from, reason, also_refused = self.quiet, "peer connection refused");
+        self.last = Some(now);
+        self.quiet = 0;
+    }
+}
+
+static REFUSALS: Mutex<Refusals> = Mutex::new(Refusals {
+    last: None,
+    quiet: 0,
+});
+
+fn refused(from: SocketAddr, reason: &str) {
+    REFUSALS.lock().unwrap().note(from, reason);
+}
+
+type Halves = (
+    tokio::io::ReadHalf<Box<dyn Io>>,
+    tokio::io::WriteHalf<Box<dyn Io>>,
+);
+
+/// The acceptor's side of the handshake: TLS, hello, and the key's challenge and response.
+/// Returns the connection and the peer's name, or why it was refused (the peer has been
+/// told).
+async fn greet(tcp: TcpStream, auth: &PeerAuth) -> Result<(Halves, String), String> {
+    let io: Box<dyn Io> = match &auth.tls {
+        None => Box::new(tcp),
+        Some(t) => Box::new(
+            t.acceptor
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?,
+        ),
+    };
+    let (mut r, mut w) = tokio::io::split(io);
+    let (v, from, nd) = match read_frame(&mut r).await {
+        Ok(PeerFrame::Hello { v, from, nonce }) => (v, from, nonce),
+        Ok(other) => {
+            return Err(refuse(
+                &mut r,
+                &mut w,
+                format!("expected hello, got {}", frame_name(&other)),
+            )
+            .await)
+        }
+        Err(e) => return Err(format!("no hello: {e}")),
+    };
+    if v != PEER_PROTOCOL_VERSION {
+        return Err(refuse(&mut r, &mut w, format!("peer protocol version {v} is not supported; this node speaks {PEER_PROTOCOL_VERSION}: upgrade the older node")).await);
+    }
+    match (&auth.key, nd) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            return Err(refuse(&mut r, &mut w, format!("{from} uses a cluster key and this node has none: give every node the same --cluster-key-file")).await)
+        }
+        (Some(_), None) => {
+            return Err(refuse(&mut r, &mut w, format!("this cluster requires the cluster key and {from} did not offer one: start it with the cluster's --cluster-key-file")).await)
+        }
+        (Some(key), Some(nd)) => {
+            let na = ClusterKey::nonce();
+            let challenge = PeerFrame::Challenge {
+                nonce: ByteBuf::from(na.to_vec()),
+                proof: ByteBuf::from(key.prove(Side::Acceptor, &from, &nd, &na)),
+            };
+            write_frame(&mut w, &challenge)
+                .await
+                .map_err(|e| format!("cannot send the challenge: {e}"))?;
+            match read_frame(&mut r).await {
+                Ok(PeerFrame::Proof { proof })
+                    if key.verify(Side::Dialer, &from, &nd, &na, &proof) => {}
+                Ok(PeerFrame::Proof { .. }) => {
+                    return Err(refuse(&mut r, &mut w, format!("{from} does not hold this cluster's key: give every node the same --cluster-key-file")).await)
+                }
+                Ok(other) => {
+                    return Err(refuse(&mut r, &mut w, format!("expected the key proof, got {}", frame_name(&other))).await)
+                }
+                Err(e) => return Err(format!("no key proof: {e}")),
+            }
+        }
+    }
+    Ok(((r, w), from))
+}
+
+/// Tells the peer why it is refused and closes the connection; returns the reason. What
+/// the peer sent meanwhile is read and dropped (up to a second) so that the refusal arrives
+/// rather than be cut off by a reset.
+async fn refuse<R, W>(r: &mut R, w: &mut W, message: String) -> String
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let error = PeerFrame::Error {
+        message: message.clone(),
+    };
+    let _ = write_frame(w, &error).await;
+    let _ = w.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    message
+}
+
+/// A frame's name, for refusals.
+fn frame_name(f: &PeerFrame) -> &'static str {
+    match f {
+        PeerFrame::Hello { .. } => "hello",
+        PeerFrame::Challenge { .. } => "challenge",
+        PeerFrame::Proof { .. } => "proof",
+        PeerFrame::Request { .. } => "a request",
+        PeerFrame::Response { .. } => "a response",
+        PeerFrame::Error { .. } => "error",
     }
 }
 
@@ -443,17 +626,7 @@ async fn write_answers(
     }
 }
 
-async fn serve_peer(io: Box<dyn Io>, handler: Arc<dyn PeerHandler>) {
-    let (mut r, mut w) = tokio::io::split(io);
-    let from = match read_frame(&mut r).await {
-        Ok(PeerFrame::Hello { v, from }) if v == PEER_PROTOCOL_VERSION => from,
-        Ok(PeerFrame::Hello { v, .. }) => {
-            let message = format!("peer protocol version {v} is not supported; this node speaks {PEER_PROTOCOL_VERSION}: upgrade the older node");
-            let _ = write_frame(&mut w, &PeerFrame::Error { message }).await;
-            return;
-        }
-        _ => return,
-    };
+async fn serve_peer((mut r, w): Halves, from: String, handler: Arc<dyn PeerHandler>) {
     let (tx, rx) = mpsc::channel::<PeerFrame>(PEER_QUEUE_MAX);
     let writer = tokio::spawn(write_answers(w, rx));
     while let Ok(frame) = read_frame(&mut r).await {
@@ -648,18 +821,26 @@ fn encode_batch(
 async fn connect(
     me: &str,
     peer: SocketAddr,
-    tls: Option<&PeerTls>,
+    auth: &PeerAuth,
     queue: &mut mpsc::Receiver<Outgoing>,
     backoff: &mut Duration,
 ) -> Box<dyn Io> {
+    let mut warned = false;
     loop {
-        match dial(me, peer, tls).await {
+        match dial(me, peer, auth).await {
             Ok(io) => {
                 *backoff = BACKOFF_MIN;
                 return io;
             }
             Err(e) => {
-                tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
+                // A refused handshake is a misconfiguration an operator must see (once per
+                // streak); a dial that fails is a peer that is down.
+                if e.kind() == std::io::ErrorKind::PermissionDenied && !warned {
+                    tracing::warn!(%peer, error = %e, "peer refused this node's handshake");
+                    warned = true;
+                } else {
+                    tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
+                }
                 while let Ok((_, waiter)) = queue.try_recv() {
                     if let Some(w) = waiter {
                         let _ = w.send(Err(PeerError::Unreachable(peer.to_string())));
@@ -676,7 +857,7 @@ async fn connect(
 async fn run_link(
     me: String,
     peer: SocketAddr,
-    tls: Option<PeerTls>,
+    auth: PeerAuth,
     mut queue: mpsc::Receiver<Outgoing>,
 ) {
     let name = peer.to_string();
@@ -684,7 +865,7 @@ async fn run_link(
     let mut next_id = 1u64;
     let mut buf = Vec::new();
     loop {
-        let io = connect(&me, peer, tls.as_ref(), &mut queue, &mut backoff).await;
+        let io = connect(&me, peer, &auth, &mut queue, &mut backoff).await;
         let (r, mut w) = tokio::io::split(io);
         let waiters: Waiters = Arc::default();
         let mut live = Liveness::new();
@@ -752,22 +933,54 @@ async fn write_within<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> bool {
     )
 }
 
-async fn dial(me: &str, peer: SocketAddr, tls: Option<&PeerTls>) -> std::io::Result<Box<dyn Io>> {
+async fn dial(me: &str, peer: SocketAddr, auth: &PeerAuth) -> std::io::Result<Box<dyn Io>> {
     let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(peer))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
-    let mut io: Box<dyn Io> = match tls {
+    tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, introduce(me, tcp, auth))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no handshake within {PEER_HANDSHAKE_TIMEOUT:?}"),
+            )
+        })?
+}
+
+/// The dialer's side of the handshake (see [`greet`]).
+async fn introduce(me: &str, tcp: TcpStream, auth: &PeerAuth) -> std::io::Result<Box<dyn Io>> {
+    let denied = |m: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m);
+    let mut io: Box<dyn Io> = match &auth.tls {
         None => Box::new(tcp),
         Some(t) => Box::new(t.connector.connect(t.server_name.clone(), tcp).await?),
     };
-    write_frame(
-        &mut io,
-        &PeerFrame::Hello {
-            v: PEER_PROTOCOL_VERSION,
-            from: me.to_string(),
-        },
-    )
-    .await?;
-    Ok(io)
+    let nd = auth.key.as_ref().map(|_| ClusterKey::nonce());
+    let hello = PeerFrame::Hello {
+        v: PEER_PROTOCOL_VERSION,
+        from: me.to_string(),
+        nonce: nd.map(|n| ByteBuf::from(n.to_vec())),
+    };
+    write_frame(&mut io, &hello).await?;
+    let (Some(key), Some(nd)) = (&auth.key, nd) else {
+        return Ok(io);
+    };
+    match read_frame(&mut io).await? {
+        PeerFrame::Challenge { nonce, proof }
+            if key.verify(Side::Acceptor, me, &nd, &nonce, &proof) =>
+        {
+            let proof = ByteBuf::from(key.prove(Side::Dialer, me, &nd, &nonce));
+            write_frame(&mut io, &PeerFrame::Proof { proof }).await?;
+            Ok(io)
+        }
+        PeerFrame::Challenge { .. } => Err(denied(
+            "the peer does not hold this cluster's key: give every node the same --cluster-key-file"
+                .into(),
+        )),
+        PeerFrame::Error { message } => Err(denied(format!("refused: {message}"))),
+        other => Err(denied(format!(
+            "expected a key challenge, got {}",
+            frame_name(&other)
+        ))),
+    }
 }

@@ -138,3 +138,85 @@ async fn a_node_alone_joins_through_seeds_given_later() {
     until_view(&a, &["b"], Duration::from_secs(10)).await;
     println!("membership: joined {joined:?} after new seeds were set");
 }
+
+fn meta(name: &str, cluster: &str) -> warbler_cluster::NodeMeta {
+    let addr: SocketAddr = cluster.parse().unwrap();
+    warbler_cluster::NodeMeta {
+        name: name.into(),
+        client: addr,
+        http: addr,
+        cluster: addr,
+        state: warbler_cluster::NodeState::Serving,
+        formed: true,
+    }
+}
+
+async fn start_keyed(
+    name: &str,
+    generation: u64,
+    seeds: &[SocketAddr],
+    cluster: &str,
+    key: Option<&str>,
+) -> Membership {
+    let key = key.map(|k| warbler_cluster::ClusterKey::new(k.as_bytes()).unwrap());
+    Membership::start_with_meta(
+        id(name, generation),
+        seeds.to_vec(),
+        Timing::lan(),
+        Some(meta(name, cluster)),
+        Default::default(),
+        key,
+    )
+    .await
+    .unwrap()
+}
+
+/// The address `m` believes `name`'s cluster port is at.
+fn cluster_addr_of(m: &Membership, name: &str) -> Option<SocketAddr> {
+    m.metas().borrow().get(name).map(|n| n.cluster)
+}
+
+/// A stranger announces itself under a member's name with a newer generation and its own
+/// address. Without a cluster key that moves the member for good (the control); with one,
+/// the stranger's datagrams are dropped and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_gossip_update_moves_no_node_of_a_keyed_cluster() {
+    const KEY: &str = "gossip test key, long enough to be accepted......";
+    let limit = Duration::from_secs(15);
+    let real = "127.0.0.1:7001";
+    let forged = "10.9.9.9:7001";
+    for key in [None, Some(KEY)] {
+        let a = start_keyed("a", 1, &[], "127.0.0.1:7000", key).await;
+        let b = start_keyed("b", 1, &[a.me().gossip], real, key).await;
+        until_view(&a, &["b"], limit).await;
+        let started = Instant::now();
+        while cluster_addr_of(&a, "b") != Some(real.parse().unwrap()) {
+            assert!(started.elapsed() < limit, "a never learnt b's address");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The stranger holds no key (or, in the control, needs none).
+        let stranger = start_keyed("b", u64::MAX / 2, &[a.me().gossip], forged, None).await;
+        let watch = Instant::now();
+        let mut moved = false;
+        while watch.elapsed() < Duration::from_secs(6) {
+            if cluster_addr_of(&a, "b") == Some(forged.parse().unwrap()) {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match key {
+            None => assert!(
+                moved,
+                "control: an open cluster should have taken the forgery"
+            ),
+            Some(_) => {
+                assert!(!moved, "a forged update moved b in a keyed cluster");
+                assert!(stranger.members().is_empty(), "the stranger was let in");
+                let gens: Vec<u64> = a.members().iter().map(|n| n.generation).collect();
+                assert_eq!(gens, vec![1], "a's view of b changed");
+            }
+        }
+        drop((a, b, stranger));
+    }
+}

@@ -265,16 +265,6 @@ fn holds(r: &Recovered, key: u64, term: u64, index: u64) -> bool {
     }
 }
 
-fn free_ports(n: usize) -> Vec<u16> {
-    let sockets: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    sockets
-        .iter()
-        .map(|s| s.local_addr().unwrap().port())
-        .collect()
-}
-
 fn parent() {
     let seed = std::env::var("WARBLER_TEST_SEED")
         .ok()
@@ -288,7 +278,10 @@ fn parent() {
     println!("raft_crash: seed {seed} (replay with WARBLER_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(REPLICAS as usize);
+    // Outside the ephemeral range: the children restart on these ports after every kill.
+    let ports: Vec<u16> = (0..REPLICAS)
+        .map(|_| warbler_chaos::ports::free_port())
+        .collect();
     let ports_env = ports
         .iter()
         .map(u16::to_string)

@@ -9,7 +9,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warbler_cluster::transport::{BoxFuture, PeerFrame, PEER_PROTOCOL_VERSION};
 use warbler_cluster::{
-    PeerError, PeerHandler, PeerKind, PeerTls, PeerTransport, RpcCode, RpcError,
+    ClusterKey, PeerAuth, PeerError, PeerHandler, PeerKind, PeerTls, PeerTransport, RpcCode,
+    RpcError,
 };
 
 /// Answers `<from>/<partition>/<kind number>:<body>` after `body[0]` milliseconds;
@@ -258,6 +259,7 @@ async fn another_protocol_version_is_refused_with_a_reason() {
     let hello = PeerFrame::Hello {
         v: PEER_PROTOCOL_VERSION + 1,
         from: "future".into(),
+        nonce: None,
     };
     write_raw(&mut s, &hello).await;
     match read_raw::<PeerFrame>(&mut s).await {
@@ -480,5 +482,166 @@ async fn mutual_tls_admits_cluster_members_only() {
     assert!(
         !matches!(err, PeerError::Remote { .. }),
         "a peer without a cluster certificate got an answer"
+    );
+}
+
+/// Counts the requests it is handed (a refused peer must never reach the handler).
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl PeerHandler for Counting {
+    fn handle(
+        &self,
+        _from: String,
+        _partition: u16,
+        _kind: PeerKind,
+        _body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(b"served".to_vec()) })
+    }
+}
+
+fn keyed(secret: &str) -> PeerAuth {
+    PeerAuth {
+        tls: None,
+        key: Some(ClusterKey::new(secret.as_bytes()).unwrap()),
+    }
+}
+
+const KEY: &str = "the cluster key of this test, 48 bytes long....";
+
+async fn start(name: &str, auth: PeerAuth, handler: Arc<dyn PeerHandler>) -> PeerTransport {
+    PeerTransport::start_with(name, ANY.parse().unwrap(), auth, handler)
+        .await
+        .unwrap()
+}
+
+/// Reads frames until the connection ends (or 3 s pass); what came back.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<PeerFrame> {
+    let mut frames = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut len = [0u8; 4];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return frames,
+            Err(_) => panic!("the connection stayed open after {frames:?}"),
+        }
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf).await.unwrap();
+        let frame: PeerFrame = rmp_serde::from_slice(&buf).unwrap();
+        if matches!(frame, PeerFrame::Error { .. }) {
+            // Told: hang up, as a well-behaved peer would.
+            let _ = s.shutdown().await;
+        }
+        frames.push(frame);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_key_admits_holders_and_refuses_everyone_else() {
+    let counting = Arc::new(Counting::default());
+    let server = start("server", keyed(KEY), counting.clone()).await;
+    let to = server.local_addr();
+
+    let member = start("member", keyed(KEY), Arc::new(Echo)).await;
+    let answer = member.call(to, 1, PeerKind::Publish, vec![], T).await;
+    assert_eq!(answer.unwrap(), b"served");
+    assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let short = Duration::from_secs(2);
+    let wrong = start(
+        "wrong",
+        keyed("another cluster's key, also long enough......"),
+        Arc::new(Echo),
+    )
+    .await;
+    let keyless = start("keyless", PeerAuth::default(), Arc::new(Echo)).await;
+    for (name, t) in [("wrong key", &wrong), ("no key", &keyless)] {
+        let err = t
+            .call(to, 1, PeerKind::Publish, vec![], short)
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(err, PeerError::Remote { .. }),
+            "a peer with {name} got an answer: {err:?}"
+        );
+    }
+    // A keyed node does not talk to a keyless one either (no half-secured cluster).
+    let open = start("open", PeerAuth::default(), Arc::new(Echo)).await;
+    let err = member
+        .call(open.local_addr(), 1, PeerKind::Publish, vec![], short)
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, PeerError::Remote { .. }), "{err:?}");
+
+    // A stranger speaking the protocol by hand: every request kind, after a hello with no
+    // nonce or with a forged proof, is refused with a reason and never handled.
+    for kind in PeerKind::ALL {
+        for forge in [false, true] {
+            let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+            let hello = PeerFrame::Hello {
+                v: PEER_PROTOCOL_VERSION,
+                from: "n1".into(),
+                nonce: forge.then(|| serde_bytes::ByteBuf::from(vec![7u8; 32])),
+            };
+            write_raw(&mut s, &hello).await;
+            if forge {
+                let proof = serde_bytes::ByteBuf::from(vec![0u8; 32]);
+                write_raw(&mut s, &PeerFrame::Proof { proof }).await;
+            }
+            let request = PeerFrame::Request {
+                id: 1,
+                partition: 0,
+                kind: kind as u8,
+                body: Default::default(),
+            };
+            let _ = s
+                .write_all(&{
+                    let b = rmp_serde::to_vec_named(&request).unwrap();
+                    [(b.len() as u32).to_be_bytes().to_vec(), b].concat()
+                })
+                .await;
+            let frames = read_until_closed(&mut s).await;
+            let refusal = frames.iter().find_map(|f| match f {
+                PeerFrame::Error { message } => Some(message.clone()),
+                _ => None,
+            });
+            let refusal = refusal.unwrap_or_else(|| panic!("{kind:?}: no refusal in {frames:?}"));
+            assert!(refusal.contains("cluster"), "{kind:?}: {refusal}");
+            assert!(
+                !frames
+                    .iter()
+                    .any(|f| matches!(f, PeerFrame::Response { .. })),
+                "{kind:?} (forged proof: {forge}) was answered: {frames:?}"
+            );
+        }
+    }
+    assert_eq!(
+        counting.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a refused peer's request reached the handler"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_handshake_is_closed() {
+    let server = start("server", keyed(KEY), Arc::new(Echo)).await;
+    let mut silent = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf))
+        .await
+        .expect("the node closes a silent connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "got bytes: {n:?}");
+    assert!(
+        started.elapsed()
+            >= warbler_cluster::transport::PEER_HANDSHAKE_TIMEOUT - Duration::from_millis(100),
+        "closed after {:?}",
+        started.elapsed()
     );
 }

@@ -147,6 +147,12 @@ pub struct ClusterConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// The cluster key: a file holding a secret every node of the cluster shares (at least
+    /// 32 characters; make one with `head -c 32 /dev/urandom | base64`). Every peer
+    /// connection proves it by challenge and response and every gossip datagram carries a
+    /// MAC made with it, so a host without it is refused. Required when the cluster address
+    /// is not a loopback address.
+    pub key_file: Option<PathBuf>,
     /// Testing only: serve `POST /v1/debug/faults`, which cuts this node off from chosen
     /// peers (isolation tests). Never enable in production.
     pub fault_injection: bool,
@@ -254,6 +260,7 @@ impl Default for ClusterConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            key_file: None,
             fault_injection: false,
         }
     }
@@ -304,6 +311,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_CLUSTER_TLS_CA_FILE", "cluster.tls_ca_file"),
     ("WARBLER_CLUSTER_TLS_CERT_FILE", "cluster.tls_cert_file"),
     ("WARBLER_CLUSTER_TLS_KEY_FILE", "cluster.tls_key_file"),
+    ("WARBLER_CLUSTER_KEY_FILE", "cluster.key_file"),
     ("WARBLER_LOG_FORMAT", "log.format"),
     ("WARBLER_LOG", "log.level"),
 ];
@@ -418,6 +426,7 @@ impl Config {
             "cluster.tls_ca_file" => self.cluster.tls_ca_file = path(value),
             "cluster.tls_cert_file" => self.cluster.tls_cert_file = path(value),
             "cluster.tls_key_file" => self.cluster.tls_key_file = path(value),
+            "cluster.key_file" => self.cluster.key_file = path(value),
             "cluster.fault_injection" => {
                 self.cluster.fault_injection = parse(value, "true or false")?
             }
@@ -547,8 +556,23 @@ impl Config {
         )
     }
 
+    /// Whether this configuration starts a cluster member (seeds to join through, or more
+    /// than one member expected) rather than a single node.
+    pub fn clustered(&self) -> bool {
+        self.bootstrap_expect > 1 || !self.seeds.is_empty()
+    }
+
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
+        if self.clustered() && c.key_file.is_none() && !self.cluster_addr.ip().is_loopback() {
+            return Err(invalid(
+                "cluster.key_file",
+                format!(
+                    "a cluster member listening on {} (not a loopback address) needs a cluster key, or any host that reaches the port could join, publish and read: create one with `head -c 32 /dev/urandom | base64 > cluster.key`, give every node the same file with --cluster-key-file (or WARBLER_CLUSTER_KEY_FILE), and for encryption as well add mutual TLS (cluster.tls_ca_file, cluster.tls_cert_file, cluster.tls_key_file)",
+                    self.cluster_addr
+                ),
+            ));
+        }
         let set = [&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file]
             .iter()
             .filter(|f| f.is_some())
@@ -705,6 +729,25 @@ mod tests {
         c.set("cluster.tls_key_file", "/n.key").unwrap();
         c.validate().unwrap();
         assert!(c.set("cluster.replication_factor", "three").is_err());
+    }
+
+    #[test]
+    fn a_member_off_loopback_needs_a_cluster_key() {
+        let mut c = Config::default();
+        c.set("cluster_addr", "0.0.0.0:7410").unwrap();
+        c.validate().expect("a single node needs no cluster key");
+        c.set("seeds", "warbler-0.warbler:7410").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.key_file") && e.contains("--cluster-key-file"),
+            "{e}"
+        );
+        c.set("cluster.key_file", "/etc/warbler/cluster.key")
+            .unwrap();
+        c.validate().unwrap();
+        c.set("cluster.key_file", "").unwrap();
+        c.set("cluster_addr", "127.0.0.1:7410").unwrap();
+        c.validate().expect("loopback needs no cluster key");
     }
 
     #[test]

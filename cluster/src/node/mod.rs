@@ -31,11 +31,12 @@ use warbler_storage::{PartitionId, Store};
 use crate::control::leader::{self, LeaderHints, LeaderView};
 use crate::control::{raft_id, GroupView, MemberList};
 use crate::error::ClusterError;
+use crate::key::ClusterKey;
 use crate::raft_log::RaftLog;
 use crate::raft_net::{RaftService, Resolver};
 use crate::raft_store::TypeConfig;
 use crate::router::{Leader, Router};
-use crate::transport::{Faults, PeerHandler, PeerTls, PeerTransport};
+use crate::transport::{Faults, PeerAuth, PeerHandler, PeerTls, PeerTransport};
 use crate::{Membership, NodeId, NodeMeta, NodeState, Timing};
 
 pub use self::form::META_GROUP;
@@ -123,6 +124,17 @@ fn peer_tls(config: &Config) -> Result<Option<PeerTls>, ClusterError> {
     }
 }
 
+/// The cluster key, when one is configured.
+fn cluster_key(config: &Config) -> Result<Option<ClusterKey>, ClusterError> {
+    config
+        .cluster
+        .key_file
+        .as_deref()
+        .map(ClusterKey::from_file)
+        .transpose()
+        .map_err(|e| ClusterError::Key(e.to_string()))
+}
+
 /// Starts SWIM gossip with this node's metadata, seeded by `--seeds` and the members of
 /// the stored member list.
 async fn gossip(
@@ -130,6 +142,7 @@ async fn gossip(
     store: &Store,
     transport: &PeerTransport,
     meta: &NodeMeta,
+    key: Option<ClusterKey>,
 ) -> Result<Membership, ClusterError> {
     let mut seeds = form::resolve_seeds(&config.seeds).await;
     seeds.extend(form::load_members(store)?.into_iter().flat_map(|l| l.addrs));
@@ -148,7 +161,7 @@ async fn gossip(
         generation,
     };
     let faults = transport.faults().clone();
-    Membership::start_with_meta(id, seeds, Timing::lan(), Some(meta.clone()), faults)
+    Membership::start_with_meta(id, seeds, Timing::lan(), Some(meta.clone()), faults, key)
         .await
         .map_err(|source| ClusterError::Gossip {
             addr: config.cluster_addr,
@@ -186,17 +199,18 @@ impl ClusterNode {
     ) -> Result<Arc<ClusterNode>, ClusterError> {
         let raft_service = Arc::new(RaftService::default());
         let service = Arc::new(service::NodeService::new(raft_service.clone()));
-        let transport = PeerTransport::start(
-            &config.node_id,
-            config.cluster_addr,
-            peer_tls(config)?,
-            service.clone(),
-        )
-        .await
-        .map_err(|source| ClusterError::Listen {
-            addr: config.cluster_addr,
-            source,
-        })?;
+        let key = cluster_key(config)?;
+        let auth = PeerAuth {
+            tls: peer_tls(config)?,
+            key: key.clone(),
+        };
+        let transport =
+            PeerTransport::start_with(&config.node_id, config.cluster_addr, auth, service.clone())
+                .await
+                .map_err(|source| ClusterError::Listen {
+                    addr: config.cluster_addr,
+                    source,
+                })?;
         let transport = Arc::new(transport);
         let meta = NodeMeta {
             name: config.node_id.clone(),
@@ -207,7 +221,7 @@ impl ClusterNode {
             formed: form::load_members(store)?.is_some(),
         };
         let faults = transport.faults().clone();
-        let membership = gossip(config, store, &transport, &meta).await?;
+        let membership = gossip(config, store, &transport, &meta, key).await?;
         let node = Arc::new(ClusterNode {
             me: config.node_id.clone(),
             my_id: raft_id(&config.node_id),
