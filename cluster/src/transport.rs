@@ -429,14 +429,13 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<PeerFram
 
 async fn accept(listener: TcpListener, auth: PeerAuth, handler: Arc<dyn PeerHandler>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS_MAX));
-    let mut refusals = Refusals::default();
     loop {
         let Ok((tcp, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refusals.note(
+            refused(
                 from,
                 &format!("{PEER_CONNECTIONS_MAX} peer connections are open already"),
             );
@@ -461,7 +460,6 @@ async fn accept(listener: TcpListener, auth: PeerAuth, handler: Arc<dyn PeerHand
 
 /// Logs refused inbound connections, at most one line a second (a stranger's flood must
 /// not flood the log), and counts every one.
-#[derive(Default)]
 struct Refusals {
     last: Option<std::time::Instant>,
     quiet: u64,
