@@ -25,8 +25,8 @@ pub trait Router: Send + Sync + 'static {
     /// that only guesses (this node holds no replica of the partition) corrects its guess.
     fn redirected(&self, _partition: PartitionId, _leader: Option<&str>) {}
 
-    /// Whether this node holds a replica of `partition` (so its idea of the leader comes
-    /// from consensus, and it may redirect others to it).
+    /// Whether this node holds a replica of `partition` whose idea of the leader comes from
+    /// consensus (so it may redirect others to it); a stale one does not count.
     fn is_replica(&self, _partition: PartitionId) -> bool {
         true
     }

@@ -30,4 +30,11 @@ impl GroupView {
     pub fn added(&self) -> bool {
         !self.nodes.is_empty()
     }
+
+    /// The replica names itself (`my_id`) as leader but does not lead: it led and moved
+    /// itself out of the group (consensus keeps its own vote, and no one writes to it any
+    /// more). What it knows of the leader is of no use.
+    pub fn stale(&self, my_id: u64) -> bool {
+        self.leader == Some(my_id) && !self.leading
+    }
 }

@@ -29,7 +29,7 @@ pub struct LeaderHints {
 
 /// The leader of `partition`. `replica` is this node's replica when it has been added to
 /// the group; `name_of` maps a consensus id to a member's name; `placed` is the ring's
-/// replica list.
+/// replica list (needed when there is no replica, or a [stale](GroupView::stale) one).
 pub fn leader(
     me: &str,
     my_id: u64,
@@ -42,11 +42,21 @@ pub fn leader(
     let name = match replica {
         Some(g) => match g.leader {
             Some(id) if id == my_id => {
-                return if g.leading {
-                    LeaderView::Local
-                } else {
-                    LeaderView::Unknown(format!("partition {partition} is changing leader"))
-                };
+                if g.leading {
+                    return LeaderView::Local;
+                }
+                // A leader that moved itself out of the group keeps naming itself and hears
+                // from no one: guess like a node without a replica. (When that node is the
+                // one that coordinates moves, waiting here would keep every move of the
+                // partition waiting too.)
+                match hints.guess(partition, placed, me) {
+                    Some(n) => n,
+                    None => {
+                        return LeaderView::Unknown(format!(
+                            "partition {partition} is changing leader"
+                        ))
+                    }
+                }
             }
             Some(id) => match name_of(id) {
                 Some(n) => n,
@@ -145,9 +155,7 @@ mod tests {
         let placed = names(&["b", "a"]);
         let at = |g: &GroupView| leader("a", 1, 5, Some(g), name_of, &hints, &placed);
         assert_eq!(at(&group(Some(1), true)), LeaderView::Local);
-        assert!(
-            matches!(at(&group(Some(1), false)), LeaderView::Unknown(w) if w.contains("changing"))
-        );
+        assert_eq!(at(&group(Some(1), false)), LeaderView::Node("b".into()));
         assert_eq!(at(&group(Some(2), false)), LeaderView::Node("b".into()));
         assert!(
             matches!(at(&group(Some(9), false)), LeaderView::Unknown(w) if w.contains("not a member"))
@@ -155,6 +163,28 @@ mod tests {
         assert!(
             matches!(at(&group(None, false)), LeaderView::Unknown(w) if w.contains("electing"))
         );
+    }
+
+    /// Regression: a leader that moved itself out of a group named itself forever. On the
+    /// node that coordinates moves, that left the partition's next move (a decommission)
+    /// waiting for good.
+    #[test]
+    fn a_replica_that_names_itself_without_leading_guesses_from_the_placement() {
+        let mut hints = LeaderHints::default();
+        let placed = names(&["a", "b", "c"]);
+        let stale = group(Some(1), false);
+        let at = |h: &LeaderHints| leader("a", 1, 5, Some(&stale), name_of, h, &placed);
+        assert_eq!(at(&hints), LeaderView::Node("b".into()));
+        hints.redirected(5, &placed, "a", Some("c"));
+        assert_eq!(at(&hints), LeaderView::Node("c".into()));
+        let alone = leader("a", 1, 5, Some(&stale), name_of, &hints, &names(&["a"]));
+        assert!(
+            matches!(alone, LeaderView::Node(n) if n == "c"),
+            "the hint still holds"
+        );
+        let fresh = LeaderHints::default();
+        let alone = leader("a", 1, 5, Some(&stale), name_of, &fresh, &names(&["a"]));
+        assert!(matches!(alone, LeaderView::Unknown(w) if w.contains("changing")));
     }
 
     /// Regression: a leader that removed itself from a group still named itself as leader;

@@ -365,11 +365,12 @@ impl Router for ClusterNode {
         let replica = self.replica(partition);
         let view = {
             let hints = self.leader_hints.lock().unwrap();
-            // Only a node without a replica guesses from the placement (this runs for
-            // every partition ten times a second: no copies when not needed).
-            let placed = match replica {
-                None => self.placed(partition),
-                Some(_) => Vec::new(),
+            // Only a node without a replica, or with a stale one, guesses from the
+            // placement (this runs for every partition ten times a second: no copies when
+            // not needed).
+            let placed = match &replica {
+                Some(g) if !g.stale(self.my_id) => Vec::new(),
+                _ => self.placed(partition),
             };
             let name_of = |id| self.name_of(id);
             leader::leader(
@@ -396,7 +397,7 @@ impl Router for ClusterNode {
     }
 
     fn redirected(&self, partition: PartitionId, leader: Option<&str>) {
-        if self.formed.get().is_none() || self.replica(partition).is_some() {
+        if self.formed.get().is_none() || self.is_replica(partition) {
             return; // a replica here knows the leader from consensus, not from guesses
         }
         let placed = self.placed(partition);
@@ -405,6 +406,7 @@ impl Router for ClusterNode {
     }
 
     fn is_replica(&self, partition: PartitionId) -> bool {
-        self.replica(partition).is_some()
+        self.replica(partition)
+            .is_some_and(|g| !g.stale(self.my_id))
     }
 }
