@@ -50,6 +50,10 @@ pub struct TokenArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 86_400)]
     ttl_secs: u64,
+    /// Name this key id in the token's header: the name of the secret's file in the nodes'
+    /// --jwt-keys-dir.
+    #[arg(long)]
+    kid: Option<String>,
 }
 
 /// How a client command reaches and authenticates to a node.
@@ -118,7 +122,7 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
         device: args.device,
         ..Claims::new(&args.user, &args.scope.replace(',', " "), args.ttl_secs)
     };
-    println!("{}", auth.mint(&claims));
+    println!("{}", auth.mint_with_kid(&claims, args.kid.as_deref()));
     Ok(())
 }
 

@@ -34,6 +34,7 @@ use warbler_storage::{LocalLog, PartitionLog, Store};
 use crate::auth::{AuthError, Claims, Scope};
 use crate::gateway::conn::check_id;
 use crate::gateway::Gateway;
+use crate::rate::RateError;
 
 /// Largest `limit` of a history read.
 const HISTORY_LIMIT_MAX: usize = 1000;
@@ -63,6 +64,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// For a 429: how long to wait (the overload default when unset).
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -71,6 +74,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
     fn bad_request(message: impl Into<String>) -> Self {
@@ -83,7 +87,10 @@ impl IntoResponse for ApiError {
         let body = Json(ErrorBody::new(self.code, self.message));
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             // Whole seconds only: the shortest wait the header can say.
-            let retry_after_secs = warbler_actors::OVERLOAD_RETRY_MS.div_ceil(1000).to_string();
+            let wait_ms = self
+                .retry_after
+                .map_or(warbler_actors::OVERLOAD_RETRY_MS, |d| d.as_millis() as u64);
+            let retry_after_secs = wait_ms.div_ceil(1000).max(1).to_string();
             return (self.status, [("retry-after", retry_after_secs)], body).into_response();
         }
         (self.status, body).into_response()
@@ -97,6 +104,18 @@ impl From<AuthError> for ApiError {
             _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<RateError> for ApiError {
+    fn from(e: RateError) -> Self {
+        match e.retry_after() {
+            Some(wait) => ApiError {
+                retry_after: Some(wait),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string())
+            },
+            None => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "rate_limited", e.to_string()),
+        }
     }
 }
 
@@ -350,11 +369,13 @@ async fn publish(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    claims(&state, &headers, Scope::Publish)?;
+    let publisher = claims(&state, &headers, Scope::Publish)?;
     let req: PublishBody = json_body(body)?;
     check_id("user", &user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_id("id", &req.id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let body = message_body(&state, req.body, req.body_b64)?;
+    disk_has_room(&state)?;
+    state.gw.rates.check(&publisher.sub, 1, body.len())?;
     let seq = state
         .gw
         .mailboxes
@@ -368,7 +389,7 @@ async fn fanout(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    claims(&state, &headers, Scope::Publish)?;
+    let publisher = claims(&state, &headers, Scope::Publish)?;
     let req: FanoutBody = json_body(body)?;
     check_id("id", &req.id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let max = state.gw.limits.fanout_max;
@@ -382,6 +403,13 @@ async fn fanout(
         check_id("each user in \"to\"", u).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let body = message_body(&state, req.body, req.body_b64)?;
+    disk_has_room(&state)?;
+    let recipients = u32::try_from(req.to.len()).unwrap_or(u32::MAX);
+    state.gw.rates.check(
+        &publisher.sub,
+        recipients,
+        body.len().saturating_mul(req.to.len()),
+    )?;
     let results = fanout_publish(&state, req.to, &req.id, body, req.from).await;
     let all_failed = results.iter().all(|r| r.get("error").is_some());
     let status = if all_failed {
@@ -552,7 +580,20 @@ async fn cluster(
     Json(status)
 }
 
+/// Refuses a publish while the data directory's disk is below its watermark.
+fn disk_has_room(state: &AppState) -> Result<(), ApiError> {
+    state.gw.disk.check().map_err(|why| {
+        metrics::counter!("warbler_publish_errors_total").increment(1);
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_full", why)
+    })
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
+    if let Err(why) = state.gw.disk.check() {
+        let message = format!("this node is not ready: {why}");
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_full", message)
+            .into_response();
+    }
     let ready = if state.gw.shutdown.is_cancelled() {
         Err(NotReady::ShuttingDown)
     } else {
@@ -686,6 +727,6 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
         }
         let _ = sink.close().await;
     });
-    gw.run(Box::pin(frames), tx, "ws").await;
+    gw.run(Box::pin(frames), tx, "ws", None).await;
     let _ = writer.await;
 }

@@ -13,9 +13,12 @@
 
 mod auth;
 mod cli;
+mod disk;
 mod gateway;
 mod http;
+mod listener;
 mod node;
+mod rate;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -87,6 +90,9 @@ pub struct ServeArgs {
     /// File holding the HS256 JWT secret.
     #[arg(long, value_name = "FILE")]
     jwt_secret_file: Option<PathBuf>,
+    /// Directory of HS256 JWT keys, one file per key id (`kid`), re-read every 2 s.
+    #[arg(long, value_name = "DIR")]
+    jwt_keys_dir: Option<PathBuf>,
     /// PEM certificate chain: serves TLS on the client port (with --tls-key-file).
     #[arg(long, value_name = "FILE")]
     tls_cert_file: Option<PathBuf>,
@@ -110,7 +116,7 @@ impl ServeArgs {
         };
         config.apply_env(std::env::vars())?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let flags: [(&str, &str, Option<String>); 12] = [
+        let flags: [(&str, &str, Option<String>); 13] = [
             ("--node-id", "node_id", self.node_id.clone()),
             ("--data-dir", "data_dir", path(&self.data_dir)),
             ("--client-addr", "client_addr", self.client_addr.clone()),
@@ -127,6 +133,7 @@ impl ServeArgs {
                 "jwt_secret_file",
                 path(&self.jwt_secret_file),
             ),
+            ("--jwt-keys-dir", "auth.keys_dir", path(&self.jwt_keys_dir)),
             (
                 "--tls-cert-file",
                 "tls.cert_file",
@@ -177,10 +184,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             let config = args.config()?;
-            let secret = config.jwt_secret_file.clone().ok_or_else(|| {
-                anyhow::anyhow!("no JWT secret: pass --jwt-secret-file FILE (or set jwt_secret_file / WARBLER_JWT_SECRET_FILE)")
-            })?;
-            let auth = auth::Auth::from_file(&secret).map_err(anyhow::Error::msg)?;
+            let auth = auth::Auth::from_config(config.jwt_secret_file.as_deref(), &config.auth)
+                .map_err(anyhow::Error::msg)?;
             serve(config, auth).await
         }
         Command::Dev(args) => cli::dev(args).await,

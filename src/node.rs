@@ -17,9 +17,12 @@ use warbler_storage::{now_ms, Committer, CommitterLimits, LocalLog, RetentionPol
 use crate::auth::Auth;
 use crate::gateway::{tcp, Gateway};
 use crate::http::{self, AppState, NodeAddrs, NodeView, SingleNode};
+use crate::listener::{serve_http, HttpBounds};
 
 /// Partitions of a cluster created by this version (fixed when the cluster is created).
 pub const PARTITIONS: u16 = 64;
+/// How often `auth.keys_dir` is re-read.
+const KEYS_RELOAD: Duration = Duration::from_secs(2);
 /// How long a draining node waits for connections to say bye and writes to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
@@ -32,6 +35,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     arm_chaos_bug(&config)?;
     let store = Store::open(&config.data_dir.join("db"))?;
+    let disk = crate::disk::DiskSpace::new(&config.data_dir, config.storage.min_free_bytes);
+    tokio::spawn(disk.clone().watch(shutdown.clone()));
     if !config.storage.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
     }
@@ -51,9 +56,11 @@ pub async fn run(
     };
     let gw = Arc::new(Gateway {
         node_id: config.node_id.clone(),
-        auth,
+        auth: Arc::new(auth),
         mailboxes: parts.mailboxes.clone(),
         limits: config.limits.clone(),
+        rates: crate::rate::PublishLimits::new(&config.limits),
+        disk: disk.clone(),
         slots: Arc::new(Semaphore::new(config.limits.connections_max as usize)),
         shutdown: shutdown.clone(),
     });
@@ -69,12 +76,25 @@ pub async fn run(
         metrics,
     });
     let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await
-    });
+    let bounds = HttpBounds {
+        connections_max: config.limits.http_connections_max as usize,
+        header_timeout: Duration::from_millis(config.limits.http_header_timeout_ms),
+    };
+    let http_task =
+        tokio::spawn(async move { serve_http(http_listener, app, bounds, http_shutdown).await });
     let sweeper = tokio::spawn(sweep_retention(store.clone(), config.clone()));
+    tokio::spawn(
+        gw.auth
+            .clone()
+            .keep_keys_fresh(KEYS_RELOAD, shutdown.clone()),
+    );
+    let (limits_gw, limits_stop) = (gw.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        while limits_stop.run_until_cancelled(tick.tick()).await.is_some() {
+            limits_gw.rates.forget_idle();
+        }
+    });
 
     tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), clustered, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.

@@ -68,8 +68,30 @@ async fn bad_frames_tokens_and_bodies_are_refused_without_harm() {
         "the connection is closed after a malformed frame"
     );
 
-    // A frame over the 1 MiB limit: refused from its length alone.
+    // A first frame over the 16 KiB hello limit: refused from its length alone, before the
+    // node buffers any of it.
     let mut s = TcpStream::connect(&node.client).await.unwrap();
+    s.write_all(&(20u32 << 10).to_be_bytes()).await.unwrap();
+    let (code, message, _) = error_code(read_frame(&mut s).await);
+    assert_eq!(code, "frame_too_large");
+    assert!(
+        message.contains("20480") && message.contains("16384"),
+        "{message}"
+    );
+    assert!(closed(&mut s).await);
+
+    // After hello, a frame over the 1 MiB limit: refused from its length alone.
+    let mut s = TcpStream::connect(&node.client).await.unwrap();
+    let hello = Frame::Hello {
+        token: token("big", "device"),
+        device: "d".into(),
+        v: 1,
+    };
+    send(&mut s, &hello).await;
+    assert!(matches!(
+        read_frame(&mut s).await,
+        Some(Frame::Welcome { .. })
+    ));
     s.write_all(&(2u32 << 20).to_be_bytes()).await.unwrap();
     let (code, message, _) = error_code(read_frame(&mut s).await);
     assert_eq!(code, "frame_too_large");

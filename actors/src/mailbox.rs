@@ -9,6 +9,10 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store, StoredMessage};
 
 use crate::error::MailboxError;
+
+/// Body bytes a mailbox's tail cache holds at most (besides `tail_cache_max` messages):
+/// 512 messages at the body limit would otherwise pin 256 MiB per active user.
+const TAIL_CACHE_BYTES_MAX: usize = 4 << 20;
 use crate::msg::{Committed, DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
 
 /// Bounds of one mailbox.
@@ -67,6 +71,8 @@ pub struct MailboxState {
     pending: BTreeMap<u64, Pending>,
     pending_ids: HashMap<String, u64>,
     tail: VecDeque<Committed>,
+    /// Body bytes held in `tail`.
+    tail_bytes: usize,
     subs: HashMap<String, Subscriber>,
     cursors: HashMap<String, u64>,
     last_active: Instant,
@@ -116,6 +122,7 @@ impl Actor for UserMailbox {
             pending: BTreeMap::new(),
             pending_ids: HashMap::new(),
             tail: VecDeque::new(),
+            tail_bytes: 0,
             subs: HashMap::new(),
             cursors: HashMap::new(),
             last_active: Instant::now(),
@@ -356,10 +363,17 @@ impl MailboxState {
             let _ = w.send(Ok(seq));
         }
         if self.limits.tail_cache_max > 0 {
-            if self.tail.len() >= self.limits.tail_cache_max {
-                self.tail.pop_front();
-            }
+            self.tail_bytes += p.msg.body.len();
             self.tail.push_back((seq, p.msg));
+            // Bounded by count and by bytes; the newest message always stays.
+            while self.tail.len() > 1
+                && (self.tail.len() > self.limits.tail_cache_max
+                    || self.tail_bytes > TAIL_CACHE_BYTES_MAX)
+            {
+                if let Some((_, old)) = self.tail.pop_front() {
+                    self.tail_bytes -= old.body.len();
+                }
+            }
         }
         let devices: Vec<String> = self.subs.keys().cloned().collect();
         for d in devices {
@@ -438,31 +452,34 @@ impl MailboxState {
         Ok(())
     }
 
-    /// Sends `device` the committed messages it has not been sent, within its window.
+    /// Sends `device` the committed messages it has not been sent, within its window, in
+    /// batches of at most a few MiB (a range read's byte cap).
     fn pump(&mut self, device: &str) -> Result<(), StorageError> {
-        let Some(sub) = self.subs.get(device) else {
-            return Ok(());
-        };
-        let window_end = sub.acked + u64::from(self.limits.inflight_max);
-        let upto = self.committed.min(window_end);
-        if sub.sent >= upto {
-            return Ok(());
+        loop {
+            let Some(sub) = self.subs.get(device) else {
+                return Ok(());
+            };
+            let window_end = sub.acked + u64::from(self.limits.inflight_max);
+            let upto = self.committed.min(window_end);
+            if sub.sent >= upto {
+                return Ok(());
+            }
+            let (from, count) = (sub.sent, (upto - sub.sent) as usize);
+            let mut batch = self.read_committed(from, count)?;
+            let Some(&(last, _)) = batch.last() else {
+                return Ok(());
+            };
+            let sub = self.subs.get_mut(device).expect("checked above");
+            sub.sent = last;
+            if crate::bugs::on(crate::bugs::Bug::SkipSeq) {
+                batch.retain(|(seq, _)| seq % crate::bugs::SKIP_EVERY != 0);
+            }
+            metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
+            if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
+                self.subs.remove(device);
+                return Ok(());
+            }
         }
-        let (from, count) = (sub.sent, (upto - sub.sent) as usize);
-        let mut batch = self.read_committed(from, count)?;
-        let Some(&(last, _)) = batch.last() else {
-            return Ok(());
-        };
-        let sub = self.subs.get_mut(device).expect("checked above");
-        sub.sent = last;
-        if crate::bugs::on(crate::bugs::Bug::SkipSeq) {
-            batch.retain(|(seq, _)| seq % crate::bugs::SKIP_EVERY != 0);
-        }
-        metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
-        if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
-            self.subs.remove(device);
-        }
-        Ok(())
     }
 
     /// Up to `count` committed messages after `after`: from the tail cache when it covers

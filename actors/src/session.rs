@@ -5,6 +5,8 @@
 //! through a stand-in there, and follows the leader when it moves.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
@@ -41,6 +43,9 @@ pub struct SessionArgs {
     pub out: mpsc::Sender<Frame>,
     /// Cancelled when the session ends, so the connection closes.
     pub closed: CancellationToken,
+    /// The highest seq handed to the connection's writer, set before the frame is queued:
+    /// the connection drops acks beyond it without queueing anything for this session.
+    pub delivered: Arc<AtomicU64>,
 }
 
 pub struct SessionState {
@@ -83,6 +88,7 @@ impl Actor for DeviceSession {
                 acked: info.acked,
             })
             .await?;
+        args.delivered.store(info.acked, Ordering::Release);
         watch(&myself, &upstream);
         metrics::gauge!("warbler_sessions_alive").increment(1.0);
         Ok(SessionState {
@@ -123,6 +129,7 @@ impl Actor for DeviceSession {
                         body: m.body.clone(),
                         from: m.from.clone(),
                     };
+                    state.args.delivered.store(seq, Ordering::Release);
                     if state.args.out.send(frame).await.is_err() {
                         myself.stop(Some("connection closed".into()));
                         return Ok(());

@@ -14,7 +14,7 @@ use warbler_cluster::wire::{DeliverReq, Delivery, KeyReq, PeerKind, SubscribeReq
 use warbler_storage::PartitionId;
 
 use crate::error::MailboxError;
-use crate::msg::{MailboxMsg, SessionMsg, SubscribeInfo};
+use crate::msg::{Committed, MailboxMsg, SessionMsg, SubscribeInfo};
 use crate::registry::Mailboxes;
 use crate::routing::{Routing, ROUTE_CALL_TIMEOUT};
 
@@ -23,6 +23,55 @@ const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stand-in keeps trying to reach its session's node (a link being dialled again)
 /// before it gives the subscription up.
 const DELIVER_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Most bytes of message bodies in one forwarded delivery (one message larger than this
+/// still goes, alone): far below the peer frame limit.
+const DELIVER_BYTES_MAX: usize = 2 << 20;
+
+/// Splits `batch` into runs whose bodies add up to at most `max` bytes (a message larger
+/// than that forms a run of its own).
+fn chunks_by_bytes(batch: &[Committed], max: usize) -> Vec<&[Committed]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, m)) in batch.iter().enumerate() {
+        let size = m.body.len() + m.id.len() + 64;
+        if i > start && bytes + size > max {
+            chunks.push(&batch[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < batch.len() {
+        chunks.push(&batch[start..]);
+    }
+    chunks
+}
+
+/// Forwards one delivery to the session's node. A transport failure (the link dropped and
+/// is being dialled again) is retried: the session is likely still there, and what it
+/// already took is skipped by its seq. `false`: any other answer, the session is gone.
+async fn deliver(a: &StandInArgs, req: &DeliverReq) -> bool {
+    let give_up = Instant::now() + DELIVER_RETRY_FOR;
+    loop {
+        let r: Result<(), MailboxError> = a
+            .routing
+            .call(
+                a.reply_to,
+                a.partition,
+                PeerKind::Deliver,
+                req,
+                DELIVER_TIMEOUT,
+            )
+            .await;
+        match r {
+            Ok(()) => return true,
+            Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(_) => return false,
+        }
+    }
+}
 
 /// Starts the stand-in of a remote session; answers (acked, last_seq).
 pub(crate) async fn start_stand_in(
@@ -147,41 +196,23 @@ impl Actor for StandIn {
         let a = &state.args;
         match msg {
             SessionMsg::Deliver(batch) => {
-                let req = DeliverReq {
-                    key: a.key,
-                    batch: batch
-                        .iter()
-                        .map(|(s, m)| Delivery {
-                            seq: *s,
-                            message: (**m).clone(),
-                        })
-                        .collect(),
-                };
-                // A transport failure (the link to the session's node dropped and is being
-                // dialled again) is retried: the session is likely still there, and a batch
-                // it already took is skipped by its seq. Any other answer means it is gone.
-                let give_up = Instant::now() + DELIVER_RETRY_FOR;
-                loop {
-                    let r: Result<(), MailboxError> = a
-                        .routing
-                        .call(
-                            a.reply_to,
-                            a.partition,
-                            PeerKind::Deliver,
-                            &req,
-                            DELIVER_TIMEOUT,
-                        )
-                        .await;
-                    match r {
-                        Ok(()) => break,
-                        Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        Err(_) => {
-                            closed(a, false);
-                            myself.stop(Some("the remote session is gone".into()));
-                            break;
-                        }
+                // In order, each request well inside the peer frame limit however large
+                // the messages are.
+                for chunk in chunks_by_bytes(&batch, DELIVER_BYTES_MAX) {
+                    let req = DeliverReq {
+                        key: a.key,
+                        batch: chunk
+                            .iter()
+                            .map(|(s, m)| Delivery {
+                                seq: *s,
+                                message: (**m).clone(),
+                            })
+                            .collect(),
+                    };
+                    if !deliver(a, &req).await {
+                        closed(a, false);
+                        myself.stop(Some("the remote session is gone".into()));
+                        break;
                     }
                 }
             }
@@ -246,4 +277,44 @@ fn closed(a: &StandInArgs, replaced: bool) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_bytes::ByteBuf;
+    use warbler_storage::StoredMessage;
+
+    use super::*;
+
+    fn msg(seq: u64, body: usize) -> Committed {
+        let m = StoredMessage {
+            id: format!("m{seq}"),
+            ts: 0,
+            from: None,
+            body: ByteBuf::from(vec![0u8; body]),
+        };
+        (seq, Arc::new(m))
+    }
+
+    #[test]
+    fn deliveries_are_split_by_bytes_in_order_and_a_large_message_goes_alone() {
+        let batch: Vec<Committed> = [10, 600, 600, 10, 2000, 10]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| msg(i as u64 + 1, *b))
+            .collect();
+        let chunks = chunks_by_bytes(&batch, 1000);
+        let seqs: Vec<Vec<u64>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|(s, _)| *s).collect())
+            .collect();
+        assert_eq!(seqs, vec![vec![1, 2], vec![3, 4], vec![5], vec![6]]);
+        assert!(chunks_by_bytes(&[], 1000).is_empty());
+        let small: Vec<Committed> = (1..=256).map(|s| msg(s, 10)).collect();
+        assert_eq!(
+            chunks_by_bytes(&small, 1 << 20).len(),
+            1,
+            "small ones stay one request"
+        );
+    }
 }

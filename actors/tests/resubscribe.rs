@@ -86,6 +86,7 @@ async fn a_session_resubscribes_when_its_mailbox_dies() {
         mailboxes: mailboxes.clone(),
         out: tx,
         closed: closed.clone(),
+        delivered: Default::default(),
     };
     let (_session, _) = Actor::spawn(None, DeviceSession, args).await.unwrap();
     assert!(matches!(

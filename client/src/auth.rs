@@ -35,6 +35,15 @@ pub struct Claims {
     /// When set, the token is valid only for this device id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Not valid before this time (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Who issued the token (checked when the node sets `auth.issuer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Whom the token is for (checked when the node sets `auth.audience`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 impl Claims {
@@ -47,6 +56,9 @@ impl Claims {
             exp: now + ttl_secs,
             iat: Some(now),
             device: None,
+            nbf: None,
+            iss: None,
+            aud: None,
         }
     }
 
@@ -68,12 +80,18 @@ pub fn now_secs() -> u64 {
 
 /// Signs `claims` with `secret` (HS256).
 pub fn mint(secret: &[u8], claims: &Claims) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .expect("HS256 encoding does not fail")
+    mint_with_kid(secret, claims, None)
+}
+
+/// Signs `claims` with `secret` (HS256), naming the key id `kid` in the header (a node
+/// with `auth.keys_dir` verifies it with the file of that name).
+pub fn mint_with_kid(secret: &[u8], claims: &Claims, kid: Option<&str>) -> String {
+    let header = Header {
+        kid: kid.map(str::to_string),
+        ..Header::new(Algorithm::HS256)
+    };
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret))
+        .expect("HS256 encoding does not fail")
 }
 
 /// A token for `user` with `scope`, valid for `ttl_secs`.

@@ -97,6 +97,12 @@ pub enum ErrorCode {
     Unavailable,
     Replaced,
     Overloaded,
+    /// The connection sent nothing for `limits.idle_timeout_ms`, not even a `pong`.
+    IdleTimeout,
+    /// The token's subject publishes faster than the node allows; resend after a moment.
+    RateLimited,
+    /// The node's disk is below its free-space watermark; resend later or elsewhere.
+    StorageFull,
     Internal,
 }
 
@@ -114,6 +120,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Replaced => "replaced",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::StorageFull => "storage_full",
             ErrorCode::Internal => "internal",
         }
     }

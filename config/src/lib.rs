@@ -45,6 +45,7 @@ pub struct Config {
     pub bootstrap_expect: u32,
     /// File holding the HS256 secret for JWTs.
     pub jwt_secret_file: Option<PathBuf>,
+    pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
@@ -52,6 +53,23 @@ pub struct Config {
     pub mailbox: MailboxConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+/// What a token must carry besides a good signature.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A directory of HS256 secrets, one per file, the file name being the key id (`kid`)
+    /// a token names in its header. Re-read every few seconds: add a key, move clients
+    /// over, remove the old key, with no restart.
+    pub keys_dir: Option<PathBuf>,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must include it.
+    pub audience: Option<String>,
+    /// Longest accepted lifetime, `exp` minus `iat` (or minus now without `iat`), in
+    /// seconds; 0 = no limit.
+    pub max_lifetime_secs: u64,
 }
 
 /// TLS on the client port. Both files set = TLS on; both unset = plain TCP.
@@ -83,6 +101,29 @@ pub struct LimitsConfig {
     pub hello_timeout_ms: u64,
     /// Recipients in one fan-out request.
     pub fanout_max: usize,
+    /// The TLS handshake on the client and HTTP ports must finish within this (ms).
+    pub tls_handshake_timeout_ms: u64,
+    /// A device connection silent this long is sent a `ping` (ms).
+    pub ping_interval_ms: u64,
+    /// A device connection silent this long is closed (ms); at least twice
+    /// `ping_interval_ms`, so a live client has a ping to answer first.
+    pub idle_timeout_ms: u64,
+    /// Open HTTP connections per node (WebSocket devices count under `connections_max`
+    /// once upgraded), counted at accept.
+    pub http_connections_max: u32,
+    /// An HTTP request's headers must arrive within this (ms); it also closes a kept-alive
+    /// connection idle this long.
+    pub http_header_timeout_ms: u64,
+    /// Messages one token subject may publish per second on this node (a fan-out counts
+    /// each recipient); 0 = no limit.
+    pub publish_rate: u32,
+    /// Messages a subject may publish at once above `publish_rate`.
+    pub publish_burst: u32,
+    /// Body bytes one token subject may publish per second on this node; 0 = no limit.
+    pub publish_bytes_rate: u32,
+    /// Body bytes a subject may publish at once above `publish_bytes_rate` (at least
+    /// `max_body_bytes`, so that one largest message always fits).
+    pub publish_bytes_burst: u32,
 }
 
 /// RocksDB and group commit.
@@ -97,6 +138,9 @@ pub struct StorageConfig {
     pub queue_max: usize,
     /// fsync every batch. Turning this off loses acknowledged messages on power loss.
     pub sync: bool,
+    /// Below this many free bytes on the data directory's disk, publishes are refused with
+    /// `storage_full` and the node is not ready (0 = no check).
+    pub min_free_bytes: u64,
 }
 
 /// What is kept, and for how long.
@@ -186,6 +230,7 @@ impl Default for Config {
             seeds: Vec::new(),
             bootstrap_expect: 1,
             jwt_secret_file: None,
+            auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
@@ -210,6 +255,17 @@ impl Default for LimitsConfig {
             connections_max: 18_000,
             hello_timeout_ms: 10_000,
             fanout_max: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            // NATS pings every 2 minutes; a phone's NAT mapping often lasts less, so once a
+            // minute, and three silent minutes end the connection.
+            ping_interval_ms: 60_000,
+            idle_timeout_ms: 180_000,
+            http_connections_max: 4096,
+            http_header_timeout_ms: 10_000,
+            publish_rate: 0,
+            publish_burst: 1000,
+            publish_bytes_rate: 0,
+            publish_bytes_burst: 16 << 20,
         }
     }
 }
@@ -223,6 +279,8 @@ impl Default for StorageConfig {
             batch_bytes_max: 8 << 20,
             queue_max: 65_536,
             sync: true,
+            // Room for RocksDB's compactions and the writes already accepted.
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -285,13 +343,27 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_SEEDS", "seeds"),
     ("WARBLER_BOOTSTRAP_EXPECT", "bootstrap_expect"),
     ("WARBLER_JWT_SECRET_FILE", "jwt_secret_file"),
+    ("WARBLER_JWT_KEYS_DIR", "auth.keys_dir"),
+    ("WARBLER_JWT_ISSUER", "auth.issuer"),
+    ("WARBLER_JWT_AUDIENCE", "auth.audience"),
+    ("WARBLER_JWT_MAX_LIFETIME_SECS", "auth.max_lifetime_secs"),
     ("WARBLER_TLS_CERT_FILE", "tls.cert_file"),
     ("WARBLER_TLS_KEY_FILE", "tls.key_file"),
     ("WARBLER_MAX_FRAME_BYTES", "limits.max_frame_bytes"),
     ("WARBLER_MAX_BODY_BYTES", "limits.max_body_bytes"),
     ("WARBLER_INFLIGHT_MAX", "limits.inflight_max"),
     ("WARBLER_CONNECTIONS_MAX", "limits.connections_max"),
+    (
+        "WARBLER_HTTP_CONNECTIONS_MAX",
+        "limits.http_connections_max",
+    ),
+    ("WARBLER_IDLE_TIMEOUT_MS", "limits.idle_timeout_ms"),
+    ("WARBLER_PUBLISH_RATE", "limits.publish_rate"),
+    ("WARBLER_PUBLISH_BURST", "limits.publish_burst"),
+    ("WARBLER_PUBLISH_BYTES_RATE", "limits.publish_bytes_rate"),
+    ("WARBLER_PUBLISH_BYTES_BURST", "limits.publish_bytes_burst"),
     ("WARBLER_STORAGE_SYNC", "storage.sync"),
+    ("WARBLER_STORAGE_MIN_FREE_BYTES", "storage.min_free_bytes"),
     (
         "WARBLER_RETENTION_MAX_MESSAGES",
         "retention.max_messages_per_user",
@@ -394,6 +466,10 @@ impl Config {
             }
             "bootstrap_expect" => self.bootstrap_expect = parse(value, "a whole number")?,
             "jwt_secret_file" => self.jwt_secret_file = path(value),
+            "auth.keys_dir" => self.auth.keys_dir = path(value),
+            "auth.issuer" => self.auth.issuer = (!value.is_empty()).then(|| value.to_string()),
+            "auth.audience" => self.auth.audience = (!value.is_empty()).then(|| value.to_string()),
+            "auth.max_lifetime_secs" => self.auth.max_lifetime_secs = parse(value, "seconds")?,
             "tls.cert_file" => self.tls.cert_file = path(value),
             "tls.key_file" => self.tls.key_file = path(value),
             "limits.max_frame_bytes" => self.limits.max_frame_bytes = parse(value, "bytes")?,
@@ -402,7 +478,20 @@ impl Config {
             "limits.connections_max" => {
                 self.limits.connections_max = parse(value, "a whole number")?
             }
+            "limits.http_connections_max" => {
+                self.limits.http_connections_max = parse(value, "a whole number")?
+            }
+            "limits.idle_timeout_ms" => self.limits.idle_timeout_ms = parse(value, "milliseconds")?,
+            "limits.publish_rate" => self.limits.publish_rate = parse(value, "messages/s")?,
+            "limits.publish_burst" => self.limits.publish_burst = parse(value, "messages")?,
+            "limits.publish_bytes_rate" => {
+                self.limits.publish_bytes_rate = parse(value, "bytes/s")?
+            }
+            "limits.publish_bytes_burst" => {
+                self.limits.publish_bytes_burst = parse(value, "bytes")?
+            }
             "storage.sync" => self.storage.sync = parse(value, "true or false")?,
+            "storage.min_free_bytes" => self.storage.min_free_bytes = parse(value, "bytes")?,
             "retention.max_messages_per_user" => {
                 self.retention.max_messages_per_user = parse(value, "a whole number")?
             }
@@ -516,6 +605,56 @@ impl Config {
         range("limits.connections_max", l.connections_max, 1, 10_000_000)?;
         range("limits.hello_timeout_ms", l.hello_timeout_ms, 100, 600_000)?;
         range("limits.fanout_max", l.fanout_max, 1, 1_000_000)?;
+        range(
+            "limits.tls_handshake_timeout_ms",
+            l.tls_handshake_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "limits.ping_interval_ms",
+            l.ping_interval_ms,
+            100,
+            3_600_000,
+        )?;
+        range(
+            "limits.idle_timeout_ms",
+            l.idle_timeout_ms,
+            2 * l.ping_interval_ms,
+            24 * 3_600_000,
+        )
+        .map_err(|e| match e {
+            ConfigError::Invalid { field, message } => ConfigError::Invalid {
+                field,
+                message: format!(
+                    "{message} (at least twice limits.ping_interval_ms, so that a live \
+                         client gets a ping to answer before it is closed)"
+                ),
+            },
+            other => other,
+        })?;
+        range(
+            "limits.http_connections_max",
+            l.http_connections_max,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "limits.http_header_timeout_ms",
+            l.http_header_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range("limits.publish_burst", l.publish_burst, 1, u32::MAX)?;
+        if (l.publish_bytes_burst as usize) < l.max_body_bytes {
+            return Err(invalid(
+                "limits.publish_bytes_burst",
+                format!(
+                    "{} is below limits.max_body_bytes ({}): the largest message could never be published",
+                    l.publish_bytes_burst, l.max_body_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -2,13 +2,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ractor::{Actor, ActorRef};
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warbler_actors::{DeviceSession, MailboxError, Mailboxes, SessionArgs, SessionMsg};
 use warbler_client::codec::CodecError;
@@ -85,6 +87,18 @@ impl Chains {
         }
     }
 
+    /// A publish to `user` was refused before it reached the mailbox: later ones to that
+    /// user wait for it to come again, as after a refusal by the mailbox.
+    fn refused(&mut self, user: &str, id: &str, why: MailboxError) {
+        let (_, answered) = watch::channel(Some(Err((why, id.to_string()))));
+        let link = Link {
+            id: id.to_string(),
+            handed: None,
+            answered,
+        };
+        self.push(user.to_string(), link);
+    }
+
     fn push(&mut self, user: String, link: Link) {
         self.users.insert(user, link);
         if self.users.len() > CHAINS_PRUNE_AT {
@@ -98,9 +112,13 @@ impl Chains {
 /// Everything a connection needs; one per node.
 pub struct Gateway {
     pub node_id: String,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub mailboxes: Mailboxes,
     pub limits: LimitsConfig,
+    /// Publish rate limits per token subject.
+    pub rates: crate::rate::PublishLimits,
+    /// Free space of the data directory's disk.
+    pub disk: Arc<crate::disk::DiskSpace>,
     /// One permit per open connection (`limits.connections_max`).
     pub slots: Arc<Semaphore>,
     /// Cancelled when the node drains: connections say `bye` and close.
@@ -140,21 +158,22 @@ impl Gateway {
         mut frames: S,
         out: mpsc::Sender<Frame>,
         transport: &'static str,
+        slot: Option<OwnedSemaphorePermit>,
     ) where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            let msg = format!("this node holds its maximum of {} connections; connect to another node or retry later", self.limits.connections_max);
-            send_error(&out, ErrorCode::Overloaded, msg, None).await;
+        let Some(_slot) = slot.or_else(|| self.slots.clone().try_acquire_owned().ok()) else {
+            send_error(&out, ErrorCode::Overloaded, self.full_message(), None).await;
             return;
         };
         metrics::counter!("warbler_connections_total", "transport" => transport).increment(1);
         let gauge = metrics::gauge!("warbler_connections", "transport" => transport);
         gauge.increment(1.0);
         let closed = CancellationToken::new();
-        if let Some((claims, session)) = self.accept(&mut frames, &out, &closed).await {
-            self.serve(frames, &out, &closed, &claims, session.as_ref())
-                .await;
+        let delivered = Arc::new(AtomicU64::new(0));
+        if let Some((claims, session)) = self.accept(&mut frames, &out, &closed, &delivered).await {
+            let device = session.as_ref().map(|s| (s, &*delivered));
+            self.serve(frames, &out, &closed, &claims, device).await;
             if let Some(s) = session {
                 // Drain, not stop: a stop signal jumps the queue and would drop the acks the
                 // client sent just before closing.
@@ -162,6 +181,14 @@ impl Gateway {
             }
         }
         gauge.decrement(1.0);
+    }
+
+    /// What a connection over `limits.connections_max` is told.
+    pub fn full_message(&self) -> String {
+        format!(
+            "this node holds its maximum of {} connections; connect to another node or retry later",
+            self.limits.connections_max
+        )
     }
 
     /// The client's `hello`: (token, device, protocol version). `None`: no hello came (the
@@ -205,6 +232,7 @@ impl Gateway {
         frames: &mut S,
         out: &mpsc::Sender<Frame>,
         closed: &CancellationToken,
+        delivered: &Arc<AtomicU64>,
     ) -> Option<(Claims, Option<ActorRef<SessionMsg>>)>
     where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
@@ -246,6 +274,7 @@ impl Gateway {
                 mailboxes: self.mailboxes.clone(),
                 out: out.clone(),
                 closed: closed.clone(),
+                delivered: delivered.clone(),
             };
             match Actor::spawn(None, DeviceSession, args).await {
                 Ok((session, _)) => Some((claims, Some(session))),
@@ -277,20 +306,31 @@ impl Gateway {
         }
     }
 
-    /// The authenticated part: acks, publishes, pings, until either side closes.
+    /// The authenticated part: acks, publishes, pings, until either side closes. `device`
+    /// is the session of a device connection and the highest seq it handed to the writer.
+    ///
+    /// A connection silent for `limits.ping_interval_ms` is sent a `ping`; one silent for
+    /// `limits.idle_timeout_ms` is closed with `idle_timeout`.
     async fn serve<S>(
         &self,
         mut frames: S,
         out: &mpsc::Sender<Frame>,
         closed: &CancellationToken,
         claims: &Claims,
-        session: Option<&ActorRef<SessionMsg>>,
+        device: Option<(&ActorRef<SessionMsg>, &AtomicU64)>,
     ) where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
         let mut chains = Chains::default();
+        let ping_after = Duration::from_millis(self.limits.ping_interval_ms);
+        let idle_after = Duration::from_millis(self.limits.idle_timeout_ms);
+        let mut heard = Instant::now();
+        let mut pinged = false;
+        // The highest ack handed to the session: repeats are dropped here.
+        let mut forwarded = 0u64;
         loop {
+            let wake_at = heard + if pinged { idle_after } else { ping_after };
             let frame = tokio::select! {
                 _ = closed.cancelled() => return,
                 _ = self.shutdown.cancelled() => {
@@ -298,8 +338,22 @@ impl Gateway {
                     let _ = out.send(bye).await;
                     return;
                 }
+                _ = tokio::time::sleep_until(wake_at) => {
+                    if pinged {
+                        let msg = format!("nothing received for {} ms; send a ping (or answer the server's) at least every {} ms", self.limits.idle_timeout_ms, self.limits.ping_interval_ms);
+                        let _ = out.try_send(Frame::error(ErrorCode::IdleTimeout, msg, None));
+                        metrics::counter!("warbler_idle_connections_closed_total").increment(1);
+                        return;
+                    }
+                    // Never waits: a client that reads nothing has no room for pings either.
+                    let _ = out.try_send(Frame::Ping { n: 0 });
+                    pinged = true;
+                    continue;
+                }
                 f = frames.next() => f,
             };
+            heard = Instant::now();
+            pinged = false;
             match frame {
                 None | Some(Err(CodecError::Io(_))) => return,
                 Some(Err(CodecError::Decode(e))) => {
@@ -308,8 +362,19 @@ impl Gateway {
                         return;
                     }
                 }
-                Some(Ok(Frame::Ack { seq })) => match session {
-                    Some(s) => {
+                Some(Ok(Frame::Ack { seq })) => match device {
+                    Some((s, delivered)) => {
+                        if seq <= forwarded {
+                            continue;
+                        }
+                        let last = delivered.load(Ordering::Acquire);
+                        if seq > last {
+                            // Answered here: the session's queue never holds a flood of them.
+                            let msg = format!("ack {seq} is beyond the last delivered seq {last}; ack only seqs you received");
+                            send_error(out, ErrorCode::BadRequest, msg, None).await;
+                            continue;
+                        }
+                        forwarded = seq;
                         if s.cast(SessionMsg::ClientAck(seq)).is_err() {
                             return;
                         }
@@ -325,7 +390,12 @@ impl Gateway {
                 Some(Ok(Frame::Publish { id, to, body })) => {
                     let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
                     match self.check_publish(claims, &id, &to, &body) {
-                        Err((code, msg)) => send_error(out, code, msg, Some(id)).await,
+                        Err((code, msg)) => {
+                            if matches!(code, ErrorCode::RateLimited | ErrorCode::StorageFull) {
+                                chains.refused(&to, &id, MailboxError::Overloaded(msg.clone()));
+                            }
+                            send_error(out, code, msg, Some(id)).await
+                        }
                         Ok(()) => self.publish(claims, (id, to, body), out, &mut chains, permit).await,
                     }
                 }
@@ -452,7 +522,12 @@ impl Gateway {
             );
             return Err((ErrorCode::BodyTooLarge, msg));
         }
-        Ok(())
+        self.disk
+            .check()
+            .map_err(|why| (ErrorCode::StorageFull, why))?;
+        self.rates
+            .check(&claims.sub, 1, body.len())
+            .map_err(|e| (ErrorCode::RateLimited, e.to_string()))
     }
 }
 

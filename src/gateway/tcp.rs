@@ -2,22 +2,27 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use warbler_client::codec::CodecError;
 use warbler_client::{Frame, FrameCodec};
 
 use super::Gateway;
+use crate::listener::{tune, Refusals};
 
 /// Initial read buffer of a connection. Small, so idle connections stay cheap; it grows
 /// to the size of the largest frame received.
 const READ_BUFFER_BYTES: usize = 256;
+/// Largest first frame (the `hello`, a token inside): a connection that has not said who
+/// it is cannot make the node buffer a full-sized frame.
+pub const HELLO_FRAME_BYTES_MAX: usize = 16 * 1024;
 /// A writer buffer grown past this by a large burst is released once drained.
 const WRITE_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 
@@ -56,8 +61,13 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Accepts connections until the gateway shuts down.
+static REFUSALS: Refusals = Refusals::new("client");
+
+/// Accepts connections until the gateway shuts down. A connection takes its slot of
+/// `limits.connections_max` at accept, before any handshake, and must finish TLS within
+/// `limits.tls_handshake_timeout_ms`.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+    let handshake = Duration::from_millis(gw.limits.tls_handshake_timeout_ms);
     loop {
         let (stream, peer) = tokio::select! {
             _ = gw.shutdown.cancelled() => return,
@@ -66,20 +76,34 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        let slot = gw.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            REFUSALS.refused("connections_max");
+            if tls.is_some() {
+                // No handshake is spent on a connection that cannot be served.
+                continue;
+            }
+        }
+        tune(&stream);
         let (gw, tls) = (gw.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => handle(stream, gw, "tcp").await,
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => handle(s, gw, "tls").await,
-                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                },
+                None => handle(stream, gw, "tcp", slot).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => handle(s, gw, "tls", slot).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => {
+                            REFUSALS.refused("tls_handshake_timeout");
+                            tracing::debug!(%peer, "TLS handshake not finished in time");
+                        }
+                    }
+                }
             }
         });
     }
@@ -89,16 +113,43 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     gw: Arc<Gateway>,
     transport: &'static str,
+    slot: Option<OwnedSemaphorePermit>,
 ) {
     let (r, w) = tokio::io::split(stream);
     let codec = FrameCodec::new(gw.limits.max_frame_bytes);
+    let decoder = HelloFirst {
+        hello: FrameCodec::new(HELLO_FRAME_BYTES_MAX.min(gw.limits.max_frame_bytes)),
+        rest: codec.clone(),
+        said_hello: false,
+    };
     // Per-frame decode errors arrive as items; flatten them into the gateway's stream.
-    let frames = FramedRead::with_capacity(r, codec.clone(), READ_BUFFER_BYTES)
+    let frames = FramedRead::with_capacity(r, decoder, READ_BUFFER_BYTES)
         .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
     let (tx, rx) = mpsc::channel(gw.writer_queue());
     let writer = tokio::spawn(write_frames(rx, w, codec));
-    gw.run(frames, tx, transport).await;
+    gw.run(frames, tx, transport, slot).await;
     let _ = writer.await;
+}
+
+/// The device protocol's decoder with a small limit on the first frame.
+struct HelloFirst {
+    hello: FrameCodec,
+    rest: FrameCodec,
+    said_hello: bool,
+}
+
+impl Decoder for HelloFirst {
+    type Item = <FrameCodec as Decoder>::Item;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
+        if self.said_hello {
+            return self.rest.decode(src);
+        }
+        let first = self.hello.decode(src)?;
+        self.said_hello = first.is_some();
+        Ok(first)
+    }
 }
 
 /// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down

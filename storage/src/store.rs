@@ -36,6 +36,9 @@ const PARTITION_STATE_CFS: [&str; 4] = [CF_MSGS, CF_CURSORS, CF_DEDUP, CF_HEADS]
 
 /// Most records one range read returns, whatever the caller asks.
 pub const RANGE_READ_MAX: usize = 10_000;
+/// Most bytes of stored messages one range read returns (at least one message, however
+/// large): a page of large messages stays a few MiB in memory.
+pub const RANGE_READ_BYTES_MAX: usize = 4 << 20;
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,8 +242,9 @@ impl Store {
             .map(|(s, _)| *s))
     }
 
-    /// Messages of `user` with `seq > after`, in `seq` order, at most `limit`
-    /// (capped at [`RANGE_READ_MAX`]).
+    /// Messages of `user` with `seq > after`, in `seq` order, at most `limit` (capped at
+    /// [`RANGE_READ_MAX`]) and about [`RANGE_READ_BYTES_MAX`]: fewer than asked does not
+    /// mean there are no more.
     pub fn read_range(
         &self,
         partition: PartitionId,
@@ -261,8 +265,13 @@ impl Store {
             ro,
             IteratorMode::From(&start, Direction::Forward),
         );
+        let mut bytes = 0;
         for item in iter.take(limit) {
             let (k, v) = item?;
+            if bytes + v.len() > RANGE_READ_BYTES_MAX && !out.is_empty() {
+                break;
+            }
+            bytes += v.len();
             let seq = keys::split_user_key(&k)
                 .and_then(|(_, _, rest)| u64_be(rest))
                 .ok_or_else(|| StorageError::Corrupt(format!("bad message key {k:?}")))?;
@@ -685,6 +694,39 @@ mod tests {
             })
             .collect();
         store.apply(&ops, true).unwrap();
+    }
+
+    #[test]
+    fn a_range_of_large_messages_is_cut_by_bytes_but_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let big = |seq: u64, len: usize| Op::Append {
+            partition: 3,
+            user: "big".into(),
+            seq,
+            msg: StoredMessage {
+                body: ByteBuf::from(vec![7u8; len]),
+                ..msg(&format!("b{seq}"), seq)
+            },
+        };
+        let mut ops: Vec<Op> = (1..=20).map(|s| big(s, 512 * 1024)).collect();
+        ops.push(big(21, RANGE_READ_BYTES_MAX + 1));
+        store.apply(&ops, true).unwrap();
+        let page = store.read_range(3, "big", 0, 100).unwrap();
+        let bytes: usize = page.iter().map(|(_, m)| m.body.len()).sum();
+        assert!(
+            !page.is_empty() && page.len() < 20,
+            "{} messages",
+            page.len()
+        );
+        assert!(bytes <= RANGE_READ_BYTES_MAX, "{bytes} bytes");
+        assert_eq!(
+            page.last().unwrap().0,
+            page.len() as u64,
+            "a prefix, in order"
+        );
+        let huge = store.read_range(3, "big", 20, 100).unwrap();
+        assert_eq!(huge.len(), 1, "one message over the cap still comes, alone");
     }
 
     #[test]
