@@ -41,7 +41,7 @@ pub struct TokenArgs {
     /// The user (the token's subject).
     #[arg(long)]
     user: String,
-    /// What the token allows: device, publish or admin (several: "device,publish").
+    /// What the token allows: device, publish, ops or admin (several: "device,publish").
     #[arg(long, default_value = "device")]
     scope: String,
     /// Restrict the token to one device id.
@@ -111,9 +111,9 @@ pub struct ListenArgs {
 pub fn token(args: TokenArgs) -> anyhow::Result<()> {
     let auth = Auth::from_file(&args.jwt_secret_file).map_err(anyhow::Error::msg)?;
     for s in args.scope.split([',', ' ']).filter(|s| !s.is_empty()) {
-        if !matches!(s, "device" | "publish" | "admin") {
+        if !matches!(s, "device" | "publish" | "ops" | "admin") {
             bail!(
-                "unknown scope {s:?}: use device, publish or admin (comma-separated for several)"
+                "unknown scope {s:?}: use device, publish, ops or admin (comma-separated for several)"
             );
         }
     }
@@ -385,13 +385,35 @@ pub struct ClusterStatusArgs {
     /// Print the raw JSON of GET /v1/cluster.
     #[arg(long)]
     json: bool,
+    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
+    #[arg(long, env = "WARBLER_TOKEN")]
+    token: Option<String>,
+    /// The secret to mint an ops token from (the dev cluster's by default).
+    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    jwt_secret_file: PathBuf,
+}
+
+/// The given token, or an `ops` token minted from `secret`.
+fn ops_token(token: &Option<String>, secret: &Path) -> anyhow::Result<String> {
+    if let Some(t) = token {
+        return Ok(t.clone());
+    }
+    let auth = Auth::from_file(secret).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n(pass --token with an ops or admin token, or --jwt-secret-file of the cluster)"
+        )
+    })?;
+    Ok(auth.mint(&Claims::new("operator", "ops", 3600)))
 }
 
 /// `warbler cluster status`: members, their state, partitions with replicas and leaders.
 pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
-    let node = NodeHttp::new(&args.http);
+    let token = ops_token(&args.token, &args.jwt_secret_file)?;
+    let node = NodeHttp::new(&args.http).with_token(token.clone());
     if args.json {
-        let answer = node.send("GET", "/v1/cluster", None, Vec::new()).await?;
+        let answer = node
+            .send("GET", "/v1/cluster", Some(&token), Vec::new())
+            .await?;
         println!("{}", answer.body);
         return Ok(());
     }
@@ -452,10 +474,10 @@ pub struct DecommissionArgs {
     /// Any node's HTTP address.
     #[arg(long, default_value = "127.0.0.1:7480")]
     http: String,
-    /// An admin token; without it one is minted from --jwt-secret-file.
+    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
-    /// The secret to mint an admin token from (the dev cluster's by default).
+    /// The secret to mint an ops token from (the dev cluster's by default).
     #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
     jwt_secret_file: PathBuf,
     /// Return once the member list changed, without waiting for the partitions to move.
@@ -468,18 +490,8 @@ pub struct DecommissionArgs {
 
 /// `warbler cluster decommission NODE`: removes a member; waits until it holds no replica.
 pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> {
-    let token = match &args.token {
-        Some(t) => t.clone(),
-        None => {
-            let auth = Auth::from_file(&args.jwt_secret_file).map_err(|e| {
-                anyhow::anyhow!(
-                    "{e}\n(pass --token with an admin token, or --jwt-secret-file of the cluster)"
-                )
-            })?;
-            auth.mint(&Claims::new("operator", "admin", 3600))
-        }
-    };
-    let node = NodeHttp::new(&args.http);
+    let token = ops_token(&args.token, &args.jwt_secret_file)?;
+    let node = NodeHttp::new(&args.http).with_token(token.clone());
     let status = node.cluster_status().await?;
     let target_http = status.member(&args.node).and_then(|m| m.http_addr.clone());
     let body = serde_json::json!({ "node": args.node });
@@ -504,7 +516,11 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
     let mut last = None;
     loop {
-        if let Ok(v) = NodeHttp::new(&target).cluster_status().await {
+        if let Ok(v) = NodeHttp::new(&target)
+            .with_token(token.clone())
+            .cluster_status()
+            .await
+        {
             let held = v.replicas_held;
             if held == Some(0) && v.decommissioned {
                 println!("{} holds no replica and has left: stop it now", args.node);

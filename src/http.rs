@@ -49,6 +49,8 @@ pub struct AppState {
     pub store: Store,
     pub view: Arc<dyn NodeView>,
     pub metrics: PrometheusHandle,
+    /// `/metrics` needs an `ops` token (`auth.metrics_require_token`).
+    pub metrics_need_token: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -563,8 +565,11 @@ struct ClusterQuery {
 
 async fn cluster(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Query(q): Query<ClusterQuery>,
-) -> Json<ClusterStatus> {
+) -> Result<Json<ClusterStatus>, ApiError> {
+    // Where every leader is, and every member's address: for operators only.
+    claims(&state, &headers, Scope::Ops)?;
     let mut status = state.view.status();
     status.mailboxes_active = state.gw.mailboxes.active_count().await;
     if let Some(user) = q.user {
@@ -577,7 +582,7 @@ async fn cluster(
             partition,
         });
     }
-    Json(status)
+    Ok(Json(status))
 }
 
 /// Refuses a publish while the data directory's disk is below its watermark.
@@ -621,7 +626,7 @@ async fn decommission(
     headers: HeaderMap,
     body: Result<Json<DecommissionBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    claims(&state, &headers, Scope::Admin)?;
+    claims(&state, &headers, Scope::Ops)?;
     let Json(body) = body.map_err(|e| {
         ApiError::bad_request(format!(
             "{e}; send {{\"node\": \"NAME\"}} with the member's name"
@@ -663,14 +668,18 @@ async fn faults(
     }
 }
 
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    (
+async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    if state.metrics_need_token {
+        claims(&state, &headers, Scope::Ops)?;
+    }
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         state.metrics.render(),
     )
+        .into_response())
 }
 
 async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {

@@ -74,6 +74,7 @@ pub async fn run(
         store: store.clone(),
         view: parts.view.clone(),
         metrics,
+        metrics_need_token: config.auth.metrics_require_token,
     });
     let http_shutdown = shutdown.clone();
     let bounds = HttpBounds {

@@ -719,6 +719,7 @@ impl Cluster {
     /// Node `i`'s HTTP API (2 s timeout).
     pub fn api(&self, i: usize) -> NodeHttp {
         NodeHttp::with_timeout(self.nodes[i].http.to_string(), Duration::from_secs(2))
+            .with_token(auth::token("chaos", "ops"))
     }
 
     /// Heals everything: resumes paused nodes, starts stopped members, removes cuts, and

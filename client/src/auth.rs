@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub enum Scope {
     Device,
     Publish,
+    /// Operations: the cluster's state (`GET /v1/cluster`), decommissioning, and
+    /// `/metrics` where the node requires a token for it.
+    Ops,
     Admin,
 }
 
@@ -18,13 +21,14 @@ impl Scope {
         match self {
             Scope::Device => "device",
             Scope::Publish => "publish",
+            Scope::Ops => "ops",
             Scope::Admin => "admin",
         }
     }
 }
 
 /// A token's claims: `sub` is the user, `scope` lists what the bearer may do (`device`,
-/// `publish`, `admin`; space- or comma-separated), `exp` is required.
+/// `publish`, `ops`, `admin`; space- or comma-separated), `exp` is required.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Claims {
     pub sub: String,
@@ -116,6 +120,11 @@ mod tests {
         assert!(!c.allows(Scope::Admin));
         assert!(Claims::new("u", "admin", 60).allows(Scope::Publish));
         assert!(!Claims::new("u", "devices", 60).allows(Scope::Device));
+        assert!(Claims::new("u", "admin", 60).allows(Scope::Ops));
+        let ops = Claims::new("u", "ops", 60);
+        assert!(
+            ops.allows(Scope::Ops) && !ops.allows(Scope::Publish) && !ops.allows(Scope::Device)
+        );
     }
 
     #[test]

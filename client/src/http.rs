@@ -47,6 +47,8 @@ impl Answer {
 pub struct NodeHttp {
     addr: String,
     client: reqwest::Client,
+    /// Sent with `get` (an `ops` token reads `/v1/cluster`).
+    token: Option<String>,
 }
 
 impl NodeHttp {
@@ -64,7 +66,14 @@ impl NodeHttp {
         NodeHttp {
             addr: addr.into(),
             client,
+            token: None,
         }
+    }
+
+    /// Sends `token` with every `get` (`/v1/cluster` needs the `ops` scope).
+    pub fn with_token(mut self, token: impl Into<String>) -> NodeHttp {
+        self.token = Some(token.into());
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -108,7 +117,9 @@ impl NodeHttp {
     /// `GET path`, read as `T` from a 200 answer; any other status is an error carrying the
     /// node's error body.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
-        let answer = self.send("GET", path, None, Vec::new()).await?;
+        let answer = self
+            .send("GET", path, self.token.as_deref(), Vec::new())
+            .await?;
         self.read(answer)
     }
 
@@ -124,7 +135,7 @@ impl NodeHttp {
         self.read(answer)
     }
 
-    /// `GET /v1/cluster`.
+    /// `GET /v1/cluster` (with an `ops` token: see [`NodeHttp::with_token`]).
     pub async fn cluster_status(&self) -> Result<ClusterStatus, HttpError> {
         self.get("/v1/cluster").await
     }

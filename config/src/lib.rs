@@ -70,6 +70,9 @@ pub struct AuthConfig {
     /// Longest accepted lifetime, `exp` minus `iat` (or minus now without `iat`), in
     /// seconds; 0 = no limit.
     pub max_lifetime_secs: u64,
+    /// `/metrics` needs a token with the `ops` scope (Prometheus sends it with
+    /// `authorization` in its scrape config).
+    pub metrics_require_token: bool,
 }
 
 /// TLS on the client port. Both files set = TLS on; both unset = plain TCP.
@@ -347,6 +350,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_JWT_ISSUER", "auth.issuer"),
     ("WARBLER_JWT_AUDIENCE", "auth.audience"),
     ("WARBLER_JWT_MAX_LIFETIME_SECS", "auth.max_lifetime_secs"),
+    (
+        "WARBLER_METRICS_REQUIRE_TOKEN",
+        "auth.metrics_require_token",
+    ),
     ("WARBLER_TLS_CERT_FILE", "tls.cert_file"),
     ("WARBLER_TLS_KEY_FILE", "tls.key_file"),
     ("WARBLER_MAX_FRAME_BYTES", "limits.max_frame_bytes"),

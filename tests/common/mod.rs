@@ -184,7 +184,11 @@ impl Node {
 
     /// `GET /v1/cluster`, typed; `None` when the node does not answer 200.
     pub async fn status(&self) -> Option<ClusterStatus> {
-        NodeHttp::new(&self.http).cluster_status().await.ok()
+        NodeHttp::new(&self.http)
+            .with_token(token("ops", "ops"))
+            .cluster_status()
+            .await
+            .ok()
     }
 
     /// A request to the node's HTTP API; returns status and JSON body.
