@@ -661,3 +661,55 @@ fn warbler_free_bytes(dir: &Path) -> u64 {
         .and_then(|l| l.trim().parse().ok())
         .expect("df prints the free bytes")
 }
+
+/// Where every leader and member is, and removing members, are for operators: without an
+/// `ops` (or `admin`) token they are refused; `/metrics` too when the node is told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_state_and_decommission_need_an_ops_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        &[("WARBLER_METRICS_REQUIRE_TOKEN", "true")],
+        &[],
+    );
+    let (status, v) = node.http("GET", "/v1/cluster", None, "").await;
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = node
+        .http(
+            "GET",
+            "/v1/cluster",
+            Some(&token("dev", "device publish")),
+            "",
+        )
+        .await;
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("ops"),
+        "{v}"
+    );
+    let (status, v) = node
+        .http("GET", "/v1/cluster", Some(&token("op", "ops")), "")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["partitions"].is_array());
+    let body = r#"{"node":"other"}"#;
+    let (status, _) = node
+        .http(
+            "POST",
+            "/v1/cluster/decommission",
+            Some(&token("dev", "publish")),
+            body,
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = node.http("GET", "/metrics", None, "").await;
+    assert_eq!(status, 401);
+    let (status, text) = node
+        .http("GET", "/metrics", Some(&token("prometheus", "ops")), "")
+        .await;
+    assert_eq!(status, 200);
+    assert!(text.as_str().unwrap_or("").contains("warbler_"), "{text}");
+    // Probes stay open.
+    assert_eq!(node.http("GET", "/healthz", None, "").await.0, 200);
+    assert_eq!(node.http("GET", "/readyz", None, "").await.0, 200);
+}

@@ -477,6 +477,9 @@ impl Config {
             "auth.issuer" => self.auth.issuer = (!value.is_empty()).then(|| value.to_string()),
             "auth.audience" => self.auth.audience = (!value.is_empty()).then(|| value.to_string()),
             "auth.max_lifetime_secs" => self.auth.max_lifetime_secs = parse(value, "seconds")?,
+            "auth.metrics_require_token" => {
+                self.auth.metrics_require_token = parse(value, "true or false")?
+            }
             "tls.cert_file" => self.tls.cert_file = path(value),
             "tls.key_file" => self.tls.key_file = path(value),
             "limits.max_frame_bytes" => self.limits.max_frame_bytes = parse(value, "bytes")?,
@@ -778,6 +781,21 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a variable listed here whose field `set` did not know stopped the node
+    /// at startup ("unknown configuration field").
+    #[test]
+    fn every_environment_variable_names_a_field_set_knows() {
+        for (var, field) in ENV_KEYS {
+            let mut c = Config::default();
+            if let Err(BadValue(why)) = c.set(field, "") {
+                assert!(
+                    !why.contains("unknown configuration field"),
+                    "{var} -> {field}: {why}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn defaults_are_valid_and_match_the_design() {
