@@ -132,6 +132,7 @@ impl From<MailboxError> for ApiError {
 fn mailbox_error_status(e: &MailboxError) -> (StatusCode, &'static str) {
     match e {
         MailboxError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+        MailboxError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "mailbox_full"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     }
 }

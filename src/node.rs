@@ -152,6 +152,7 @@ fn mailbox_limits(config: &Config) -> MailboxLimits {
         inflight_max: config.limits.inflight_max,
         tail_cache_max: config.mailbox.tail_cache_max,
         idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
+        unacked_max: config.retention.max_messages_per_user,
     }
 }
 

@@ -713,3 +713,71 @@ async fn the_cluster_state_and_decommission_need_an_ops_token() {
     assert_eq!(node.http("GET", "/healthz", None, "").await.0, 200);
     assert_eq!(node.http("GET", "/readyz", None, "").await.0, 200);
 }
+
+/// A flood to one user cannot make retention trim what a device has not acknowledged: once
+/// `retention.max_messages_per_user` messages wait for the device, publishes to that user
+/// are refused with `mailbox_full` (HTTP 507) and nothing the device has not read goes;
+/// once it acks, publishes are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_cannot_trim_what_a_device_has_not_read() {
+    const KEEP: u64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let config = dir.path().join("retention.toml");
+    let text = format!("[retention]\nmax_messages_per_user = {KEEP}\nsweep_interval_secs = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        &[],
+        &["--config", config.to_str().unwrap()],
+    );
+    // The device reads the first message and goes away.
+    node.publish("reader", "m0", "first").await;
+    let mut device = node.device("reader", "phone").await;
+    let m = device.recv_msg().await.unwrap();
+    device.ack(m.seq).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(device);
+    // The flood: KEEP more are taken, then the mailbox is full.
+    let publisher = token("flooder", "publish");
+    let mut taken = 0u64;
+    let mut full = None;
+    for i in 0..(KEEP * 3) {
+        let body = format!(r#"{{"id":"f{i}","body":"flood {i}"}}"#);
+        let (status, v) = node
+            .http("POST", "/v1/users/reader/messages", Some(&publisher), &body)
+            .await;
+        match status {
+            200 => taken += 1,
+            507 => {
+                full = Some(v);
+                break;
+            }
+            s => panic!("unexpected {s}: {v}"),
+        }
+    }
+    let full = full.expect("the flood was never refused");
+    assert_eq!(full["error"]["code"], "mailbox_full", "{full}");
+    assert_eq!(taken, KEEP, "exactly what retention keeps is taken");
+    // Sweeps run; every message the device has not read is still there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut device = node.device("reader", "phone").await;
+    let got = common::recv_n_acking(&mut device, KEEP as usize).await;
+    assert_eq!(
+        got.first().map(|m| m.seq),
+        Some(2),
+        "nothing unread was trimmed"
+    );
+    assert_eq!(got.last().map(|m| m.seq), Some(KEEP + 1));
+    // Caught up: publishes are taken again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, v) = node
+        .http(
+            "POST",
+            "/v1/users/reader/messages",
+            Some(&publisher),
+            r#"{"id":"after","body":"x"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}

@@ -32,6 +32,10 @@ pub enum MailboxError {
     /// upgrade): the caller falls back to requests it serves.
     #[error("the partition's leader does not serve this request yet ({0})")]
     Unsupported(String),
+    /// The user holds as many messages a device has not acknowledged as retention keeps:
+    /// taking more would trim unread ones.
+    #[error("the user's mailbox is full: {0}; retry once the user's devices have caught up")]
+    Full(String),
 }
 
 /// How long a publisher refused as overloaded is told to wait (HTTP `Retry-After` rounds it

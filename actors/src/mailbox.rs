@@ -24,6 +24,10 @@ pub struct MailboxLimits {
     pub tail_cache_max: usize,
     /// Stop after this long with no subscriber and nothing pending.
     pub idle_timeout: Duration,
+    /// Messages a user may hold that one of its devices has not acknowledged; beyond it
+    /// publishes are refused as [`MailboxError::Full`] (retention by count never trims
+    /// them). 0 = no limit. The count retention's `max_messages_per_user`.
+    pub unacked_max: u64,
 }
 
 /// A publish as the mailbox takes it (see [`MailboxMsg::Publish`]).
@@ -108,6 +112,12 @@ impl Actor for UserMailbox {
             return Err(MailboxError::NoLeader("leadership moved while starting".into()).into());
         }
         let last = args.store.last_seq(args.partition, &args.user)?;
+        // Every device's cursor, so that the oldest unacknowledged message is known.
+        let cursors: HashMap<String, u64> = args
+            .store
+            .cursors(args.partition, &args.user)?
+            .into_iter()
+            .collect();
         myself.send_after(args.limits.idle_timeout, || MailboxMsg::IdleCheck);
         metrics::gauge!("warbler_mailboxes_alive").increment(1.0);
         Ok(MailboxState {
@@ -124,7 +134,7 @@ impl Actor for UserMailbox {
             tail: VecDeque::new(),
             tail_bytes: 0,
             subs: HashMap::new(),
-            cursors: HashMap::new(),
+            cursors,
             last_active: Instant::now(),
             idle_timer: true,
         })
@@ -245,6 +255,26 @@ impl MailboxState {
             if !taken {
                 metrics::counter!("warbler_publish_out_of_order_total").increment(1);
                 return Err(MailboxError::OutOfOrder(prev.to_string()));
+            }
+        }
+        if let Some(&oldest) = self.cursors.values().min() {
+            let mut unacked = self.assigned.saturating_sub(oldest);
+            if self.limits.unacked_max > 0 && unacked >= self.limits.unacked_max {
+                // Only what is still kept counts: age retention trims messages a device
+                // that never comes back did not read (rare path: one read).
+                let first = self
+                    .store
+                    .first_seq(self.partition, &self.user)
+                    .map_err(|e| MailboxError::Unavailable(e.to_string()))?
+                    .unwrap_or(self.assigned + 1);
+                unacked = (self.assigned + 1).saturating_sub(first.max(oldest + 1));
+            }
+            if self.limits.unacked_max > 0 && unacked >= self.limits.unacked_max {
+                metrics::counter!("warbler_publish_mailbox_full_total").increment(1);
+                return Err(MailboxError::Full(format!(
+                    "{unacked} messages wait for a device's ack, the most retention keeps (retention.max_messages_per_user = {})",
+                    self.limits.unacked_max
+                )));
             }
         }
         if !self.log.admits(self.partition) {
@@ -401,8 +431,15 @@ impl MailboxState {
         // A resumed session continues after what it wrote to its connection, even when the
         // stored cursor is further along (the device acked through another connection): it
         // gets those messages again (at least once) rather than a gap in its own stream.
+        // A resume names only messages that were delivered, so committed ones: anything
+        // past that (a peer that means harm, or a bug) is clamped, never a cursor that
+        // skips what is published next.
+        let committed = self.committed;
         let (acked, sent) = match resume {
-            Some((acked, sent)) => (acked.max(stored), sent.max(acked)),
+            Some((acked, sent)) => {
+                let (acked, sent) = (acked.min(committed), sent.min(committed));
+                (acked.max(stored), sent.max(acked))
+            }
             None => (stored, stored),
         };
         if let Some(old) = self.subs.remove(&device) {

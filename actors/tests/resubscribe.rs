@@ -60,6 +60,7 @@ async fn single_node_mailboxes() -> Fixture {
             inflight_max: 16,
             tail_cache_max: 8,
             idle_timeout: Duration::from_secs(60),
+            unacked_max: 0,
         },
         partitions: 64,
     })
@@ -206,6 +207,39 @@ async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
         first,
         vec![1, 2, 3, 4, 5],
         "the resumed connection continues after what it was sent (0), not after the stored cursor (3)"
+    );
+    fixture.close().await;
+}
+
+/// A resume past what was committed (a member that means harm, or a bug) is clamped: the
+/// device still gets what is published next instead of silently nothing.
+#[tokio::test]
+async fn a_resume_past_the_end_is_clamped_and_skips_nothing() {
+    let fixture = single_node_mailboxes().await;
+    let mailboxes = fixture.mailboxes.clone();
+    mailboxes
+        .publish("u", "m1", ByteBuf::from(b"1".to_vec()), None)
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (probe, _) = Actor::spawn(None, Probe, tx).await.unwrap();
+    mailboxes
+        .subscribe_local("u", "d", probe, Some((u64::MAX, u64::MAX)))
+        .await
+        .unwrap();
+    let seq = mailboxes
+        .publish("u", "m2", ByteBuf::from(b"2".to_vec()), None)
+        .await
+        .unwrap();
+    assert_eq!(seq, 2);
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the next message is delivered")
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![2],
+        "resumed at the end of what was committed, then 2"
     );
     fixture.close().await;
 }

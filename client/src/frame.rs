@@ -103,6 +103,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The node's disk is below its free-space watermark; resend later or elsewhere.
     StorageFull,
+    /// The recipient holds as many unacknowledged messages as retention keeps.
+    MailboxFull,
     Internal,
 }
 
@@ -123,6 +125,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::MailboxFull => "mailbox_full",
             ErrorCode::Internal => "internal",
         }
     }

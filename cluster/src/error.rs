@@ -19,6 +19,15 @@ pub enum ControlError {
     },
     #[error("the request is for member list {asked} and this node has {have}")]
     StaleEpoch { asked: u64, have: u64 },
+    #[error("the request is for member list {asked}, which this node has not applied yet (it has {have}); retry shortly")]
+    AheadEpoch { asked: u64, have: u64 },
+    #[error("partition {partition}: the replicas asked for ({asked}) are not where member list {epoch} places it ({placed}); only the ring's placement is accepted")]
+    NotThePlacement {
+        partition: PartitionId,
+        epoch: u64,
+        asked: String,
+        placed: String,
+    },
     #[error("partition {partition} has no leader right now")]
     NoLeader { partition: PartitionId },
     #[error("this node does not lead partition {partition}")]
@@ -82,8 +91,10 @@ impl From<ControlError> for RpcError {
         let code = match &e {
             ControlError::NotAMember { .. }
             | ControlError::BelowReplicationFactor { .. }
-            | ControlError::StaleEpoch { .. } => RpcCode::Refused,
+            | ControlError::StaleEpoch { .. }
+            | ControlError::NotThePlacement { .. } => RpcCode::Refused,
             ControlError::ChangeInProgress
+            | ControlError::AheadEpoch { .. }
             | ControlError::NoLeader { .. }
             | ControlError::Reconfiguring { .. } => RpcCode::NotReady,
             ControlError::NotLeader { .. } | ControlError::NoReplica { .. } => RpcCode::WrongNode,

@@ -567,6 +567,7 @@ pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
     metrics::counter!("warbler_publish_errors_total").increment(1);
     let code = match e {
         MailboxError::Overloaded(_) => ErrorCode::Overloaded,
+        MailboxError::Full(_) => ErrorCode::MailboxFull,
         _ => ErrorCode::Unavailable,
     };
     Frame::error(code, e.to_string(), Some(id))

@@ -402,7 +402,17 @@ impl Store {
         };
         let mut keep_from = first;
         if policy.max_messages > 0 && last - first + 1 > policy.max_messages {
-            keep_from = last - policy.max_messages + 1;
+            // Never what a device has not acknowledged: the mailbox refuses publishes
+            // (`mailbox_full`) before that many wait.
+            let oldest_unacked = self
+                .cursors(partition, user)?
+                .into_iter()
+                .map(|(_, acked)| acked + 1)
+                .min()
+                .unwrap_or(u64::MAX);
+            keep_from = (last - policy.max_messages + 1)
+                .min(oldest_unacked)
+                .max(first);
         }
         if policy.max_age_ms > 0 {
             let cutoff = now_ms.saturating_sub(policy.max_age_ms);
@@ -810,6 +820,42 @@ mod tests {
         store.trim_user(3, "c", &policy, 1_000_000).unwrap();
         assert_eq!(store.verify_user(3, "c").unwrap(), None);
         assert_eq!(store.last_seq(3, "c").unwrap(), 100);
+    }
+
+    /// Retention by count never trims what a device has not acknowledged (the mailbox
+    /// refuses publishes with `mailbox_full` first); by age it does.
+    #[test]
+    fn retention_by_count_keeps_what_a_device_has_not_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        append(&store, "k", 1..=100, 10_000);
+        let cursor = |device: &str, acked| Op::Cursor {
+            partition: 3,
+            user: "k".into(),
+            device: device.into(),
+            acked,
+        };
+        store
+            .apply(&[cursor("phone", 95), cursor("desk", 40)], true)
+            .unwrap();
+        let policy = RetentionPolicy {
+            max_messages: 30,
+            max_age_ms: 0,
+            dedup_window_ms: u64::MAX,
+        };
+        store.trim_user(3, "k", &policy, 20_000).unwrap();
+        assert_eq!(
+            store.verify_user(3, "k").unwrap(),
+            Some((41, 100)),
+            "desk's 41.. stay"
+        );
+        store.apply(&[cursor("desk", 90)], true).unwrap();
+        store.trim_user(3, "k", &policy, 20_000).unwrap();
+        assert_eq!(
+            store.verify_user(3, "k").unwrap(),
+            Some((71, 100)),
+            "then the count rules"
+        );
     }
 
     #[test]

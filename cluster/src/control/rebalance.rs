@@ -106,7 +106,7 @@ pub enum OnReconfigure {
 pub fn on_reconfigure(
     partition: PartitionId,
     req: &Reconfigure,
-    my_epoch: u64,
+    (my_epoch, placed): (u64, &[String]),
     group: &GroupView,
     leader_name: Option<String>,
     moving: bool,
@@ -115,6 +115,23 @@ pub fn on_reconfigure(
         return Err(ControlError::StaleEpoch {
             asked: req.epoch,
             have: my_epoch,
+        });
+    }
+    // Only the current member list's placement moves a partition: a request from a member
+    // that means harm (or a bug) cannot shrink or move it elsewhere.
+    if req.epoch > my_epoch {
+        return Err(ControlError::AheadEpoch {
+            asked: req.epoch,
+            have: my_epoch,
+        });
+    }
+    let set = |names: &[String]| names.iter().cloned().collect::<BTreeSet<String>>();
+    if set(&req.replicas) != set(placed) {
+        return Err(ControlError::NotThePlacement {
+            partition,
+            epoch: my_epoch,
+            asked: req.replicas.join(", "),
+            placed: placed.join(", "),
         });
     }
     if !group.leading {
@@ -240,11 +257,25 @@ mod tests {
     #[test]
     fn a_leader_answers_from_its_group() {
         let g = leading(&["a", "b", "c"], &[]);
+        let abc: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let abd: Vec<String> = ["a", "b", "d"].iter().map(|s| s.to_string()).collect();
         let answer = |r: &Reconfigure, g: &GroupView, moving| {
-            on_reconfigure(7, r, 2, g, Some("x".into()), moving)
+            let placed = if r.replicas.contains(&"d".to_string()) {
+                &abd
+            } else {
+                &abc
+            };
+            on_reconfigure(7, r, (2, placed), g, Some("x".into()), moving)
         };
         let e = answer(&req(&["a", "b", "c"], 1), &g, false).unwrap_err();
         assert_eq!(e, ControlError::StaleEpoch { asked: 1, have: 2 });
+        let e = answer(&req(&["a", "b", "c"], u64::MAX), &g, false).unwrap_err();
+        assert!(matches!(e, ControlError::AheadEpoch { .. }), "{e}");
+        let shrink = on_reconfigure(7, &req(&["a"], 2), (2, &abc), &g, None, false).unwrap_err();
+        assert!(
+            matches!(shrink, ControlError::NotThePlacement { .. }),
+            "{shrink}"
+        );
         let same = answer(&req(&["c", "a", "b"], 2), &g, false).unwrap();
         assert_eq!(same, OnReconfigure::Answer(Moved::Settled));
         let uncommitted = GroupView {
@@ -267,7 +298,15 @@ mod tests {
         };
         let redirected = answer(&req(&["a", "b", "d"], 2), &follower, false).unwrap();
         assert_eq!(redirected, OnReconfigure::Answer(Moved::LedBy("x".into())));
-        let e = on_reconfigure(7, &req(&["a"], 2), 2, &follower, None, false).unwrap_err();
+        let e = on_reconfigure(
+            7,
+            &req(&["a", "b", "c"], 2),
+            (2, &abc),
+            &follower,
+            None,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(e, ControlError::NoLeader { partition: 7 });
     }
 

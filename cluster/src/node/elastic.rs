@@ -181,14 +181,29 @@ impl ClusterNode {
         partition: PartitionId,
         req: Reconfigure,
     ) -> Result<Moved, RpcError> {
-        let epoch = self.placement.read().unwrap().epoch;
+        let (epoch, placed) = {
+            let pl = self.placement.read().unwrap();
+            let placed = pl
+                .replicas
+                .get(partition as usize)
+                .cloned()
+                .unwrap_or_default();
+            (pl.epoch, placed)
+        };
         let Some(raft) = self.local_raft(partition) else {
             return Err(ControlError::NoReplica { partition }.into());
         };
         let view = group_view(&raft, self.my_id);
         let leader_name = view.leader.and_then(|id| self.name_of(id));
         let moving = self.moving.lock().unwrap().contains(&partition);
-        match rebalance::on_reconfigure(partition, &req, epoch, &view, leader_name, moving)? {
+        match rebalance::on_reconfigure(
+            partition,
+            &req,
+            (epoch, &placed),
+            &view,
+            leader_name,
+            moving,
+        )? {
             OnReconfigure::Answer(m) => Ok(m),
             OnReconfigure::StartMove => {
                 if !self.moving.lock().unwrap().insert(partition) {
