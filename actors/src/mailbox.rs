@@ -10,6 +10,10 @@ use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store
 
 use crate::error::MailboxError;
 
+/// Body bytes sent to one device and not acknowledged yet, at most (besides
+/// `limits.inflight_max` messages): a device that stops reading pins this much, not the
+/// window's 256 messages of up to 512 KiB each.
+const INFLIGHT_BYTES_MAX: usize = 8 << 20;
 /// Body bytes a mailbox's tail cache holds at most (besides `tail_cache_max` messages):
 /// 512 messages at the body limit would otherwise pin 256 MiB per active user.
 const TAIL_CACHE_BYTES_MAX: usize = 4 << 20;
@@ -58,6 +62,10 @@ struct Subscriber {
     session: ActorRef<SessionMsg>,
     acked: u64,
     sent: u64,
+    /// Messages sent and not acked yet, with their body bytes (those a resumed session's
+    /// earlier connection was sent are not known here and count as none).
+    inflight: VecDeque<(u64, usize)>,
+    inflight_bytes: usize,
 }
 
 pub struct MailboxState {
@@ -453,6 +461,8 @@ impl MailboxState {
                 session,
                 acked,
                 sent,
+                inflight: VecDeque::new(),
+                inflight_bytes: 0,
             },
         );
         Ok(SubscribeInfo {
@@ -475,6 +485,13 @@ impl MailboxState {
         }
         sub.acked = seq.min(sub.sent);
         let acked = sub.acked;
+        while let Some(&(s, bytes)) = sub.inflight.front() {
+            if s > acked {
+                break;
+            }
+            sub.inflight.pop_front();
+            sub.inflight_bytes -= bytes;
+        }
         self.cursors.insert(device.to_string(), acked);
         metrics::counter!("warbler_acks_total").increment(1);
         // Cursors may lag on a crash (delivery is at least once), so no need to wait.
@@ -498,15 +515,28 @@ impl MailboxState {
             };
             let window_end = sub.acked + u64::from(self.limits.inflight_max);
             let upto = self.committed.min(window_end);
-            if sub.sent >= upto {
+            if sub.sent >= upto || sub.inflight_bytes >= INFLIGHT_BYTES_MAX {
                 return Ok(());
             }
             let (from, count) = (sub.sent, (upto - sub.sent) as usize);
             let mut batch = self.read_committed(from, count)?;
+            let sub = self.subs.get_mut(device).expect("checked above");
+            // The window is bytes as well as messages: at most INFLIGHT_BYTES_MAX of bodies
+            // wait for one device's ack (at least one message, however large).
+            let mut keep = 0;
+            for (seq, m) in &batch {
+                let bytes = m.body.len();
+                if sub.inflight_bytes + bytes > INFLIGHT_BYTES_MAX && !sub.inflight.is_empty() {
+                    break;
+                }
+                sub.inflight.push_back((*seq, bytes));
+                sub.inflight_bytes += bytes;
+                keep += 1;
+            }
+            batch.truncate(keep);
             let Some(&(last, _)) = batch.last() else {
                 return Ok(());
             };
-            let sub = self.subs.get_mut(device).expect("checked above");
             sub.sent = last;
             if crate::bugs::on(crate::bugs::Bug::SkipSeq) {
                 batch.retain(|(seq, _)| seq % crate::bugs::SKIP_EVERY != 0);

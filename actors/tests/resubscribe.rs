@@ -243,3 +243,46 @@ async fn a_resume_past_the_end_is_clamped_and_skips_nothing() {
     );
     fixture.close().await;
 }
+
+/// The delivery window is bytes as well as messages: a device that does not ack is sent at
+/// most 8 MiB of bodies (at least one message), not 256 messages of up to 512 KiB each.
+#[tokio::test]
+async fn a_device_that_does_not_ack_is_sent_at_most_8_mib() {
+    let fixture = single_node_mailboxes().await;
+    let mailboxes = fixture.mailboxes.clone();
+    for i in 1..=20u64 {
+        let body = ByteBuf::from(vec![b'x'; 1 << 20]);
+        mailboxes
+            .publish("big", &format!("m{i}"), body, None)
+            .await
+            .unwrap();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (probe, _) = Actor::spawn(None, Probe, tx).await.unwrap();
+    let (mailbox, _) = mailboxes
+        .subscribe_local("big", "d", probe.clone(), None)
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        sent.extend(batch);
+    }
+    assert_eq!(
+        sent,
+        (1..=8).collect::<Vec<u64>>(),
+        "8 MiB of 1 MiB messages"
+    );
+    mailbox
+        .cast(warbler_actors::MailboxMsg::Ack {
+            device: "d".into(),
+            session: probe.get_id(),
+            seq: 3,
+        })
+        .unwrap();
+    let mut more = Vec::new();
+    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        more.extend(batch);
+    }
+    assert_eq!(more, vec![9, 10, 11], "an ack of 3 makes room for 3 more");
+    fixture.close().await;
+}

@@ -19,9 +19,7 @@ pub enum ControlError {
     },
     #[error("the request is for member list {asked} and this node has {have}")]
     StaleEpoch { asked: u64, have: u64 },
-    #[error("the request is for member list {asked}, which this node has not applied yet (it has {have}); retry shortly")]
-    AheadEpoch { asked: u64, have: u64 },
-    #[error("partition {partition}: the replicas asked for ({asked}) are not where member list {epoch} places it ({placed}); only the ring's placement is accepted")]
+    #[error("partition {partition}: the replicas asked for ({asked}, member list {epoch}) are not its placement here ({placed}) or fewer; only the ring's placement is taken")]
     NotThePlacement {
         partition: PartitionId,
         epoch: u64,
@@ -94,7 +92,6 @@ impl From<ControlError> for RpcError {
             | ControlError::StaleEpoch { .. }
             | ControlError::NotThePlacement { .. } => RpcCode::Refused,
             ControlError::ChangeInProgress
-            | ControlError::AheadEpoch { .. }
             | ControlError::NoLeader { .. }
             | ControlError::Reconfiguring { .. } => RpcCode::NotReady,
             ControlError::NotLeader { .. } | ControlError::NoReplica { .. } => RpcCode::WrongNode,

@@ -117,19 +117,21 @@ pub fn on_reconfigure(
             have: my_epoch,
         });
     }
-    // Only the current member list's placement moves a partition: a request from a member
-    // that means harm (or a bug) cannot shrink or move it elsewhere.
-    if req.epoch > my_epoch {
-        return Err(ControlError::AheadEpoch {
-            asked: req.epoch,
-            have: my_epoch,
-        });
-    }
+    // For this node's member list only its placement is taken. A newer list this node has
+    // not seen (it may never: a decommissioned node stops following the list, and must
+    // still move its partitions away) is taken if it keeps as many replicas: a request
+    // from a member that means harm (or a bug) cannot shrink a partition.
     let set = |names: &[String]| names.iter().cloned().collect::<BTreeSet<String>>();
-    if set(&req.replicas) != set(placed) {
+    let wanted = set(&req.replicas);
+    let refused = if req.epoch == my_epoch {
+        wanted != set(placed)
+    } else {
+        wanted.len() < placed.len() || wanted.len() != req.replicas.len()
+    };
+    if refused {
         return Err(ControlError::NotThePlacement {
             partition,
-            epoch: my_epoch,
+            epoch: req.epoch,
             asked: req.replicas.join(", "),
             placed: placed.join(", "),
         });
@@ -269,12 +271,22 @@ mod tests {
         };
         let e = answer(&req(&["a", "b", "c"], 1), &g, false).unwrap_err();
         assert_eq!(e, ControlError::StaleEpoch { asked: 1, have: 2 });
-        let e = answer(&req(&["a", "b", "c"], u64::MAX), &g, false).unwrap_err();
-        assert!(matches!(e, ControlError::AheadEpoch { .. }), "{e}");
         let shrink = on_reconfigure(7, &req(&["a"], 2), (2, &abc), &g, None, false).unwrap_err();
         assert!(
             matches!(shrink, ControlError::NotThePlacement { .. }),
             "{shrink}"
+        );
+        let elsewhere = answer(&req(&["a", "b", "e"], 2), &g, false);
+        assert!(elsewhere.is_err(), "this epoch: only its placement");
+        let to_one = on_reconfigure(7, &req(&["a"], u64::MAX), (2, &abc), &g, None, false);
+        assert!(matches!(to_one, Err(ControlError::NotThePlacement { .. })));
+        let doubled = on_reconfigure(7, &req(&["a", "a", "b"], 3), (2, &abc), &g, None, false);
+        assert!(doubled.is_err(), "a name twice is not three replicas");
+        let newer = on_reconfigure(7, &req(&["a", "b", "d"], 3), (2, &abc), &g, None, false);
+        assert_eq!(
+            newer.unwrap(),
+            OnReconfigure::StartMove,
+            "a newer list not seen yet"
         );
         let same = answer(&req(&["c", "a", "b"], 2), &g, false).unwrap();
         assert_eq!(same, OnReconfigure::Answer(Moved::Settled));
