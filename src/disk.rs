@@ -15,6 +15,8 @@ pub const DISK_CHECK_PERIOD: Duration = Duration::from_secs(1);
 /// Free space of the filesystem holding the data directory, as last measured.
 pub struct DiskSpace {
     dir: PathBuf,
+    /// Told too, so that a partition's leader refuses publishes for its own disk.
+    store: Option<warbler_storage::Store>,
     min_free: u64,
     free: AtomicU64,
     full: AtomicBool,
@@ -35,10 +37,11 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 impl DiskSpace {
-    /// Measures once; `min_free` 0 turns the check off.
-    pub fn new(dir: &Path, min_free: u64) -> Arc<DiskSpace> {
+    /// Measures once; `min_free` 0 turns the check off. `store` learns the verdict.
+    pub fn new(dir: &Path, min_free: u64, store: Option<warbler_storage::Store>) -> Arc<DiskSpace> {
         let disk = Arc::new(DiskSpace {
             dir: dir.to_path_buf(),
+            store,
             min_free,
             free: AtomicU64::new(u64::MAX),
             full: AtomicBool::new(false),
@@ -61,6 +64,9 @@ impl DiskSpace {
         let full = self.min_free > 0 && free < self.min_free;
         let was = self.full.swap(full, Ordering::Relaxed);
         metrics::gauge!("warbler_storage_full").set(if full { 1.0 } else { 0.0 });
+        if let Some(store) = &self.store {
+            store.set_low_space(self.check().err());
+        }
         match (was, full) {
             (false, true) => tracing::error!(
                 dir = %self.dir.display(), free, min_free = self.min_free,
@@ -106,11 +112,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let free = free_bytes(dir.path()).unwrap();
         assert!(free > 0);
-        let fine = DiskSpace::new(dir.path(), 1);
+        let fine = DiskSpace::new(dir.path(), 1, None);
         assert!(fine.check().is_ok());
-        let off = DiskSpace::new(dir.path(), 0);
+        let off = DiskSpace::new(dir.path(), 0, None);
         assert!(off.check().is_ok(), "0 turns the check off");
-        let full = DiskSpace::new(dir.path(), u64::MAX);
+        let full = DiskSpace::new(dir.path(), u64::MAX, None);
         let why = full.check().unwrap_err();
         assert!(why.contains("storage.min_free_bytes"), "{why}");
         assert!(free_bytes(&dir.path().join("missing")).is_err());

@@ -133,6 +133,7 @@ fn mailbox_error_status(e: &MailboxError) -> (StatusCode, &'static str) {
     match e {
         MailboxError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
         MailboxError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "mailbox_full"),
+        MailboxError::StorageFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     }
 }

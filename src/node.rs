@@ -35,7 +35,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     arm_chaos_bug(&config)?;
     let store = Store::open(&config.data_dir.join("db"))?;
-    let disk = crate::disk::DiskSpace::new(&config.data_dir, config.storage.min_free_bytes);
+    let disk = crate::disk::DiskSpace::new(
+        &config.data_dir,
+        config.storage.min_free_bytes,
+        Some(store.clone()),
+    );
     tokio::spawn(disk.clone().watch(shutdown.clone()));
     if !config.storage.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");

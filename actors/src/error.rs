@@ -36,6 +36,9 @@ pub enum MailboxError {
     /// taking more would trim unread ones.
     #[error("the user's mailbox is full: {0}; retry once the user's devices have caught up")]
     Full(String),
+    /// The disk of the node that holds the user's mailbox is below its free-space mark.
+    #[error("{0}")]
+    StorageFull(String),
 }
 
 /// How long a publisher refused as overloaded is told to wait (HTTP `Retry-After` rounds it

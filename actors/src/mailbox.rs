@@ -265,6 +265,10 @@ impl MailboxState {
                 return Err(MailboxError::OutOfOrder(prev.to_string()));
             }
         }
+        if let Some(why) = self.store.low_space() {
+            metrics::counter!("warbler_publish_storage_full_total").increment(1);
+            return Err(MailboxError::StorageFull(why));
+        }
         if let Some(&oldest) = self.cursors.values().min() {
             let mut unacked = self.assigned.saturating_sub(oldest);
             if self.limits.unacked_max > 0 && unacked >= self.limits.unacked_max {

@@ -286,3 +286,32 @@ async fn a_device_that_does_not_ack_is_sent_at_most_8_mib() {
     assert_eq!(more, vec![9, 10, 11], "an ack of 3 makes room for 3 more");
     fixture.close().await;
 }
+
+/// The disk of the node that holds a mailbox is too full: its publishes are refused as
+/// `StorageFull` (in a cluster, the partition leader's own disk), and taken again once the
+/// space is back.
+#[tokio::test]
+async fn a_mailbox_refuses_publishes_while_its_disk_is_too_full() {
+    let fixture = single_node_mailboxes().await;
+    let mailboxes = fixture.mailboxes.clone();
+    mailboxes
+        .publish("u", "a", ByteBuf::from(b"1".to_vec()), None)
+        .await
+        .unwrap();
+    fixture.store.set_low_space(Some("the disk is full".into()));
+    let e = mailboxes
+        .publish("u", "b", ByteBuf::from(b"2".to_vec()), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, warbler_actors::MailboxError::StorageFull(ref w) if w == "the disk is full"),
+        "{e}"
+    );
+    fixture.store.set_low_space(None);
+    let seq = mailboxes
+        .publish("u", "b", ByteBuf::from(b"2".to_vec()), None)
+        .await
+        .unwrap();
+    assert_eq!(seq, 2, "nothing was taken while refused");
+    fixture.close().await;
+}

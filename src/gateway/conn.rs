@@ -568,6 +568,7 @@ pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
     let code = match e {
         MailboxError::Overloaded(_) => ErrorCode::Overloaded,
         MailboxError::Full(_) => ErrorCode::MailboxFull,
+        MailboxError::StorageFull(_) => ErrorCode::StorageFull,
         _ => ErrorCode::Unavailable,
     };
     Frame::error(code, e.to_string(), Some(id))

@@ -103,9 +103,23 @@ pub struct Store {
     db: Arc<DB>,
     /// The node's one durability point for replicated writes (see [`crate::sync`]).
     syncer: Arc<Syncer>,
+    /// Why new messages are refused before the disk fills (set by the node's free-space
+    /// watch; `None` while there is room).
+    low_space: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 impl Store {
+    /// Marks the disk as (not) too full for new messages: `why` is what a refused
+    /// publisher is told.
+    pub fn set_low_space(&self, why: Option<String>) {
+        *self.low_space.write().unwrap() = why;
+    }
+
+    /// Why new messages are refused for lack of disk space, if they are.
+    pub fn low_space(&self) -> Option<String> {
+        self.low_space.read().unwrap().clone()
+    }
+
     /// How many handles keep the database open (it closes when the last one drops). A
     /// process that ends while another thread still holds one races RocksDB's teardown.
     pub fn handles(&self) -> usize {
@@ -134,7 +148,11 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(e.into_string()))?;
         let db = Arc::new(db);
         let syncer = Syncer::start(Arc::downgrade(&db));
-        Ok(Store { db, syncer })
+        Ok(Store {
+            db,
+            syncer,
+            low_space: Arc::default(),
+        })
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
