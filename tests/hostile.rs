@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{token, Node, SECRET};
+use common::{token, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warbler_client::auth::{mint_with_kid, Claims};
@@ -353,7 +353,6 @@ async fn jwt_keys_rotate_without_a_restart() {
     assert!(e.contains("2026-12"), "names the unknown key id: {e}");
     // The node's own secret still works for tokens without a kid.
     assert_eq!(connects(common::token("rot", "device")).await, Ok(()));
-    let _ = SECRET;
 
     std::fs::write(keys.join("2026-12"), new).unwrap();
     let t0 = Instant::now();
