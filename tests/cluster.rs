@@ -1529,3 +1529,204 @@ async fn large_messages_are_acknowledged_and_delivered_through_a_non_leader() {
         t1.elapsed()
     );
 }
+
+/// One node's disk fills up (a small tmpfs under n2 of three, RF 3): it tells the others,
+/// and every partition it replicates refuses publishes with `storage_full` on whichever node
+/// they arrive, before its storage fails; n2 is not ready, nothing acknowledged is lost, and
+/// once space is freed publishes are taken again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_one_replica_refuses_publishes_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let n2_data = dir.path().join("n2");
+    if let Err(why) = common::mount_tmpfs(&n2_data, 256) {
+        println!(
+            "SKIPPED: a small tmpfs is needed under one node and cannot be mounted here: {why}"
+        );
+        return;
+    }
+    let _unmount = common::Unmount(n2_data.clone());
+    let watermark = 64u64 << 20;
+    let c = Cluster::start_with(
+        3,
+        dir,
+        &[("WARBLER_STORAGE_MIN_FREE_BYTES", &watermark.to_string())],
+    )
+    .await;
+    let users: Vec<String> = (0..6).map(|u| format!("u{u}")).collect();
+    let publish = |node: usize, user: &str, id: &str| {
+        let (node, path) = (&c.nodes[node], format!("/v1/users/{user}/messages"));
+        let body = format!(r#"{{"id":"{id}","body":"b-{id}"}}"#);
+        async move {
+            node.http("POST", &path, Some(&token("svc", "publish")), &body)
+                .await
+        }
+    };
+    let mut acked: HashMap<String, Vec<String>> = HashMap::new();
+    for i in 0..30 {
+        let user = &users[i % users.len()];
+        let id = format!("k{i}");
+        let (status, v) = publish(0, user, &id).await;
+        assert_eq!(status, 200, "{v}");
+        acked.entry(user.clone()).or_default().push(id);
+    }
+
+    let free = common::warbler_free_bytes(&n2_data);
+    let ballast = n2_data.join("ballast");
+    std::fs::write(&ballast, vec![0u8; (free - (32 << 20)) as usize]).unwrap();
+    let t0 = Instant::now();
+    let refused = loop {
+        let id = format!("probe{}", t0.elapsed().as_millis());
+        let (status, v) = publish(0, &users[0], &id).await;
+        match status {
+            503 => break v,
+            200 => acked.entry(users[0].clone()).or_default().push(id),
+            _ => panic!("unexpected answer: {v}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "publishes still taken 15 s after n2's disk filled"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "refused {:?} after n2's disk filled: {refused}",
+        t0.elapsed()
+    );
+    assert_eq!(refused["error"]["code"], "storage_full", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("n2") && message.contains("min_free_bytes"),
+        "{message}"
+    );
+    // Every partition has a replica on n2: refused through every node.
+    for (k, user) in users.iter().enumerate() {
+        let (status, v) = publish(k % 3, user, &format!("full-{k}")).await;
+        assert_eq!(status, 503, "{user} through n{}: {v}", k % 3);
+        assert_eq!(v["error"]["code"], "storage_full", "{v}");
+    }
+    let (status, ready) = c.nodes[2].http("GET", "/readyz", None, "").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["error"]["code"], "storage_full", "{ready}");
+    assert_eq!(c.nodes[0].http("GET", "/readyz", None, "").await.0, 200);
+
+    std::fs::remove_file(&ballast).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let id = format!("after{}", t0.elapsed().as_millis());
+        let (status, v) = publish(1, &users[0], &id).await;
+        if status == 200 {
+            acked.entry(users[0].clone()).or_default().push(id);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "still refused 15 s after space was freed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("taken again {:?} after space was freed", t0.elapsed());
+    c.wait_ready(2, Duration::from_secs(30)).await;
+    for (user, ids) in &acked {
+        let kept: Vec<String> = c.nodes[1]
+            .history(user)
+            .await
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        assert_eq!(&kept, ids, "{user}: every acknowledged message, in order");
+    }
+}
+
+/// With no watermark (`storage.min_free_bytes = 0`) a replica's disk fills up for real: its
+/// consensus groups stop when a write fails, and the node exits non-zero (fail fast) instead
+/// of serving with dead replicas, while the other two keep acknowledging. Restarted once
+/// space is freed, it catches up and holds every acknowledged message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_storage_fails_exits_and_catches_up_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let n2_data = dir.path().join("n2");
+    if let Err(why) = common::mount_tmpfs(&n2_data, 256) {
+        println!(
+            "SKIPPED: a small tmpfs is needed under one node and cannot be mounted here: {why}"
+        );
+        return;
+    }
+    let _unmount = common::Unmount(n2_data.clone());
+    let mut c = Cluster::start_with(3, dir, &[("WARBLER_STORAGE_MIN_FREE_BYTES", "0")]).await;
+    // Fill n2's disk to the last byte.
+    let ballast = n2_data.join("ballast");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+    }
+    let token = token("svc", "publish");
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let t0 = Instant::now();
+    let mut i = 0;
+    while c.nodes[2].is_running() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "n2 still runs 120 s after its disk filled up"
+        );
+        let user = format!("u{}", i % 6);
+        let id = format!("m{i}");
+        let body = format!(r#"{{"id":"{id}","body":"{}"}}"#, "x".repeat(60_000));
+        let (status, _) = c.nodes[i % 2]
+            .http(
+                "POST",
+                &format!("/v1/users/{user}/messages"),
+                Some(&token),
+                &body,
+            )
+            .await;
+        if status == 200 {
+            acked.push((user, id));
+        }
+        i += 1;
+    }
+    let status = c.nodes[2].exit_status().expect("n2 exited");
+    println!(
+        "n2 exited with {status} {:?} after its disk filled; {} publishes acknowledged meanwhile",
+        t0.elapsed(),
+        acked.len()
+    );
+    assert!(!status.success(), "n2 must exit non-zero: {status}");
+    // The majority keeps taking publishes.
+    for k in 0..6 {
+        let (user, id) = (format!("u{k}"), format!("after-{k}"));
+        let (status, v) = c.nodes[0]
+            .http(
+                "POST",
+                &format!("/v1/users/{user}/messages"),
+                Some(&token),
+                r#"{"id":"ID","body":"y"}"#.replace("ID", &id).as_str(),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        acked.push((user, id));
+    }
+    std::fs::remove_file(&ballast).unwrap();
+    c.nodes[2].restart();
+    c.wait_ready(2, Duration::from_secs(60)).await;
+    let mut by_user: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (user, id) in acked {
+        by_user.entry(user).or_default().push(id);
+    }
+    for (user, ids) in &by_user {
+        let kept: Vec<String> = c.nodes[2]
+            .history(user)
+            .await
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect();
+        for id in ids {
+            assert!(
+                kept.contains(id),
+                "{user}: acknowledged {id} missing on n2 after it caught up"
+            );
+        }
+    }
+}

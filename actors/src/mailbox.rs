@@ -265,7 +265,11 @@ impl MailboxState {
                 return Err(MailboxError::OutOfOrder(prev.to_string()));
             }
         }
-        if let Some(why) = self.store.low_space() {
+        if let Some(why) = self
+            .store
+            .low_space()
+            .or_else(|| self.log.replica_low_on_space(self.partition))
+        {
             metrics::counter!("warbler_publish_storage_full_total").increment(1);
             return Err(MailboxError::StorageFull(why));
         }

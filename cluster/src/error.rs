@@ -26,6 +26,12 @@ pub enum ControlError {
         asked: String,
         placed: String,
     },
+    #[error("a reconfigure for member list {epoch} is taken only from its coordinator ({coordinator}), not from {from}")]
+    NotTheCoordinator {
+        from: String,
+        epoch: u64,
+        coordinator: String,
+    },
     #[error("partition {partition} has no leader right now")]
     NoLeader { partition: PartitionId },
     #[error("this node does not lead partition {partition}")]
@@ -92,6 +98,7 @@ impl From<ControlError> for RpcError {
             | ControlError::StaleEpoch { .. }
             | ControlError::NotThePlacement { .. } => RpcCode::Refused,
             ControlError::ChangeInProgress
+            | ControlError::NotTheCoordinator { .. }
             | ControlError::NoLeader { .. }
             | ControlError::Reconfiguring { .. } => RpcCode::NotReady,
             ControlError::NotLeader { .. } | ControlError::NoReplica { .. } => RpcCode::WrongNode,

@@ -72,6 +72,10 @@ pub struct NodeMeta {
     pub state: NodeState,
     /// True once the node belongs to a formed cluster (it knows the member list).
     pub formed: bool,
+    /// Its disk is below the free-space watermark: the partitions it replicates take no
+    /// new messages until space is freed.
+    #[serde(default)]
+    pub low_space: bool,
 }
 
 /// One metadata broadcast: newer (generation, version) replaces older.

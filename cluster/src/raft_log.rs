@@ -69,6 +69,8 @@ pub struct RaftLog {
     /// Bytes of ops a partition may have proposed and not yet durable before it refuses new
     /// publishes (`cluster.backlog_bytes_max`).
     backlog_bytes_max: usize,
+    /// Members whose disk is below its free-space watermark, by consensus id (their name).
+    low_space: RwLock<HashMap<u64, String>>,
 }
 
 impl RaftLog {
@@ -76,6 +78,15 @@ impl RaftLog {
         RaftLog {
             groups: RwLock::default(),
             backlog_bytes_max,
+            low_space: RwLock::default(),
+        }
+    }
+
+    /// The members whose disk is too full for new messages now (consensus id, name).
+    pub fn set_low_space(&self, members: HashMap<u64, String>) {
+        let mut low = self.low_space.write().unwrap();
+        if *low != members {
+            *low = members;
         }
     }
 
@@ -281,6 +292,28 @@ impl PartitionLog for RaftLog {
         let metrics = group.raft.metrics();
         let m = metrics.borrow();
         (m.current_leader == Some(m.id)).then_some(m.current_term)
+    }
+
+    fn replica_low_on_space(&self, partition: PartitionId) -> Option<String> {
+        let low = self.low_space.read().unwrap();
+        if low.is_empty() {
+            return None;
+        }
+        let group = self.group(partition).ok()?;
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow();
+        let full: Vec<&str> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter_map(|id| low.get(&id).map(String::as_str))
+            .collect();
+        (!full.is_empty()).then(|| {
+            format!(
+                "the disk of {} (a replica of partition {partition}) is below its free-space watermark (storage.min_free_bytes); free space there, and publishes resume by themselves",
+                full.join(", ")
+            )
+        })
     }
 
     fn replicated(&self) -> bool {

@@ -148,6 +148,7 @@ fn meta(name: &str, cluster: &str) -> warbler_cluster::NodeMeta {
         cluster: addr,
         state: warbler_cluster::NodeState::Serving,
         formed: true,
+        low_space: false,
     }
 }
 

@@ -43,6 +43,12 @@ pub trait PartitionLog: Send + Sync + 'static {
         true
     }
 
+    /// Why `partition` takes no new message for lack of disk space on another of its
+    /// replicas (the local disk is the store's own check), if it does not.
+    fn replica_low_on_space(&self, _partition: PartitionId) -> Option<String> {
+        None
+    }
+
     fn writable(&self, partition: PartitionId) -> bool {
         self.leader_term(partition).is_some()
     }

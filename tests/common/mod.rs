@@ -121,6 +121,11 @@ impl Node {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub async fn device(&self, user: &str, device: &str) -> Connection {
         Connection::connect(ConnectOptions::new(
             &self.client,
@@ -302,4 +307,43 @@ async fn receive(conn: &mut Connection, n: usize, ack: bool) -> Vec<warbler_clie
         out.push(m);
     }
     out
+}
+
+/// Mounts a tmpfs of `mib` MiB at `dir` (root only); `None` with the reason otherwise.
+pub fn mount_tmpfs(dir: &Path, mib: u64) -> Result<(), String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(())
+}
+
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Free bytes of the file system holding `dir`.
+pub fn warbler_free_bytes(dir: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df prints the free bytes")
 }

@@ -23,6 +23,8 @@ pub struct GroupView {
     pub last_log: u64,
     /// The log index of the configuration (`None`: the group has none yet).
     pub membership_index: Option<u64>,
+    /// The replica stopped for good (its storage failed): why.
+    pub failed: Option<String>,
 }
 
 impl GroupView {

@@ -40,6 +40,8 @@ pub enum NotReady {
     ShuttingDown,
     #[error("storage failed; see the node's logs")]
     StorageFailed,
+    #[error("the replica of partition {partition} stopped: {why}; the node exits so that it restarts (free disk space if that is the cause)")]
+    GroupFailed { partition: PartitionId, why: String },
 }
 
 /// What readiness is decided from.
@@ -63,6 +65,12 @@ pub fn ready(i: &ReadyInput) -> Result<(), NotReady> {
     }
     if i.left {
         return Err(NotReady::Decommissioned);
+    }
+    if let Some((p, g)) = i.replicas.iter().find(|(_, g)| g.failed.is_some()) {
+        return Err(NotReady::GroupFailed {
+            partition: *p,
+            why: g.failed.clone().unwrap_or_default(),
+        });
     }
     // Replicas start one by one after the cluster forms (or when partitions are placed
     // here): one not started yet has nothing to compare.
@@ -183,6 +191,21 @@ mod tests {
         assert_eq!(e, NotReady::NotStarted(0));
         let started = BTreeMap::from([(0, follower(5, 5))]);
         assert_eq!(check(&placed(), &started, &leaders), Ok(()));
+    }
+
+    #[test]
+    fn a_stopped_replica_keeps_the_node_unready() {
+        let leaders = HashMap::from([(0, (5, 5))]);
+        let failed = GroupView {
+            failed: Some("storage error: no space left on device".into()),
+            ..follower(5, 5)
+        };
+        let e = check(&placed(), &BTreeMap::from([(0, failed)]), &leaders).unwrap_err();
+        assert!(
+            matches!(e, NotReady::GroupFailed { partition: 0, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("no space left"), "{e}");
     }
 
     #[test]

@@ -100,6 +100,35 @@ pub enum OnReconfigure {
     StartMove,
 }
 
+/// Whether `from` may ask for a reconfigure for member list `epoch`. For this node's own
+/// list (`my_epoch`) only its coordinator, the member-list leader this node knows
+/// (`coordinator`), is taken; while it knows none, any member of `members`. A newer list
+/// may have been made by a node this one has not heard of yet, so its sender is not checked
+/// here ([`on_reconfigure`] still refuses one that shrinks a partition).
+pub fn may_reconfigure(
+    from: &str,
+    epoch: u64,
+    my_epoch: u64,
+    coordinator: Option<&str>,
+    members: &[String],
+) -> Result<(), ControlError> {
+    if epoch != my_epoch {
+        return Ok(());
+    }
+    let allowed = match coordinator {
+        Some(c) => c == from,
+        None => members.iter().any(|m| m == from),
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(ControlError::NotTheCoordinator {
+        from: from.to_string(),
+        epoch,
+        coordinator: coordinator.unwrap_or("unknown; any member").to_string(),
+    })
+}
+
 /// A partition replica's answer to `req`: `my_epoch` is the member list it has, `group` its
 /// group, `leader_name` the name of the leader it knows, `moving` whether it is moving the
 /// partition already.
@@ -239,6 +268,20 @@ mod tests {
         c.on_answer(6, Some(&Moved::LedBy("b".into())));
         assert!(!c.should_ask(7), "a persisting redirect holds one");
         assert!(!c.done(2));
+    }
+
+    #[test]
+    fn only_the_coordinator_reconfigures_at_this_epoch() {
+        let members = ["a".to_string(), "b".to_string(), "c".to_string()];
+        assert!(may_reconfigure("a", 4, 4, Some("a"), &members).is_ok());
+        let e = may_reconfigure("b", 4, 4, Some("a"), &members).unwrap_err();
+        assert!(matches!(e, ControlError::NotTheCoordinator { .. }), "{e}");
+        assert!(e.to_string().contains("(a), not from b"), "{e}");
+        // No coordinator known: members only.
+        assert!(may_reconfigure("c", 4, 4, None, &members).is_ok());
+        assert!(may_reconfigure("stranger", 4, 4, None, &members).is_err());
+        // A newer list is judged by what it asks for, not by who sends it.
+        assert!(may_reconfigure("d", 5, 4, Some("a"), &members).is_ok());
     }
 
     #[test]

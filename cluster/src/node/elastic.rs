@@ -178,6 +178,7 @@ impl ClusterNode {
     /// wanted replicas; otherwise starts moving it (if not already) and answers `Moving`.
     pub(crate) fn reconfigure(
         self: &Arc<Self>,
+        from: &str,
         partition: PartitionId,
         req: Reconfigure,
     ) -> Result<Moved, RpcError> {
@@ -190,6 +191,19 @@ impl ClusterNode {
                 .unwrap_or_default();
             (pl.epoch, placed)
         };
+        let coordinator = self
+            .formed
+            .get()
+            .and_then(|f| group_view(&f.meta, self.my_id).leader)
+            .and_then(|id| self.name_of(id));
+        let members = self
+            .members
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|l| l.names.clone())
+            .unwrap_or_default();
+        rebalance::may_reconfigure(from, req.epoch, epoch, coordinator.as_deref(), &members)?;
         let Some(raft) = self.local_raft(partition) else {
             return Err(ControlError::NoReplica { partition }.into());
         };
@@ -296,6 +310,8 @@ impl ClusterNode {
             let mut coordinator = Coordinator::default();
             for round in 0u64.. {
                 tick.tick().await;
+                node.share_disk_state().await;
+                node.check_stopped();
                 let left = node.has_left();
                 if !left {
                     node.follow_member_list();
@@ -487,7 +503,7 @@ impl ClusterNode {
         req: &Reconfigure,
     ) -> Result<Moved, RpcError> {
         match self.leader(partition) {
-            Leader::Local => self.reconfigure(partition, req.clone()),
+            Leader::Local => self.reconfigure(&self.me, partition, req.clone()),
             Leader::Remote { addr, .. } => {
                 let asked = self
                     .transport

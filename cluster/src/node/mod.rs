@@ -65,6 +65,8 @@ pub(crate) struct Formed {
 
 /// The cluster side of a node; also its [`Router`].
 pub struct ClusterNode {
+    /// The node's database (its free-space state is spread to the other members).
+    store: Store,
     me: String,
     my_id: u64,
     partitions: u16,
@@ -92,6 +94,8 @@ pub struct ClusterNode {
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
+    /// Set once a replica stopped for good (its storage failed): why.
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// What a replica's metrics say, as a decision input.
@@ -110,6 +114,11 @@ pub(crate) fn group_view(raft: &Raft<TypeConfig>, my_id: u64) -> GroupView {
         applied: m.last_applied.map(|l| l.index).unwrap_or(0),
         last_log: m.last_log_index.unwrap_or(0),
         membership_index: m.membership_config.log_id().as_ref().map(|l| l.index),
+        // Stopped on purpose (moved away, shutting down) is not a failure.
+        failed: match &m.running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        },
     }
 }
 
@@ -219,10 +228,12 @@ impl ClusterNode {
             cluster: advertised(config, config.cluster_addr, transport.local_addr()),
             state: NodeState::Joining,
             formed: form::load_members(store)?.is_some(),
+            low_space: store.low_space().is_some(),
         };
         let faults = transport.faults().clone();
         let membership = gossip(config, store, &transport, &meta, key).await?;
         let node = Arc::new(ClusterNode {
+            store: store.clone(),
             me: config.node_id.clone(),
             my_id: raft_id(&config.node_id),
             partitions,
@@ -243,6 +254,7 @@ impl ClusterNode {
             moving: Mutex::default(),
             left: AtomicBool::new(false),
             leaders_applied: Mutex::default(),
+            fatal: watch::Sender::new(None),
         });
         service.set_node(&node);
         Ok(node)
@@ -313,6 +325,84 @@ impl ClusterNode {
             m.clone()
         };
         self.membership.set_meta(meta).await;
+    }
+
+    /// Spreads this node's disk state when it changed, and tells the replicated log which
+    /// members are too full for new messages.
+    pub(crate) async fn share_disk_state(&self) {
+        let low = self.store.low_space().is_some();
+        let changed = {
+            let mut m = self.my_meta.write().unwrap();
+            let changed = m.low_space != low;
+            m.low_space = low;
+            changed.then(|| m.clone())
+        };
+        if let Some(meta) = changed {
+            tracing::warn!(
+                low_space = low,
+                "this node's disk state changed; telling the other members"
+            );
+            self.membership.set_meta(meta).await;
+        }
+        // Only members up now: one that went down full must not hold its partitions for
+        // good (it takes no writes while down, and says again when it is back).
+        let up: std::collections::HashSet<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|id| id.name)
+            .collect();
+        let full = self
+            .metas
+            .borrow()
+            .values()
+            .filter(|m| m.low_space && m.name != self.me && up.contains(&m.name))
+            .map(|m| (raft_id(&m.name), m.name.clone()))
+            .collect();
+        self.raft_log.set_low_space(full);
+    }
+
+    /// Resolves once one of this node's replicas stopped for good (a consensus group stops
+    /// when its storage fails, say a full disk): why. The node should then exit, so that
+    /// its supervisor restarts it, rather than serve with a dead replica.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.subscribe();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Notes a replica that stopped for good (see [`ClusterNode::failed`]).
+    pub(crate) fn check_stopped(&self) {
+        if self.fatal.borrow().is_some() {
+            return;
+        }
+        let mut stopped: Vec<(String, String)> = self
+            .placement
+            .read()
+            .unwrap()
+            .rafts
+            .iter()
+            .filter_map(|(p, r)| {
+                Some((format!("partition {p}"), group_view(r, self.my_id).failed?))
+            })
+            .collect();
+        if let Some(f) = self.formed.get() {
+            if let Some(why) = group_view(&f.meta, self.my_id).failed {
+                stopped.push(("the member list".into(), why));
+            }
+        }
+        if let Some((what, why)) = stopped.into_iter().next() {
+            let why = format!("the replica of {what} stopped: {why}");
+            tracing::error!(reason = %why, "a replica stopped for good; the node exits so that it restarts (free disk space first if the disk is full)");
+            metrics::counter!("warbler_replicas_failed_total").increment(1);
+            self.fatal.send_replace(Some(why));
+        }
     }
 
     pub(crate) fn has_left(&self) -> bool {

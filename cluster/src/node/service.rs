@@ -52,7 +52,9 @@ impl PeerHandler for NodeService {
                 Some(s) => s.handle(from, partition, kind, body),
                 None => refuse(RpcCode::NotReady, "this node is still starting"),
             },
-            Layer::Control => Box::pin(async move { node.answer(partition, kind, body).await }),
+            Layer::Control => {
+                Box::pin(async move { node.answer(&from, partition, kind, body).await })
+            }
             Layer::Consensus | Layer::Transport => {
                 refuse(RpcCode::UnknownKind, format!("{kind:?} is not served here"))
             }
@@ -64,6 +66,7 @@ impl ClusterNode {
     /// Answers a control-plane request.
     async fn answer(
         self: Arc<Self>,
+        from: &str,
         partition: u16,
         kind: PeerKind,
         body: Vec<u8>,
@@ -92,7 +95,7 @@ impl ClusterNode {
             }
             PeerKind::Reconfigure => {
                 let req = decoded(&body, "reconfigure request")?;
-                Ok(wire::encode(&self.reconfigure(partition, req)?))
+                Ok(wire::encode(&self.reconfigure(from, partition, req)?))
             }
             PeerKind::MemberOf => {
                 let NodeReq(name) = decoded(&body, "member-of request")?;
