@@ -379,9 +379,12 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct ClusterStatusArgs {
-    /// Any node's HTTP address.
+    /// Any node's HTTP address (`https://HOST:PORT` when the nodes serve HTTP over TLS).
     #[arg(long, default_value = "127.0.0.1:7480")]
     http: String,
+    /// Trust this CA (PEM) for an `https://` address.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_file: Option<PathBuf>,
     /// Print the raw JSON of GET /v1/cluster.
     #[arg(long)]
     json: bool,
@@ -406,10 +409,21 @@ fn ops_token(token: &Option<String>, secret: &Path) -> anyhow::Result<String> {
     Ok(auth.mint(&Claims::new("operator", "ops", 3600)))
 }
 
+/// A client for the node at `http` sending `token`, trusting `ca_file` for `https://`.
+fn ops_client(http: &str, token: &str, ca_file: Option<&Path>) -> anyhow::Result<NodeHttp> {
+    let node = NodeHttp::new(http).with_token(token);
+    let Some(ca) = ca_file else {
+        return Ok(node);
+    };
+    let pem =
+        std::fs::read(ca).with_context(|| format!("cannot read --tls-ca-file {}", ca.display()))?;
+    Ok(node.with_ca_pem(&pem)?)
+}
+
 /// `warbler cluster status`: members, their state, partitions with replicas and leaders.
 pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
     let token = ops_token(&args.token, &args.jwt_secret_file)?;
-    let node = NodeHttp::new(&args.http).with_token(token.clone());
+    let node = ops_client(&args.http, &token, args.tls_ca_file.as_deref())?;
     if args.json {
         let answer = node
             .send("GET", "/v1/cluster", Some(&token), Vec::new())
@@ -471,9 +485,12 @@ pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
 pub struct DecommissionArgs {
     /// The member to remove (its node id).
     node: String,
-    /// Any node's HTTP address.
+    /// Any node's HTTP address (`https://HOST:PORT` when the nodes serve HTTP over TLS).
     #[arg(long, default_value = "127.0.0.1:7480")]
     http: String,
+    /// Trust this CA (PEM) for an `https://` address.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_file: Option<PathBuf>,
     /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
@@ -491,9 +508,18 @@ pub struct DecommissionArgs {
 /// `warbler cluster decommission NODE`: removes a member; waits until it holds no replica.
 pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> {
     let token = ops_token(&args.token, &args.jwt_secret_file)?;
-    let node = NodeHttp::new(&args.http).with_token(token.clone());
+    let ca = args.tls_ca_file.as_deref();
+    let node = ops_client(&args.http, &token, ca)?;
     let status = node.cluster_status().await?;
-    let target_http = status.member(&args.node).and_then(|m| m.http_addr.clone());
+    let scheme = if args.http.starts_with("https://") {
+        "https://"
+    } else {
+        ""
+    };
+    let target_http = status
+        .member(&args.node)
+        .and_then(|m| m.http_addr.clone())
+        .map(|a| format!("{scheme}{a}"));
     let body = serde_json::json!({ "node": args.node });
     let _: Decommissioned = node
         .post("/v1/cluster/decommission", &token, &body)
@@ -516,11 +542,7 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
     let mut last = None;
     loop {
-        if let Ok(v) = NodeHttp::new(&target)
-            .with_token(token.clone())
-            .cluster_status()
-            .await
-        {
+        if let Ok(v) = ops_client(&target, &token, ca)?.cluster_status().await {
             let held = v.replicas_held;
             if held == Some(0) && v.decommissioned {
                 println!("{} holds no replica and has left: stop it now", args.node);

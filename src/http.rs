@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine;
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
@@ -33,7 +33,9 @@ use warbler_storage::{LocalLog, PartitionLog, Store};
 
 use crate::auth::{AuthError, Claims, Scope};
 use crate::gateway::conn::check_id;
+use crate::gateway::tcp::HELLO_FRAME_BYTES_MAX;
 use crate::gateway::Gateway;
+use crate::listener::ReadBudget;
 use crate::rate::RateError;
 
 /// Largest `limit` of a history read.
@@ -684,33 +686,57 @@ async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> ApiR
         .into_response())
 }
 
-async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// Bytes of WebSocket framing allowed around the first message on top of its payload.
+const WS_FRAMING_SLACK: usize = 1024;
+
+async fn websocket(
+    State(state): State<AppState>,
+    budget: Option<Extension<ReadBudget>>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let max = state.gw.limits.max_frame_bytes;
+    // Until the first message (the hello) is in, the socket may send no more than a hello's
+    // worth: it cannot make the node buffer a full frame before it says who it is.
+    let hello_max = HELLO_FRAME_BYTES_MAX.min(max);
+    let budget = budget.map(|Extension(b)| b).unwrap_or_default();
+    budget.limit(hello_max + WS_FRAMING_SLACK);
     // Accept up to twice the frame limit so an oversized frame still gets an error frame.
     ws.max_message_size(max * 2)
         .max_frame_size(max * 2)
-        .on_upgrade(move |socket| serve_ws(socket, state.gw.clone()))
+        .on_upgrade(move |socket| serve_ws(socket, state.gw.clone(), budget, hello_max))
 }
 
-async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>) {
+async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello_max: usize) {
     let (mut sink, stream) = socket.split();
     let max = gw.limits.max_frame_bytes;
-    let frames = stream.filter_map(move |m| async move {
-        match m {
-            Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
-            Ok(Message::Binary(b)) if b.len() > max => {
-                Some(Err(CodecError::Decode(DecodeError::TooLarge {
-                    len: b.len(),
-                    max,
-                })))
+    let frames = stream.filter_map(move |m| {
+        let budget = budget.clone();
+        async move {
+            if matches!(m, Ok(Message::Binary(_) | Message::Text(_))) {
+                budget.lift();
             }
-            Ok(Message::Binary(b)) => Some(Frame::decode(&b).map_err(CodecError::Decode)),
-            Ok(Message::Text(_)) => Some(Err(CodecError::Decode(DecodeError::Malformed(
-                "text messages are not frames; send each frame as one binary message".into(),
-            )))),
-            Ok(Message::Close(_)) => None,
-            // WebSocket-level ping/pong are answered by the library; not frames.
-            Ok(_) => None,
+            match m {
+                Err(_) if budget.exceeded() => {
+                    Some(Err(CodecError::Decode(DecodeError::TooLarge {
+                        len: hello_max + 1,
+                        max: hello_max,
+                    })))
+                }
+                Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
+                Ok(Message::Binary(b)) if b.len() > max => {
+                    Some(Err(CodecError::Decode(DecodeError::TooLarge {
+                        len: b.len(),
+                        max,
+                    })))
+                }
+                Ok(Message::Binary(b)) => Some(Frame::decode(&b).map_err(CodecError::Decode)),
+                Ok(Message::Text(_)) => Some(Err(CodecError::Decode(DecodeError::Malformed(
+                    "text messages are not frames; send each frame as one binary message".into(),
+                )))),
+                Ok(Message::Close(_)) => None,
+                // WebSocket-level ping/pong are answered by the library; not frames.
+                Ok(_) => None,
+            }
         }
     });
     let (tx, mut rx) = mpsc::channel::<Frame>(gw.writer_queue());

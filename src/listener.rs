@@ -1,10 +1,14 @@
 //! What every client-facing listener does at accept: a connection cap counted before any
-//! handshake, TCP keepalive, and the HTTP server's own timers (axum's `serve` runs hyper
-//! without a timer, so a client that sends half a header would keep its connection for
-//! good).
+//! handshake, TCP keepalive, TLS within a time limit, and the HTTP server's own timers
+//! (axum's `serve` runs hyper without a timer, so a client that sends half a header would
+//! keep its connection for good). Every HTTP connection carries a [`ReadBudget`] in its
+//! requests' extensions: the WebSocket endpoint arms it so that a socket cannot make the
+//! node buffer more than a `hello`'s worth before it says who it is.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -12,10 +16,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// TCP keepalive on client connections: a peer that vanished without a FIN is found within
 /// about `KEEPALIVE_IDLE + 3 * KEEPALIVE_INTERVAL`.
@@ -76,13 +82,109 @@ pub struct HttpBounds {
     /// Request headers must arrive within this; a kept-alive connection idle this long is
     /// closed too.
     pub header_timeout: Duration,
+    /// With TLS, the handshake must finish within this.
+    pub tls_handshake_timeout: Duration,
 }
 
-/// Serves `app` until `shutdown`, then lets the open requests finish.
+const UNLIMITED: i64 = i64::MAX;
+
+/// How many more bytes a connection may read; unlimited until [`ReadBudget::limit`]. Past
+/// it, reads fail and [`ReadBudget::exceeded`] says why.
+#[derive(Clone)]
+pub struct ReadBudget(Arc<AtomicI64>);
+
+impl Default for ReadBudget {
+    fn default() -> ReadBudget {
+        ReadBudget(Arc::new(AtomicI64::new(UNLIMITED)))
+    }
+}
+
+impl ReadBudget {
+    /// From now on at most `bytes` more may be read.
+    pub fn limit(&self, bytes: usize) {
+        self.0.store(bytes as i64, Ordering::Relaxed);
+    }
+
+    /// No limit any more.
+    pub fn lift(&self) {
+        self.0.store(UNLIMITED, Ordering::Relaxed);
+    }
+
+    /// Whether a read went past the limit.
+    pub fn exceeded(&self) -> bool {
+        self.0.load(Ordering::Relaxed) < 0
+    }
+
+    /// Takes `n` read bytes from the budget; false once it is overdrawn.
+    fn spend(&self, n: usize) -> bool {
+        if self.0.load(Ordering::Relaxed) == UNLIMITED {
+            return true;
+        }
+        self.0.fetch_sub(n as i64, Ordering::Relaxed) - n as i64 >= 0
+    }
+}
+
+/// A stream whose reads are charged to a [`ReadBudget`].
+pub struct Budgeted<S> {
+    inner: S,
+    budget: ReadBudget,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Budgeted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if self.budget.spend(buf.filled().len() - before) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the connection sent more than it may before identifying itself",
+            )))
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Budgeted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `app` (over TLS with `tls`) until `shutdown`, then lets the open requests finish.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
     bounds: HttpBounds,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.connections_max));
@@ -113,6 +215,10 @@ pub async fn serve_http(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             HTTP_REFUSALS.refused("connections_max");
+            if tls.is_some() {
+                // A plain answer would not parse inside a TLS handshake: close instead.
+                continue;
+            }
             tokio::spawn(async move {
                 let mut stream = stream;
                 let _ = tokio::time::timeout(REFUSAL_WRITE, stream.write_all(HTTP_FULL)).await;
@@ -120,12 +226,41 @@ pub async fn serve_http(
             continue;
         };
         tune(&stream);
-        let service = TowerToHyperService::new(app.clone());
+        let budget = ReadBudget::default();
+        let request_budget = budget.clone();
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(request_budget.clone());
+                req
+            },
+        ));
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let _ = watcher.watch(conn.into_owned()).await;
+            let stream = Budgeted {
+                inner: stream,
+                budget,
+            };
+            match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(bounds.tls_handshake_timeout, handshake).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            let _ = watcher.watch(conn.into_owned()).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "HTTP TLS handshake failed"),
+                        Err(_) => HTTP_REFUSALS.refused("tls_handshake_timeout"),
+                    }
+                }
+            }
             drop(permit);
         });
     }

@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert-file.
     #[arg(long, value_name = "FILE")]
     tls_key_file: Option<PathBuf>,
+    /// Serve the HTTP API and WebSocket over TLS too, with the same certificate.
+    #[arg(long)]
+    tls_http: bool,
     /// File holding the cluster key every member shares (required off loopback).
     #[arg(long, value_name = "FILE")]
     cluster_key_file: Option<PathBuf>,
@@ -116,7 +119,7 @@ impl ServeArgs {
         };
         config.apply_env(std::env::vars())?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let flags: [(&str, &str, Option<String>); 13] = [
+        let flags: [(&str, &str, Option<String>); 14] = [
             ("--node-id", "node_id", self.node_id.clone()),
             ("--data-dir", "data_dir", path(&self.data_dir)),
             ("--client-addr", "client_addr", self.client_addr.clone()),
@@ -140,6 +143,11 @@ impl ServeArgs {
                 path(&self.tls_cert_file),
             ),
             ("--tls-key-file", "tls.key_file", path(&self.tls_key_file)),
+            (
+                "--tls-http",
+                "tls.http",
+                self.tls_http.then(|| "true".into()),
+            ),
             (
                 "--cluster-key-file",
                 "cluster.key_file",

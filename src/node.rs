@@ -84,9 +84,12 @@ pub async fn run(
     let bounds = HttpBounds {
         connections_max: config.limits.http_connections_max as usize,
         header_timeout: Duration::from_millis(config.limits.http_header_timeout_ms),
+        tls_handshake_timeout: Duration::from_millis(config.limits.tls_handshake_timeout_ms),
     };
-    let http_task =
-        tokio::spawn(async move { serve_http(http_listener, app, bounds, http_shutdown).await });
+    let http_tls = tls.clone().filter(|_| config.tls.http);
+    let http_task = tokio::spawn(async move {
+        serve_http(http_listener, app, bounds, http_tls, http_shutdown).await
+    });
     let sweeper = tokio::spawn(sweep_retention(store.clone(), config.clone()));
     tokio::spawn(
         gw.auth
@@ -101,7 +104,7 @@ pub async fn run(
         }
     });
 
-    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), clustered, data_dir = %config.data_dir.display(), "warbler node ready");
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
     println!(
         "warbler ready node={} client={} http={} cluster={}",
@@ -250,6 +253,15 @@ async fn form(
                         }
                         routing.leader_changed(c.partition);
                     });
+                    // Fail fast: a replica whose storage failed stays stopped, so the node
+                    // exits (non-zero) for its supervisor to restart it.
+                    tokio::select! {
+                        why = node.failed() => {
+                            shutdown.cancel();
+                            return Some(anyhow::anyhow!("{why}; exiting so that the node restarts (free disk space first if the disk is full)"));
+                        }
+                        _ = shutdown.cancelled() => return None,
+                    }
                 }
                 Err(e) => {
                     shutdown.cancel();

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{token, Node};
+use common::{mount_tmpfs, token, warbler_free_bytes, Node, Unmount};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warbler_client::auth::{mint_with_kid, Claims};
@@ -520,31 +520,6 @@ async fn a_rate_limited_http_publish_says_when_to_retry() {
     assert!(statuses[1].contains("rate_limited"), "{}", statuses[1]);
 }
 
-/// Mounts a tmpfs of `mib` MiB at `dir` (root only); `None` with the reason otherwise.
-fn mount_tmpfs(dir: &Path, mib: u64) -> Result<(), String> {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-        .arg(dir)
-        .output()
-        .map_err(|e| format!("cannot run mount: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    Ok(())
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A node whose data directory's disk fills up refuses publishes with `storage_full` and
 /// is not ready, keeps every acknowledged message, and serves again once space is freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -646,19 +621,6 @@ async fn a_full_disk_refuses_publishes_loses_nothing_and_recovers() {
     assert_eq!(node.http("GET", "/readyz", None, "").await.0, 200);
     let history = node.history("keep").await;
     assert_eq!(history.last().unwrap().1, "after");
-}
-
-fn warbler_free_bytes(dir: &Path) -> u64 {
-    let out = std::process::Command::new("df")
-        .args(["-B1", "--output=avail"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .expect("df prints the free bytes")
 }
 
 /// Where every leader and member is, and removing members, are for operators: without an
@@ -779,4 +741,208 @@ async fn a_flood_cannot_trim_what_a_device_has_not_read() {
         )
         .await;
     assert_eq!(status, 200, "{v}");
+}
+
+/// A WebSocket cannot make the node buffer more than a hello's worth (16 KiB) before it
+/// says who it is: a large first message is cut off, where it used to be read whole (up to
+/// twice `limits.max_frame_bytes`) before it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_cannot_send_a_large_first_message() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"));
+    let url = format!("ws://{}/v1/ws", node.http);
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    // Well within the message limit (2 MiB), far over a hello.
+    let sender = tokio::spawn(async move {
+        let _ = sink.send(Message::Binary(vec![0xc1; 1 << 20].into())).await;
+        sink
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(Message::Binary(b)) => return Some(Frame::decode(&b).unwrap()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the node answers or closes within 10 s");
+    match answer {
+        // Closed mid-message (the error frame may be lost to the reset): it was not read.
+        None => {}
+        Some(Frame::Error { code, message, .. }) => {
+            assert_eq!(code, "frame_too_large", "{message}");
+            assert!(message.contains("16384"), "{message}");
+        }
+        Some(other) => panic!("expected frame_too_large, got {other:?}"),
+    }
+    sender.abort();
+    // A real hello on a new socket is served as before.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let hello = Frame::Hello {
+        token: token("wsuser", "device"),
+        device: "browser".into(),
+        v: 1,
+    };
+    ws.send(Message::Binary(hello.encode().into()))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(Frame::decode(&first.into_data()), Ok(Frame::Welcome { .. })),
+        "hello is still welcome"
+    );
+    assert_eq!(healthz(&node).await, 200);
+}
+
+/// `tls.http`: the HTTP API is served over TLS with the client port's certificate, the
+/// CLI reaches it with `https://` and `--tls-ca-file`, and plain HTTP gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_is_served_over_tls_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key, ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        &[],
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-http",
+        ],
+    );
+    let port = node.http.rsplit(':').next().unwrap();
+    let base = format!("https://localhost:{port}");
+    let https = warbler_client::http::NodeHttp::new(&base)
+        .with_ca_pem(ck.cert.pem().as_bytes())
+        .unwrap();
+    let health = https
+        .send("GET", "/healthz", None, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+    let published = https
+        .send(
+            "POST",
+            "/v1/users/tina/messages",
+            Some(&token("svc", "publish")),
+            br#"{"id":"t1","body":"over tls"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(published.status, 200, "{}", published.body);
+    assert_eq!(published.json()["seq"], 1, "{}", published.body);
+    // Without the CA the certificate is not trusted; plain HTTP is not served.
+    assert!(warbler_client::http::NodeHttp::new(&base)
+        .send("GET", "/healthz", None, Vec::new())
+        .await
+        .is_err());
+    let plain = warbler_client::http::NodeHttp::with_timeout(&node.http, Duration::from_secs(3))
+        .send("GET", "/healthz", None, Vec::new())
+        .await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered: {:?}",
+        plain.map(|a| a.status)
+    );
+    // The operator's CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
+        .args([
+            "cluster",
+            "status",
+            "--json",
+            "--http",
+            &base,
+            "--tls-ca-file",
+        ])
+        .arg(&ca)
+        .arg("--jwt-secret-file")
+        .arg(node.dir.join("secret"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("partitions"), "{stdout}");
+}
+
+/// `limits.connection_publish_rate`: one connection that floods is refused with
+/// `rate_limited` (naming the connection), while another connection of the same token
+/// subject publishes from its own allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_has_its_own_publish_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = limits_file(
+        dir.path(),
+        &[
+            ("connection_publish_rate", 20),
+            ("connection_publish_burst", 20),
+        ],
+    );
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        &[],
+        &["--config", config.to_str().unwrap()],
+    );
+    let connect = |device: &'static str| {
+        Connection::connect(ConnectOptions::new(
+            &node.client,
+            token("shared-svc", "publish"),
+            device,
+        ))
+    };
+    let mut flood = connect("a").await.unwrap();
+    for i in 0..200 {
+        // A user each: a refusal holds back later publishes to the same user only.
+        flood
+            .publish(&format!("a{i}"), &format!("r{i}"), b"x")
+            .await
+            .unwrap();
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..200 {
+        match tokio::time::timeout(Duration::from_secs(10), flood.recv())
+            .await
+            .unwrap()
+        {
+            Err(ClientError::Server { code, message, .. }) if code == "rate_limited" => {
+                assert!(message.contains("this connection"), "{message}");
+                limited += 1;
+            }
+            Ok(_) => ok += 1,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    println!("flooding connection: {ok} accepted, {limited} refused");
+    assert!(limited > 0, "the flooding connection was never limited");
+    assert!(ok <= 20 + 20 * 3, "{ok} accepted");
+    let mut calm = connect("b").await.unwrap();
+    for i in 0..10 {
+        let seq = calm
+            .publish_wait(&format!("b{i}"), "calm", b"y")
+            .await
+            .expect("another connection of the same subject is not limited");
+        assert_eq!(seq, i + 1);
+    }
 }

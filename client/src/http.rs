@@ -42,13 +42,22 @@ impl Answer {
     }
 }
 
-/// A client for the node whose HTTP API listens at `addr` (`HOST:PORT`).
+/// A client for the node whose HTTP API listens at `addr`: `HOST:PORT` (plain HTTP), or a
+/// URL base `http://HOST:PORT` / `https://HOST:PORT`.
 #[derive(Clone)]
 pub struct NodeHttp {
     addr: String,
+    /// `http://HOST:PORT` or `https://HOST:PORT`, without a trailing slash.
+    base: String,
+    timeout: Duration,
     client: reqwest::Client,
     /// Sent with `get` (an `ops` token reads `/v1/cluster`).
     token: Option<String>,
+}
+
+fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    // Nodes are reached directly, never through a proxy from the environment.
+    reqwest::Client::builder().no_proxy().timeout(timeout)
 }
 
 impl NodeHttp {
@@ -57,17 +66,36 @@ impl NodeHttp {
     }
 
     pub fn with_timeout(addr: impl Into<String>, timeout: Duration) -> NodeHttp {
-        // Nodes are reached directly, never through a proxy from the environment.
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(timeout)
-            .build()
-            .expect("an HTTP client without TLS builds");
+        let addr = addr.into();
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{addr}")
+        };
         NodeHttp {
-            addr: addr.into(),
-            client,
+            addr,
+            base,
+            timeout,
+            client: client_builder(timeout)
+                .build()
+                .expect("an HTTP client with default settings builds"),
             token: None,
         }
+    }
+
+    /// Trusts the certificate authority in `ca_pem` (PEM) for `https://` addresses.
+    pub fn with_ca_pem(mut self, ca_pem: &[u8]) -> Result<NodeHttp, HttpError> {
+        let bad = |message: String| HttpError::Unreachable {
+            addr: self.addr.clone(),
+            message,
+        };
+        let ca = reqwest::Certificate::from_pem(ca_pem)
+            .map_err(|e| bad(format!("the CA file is not a PEM certificate: {e}")))?;
+        self.client = client_builder(self.timeout)
+            .add_root_certificate(ca)
+            .build()
+            .map_err(|e| bad(format!("cannot set up TLS: {e}")))?;
+        Ok(self)
     }
 
     /// Sends `token` with every `get` (`/v1/cluster` needs the `ops` scope).
@@ -95,9 +123,7 @@ impl NodeHttp {
                 message: format!("bad method: {e}"),
             })?;
         let body = body.into();
-        let mut req = self
-            .client
-            .request(method, format!("http://{}{path}", self.addr));
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

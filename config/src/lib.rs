@@ -83,6 +83,9 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `cert_file`.
     pub key_file: Option<PathBuf>,
+    /// Serve the HTTP API and the WebSocket endpoint over TLS too, with the same
+    /// certificate (`https://`, `wss://`).
+    pub http: bool,
 }
 
 /// Bounds on what clients may send and hold.
@@ -127,6 +130,16 @@ pub struct LimitsConfig {
     /// Body bytes a subject may publish at once above `publish_bytes_rate` (at least
     /// `max_body_bytes`, so that one largest message always fits).
     pub publish_bytes_burst: u32,
+    /// Messages one device-protocol connection (TCP or WebSocket) may publish per second;
+    /// 0 = no limit. Several connections of one subject each have their own.
+    pub connection_publish_rate: u32,
+    /// Messages a connection may publish at once above `connection_publish_rate`.
+    pub connection_publish_burst: u32,
+    /// Body bytes one connection may publish per second; 0 = no limit.
+    pub connection_publish_bytes_rate: u32,
+    /// Body bytes a connection may publish at once above `connection_publish_bytes_rate`
+    /// (at least `max_body_bytes`).
+    pub connection_publish_bytes_burst: u32,
 }
 
 /// RocksDB and group commit.
@@ -269,6 +282,10 @@ impl Default for LimitsConfig {
             publish_burst: 1000,
             publish_bytes_rate: 0,
             publish_bytes_burst: 16 << 20,
+            connection_publish_rate: 0,
+            connection_publish_burst: 1000,
+            connection_publish_bytes_rate: 0,
+            connection_publish_bytes_burst: 16 << 20,
         }
     }
 }
@@ -356,6 +373,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ),
     ("WARBLER_TLS_CERT_FILE", "tls.cert_file"),
     ("WARBLER_TLS_KEY_FILE", "tls.key_file"),
+    ("WARBLER_TLS_HTTP", "tls.http"),
     ("WARBLER_MAX_FRAME_BYTES", "limits.max_frame_bytes"),
     ("WARBLER_MAX_BODY_BYTES", "limits.max_body_bytes"),
     ("WARBLER_INFLIGHT_MAX", "limits.inflight_max"),
@@ -369,6 +387,22 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_PUBLISH_BURST", "limits.publish_burst"),
     ("WARBLER_PUBLISH_BYTES_RATE", "limits.publish_bytes_rate"),
     ("WARBLER_PUBLISH_BYTES_BURST", "limits.publish_bytes_burst"),
+    (
+        "WARBLER_CONNECTION_PUBLISH_RATE",
+        "limits.connection_publish_rate",
+    ),
+    (
+        "WARBLER_CONNECTION_PUBLISH_BURST",
+        "limits.connection_publish_burst",
+    ),
+    (
+        "WARBLER_CONNECTION_PUBLISH_BYTES_RATE",
+        "limits.connection_publish_bytes_rate",
+    ),
+    (
+        "WARBLER_CONNECTION_PUBLISH_BYTES_BURST",
+        "limits.connection_publish_bytes_burst",
+    ),
     ("WARBLER_STORAGE_SYNC", "storage.sync"),
     ("WARBLER_STORAGE_MIN_FREE_BYTES", "storage.min_free_bytes"),
     (
@@ -482,6 +516,7 @@ impl Config {
             }
             "tls.cert_file" => self.tls.cert_file = path(value),
             "tls.key_file" => self.tls.key_file = path(value),
+            "tls.http" => self.tls.http = parse(value, "true or false")?,
             "limits.max_frame_bytes" => self.limits.max_frame_bytes = parse(value, "bytes")?,
             "limits.max_body_bytes" => self.limits.max_body_bytes = parse(value, "bytes")?,
             "limits.inflight_max" => self.limits.inflight_max = parse(value, "a whole number")?,
@@ -499,6 +534,18 @@ impl Config {
             }
             "limits.publish_bytes_burst" => {
                 self.limits.publish_bytes_burst = parse(value, "bytes")?
+            }
+            "limits.connection_publish_rate" => {
+                self.limits.connection_publish_rate = parse(value, "messages/s")?
+            }
+            "limits.connection_publish_burst" => {
+                self.limits.connection_publish_burst = parse(value, "messages")?
+            }
+            "limits.connection_publish_bytes_rate" => {
+                self.limits.connection_publish_bytes_rate = parse(value, "bytes/s")?
+            }
+            "limits.connection_publish_bytes_burst" => {
+                self.limits.connection_publish_bytes_burst = parse(value, "bytes")?
             }
             "storage.sync" => self.storage.sync = parse(value, "true or false")?,
             "storage.min_free_bytes" => self.storage.min_free_bytes = parse(value, "bytes")?,
@@ -583,6 +630,12 @@ impl Config {
                 "set both tls.cert_file and tls.key_file to serve TLS, or neither for plain TCP",
             ));
         }
+        if self.tls.http && self.tls.cert_file.is_none() {
+            return Err(invalid(
+                "tls.http",
+                "HTTP over TLS uses the client port's certificate: set tls.cert_file and tls.key_file too, or turn tls.http off",
+            ));
+        }
         Ok(())
     }
 
@@ -655,15 +708,30 @@ impl Config {
             100,
             600_000,
         )?;
-        range("limits.publish_burst", l.publish_burst, 1, u32::MAX)?;
-        if (l.publish_bytes_burst as usize) < l.max_body_bytes {
-            return Err(invalid(
+        for (field, burst, bytes_field, bytes_burst) in [
+            (
+                "limits.publish_burst",
+                l.publish_burst,
                 "limits.publish_bytes_burst",
-                format!(
-                    "{} is below limits.max_body_bytes ({}): the largest message could never be published",
-                    l.publish_bytes_burst, l.max_body_bytes
-                ),
-            ));
+                l.publish_bytes_burst,
+            ),
+            (
+                "limits.connection_publish_burst",
+                l.connection_publish_burst,
+                "limits.connection_publish_bytes_burst",
+                l.connection_publish_bytes_burst,
+            ),
+        ] {
+            range(field, burst, 1, u32::MAX)?;
+            if (bytes_burst as usize) < l.max_body_bytes {
+                return Err(invalid(
+                    bytes_field,
+                    format!(
+                        "{bytes_burst} is below limits.max_body_bytes ({}): the largest message could never be published",
+                        l.max_body_bytes
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ use warbler_client::{DecodeError, ErrorCode, Frame, PROTOCOL_VERSION};
 use warbler_config::LimitsConfig;
 
 use crate::auth::{Auth, AuthError, Claims, Scope};
+use crate::rate::ConnectionLimits;
 
 /// Longest user, device or message id, in bytes (ids are stored with a one-byte length).
 pub const ID_BYTES_MAX: usize = 128;
@@ -322,6 +323,7 @@ impl Gateway {
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
         let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
+        let own_rates = self.rates.for_connection();
         let mut chains = Chains::default();
         let ping_after = Duration::from_millis(self.limits.ping_interval_ms);
         let idle_after = Duration::from_millis(self.limits.idle_timeout_ms);
@@ -389,7 +391,7 @@ impl Gateway {
                 Some(Ok(Frame::Pong { .. })) => {}
                 Some(Ok(Frame::Publish { id, to, body })) => {
                     let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
-                    match self.check_publish(claims, &id, &to, &body) {
+                    match self.check_publish(claims, own_rates.as_ref(), (&id, &to), &body) {
                         Err((code, msg)) => {
                             if matches!(code, ErrorCode::RateLimited | ErrorCode::StorageFull) {
                                 chains.refused(&to, &id, MailboxError::Overloaded(msg.clone()));
@@ -501,8 +503,8 @@ impl Gateway {
     fn check_publish(
         &self,
         claims: &Claims,
-        id: &str,
-        to: &str,
+        own_rates: Option<&ConnectionLimits>,
+        (id, to): (&str, &str),
         body: &ByteBuf,
     ) -> Result<(), (ErrorCode, String)> {
         if !claims.allows(Scope::Publish) {
@@ -525,6 +527,10 @@ impl Gateway {
         self.disk
             .check()
             .map_err(|why| (ErrorCode::StorageFull, why))?;
+        if let Some(own) = own_rates {
+            own.check(1, body.len())
+                .map_err(|e| (ErrorCode::RateLimited, e.to_string()))?;
+        }
         self.rates
             .check(&claims.sub, 1, body.len())
             .map_err(|e| (ErrorCode::RateLimited, e.to_string()))
