@@ -946,3 +946,67 @@ async fn each_connection_has_its_own_publish_rate() {
         assert_eq!(seq, i + 1);
     }
 }
+
+/// Age retention may remove messages a device has not acknowledged (count retention never
+/// does); the device is told which, with `messages_expired`, before delivery goes on, rather
+/// than seeing the `seq` jump silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_told_when_age_retention_removed_what_it_had_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("retention.toml");
+    std::fs::write(
+        &config,
+        "[retention]\nmax_age_secs = 1\nsweep_interval_secs = 1\n",
+    )
+    .unwrap();
+    let mut node = Node::start_with(
+        &dir.path().join("n"),
+        &[],
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut phone = node.device("ada", "phone").await;
+    for i in 1..=3 {
+        node.publish("ada", &format!("a{i}"), "read").await;
+    }
+    let got = common::recv_n_acking(&mut phone, 3).await;
+    assert_eq!(got.last().unwrap().seq, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(phone);
+    for i in 4..=8 {
+        node.publish("ada", &format!("a{i}"), "never read").await;
+    }
+    // Wait until the sweep removed 4..8 (older than a second).
+    let t0 = Instant::now();
+    while node
+        .history("ada")
+        .await
+        .iter()
+        .any(|(seq, _, _)| *seq == 8)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "age retention never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A live mailbox may still deliver what it holds in its cache of recent messages; a
+    // restarted node has only what retention kept.
+    node.restart();
+    node.publish("ada", "a9", "fresh").await;
+    let mut phone = node.device("ada", "phone").await;
+    match tokio::time::timeout(Duration::from_secs(10), phone.recv())
+        .await
+        .unwrap()
+    {
+        Err(ClientError::Server { code, message, .. }) => {
+            assert_eq!(code, "messages_expired", "{message}");
+            assert!(message.contains("4..8"), "{message}");
+        }
+        other => panic!("expected messages_expired, got {other:?}"),
+    }
+    let next = tokio::time::timeout(Duration::from_secs(10), phone.recv_msg())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.seq, next.id.as_str()), (9, "a9"));
+}

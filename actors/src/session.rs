@@ -122,6 +122,21 @@ impl Actor for DeviceSession {
                     if seq <= state.sent {
                         continue; // already written (a re-subscribe resends from the cursor)
                     }
+                    if state.sent > 0 && seq > state.sent + 1 {
+                        // Seqs are gap-free: only age retention removes messages a device
+                        // has not acknowledged. Say so rather than skip them silently.
+                        let message = format!(
+                            "messages {}..{} to this user were removed by retention (retention.max_age_secs) before this device acknowledged them; delivery goes on from {seq}",
+                            state.sent + 1,
+                            seq - 1
+                        );
+                        metrics::counter!("warbler_messages_expired_notices_total").increment(1);
+                        let notice = Frame::error(ErrorCode::MessagesExpired, message, None);
+                        if state.args.out.send(notice).await.is_err() {
+                            myself.stop(Some("connection closed".into()));
+                            return Ok(());
+                        }
+                    }
                     let frame = Frame::Msg {
                         seq,
                         id: m.id.clone(),

@@ -105,6 +105,9 @@ pub enum ErrorCode {
     StorageFull,
     /// The recipient holds as many unacknowledged messages as retention keeps.
     MailboxFull,
+    /// Messages this device had not acknowledged were removed by age retention before they
+    /// could be delivered; the message names the seqs. The connection stays open.
+    MessagesExpired,
     Internal,
 }
 
@@ -126,6 +129,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::MessagesExpired => "messages_expired",
             ErrorCode::Internal => "internal",
         }
     }
