@@ -740,26 +740,21 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
         }
     });
     let (tx, mut rx) = mpsc::channel::<Frame>(gw.writer_queue());
+    let stall = std::time::Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if sink
-                .feed(Message::Binary(frame.encode().into()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if sink
-                    .feed(Message::Binary(frame.encode().into()))
-                    .await
-                    .is_err()
-                {
-                    return;
+            let written = tokio::time::timeout(stall, async {
+                sink.feed(Message::Binary(frame.encode().into())).await?;
+                while let Ok(frame) = rx.try_recv() {
+                    sink.feed(Message::Binary(frame.encode().into())).await?;
                 }
-            }
-            if sink.flush().await.is_err() {
-                return;
+                sink.flush().await
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => return crate::gateway::tcp::slow_consumer(stall),
             }
         }
         let _ = sink.close().await;

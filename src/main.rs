@@ -169,6 +169,11 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
+        // Printing commands end quietly when their reader goes away (`... | head`), as
+        // command-line tools do; sockets are written with MSG_NOSIGNAL either way.
+        restore_default_sigpipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,6 +192,17 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(unix)]
+fn restore_default_sigpipe() {
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_default_sigpipe() {}
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {

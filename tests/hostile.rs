@@ -1010,3 +1010,46 @@ async fn a_device_is_told_when_age_retention_removed_what_it_had_not_read() {
         .unwrap();
     assert_eq!((next.seq, next.id.as_str()), (9, "a9"));
 }
+
+/// A device that reads nothing while messages wait for it is cut off after
+/// `limits.slow_consumer_timeout_ms`, like NATS's slow consumers, instead of holding its
+/// session and delivery window until the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_reads_nothing_is_cut_off_as_a_slow_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        &[("WARBLER_SLOW_CONSUMER_TIMEOUT_MS", "1000")],
+        &[],
+    );
+    // A small receive buffer, so the node's writes back up quickly.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(node.client.parse().unwrap()).await.unwrap();
+    let hello = Frame::Hello {
+        token: token("slowpoke", "device"),
+        device: "d".into(),
+        v: 1,
+    };
+    s.write_all(&framed(&hello)).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut s).await,
+        Some(Frame::Welcome { .. })
+    ));
+    let body = "x".repeat(256 << 10);
+    for i in 0..48 {
+        node.publish("slowpoke", &format!("s{i}"), &body).await;
+    }
+    // Read nothing for a while, then drain: the node must have closed the connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let took = closed_within(&mut s, Duration::from_secs(20)).await;
+    assert!(took.is_some(), "the slow consumer was never cut off");
+    let (_, metrics) = node.http("GET", "/metrics", None, "").await;
+    let text = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warbler_slow_consumers_closed_total") && !l.ends_with(" 0")),
+        "{text}"
+    );
+    assert_eq!(healthz(&node).await, 200);
+}

@@ -145,6 +145,89 @@ impl ClusterKey {
     }
 }
 
+/// This node's own signing key (Ed25519), kept in its data directory: it signs the node's
+/// gossip metadata, so that no other member, even one holding the cluster key, can announce
+/// metadata in its name while it is up (see [`crate::membership`]).
+pub struct NodeSigner {
+    pair: ::ring::signature::Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for NodeSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeSigner(..)")
+    }
+}
+
+impl NodeSigner {
+    /// A new random key, kept nowhere (tests, and nodes without a data directory).
+    pub fn generate() -> NodeSigner {
+        let pkcs8 = ::ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .expect("the system random source works");
+        NodeSigner {
+            pair: ::ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+                .expect("a fresh key parses"),
+        }
+    }
+
+    /// The key in `path`, created (mode 0600) on first start.
+    pub fn load_or_create(path: &Path) -> Result<NodeSigner, KeyError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            KeyError(format!(
+                "{what} the node's signing key {}: {e}; it is this node's own (not shared): delete it to make a new one",
+                path.display()
+            ))
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => ::ring::signature::Ed25519KeyPair::from_pkcs8(&bytes)
+                .map(|pair| NodeSigner { pair })
+                .map_err(|e| fail("cannot parse", &e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pkcs8 = ::ring::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                    .expect("the system random source works");
+                write_private(path, pkcs8.as_ref()).map_err(|e| fail("cannot write", &e))?;
+                NodeSigner::load_or_create(path)
+            }
+            Err(e) => Err(fail("cannot read", &e)),
+        }
+    }
+
+    /// The public half, which the node's metadata carries.
+    pub fn public_key(&self) -> Vec<u8> {
+        use ::ring::signature::KeyPair;
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
+    /// Whether `signature` over `message` was made with the key whose public half is
+    /// `public_key`.
+    pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+        ::ring::signature::UnparsedPublicKey::new(&::ring::signature::ED25519, public_key)
+            .verify(message, signature)
+            .is_ok()
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -194,6 +277,23 @@ mod tests {
         assert!(!k.verify(Side::Dialer, "n2", &nd, &na, &p));
         assert!(!k.verify(Side::Dialer, "n1", &na, &nd, &p));
         assert!(!k.verify(Side::Dialer, "n1", &nd, &na, &p[..31]));
+    }
+
+    #[test]
+    fn a_node_key_is_kept_and_signs_what_only_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let a = NodeSigner::load_or_create(&path).unwrap();
+        let again = NodeSigner::load_or_create(&path).unwrap();
+        assert_eq!(a.public_key(), again.public_key(), "kept across starts");
+        let sig = a.sign(b"meta");
+        assert!(NodeSigner::verify(&a.public_key(), b"meta", &sig));
+        assert!(!NodeSigner::verify(&a.public_key(), b"metA", &sig));
+        let other = NodeSigner::generate();
+        assert!(!NodeSigner::verify(&other.public_key(), b"meta", &sig));
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = NodeSigner::load_or_create(&path).unwrap_err().to_string();
+        assert!(e.contains("delete it"), "{e}");
     }
 
     #[test]

@@ -9,12 +9,19 @@
 //! A node's identity is its gossip address, its stable name and a per-start generation: a
 //! restarted node (same address, higher generation) replaces its old self at once, and
 //! `renew` lets a node that was wrongly declared down rejoin under a new generation.
+//!
+//! Only a node announces its own metadata: each update is signed with the node's own key
+//! ([`NodeSigner`], kept in its data directory) and carries the public half. The first key
+//! seen for a name owns it while a member of that name is up; an update for that name
+//! signed with another key is dropped (`warbler_gossip_metadata_refused_total`). The owner
+//! is forgotten once no member of that name is up, or when the member restarts at the same
+//! gossip address (a node given a new disk gets a new key).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foca::{
@@ -25,7 +32,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::key::{ClusterKey, GOSSIP_TAG_BYTES};
+use crate::key::{ClusterKey, NodeSigner, GOSSIP_TAG_BYTES};
 use crate::transport::Faults;
 
 /// Inputs queued for the foca task. Bounded: a flood of datagrams waits rather than
@@ -76,6 +83,9 @@ pub struct NodeMeta {
     /// new messages until space is freed.
     #[serde(default)]
     pub low_space: bool,
+    /// The public half of the node's signing key (filled in by [`Membership`]).
+    #[serde(default, with = "serde_bytes")]
+    pub signing_key: Vec<u8>,
 }
 
 /// One metadata broadcast: newer (generation, version) replaces older.
@@ -84,7 +94,21 @@ struct MetaUpdate {
     generation: u64,
     version: u64,
     meta: NodeMeta,
+    /// The node's signature over the rest ([`MetaUpdate::signed`]).
+    #[serde(default, with = "serde_bytes")]
+    signature: Vec<u8>,
 }
+
+impl MetaUpdate {
+    /// The bytes the signature covers.
+    fn signed(&self) -> Vec<u8> {
+        rmp_serde::to_vec(&(self.generation, self.version, &self.meta))
+            .expect("metadata serializes")
+    }
+}
+
+/// Which signing key owns each name: the first seen, while a member of that name is up.
+type Owners = Arc<Mutex<HashMap<String, Vec<u8>>>>;
 
 /// Dissemination key: one node's metadata at one version.
 struct MetaKey {
@@ -106,6 +130,28 @@ struct MetaError(String);
 struct MetaHandler {
     known: HashMap<String, MetaUpdate>,
     out: watch::Sender<HashMap<String, NodeMeta>>,
+    owners: Owners,
+    /// When a refusal was last logged (at most one line in 10 s).
+    last_warned: Option<std::time::Instant>,
+}
+
+impl MetaHandler {
+    /// Whether `update` is signed by the key that owns its name (the first one seen owns
+    /// a name nobody owns).
+    fn owned(&self, update: &MetaUpdate) -> bool {
+        let key = &update.meta.signing_key;
+        if !NodeSigner::verify(key, &update.signed(), &update.signature) {
+            return false;
+        }
+        let mut owners = self.owners.lock().unwrap();
+        match owners.get(&update.meta.name) {
+            Some(owner) => owner == key,
+            None => {
+                owners.insert(update.meta.name.clone(), key.clone());
+                true
+            }
+        }
+    }
 }
 
 impl BroadcastHandler<NodeId> for MetaHandler {
@@ -119,6 +165,18 @@ impl BroadcastHandler<NodeId> for MetaHandler {
     ) -> Result<Option<MetaKey>, MetaError> {
         let update: MetaUpdate =
             rmp_serde::from_slice(data).map_err(|e| MetaError(e.to_string()))?;
+        if !self.owned(&update) {
+            metrics::counter!("warbler_gossip_metadata_refused_total").increment(1);
+            let now = std::time::Instant::now();
+            if self
+                .last_warned
+                .is_none_or(|t| now - t > Duration::from_secs(10))
+            {
+                tracing::warn!(node = %update.meta.name, "gossip metadata dropped: not signed by the key that owns this name (another member speaking for it, or a node given a new disk while its old self is still up)");
+                self.last_warned = Some(now);
+            }
+            return Ok(None);
+        }
         let stamp = (update.generation, update.version);
         if let Some(old) = self.known.get(&update.meta.name) {
             if (old.generation, old.version) >= stamp {
@@ -229,12 +287,12 @@ impl Membership {
         seeds: Vec<SocketAddr>,
         timing: Timing,
     ) -> std::io::Result<Membership> {
-        Membership::start_with_meta(me, seeds, timing, None, Faults::default(), None).await
+        Membership::start_with_meta(me, seeds, timing, None, Faults::default(), None, None).await
     }
 
-    /// Like [`Membership::start`], and spreads `meta` (this node's addresses and state);
-    /// with `key`, every datagram sent carries its MAC and one received without a valid MAC
-    /// is dropped.
+    /// Like [`Membership::start`], and spreads `meta` (this node's addresses and state),
+    /// signed with `signer` (a new key when `None`); with `key`, every datagram sent carries
+    /// its MAC and one received without a valid MAC is dropped.
     pub async fn start_with_meta(
         mut me: NodeId,
         seeds: Vec<SocketAddr>,
@@ -242,16 +300,21 @@ impl Membership {
         meta: Option<NodeMeta>,
         faults: Faults,
         key: Option<ClusterKey>,
+        signer: Option<Arc<NodeSigner>>,
     ) -> std::io::Result<Membership> {
+        let signer = signer.unwrap_or_else(|| Arc::new(NodeSigner::generate()));
         let socket = Arc::new(UdpSocket::bind(me.gossip).await?);
         me.gossip = socket.local_addr()?;
         let rng: rand010::rngs::StdRng = rand010::make_rng();
         let config = timing.foca_config(seeds.len() as u32 + 1);
         let max_packet = config.max_packet_size.get();
         let (metas_tx, metas) = watch::channel(HashMap::new());
+        let owners = Owners::default();
         let handler = MetaHandler {
             known: HashMap::new(),
             out: metas_tx,
+            owners: owners.clone(),
+            last_warned: None,
         };
         let foca = Foca::with_custom_broadcast(me.clone(), config, rng, PostcardCodec, handler);
         let (inputs, rx) = mpsc::channel(INPUT_QUEUE_MAX);
@@ -265,6 +328,8 @@ impl Membership {
                     socket: socket.clone(),
                     faults,
                     key: key.clone(),
+                    owners: owners.clone(),
+                    signer,
                 },
                 timers_tx,
                 view_tx,
@@ -382,7 +447,12 @@ async fn drive(
                 if meta.is_some() {
                     own_meta = meta;
                 }
-                spread_meta(&mut foca, own_meta.as_ref(), &mut meta_version)
+                spread_meta(
+                    &mut foca,
+                    own_meta.as_ref(),
+                    &mut meta_version,
+                    &socket.signer,
+                )
             }
             Input::Leave => {
                 let r = foca.leave_cluster(&mut runtime);
@@ -397,6 +467,13 @@ async fn drive(
         let changed = flush(&mut runtime, &socket, &timers).await;
         if changed {
             let members: Vec<NodeId> = foca.iter_members().map(|m| m.id().clone()).collect();
+            // A name whose members are all gone is owned by no key any more.
+            let up: HashSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
+            socket
+                .owners
+                .lock()
+                .unwrap()
+                .retain(|name, _| up.contains(name.as_str()));
             // Timeouts scale with the cluster (dissemination rounds); keep them in step.
             if members.len() + 1 != cluster_size {
                 cluster_size = members.len() + 1;
@@ -404,7 +481,12 @@ async fn drive(
             }
             let _ = view.send(members);
             // A member that just came up has heard none of our earlier broadcasts.
-            if let Err(e) = spread_meta(&mut foca, own_meta.as_ref(), &mut meta_version) {
+            if let Err(e) = spread_meta(
+                &mut foca,
+                own_meta.as_ref(),
+                &mut meta_version,
+                &socket.signer,
+            ) {
                 tracing::debug!(error = %e, "metadata broadcast failed");
             }
             flush(&mut runtime, &socket, &timers).await;
@@ -416,16 +498,22 @@ fn spread_meta(
     foca: &mut Agent,
     meta: Option<&NodeMeta>,
     version: &mut u64,
+    signer: &NodeSigner,
 ) -> Result<(), foca::Error> {
     let Some(m) = meta else {
         return Ok(());
     };
     *version += 1;
-    let update = MetaUpdate {
+    let mut update = MetaUpdate {
         generation: foca.identity().generation,
         version: *version,
-        meta: m.clone(),
+        meta: NodeMeta {
+            signing_key: signer.public_key(),
+            ..m.clone()
+        },
+        signature: Vec::new(),
     };
+    update.signature = signer.sign(&update.signed());
     let bytes = rmp_serde::to_vec(&update).expect("metadata serializes");
     foca.add_broadcast(&bytes).map(|_| ())
 }
@@ -436,6 +524,11 @@ struct Outbox {
     socket: Arc<UdpSocket>,
     faults: Faults,
     key: Option<ClusterKey>,
+    /// The owners of names (see the module header): a restarted member may own its name
+    /// with a new key.
+    owners: Owners,
+    /// Signs this node's metadata.
+    signer: Arc<NodeSigner>,
 }
 
 async fn flush(
@@ -469,6 +562,7 @@ async fn flush(
             }
             OwnedNotification::Rename(old, new) => {
                 tracing::info!(node = %new.name, old = old.generation, new = new.generation, "member restarted");
+                socket.owners.lock().unwrap().remove(&new.name);
                 changed = true;
             }
             _ => {}

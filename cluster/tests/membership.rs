@@ -149,6 +149,7 @@ fn meta(name: &str, cluster: &str) -> warbler_cluster::NodeMeta {
         state: warbler_cluster::NodeState::Serving,
         formed: true,
         low_space: false,
+        signing_key: Vec::new(),
     }
 }
 
@@ -167,6 +168,7 @@ async fn start_keyed(
         Some(meta(name, cluster)),
         Default::default(),
         key,
+        None,
     )
     .await
     .unwrap()
@@ -178,8 +180,9 @@ fn cluster_addr_of(m: &Membership, name: &str) -> Option<SocketAddr> {
 }
 
 /// A stranger announces itself under a member's name with a newer generation and its own
-/// address. Without a cluster key that moves the member for good (the control); with one,
-/// the stranger's datagrams are dropped and nothing moves.
+/// address. Without a cluster key it is heard, but the metadata is not signed by the
+/// member's own key and nothing moves (before metadata was signed, this moved the member
+/// for good); with one, the stranger's datagrams are dropped altogether.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_gossip_update_moves_no_node_of_a_keyed_cluster() {
     const KEY: &str = "gossip test key, long enough to be accepted......";
@@ -207,10 +210,15 @@ async fn a_forged_gossip_update_moves_no_node_of_a_keyed_cluster() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         match key {
-            None => assert!(
-                moved,
-                "control: an open cluster should have taken the forgery"
-            ),
+            // Without a key the stranger is heard, but its metadata is not signed by b's
+            // own key, so b does not move either.
+            None => {
+                assert!(!moved, "a forged update moved b in an open cluster");
+                assert!(
+                    a.members().iter().any(|n| n.generation == u64::MAX / 2),
+                    "control: the stranger was heard in an open cluster"
+                );
+            }
             Some(_) => {
                 assert!(!moved, "a forged update moved b in a keyed cluster");
                 assert!(stranger.members().is_empty(), "the stranger was let in");
@@ -220,4 +228,39 @@ async fn a_forged_gossip_update_moves_no_node_of_a_keyed_cluster() {
         }
         drop((a, b, stranger));
     }
+}
+
+/// A member holding the cluster key announces metadata under another member's name, with a
+/// newer generation and its own address: it is not signed by that member's own key, so
+/// nothing moves. Once the real member is gone for good, its name is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_announce_metadata_for_another() {
+    const KEY: &str = "gossip test key, long enough to be accepted......";
+    let limit = Duration::from_secs(15);
+    let real = "127.0.0.1:7001";
+    let forged = "10.9.9.9:7001";
+    let a = start_keyed("a", 1, &[], "127.0.0.1:7000", Some(KEY)).await;
+    let b = start_keyed("b", 1, &[a.me().gossip], real, Some(KEY)).await;
+    until_view(&a, &["b"], limit).await;
+    let started = Instant::now();
+    while cluster_addr_of(&a, "b") != Some(real.parse().unwrap()) {
+        assert!(started.elapsed() < limit, "a never learnt b's address");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An insider: it holds the key, so its gossip is heard.
+    let insider = start_keyed("b", u64::MAX / 2, &[a.me().gossip], forged, Some(KEY)).await;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            cluster_addr_of(&a, "b"),
+            Some(real.parse().unwrap()),
+            "another member's metadata moved b"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.members().iter().any(|m| m.generation == u64::MAX / 2),
+        "control: the insider's gossip was heard (it holds the key)"
+    );
+    drop((a, b, insider));
 }

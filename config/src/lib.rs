@@ -114,6 +114,9 @@ pub struct LimitsConfig {
     /// A device connection silent this long is closed (ms); at least twice
     /// `ping_interval_ms`, so a live client has a ping to answer first.
     pub idle_timeout_ms: u64,
+    /// A device connection that takes nothing the node writes for this long (ms), while
+    /// frames wait for it, is cut off as a slow consumer.
+    pub slow_consumer_timeout_ms: u64,
     /// Open HTTP connections per node (WebSocket devices count under `connections_max`
     /// once upgraded), counted at accept.
     pub http_connections_max: u32,
@@ -276,6 +279,7 @@ impl Default for LimitsConfig {
             // minute, and three silent minutes end the connection.
             ping_interval_ms: 60_000,
             idle_timeout_ms: 180_000,
+            slow_consumer_timeout_ms: 30_000,
             http_connections_max: 4096,
             http_header_timeout_ms: 10_000,
             publish_rate: 0,
@@ -383,6 +387,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "limits.http_connections_max",
     ),
     ("WARBLER_IDLE_TIMEOUT_MS", "limits.idle_timeout_ms"),
+    (
+        "WARBLER_SLOW_CONSUMER_TIMEOUT_MS",
+        "limits.slow_consumer_timeout_ms",
+    ),
     ("WARBLER_PUBLISH_RATE", "limits.publish_rate"),
     ("WARBLER_PUBLISH_BURST", "limits.publish_burst"),
     ("WARBLER_PUBLISH_BYTES_RATE", "limits.publish_bytes_rate"),
@@ -527,6 +535,9 @@ impl Config {
                 self.limits.http_connections_max = parse(value, "a whole number")?
             }
             "limits.idle_timeout_ms" => self.limits.idle_timeout_ms = parse(value, "milliseconds")?,
+            "limits.slow_consumer_timeout_ms" => {
+                self.limits.slow_consumer_timeout_ms = parse(value, "milliseconds")?
+            }
             "limits.publish_rate" => self.limits.publish_rate = parse(value, "messages/s")?,
             "limits.publish_burst" => self.limits.publish_burst = parse(value, "messages")?,
             "limits.publish_bytes_rate" => {
@@ -677,6 +688,12 @@ impl Config {
         range(
             "limits.ping_interval_ms",
             l.ping_interval_ms,
+            100,
+            3_600_000,
+        )?;
+        range(
+            "limits.slow_consumer_timeout_ms",
+            l.slow_consumer_timeout_ms,
             100,
             3_600_000,
         )?;

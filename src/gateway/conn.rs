@@ -335,6 +335,8 @@ impl Gateway {
             let wake_at = heard + if pinged { idle_after } else { ping_after };
             let frame = tokio::select! {
                 _ = closed.cancelled() => return,
+                // The writer gave up (a slow consumer, or the socket failed).
+                _ = out.closed() => return,
                 _ = self.shutdown.cancelled() => {
                     let bye = Frame::Bye { reason: "node is shutting down; reconnect to another node".into(), retry_ms: BYE_RETRY_MS };
                     let _ = out.send(bye).await;

@@ -126,7 +126,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     let frames = FramedRead::with_capacity(r, decoder, READ_BUFFER_BYTES)
         .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
     let (tx, rx) = mpsc::channel(gw.writer_queue());
-    let writer = tokio::spawn(write_frames(rx, w, codec));
+    let stall = Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
+    let writer = tokio::spawn(write_frames(rx, w, codec, stall));
     gw.run(frames, tx, transport, slot).await;
     let _ = writer.await;
 }
@@ -154,10 +155,21 @@ impl Decoder for HelloFirst {
 
 /// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down
 /// once every sender is gone.
+/// Notes a connection cut off because it took nothing written to it for `stall`; dropping
+/// the writer then closes the connection (its session stops at its next send).
+pub fn slow_consumer(stall: Duration) {
+    metrics::counter!("warbler_slow_consumers_closed_total").increment(1);
+    tracing::info!(
+        ?stall,
+        "closing a slow consumer: it took nothing the node wrote for limits.slow_consumer_timeout_ms"
+    );
+}
+
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Frame>,
     mut w: W,
     mut codec: FrameCodec,
+    stall: Duration,
 ) {
     let mut buf = BytesMut::new();
     while let Some(frame) = rx.recv().await {
@@ -175,8 +187,15 @@ async fn write_frames<W: AsyncWrite + Unpin>(
                 None
             };
         }
-        if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
-            return;
+        let written = tokio::time::timeout(stall, async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return slow_consumer(stall),
         }
         buf.clear();
         if buf.capacity() > WRITE_BUFFER_KEEP_BYTES {

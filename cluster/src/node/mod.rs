@@ -31,7 +31,10 @@ use warbler_storage::{PartitionId, Store};
 use crate::control::leader::{self, LeaderHints, LeaderView};
 use crate::control::{raft_id, GroupView, MemberList};
 use crate::error::ClusterError;
-use crate::key::ClusterKey;
+use crate::key::{ClusterKey, NodeSigner};
+
+/// The node's own gossip signing key, in its data directory.
+const SIGNING_KEY_FILE: &str = "node-signing.key";
 use crate::raft_log::RaftLog;
 use crate::raft_net::{RaftService, Resolver};
 use crate::raft_store::TypeConfig;
@@ -170,7 +173,12 @@ async fn gossip(
         generation,
     };
     let faults = transport.faults().clone();
-    Membership::start_with_meta(id, seeds, Timing::lan(), Some(meta.clone()), faults, key)
+    // Kept with the data: a node restarted on its disk speaks for its name again at once.
+    let signer = NodeSigner::load_or_create(&config.data_dir.join(SIGNING_KEY_FILE))
+        .map_err(|e| ClusterError::Key(e.to_string()))?;
+    let meta = Some(meta.clone());
+    let signer = Some(Arc::new(signer));
+    Membership::start_with_meta(id, seeds, Timing::lan(), meta, faults, key, signer)
         .await
         .map_err(|source| ClusterError::Gossip {
             addr: config.cluster_addr,
@@ -229,6 +237,7 @@ impl ClusterNode {
             state: NodeState::Joining,
             formed: form::load_members(store)?.is_some(),
             low_space: store.low_space().is_some(),
+            signing_key: Vec::new(),
         };
         let faults = transport.faults().clone();
         let membership = gossip(config, store, &transport, &meta, key).await?;
