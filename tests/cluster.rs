@@ -1530,21 +1530,30 @@ async fn large_messages_are_acknowledged_and_delivered_through_a_non_leader() {
     );
 }
 
-/// One node's disk fills up (a small tmpfs under n2 of three, RF 3): it tells the others,
-/// and every partition it replicates refuses publishes with `storage_full` on whichever node
-/// they arrive, before its storage fails; n2 is not ready, nothing acknowledged is lost, and
-/// once space is freed publishes are taken again without a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_on_one_replica_refuses_publishes_and_recovers() {
+/// A cluster directory whose `n2` (the third node's data) is a 256 MiB tmpfs; `None`, with
+/// the reason printed, where one cannot be mounted.
+fn small_disk_under_n2() -> Option<(tempfile::TempDir, std::path::PathBuf, common::Unmount)> {
     let dir = tempfile::tempdir().unwrap();
     let n2_data = dir.path().join("n2");
     if let Err(why) = common::mount_tmpfs(&n2_data, 256) {
         println!(
             "SKIPPED: a small tmpfs is needed under one node and cannot be mounted here: {why}"
         );
-        return;
+        return None;
     }
-    let _unmount = common::Unmount(n2_data.clone());
+    let unmount = common::Unmount(n2_data.clone());
+    Some((dir, n2_data, unmount))
+}
+
+/// One node's disk fills up (a small tmpfs under n2 of three, RF 3): it tells the others,
+/// and every partition it replicates refuses publishes with `storage_full` on whichever node
+/// they arrive, before its storage fails; n2 is not ready, nothing acknowledged is lost, and
+/// once space is freed publishes are taken again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_one_replica_refuses_publishes_and_recovers() {
+    let Some((dir, n2_data, _unmount)) = small_disk_under_n2() else {
+        return;
+    };
     let watermark = 64u64 << 20;
     let c = Cluster::start_with(
         3,
@@ -1643,15 +1652,9 @@ async fn a_full_disk_on_one_replica_refuses_publishes_and_recovers() {
 /// space is freed, it catches up and holds every acknowledged message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_storage_fails_exits_and_catches_up_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let n2_data = dir.path().join("n2");
-    if let Err(why) = common::mount_tmpfs(&n2_data, 256) {
-        println!(
-            "SKIPPED: a small tmpfs is needed under one node and cannot be mounted here: {why}"
-        );
+    let Some((dir, n2_data, _unmount)) = small_disk_under_n2() else {
         return;
-    }
-    let _unmount = common::Unmount(n2_data.clone());
+    };
     let mut c = Cluster::start_with(3, dir, &[("WARBLER_STORAGE_MIN_FREE_BYTES", "0")]).await;
     // Fill n2's disk to the last byte.
     let ballast = n2_data.join("ballast");
