@@ -28,5 +28,7 @@ ENV WARBLER_DATA_DIR=/var/lib/warbler \
     WARBLER_CLUSTER_ADDR=0.0.0.0:7410
 EXPOSE 7400 7480 7410 7410/udp
 VOLUME /var/lib/warbler
+# The image has no curl: the binary probes itself (WARBLER_HTTP_ADDR says where).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s CMD ["/usr/local/bin/warbler", "health"]
 ENTRYPOINT ["/usr/local/bin/warbler"]
 CMD ["serve"]

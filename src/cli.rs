@@ -569,3 +569,46 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
+
+#[derive(Args)]
+pub struct HealthArgs {
+    /// The node's HTTP address (`https://HOST:PORT` with tls.http); an unspecified host
+    /// (0.0.0.0, as in the image's WARBLER_HTTP_ADDR) means this machine.
+    #[arg(long, env = "WARBLER_HTTP_ADDR", default_value = "127.0.0.1:7480")]
+    http: String,
+    /// Ask /readyz (serving writes) rather than /healthz (the process runs).
+    #[arg(long)]
+    ready: bool,
+    /// Trust this CA (PEM) for an `https://` address.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
+}
+
+/// `warbler health`: 200 from the probe, or an error naming what the node said.
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let http = args
+        .http
+        .replacen("0.0.0.0:", "127.0.0.1:", 1)
+        .replacen("[::]:", "[::1]:", 1);
+    let timeout = std::time::Duration::from_secs(args.timeout_secs.max(1));
+    let mut node = NodeHttp::with_timeout(&http, timeout);
+    if let Some(ca) = &args.tls_ca_file {
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("cannot read --tls-ca-file {}", ca.display()))?;
+        node = node.with_ca_pem(&pem)?;
+    }
+    let path = if args.ready { "/readyz" } else { "/healthz" };
+    let answer = node.send("GET", path, None, Vec::new()).await?;
+    if answer.status != 200 {
+        let why = answer.json()["error"]["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or(answer.body);
+        bail!("{http}{path} answered {}: {why}", answer.status);
+    }
+    println!("{http}{path}: ok");
+    Ok(())
+}

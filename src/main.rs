@@ -50,6 +50,9 @@ enum Command {
     /// Operator commands for a cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Probe a node's /healthz (or /readyz with --ready): exit 0 when it answers 200, 1 with
+    /// the reason otherwise (container health checks; the image has no curl).
+    Health(cli::HealthArgs),
 }
 
 #[derive(Subcommand)]
@@ -216,6 +219,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Token(args) => cli::token(args),
         Command::Send(args) => cli::send(args).await,
         Command::Listen(args) => cli::listen(args).await,
+        Command::Health(args) => cli::health(args).await,
         Command::Cluster(ClusterCommand::Status(args)) => cli::cluster_status(args).await,
         Command::Cluster(ClusterCommand::Decommission(args)) => {
             cli::cluster_decommission(args).await

@@ -280,3 +280,50 @@ async fn bad_configuration_is_refused_with_the_field_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-secret-file"));
 }
+
+/// `warbler health`: exit 0 when the probe answers 200; 1 with the node's reason when it
+/// does not (a node waiting for a second member is alive but not ready), or when nothing
+/// answers.
+#[tokio::test]
+async fn the_health_command_says_whether_a_node_is_alive_and_ready() {
+    let health = |http: &str, ready: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"));
+        cmd.args(["health", "--http", http, "--timeout-secs", "2"]);
+        if ready {
+            cmd.arg("--ready");
+        }
+        let out = cmd.env_remove("WARBLER_HTTP_ADDR").output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = warbler_chaos::ports::free_port();
+    let mut node = Node::start_with(
+        &dir.path().join("n"),
+        &[],
+        &[
+            "--cluster-addr",
+            &format!("127.0.0.1:{port}"),
+            "--bootstrap-expect",
+            "2",
+        ],
+    );
+    // The image sets WARBLER_HTTP_ADDR=0.0.0.0:PORT: that means this machine.
+    let any = node.http.replace("127.0.0.1", "0.0.0.0");
+    let (code, text) = health(&any, false);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = health(&node.http, true);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("/readyz answered 503") && text.contains("formed"),
+        "{text}"
+    );
+    node.kill9();
+    let (code, text) = health(&node.http, false);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cannot reach"), "{text}");
+}
