@@ -165,6 +165,13 @@ impl BroadcastHandler<NodeId> for MetaHandler {
     ) -> Result<Option<MetaKey>, MetaError> {
         let update: MetaUpdate =
             rmp_serde::from_slice(data).map_err(|e| MetaError(e.to_string()))?;
+        // Nothing newer (most datagrams repeat what is known): no signature to check.
+        let stamp = (update.generation, update.version);
+        if let Some(old) = self.known.get(&update.meta.name) {
+            if (old.generation, old.version) >= stamp {
+                return Ok(None);
+            }
+        }
         if !self.owned(&update) {
             metrics::counter!("warbler_gossip_metadata_refused_total").increment(1);
             let now = std::time::Instant::now();
@@ -176,12 +183,6 @@ impl BroadcastHandler<NodeId> for MetaHandler {
                 self.last_warned = Some(now);
             }
             return Ok(None);
-        }
-        let stamp = (update.generation, update.version);
-        if let Some(old) = self.known.get(&update.meta.name) {
-            if (old.generation, old.version) >= stamp {
-                return Ok(None);
-            }
         }
         let name = update.meta.name.clone();
         self.known.insert(name.clone(), update);
