@@ -4,12 +4,12 @@
 //! nats-server and mosquitto from Debian's packages.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use warbler_chaos::ports::free_port;
 
 struct Server(Child);
 
@@ -20,13 +20,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn wait_listening(addr: &str) {
     let until = Instant::now() + Duration::from_secs(20);
