@@ -302,8 +302,10 @@ fn warn_if_readable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "a secret file is readable by other users; chmod 600 it");
+        // Group-readable is a deliberate share (Kubernetes and Compose secrets reach the
+        // node through its group); anyone else, or a group that can write, is not.
+        if mode & 0o027 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "a secret file is readable by other users; chmod 600 it (or 640 for the node's group)");
         }
     }
 }

@@ -36,7 +36,12 @@ pub struct DevArgs {
 #[derive(Args)]
 pub struct TokenArgs {
     /// File holding the HS256 secret.
-    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WARBLER_JWT_SECRET_FILE",
+        default_value = "./data/dev-secret"
+    )]
     jwt_secret_file: PathBuf,
     /// The user (the token's subject).
     #[arg(long)]
@@ -66,7 +71,12 @@ pub struct ConnArgs {
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
     /// The secret to mint a token from (the dev node's by default).
-    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WARBLER_JWT_SECRET_FILE",
+        default_value = "./data/dev-secret"
+    )]
     jwt_secret_file: PathBuf,
     /// Trust this CA (PEM) and connect with TLS.
     #[arg(long, value_name = "FILE")]
@@ -392,7 +402,12 @@ pub struct ClusterStatusArgs {
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
     /// The secret to mint an ops token from (the dev cluster's by default).
-    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WARBLER_JWT_SECRET_FILE",
+        default_value = "./data/dev-secret"
+    )]
     jwt_secret_file: PathBuf,
 }
 
@@ -495,7 +510,12 @@ pub struct DecommissionArgs {
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
     /// The secret to mint an ops token from (the dev cluster's by default).
-    #[arg(long, value_name = "FILE", default_value = "./data/dev-secret")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WARBLER_JWT_SECRET_FILE",
+        default_value = "./data/dev-secret"
+    )]
     jwt_secret_file: PathBuf,
     /// Return once the member list changed, without waiting for the partitions to move.
     #[arg(long)]

@@ -67,6 +67,7 @@ pub async fn run(
         disk: disk.clone(),
         slots: Arc::new(Semaphore::new(config.limits.connections_max as usize)),
         shutdown: shutdown.clone(),
+        bye: CancellationToken::new(),
     });
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(c), Some(k)) => Some(tcp::tls_acceptor(c, k)?),
@@ -104,16 +105,37 @@ pub async fn run(
         }
     });
 
-    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, data_dir = %config.data_dir.display(), "warbler node ready");
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, drain_budget_ms = drain_budget(&config).as_millis() as u64, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
     println!(
         "warbler ready node={} client={} http={} cluster={}",
         config.node_id, addrs.client, addrs.http, addrs.cluster
     );
     let form_failed = form(&config, &store, &parts, &shutdown).await;
-    tracing::info!("draining: saying bye to connections");
+    // Draining: `/readyz` fails and no connection is accepted from here on.
+    if let Some((node, _)) = &parts.cluster {
+        let budget = handover_budget(&config);
+        tracing::info!(
+            budget_ms = budget.as_millis() as u64,
+            "draining: not ready; handing leaderships over"
+        );
+        let (led, kept) = node.hand_over(budget).await;
+        tracing::info!(
+            led,
+            handed_over = led - kept,
+            "draining: leaderships handed over"
+        );
+    }
+    let lame_duck = Duration::from_millis(config.limits.lame_duck_ms);
+    tracing::info!(
+        lame_duck_ms = config.limits.lame_duck_ms,
+        "draining: saying bye to connections over the lame-duck window"
+    );
+    gw.bye.cancel();
     let _ = client_task.await;
-    tokio::time::sleep(DRAIN_GRACE.min(Duration::from_millis(200))).await;
+    // Every connection holds a slot until it closes: all slots back means all said bye.
+    let all = config.limits.connections_max;
+    let _ = tokio::time::timeout(lame_duck + DRAIN_GRACE, gw.slots.acquire_many(all)).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, http_task).await;
     sweeper.abort();
     parts.mailboxes.stop();
@@ -123,6 +145,20 @@ pub async fn run(
     }
     tracing::info!("stopped");
     form_failed.map_or(Ok(()), Err)
+}
+
+/// How long a draining node waits for the groups it leads to elect another leader: a few
+/// election timeouts (a follower refuses votes for one after the last heartbeat).
+pub fn handover_budget(config: &Config) -> Duration {
+    Duration::from_millis(config.cluster.raft_election_timeout_ms * 3)
+}
+
+/// The longest a node takes to stop after SIGTERM, when nothing hangs: the handover, the
+/// lame-duck window, and the grace periods of the steps after it. A supervisor's grace
+/// period (Kubernetes' `terminationGracePeriodSeconds`, Compose's `stop_grace_period`) must
+/// be longer.
+pub fn drain_budget(config: &Config) -> Duration {
+    handover_budget(config) + Duration::from_millis(config.limits.lame_duck_ms) + DRAIN_GRACE * 4
 }
 
 /// What a node runs on: its mailboxes, the view `/v1/cluster` and `/readyz` read, and in a

@@ -38,19 +38,114 @@ pub fn init_logs(format: LogFormat, level: &str) {
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     describe();
+    process_gauges();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
+            process_gauges();
         }
     });
     Ok(handle)
 }
 
+/// The standard `process_*` figures (as other Prometheus exporters name them), read from
+/// /proc/self on Linux: CPU, memory, file descriptors against their limit.
+fn process_gauges() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may hold spaces), counted from field 3.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    metrics::gauge!("process_cpu_seconds_total").set((num(14) + num(15)) / ticks);
+    metrics::gauge!("process_virtual_memory_bytes").set(num(23));
+    metrics::gauge!("process_resident_memory_bytes").set(num(24) * page);
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(dir.count() as f64);
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        metrics::gauge!("process_max_fds").set(limit.rlim_cur as f64);
+    }
+}
+
+/// Counters that count rare events, exported at 0 from the start: an alert or a dashboard
+/// query on them then sees 0 rather than no series until the first event.
+const COUNTED_FROM_START: &[&str] = &[
+    "warbler_publishes_total",
+    "warbler_deliveries_total",
+    "warbler_acks_total",
+    "warbler_publish_errors_total",
+    "warbler_publishes_rate_limited_total",
+    "warbler_publish_storage_full_total",
+    "warbler_publish_mailbox_full_total",
+    "warbler_slow_consumers_closed_total",
+    "warbler_connections_total",
+    "warbler_connections_refused_total",
+    "warbler_leaderships_gained_total",
+    "warbler_replicas_failed_total",
+];
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    for name in COUNTED_FROM_START {
+        metrics::counter!(*name).absolute(0);
+    }
+    describe_gauge!(
+        "warbler_cluster_members",
+        "Members of the member list alive (state=up) or not (state=down) in this node's gossip view"
+    );
+    describe_gauge!(
+        "warbler_partitions_leaderless",
+        "Replicas on this node whose partition has no leader"
+    );
+    describe_gauge!(
+        "warbler_partitions_under_replicated",
+        "Partitions this node leads with fewer live voters than the replication factor"
+    );
+    describe_gauge!(
+        "warbler_replication_lag_entries",
+        "Entries the furthest-behind follower of a partition this node leads lacks"
+    );
+    describe_gauge!(
+        "warbler_replicas_held",
+        "Replicas on this node added to their groups"
+    );
+    describe_gauge!(
+        "warbler_decommissioning",
+        "1 while this node is decommissioned and still holds replicas"
+    );
+    describe_counter!(
+        "warbler_leaderships_gained_total",
+        "Partitions whose leadership came to this node"
+    );
+    describe_histogram!(
+        "warbler_publish_seconds",
+        Unit::Seconds,
+        "Publish accepted by its mailbox to durable (replicated to a majority in a cluster)"
+    );
+    describe_histogram!(
+        "warbler_delivery_seconds",
+        Unit::Seconds,
+        "Publish to handed to a device session, for messages under 10 s old"
+    );
     describe_gauge!(
         "warbler_connections",
         "Open device connections, by transport"

@@ -1733,3 +1733,218 @@ async fn a_replica_whose_storage_fails_exits_and_catches_up_after_a_restart() {
         }
     }
 }
+
+/// SIGTERM on a node that leads partitions and holds devices: it stops being ready at once,
+/// the other replicas take over every partition it led while it is still running (and a
+/// publish to one of them goes through a survivor), its devices are told `bye` spread over
+/// the lame-duck window rather than all at once, and it exits cleanly within its drain
+/// budget — what Kubernetes' `terminationGracePeriodSeconds` is sized from (docs/deploy.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_leaderships_over_then_says_bye_over_the_lame_duck_window() {
+    const LAME_DUCK_MS: u64 = 4_000;
+    let lame_duck = LAME_DUCK_MS.to_string();
+    let mut cluster = Cluster::start_with(
+        3,
+        tempfile::tempdir().unwrap(),
+        &[("WARBLER_LAME_DUCK_MS", lame_duck.as_str())],
+    )
+    .await;
+    let led_by = |v: &ClusterStatus, name: &str| -> Vec<usize> {
+        v.partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.leader.as_deref() == Some(name))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    // Every partition has a leader; the victim is the node leading the most.
+    let start = Instant::now();
+    let status = loop {
+        let v = cluster.status(None).await;
+        if v.partitions.iter().all(|p| p.leader.is_some()) {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "partitions without a leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let victim = (0..3)
+        .max_by_key(|i| led_by(&status, &format!("n{i}")).len())
+        .unwrap();
+    let victim_name = format!("n{victim}");
+    let led = led_by(&status, &victim_name);
+    assert!(!led.is_empty());
+    let survivor = (victim + 1) % 3;
+    // A user whose partition the victim leads.
+    let user = (0..10_000)
+        .map(|k| format!("handover-{k}"))
+        .find(|u| led.contains(&(warbler_cluster::partition_of(u, 64) as usize)))
+        .unwrap();
+    let mut devices = Vec::new();
+    for d in 0..12 {
+        devices.push(
+            cluster.nodes[victim]
+                .device(&format!("ld-{d}"), "phone")
+                .await,
+        );
+    }
+    let t0 = Instant::now();
+    let byes: Vec<_> = devices
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let got = tokio::time::timeout(Duration::from_secs(30), c.recv()).await;
+                (t0.elapsed(), got)
+            })
+        })
+        .collect();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &cluster.nodes[victim].pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Not ready from the moment it drains.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ready, _) = common::http_raw_opt(&cluster.nodes[victim].http, "GET", "/readyz").await;
+    assert_ne!(ready, Some(200), "a draining node still says it is ready");
+    // The others elect leaders for everything it led while it still runs.
+    let handed_over = loop {
+        let v = cluster.status(Some(victim)).await;
+        let still: Vec<usize> = led_by(&v, &victim_name);
+        let leaderless = v.partitions.iter().filter(|p| p.leader.is_none()).count();
+        if still.is_empty() && leaderless == 0 {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "after {:?} {victim_name} still leads {still:?} ({leaderless} leaderless)",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        cluster.nodes[victim].is_running(),
+        "{victim_name} exited before the handover was seen ({handed_over:?})"
+    );
+    let seq = cluster.nodes[survivor]
+        .publish(&user, "after-handover", "hi")
+        .await;
+    assert_eq!(seq, 1);
+    // Every device hears bye, spread over the window.
+    let mut at = Vec::new();
+    for b in byes {
+        let (when, got) = b.await.unwrap();
+        match got {
+            Ok(Err(warbler_client::ClientError::Bye { retry_ms, .. })) => assert!(retry_ms > 0),
+            other => panic!("expected bye, got {other:?}"),
+        }
+        at.push(when);
+    }
+    at.sort();
+    let spread = *at.last().unwrap() - at[0];
+    println!(
+        "drain: {} partitions handed over in {handed_over:?}; 12 byes from {:?} to {:?}",
+        led.len(),
+        at[0],
+        at.last().unwrap()
+    );
+    assert!(
+        spread >= Duration::from_millis(LAME_DUCK_MS / 4),
+        "byes came within {spread:?} of each other: not spread over the {LAME_DUCK_MS} ms window"
+    );
+    // Drain budget: 3 election timeouts (500 ms here) + lame duck + 4 × 2 s of grace.
+    let budget = Duration::from_millis(3 * 500 + LAME_DUCK_MS + 8_000);
+    loop {
+        if let Some(status) = cluster.nodes[victim].exit_status() {
+            assert!(status.success(), "{victim_name} exited with {status}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < budget,
+            "{victim_name} still running after its drain budget {budget:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "drain: {victim_name} exited {:?} after SIGTERM (budget {budget:?})",
+        t0.elapsed()
+    );
+}
+
+/// The metric names a deploy file refers to (`warbler_*`, `process_*`), with the suffixes
+/// Prometheus adds to a summary's series taken off.
+fn metric_names_in(path: &str) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["warbler_", "process_"] {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(prefix) {
+            let before = rest[..i].chars().last();
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            // Part of a longer word (e.g. a label value) is not a metric name.
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                names.insert(tail[..end].to_string());
+            }
+            rest = &tail[end..];
+        }
+    }
+    // Names of the adapter's output and the chart's own objects are not node metrics.
+    names.remove("warbler_connections_per_pod");
+    names
+}
+
+/// Every metric the Grafana dashboard, the alert rules and the autoscaler's adapter rules
+/// name is exported by a live node: a cluster member for the cluster's figures, a single
+/// node for the group committer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_alerts_and_autoscaler_name_is_exported() {
+    let mut wanted = metric_names_in("deploy/grafana/warbler.json");
+    wanted.extend(metric_names_in("deploy/prometheus/alerts.yml"));
+    wanted.extend(metric_names_in("deploy/prometheus/adapter-rules.yaml"));
+    assert!(wanted.len() > 20, "too few names found: {wanted:?}");
+    let cluster = Cluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let single = Node::start(dir.path());
+    let mut scraped = String::new();
+    for node in cluster.nodes.iter().chain(std::iter::once(&single)) {
+        let mut phone = node.device("metrics-user", "phone").await;
+        node.publish("metrics-user", &format!("m-{}", node.http), "hello")
+            .await;
+        let m = tokio::time::timeout(Duration::from_secs(10), phone.recv_msg())
+            .await
+            .expect("delivery within 10 s")
+            .unwrap();
+        phone.ack(m.seq).await.unwrap();
+    }
+    // The cluster's health gauges are refreshed every second.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for node in cluster.nodes.iter().chain(std::iter::once(&single)) {
+        let (status, text) = common::http_raw(&node.http, "GET", "/metrics", None, b"").await;
+        assert_eq!(status, 200);
+        scraped.push_str(&text);
+    }
+    let exported: std::collections::BTreeSet<&str> = scraped
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .flat_map(|n| [n, n.trim_end_matches("_sum"), n.trim_end_matches("_count")])
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named in deploy/ but not exported: {missing:?}"
+    );
+    println!(
+        "metrics: all {} names in deploy/ are exported",
+        wanted.len()
+    );
+}

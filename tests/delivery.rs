@@ -380,7 +380,7 @@ async fn history_pages_by_after_and_limit() {
 #[tokio::test]
 async fn sigterm_says_bye_to_devices_and_readyz_reflects_it() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path());
+    let node = Node::start_with(dir.path(), &[("WARBLER_LAME_DUCK_MS", "1000")], &[]);
     let (status, _) = node.http("GET", "/readyz", None, "").await;
     assert_eq!(status, 200);
     let mut phone = node.device("mia", "phone").await;

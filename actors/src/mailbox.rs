@@ -10,6 +10,9 @@ use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store
 
 use crate::error::MailboxError;
 
+/// Deliveries of messages younger than this count towards `warbler_delivery_seconds`.
+const LIVE_DELIVERY_MS: u64 = 10_000;
+
 /// Body bytes sent to one device and not acknowledged yet, at most (besides
 /// `limits.inflight_max` messages): a device that stops reading pins this much, not the
 /// window's 256 messages of up to 512 KiB each.
@@ -405,6 +408,9 @@ impl MailboxState {
         self.committed = seq;
         self.pending_ids.remove(&p.msg.id);
         metrics::counter!("warbler_publishes_total").increment(1);
+        // Accepted by this mailbox → durable (on a cluster: replicated to a majority).
+        metrics::histogram!("warbler_publish_seconds")
+            .record(now_ms().saturating_sub(p.msg.ts) as f64 / 1000.0);
         for w in p.waiters {
             let _ = w.send(Ok(seq));
         }
@@ -550,6 +556,15 @@ impl MailboxState {
                 batch.retain(|(seq, _)| seq % crate::bugs::SKIP_EVERY != 0);
             }
             metrics::counter!("warbler_deliveries_total").increment(batch.len() as u64);
+            // Publish → handed to the device's session, for live traffic: messages older
+            // than LIVE_DELIVERY_MS are a reconnecting device's backlog, not latency.
+            let now = now_ms();
+            for (_, m) in &batch {
+                let age = now.saturating_sub(m.ts);
+                if age <= LIVE_DELIVERY_MS {
+                    metrics::histogram!("warbler_delivery_seconds").record(age as f64 / 1000.0);
+                }
+            }
             if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
                 self.subs.remove(device);
                 return Ok(());

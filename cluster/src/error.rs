@@ -124,6 +124,8 @@ pub enum ClusterError {
     Tls(String),
     #[error("cluster key: {0}")]
     Key(String),
+    #[error("the advertise host {host} does not resolve: {message}; set --advertise-host (WARBLER_ADVERTISE_HOST) to a name or IP the other members reach this node at")]
+    Advertise { host: String, message: String },
     #[error(transparent)]
     Storage(#[from] warbler_storage::StorageError),
     #[error(

@@ -117,6 +117,9 @@ pub struct LimitsConfig {
     /// A device connection that takes nothing the node writes for this long (ms), while
     /// frames wait for it, is cut off as a slow consumer.
     pub slow_consumer_timeout_ms: u64,
+    /// While draining, how long the node spreads its connections' `bye` over (each one at
+    /// a random moment of the window), so devices do not all reconnect at once.
+    pub lame_duck_ms: u64,
     /// Open HTTP connections per node (WebSocket devices count under `connections_max`
     /// once upgraded), counted at accept.
     pub http_connections_max: u32,
@@ -280,6 +283,7 @@ impl Default for LimitsConfig {
             ping_interval_ms: 60_000,
             idle_timeout_ms: 180_000,
             slow_consumer_timeout_ms: 30_000,
+            lame_duck_ms: 5_000,
             http_connections_max: 4096,
             http_header_timeout_ms: 10_000,
             publish_rate: 0,
@@ -391,6 +395,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "WARBLER_SLOW_CONSUMER_TIMEOUT_MS",
         "limits.slow_consumer_timeout_ms",
     ),
+    ("WARBLER_LAME_DUCK_MS", "limits.lame_duck_ms"),
     ("WARBLER_PUBLISH_RATE", "limits.publish_rate"),
     ("WARBLER_PUBLISH_BURST", "limits.publish_burst"),
     ("WARBLER_PUBLISH_BYTES_RATE", "limits.publish_bytes_rate"),
@@ -538,6 +543,7 @@ impl Config {
             "limits.slow_consumer_timeout_ms" => {
                 self.limits.slow_consumer_timeout_ms = parse(value, "milliseconds")?
             }
+            "limits.lame_duck_ms" => self.limits.lame_duck_ms = parse(value, "milliseconds")?,
             "limits.publish_rate" => self.limits.publish_rate = parse(value, "messages/s")?,
             "limits.publish_burst" => self.limits.publish_burst = parse(value, "messages")?,
             "limits.publish_bytes_rate" => {
@@ -697,6 +703,7 @@ impl Config {
             100,
             3_600_000,
         )?;
+        range("limits.lame_duck_ms", l.lame_duck_ms, 0, 600_000)?;
         range(
             "limits.idle_timeout_ms",
             l.idle_timeout_ms,

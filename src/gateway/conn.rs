@@ -122,8 +122,21 @@ pub struct Gateway {
     pub disk: Arc<crate::disk::DiskSpace>,
     /// One permit per open connection (`limits.connections_max`).
     pub slots: Arc<Semaphore>,
-    /// Cancelled when the node drains: connections say `bye` and close.
+    /// Cancelled when the node starts draining: no new connections, `/readyz` fails.
     pub shutdown: CancellationToken,
+    /// Cancelled once the node has handed its leaderships over: each connection then says
+    /// `bye` at a random moment within `limits.lame_duck_ms`, so devices reconnect elsewhere
+    /// spread out rather than all at once.
+    pub bye: CancellationToken,
+}
+
+/// A uniformly random delay within the lame-duck window.
+fn lame_duck_delay(window_ms: u64) -> Duration {
+    use rand::Rng;
+    if window_ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(rand::thread_rng().gen_range(0..window_ms))
 }
 
 /// An id that [`check_id`] refuses.
@@ -331,15 +344,22 @@ impl Gateway {
         let mut pinged = false;
         // The highest ack handed to the session: repeats are dropped here.
         let mut forwarded = 0u64;
+        // When this connection says bye: a random point of the lame-duck window.
+        let mut bye_at: Option<tokio::time::Instant> = None;
         loop {
             let wake_at = heard + if pinged { idle_after } else { ping_after };
             let frame = tokio::select! {
                 _ = closed.cancelled() => return,
                 // The writer gave up (a slow consumer, or the socket failed).
                 _ = out.closed() => return,
-                _ = self.shutdown.cancelled() => {
+                _ = self.bye.cancelled(), if bye_at.is_none() => {
+                    bye_at = Some(tokio::time::Instant::now() + lame_duck_delay(self.limits.lame_duck_ms));
+                    continue;
+                }
+                _ = tokio::time::sleep_until(bye_at.unwrap_or_else(tokio::time::Instant::now)), if bye_at.is_some() => {
                     let bye = Frame::Bye { reason: "node is shutting down; reconnect to another node".into(), retry_ms: BYE_RETRY_MS };
                     let _ = out.send(bye).await;
+                    metrics::counter!("warbler_drain_byes_total").increment(1);
                     return;
                 }
                 _ = tokio::time::sleep_until(wake_at) => {

@@ -244,6 +244,18 @@ pub async fn http_raw(
     (answer.status, answer.body)
 }
 
+/// Like [`http_raw`] with no token and no body, but `None` when the node does not answer
+/// (a stopping node may have closed its port).
+pub async fn http_raw_opt(addr: &str, method: &str, path: &str) -> (Option<u16>, String) {
+    match NodeHttp::new(addr)
+        .send(method, path, None, Vec::new())
+        .await
+    {
+        Ok(answer) => (Some(answer.status), answer.body),
+        Err(e) => (None, e.to_string()),
+    }
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -57,6 +57,10 @@ pub struct ReadyInput<'a> {
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     pub leaders_applied: &'a HashMap<PartitionId, (u64, u64)>,
+    /// The node has run longer than the catch-up bound: a replica still catching up no
+    /// longer keeps it unready (a slow replica must not hold a rollout forever); every
+    /// other condition still holds.
+    pub catch_up_waived: bool,
 }
 
 pub fn ready(i: &ReadyInput) -> Result<(), NotReady> {
@@ -90,6 +94,9 @@ fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Resul
     }
     if g.leader.is_none() {
         return Err(NotReady::NoLeader(partition));
+    }
+    if i.catch_up_waived {
+        return Ok(());
     }
     if g.applied < g.last_log {
         return Err(NotReady::Applying {
@@ -154,6 +161,7 @@ mod tests {
             placed,
             replicas,
             leaders_applied: leaders,
+            catch_up_waived: false,
         })
     }
 
@@ -173,6 +181,7 @@ mod tests {
             placed: &[],
             replicas: &none,
             leaders_applied: &leaders,
+            catch_up_waived: false,
         };
         assert_eq!(ready(&i), Err(NotReady::NotFormed));
         i.formed = true;
@@ -180,6 +189,37 @@ mod tests {
         assert_eq!(ready(&i), Err(NotReady::Decommissioned));
         i.left = false;
         assert_eq!(ready(&i), Ok(()));
+    }
+
+    /// Past the catch-up bound a lagging replica no longer keeps the node unready, but a
+    /// replica without a leader or not yet added still does.
+    #[test]
+    fn the_catch_up_bound_waives_lag_only() {
+        let placed = placed();
+        let behind = BTreeMap::from([(0, follower(3, 9))]);
+        let leaders = HashMap::from([(0, (9, 9))]);
+        let mut i = ReadyInput {
+            me: "a",
+            my_id: ME,
+            formed: true,
+            left: false,
+            placed: &placed,
+            replicas: &behind,
+            leaders_applied: &leaders,
+            catch_up_waived: false,
+        };
+        assert!(matches!(ready(&i), Err(NotReady::Applying { .. })));
+        i.catch_up_waived = true;
+        assert_eq!(ready(&i), Ok(()));
+        let leaderless = BTreeMap::from([(
+            0,
+            GroupView {
+                leader: None,
+                ..follower(3, 9)
+            },
+        )]);
+        i.replicas = &leaderless;
+        assert_eq!(ready(&i), Err(NotReady::NoLeader(0)));
     }
 
     /// Regression: `/readyz` said ready while replicas placed here had not started yet

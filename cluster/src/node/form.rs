@@ -319,7 +319,7 @@ impl ClusterNode {
             .map(|l| l.addrs)
             .unwrap_or_default();
         let node = self.clone();
-        let own = self.transport.local_addr();
+        let own = [self.transport.local_addr(), self.cluster_addr()];
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SEED_REFRESH);
             loop {
@@ -329,7 +329,7 @@ impl ClusterNode {
                 }
                 let mut seeds = resolve_seeds(&names).await;
                 seeds.extend(stored.iter().copied());
-                seeds.retain(|s| *s != own);
+                seeds.retain(|s| !own.contains(s));
                 seeds.sort();
                 seeds.dedup();
                 tracing::debug!(?seeds, "alone: seeds resolved again");

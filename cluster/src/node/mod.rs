@@ -94,6 +94,10 @@ pub struct ClusterNode {
     moving: Mutex<std::collections::HashSet<PartitionId>>,
     /// This node was decommissioned: it is no longer a member.
     left: AtomicBool,
+    /// This node is stopping: it hands its leaderships over and quiets no group.
+    draining: AtomicBool,
+    /// When the node started (the catch-up bound of `/readyz` counts from it).
+    started: std::time::Instant,
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
@@ -159,7 +163,9 @@ async fn gossip(
     let mut seeds = form::resolve_seeds(&config.seeds).await;
     seeds.extend(form::load_members(store)?.into_iter().flat_map(|l| l.addrs));
     let own = transport.local_addr();
-    seeds.retain(|s| *s != own);
+    // Bound to every interface, the node is known by its advertised address (`meta.cluster`):
+    // that is where the others' gossip must go, and a seed list naming it names this node.
+    seeds.retain(|s| *s != own && *s != meta.cluster);
     seeds.sort();
     seeds.dedup();
     // A per-start generation: a restarted node wins over its old self in gossip.
@@ -169,7 +175,7 @@ async fn gossip(
         .unwrap_or(0);
     let id = NodeId {
         name: config.node_id.clone(),
-        gossip: SocketAddr::new(config.cluster_addr.ip(), own.port()),
+        gossip: meta.cluster,
         generation,
     };
     let faults = transport.faults().clone();
@@ -186,19 +192,53 @@ async fn gossip(
         })
 }
 
-fn advertised(config: &Config, bound: SocketAddr, port_of: SocketAddr) -> SocketAddr {
+/// How long a node waits for `cluster.advertise_host` to resolve: in Kubernetes the pod's
+/// own DNS name appears shortly after the pod starts.
+const ADVERTISE_RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The IP other members reach this node at: the bound one, or for a wildcard bind (0.0.0.0
+/// in a container) `cluster.advertise_host` resolved, waiting for it to appear in DNS.
+async fn advertised_ip(config: &Config) -> Result<std::net::IpAddr, ClusterError> {
+    let bound = config.cluster_addr.ip();
+    if !bound.is_unspecified() {
+        return Ok(bound);
+    }
+    let Some(host) = config.cluster.advertise_host.as_deref() else {
+        tracing::warn!(cluster_addr = %config.cluster_addr, "cluster_addr binds every interface and no cluster.advertise_host is set: other members are told 127.0.0.1; set --advertise-host (WARBLER_ADVERTISE_HOST) to this node's name or IP");
+        return Ok(std::net::IpAddr::from([127, 0, 0, 1]));
+    };
+    let deadline = tokio::time::Instant::now() + ADVERTISE_RESOLVE_FOR;
+    loop {
+        match tokio::net::lookup_host((host, 0)).await {
+            Ok(mut addrs) => {
+                if let Some(a) = addrs.next() {
+                    return Ok(a.ip());
+                }
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(ClusterError::Advertise {
+                    host: host.to_string(),
+                    message: e.to_string(),
+                })
+            }
+            Err(e) => {
+                tracing::info!(%host, error = %e, "advertise host does not resolve yet; retrying")
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::Advertise {
+                host: host.to_string(),
+                message: "it resolves to no address".into(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// `bound` as others reach it: its own IP, or for a wildcard bind the advertised IP.
+fn advertised(ip: std::net::IpAddr, bound: SocketAddr, port_of: SocketAddr) -> SocketAddr {
     let ip = if bound.ip().is_unspecified() {
-        config
-            .cluster
-            .advertise_host
-            .as_deref()
-            .and_then(|h| {
-                std::net::ToSocketAddrs::to_socket_addrs(&(h, 0))
-                    .ok()?
-                    .next()
-                    .map(|a| a.ip())
-            })
-            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+        ip
     } else {
         bound.ip()
     };
@@ -229,11 +269,12 @@ impl ClusterNode {
                     source,
                 })?;
         let transport = Arc::new(transport);
+        let ip = advertised_ip(config).await?;
         let meta = NodeMeta {
             name: config.node_id.clone(),
-            client: advertised(config, client, client),
-            http: advertised(config, http, http),
-            cluster: advertised(config, config.cluster_addr, transport.local_addr()),
+            client: advertised(ip, client, client),
+            http: advertised(ip, http, http),
+            cluster: advertised(ip, config.cluster_addr, transport.local_addr()),
             state: NodeState::Joining,
             formed: form::load_members(store)?.is_some(),
             low_space: store.low_space().is_some(),
@@ -262,6 +303,8 @@ impl ClusterNode {
             leader_hints: Mutex::default(),
             moving: Mutex::default(),
             left: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started: std::time::Instant::now(),
             leaders_applied: Mutex::default(),
             fatal: watch::Sender::new(None),
         });
@@ -302,6 +345,56 @@ impl ClusterNode {
         tracing::warn!(?blocked, "fault injection: peers blocked");
         self.faults.set(blocked);
         Some(())
+    }
+
+    /// Before the node stops: gives up the leadership of every group it leads, so the other
+    /// replicas elect a leader while this node still serves (and forwards for) its
+    /// connections. This node campaigns no more; each group it leads gets a last heartbeat
+    /// (waking followers that went quiet) and then none, so a follower's election timer
+    /// fires and it takes over. Returns how many groups it led and how many it still leads
+    /// when `budget` ran out (those change leader when the node stops).
+    pub async fn hand_over(&self, budget: std::time::Duration) -> (usize, usize) {
+        self.draining.store(true, Ordering::SeqCst);
+        let formed = self.formed.get().is_some();
+        self.set_state(NodeState::Draining, formed).await;
+        let rafts: Vec<_> = self
+            .placement
+            .read()
+            .unwrap()
+            .rafts
+            .values()
+            .cloned()
+            .collect();
+        let mut led = Vec::new();
+        for raft in rafts {
+            let rc = raft.runtime_config();
+            rc.elect(false);
+            rc.tick(true);
+            let view = group_view(&raft, self.my_id);
+            if view.leading && view.voters.len() > 1 {
+                let _ = raft.trigger().heartbeat().await;
+                raft.runtime_config().heartbeat(false);
+                led.push(raft);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let still = led
+                .iter()
+                .filter(|r| group_view(r, self.my_id).leading)
+                .count();
+            if still == 0 || tokio::time::Instant::now() >= deadline {
+                metrics::counter!("warbler_leaderships_handed_over_total")
+                    .increment((led.len() - still) as u64);
+                return (led.len(), still);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the node is stopping (see [`ClusterNode::hand_over`]).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Says it is draining, stops every Raft group (followers elect new leaders), and

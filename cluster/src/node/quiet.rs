@@ -78,6 +78,10 @@ impl ClusterNode {
     }
 
     async fn quiet_check(self: &Arc<Self>, idle: &mut HashMap<PartitionId, Idle>) {
+        // A stopping node hands its groups over: a quiet group would elect no one.
+        if self.is_draining() {
+            return;
+        }
         let rafts = self.placement.read().unwrap().rafts.clone();
         idle.retain(|p, _| rafts.contains_key(p));
         let mut asking = JoinSet::new();

@@ -17,6 +17,10 @@ use crate::NodeState;
 
 /// How often a follower asks its leaders how far they have applied.
 const APPLIED_PERIOD: Duration = Duration::from_secs(1);
+/// How long after start a replica still catching up keeps the node unready. Past it the
+/// node is ready with the lag (`warbler_replication_lag_entries` shows it): a replica that
+/// cannot catch up under load must not hold a rolling update, or the client Service, forever.
+pub const READY_CATCH_UP_BOUND: Duration = Duration::from_secs(300);
 /// How often the leader of every partition is checked for changes.
 const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(100);
 
@@ -37,7 +41,9 @@ impl ClusterNode {
             .collect()
     }
 
-    /// Ready: see [`crate::control::ready`].
+    /// Whether the node is ready to serve (`/readyz`); past [`READY_CATCH_UP_BOUND`] after
+    /// start, a replica still catching up no longer counts against it (see
+    /// [`crate::control::ready`]).
     pub fn ready(&self) -> Result<(), NotReady> {
         let replicas = self.views();
         let placed = self.placement.read().unwrap().replicas.clone();
@@ -50,6 +56,7 @@ impl ClusterNode {
             placed: &placed,
             replicas: &replicas,
             leaders_applied: &leaders_applied,
+            catch_up_waived: self.started.elapsed() >= READY_CATCH_UP_BOUND,
         })
     }
 
@@ -61,6 +68,7 @@ impl ClusterNode {
             let mut tick = tokio::time::interval(APPLIED_PERIOD);
             loop {
                 tick.tick().await;
+                node.health_gauges();
                 let mut by_leader: HashMap<u64, Vec<PartitionId>> = HashMap::new();
                 for (p, g) in node.views() {
                     match g.leader {
@@ -73,6 +81,64 @@ impl ClusterNode {
                 }
             }
         });
+    }
+
+    /// The cluster-health gauges the dashboard and the alerts read (docs/operations.md),
+    /// from this node's view: members up and down, its replicas without a leader, the groups
+    /// it leads that lack a live voter, their worst follower lag, replicas held.
+    fn health_gauges(&self) {
+        let Some(list) = self.members.read().unwrap().clone() else {
+            return;
+        };
+        let alive: std::collections::HashSet<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .chain(std::iter::once(self.me.clone()))
+            .collect();
+        let up = list.names.iter().filter(|n| alive.contains(*n)).count();
+        metrics::gauge!("warbler_cluster_members", "state" => "up").set(up as f64);
+        metrics::gauge!("warbler_cluster_members", "state" => "down")
+            .set((list.names.len() - up) as f64);
+        let names = self.names.read().unwrap().clone();
+        let rafts = self.placement.read().unwrap().rafts.clone();
+        let (mut leaderless, mut under, mut held, mut lag) = (0u64, 0u64, 0u64, 0u64);
+        for raft in rafts.values() {
+            let view = group_view(raft, self.my_id);
+            held += view.added() as u64;
+            if view.leader.is_none() {
+                leaderless += 1;
+            }
+            if !view.leading {
+                continue;
+            }
+            let live = view
+                .voters
+                .iter()
+                .filter(|id| names.get(id).is_some_and(|n| alive.contains(n)))
+                .count();
+            if live < list.replication_factor.min(list.names.len()) {
+                under += 1;
+            }
+            let m = raft.metrics().borrow().clone();
+            if let Some(replication) = m.replication {
+                for id in view.voters.iter().filter(|id| **id != self.my_id) {
+                    let matched = replication
+                        .get(id)
+                        .copied()
+                        .flatten()
+                        .map_or(0, |l| l.index);
+                    lag = lag.max(view.last_log.saturating_sub(matched));
+                }
+            }
+        }
+        metrics::gauge!("warbler_partitions_leaderless").set(leaderless as f64);
+        metrics::gauge!("warbler_partitions_under_replicated").set(under as f64);
+        metrics::gauge!("warbler_replication_lag_entries").set(lag as f64);
+        metrics::gauge!("warbler_replicas_held").set(held as f64);
+        let decommissioning = self.has_left() && held > 0;
+        metrics::gauge!("warbler_decommissioning").set(decommissioning as u8 as f64);
     }
 
     async fn ask_applied(&self, leader: u64, partitions: Vec<PartitionId>) {
@@ -110,6 +176,9 @@ impl ClusterNode {
                     let now = node.leader(p);
                     if now == Leader::Local {
                         led += 1;
+                        if prev[p as usize] != Leader::Local {
+                            metrics::counter!("warbler_leaderships_gained_total").increment(1);
+                        }
                     }
                     if now != prev[p as usize] {
                         let was_local = prev[p as usize] == Leader::Local;
