@@ -14,15 +14,22 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin warbler \
- && cp target/release/warbler /usr/local/bin/warbler
+RUN cargo build --release --locked --workspace --bin warbler \
+ && objcopy --strip-debug --strip-unneeded target/release/warbler /usr/local/bin/warbler
 
-FROM ${RUNTIME_IMAGE}
+FROM ${RUNTIME_IMAGE} AS rootfs
 COPY --from=build /usr/local/bin/warbler /usr/local/bin/warbler
 COPY deploy/docker/runtime-setup.sh /tmp/runtime-setup.sh
-RUN sh /tmp/runtime-setup.sh && rm /tmp/runtime-setup.sh
-USER warbler
-ENV WARBLER_DATA_DIR=/var/lib/warbler \
+RUN sh /tmp/runtime-setup.sh
+LABEL warbler.stage=rootfs
+
+# Nothing but the binary, the libraries it links and a user: no shell, no package manager.
+FROM scratch
+COPY --from=rootfs /rootfs/ /
+COPY --from=rootfs /usr/local/bin/warbler /usr/local/bin/warbler
+USER 10001:10001
+ENV PATH=/usr/local/bin \
+    WARBLER_DATA_DIR=/var/lib/warbler \
     WARBLER_CLIENT_ADDR=0.0.0.0:7400 \
     WARBLER_HTTP_ADDR=0.0.0.0:7480 \
     WARBLER_CLUSTER_ADDR=0.0.0.0:7410

@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
-exec cargo run --release --bin warbler -- dev "$@"
+# --workspace, as scripts/test.sh builds: both resolve the same features, so neither
+# rebuilds what the other built.
+cargo build --release --workspace --bin warbler
+exec "$CARGO_TARGET_DIR/release/warbler" dev "$@"

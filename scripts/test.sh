@@ -23,4 +23,10 @@ cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
 # cargo prints one result line per test binary, the last often a doc-test run with no
 # tests; end with the total.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# With no test-name filter: the deployment files (chart, manifests, alerts, dashboard,
+# compose) offline, then the compose cluster for real where Docker runs.
+if [ $# -eq 0 ]; then
+    bash scripts/deploy-check.sh || status=1
+    SKIP_BUILD=1 bash scripts/compose-test.sh || status=1
+fi
 exit "$status"

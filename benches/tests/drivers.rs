@@ -20,7 +20,6 @@ impl Drop for Server {
     }
 }
 
-
 fn wait_listening(addr: &str) {
     let until = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
