@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
 
+/// How often an MQTT device connects again after a refused or failed connect.
+const MQTT_CONNECT_TRIES: u32 = 10;
+
 use crate::stats::{now_ns, stamp_body, DeviceTrack, Stats, HEADER_BYTES};
 use crate::tokens;
 
@@ -273,8 +276,21 @@ pub async fn spawn_device(
             client
                 .subscribe(format!("u/{user}"), QoS::AtLeastOnce)
                 .await?;
+            // A broker just started may refuse the first connections: polling again
+            // reconnects, as a real client would, a few times before giving up.
+            let mut refused = 0;
             loop {
-                match events.poll().await.context("MQTT device connect")? {
+                let event = match events.poll().await {
+                    Ok(e) => e,
+                    Err(e) if refused < MQTT_CONNECT_TRIES => {
+                        refused += 1;
+                        eprintln!("MQTT device connect failed ({e}); retrying ({refused})");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e).context("MQTT device connect"),
+                };
+                match event {
                     Event::Incoming(Packet::SubAck(_)) => break,
                     Event::Incoming(Packet::ConnAck(_)) | Event::Outgoing(_) => {}
                     other => bail!("unexpected MQTT event before the subscription: {other:?}"),

@@ -355,18 +355,8 @@ impl ClusterNode {
     /// when `budget` ran out (those change leader when the node stops).
     pub async fn hand_over(&self, budget: std::time::Duration) -> (usize, usize) {
         self.draining.store(true, Ordering::SeqCst);
-        let formed = self.formed.get().is_some();
-        self.set_state(NodeState::Draining, formed).await;
-        let rafts: Vec<_> = self
-            .placement
-            .read()
-            .unwrap()
-            .rafts
-            .values()
-            .cloned()
-            .collect();
         let mut led = Vec::new();
-        for raft in rafts {
+        for raft in self.announce_draining().await {
             let rc = raft.runtime_config();
             rc.elect(false);
             rc.tick(true);
@@ -392,6 +382,14 @@ impl ClusterNode {
         }
     }
 
+    /// Tells the other members this node is draining; returns its replicas' groups.
+    async fn announce_draining(&self) -> Vec<Raft<TypeConfig>> {
+        let formed = self.formed.get().is_some();
+        self.set_state(NodeState::Draining, formed).await;
+        let placement = self.placement.read().unwrap();
+        placement.rafts.values().cloned().collect()
+    }
+
     /// Whether the node is stopping (see [`ClusterNode::hand_over`]).
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
@@ -400,17 +398,7 @@ impl ClusterNode {
     /// Says it is draining, stops every Raft group (followers elect new leaders), and
     /// leaves the gossip cluster.
     pub async fn shutdown(&self) {
-        let formed = self.formed.get().is_some();
-        self.set_state(NodeState::Draining, formed).await;
-        let rafts: Vec<_> = self
-            .placement
-            .read()
-            .unwrap()
-            .rafts
-            .values()
-            .cloned()
-            .collect();
-        for raft in rafts {
+        for raft in self.announce_draining().await {
             let _ = raft.shutdown().await;
         }
         if let Some(f) = self.formed.get() {
