@@ -48,7 +48,10 @@ echo "validated against Kubernetes $K8S_VERSIONS"
 
 promtool check rules deploy/prometheus/alerts.yml >/dev/null
 (cd deploy/prometheus && promtool test rules alerts.test.yml >/dev/null)
-echo "promtool: alert rules valid, unit tests pass"
+# The compose stack's Prometheus configuration, with the rules at their path in the repo.
+sed "s|/etc/prometheus/alerts.yml|$PWD/deploy/prometheus/alerts.yml|" deploy/compose/prometheus.yml > "$out/prometheus.yml"
+promtool check config "$out/prometheus.yml" >/dev/null
+echo "promtool: alert rules and the compose Prometheus configuration valid, unit tests pass"
 
 python3 - <<'PY'
 import json, yaml

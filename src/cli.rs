@@ -591,6 +591,63 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
 }
 
 #[derive(Args)]
+pub struct ScaleArgs {
+    /// The number of nodes to end with (at least the replication factor).
+    #[arg(long)]
+    to: usize,
+    /// The command that resizes the node set, run with `sh -c` once per step; `{n}` is
+    /// replaced by the new number of nodes (e.g. "kubectl scale statefulset warbler
+    /// --replicas={n}").
+    #[arg(long)]
+    run: String,
+    /// A node's HTTP address that stays (the lowest ordinal's: it is never removed).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    http: String,
+    /// Trust this CA (PEM) for an `https://` address.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
+    #[arg(long, env = "WARBLER_TOKEN")]
+    token: Option<String>,
+    /// The secret to mint an ops token from (the dev cluster's by default).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WARBLER_JWT_SECRET_FILE",
+        default_value = "./data/dev-secret"
+    )]
+    jwt_secret_file: PathBuf,
+    /// A step that makes no progress for this many seconds fails, saying what blocks it.
+    #[arg(long, default_value_t = 600)]
+    stall_secs: u64,
+}
+
+/// `warbler cluster scale --to N --run CMD`: decommission-first scaling (see `scale.rs`).
+pub async fn cluster_scale(args: ScaleArgs) -> anyhow::Result<()> {
+    let token = ops_token(&args.token, &args.jwt_secret_file)?;
+    let ca_pem = match &args.tls_ca_file {
+        Some(f) => Some(
+            std::fs::read(f)
+                .with_context(|| format!("cannot read --tls-ca-file {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let scaler = crate::scale::Scaler {
+        node: ops_client(&args.http, &token, args.tls_ca_file.as_deref())?,
+        token,
+        scheme: if args.http.starts_with("https://") {
+            "https://"
+        } else {
+            ""
+        },
+        ca_pem,
+        run: args.run,
+        stall: std::time::Duration::from_secs(args.stall_secs),
+    };
+    scaler.scale_to(args.to).await
+}
+
+#[derive(Args)]
 pub struct HealthArgs {
     /// The node's HTTP address (`https://HOST:PORT` with tls.http); an unspecified host
     /// (0.0.0.0, as in the image's WARBLER_HTTP_ADDR) means this machine.

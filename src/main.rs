@@ -19,6 +19,7 @@ mod http;
 mod listener;
 mod node;
 mod rate;
+mod scale;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -61,6 +62,9 @@ enum ClusterCommand {
     Status(cli::ClusterStatusArgs),
     /// Remove a member: its partitions move to the other nodes, then it can be stopped.
     Decommission(cli::DecommissionArgs),
+    /// Grow or shrink the cluster to N nodes: decommission-first, one node at a time from
+    /// the highest ordinal, running a command (e.g. kubectl scale) for each step.
+    Scale(cli::ScaleArgs),
 }
 
 /// Flags of `serve`. Each overrides the config file and the WARBLER_* variables.
@@ -224,6 +228,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Decommission(args)) => {
             cli::cluster_decommission(args).await
         }
+        Command::Cluster(ClusterCommand::Scale(args)) => cli::cluster_scale(args).await,
     }
 }
 

@@ -1948,3 +1948,84 @@ async fn every_metric_the_dashboard_alerts_and_autoscaler_name_is_exported() {
         wanted.len()
     );
 }
+
+/// `warbler cluster scale --to 3` on four nodes: it decommissions the highest ordinal (n3),
+/// waits until n3 holds nothing and every partition has its three replicas on n0..n2, then
+/// runs the operator's command with `{n}` = 3 (here: stop the process of ordinal 3), and
+/// ends when the cluster is settled; every acknowledged message is still there. A target
+/// below the replication factor is refused before anything moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_scale_decommissions_the_highest_ordinal_then_runs_the_operator_command() {
+    let mut cluster = Cluster::start(4).await;
+    let dir = cluster._dir.path().to_path_buf();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        std::fs::write(dir.join(format!("pid-{i}")), n.pid().to_string()).unwrap();
+    }
+    for k in 0..20 {
+        cluster.nodes[k % 4]
+            .publish(&format!("scale-{}", k % 5), &format!("s{k}"), "before")
+            .await;
+    }
+    let secret = cluster.nodes[0].dir.join("secret");
+    let http = cluster.nodes[0].http.clone();
+    let scale = |to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
+            .args(["cluster", "scale", "--to", to, "--stall-secs", "120"])
+            .args(["--http", &http])
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .arg("--run")
+            .arg(format!("kill -TERM $(cat {}/pid-{{n}})", dir.display()))
+            .output()
+            .unwrap()
+    };
+    let refused = scale("2");
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("replication factor is 3"), "{text}");
+    let t0 = Instant::now();
+    let out = scale("3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("scale 4→3 took {:?}:\n{stdout}", t0.elapsed());
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("decommissioning n3"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("kill -TERM $(cat {}/pid-3)", dir.display())),
+        "{stdout}"
+    );
+    // The command stopped n3 (and only after it held nothing).
+    let start = Instant::now();
+    while cluster.nodes[3].exit_status().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(30), "n3 still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = cluster.status(Some(3)).await;
+    let members: Vec<&str> = v
+        .members
+        .iter()
+        .filter(|m| m.member)
+        .map(|m| m.node.as_str())
+        .collect();
+    assert_eq!(members, ["n0", "n1", "n2"]);
+    for p in &v.partitions {
+        assert_eq!(p.replicas, ["n0", "n1", "n2"], "partition {}", p.partition);
+        assert!(p.leader.is_some(), "partition {} leaderless", p.partition);
+    }
+    for u in 0..5 {
+        let seqs: Vec<u64> = cluster.nodes[0]
+            .history(&format!("scale-{u}"))
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "scale-{u}");
+    }
+    // Run again: nothing left to do.
+    let again = scale("3");
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("the cluster has 3 members"));
+}
