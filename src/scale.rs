@@ -203,7 +203,7 @@ impl Scaler {
         let mut views = std::collections::HashMap::new();
         for m in status.members.iter().filter(|m| m.alive) {
             let Some(addr) = &m.http_addr else { continue };
-            let mut node = NodeHttp::new(&format!("{}{addr}", self.scheme)).with_token(&self.token);
+            let mut node = NodeHttp::new(format!("{}{addr}", self.scheme)).with_token(&self.token);
             if let Some(pem) = &self.ca_pem {
                 node = match node.with_ca_pem(pem) {
                     Ok(n) => n,
