@@ -282,12 +282,21 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let (last_applied, membership) = self.applied()?;
-        let rows = self
+        // The rows and the applied id they hold, from one database snapshot (applies go on
+        // meanwhile): a replica installing it replays the log from exactly there.
+        let (rows, meta) = self
             .log
             .store
-            .export_partition(self.log.partition)
+            .export_partition_with_meta(self.log.partition, &[META_APPLIED, META_MEMBERSHIP])
             .map_err(io_err)?;
+        let last_applied: Option<LogId<NodeId>> = match &meta[0] {
+            Some(b) => decode::<Option<LogId<NodeId>>>(b)?,
+            None => None,
+        };
+        let membership: StoredMembership<NodeId, openraft::BasicNode> = match &meta[1] {
+            Some(b) => decode(b)?,
+            None => StoredMembership::default(),
+        };
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, rows.len()),
             None => format!("empty-{}", rows.len()),

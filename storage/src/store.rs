@@ -656,20 +656,35 @@ impl Store {
 
     /// Every row of `partition`'s replicated state.
     pub fn export_partition(&self, partition: PartitionId) -> Result<PartitionRows, StorageError> {
+        Ok(self.export_partition_with_meta(partition, &[])?.0)
+    }
+
+    /// Every row of `partition`'s replicated state and the values of its consensus
+    /// metadata `keys`, all read from one database snapshot. Applies go on while a
+    /// consensus snapshot is built: read one after the other, the rows of one column
+    /// family could be older than another's (a user's head past its messages) and the
+    /// applied id older than both.
+    pub fn export_partition_with_meta(
+        &self,
+        partition: PartitionId,
+        keys: &[&str],
+    ) -> Result<(PartitionRows, Vec<Option<Vec<u8>>>), StorageError> {
+        let snap = self.db.snapshot();
+        let meta = keys
+            .iter()
+            .map(|k| snap.get_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, k)))
+            .collect::<Result<Vec<_>, _>>()?;
         let prefix = partition.to_be_bytes().to_vec();
         let mut rows = Vec::new();
         for cf in PARTITION_STATE_CFS {
             let mut ro = ReadOptions::default();
             ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
-            for item in self
-                .db
-                .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
-            {
+            for item in snap.iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start) {
                 let (k, v) = item?;
                 rows.push((cf.to_string(), k.to_vec(), v.to_vec()));
             }
         }
-        Ok(rows)
+        Ok((rows, meta))
     }
 
     /// Replaces `partition`'s replicated state with `rows` (and `meta`), atomically.
@@ -966,6 +981,57 @@ mod tests {
             0,
             "other partitions are not exported"
         );
+    }
+
+    /// Regression: a consensus snapshot is built while applies go on. Read column family
+    /// by column family, with the applied id read first, an export could hold a user's head
+    /// past its messages and an applied id older than both; a replica installing it then
+    /// had a head without the messages below it. Every export taken while a writer appends
+    /// must be one consistent state: head = newest message = applied.
+    #[test]
+    fn an_export_taken_while_applies_go_on_is_one_consistent_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for seq in 1..=3_000u64 {
+                    let op = Op::Append {
+                        partition: 3,
+                        user: "x".into(),
+                        seq,
+                        msg: msg(&format!("x-{seq}"), seq),
+                    };
+                    store
+                        .apply_with_meta(
+                            3,
+                            &[op],
+                            &[("applied", seq.to_be_bytes().to_vec())],
+                            false,
+                        )
+                        .unwrap();
+                }
+            })
+        };
+        let mut exports = 0;
+        while !writer.is_finished() || exports == 0 {
+            let (rows, meta) = store.export_partition_with_meta(3, &["applied"]).unwrap();
+            let applied = meta[0].as_deref().and_then(u64_be).unwrap_or(0);
+            let msgs = rows.iter().filter(|(cf, _, _)| cf == CF_MSGS).count() as u64;
+            let head = rows
+                .iter()
+                .find(|(cf, _, _)| cf == CF_HEADS)
+                .and_then(|(_, _, v)| u64_be(v))
+                .unwrap_or(0);
+            assert_eq!(
+                (msgs, head),
+                (applied, applied),
+                "export {exports}: {msgs} messages and head {head} at applied {applied}"
+            );
+            exports += 1;
+        }
+        writer.join().unwrap();
+        assert!(exports > 1, "exports ran beside the writer");
     }
 
     #[test]
