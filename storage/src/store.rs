@@ -515,6 +515,9 @@ fn raft_meta_key(partition: PartitionId, key: &str) -> Vec<u8> {
     k
 }
 
+/// Values of consensus metadata keys, in the order asked (`None`: not set).
+pub type MetaValues = Vec<Option<Vec<u8>>>;
+
 /// One partition's replicated state, as a snapshot carries it: (column family, key, value).
 pub type PartitionRows = Vec<(String, Vec<u8>, Vec<u8>)>;
 
@@ -668,7 +671,7 @@ impl Store {
         &self,
         partition: PartitionId,
         keys: &[&str],
-    ) -> Result<(PartitionRows, Vec<Option<Vec<u8>>>), StorageError> {
+    ) -> Result<(PartitionRows, MetaValues), StorageError> {
         let snap = self.db.snapshot();
         let meta = keys
             .iter()
