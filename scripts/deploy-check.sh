@@ -44,6 +44,7 @@ else
     echo "skipped: kustomize overlays (kubectl is not installed)" >&2
 fi
 python3 deploy/tests/policy.py --self-test "$out/chart-default-values.yaml"
+python3 deploy/tests/policy.py --self-test "$out/chart-autoscaling-values.yaml"
 echo "validated against Kubernetes $K8S_VERSIONS"
 
 promtool check rules deploy/prometheus/alerts.yml >/dev/null

@@ -389,16 +389,24 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct ClusterStatusArgs {
-    /// Any node's HTTP address (`https://HOST:PORT` when the nodes serve HTTP over TLS).
+    #[command(flatten)]
+    ops: OpsArgs,
+    /// Print the raw JSON of GET /v1/cluster.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How the operator commands reach the cluster.
+#[derive(Args)]
+pub struct OpsArgs {
+    /// A node's HTTP address (`https://HOST:PORT` when the nodes serve HTTP over TLS).
     #[arg(long, default_value = "127.0.0.1:7480")]
     http: String,
     /// Trust this CA (PEM) for an `https://` address.
     #[arg(long, value_name = "FILE")]
     tls_ca_file: Option<PathBuf>,
-    /// Print the raw JSON of GET /v1/cluster.
-    #[arg(long)]
-    json: bool,
-    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
+    /// A token of the scope the command needs (ops; admin for backup and restore);
+    /// without it one is minted from --jwt-secret-file.
     #[arg(long, env = "WARBLER_TOKEN")]
     token: Option<String>,
     /// The secret to mint an ops token from (the dev cluster's by default).
@@ -411,49 +419,102 @@ pub struct ClusterStatusArgs {
     jwt_secret_file: PathBuf,
 }
 
-/// The given token, or an `ops` token minted from `secret`.
-fn ops_token(token: &Option<String>, secret: &Path) -> anyhow::Result<String> {
+/// A connection to the cluster's HTTP API with an ops token.
+pub struct Ops {
+    /// The node given with --http.
+    pub node: NodeHttp,
+    pub token: String,
+    /// `https://` when the nodes serve HTTP over TLS.
+    pub scheme: &'static str,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl OpsArgs {
+    /// With an `ops` token (given, or minted from the secret).
+    pub fn connect(&self) -> anyhow::Result<Ops> {
+        self.connect_as("ops")
+    }
+
+    /// With a token of `scope` (given, or minted from the secret).
+    pub fn connect_as(&self, scope: &str) -> anyhow::Result<Ops> {
+        let token = scoped_token(&self.token, &self.jwt_secret_file, scope)?;
+        let ca_pem = match &self.tls_ca_file {
+            Some(f) => Some(
+                std::fs::read(f)
+                    .with_context(|| format!("cannot read --tls-ca-file {}", f.display()))?,
+            ),
+            None => None,
+        };
+        let scheme = if self.http.starts_with("https://") {
+            "https://"
+        } else {
+            ""
+        };
+        let mut ops = Ops {
+            node: NodeHttp::new(&self.http),
+            token,
+            scheme,
+            ca_pem,
+        };
+        ops.node = ops.client(&self.http)?;
+        Ok(ops)
+    }
+}
+
+impl Ops {
+    /// A client for the node at `http` (`HOST:PORT`, or with its scheme) with the token.
+    pub fn client(&self, http: &str) -> anyhow::Result<NodeHttp> {
+        let http = if http.contains("://") {
+            http.to_string()
+        } else {
+            format!("{}{http}", self.scheme)
+        };
+        // Long enough for a partition's backup.
+        let node = NodeHttp::with_timeout(http, std::time::Duration::from_secs(60))
+            .with_token(&self.token);
+        Ok(match &self.ca_pem {
+            Some(pem) => node.with_ca_pem(pem)?,
+            None => node,
+        })
+    }
+}
+
+/// The given token, or a token of `scope` minted from `secret`.
+fn scoped_token(token: &Option<String>, secret: &Path, scope: &str) -> anyhow::Result<String> {
     if let Some(t) = token {
         return Ok(t.clone());
     }
     let auth = Auth::from_file(secret).map_err(|e| {
         anyhow::anyhow!(
-            "{e}\n(pass --token with an ops or admin token, or --jwt-secret-file of the cluster)"
+            "{e}\n(pass --token with an {scope} token, or --jwt-secret-file of the cluster)"
         )
     })?;
-    Ok(auth.mint(&Claims::new("operator", "ops", 3600)))
-}
-
-/// A client for the node at `http` sending `token`, trusting `ca_file` for `https://`.
-fn ops_client(http: &str, token: &str, ca_file: Option<&Path>) -> anyhow::Result<NodeHttp> {
-    let node = NodeHttp::new(http).with_token(token);
-    let Some(ca) = ca_file else {
-        return Ok(node);
-    };
-    let pem =
-        std::fs::read(ca).with_context(|| format!("cannot read --tls-ca-file {}", ca.display()))?;
-    Ok(node.with_ca_pem(&pem)?)
+    Ok(auth.mint(&Claims::new("operator", scope, 3600)))
 }
 
 /// `warbler cluster status`: members, their state, partitions with replicas and leaders.
 pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
-    let token = ops_token(&args.token, &args.jwt_secret_file)?;
-    let node = ops_client(&args.http, &token, args.tls_ca_file.as_deref())?;
+    let ops = args.ops.connect()?;
+    let node = &ops.node;
     if args.json {
         let answer = node
-            .send("GET", "/v1/cluster", Some(&token), Vec::new())
+            .send("GET", "/v1/cluster", Some(&ops.token), Vec::new())
             .await?;
         println!("{}", answer.body);
         return Ok(());
     }
     let v = node.cluster_status().await?;
-    println!("MEMBER            STATE      CLIENT                 HTTP                   CLUSTER");
+    if let Some(id) = &v.cluster_id {
+        println!("cluster {id}");
+    }
+    println!("MEMBER            STATE      ZONE         CLIENT                 HTTP                   CLUSTER");
     for m in &v.members {
         let s = |a: &Option<String>| a.clone().unwrap_or_else(|| "-".into());
         println!(
-            "{:<17} {:<10} {:<22} {:<22} {}",
+            "{:<17} {:<10} {:<12} {:<22} {:<22} {}",
             m.node,
             m.state.to_string(),
+            s(&m.zone),
             s(&m.client_addr),
             s(&m.http_addr),
             s(&m.cluster_addr)
@@ -500,23 +561,8 @@ pub async fn cluster_status(args: ClusterStatusArgs) -> anyhow::Result<()> {
 pub struct DecommissionArgs {
     /// The member to remove (its node id).
     node: String,
-    /// Any node's HTTP address (`https://HOST:PORT` when the nodes serve HTTP over TLS).
-    #[arg(long, default_value = "127.0.0.1:7480")]
-    http: String,
-    /// Trust this CA (PEM) for an `https://` address.
-    #[arg(long, value_name = "FILE")]
-    tls_ca_file: Option<PathBuf>,
-    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
-    #[arg(long, env = "WARBLER_TOKEN")]
-    token: Option<String>,
-    /// The secret to mint an ops token from (the dev cluster's by default).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "WARBLER_JWT_SECRET_FILE",
-        default_value = "./data/dev-secret"
-    )]
-    jwt_secret_file: PathBuf,
+    #[command(flatten)]
+    ops: OpsArgs,
     /// Return once the member list changed, without waiting for the partitions to move.
     #[arg(long)]
     no_wait: bool,
@@ -527,22 +573,13 @@ pub struct DecommissionArgs {
 
 /// `warbler cluster decommission NODE`: removes a member; waits until it holds no replica.
 pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> {
-    let token = ops_token(&args.token, &args.jwt_secret_file)?;
-    let ca = args.tls_ca_file.as_deref();
-    let node = ops_client(&args.http, &token, ca)?;
-    let status = node.cluster_status().await?;
-    let scheme = if args.http.starts_with("https://") {
-        "https://"
-    } else {
-        ""
-    };
-    let target_http = status
-        .member(&args.node)
-        .and_then(|m| m.http_addr.clone())
-        .map(|a| format!("{scheme}{a}"));
+    let ops = args.ops.connect()?;
+    let status = ops.node.cluster_status().await?;
+    let target_http = status.member(&args.node).and_then(|m| m.http_addr.clone());
     let body = serde_json::json!({ "node": args.node });
-    let _: Decommissioned = node
-        .post("/v1/cluster/decommission", &token, &body)
+    let _: Decommissioned = ops
+        .node
+        .post("/v1/cluster/decommission", &ops.token, &body)
         .await
         .with_context(|| format!("decommissioning {} failed", args.node))?;
     println!(
@@ -562,7 +599,7 @@ pub async fn cluster_decommission(args: DecommissionArgs) -> anyhow::Result<()> 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
     let mut last = None;
     loop {
-        if let Ok(v) = ops_client(&target, &token, ca)?.cluster_status().await {
+        if let Ok(v) = ops.client(&target)?.cluster_status().await {
             let held = v.replicas_held;
             if held == Some(0) && v.decommissioned {
                 println!("{} holds no replica and has left: stop it now", args.node);
@@ -600,23 +637,9 @@ pub struct ScaleArgs {
     /// --replicas={n}").
     #[arg(long)]
     run: String,
-    /// A node's HTTP address that stays (the lowest ordinal's: it is never removed).
-    #[arg(long, default_value = "127.0.0.1:7480")]
-    http: String,
-    /// Trust this CA (PEM) for an `https://` address.
-    #[arg(long, value_name = "FILE")]
-    tls_ca_file: Option<PathBuf>,
-    /// An ops (or admin) token; without it one is minted from --jwt-secret-file.
-    #[arg(long, env = "WARBLER_TOKEN")]
-    token: Option<String>,
-    /// The secret to mint an ops token from (the dev cluster's by default).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "WARBLER_JWT_SECRET_FILE",
-        default_value = "./data/dev-secret"
-    )]
-    jwt_secret_file: PathBuf,
+    /// --http: a node that stays (the lowest ordinal's: it is never removed).
+    #[command(flatten)]
+    ops: OpsArgs,
     /// A step that makes no progress for this many seconds fails, saying what blocks it.
     #[arg(long, default_value_t = 600)]
     stall_secs: u64,
@@ -624,23 +647,8 @@ pub struct ScaleArgs {
 
 /// `warbler cluster scale --to N --run CMD`: decommission-first scaling (see `scale.rs`).
 pub async fn cluster_scale(args: ScaleArgs) -> anyhow::Result<()> {
-    let token = ops_token(&args.token, &args.jwt_secret_file)?;
-    let ca_pem = match &args.tls_ca_file {
-        Some(f) => Some(
-            std::fs::read(f)
-                .with_context(|| format!("cannot read --tls-ca-file {}", f.display()))?,
-        ),
-        None => None,
-    };
     let scaler = crate::scale::Scaler {
-        node: ops_client(&args.http, &token, args.tls_ca_file.as_deref())?,
-        token,
-        scheme: if args.http.starts_with("https://") {
-            "https://"
-        } else {
-            ""
-        },
-        ca_pem,
+        ops: args.ops.connect()?,
         run: args.run,
         stall: std::time::Duration::from_secs(args.stall_secs),
     };

@@ -50,6 +50,8 @@ pub struct AppState {
     pub gw: Arc<Gateway>,
     pub store: Store,
     pub view: Arc<dyn NodeView>,
+    /// The log writes go through (restores write through it too).
+    pub log: Arc<dyn PartitionLog>,
     pub metrics: PrometheusHandle,
     /// `/metrics` needs an `ops` token (`auth.metrics_require_token`).
     pub metrics_need_token: bool,
@@ -73,7 +75,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -81,8 +83,11 @@ impl ApiError {
             retry_after: None,
         }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 }
 
@@ -150,7 +155,7 @@ impl From<warbler_storage::StorageError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// What `/v1/cluster`, `/readyz` and the fault switch see of the node: a single node, or
 /// a member of a cluster.
@@ -201,6 +206,7 @@ impl NodeView for SingleNode {
                 client_addr: Some(self.addrs.client.to_string()),
                 http_addr: Some(self.addrs.http.to_string()),
                 cluster_addr: Some(self.addrs.cluster.to_string()),
+                zone: None,
             }],
             member_list_epoch: None,
             decommissioned: false,
@@ -211,6 +217,7 @@ impl NodeView for SingleNode {
             faults_blocked: Vec::new(),
             mailboxes_active: 0,
             user: None,
+            cluster_id: None,
         }
     }
 
@@ -263,6 +270,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{user}/devices", get(devices))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/decommission", post(decommission))
+        .route(
+            "/v1/admin/partitions/{partition}/backup",
+            get(crate::backup::backup_partition),
+        )
+        .route(
+            "/v1/admin/partitions/{partition}/restore",
+            post(crate::backup::restore_partition)
+                .layer(DefaultBodyLimit::max(crate::backup::RESTORE_BODY_MAX)),
+        )
         .route("/v1/debug/faults", post(faults))
         .route("/v1/ws", get(websocket))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -279,7 +295,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn claims(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Claims, ApiError> {
+pub(crate) fn claims(
+    state: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Claims, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

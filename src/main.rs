@@ -12,6 +12,7 @@
 //! - [`telemetry`]: logs and metrics.
 
 mod auth;
+mod backup;
 mod cli;
 mod disk;
 mod gateway;
@@ -54,6 +55,12 @@ enum Command {
     /// Probe a node's /healthz (or /readyz with --ready): exit 0 when it answers 200, 1 with
     /// the reason otherwise (container health checks; the image has no curl).
     Health(cli::HealthArgs),
+    /// Back up every partition of a running cluster (or node) to a directory, online:
+    /// each partition consistent at one applied index, with a manifest and checksums.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into a new, empty cluster (or node): messages keep their seq and
+    /// id, devices their cursors.
+    Restore(backup::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,6 +122,9 @@ pub struct ServeArgs {
     /// Log format: human or json.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
+    /// This node's failure zone (a rack, a data centre's zone): replicas spread over zones.
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
 }
 
 impl ServeArgs {
@@ -126,7 +136,8 @@ impl ServeArgs {
         };
         config.apply_env(std::env::vars())?;
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let flags: [(&str, &str, Option<String>); 14] = [
+        let flags: [(&str, &str, Option<String>); 15] = [
+            ("--zone", "cluster.zone", self.zone.clone()),
             ("--node-id", "node_id", self.node_id.clone()),
             ("--data-dir", "data_dir", path(&self.data_dir)),
             ("--client-addr", "client_addr", self.client_addr.clone()),
@@ -224,6 +235,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Send(args) => cli::send(args).await,
         Command::Listen(args) => cli::listen(args).await,
         Command::Health(args) => cli::health(args).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Cluster(ClusterCommand::Status(args)) => cli::cluster_status(args).await,
         Command::Cluster(ClusterCommand::Decommission(args)) => {
             cli::cluster_decommission(args).await

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs, RouteService, Routing};
 use warbler_cluster::{ClusterNode, LeaderChange};
 use warbler_config::Config;
-use warbler_storage::{now_ms, Committer, CommitterLimits, LocalLog, RetentionPolicy, Store};
+use warbler_storage::{
+    now_ms, Committer, CommitterLimits, LocalLog, PartitionLog, RetentionPolicy, Store,
+};
 
 use crate::auth::Auth;
 use crate::gateway::{tcp, Gateway};
@@ -78,6 +80,7 @@ pub async fn run(
         gw: gw.clone(),
         store: store.clone(),
         view: parts.view.clone(),
+        log: parts.log.clone(),
         metrics,
         metrics_need_token: config.auth.metrics_require_token,
     });
@@ -167,6 +170,7 @@ struct Parts {
     mailboxes: Mailboxes,
     registry: JoinHandle<()>,
     view: Arc<dyn NodeView>,
+    log: Arc<dyn PartitionLog>,
     cluster: Option<(Arc<ClusterNode>, Arc<Routing>)>,
 }
 
@@ -230,6 +234,7 @@ async fn start_clustered(
         mailboxes,
         registry,
         view: node.clone(),
+        log: node.raft_log().clone(),
         cluster: Some((node, routing)),
     })
 }
@@ -255,7 +260,7 @@ async fn start_single(config: &Config, store: &Store, addrs: NodeAddrs) -> anyho
     })
     .await?;
     let view = Arc::new(SingleNode {
-        log,
+        log: log.clone(),
         node_id: config.node_id.clone(),
         addrs,
         partitions: PARTITIONS,
@@ -264,6 +269,7 @@ async fn start_single(config: &Config, store: &Store, addrs: NodeAddrs) -> anyho
         mailboxes,
         registry,
         view,
+        log: Arc::new(log),
         cluster: None,
     })
 }

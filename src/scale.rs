@@ -10,9 +10,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::cli::Ops;
 use anyhow::{bail, Context};
 use warbler_client::api::{ClusterStatus, Decommissioned};
-use warbler_client::http::NodeHttp;
 
 /// What to do next to reach `target` members.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,11 +131,7 @@ fn unsettled(status: &ClusterStatus, rf: usize) -> Option<String> {
 
 /// How `scale` reaches the cluster and what it runs.
 pub struct Scaler {
-    pub node: NodeHttp,
-    pub token: String,
-    /// `https://` when the nodes serve HTTP over TLS.
-    pub scheme: &'static str,
-    pub ca_pem: Option<Vec<u8>>,
+    pub ops: Ops,
     /// The operator's command; `{n}` is replaced by the new number of nodes.
     pub run: String,
     /// A step that makes no progress for this long fails, saying what blocks it.
@@ -150,7 +146,7 @@ impl Scaler {
         // for it to take effect instead of running it twice.
         let mut ran: Option<usize> = None;
         loop {
-            let status = self.node.cluster_status().await?;
+            let status = self.ops.node.cluster_status().await?;
             let views = self.member_views(&status).await;
             let held: std::collections::HashMap<String, Option<usize>> = views
                 .iter()
@@ -179,8 +175,9 @@ impl Scaler {
                 Step::Decommission(node) => {
                     let body = serde_json::json!({ "node": node });
                     let _: Decommissioned = self
+                        .ops
                         .node
-                        .post("/v1/cluster/decommission", &self.token, &body)
+                        .post("/v1/cluster/decommission", &self.ops.token, &body)
                         .await
                         .with_context(|| format!("decommissioning {node} failed"))?;
                 }
@@ -203,13 +200,9 @@ impl Scaler {
         let mut views = std::collections::HashMap::new();
         for m in status.members.iter().filter(|m| m.alive) {
             let Some(addr) = &m.http_addr else { continue };
-            let mut node = NodeHttp::new(format!("{}{addr}", self.scheme)).with_token(&self.token);
-            if let Some(pem) = &self.ca_pem {
-                node = match node.with_ca_pem(pem) {
-                    Ok(n) => n,
-                    Err(_) => continue,
-                };
-            }
+            let Ok(node) = self.ops.client(addr) else {
+                continue;
+            };
             let answer = tokio::time::timeout(Duration::from_secs(5), node.cluster_status()).await;
             views.insert(m.node.clone(), answer.ok().and_then(|a| a.ok()));
         }
@@ -259,6 +252,7 @@ mod tests {
                 client_addr: None,
                 http_addr: None,
                 cluster_addr: None,
+                zone: None,
             })
             .collect();
         let partitions = parts

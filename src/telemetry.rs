@@ -101,6 +101,9 @@ const COUNTED_FROM_START: &[&str] = &[
     "warbler_connections_refused_total",
     "warbler_leaderships_gained_total",
     "warbler_replicas_failed_total",
+    "warbler_stale_disk_wipes_total",
+    "warbler_dead_members_removed_total",
+    "warbler_peer_connections_refused_total",
 ];
 
 fn describe() {
@@ -165,6 +168,18 @@ fn describe() {
         "Messages handed to device sessions"
     );
     describe_counter!("warbler_acks_total", "Cursor advances from device acks");
+    describe_counter!(
+        "warbler_dead_members_removed_total",
+        "Members removed after being unreachable for cluster.dead_node_timeout_ms"
+    );
+    describe_counter!(
+        "warbler_stale_disk_wipes_total",
+        "Data directories wiped at start because the cluster had removed their node"
+    );
+    describe_counter!(
+        "warbler_peer_connections_refused_total",
+        "Inbound cluster-port connections refused (wrong key, certificate, cluster id, version)"
+    );
     describe_counter!("warbler_fsync_batches_total", "Synced write batches");
     describe_histogram!(
         "warbler_fsync_batch_records",

@@ -32,6 +32,8 @@ struct Cluster {
     nodes: Vec<Node>,
     cluster_addrs: Vec<String>,
     env: Vec<(String, String)>,
+    /// Node i's `--zone` (none when shorter).
+    zones: Vec<String>,
 }
 
 /// Writes a secret file readable by its owner only, as an operator would.
@@ -50,6 +52,15 @@ impl Cluster {
     }
 
     async fn start_with(n: usize, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_zoned(n, dir, env, &[]).await
+    }
+
+    async fn start_zoned(
+        n: usize,
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        zones: &[&str],
+    ) -> Cluster {
         let mut c = Cluster {
             _dir: dir,
             nodes: Vec::new(),
@@ -58,6 +69,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            zones: zones.iter().map(|z| z.to_string()).collect(),
         };
         for _ in 0..n {
             c.spawn(n);
@@ -91,20 +103,21 @@ impl Cluster {
         if let Some(level) = &level {
             vars.push(("WARBLER_LOG", level));
         }
-        let node = Node::start_with(
-            &self._dir.path().join(&name),
-            &vars,
-            &[
-                "--node-id",
-                &name,
-                "--cluster-addr",
-                &addr,
-                "--seeds",
-                &self.cluster_addrs[0],
-                "--bootstrap-expect",
-                &expect.to_string(),
-            ],
-        );
+        let expect = expect.to_string();
+        let mut args = vec![
+            "--node-id",
+            &name,
+            "--cluster-addr",
+            &addr,
+            "--seeds",
+            &self.cluster_addrs[0],
+            "--bootstrap-expect",
+            &expect,
+        ];
+        if let Some(zone) = self.zones.get(i) {
+            args.extend(["--zone", zone.as_str()]);
+        }
+        let node = Node::start_with(&self._dir.path().join(&name), &vars, &args);
         self.nodes.push(node);
         i
     }
@@ -730,6 +743,7 @@ async fn a_founder_late_to_form_still_creates_its_groups() {
         nodes: Vec::new(),
         cluster_addrs: Vec::new(),
         env: Vec::new(),
+        zones: Vec::new(),
     };
     cluster.spawn(3);
     cluster.spawn(3);
@@ -819,6 +833,7 @@ async fn nodes_talk_over_mutual_tls() {
             v: PEER_PROTOCOL_VERSION,
             from: "intruder".into(),
             nonce: None,
+            cluster: None,
         },
         PeerFrame::Request {
             id: 1,
@@ -1327,6 +1342,7 @@ async fn strangers_on_the_cluster_port_are_refused_and_another_key_never_joins()
             v: PEER_PROTOCOL_VERSION,
             from: format!("n{}", (leader + 1) % 3),
             nonce: None,
+            cluster: None,
         },
         PeerFrame::Request {
             id: 1,
@@ -2028,4 +2044,470 @@ async fn cluster_scale_decommissions_the_highest_ordinal_then_runs_the_operator_
     let again = scale("3");
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("the cluster has 3 members"));
+
+    // Scaled out again, n3 comes back on the disk it left with (a StatefulSet keeps the
+    // claim): its member list names it, the cluster's does not. It wipes the stale disk
+    // and joins as a new node instead of starting replicas from it.
+    cluster.nodes[3].restart();
+    cluster.wait_ready(3, Duration::from_secs(120)).await;
+    assert_eq!(
+        counter(&cluster.nodes[3], "warbler_stale_disk_wipes_total").await,
+        1
+    );
+    wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
+    let v = cluster.nodes[3].status().await.expect("n3 answers");
+    assert!(
+        v.members.iter().any(|m| m.node == "n3" && m.member),
+        "{v:?}"
+    );
+    assert!(
+        v.replicas_held.unwrap() > 0,
+        "the ring gives n3 replicas again"
+    );
+    for u in 0..5 {
+        let seqs: Vec<u64> = cluster.nodes[3]
+            .history(&format!("scale-{u}"))
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "scale-{u} read through the rejoined n3");
+    }
+}
+
+/// The disk of a node is lost while the whole cluster is down, and it comes back first,
+/// on an empty disk and told to form alone: it forms a cluster of its own, with its own
+/// id. When the others come back, the two clusters refuse each other on every connection
+/// (they share node names and partition numbers, so a single RPC between them would mix
+/// their consensus groups): the old members serve their data with the majority they
+/// have, and the new node counts the refusals of their calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_formed_apart_on_an_empty_disk_never_mixes_with_its_old_cluster() {
+    let mut cluster = Cluster::start(3).await;
+    for k in 0..6 {
+        cluster.nodes[k % 3]
+            .publish(&format!("apart-{}", k % 2), &format!("a{k}"), "before")
+            .await;
+    }
+    for n in &mut cluster.nodes {
+        n.kill9();
+    }
+    let n0 = cluster.nodes[0].dir.clone();
+    std::fs::remove_dir_all(&n0).unwrap();
+    let alone = Node::start_with(
+        &n0,
+        &[(
+            "WARBLER_CLUSTER_KEY_FILE",
+            cluster._dir.path().join("cluster.key").to_str().unwrap(),
+        )],
+        &[
+            "--node-id",
+            "n0",
+            "--cluster-addr",
+            &cluster.cluster_addrs[0],
+            "--seeds",
+            &cluster.cluster_addrs[0],
+            "--bootstrap-expect",
+            "1",
+        ],
+    );
+    cluster.nodes[0] = alone;
+    cluster.wait_ready(0, Duration::from_secs(60)).await;
+    for i in [1, 2] {
+        cluster.nodes[i].restart();
+    }
+    for i in [1, 2] {
+        cluster.wait_ready(i, Duration::from_secs(120)).await;
+    }
+    // Every partition of the old cluster is led by n1 or n2, and its data is whole.
+    let start = Instant::now();
+    loop {
+        let v = cluster.nodes[1].status().await.expect("n1 answers");
+        let led_by_survivors = v
+            .partitions
+            .iter()
+            .all(|p| p.leader.as_deref().is_some_and(|l| l == "n1" || l == "n2"));
+        if led_by_survivors {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for u in 0..2 {
+        let seqs: Vec<u64> = cluster.nodes[2]
+            .history(&format!("apart-{u}"))
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3], "apart-{u}");
+        assert_eq!(
+            cluster.nodes[1]
+                .publish(&format!("apart-{u}"), "after", "after")
+                .await,
+            4,
+            "the old cluster's sequence goes on"
+        );
+    }
+    // The new cluster of one knows nothing of the old one's messages.
+    assert!(cluster.nodes[0].history("apart-0").await.is_empty());
+    let v = cluster.nodes[0].status().await.expect("n0 answers");
+    let members: Vec<&str> = v
+        .members
+        .iter()
+        .filter(|m| m.member)
+        .map(|m| m.node.as_str())
+        .collect();
+    assert_eq!(members, ["n0"]);
+    // The old members keep dialling their n0 for their groups; the new n0 refuses them.
+    let refused = counter(&cluster.nodes[0], "warbler_peer_connections_refused_total").await;
+    assert!(
+        refused > 0,
+        "n0 refused no connection from the other cluster"
+    );
+}
+
+/// Sum of a metric over the nodes that answer.
+async fn metric_sum(cluster: &Cluster, name: &str, except: Option<usize>) -> u64 {
+    let mut sum = 0;
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        if Some(i) != except {
+            sum += counter(n, name).await;
+        }
+    }
+    sum
+}
+
+/// A member that dies for good is replaced: while it is down its partitions count as
+/// under-replicated; after `cluster.dead_node_timeout_ms` the member list's leader removes
+/// it and the replicas are rebuilt on the others, losing nothing. When it comes back on
+/// its old disk, it learns it was removed, and as no partition counts its replicas any
+/// more it wipes the disk and joins as a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_is_replaced_and_told_it_was_removed_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster =
+        Cluster::start_with(4, dir, &[("WARBLER_DEAD_NODE_TIMEOUT_MS", "5000")]).await;
+    for k in 0..20 {
+        cluster.nodes[k % 4]
+            .publish(&format!("dead-{}", k % 5), &format!("d{k}"), "before")
+            .await;
+    }
+    cluster.nodes[3].kill9();
+    let t0 = Instant::now();
+    let mut under_seen = 0;
+    loop {
+        under_seen = under_seen
+            .max(metric_sum(&cluster, "warbler_partitions_under_replicated", Some(3)).await);
+        let v = cluster.status(Some(3)).await;
+        let members: Vec<&str> = v
+            .members
+            .iter()
+            .filter(|m| m.member)
+            .map(|m| m.node.as_str())
+            .collect();
+        let rebuilt = v.partitions.iter().all(|p| {
+            p.replicas.len() == 3 && !p.replicas.iter().any(|n| n == "n3") && p.leader.is_some()
+        });
+        if members == ["n0", "n1", "n2"] && rebuilt {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "n3 not replaced after {:?}: members {members:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("n3 replaced {:?} after it died (timeout 5 s)", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_secs(5),
+        "removed before the timeout"
+    );
+    assert!(
+        under_seen > 0,
+        "no partition counted as under-replicated meanwhile"
+    );
+    assert_eq!(
+        metric_sum(&cluster, "warbler_dead_members_removed_total", Some(3)).await,
+        1
+    );
+    wait_settled(&cluster, &[0, 1, 2], Duration::from_secs(60)).await;
+    // The gauge is refreshed every few seconds.
+    let start = Instant::now();
+    loop {
+        let under = metric_sum(&cluster, "warbler_partitions_under_replicated", Some(3)).await;
+        if under == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{under} partitions still under-replicated after the replacement"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for u in 0..5 {
+        let seqs: Vec<u64> = cluster.nodes[1]
+            .history(&format!("dead-{u}"))
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "dead-{u}");
+    }
+
+    cluster.nodes[3].restart();
+    cluster.wait_ready(3, Duration::from_secs(120)).await;
+    assert_eq!(
+        counter(&cluster.nodes[3], "warbler_stale_disk_wipes_total").await,
+        1,
+        "n3 came back on the disk of a removed member and was not wiped"
+    );
+    wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
+    for u in 0..5 {
+        assert_eq!(
+            cluster.nodes[3]
+                .publish(&format!("dead-{u}"), &format!("after-{u}"), "after")
+                .await,
+            5,
+            "dead-{u}: the sequence goes on through the rejoined n3"
+        );
+    }
+}
+
+/// `warbler backup` of a cluster under load, `warbler restore` into a new, empty cluster:
+/// every message acknowledged before the backup began is there at its seq with its id, a
+/// publish retried with its id answers the original seq, and a device resumes from its
+/// restored cursor. A damaged backup, or a restore into a cluster that holds data, is
+/// refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_into_a_new_cluster_with_seqs_ids_and_cursors() {
+    let a = Cluster::start(3).await;
+    let mut sent: Vec<(String, String, u64)> = Vec::new();
+    for k in 0..40 {
+        let (user, id) = (format!("bk-{}", k % 8), format!("bk{k}"));
+        let seq = a.nodes[k % 3].publish(&user, &id, "kept").await;
+        sent.push((user, id, seq));
+    }
+    let mut phone = a.nodes[1].device("bk-0", "phone").await;
+    common::recv_n_acking(&mut phone, 3).await;
+    // Gone at once after its acks (regression: the acks of a device on a node without the
+    // leader could arrive after its unsubscribe, and were lost).
+    drop(phone);
+    let start = Instant::now();
+    loop {
+        let (_, v) = a.nodes[0]
+            .http(
+                "GET",
+                "/v1/users/bk-0/devices",
+                Some(&token("ops", "admin")),
+                "",
+            )
+            .await;
+        if v["devices"][0]["acked"] == 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the ack of 3 never landed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let outcomes: Outcomes = Arc::default();
+    let (stop, _, tasks) = start_publishers(&a, &outcomes, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_backup = outcomes.lock().unwrap().clone();
+    let out_dir = a._dir.path().join("backup");
+    let secret = a.nodes[0].dir.join("secret");
+    let warbler = |args: &[&str], http: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
+            .args(args)
+            .args(["--http", http])
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .output()
+            .unwrap()
+    };
+    let backup = warbler(
+        &["backup", "--out", out_dir.to_str().unwrap()],
+        &a.nodes[0].http,
+    );
+    let text = String::from_utf8_lossy(&backup.stdout).into_owned();
+    println!("{text}");
+    assert!(
+        backup.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    stop_publishers(stop, tasks).await;
+    assert!(out_dir.join("manifest.json").exists());
+
+    let b = Cluster::start_with(3, tempfile::tempdir().unwrap(), &[]).await;
+    let (ia, ib) = (
+        a.status(None).await.cluster_id,
+        b.status(None).await.cluster_id,
+    );
+    assert!(ia.is_some() && ib.is_some() && ia != ib, "{ia:?} {ib:?}");
+    let restore = warbler(
+        &["restore", "--from", out_dir.to_str().unwrap()],
+        &b.nodes[2].http,
+    );
+    let text = String::from_utf8_lossy(&restore.stdout).into_owned();
+    println!("{text}");
+    assert!(
+        restore.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+
+    // Everything acknowledged before the backup began, at its seq, with its id.
+    let mut expected: HashMap<String, BTreeMap<u64, String>> = HashMap::new();
+    for (user, id, seq) in &sent {
+        expected
+            .entry(user.clone())
+            .or_default()
+            .insert(*seq, id.clone());
+    }
+    for (id, (user, seqs)) in &before_backup {
+        if let Some(seq) = seqs.first() {
+            expected
+                .entry(user.clone())
+                .or_default()
+                .insert(*seq, id.clone());
+        }
+    }
+    for (user, acked) in &expected {
+        // History is read from the node's own replica, which may trail by a moment.
+        let start = Instant::now();
+        loop {
+            let history: BTreeMap<u64, String> = b.nodes[0]
+                .history(user)
+                .await
+                .into_iter()
+                .map(|(seq, id, _)| (seq, id))
+                .collect();
+            let missing: Vec<_> = acked
+                .iter()
+                .filter(|(seq, id)| history.get(seq) != Some(id))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{user}: after the restore, missing or different: {missing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // A publish retried after the restore answers the original seq; a new one follows.
+    let (user, id, seq) = &sent[13];
+    assert_eq!(b.nodes[1].publish(user, id, "again").await, *seq);
+    let last = *expected[user.as_str()].keys().last().unwrap();
+    assert!(b.nodes[1].publish(user, "bk-new", "new").await > last);
+    // The device resumes after its restored cursor.
+    let mut phone = b.nodes[2].device("bk-0", "phone").await;
+    let first = common::recv_n(&mut phone, 1).await;
+    assert_eq!(first[0].seq, 4, "bk-0/phone resumes after its cursor of 3");
+
+    // Into a cluster that holds data: refused, unless resuming.
+    let again = warbler(
+        &["restore", "--from", out_dir.to_str().unwrap()],
+        &b.nodes[0].http,
+    );
+    assert!(!again.status.success());
+    let text = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        text.contains("holds messages or cursors") && text.contains("--resume"),
+        "{text}"
+    );
+    // A damaged file: refused before anything is written.
+    let file = out_dir.join("p00005.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last_byte = bytes.len() - 1;
+    bytes[last_byte] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let damaged = warbler(
+        &["restore", "--resume", "--from", out_dir.to_str().unwrap()],
+        &b.nodes[0].http,
+    );
+    assert!(!damaged.status.success());
+    let text = String::from_utf8_lossy(&damaged.stderr);
+    assert!(
+        text.contains("p00005.bin") && text.contains("damaged"),
+        "{text}"
+    );
+}
+
+/// Six nodes in three zones, RF 3: every partition has one replica in each zone, and with
+/// a whole zone down (both its nodes killed) every partition still elects a leader and
+/// takes writes. `/v1/cluster` reports each member's zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_spread_over_zones_and_losing_a_zone_keeps_every_partition_writable() {
+    let zones = ["a", "a", "b", "b", "c", "c"];
+    let mut cluster = Cluster::start_zoned(6, tempfile::tempdir().unwrap(), &[], &zones).await;
+    let zone_of = |n: &str| zones[n.trim_start_matches('n').parse::<usize>().unwrap()];
+    let v = cluster.status(None).await;
+    for m in &v.members {
+        assert_eq!(m.zone.as_deref(), Some(zone_of(&m.node)), "{m:?}");
+    }
+    wait_settled(&cluster, &[0, 1, 2, 3, 4, 5], Duration::from_secs(120)).await;
+    let v = cluster.status(None).await;
+    for p in &v.partitions {
+        let spread: std::collections::HashSet<&str> =
+            p.replicas.iter().map(|n| zone_of(n)).collect();
+        assert_eq!(
+            spread.len(),
+            3,
+            "partition {}: {:?}",
+            p.partition,
+            p.replicas
+        );
+    }
+    // One user per partition, to write to all of them.
+    let mut users: BTreeMap<u16, String> = BTreeMap::new();
+    for i in 0.. {
+        let u = format!("z{i}");
+        users
+            .entry(warbler_cluster::partition_of(&u, 64))
+            .or_insert(u);
+        if users.len() == 64 {
+            break;
+        }
+    }
+    for u in users.values() {
+        cluster.nodes[0]
+            .publish(u, &format!("{u}-1"), "before")
+            .await;
+    }
+    // Zone c goes down.
+    cluster.nodes[4].kill9();
+    cluster.nodes[5].kill9();
+    let t0 = Instant::now();
+    for (p, u) in &users {
+        let seq = loop {
+            let (status, v) = cluster.nodes[(*p as usize) % 4]
+                .http(
+                    "POST",
+                    &format!("/v1/users/{u}/messages"),
+                    Some(&token("backend", "publish")),
+                    &serde_json::json!({"id": format!("{u}-2"), "body": "after"}).to_string(),
+                )
+                .await;
+            if status == 200 {
+                break v["seq"].as_u64().unwrap();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "partition {p} takes no write with zone c down: {status} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(seq, 2, "partition {p}");
+    }
+    println!(
+        "every partition writable {:?} after zone c went down",
+        t0.elapsed()
+    );
 }

@@ -134,7 +134,12 @@ fn to_stand_in(
     if kind == PeerKind::Unsubscribe {
         let stand_in = routing.stand_ins.lock().unwrap().remove(&key);
         if let Some(p) = stand_in {
-            p.stop(Some("unsubscribed".into()));
+            // The session's last ack rides along (its own call may come later): applied
+            // before the stand-in stops. `seq` 0 (a previous release) acks nothing.
+            if r.seq > 0 {
+                let _ = p.cast(SessionMsg::ClientAck(r.seq));
+            }
+            let _ = p.drain();
         }
         return reply(&Ok(()));
     }

@@ -218,15 +218,16 @@ impl Routing {
         });
     }
 
-    /// Ends a remote subscription (the session stops or subscribes elsewhere).
-    pub(crate) fn unsubscribe_remote(&self, addr: SocketAddr, key: u64) {
+    /// Ends a remote subscription (the session stops or subscribes elsewhere). It carries
+    /// the session's last ack, `acked`: the ack's own call may arrive after it.
+    pub(crate) fn unsubscribe_remote(&self, addr: SocketAddr, key: u64, acked: u64) {
         let Some(sub) = self.remote_subs.lock().unwrap().remove(&key) else {
             return;
         };
         let routing = self.clone_handle();
         let body = KeyReq {
             key,
-            seq: 0,
+            seq: acked,
             replaced: false,
         };
         tokio::spawn(async move {

@@ -223,7 +223,7 @@ fn unsubscribe(myself: &ActorRef<SessionMsg>, state: &SessionState) {
         }
         Upstream::Remote { addr, key } => {
             if let Some(r) = state.args.mailboxes.routing() {
-                r.unsubscribe_remote(*addr, *key);
+                r.unsubscribe_remote(*addr, *key, state.acked);
             }
         }
     }

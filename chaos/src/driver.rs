@@ -87,6 +87,10 @@ pub struct ClusterOpts {
     pub net: Net,
     /// Extra `WARBLER_*` variables for every node.
     pub env: Vec<(String, String)>,
+    /// A StatefulSet: nodes `warbler-<ordinal>`, data kept by ordinal for good.
+    pub statefulset: bool,
+    /// Zones by ordinal (`zones[i % len]`).
+    pub zones: Vec<String>,
 }
 
 struct NodeProc {
@@ -174,9 +178,14 @@ impl Cluster {
                         )
                     }
                 };
-                let home = opts.dir.join(format!("n{i}"));
+                let name = if opts.statefulset {
+                    format!("warbler-{i}")
+                } else {
+                    format!("n{i}")
+                };
+                let home = opts.dir.join(&name);
                 NodeProc {
-                    name: format!("n{i}"),
+                    name,
                     data: home.join("data"),
                     log: home.join("node.log"),
                     client,
@@ -243,6 +252,55 @@ impl Cluster {
 
     pub fn name(&self, i: usize) -> &str {
         &self.nodes[i].name
+    }
+
+    /// Node `i`'s zone, when the scenario has zones.
+    pub fn zone_of(&self, i: usize) -> Option<&str> {
+        let z = &self.opts.zones;
+        (!z.is_empty()).then(|| z[i % z.len()].as_str())
+    }
+
+    /// The run's directory (every node's data is under it).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.opts.dir
+    }
+
+    /// The warbler binary the nodes run.
+    pub fn warbler_bin(&self) -> &std::path::Path {
+        &self.opts.warbler
+    }
+
+    /// The shared JWT secret file (to mint tokens for operator commands).
+    pub fn secret(&self) -> &std::path::Path {
+        &self.secret
+    }
+
+    /// Node `i`'s HTTP address.
+    pub fn http_addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].http
+    }
+
+    /// StatefulSet: makes ordinals `0..n` run and the rest stopped, as the controller does
+    /// for `replicas: n`: a missing ordinal starts on the data it has (none when new), an
+    /// ordinal past `n` gets SIGTERM (then `kill -9` after 30 s). Returns the ordinals
+    /// started and stopped; does not wait for ready.
+    pub async fn set_replicas(&mut self, n: usize) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+        let (mut started, mut stopped) = (Vec::new(), Vec::new());
+        for i in 0..self.nodes.len().min(n) {
+            if !self.nodes[i].active || !self.is_up(i) {
+                self.spawn(i)?;
+                self.nodes[i].active = true;
+                started.push(i);
+            }
+        }
+        for i in (n..self.nodes.len()).rev() {
+            if self.nodes[i].active {
+                self.nodes[i].active = false;
+                self.stop(i).await;
+                stopped.push(i);
+            }
+        }
+        Ok((started, stopped))
     }
 
     fn ns(&self, i: usize) -> String {
@@ -410,6 +468,7 @@ impl Cluster {
             .args(["--cluster-addr", &n.cluster.to_string()])
             .args(["--seeds", &seeds.join(",")])
             .args(["--bootstrap-expect", &self.opts.nodes.to_string()])
+            .args(self.zone_of(i).map(|z| ["--zone", z]).into_iter().flatten())
             .arg("--jwt-secret-file")
             .arg(&self.secret)
             .arg("--cluster-key-file")
@@ -501,6 +560,9 @@ impl Cluster {
                 "/cluster.key",
             ] {
                 args.push(a.to_string());
+            }
+            if let Some(z) = self.zone_of(i) {
+                args.extend(["--zone".to_string(), z.to_string()]);
             }
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             sh(&refs)?;
@@ -745,14 +807,17 @@ impl Cluster {
             bail!("no spare node slot to add: raise cluster.spare_nodes in the scenario");
         };
         self.kill(i).await;
-        if self.opts.net == Net::Docker && self.nodes[i].created {
-            quiet(&["docker", "rm", "-f", &self.container(i)]);
-            self.nodes[i].created = false;
-        }
-        let data = self.nodes[i].data.clone();
-        if data.exists() {
-            std::fs::remove_dir_all(&data)
-                .with_context(|| format!("cannot empty {}", data.display()))?;
+        // A StatefulSet's ordinal comes back on the volume it left with.
+        if !self.opts.statefulset {
+            if self.opts.net == Net::Docker && self.nodes[i].created {
+                quiet(&["docker", "rm", "-f", &self.container(i)]);
+                self.nodes[i].created = false;
+            }
+            let data = self.nodes[i].data.clone();
+            if data.exists() {
+                std::fs::remove_dir_all(&data)
+                    .with_context(|| format!("cannot empty {}", data.display()))?;
+            }
         }
         self.spawn(i)?;
         self.nodes[i].active = true;

@@ -87,6 +87,7 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
     if let Some(b) = &opts.bug {
         env.push(("WARBLER_CHAOS_BUG".into(), b.clone()));
     }
+    env.extend(s.cluster.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     // A fresh cluster every run: data left from an earlier run with this seed would be
     // history the workload never recorded.
     let dir = opts.out.join("cluster");
@@ -101,6 +102,8 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
         dir,
         net: opts.net,
         env,
+        statefulset: s.cluster.statefulset,
+        zones: s.cluster.zones.clone(),
     })
     .await?;
     let result = drive(&opts, &mut cluster, plan).await;
@@ -230,6 +233,56 @@ fn stream_ends(events: &[Event]) -> HashMap<String, u64> {
     out
 }
 
+/// `warbler cluster scale --to <to>` as an operator runs it, with `--run` writing the size
+/// it asks for to a file, as `kubectl scale statefulset` sets `replicas`; meanwhile this
+/// harness plays the StatefulSet controller and makes the set that size. Returns the
+/// ordinals started and stopped.
+async fn scale(cluster: &mut Cluster, to: usize) -> anyhow::Result<Vec<usize>> {
+    let replicas = cluster.dir().join("replicas");
+    let _ = std::fs::remove_file(&replicas);
+    let mut child = tokio::process::Command::new(cluster.warbler_bin())
+        .args([
+            "cluster",
+            "scale",
+            "--to",
+            &to.to_string(),
+            "--stall-secs",
+            "150",
+        ])
+        .args(["--http", &cluster.http_addr(0).to_string()])
+        .arg("--jwt-secret-file")
+        .arg(cluster.secret())
+        .arg("--run")
+        .arg(format!("echo {{n}} > {}", replicas.display()))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run warbler cluster scale")?;
+    let mut touched = Vec::new();
+    let mut asked = None;
+    loop {
+        let exited = tokio::select! {
+            s = child.wait() => Some(s?),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        let wanted = std::fs::read_to_string(&replicas)
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok());
+        if wanted.is_some() && wanted != asked {
+            asked = wanted;
+            let (started, stopped) = cluster.set_replicas(wanted.unwrap_or(to)).await?;
+            touched.extend(started.into_iter().chain(stopped));
+        }
+        if let Some(status) = exited {
+            anyhow::ensure!(
+                status.success(),
+                "warbler cluster scale --to {to} failed ({status})"
+            );
+            return Ok(touched);
+        }
+    }
+}
+
 /// The nodes a fault hits.
 async fn targets(cluster: &mut Cluster, p: &Planned) -> anyhow::Result<Vec<usize>> {
     let members = cluster.active();
@@ -259,13 +312,17 @@ async fn targets(cluster: &mut Cluster, p: &Planned) -> anyhow::Result<Vec<usize
         }
         Target::All | Target::Each => members,
         Target::Node(i) => vec![*i],
+        Target::Zone(z) => members
+            .into_iter()
+            .filter(|&i| cluster.zone_of(i) == Some(z.as_str()))
+            .collect(),
     })
 }
 
 async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::Result<()> {
     let mut ts = targets(cluster, p).await?;
-    if p.action == Action::Add {
-        ts = Vec::new(); // known once the node is picked
+    if matches!(p.action, Action::Add | Action::Scale | Action::ScaleRaw) {
+        ts = Vec::new(); // known once the nodes are picked
     }
     let hold = Duration::from_secs_f64(p.hold_s);
     let ready_within = Duration::from_secs(60);
@@ -323,6 +380,15 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
             for &i in &ts {
                 cluster.decommission(i, Duration::from_secs(180)).await?;
             }
+            tokio::time::sleep(hold).await;
+        }
+        Action::Scale => {
+            ts = scale(cluster, p.to.unwrap_or(1)).await?;
+            tokio::time::sleep(hold).await;
+        }
+        Action::ScaleRaw => {
+            let (started, stopped) = cluster.set_replicas(p.to.unwrap_or(1)).await?;
+            ts = started.into_iter().chain(stopped).collect();
             tokio::time::sleep(hold).await;
         }
     }

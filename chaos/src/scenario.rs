@@ -47,6 +47,15 @@ pub struct ClusterSpec {
     pub spare_nodes: usize,
     pub raft_heartbeat_ms: u64,
     pub raft_election_timeout_ms: u64,
+    /// Behave as a Kubernetes StatefulSet: nodes are `warbler-0..N-1`, each ordinal keeps
+    /// its data directory for good (its volume claim), `add` starts the lowest stopped
+    /// ordinal on the data it left with, and `scale` faults run `warbler cluster scale`
+    /// whose command sets the set's size, as `kubectl scale` would.
+    pub statefulset: bool,
+    /// Zones by ordinal (ordinal i is in `zones[i % len]`); none when empty.
+    pub zones: Vec<String>,
+    /// Extra `WARBLER_*` settings for every node.
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ClusterSpec {
@@ -56,6 +65,9 @@ impl Default for ClusterSpec {
             spare_nodes: 0,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 500,
+            statefulset: false,
+            zones: Vec::new(),
+            env: Default::default(),
         }
     }
 }
@@ -114,6 +126,12 @@ pub enum Action {
     /// Scale in: remove the targets from the cluster, wait until their partitions moved
     /// away, and stop them.
     Decommission,
+    /// StatefulSet: `warbler cluster scale --to <to>`, its command resizing the set (the
+    /// target is ignored).
+    Scale,
+    /// StatefulSet: resize the set to `to` directly, as a plain `kubectl scale` does: the
+    /// highest ordinals get SIGTERM with no decommission first.
+    ScaleRaw,
 }
 
 /// Which nodes a fault hits.
@@ -129,6 +147,8 @@ pub enum Target {
     /// Every node in turn (for rolling restarts).
     Each,
     Node(usize),
+    /// Every member in this zone (`cluster.zones`).
+    Zone(String),
 }
 
 impl<'de> Deserialize<'de> for Target {
@@ -152,11 +172,12 @@ impl Target {
             "minority" => Target::Minority,
             "all" => Target::All,
             "each" => Target::Each,
+            other if other.starts_with("zone:") => Target::Zone(other[5..].to_string()),
             other => match other.strip_prefix("node:").map(str::parse) {
                 Some(Ok(n)) => Target::Node(n),
                 _ => {
                     return Err(ScenarioError::from(format!(
-                        "target {other:?}: use random, hot-leader, minority, all, each or node:N"
+                        "target {other:?}: use random, hot-leader, minority, all, each, node:N or zone:Z"
                     )))
                 }
             },
@@ -173,6 +194,7 @@ impl std::fmt::Display for Target {
             Target::All => f.write_str("all"),
             Target::Each => f.write_str("each"),
             Target::Node(n) => write!(f, "node:{n}"),
+            Target::Zone(z) => write!(f, "zone:{z}"),
         }
     }
 }
@@ -195,6 +217,9 @@ pub struct FaultSpec {
     /// Each occurrence starts up to this many seconds late, drawn from the seed.
     #[serde(default)]
     pub jitter_s: f64,
+    /// `scale` and `scale-raw`: the set's new size.
+    #[serde(default)]
+    pub to: Option<usize>,
 }
 
 fn default_hold() -> f64 {
@@ -210,6 +235,9 @@ pub struct Planned {
     pub hold_s: f64,
     /// The seeded draw that picks random targets.
     pub pick: u64,
+    /// `scale` and `scale-raw`: the set's new size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<usize>,
 }
 
 impl Scenario {
@@ -276,6 +304,29 @@ impl Scenario {
             if f.action == Action::Decommission && matches!(f.target, Target::All | Target::Each) {
                 return Err(ScenarioError::from("decommission a proper subset of the nodes (random, hot-leader, minority or node:N)"));
             }
+            if matches!(f.action, Action::Scale | Action::ScaleRaw) {
+                if !self.cluster.statefulset {
+                    return Err(ScenarioError::from(
+                        "scale and scale-raw faults need cluster.statefulset = true",
+                    ));
+                }
+                match f.to {
+                    Some(n) if (1..=self.cluster.nodes + self.cluster.spare_nodes).contains(&n) => {
+                    }
+                    _ => return Err(ScenarioError::from(format!(
+                        "a {:?} fault needs `to` between 1 and cluster.nodes + cluster.spare_nodes",
+                        f.action
+                    ))),
+                }
+            }
+            if let Target::Zone(z) = &f.target {
+                if !self.cluster.zones.contains(z) {
+                    return Err(ScenarioError::from(format!(
+                        "fault target zone:{z}: cluster.zones is {:?}",
+                        self.cluster.zones
+                    )));
+                }
+            }
             if f.action == Action::Partition && matches!(f.target, Target::All | Target::Each) {
                 return Err(ScenarioError::from(
                     "a partition needs a proper subset of the nodes as its target",
@@ -302,6 +353,7 @@ impl Scenario {
                     target: f.target.clone(),
                     hold_s: f.hold_s,
                     pick: rng.gen(),
+                    to: f.to,
                 });
                 match f.every_s {
                     Some(e) => at += e,

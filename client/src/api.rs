@@ -33,6 +33,9 @@ pub struct ClusterStatus {
     /// With `?user=`: where that user lives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<UserPlacement>,
+    /// The cluster's id, once the answering node knows it (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// One node in [`ClusterStatus::members`].
@@ -49,6 +52,10 @@ pub struct MemberStatus {
     pub client_addr: Option<String>,
     pub http_addr: Option<String>,
     pub cluster_addr: Option<String>,
+    /// Its failure zone, as the member list records it (or its gossip says, for a node
+    /// outside the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 fn yes() -> bool {

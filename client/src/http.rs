@@ -140,6 +140,33 @@ impl NodeHttp {
         Ok(Answer { status, body })
     }
 
+    /// `method path` with this client's token and a MessagePack body (possibly empty): the
+    /// status and the raw body (for bulk transfers such as backups).
+    pub async fn send_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), HttpError> {
+        let unreachable = |message: String| HttpError::Unreachable {
+            addr: self.addr.clone(),
+            message,
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| unreachable(format!("bad method: {e}")))?;
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/msgpack").body(body);
+        }
+        let resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+        Ok((status, body.to_vec()))
+    }
+
     /// `GET path`, read as `T` from a 200 answer; any other status is an error carrying the
     /// node's error body.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {

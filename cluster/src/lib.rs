@@ -12,6 +12,7 @@
 //! - [`transport`]: request/response RPC to peers over one multiplexed TCP connection per
 //!   peer, versioned frames, optional mutual TLS, bounded queues, reconnect with backoff.
 //! - [`key`]: the cluster key: challenge and response on peer connections, MACs on gossip.
+//! - [`identity`]: the cluster id kept on disk and checked on every peer connection.
 //! - [`wire`]: every peer message: [`PeerKind`] and each kind's typed request and answer.
 //! - [`error`]: [`ControlError`], [`RpcError`] (a refusal with a code that crosses the
 //!   wire) and [`ClusterError`].
@@ -31,6 +32,7 @@
 
 pub mod control;
 pub mod error;
+pub mod identity;
 pub mod key;
 pub mod membership;
 pub mod node;

@@ -86,6 +86,9 @@ pub struct NodeMeta {
     /// The public half of the node's signing key (filled in by [`Membership`]).
     #[serde(default, with = "serde_bytes")]
     pub signing_key: Vec<u8>,
+    /// The node's failure zone (`cluster.zone`).
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// One metadata broadcast: newer (generation, version) replaces older.

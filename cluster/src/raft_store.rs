@@ -65,6 +65,14 @@ const META_VOTE: &str = "vote";
 const META_COMMITTED: &str = "committed";
 const META_PURGED: &str = "purged";
 const META_APPLIED: &str = "applied";
+/// The consensus metadata key of a partition's last applied log id (read by backups).
+pub const APPLIED_KEY: &str = META_APPLIED;
+
+/// The (term, index) of a value kept under [`APPLIED_KEY`].
+pub fn applied_position(bytes: &[u8]) -> Option<(u64, u64)> {
+    let id: Option<LogId<NodeId>> = decode(bytes).ok()?;
+    id.map(|l| (l.leader_id.term, l.index))
+}
 const META_MEMBERSHIP: &str = "membership";
 const META_SNAPSHOT: &str = "snapshot";
 
@@ -355,7 +363,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 refused: refused.clone(),
             });
             if refused.is_none() {
+                let restores = ops.iter().any(|op| matches!(op, Op::Restore { .. }));
                 ops_all.extend(ops);
+                if restores {
+                    // A restore writes heads: what follows is checked against them. (After
+                    // a crash here the log replays from the last applied id: restoring the
+                    // same rows again changes nothing.)
+                    self.log.store.apply(&ops_all, false).map_err(io_err)?;
+                    ops_all.clear();
+                    heads.clear();
+                }
             }
         }
         if let Some(last) = last {

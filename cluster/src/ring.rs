@@ -81,6 +81,44 @@ impl Ring {
         out
     }
 
+    /// Like [`Ring::replicas`], over zones: walking the same way, a node whose zone is
+    /// already used is passed over while unused zones remain, so the replicas sit in
+    /// `min(r, zones)` distinct zones; the rest are filled in ring order. Nodes without a
+    /// zone share one. With every node in one zone (or none), this is [`Ring::replicas`].
+    pub fn replicas_in_zones<'z>(
+        &self,
+        partition: PartitionId,
+        r: usize,
+        zone_of: &dyn Fn(&str) -> Option<&'z str>,
+    ) -> Vec<&str> {
+        let walk = self.replicas(partition, self.nodes.len());
+        let want = r.min(walk.len());
+        let zones: std::collections::HashSet<Option<&'z str>> =
+            walk.iter().map(|n| zone_of(n)).collect();
+        let spread = want.min(zones.len());
+        let mut out: Vec<&str> = Vec::with_capacity(want);
+        let mut used: Vec<Option<&'z str>> = Vec::new();
+        for n in &walk {
+            if out.len() == spread {
+                break;
+            }
+            let z = zone_of(n);
+            if !used.contains(&z) {
+                used.push(z);
+                out.push(n);
+            }
+        }
+        for n in &walk {
+            if out.len() == want {
+                break;
+            }
+            if !out.contains(n) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
     /// Replicas of every partition `0..partitions`.
     pub fn assignment(&self, partitions: u16, r: usize) -> Vec<Vec<&str>> {
         (0..partitions).map(|p| self.replicas(p, r)).collect()
@@ -95,6 +133,39 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("warbler-{i}")).collect()
+    }
+
+    #[test]
+    fn replicas_spread_over_zones_when_there_are_enough_and_match_the_plain_ring_without() {
+        let nodes = names(6);
+        let ring = Ring::new(nodes.clone(), VNODES_DEFAULT);
+        let zone = |n: &str| -> Option<&'static str> {
+            let i: usize = n.trim_start_matches("warbler-").parse().unwrap();
+            Some(["a", "b", "c"][i / 2])
+        };
+        let mut first = HashMap::new();
+        for p in 0..64 {
+            let r = ring.replicas_in_zones(p, 3, &zone);
+            assert_eq!(r.len(), 3);
+            let zones: HashSet<_> = r.iter().map(|n| zone(n)).collect();
+            assert_eq!(zones.len(), 3, "p={p}: {r:?} in distinct zones");
+            *first.entry(r[0].to_string()).or_insert(0) += 1;
+            // No zones (or one): the plain ring.
+            assert_eq!(ring.replicas_in_zones(p, 3, &|_| None), ring.replicas(p, 3));
+            assert_eq!(
+                ring.replicas_in_zones(p, 3, &|_| Some("z")),
+                ring.replicas(p, 3)
+            );
+            // Two zones for three replicas: both used, the third from the ring.
+            let two = |n: &str| -> Option<&'static str> {
+                Some(if n.ends_with('0') { "a" } else { "b" })
+            };
+            let r2 = ring.replicas_in_zones(p, 3, &two);
+            assert_eq!(r2.iter().map(|n| two(n)).collect::<HashSet<_>>().len(), 2);
+            assert_eq!(r2.iter().collect::<HashSet<_>>().len(), 3);
+        }
+        // Preferred leaders still spread over every node.
+        assert_eq!(first.len(), 6, "{first:?}");
     }
 
     #[test]

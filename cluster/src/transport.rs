@@ -35,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{RpcCode, RpcError};
+use crate::identity::{admit, ClusterId};
 use crate::key::{ClusterKey, Side};
 use crate::wire::PeerKind;
 
@@ -51,6 +52,9 @@ pub const PEER_CALLS_MAX: usize = 4096;
 /// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// The delay before dialling again a peer that refused this node (the refusal is logged
+/// each time; a misconfiguration is not fixed in milliseconds).
+pub const BACKOFF_REFUSED: Duration = Duration::from_secs(5);
 /// Time an inbound or outbound connection has for TLS, hello and the key handshake.
 pub const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inbound peer connections served at once; more are closed at accept.
@@ -72,6 +76,9 @@ pub enum PeerFrame {
         /// The dialer's handshake nonce, when it holds a cluster key.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<ByteBuf>,
+        /// The dialer's cluster id, once it has one (see [`crate::identity`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster: Option<String>,
     },
     /// The acceptor's nonce and its proof of the cluster key.
     Challenge {
@@ -255,6 +262,8 @@ impl PeerTls {
 pub struct PeerAuth {
     pub tls: Option<PeerTls>,
     pub key: Option<ClusterKey>,
+    /// This node's cluster id: a peer of another cluster is refused.
+    pub cluster: ClusterId,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -299,7 +308,11 @@ impl PeerTransport {
         tls: Option<PeerTls>,
         handler: Arc<dyn PeerHandler>,
     ) -> std::io::Result<PeerTransport> {
-        let auth = PeerAuth { tls, key: None };
+        let auth = PeerAuth {
+            tls,
+            key: None,
+            cluster: ClusterId::default(),
+        };
         PeerTransport::start_with(me, bind, auth, handler).await
     }
 
@@ -508,7 +521,17 @@ async fn greet(tcp: TcpStream, auth: &PeerAuth) -> Result<(Halves, String), Stri
     };
     let (mut r, mut w) = tokio::io::split(io);
     let (v, from, nd) = match read_frame(&mut r).await {
-        Ok(PeerFrame::Hello { v, from, nonce }) => (v, from, nonce),
+        Ok(PeerFrame::Hello {
+            v,
+            from,
+            nonce,
+            cluster,
+        }) => {
+            if let Err(why) = admit(auth.cluster.get().as_deref(), cluster.as_deref(), &from) {
+                return Err(refuse(&mut r, &mut w, why).await);
+            }
+            (v, from, nonce)
+        }
         Ok(other) => {
             return Err(refuse(
                 &mut r,
@@ -742,7 +765,7 @@ fn spawn_reader(
     waiters: Waiters,
     name: String,
     live: &Liveness,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<bool> {
     let (epoch, heard) = (live.epoch, live.heard.clone());
     tokio::spawn(async move {
         while let Ok(frame) = read_frame(&mut r).await {
@@ -764,11 +787,12 @@ fn spawn_reader(
                 }
                 PeerFrame::Error { message } => {
                     tracing::error!(peer = %name, %message, "peer refused the connection");
-                    return;
+                    return true;
                 }
                 _ => {}
             }
         }
+        false
     })
 }
 
@@ -872,7 +896,13 @@ async fn run_link(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let next = tokio::select! {
-                _ = &mut reader => break,
+                refused = &mut reader => {
+                    // A peer that refuses this node will again: ask less often.
+                    if matches!(refused, Ok(true)) {
+                        backoff = BACKOFF_REFUSED;
+                    }
+                    break;
+                }
                 _ = tick.tick() => {
                     let calls_waiting = !waiters.lock().unwrap().is_empty();
                     match live.tick(calls_waiting) {
@@ -918,7 +948,7 @@ async fn run_link(
             let _ = w.send(Err(PeerError::Disconnected(name.clone())));
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
     }
 }
 
@@ -958,6 +988,7 @@ async fn introduce(me: &str, tcp: TcpStream, auth: &PeerAuth) -> std::io::Result
         v: PEER_PROTOCOL_VERSION,
         from: me.to_string(),
         nonce: nd.map(|n| ByteBuf::from(n.to_vec())),
+        cluster: auth.cluster.get(),
     };
     write_frame(&mut io, &hello).await?;
     let (Some(key), Some(nd)) = (&auth.key, nd) else {

@@ -150,6 +150,7 @@ fn meta(name: &str, cluster: &str) -> warbler_cluster::NodeMeta {
         formed: true,
         low_space: false,
         signing_key: Vec::new(),
+        zone: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warbler_cluster::identity::ClusterId;
 use warbler_cluster::transport::{BoxFuture, PeerFrame, PEER_PROTOCOL_VERSION};
 use warbler_cluster::{
     ClusterKey, PeerAuth, PeerError, PeerHandler, PeerKind, PeerTls, PeerTransport, RpcCode,
@@ -260,6 +261,7 @@ async fn another_protocol_version_is_refused_with_a_reason() {
         v: PEER_PROTOCOL_VERSION + 1,
         from: "future".into(),
         nonce: None,
+        cluster: None,
     };
     write_raw(&mut s, &hello).await;
     match read_raw::<PeerFrame>(&mut s).await {
@@ -506,6 +508,7 @@ fn keyed(secret: &str) -> PeerAuth {
     PeerAuth {
         tls: None,
         key: Some(ClusterKey::new(secret.as_bytes()).unwrap()),
+        ..PeerAuth::default()
     }
 }
 
@@ -586,6 +589,7 @@ async fn the_cluster_key_admits_holders_and_refuses_everyone_else() {
                 v: PEER_PROTOCOL_VERSION,
                 from: "n1".into(),
                 nonce: forge.then(|| serde_bytes::ByteBuf::from(vec![7u8; 32])),
+                cluster: None,
             };
             write_raw(&mut s, &hello).await;
             if forge {
@@ -644,4 +648,73 @@ async fn a_connection_that_never_finishes_its_handshake_is_closed() {
         "closed after {:?}",
         started.elapsed()
     );
+}
+
+fn of_cluster(id: Option<&str>) -> PeerAuth {
+    PeerAuth {
+        cluster: id.map(ClusterId::known).unwrap_or_default(),
+        ..PeerAuth::default()
+    }
+}
+
+/// A node of another cluster (a disk from elsewhere, or a cluster formed apart) is refused
+/// on every connection, whichever side dials, and is told why; a node that has not learned
+/// its cluster's id yet is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_and_told_why() {
+    let counting = Arc::new(Counting::default());
+    let server = start("server", of_cluster(Some("c-one")), counting.clone()).await;
+    let to = server.local_addr();
+
+    let same = start("same", of_cluster(Some("c-one")), Arc::new(Echo)).await;
+    let answer = same.call(to, 1, PeerKind::Publish, vec![], T).await;
+    assert_eq!(answer.unwrap(), b"served");
+    let fresh = start("fresh", of_cluster(None), Arc::new(Echo)).await;
+    let answer = fresh.call(to, 1, PeerKind::Publish, vec![], T).await;
+    assert_eq!(answer.unwrap(), b"served");
+    assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let other = start("other", of_cluster(Some("c-two")), Arc::new(Echo)).await;
+    let err = other
+        .call(to, 1, PeerKind::Publish, vec![], Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err, PeerError::Remote { .. }),
+        "a node of another cluster got an answer: {err:?}"
+    );
+    assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // And the other way round: the server dialling the stranger is refused by it.
+    let err = server
+        .call(
+            other.local_addr(),
+            1,
+            PeerKind::Publish,
+            vec![],
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, PeerError::Remote { .. }), "{err:?}");
+
+    // By hand: the refusal names both clusters and the fix.
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    let hello = PeerFrame::Hello {
+        v: PEER_PROTOCOL_VERSION,
+        from: "stray".into(),
+        nonce: None,
+        cluster: Some("c-two".into()),
+    };
+    write_raw(&mut s, &hello).await;
+    match read_until_closed(&mut s).await.as_slice() {
+        [PeerFrame::Error { message }] => {
+            assert!(
+                message.contains("stray belongs to cluster c-two")
+                    && message.contains("this node to cluster c-one")
+                    && message.contains("empty data directory"),
+                "{message}"
+            );
+        }
+        other => panic!("expected one refusal, got {other:?}"),
+    }
 }

@@ -204,6 +204,14 @@ pub struct ClusterConfig {
     /// past it, new publishes to the partition are refused at once as `overloaded` (HTTP
     /// 429) instead of queueing for seconds.
     pub backlog_bytes_max: usize,
+    /// A member unreachable for this long is removed from the member list by the list's
+    /// leader and its replicas are rebuilt on the others, when at least
+    /// `replication_factor` members remain; 0 never removes one (an operator
+    /// decommissions it).
+    pub dead_node_timeout_ms: u64,
+    /// This node's failure zone: a partition's replicas go to distinct zones when there
+    /// are as many zones as replicas. Fixed for the node's life in the cluster.
+    pub zone: Option<String>,
     /// Host (name or IP) other nodes reach this node's `cluster_addr` port at, when
     /// `cluster_addr` binds a wildcard address (e.g. the pod IP or DNS name).
     pub advertise_host: Option<String>,
@@ -342,6 +350,10 @@ impl Default for ClusterConfig {
             // About 16,000 publishes of 256 B: several hundred milliseconds of a leader's
             // work, beyond which a publisher waits longer in the queue than a retry costs.
             backlog_bytes_max: 4 << 20,
+            // Longer than a node restart or a rescheduled pod takes (pulling an image,
+            // attaching a volume), short enough that a second failure rarely comes first.
+            dead_node_timeout_ms: 300_000,
+            zone: None,
             advertise_host: None,
             tls_ca_file: None,
             tls_cert_file: None,
@@ -432,6 +444,11 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "cluster.raft_election_timeout_ms",
     ),
     ("WARBLER_BACKLOG_BYTES_MAX", "cluster.backlog_bytes_max"),
+    (
+        "WARBLER_DEAD_NODE_TIMEOUT_MS",
+        "cluster.dead_node_timeout_ms",
+    ),
+    ("WARBLER_ZONE", "cluster.zone"),
     ("WARBLER_ADVERTISE_HOST", "cluster.advertise_host"),
     ("WARBLER_FAULT_INJECTION", "cluster.fault_injection"),
     ("WARBLER_CLUSTER_TLS_CA_FILE", "cluster.tls_ca_file"),
@@ -577,6 +594,10 @@ impl Config {
                 self.cluster.replication_factor = parse(value, "a whole number")?
             }
             "cluster.backlog_bytes_max" => self.cluster.backlog_bytes_max = parse(value, "bytes")?,
+            "cluster.zone" => self.cluster.zone = (!value.is_empty()).then(|| value.to_string()),
+            "cluster.dead_node_timeout_ms" => {
+                self.cluster.dead_node_timeout_ms = parse(value, "milliseconds")?
+            }
             "cluster.raft_heartbeat_ms" => {
                 self.cluster.raft_heartbeat_ms = parse(value, "milliseconds")?
             }
@@ -622,13 +643,17 @@ impl Config {
     }
 
     fn validate_node(&self) -> Result<(), ConfigError> {
-        if self.node_id.is_empty()
-            || self.node_id.len() > 63
-            || !self
-                .node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
+        if let Some(zone) = &self.cluster.zone {
+            if !is_name(zone) {
+                return Err(invalid(
+                    "cluster.zone",
+                    format!(
+                        "{zone:?} must be 1..=63 characters of letters, digits, '-', '_' or '.'"
+                    ),
+                ));
+            }
+        }
+        if !is_name(&self.node_id) {
             return Err(invalid(
                 "node_id",
                 format!(
@@ -832,6 +857,16 @@ impl Config {
             64 << 10,
             1 << 30,
         )?;
+        if c.dead_node_timeout_ms != 0 && c.dead_node_timeout_ms < 10 * c.raft_election_timeout_ms {
+            return Err(invalid(
+                "cluster.dead_node_timeout_ms",
+                format!(
+                    "{} would remove members that are only restarting: use 0 (never) or at least 10 x cluster.raft_election_timeout_ms ({})",
+                    c.dead_node_timeout_ms,
+                    10 * c.raft_election_timeout_ms
+                ),
+            ));
+        }
         if c.raft_election_timeout_ms < 3 * c.raft_heartbeat_ms
             || c.raft_election_timeout_ms > 60_000
         {
@@ -846,6 +881,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A node id or zone: 1..=63 letters, digits, '-', '_' or '.'.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 fn range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -985,6 +1028,19 @@ mod tests {
         c.set("cluster.tls_key_file", "/n.key").unwrap();
         c.validate().unwrap();
         assert!(c.set("cluster.replication_factor", "three").is_err());
+        c.set("cluster.dead_node_timeout_ms", "5000").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.dead_node_timeout_ms") && e.contains("12000"),
+            "{e}"
+        );
+        c.set("cluster.dead_node_timeout_ms", "0").unwrap();
+        c.validate().expect("0 never removes a member");
+        c.set("cluster.zone", "eu-west-1a").unwrap();
+        c.validate().unwrap();
+        c.set("cluster.zone", "zone a").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.zone"), "{e}");
     }
 
     #[test]

@@ -139,6 +139,21 @@ def check(docs):
             bad.append("HorizontalPodAutoscaler must not scale in (scaleDown.selectPolicy: Disabled)")
         if "replicas" in spec:
             bad.append("with an autoscaler the StatefulSet must not set replicas (an upgrade would reset it)")
+    for cj in by_kind.get("CronJob", []):
+        name = cj["metadata"]["name"]
+        if cj["spec"].get("concurrencyPolicy") != "Forbid":
+            bad.append(f"CronJob {name}: concurrencyPolicy must be Forbid (two backups at once)")
+        job_pod = cj["spec"]["jobTemplate"]["spec"]["template"]
+        job_labels = job_pod["metadata"].get("labels", {})
+        for s in services.values():
+            if labels_match(s["spec"].get("selector", {}), job_labels):
+                bad.append(f"CronJob {name}: its pods match Service {s['metadata']['name']} (clients would reach a backup job)")
+        jsc = job_pod["spec"].get("securityContext", {})
+        if not jsc.get("runAsNonRoot") or jsc.get("runAsUser", 0) == 0:
+            bad.append(f"CronJob {name}: pods must run as a non-root user")
+        for jc in job_pod["spec"]["containers"]:
+            if not jc.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                bad.append(f"CronJob {name}: container {jc['name']} must have a read-only root filesystem")
     return bad
 
 
@@ -181,12 +196,35 @@ def breaks():
     ]
 
 
+def cronjob_breaks():
+    """Breaks of a render with the backup CronJob."""
+    def cj(docs):
+        return next(d for d in docs if d["kind"] == "CronJob")
+
+    def job_pod(docs):
+        return cj(docs)["spec"]["jobTemplate"]["spec"]["template"]
+
+    def sts_labels(docs):
+        sts = next(d for d in docs if d["kind"] == "StatefulSet")
+        return dict(sts["spec"]["selector"]["matchLabels"])
+
+    return [
+        ("backups at once", lambda d: cj(d)["spec"].__setitem__("concurrencyPolicy", "Allow")),
+        ("backup pod behind the Services", lambda d: job_pod(d)["metadata"].__setitem__("labels", sts_labels(d))),
+        ("backup as root", lambda d: job_pod(d)["spec"]["securityContext"].__setitem__("runAsUser", 0)),
+        ("backup with a writable root", lambda d: job_pod(d)["spec"]["containers"][0]["securityContext"].__setitem__("readOnlyRootFilesystem", False)),
+    ]
+
+
 def main(argv):
     if argv and argv[0] == "--self-test":
         good = load(argv[1])
         assert not check(good), f"the good render fails: {check(good)}"
+        cases = breaks()
+        if any(d["kind"] == "CronJob" for d in good):
+            cases += cronjob_breaks()
         missed = []
-        for what, mutate in breaks():
+        for what, mutate in cases:
             docs = copy.deepcopy(good)
             mutate(docs)
             if not check(docs):
@@ -194,7 +232,7 @@ def main(argv):
         if missed:
             print(f"policy self-test: not caught: {', '.join(missed)}", file=sys.stderr)
             return 1
-        print(f"policy self-test: all {len(breaks())} broken manifests caught")
+        print(f"policy self-test: all {len(cases)} broken manifests caught in {argv[1]}")
         return 0
     failed = False
     for path in argv:

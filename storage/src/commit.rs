@@ -169,6 +169,11 @@ impl Heads {
     fn admit(&mut self, ops: &[Op]) -> Result<(), StorageError> {
         let mut advanced: Vec<((crate::PartitionId, String), u64)> = Vec::new();
         for op in ops {
+            if let Op::Restore { partition, .. } = op {
+                // Restored heads are read from the store once written.
+                self.cached.retain(|(p, _), _| p != partition);
+                continue;
+            }
             let Op::Append {
                 partition,
                 user,

@@ -23,7 +23,7 @@ pub mod sync;
 pub use crate::commit::{Committer, CommitterLimits, Done};
 pub use crate::error::StorageError;
 pub use crate::log::{LocalLog, PartitionLog};
-pub use crate::store::{Op, PartitionRows, RetentionPolicy, Store, StoredMessage, TrimReport};
+pub use crate::store::{Op, PartitionRows, RetentionPolicy, Row, Store, StoredMessage, TrimReport};
 pub use crate::sync::Synced;
 
 /// A partition number, `0..partitions`.

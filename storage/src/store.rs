@@ -66,6 +66,20 @@ pub enum Op {
         device: String,
         acked: u64,
     },
+    /// Write rows of a backup into `partition` (a restore; see [`Store::check_rows`]).
+    Restore {
+        partition: PartitionId,
+        rows: Vec<Row>,
+    },
+}
+
+/// One row of a partition's replicated state, as a backup carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// The column family: `msgs`, `cursors`, `dedup` or `heads`.
+    pub cf: String,
+    pub key: ByteBuf,
+    pub value: ByteBuf,
 }
 
 impl Op {
@@ -74,6 +88,10 @@ impl Op {
         match self {
             Op::Append { user, msg, .. } => 64 + user.len() * 3 + msg.id.len() * 2 + msg.body.len(),
             Op::Cursor { user, device, .. } => 32 + user.len() + device.len(),
+            Op::Restore { rows, .. } => rows
+                .iter()
+                .map(|r| 16 + r.cf.len() + r.key.len() + r.value.len())
+                .sum(),
         }
     }
 }
@@ -199,7 +217,63 @@ impl Store {
                     acked.to_be_bytes(),
                 );
             }
+            Op::Restore { partition, rows } => {
+                // Checked before they were proposed; a row outside the partition is skipped.
+                for r in rows.iter().filter(|r| row_belongs(*partition, r)) {
+                    batch.put_cf(self.cf(&r.cf), &r.key, &r.value);
+                }
+            }
         }
+    }
+
+    /// Whether `rows` all belong to `partition`'s replicated state (a restore's input).
+    pub fn check_rows(partition: PartitionId, rows: &[Row]) -> Result<(), StorageError> {
+        match rows.iter().find(|r| !row_belongs(partition, r)) {
+            None => Ok(()),
+            Some(r) => Err(StorageError::Corrupt(format!(
+                "a row of column family {:?} is not partition {partition}'s state",
+                r.cf
+            ))),
+        }
+    }
+
+    /// Whether `partition` holds no user's state: no head, no cursor (what a restore
+    /// writes into).
+    pub fn partition_is_empty(&self, partition: PartitionId) -> Result<bool, StorageError> {
+        let prefix = partition.to_be_bytes().to_vec();
+        for cf in PARTITION_STATE_CFS {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
+            if let Some(item) = self
+                .db
+                .iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start)
+                .next()
+            {
+                item?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every row of `partition`'s replicated state and its consensus applied value (raw)
+    /// under `applied_key`, from one database snapshot: a backup of the partition.
+    pub fn backup_partition(
+        &self,
+        partition: PartitionId,
+        applied_key: Option<&str>,
+    ) -> Result<(Vec<Row>, Option<Vec<u8>>), StorageError> {
+        let keys: Vec<&str> = applied_key.into_iter().collect();
+        let (rows, meta) = self.export_partition_with_meta(partition, &keys)?;
+        let rows = rows
+            .into_iter()
+            .map(|(cf, k, v)| Row {
+                cf,
+                key: ByteBuf::from(k),
+                value: ByteBuf::from(v),
+            })
+            .collect();
+        Ok((rows, meta.into_iter().next().flatten()))
     }
 
     /// Writes a batch; `sync` fsyncs the WAL before returning.
@@ -521,6 +595,10 @@ pub type MetaValues = Vec<Option<Vec<u8>>>;
 /// One partition's replicated state, as a snapshot carries it: (column family, key, value).
 pub type PartitionRows = Vec<(String, Vec<u8>, Vec<u8>)>;
 
+fn row_belongs(partition: PartitionId, r: &Row) -> bool {
+    PARTITION_STATE_CFS.contains(&r.cf.as_str()) && r.key.starts_with(&partition.to_be_bytes())
+}
+
 /// Storage for the per-partition consensus log and its metadata, and partition snapshots.
 /// Generic bytes: the consensus library's types stay out of this crate.
 impl Store {
@@ -657,6 +735,45 @@ impl Store {
         self.write(batch, true)
     }
 
+    /// The partitions (and groups) this node keeps consensus state of: a replica it holds,
+    /// or one it held and has not dropped.
+    pub fn consensus_groups(&self) -> Result<Vec<PartitionId>, StorageError> {
+        let mut groups = Vec::new();
+        let mut from = Vec::new();
+        loop {
+            let mut it = self.db.iterator_cf(
+                self.cf(CF_RAFT_META),
+                IteratorMode::From(&from, Direction::Forward),
+            );
+            let Some(item) = it.next() else {
+                return Ok(groups);
+            };
+            let (k, _) = item?;
+            if k.len() < 2 {
+                from = k.to_vec();
+                from.push(0);
+                continue;
+            }
+            let p = PartitionId::from_be_bytes([k[0], k[1]]);
+            groups.push(p);
+            if p == PartitionId::MAX {
+                return Ok(groups);
+            }
+            from = (p + 1).to_be_bytes().to_vec();
+        }
+    }
+
+    /// Deletes everything in the database: every partition's state, the consensus logs and
+    /// metadata (a data directory whose node was removed from its cluster).
+    pub fn wipe(&self) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for cf in COLUMN_FAMILIES {
+            // Every key starts with a partition number; no key reaches past this one.
+            batch.delete_range_cf(self.cf(cf), Vec::new(), vec![0xff; 64]);
+        }
+        self.write(batch, true)
+    }
+
     /// Every row of `partition`'s replicated state.
     pub fn export_partition(&self, partition: PartitionId) -> Result<PartitionRows, StorageError> {
         Ok(self.export_partition_with_meta(partition, &[])?.0)
@@ -773,6 +890,102 @@ mod tests {
         );
         let huge = store.read_range(3, "big", 20, 100).unwrap();
         assert_eq!(huge.len(), 1, "one message over the cap still comes, alone");
+    }
+
+    #[test]
+    fn a_partition_backed_up_and_restored_elsewhere_reads_the_same() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            Store::open(da.path()).unwrap(),
+            Store::open(db.path()).unwrap(),
+        );
+        append(&a, "al", 1..=30, 1000);
+        append(&a, "bo", 1..=3, 1000);
+        a.apply(
+            &[Op::Cursor {
+                partition: 3,
+                user: "al".into(),
+                device: "phone".into(),
+                acked: 17,
+            }],
+            true,
+        )
+        .unwrap();
+        a.raft_meta_put(3, "applied", b"x", false).unwrap();
+        // Another partition's user stays out of partition 3's backup.
+        a.apply(
+            &[Op::Append {
+                partition: 4,
+                user: "cy".into(),
+                seq: 1,
+                msg: msg("cy-1", 1),
+            }],
+            true,
+        )
+        .unwrap();
+        let (rows, applied) = a.backup_partition(3, Some("applied")).unwrap();
+        assert_eq!(applied.as_deref(), Some(&b"x"[..]));
+        assert!(b.partition_is_empty(3).unwrap());
+        Store::check_rows(3, &rows).unwrap();
+        assert!(Store::check_rows(4, &rows).is_err());
+        // In two chunks, as a restore sends them.
+        let (first, rest) = rows.split_at(rows.len() / 2);
+        for chunk in [first, rest] {
+            b.apply(
+                &[Op::Restore {
+                    partition: 3,
+                    rows: chunk.to_vec(),
+                }],
+                true,
+            )
+            .unwrap();
+        }
+        assert!(!b.partition_is_empty(3).unwrap());
+        assert!(b.partition_is_empty(4).unwrap());
+        assert_eq!(b.last_seq(3, "al").unwrap(), 30);
+        assert_eq!(
+            b.read_range(3, "al", 0, 100).unwrap(),
+            a.read_range(3, "al", 0, 100).unwrap()
+        );
+        assert_eq!(b.read_range(3, "bo", 0, 100).unwrap().len(), 3);
+        assert_eq!(b.dedup(3, "al", "al-7").unwrap(), Some(7));
+        assert_eq!(
+            b.cursor(3, "al", "phone").unwrap(),
+            a.cursor(3, "al", "phone").unwrap()
+        );
+        assert_eq!(b.last_seq(4, "cy").unwrap(), 0);
+    }
+
+    #[test]
+    fn consensus_groups_are_listed_and_a_wipe_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.consensus_groups().unwrap().is_empty());
+        append(&store, "al", 1..=5, 1000);
+        for p in [0u16, 7, 300, u16::MAX - 1, u16::MAX] {
+            store.raft_meta_put(p, "vote", b"v", false).unwrap();
+            store.raft_meta_put(p, "applied", b"a", false).unwrap();
+            store
+                .raft_log_put(p, &[(u64::MAX >> 8, b"entry".to_vec())], false)
+                .unwrap();
+        }
+        assert_eq!(
+            store.consensus_groups().unwrap(),
+            vec![0, 7, 300, u16::MAX - 1, u16::MAX]
+        );
+        store.drop_partition(7).unwrap();
+        assert_eq!(
+            store.consensus_groups().unwrap(),
+            vec![0, 300, u16::MAX - 1, u16::MAX]
+        );
+        store.wipe().unwrap();
+        assert!(store.consensus_groups().unwrap().is_empty());
+        assert_eq!(store.last_seq(3, "al").unwrap(), 0);
+        assert!(store.read_range(3, "al", 0, 10).unwrap().is_empty());
+        for p in [0u16, u16::MAX] {
+            assert!(store.raft_log_last(p).unwrap().is_none(), "log of {p}");
+            assert!(store.raft_meta_get(p, "vote").unwrap().is_none());
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! removes a node. Each change is a consensus decision with a log index: the list's epoch is
 //! that index + 1, and epoch 0 is reserved for the list a new cluster forms with.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,13 @@ pub struct MemberList {
     /// member-list group's log index of this list + 1.
     #[serde(default)]
     pub epoch: u64,
+    /// The cluster's id, in the answers members give (see [`crate::identity`]); absent
+    /// from a previous release's answers and from the copy kept on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The zone of each member that has one (`--zone`): replicas spread over zones.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub zones: BTreeMap<String, String>,
 }
 
 impl MemberList {
@@ -52,23 +59,51 @@ pub fn epoch_of(membership_index: Option<u64>) -> u64 {
     membership_index.map(|i| i + 1).unwrap_or(1)
 }
 
-/// The member list that the member-list group's configuration holds: `names` are its nodes
-/// (voters and learners); `None` while the group has none.
+/// How the member-list group records a member: its name, and `@zone` when it has one
+/// (names and zones never hold an `@`).
+pub fn member_node(name: &str, zone: Option<&str>) -> String {
+    match zone {
+        Some(z) => format!("{name}@{z}"),
+        None => name.to_string(),
+    }
+}
+
+/// A member's name and zone from [`member_node`]'s form.
+pub fn parse_member_node(node: &str) -> (String, Option<String>) {
+    match node.split_once('@') {
+        Some((name, zone)) => (name.to_string(), Some(zone.to_string())),
+        None => (node.to_string(), None),
+    }
+}
+
+/// The member list that the member-list group's configuration holds: `nodes` are its nodes
+/// (voters and learners, in [`member_node`]'s form); `None` while the group has none.
 pub fn list_from_group(
-    mut names: Vec<String>,
+    nodes: Vec<String>,
     replication_factor: usize,
     addrs: Vec<SocketAddr>,
     membership_index: Option<u64>,
 ) -> Option<MemberList> {
-    if names.is_empty() {
+    if nodes.is_empty() {
         return None;
+    }
+    let mut names = Vec::with_capacity(nodes.len());
+    let mut zones = BTreeMap::new();
+    for node in &nodes {
+        let (name, zone) = parse_member_node(node);
+        if let Some(z) = zone {
+            zones.insert(name.clone(), z);
+        }
+        names.push(name);
     }
     names.sort();
     Some(MemberList {
+        zones,
         names,
         replication_factor,
         addrs,
         epoch: epoch_of(membership_index),
+        cluster: None,
     })
 }
 
@@ -206,6 +241,8 @@ mod tests {
             replication_factor: rf,
             addrs: Vec::new(),
             epoch,
+            cluster: None,
+            zones: Default::default(),
         }
     }
 
@@ -227,8 +264,14 @@ mod tests {
         assert_eq!(epoch_of(None), 1);
         assert_eq!(epoch_of(Some(0)), 1);
         assert_eq!(epoch_of(Some(7)), 8);
-        let l = list_from_group(vec!["b".into(), "a".into()], 3, vec![], Some(4)).unwrap();
+        let l = list_from_group(vec!["b@z2".into(), "a".into()], 3, vec![], Some(4)).unwrap();
         assert_eq!(l.names, ["a", "b"]);
+        assert_eq!(
+            l.zones,
+            BTreeMap::from([("b".to_string(), "z2".to_string())])
+        );
+        assert_eq!(member_node("b", Some("z2")), "b@z2");
+        assert_eq!(parse_member_node("a"), ("a".to_string(), None));
         assert_eq!(l.epoch, 5);
         assert!(!l.is_formation());
         assert_eq!(list_from_group(vec![], 3, vec![], Some(4)), None);

@@ -18,7 +18,9 @@
 //!   redirects.
 //! - [`ready`]: whether a node is ready to serve (`/readyz`).
 //! - [`quiesce`]: when an idle partition stops ticking, and what wakes it.
+//! - [`dead`]: which member has been down long enough to be replaced.
 
+pub mod dead;
 pub mod group;
 pub mod leader;
 pub mod members;

@@ -8,11 +8,13 @@ use crate::ring::{Ring, VNODES_DEFAULT};
 use crate::PartitionId;
 
 /// Each partition's replicas by the ring over `list`'s members, preferred leader first.
+/// Over zones when members have them (see [`Ring::replicas_in_zones`]).
 pub fn place(list: &MemberList, partitions: u16) -> Vec<Vec<String>> {
     let ring = Ring::new(list.names.iter(), VNODES_DEFAULT);
+    let zone_of = |n: &str| list.zones.get(n).map(String::as_str);
     (0..partitions)
         .map(|p| {
-            ring.replicas(p, list.replication_factor)
+            ring.replicas_in_zones(p, list.replication_factor, &zone_of)
                 .into_iter()
                 .map(String::from)
                 .collect()
@@ -108,6 +110,8 @@ mod tests {
             replication_factor: 3,
             addrs: Vec::new(),
             epoch: 0,
+            cluster: None,
+            zones: Default::default(),
         };
         let placed = place(&list, 64);
         assert_eq!(placed.len(), 64);

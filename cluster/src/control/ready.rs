@@ -14,7 +14,7 @@ use crate::PartitionId;
 pub enum NotReady {
     #[error("the cluster has not formed yet (waiting for bootstrap_expect members)")]
     NotFormed,
-    #[error("this node was decommissioned and is no longer a member; stop it (to join again, start it on an empty data directory)")]
+    #[error("this node was decommissioned and is no longer a member; stop it (started again once it holds no replica, it wipes its data directory and joins as a new node)")]
     Decommissioned,
     #[error("partition {0} is placed here and its replica has not started yet")]
     NotStarted(PartitionId),

@@ -17,6 +17,7 @@ pub struct Peer {
     pub cluster: SocketAddr,
     /// It belongs to a formed cluster (it knows the member list).
     pub formed: bool,
+    pub zone: Option<String>,
 }
 
 /// What to do with the list a formed node answered.
@@ -57,11 +58,11 @@ pub struct Waiting {
 }
 
 /// The list a new cluster forms with once `expect` nodes (this one included) are up: all
-/// of them, sorted, with `rf` capped by their number. `my_addr` is this node's cluster
-/// address (gossip does not list this node).
+/// of them, sorted, with `rf` capped by their number, and their zones. `my_addr` and
+/// `my_zone` are this node's (gossip does not list this node).
 pub fn form_new(
     me: &str,
-    my_addr: SocketAddr,
+    (my_addr, my_zone): (SocketAddr, Option<&str>),
     peers: &[Peer],
     expect: usize,
     rf: usize,
@@ -69,6 +70,13 @@ pub fn form_new(
     let mut by_name: BTreeMap<&str, SocketAddr> =
         peers.iter().map(|p| (p.name.as_str(), p.cluster)).collect();
     by_name.insert(me, my_addr);
+    let mut zones: BTreeMap<String, String> = peers
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), p.zone.clone()?)))
+        .collect();
+    if let Some(z) = my_zone {
+        zones.insert(me.to_string(), z.to_string());
+    }
     let names: Vec<String> = by_name.keys().map(|n| n.to_string()).collect();
     if names.len() < expect.max(1) {
         return Err(Waiting {
@@ -81,6 +89,8 @@ pub fn form_new(
         addrs: by_name.values().copied().collect(),
         names,
         epoch: 0,
+        cluster: None,
+        zones,
     })
 }
 
@@ -101,6 +111,8 @@ mod tests {
             replication_factor: 3,
             addrs: Vec::new(),
             epoch,
+            cluster: None,
+            zones: Default::default(),
         }
     }
 
@@ -109,6 +121,7 @@ mod tests {
             name: name.into(),
             cluster: SocketAddr::from(([127, 0, 0, 1], port)),
             formed,
+            zone: Some(format!("z{}", port % 2)),
         }
     }
 
@@ -143,15 +156,21 @@ mod tests {
     fn a_new_cluster_forms_once_enough_nodes_are_up() {
         let peers = [peer("b", 2, false), peer("c", 3, false)];
         let me = SocketAddr::from(([127, 0, 0, 1], 1));
-        let w = form_new("a", me, &peers[..1], 3, 3).unwrap_err();
+        let w = form_new("a", (me, None), &peers[..1], 3, 3).unwrap_err();
         assert_eq!((w.have, w.expect), (vec!["a".into(), "b".into()], 3));
-        let l = form_new("a", me, &peers, 3, 5).unwrap();
+        let l = form_new("a", (me, Some("z9")), &peers, 3, 5).unwrap();
         assert_eq!(l.names, ["a", "b", "c"]);
         assert_eq!(l.replication_factor, 3, "rf is capped by the node count");
         assert_eq!(l.addrs, [me, peers[0].cluster, peers[1].cluster]);
         assert!(l.is_formation());
+        let zones: Vec<(&str, &str)> = l
+            .zones
+            .iter()
+            .map(|(n, z)| (n.as_str(), z.as_str()))
+            .collect();
+        assert_eq!(zones, [("a", "z9"), ("b", "z0"), ("c", "z1")]);
         // A single node forms alone; bootstrap_expect 0 counts as 1.
-        assert_eq!(form_new("a", me, &[], 0, 3).unwrap().names, ["a"]);
+        assert_eq!(form_new("a", (me, None), &[], 0, 3).unwrap().names, ["a"]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use openraft::{BasicNode, ChangeMembers, Raft};
 use warbler_storage::PartitionId;
 
 use super::{group_view, ClusterNode, META_GROUP};
+use crate::control::dead::DeadWatch;
 use crate::control::members::{self, Change, Standing};
 use crate::control::rebalance::{self, OnReconfigure};
 use crate::control::{placement, raft_id, Coordinator, MemberList, Moved, Reconfigure};
@@ -128,8 +129,18 @@ impl ClusterNode {
         let meta = self.meta()?;
         let id = raft_id(&name);
         if !group_view(meta, self.my_id).nodes.contains(&id) {
+            // Its zone comes from its gossip metadata: wait until this node has it.
+            let zone = match self.metas.borrow().get(&name) {
+                Some(m) => m.zone.clone(),
+                None => {
+                    return Err(not_ready(format!(
+                        "{name} is not in this node's gossip view yet; the join is retried"
+                    )))
+                }
+            };
             self.names.write().unwrap().insert(id, name.clone());
-            meta.add_learner(id, BasicNode::new(name.clone()), false)
+            let node = members::member_node(&name, zone.as_deref());
+            meta.add_learner(id, BasicNode::new(node), false)
                 .await
                 .map_err(|e| {
                     RpcError::new(
@@ -308,6 +319,7 @@ impl ClusterNode {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(STEP_PERIOD);
             let mut coordinator = Coordinator::default();
+            let mut dead = DeadWatch::default();
             for round in 0u64.. {
                 tick.tick().await;
                 node.share_disk_state().await;
@@ -325,9 +337,13 @@ impl ClusterNode {
                 }
                 match node.formed.get() {
                     Some(f) if !left && group_view(&f.meta, node.my_id).leading => {
+                        node.replace_dead(&mut dead).await;
                         node.coordinate(&mut coordinator).await
                     }
-                    _ => coordinator = Coordinator::default(),
+                    _ => {
+                        coordinator = Coordinator::default();
+                        dead = DeadWatch::default();
+                    }
                 }
             }
         });
@@ -458,12 +474,43 @@ impl ClusterNode {
     }
 
     async fn leave(&self, list: &MemberList) {
-        tracing::warn!(members = ?list.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (to join again, start it on an empty data directory)");
+        tracing::warn!(members = ?list.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (started again, it wipes its data directory and joins as a new node)");
         self.left.store(true, Ordering::Relaxed);
         self.set_state(NodeState::Draining, true).await;
         if let Some(f) = self.formed.get() {
             let _ = f.meta.shutdown().await;
             self.raft_service.remove(META_GROUP);
+        }
+    }
+
+    /// On the member list's leader: removes a member that has been down for
+    /// `cluster.dead_node_timeout_ms` (its replicas are then rebuilt on the others).
+    async fn replace_dead(&self, dead: &mut DeadWatch) {
+        let Some(list) = self.members.read().unwrap().clone() else {
+            return;
+        };
+        let live: HashSet<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        let now = std::time::Instant::now();
+        let Some(name) = dead.observe(&list.names, &live, &self.me, now, self.dead_node_timeout)
+        else {
+            return;
+        };
+        let down = dead.down_for(&name, now).unwrap_or_default().as_secs();
+        match self.decommission(name.clone(), false).await {
+            Ok(_) => {
+                metrics::counter!("warbler_dead_members_removed_total").increment(1);
+                tracing::warn!(node = %name, down_secs = down, "member unreachable past cluster.dead_node_timeout_ms: removed from the member list; its replicas are rebuilt on the others (if it comes back it is told it was removed)");
+            }
+            Err(e) => {
+                if dead.report_refusal(now) {
+                    tracing::warn!(node = %name, down_secs = down, error = %e, "member unreachable past cluster.dead_node_timeout_ms cannot be replaced yet");
+                }
+            }
         }
     }
 

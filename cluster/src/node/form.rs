@@ -11,10 +11,11 @@ use warbler_config::Config;
 use warbler_storage::{PartitionId, Store};
 
 use super::{ClusterNode, Formed};
-use crate::control::members::{list_from_group, raft_id};
+use crate::control::members::{self, list_from_group, raft_id, Standing};
 use crate::control::start::{self, Found, Peer};
 use crate::control::{placement, MemberList};
 use crate::error::ClusterError;
+use crate::identity::ClusterId;
 use crate::raft_net::{self, Resolver};
 use crate::raft_store::TypeConfig;
 use crate::wire::{self, PeerKind};
@@ -34,6 +35,9 @@ const SEED_REFRESH: Duration = Duration::from_secs(5);
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a node waiting to form looks at gossip again.
 const DISCOVER_PERIOD: Duration = Duration::from_millis(200);
+/// How long a node restarting on a kept member list waits for a member to tell it whether
+/// it is still one (a whole cluster starting at once waits this long).
+const STANDING_WAIT: Duration = Duration::from_secs(5);
 
 impl ClusterNode {
     /// Waits for the member list (from disk, from a formed member, by joining a running
@@ -46,13 +50,14 @@ impl ClusterNode {
         store: &Store,
     ) -> Result<(), ClusterError> {
         let list = match load_members(store)? {
-            Some(l) => l,
-            None => {
-                let l = self.discover(config).await?;
-                save_members(store, &l)?;
-                l
-            }
+            Some(stored) => self.stored_unless_removed(config, store, stored).await?,
+            None => self.discover_and_keep(config, store).await?,
         };
+        if let Some(id) = &list.cluster {
+            if self.cluster_id.adopt(store, id)? {
+                tracing::info!(cluster_id = %id, "this node is now a member of cluster {id}");
+            }
+        }
         tracing::info!(members = ?list.names, rf = list.replication_factor, fresh = list.is_formation(), "cluster formed");
         self.learn_names(&list);
         let raft_config = Arc::new(raft_config(config)?);
@@ -67,7 +72,17 @@ impl ClusterNode {
             .start_group(META_GROUP, &raft_config, store, &resolver)
             .await?;
         if start::creates_group(&self.me, &list, list.names.first().map(String::as_str)) {
-            self.initialize(&meta, &list.names).await?;
+            // The node that creates the member-list group names the new cluster (not on a
+            // restart: a group that exists has a cluster, named or not).
+            let exists = meta
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            let id = ClusterId::random();
+            if !exists && self.cluster_id.adopt(store, &id)? {
+                tracing::info!(cluster_id = %id, "a new cluster forms: it is {id}");
+            }
+            self.initialize(&meta, &list.names, &list.zones).await?;
         }
         let _ = self.formed.set(Formed {
             store: store.clone(),
@@ -86,22 +101,210 @@ impl ClusterNode {
             }
             let raft = self.start_replica(p).await?;
             if start::creates_group(&self.me, &list, reps.first().map(String::as_str)) {
-                self.initialize(&raft, &reps).await?;
+                self.initialize(&raft, &reps, &BTreeMap::new()).await?;
             }
         }
         self.set_state(NodeState::Serving, true).await;
         self.keep_in_step();
         self.watch_catch_up();
         self.quiesce_idle();
+        self.learn_cluster_id();
         Ok(())
     }
 
+    async fn discover_and_keep(
+        &self,
+        config: &Config,
+        store: &Store,
+    ) -> Result<MemberList, ClusterError> {
+        let list = self.discover(config).await?;
+        save_members(store, &list)?;
+        Ok(list)
+    }
+
+    /// The member list kept on disk, unless the cluster removed this node since (the disk
+    /// is stale: the node was decommissioned or replaced while it was down). A removed node
+    /// that holds no replica has its data directory wiped and joins as a new node; one
+    /// that still holds replicas starts with them, hands them over, and serves nothing (it
+    /// is wiped at its next start).
+    async fn stored_unless_removed(
+        &self,
+        config: &Config,
+        store: &Store,
+        stored: MemberList,
+    ) -> Result<MemberList, ClusterError> {
+        let Some(current) = self.removed_since(&stored).await else {
+            return Ok(stored);
+        };
+        let held: Vec<PartitionId> = store
+            .consensus_groups()?
+            .into_iter()
+            .filter(|p| *p < self.partitions)
+            .collect();
+        if self.counted_in_any(&current, &held).await {
+            tracing::warn!(epoch = current.epoch, members = ?current.names, replicas = held.len(), "this node was removed from the cluster while partitions still counted its replicas: it hands them over and then serves nothing; restart it afterwards and it joins again as a new node (its data directory is wiped then)");
+            return Ok(stored);
+        }
+        tracing::warn!(epoch = current.epoch, members = ?current.names, stale_replicas = held.len(), "this data directory belongs to a node the cluster removed (its member list no longer names it) and no partition counts its replicas: wiping it and joining as a new node");
+        store.wipe()?;
+        self.cluster_id.keep(store)?;
+        metrics::counter!("warbler_stale_disk_wipes_total").increment(1);
+        self.discover_and_keep(config, store).await
+    }
+
+    /// The current member list when it no longer names this node, asked of the members in
+    /// `stored` and the formed nodes gossip shows, for up to [`STANDING_WAIT`]; `None`
+    /// when it still names it, or no member answered (the whole cluster is starting).
+    async fn removed_since(&self, stored: &MemberList) -> Option<MemberList> {
+        if stored.names.iter().all(|n| *n == self.me) {
+            return None;
+        }
+        let own = [self.transport.local_addr(), self.cluster_addr()];
+        let deadline = Instant::now() + STANDING_WAIT;
+        loop {
+            let mut addrs: Vec<SocketAddr> = stored.addrs.clone();
+            addrs.extend(start::formed_peers(&self.peers()).map(|p| p.cluster));
+            addrs.retain(|a| !own.contains(a));
+            addrs.sort();
+            addrs.dedup();
+            let mut asks = tokio::task::JoinSet::new();
+            for addr in addrs {
+                let transport = self.transport.clone();
+                asks.spawn(async move {
+                    let asked = transport.call(addr, 0, PeerKind::Members, Vec::new(), ASK_TIMEOUT);
+                    wire::decode::<MemberList>(&asked.await.ok()?).ok()
+                });
+            }
+            while let Some(answer) = asks.join_next().await {
+                let Ok(Some(theirs)) = answer else {
+                    continue;
+                };
+                return match members::standing(&self.me, stored, Some(&theirs)) {
+                    Standing::Left(current) => Some(current),
+                    Standing::Member | Standing::AskOthers => None,
+                };
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(
+                    wait_ms = STANDING_WAIT.as_millis() as u64,
+                    "no member answered; starting from the member list kept on disk"
+                );
+                return None;
+            }
+            tokio::time::sleep(DISCOVER_PERIOD).await;
+        }
+    }
+
+    /// Whether any of `held` (partitions this node has data of) still counts this node in
+    /// its group, asked of the leaders the `current` list places them on. A partition
+    /// whose leader cannot be asked counts as counting it.
+    async fn counted_in_any(&self, current: &MemberList, held: &[PartitionId]) -> bool {
+        let placed = placement::place(current, self.partitions);
+        let body = wire::encode(&wire::NodeReq(self.me.clone()));
+        // Gossip may not have every member's address yet, a moment after start.
+        let deadline = Instant::now() + STANDING_WAIT;
+        'partitions: for &p in held {
+            for name in placed.get(p as usize).into_iter().flatten() {
+                let Some(addr) = self.gossip_addr(name, deadline).await else {
+                    continue;
+                };
+                let asked = self
+                    .transport
+                    .call(addr, p, PeerKind::MemberOf, body.clone(), ASK_TIMEOUT)
+                    .await;
+                match asked.map(|b| wire::decode::<bool>(&b)) {
+                    Ok(Ok(false)) => continue 'partitions,
+                    Ok(Ok(true)) => return true,
+                    _ => {}
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    /// `name`'s cluster address from gossip, waiting for it until `deadline`.
+    async fn gossip_addr(&self, name: &str, deadline: Instant) -> Option<SocketAddr> {
+        loop {
+            if let Some(addr) = self.metas.borrow().get(name).map(|m| m.cluster) {
+                return Some(addr);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(DISCOVER_PERIOD).await;
+        }
+    }
+
+    /// Until this node knows its cluster's id: asks the members for it every second; the
+    /// member-list group's leader makes one up when no member has one (a cluster that just
+    /// formed, or one a previous release formed).
+    fn learn_cluster_id(self: &Arc<Self>) {
+        if self.cluster_id.get().is_some() {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if node.cluster_id.get().is_some() || node.has_left() {
+                    return;
+                }
+                let (id, made) = match node.members_cluster_id().await {
+                    Some(id) => (id, false),
+                    None if node.leads_member_list() => (ClusterId::random(), true),
+                    None => continue,
+                };
+                let store = &node.formed.get().expect("formed before learning").store;
+                match node.cluster_id.adopt(store, &id) {
+                    Ok(true) if made => {
+                        tracing::info!(cluster_id = %id, "this cluster had no id (it just formed, or a previous release formed it): it is {id}")
+                    }
+                    Ok(_) => {
+                        tracing::info!(cluster_id = %id, "learned the cluster's id from a member")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot keep the cluster id; retrying"),
+                }
+            }
+        });
+    }
+
+    /// The cluster id the first member that has one answers with.
+    async fn members_cluster_id(&self) -> Option<String> {
+        let names = self.members.read().unwrap().clone()?.names;
+        for addr in self.cluster_addrs(&names) {
+            if addr == self.cluster_addr() {
+                continue;
+            }
+            let asked = self
+                .transport
+                .call(addr, 0, PeerKind::Members, Vec::new(), ASK_TIMEOUT)
+                .await;
+            if let Ok(Ok(MemberList {
+                cluster: Some(id), ..
+            })) = asked.map(|b| wire::decode::<MemberList>(&b))
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn leads_member_list(&self) -> bool {
+        self.formed
+            .get()
+            .is_some_and(|f| super::group_view(&f.meta, self.my_id).leading)
+    }
+
     /// Creates a group with `names` as its voters, unless it exists (a restart). Every group
-    /// names its nodes by node name; addresses come from gossip.
+    /// names its nodes by node name (the member-list group with their `zones`); addresses
+    /// come from gossip.
     async fn initialize(
         &self,
         raft: &Raft<TypeConfig>,
         names: &[String],
+        zones: &BTreeMap<String, String>,
     ) -> Result<(), ClusterError> {
         if raft
             .is_initialized()
@@ -112,7 +315,10 @@ impl ClusterNode {
         }
         let voters: BTreeMap<u64, BasicNode> = names
             .iter()
-            .map(|n| (raft_id(n), BasicNode::new(n.clone())))
+            .map(|n| {
+                let node = members::member_node(n, zones.get(n).map(String::as_str));
+                (raft_id(n), BasicNode::new(node))
+            })
             .collect();
         if let Err(e) = raft.initialize(voters).await {
             tracing::debug!(error = %e, "group already initialized");
@@ -194,21 +400,22 @@ impl ClusterNode {
     pub(crate) fn list_from_meta(&self) -> Option<MemberList> {
         let f = self.formed.get()?;
         let m = f.meta.metrics();
-        let (names, index) = {
+        let (nodes, index) = {
             let m = m.borrow();
-            let names: Vec<String> = m
+            let nodes: Vec<String> = m
                 .membership_config
                 .membership()
                 .nodes()
                 .map(|(_, n)| n.addr.clone())
                 .collect();
             (
-                names,
+                nodes,
                 m.membership_config.log_id().as_ref().map(|l| l.index),
             )
         };
-        let addrs = self.cluster_addrs(&names);
-        list_from_group(names, f.replication_factor, addrs, index)
+        let mut list = list_from_group(nodes, f.replication_factor, Vec::new(), index)?;
+        list.addrs = self.cluster_addrs(&list.names);
+        Some(list)
     }
 
     /// The cluster addresses of `names` (this node's own, the others' from gossip).
@@ -241,6 +448,7 @@ impl ClusterNode {
                     name: m.name,
                     cluster: meta.cluster,
                     formed: meta.formed,
+                    zone: meta.zone.clone(),
                 })
             })
             .collect()
@@ -259,7 +467,9 @@ impl ClusterNode {
                     return Ok(list);
                 }
             }
-            match start::form_new(&self.me, self.cluster_addr(), &peers, expect, rf) {
+            let zone = self.my_meta.read().unwrap().zone.clone();
+            let me = (self.cluster_addr(), zone.as_deref());
+            match start::form_new(&self.me, me, &peers, expect, rf) {
                 Ok(list) => return Ok(list),
                 Err(w) if last_log.elapsed() > Duration::from_secs(5) => {
                     tracing::info!(have = w.have.len(), expect, members = ?w.have, "waiting for bootstrap_expect members before forming the cluster");

@@ -31,6 +31,7 @@ use warbler_storage::{PartitionId, Store};
 use crate::control::leader::{self, LeaderHints, LeaderView};
 use crate::control::{raft_id, GroupView, MemberList};
 use crate::error::ClusterError;
+use crate::identity::ClusterId;
 use crate::key::{ClusterKey, NodeSigner};
 
 /// The node's own gossip signing key, in its data directory.
@@ -103,6 +104,10 @@ pub struct ClusterNode {
     leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
     /// Set once a replica stopped for good (its storage failed): why.
     fatal: watch::Sender<Option<String>>,
+    /// The cluster's id, once this node knows it (the transport checks peers against it).
+    cluster_id: ClusterId,
+    /// A member down this long is replaced (zero: never).
+    dead_node_timeout: std::time::Duration,
 }
 
 /// What a replica's metrics say, as a decision input.
@@ -257,9 +262,14 @@ impl ClusterNode {
         let raft_service = Arc::new(RaftService::default());
         let service = Arc::new(service::NodeService::new(raft_service.clone()));
         let key = cluster_key(config)?;
+        let cluster_id = ClusterId::load(store)?;
+        if let Some(id) = cluster_id.get() {
+            tracing::info!(cluster_id = %id, "this data directory belongs to cluster {id}");
+        }
         let auth = PeerAuth {
             tls: peer_tls(config)?,
             key: key.clone(),
+            cluster: cluster_id.clone(),
         };
         let transport =
             PeerTransport::start_with(&config.node_id, config.cluster_addr, auth, service.clone())
@@ -279,6 +289,7 @@ impl ClusterNode {
             formed: form::load_members(store)?.is_some(),
             low_space: store.low_space().is_some(),
             signing_key: Vec::new(),
+            zone: config.cluster.zone.clone(),
         };
         let faults = transport.faults().clone();
         let membership = gossip(config, store, &transport, &meta, key).await?;
@@ -307,6 +318,10 @@ impl ClusterNode {
             started: std::time::Instant::now(),
             leaders_applied: Mutex::default(),
             fatal: watch::Sender::new(None),
+            cluster_id,
+            dead_node_timeout: std::time::Duration::from_millis(
+                config.cluster.dead_node_timeout_ms,
+            ),
         });
         service.set_node(&node);
         Ok(node)
@@ -315,6 +330,17 @@ impl ClusterNode {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.me
+    }
+
+    /// The id of this node's cluster, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id.get()
+    }
+
+    /// `list` as this node answers it to peers: with the cluster id.
+    pub(crate) fn stamped(&self, mut list: MemberList) -> MemberList {
+        list.cluster = self.cluster_id.get();
+        list
     }
 
     /// The cluster address peers reach this node at (where leaders send deliveries).

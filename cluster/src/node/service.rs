@@ -73,7 +73,7 @@ impl ClusterNode {
     ) -> Result<Vec<u8>, RpcError> {
         match kind {
             PeerKind::Members => match self.members.read().unwrap().clone() {
-                Some(list) => Ok(wire::encode(&list)),
+                Some(list) => Ok(wire::encode(&self.stamped(list))),
                 None => Err(RpcError::new(
                     RpcCode::NotReady,
                     "this node has not joined a formed cluster yet",
@@ -86,7 +86,8 @@ impl ClusterNode {
             PeerKind::Join => {
                 let r = ListChange::from_frame(partition, &body)
                     .map_err(|e| RpcError::bad_request("join request", e))?;
-                Ok(wire::encode(&self.join(r.node, r.forwarded).await?))
+                let list = self.join(r.node, r.forwarded).await?;
+                Ok(wire::encode(&self.stamped(list)))
             }
             PeerKind::Decommission => {
                 let r = ListChange::from_frame(partition, &body)

@@ -227,6 +227,7 @@ impl ClusterNode {
                 .collect(),
             mailboxes_active: 0,
             user: None,
+            cluster_id: self.cluster_id.get(),
         }
     }
 
@@ -269,7 +270,11 @@ impl ClusterNode {
                         Some(NodeState::Joining) | None => MemberState::Joining,
                     }
                 };
+                let zone = list
+                    .and_then(|l| l.zones.get(&n).cloned())
+                    .or_else(|| meta.as_ref().and_then(|m| m.zone.clone()));
                 MemberStatus {
+                    zone,
                     member: is_member(&n),
                     node: n,
                     alive,
