@@ -1,5 +1,5 @@
 # Shortcuts; each target is one documented script.
-.PHONY: test bench bench-quick bench-replication chaos dev
+.PHONY: test bench bench-quick bench-replication bench-backup chaos dev
 
 test:          ## the whole test suite (what CI runs)
 	bash scripts/test.sh
@@ -12,6 +12,9 @@ bench-quick:   ## the same at a small size (a few minutes), to try the harness
 
 bench-replication: ## single node vs one-member cluster vs RF 3, idle cluster CPU, fan-out (about 4 min)
 	bash benches/replication.sh
+
+bench-backup:  ## backup of a loaded 3-node cluster under load, restore into a new one: sizes and MB/s (about 2 min)
+	bash benches/backup.sh
 
 chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about an hour)
 	bash scripts/chaos.sh

@@ -2032,12 +2032,7 @@ async fn cluster_scale_decommissions_the_highest_ordinal_then_runs_the_operator_
         assert!(p.leader.is_some(), "partition {} leaderless", p.partition);
     }
     for u in 0..5 {
-        let seqs: Vec<u64> = cluster.nodes[0]
-            .history(&format!("scale-{u}"))
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect();
+        let seqs = seqs_of(&cluster.nodes[0], &format!("scale-{u}")).await;
         assert_eq!(seqs, [1, 2, 3, 4], "scale-{u}");
     }
     // Run again: nothing left to do.
@@ -2065,12 +2060,7 @@ async fn cluster_scale_decommissions_the_highest_ordinal_then_runs_the_operator_
         "the ring gives n3 replicas again"
     );
     for u in 0..5 {
-        let seqs: Vec<u64> = cluster.nodes[3]
-            .history(&format!("scale-{u}"))
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect();
+        let seqs = seqs_of(&cluster.nodes[3], &format!("scale-{u}")).await;
         assert_eq!(seqs, [1, 2, 3, 4], "scale-{u} read through the rejoined n3");
     }
 }
@@ -2134,12 +2124,7 @@ async fn a_node_that_formed_apart_on_an_empty_disk_never_mixes_with_its_old_clus
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for u in 0..2 {
-        let seqs: Vec<u64> = cluster.nodes[2]
-            .history(&format!("apart-{u}"))
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect();
+        let seqs = seqs_of(&cluster.nodes[2], &format!("apart-{u}")).await;
         assert_eq!(seqs, [1, 2, 3], "apart-{u}");
         assert_eq!(
             cluster.nodes[1]
@@ -2165,6 +2150,11 @@ async fn a_node_that_formed_apart_on_an_empty_disk_never_mixes_with_its_old_clus
         refused > 0,
         "n0 refused no connection from the other cluster"
     );
+}
+
+/// The seqs of `user`'s retained history, read through `node`.
+async fn seqs_of(node: &Node, user: &str) -> Vec<u64> {
+    node.history(user).await.iter().map(|m| m.0).collect()
 }
 
 /// Sum of a metric over the nodes that answer.
@@ -2247,12 +2237,7 @@ async fn a_dead_member_is_replaced_and_told_it_was_removed_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for u in 0..5 {
-        let seqs: Vec<u64> = cluster.nodes[1]
-            .history(&format!("dead-{u}"))
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect();
+        let seqs = seqs_of(&cluster.nodes[1], &format!("dead-{u}")).await;
         assert_eq!(seqs, [1, 2, 3, 4], "dead-{u}");
     }
 
@@ -2329,16 +2314,16 @@ async fn a_backup_under_load_restores_into_a_new_cluster_with_seqs_ids_and_curso
             .output()
             .unwrap()
     };
-    let backup = warbler(
+    let succeeds = |args: &[&str], http: &str| {
+        let out = warbler(args, http);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "warbler {args:?}: {text}{err}");
+    };
+    succeeds(
         &["backup", "--out", out_dir.to_str().unwrap()],
         &a.nodes[0].http,
-    );
-    let text = String::from_utf8_lossy(&backup.stdout).into_owned();
-    println!("{text}");
-    assert!(
-        backup.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&backup.stderr)
     );
     stop_publishers(stop, tasks).await;
     assert!(out_dir.join("manifest.json").exists());
@@ -2349,16 +2334,9 @@ async fn a_backup_under_load_restores_into_a_new_cluster_with_seqs_ids_and_curso
         b.status(None).await.cluster_id,
     );
     assert!(ia.is_some() && ib.is_some() && ia != ib, "{ia:?} {ib:?}");
-    let restore = warbler(
+    succeeds(
         &["restore", "--from", out_dir.to_str().unwrap()],
         &b.nodes[2].http,
-    );
-    let text = String::from_utf8_lossy(&restore.stdout).into_owned();
-    println!("{text}");
-    assert!(
-        restore.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&restore.stderr)
     );
 
     // Everything acknowledged before the backup began, at its seq, with its id.

@@ -394,7 +394,10 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
     }
     let end = rec.now();
     let names: Vec<&str> = ts.iter().map(|&i| cluster.name(i)).collect();
-    let detail = format!("{:?} {} ({})", p.action, p.target, names.join(","));
+    let detail = match p.to {
+        Some(to) => format!("{:?} to {to} ({})", p.action, names.join(",")),
+        None => format!("{:?} {} ({})", p.action, p.target, names.join(",")),
+    };
     rec.record(Event::Fault {
         t,
         end,

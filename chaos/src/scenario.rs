@@ -313,10 +313,12 @@ impl Scenario {
                 match f.to {
                     Some(n) if (1..=self.cluster.nodes + self.cluster.spare_nodes).contains(&n) => {
                     }
-                    _ => return Err(ScenarioError::from(format!(
+                    _ => {
+                        return Err(ScenarioError::from(format!(
                         "a {:?} fault needs `to` between 1 and cluster.nodes + cluster.spare_nodes",
                         f.action
-                    ))),
+                    )))
+                    }
                 }
             }
             if let Target::Zone(z) = &f.target {

@@ -42,9 +42,12 @@ impl MemberList {
         self.epoch == 0
     }
 
-    /// This list differs from `current` (none yet counts as different).
-    pub fn differs_from(&self, current: Option<&MemberList>) -> bool {
-        current.is_none_or(|c| c.epoch != self.epoch || c.names != self.names)
+    /// This list is newer than `current` (none yet counts as older). Only newer lists are
+    /// followed: a node that joins replays the member-list group's log from its start and
+    /// passes through the lists from before its join (the list its join was answered with
+    /// may carry the epoch before the join, with its name added).
+    pub fn supersedes(&self, current: Option<&MemberList>) -> bool {
+        current.is_none_or(|c| self.epoch > c.epoch)
     }
 }
 
@@ -278,12 +281,18 @@ mod tests {
     }
 
     #[test]
-    fn a_list_differs_by_epoch_or_names() {
+    fn only_a_newer_list_supersedes() {
         let a = list(&["a", "b"], 2, 3);
-        assert!(a.differs_from(None));
-        assert!(!a.differs_from(Some(&a.clone())));
-        assert!(a.differs_from(Some(&list(&["a", "b"], 2, 4))));
-        assert!(a.differs_from(Some(&list(&["a", "c"], 2, 3))));
+        assert!(a.supersedes(None));
+        assert!(!a.supersedes(Some(&a.clone())));
+        assert!(a.supersedes(Some(&list(&["a", "b"], 2, 2))));
+        // Regression (found by the StatefulSet simulator): a joining node replaying the
+        // member list's log followed the lists from before its join, found its name
+        // missing, and took itself for decommissioned.
+        let joined = with_joined(list(&["a", "b"], 2, 3), "c");
+        assert!(!list(&["a", "b"], 2, 3).supersedes(Some(&joined)));
+        assert!(!list(&["a"], 2, 1).supersedes(Some(&joined)));
+        assert!(list(&["a", "b", "c"], 2, 4).supersedes(Some(&joined)));
     }
 
     #[test]

@@ -353,7 +353,7 @@ impl ClusterNode {
         let Some(list) = self.list_from_meta() else {
             return;
         };
-        if list.differs_from(self.members.read().unwrap().as_ref()) {
+        if list.supersedes(self.members.read().unwrap().as_ref()) {
             tracing::info!(members = ?list.names, epoch = list.epoch, "member list changed");
             self.apply_members(list);
         }

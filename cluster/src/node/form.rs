@@ -91,8 +91,12 @@ impl ClusterNode {
             meta,
             replication_factor: list.replication_factor,
         });
-        // The member-list group's own record wins over the copy on disk (it may be newer).
-        let current = self.list_from_meta().unwrap_or_else(|| list.clone());
+        // The member-list group's own record wins over the copy on disk when it is newer (a
+        // joining node's replica may still be replaying older lists).
+        let current = match self.list_from_meta() {
+            Some(meta) if meta.supersedes(Some(&list)) => meta,
+            _ => list.clone(),
+        };
         self.apply_members(current);
         for p in 0..self.partitions {
             let reps = self.placed(p);
