@@ -71,3 +71,6 @@ print(f"manifest: {len(m['partitions'])} partitions, {sum(p['users'] for p in m[
       f"{sum(p['bytes'] for p in m['partitions']) / 1e6:.1f} MB")
 EOF
 echo "backup wall time (with a load running): $(echo "$t1 - $t0" | bc) s"
+kill -9 "${PIDS[@]}" 2>/dev/null || true
+wait "${PIDS[@]}" 2>/dev/null || true
+PIDS=()
