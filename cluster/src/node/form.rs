@@ -35,6 +35,15 @@ const SEED_REFRESH: Duration = Duration::from_secs(5);
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a node waiting to form looks at gossip again.
 const DISCOVER_PERIOD: Duration = Duration::from_millis(200);
+/// What the members said about the cluster id.
+enum Asked {
+    Found(String),
+    /// Every other member answered, none with an id.
+    NoneHasOne,
+    /// Some member did not answer (or is not in gossip yet).
+    SomeSilent,
+}
+
 /// How long a node restarting on a kept member list waits for a member to tell it whether
 /// it is still one (a whole cluster starting at once waits this long).
 const STANDING_WAIT: Duration = Duration::from_secs(5);
@@ -241,8 +250,9 @@ impl ClusterNode {
     }
 
     /// Until this node knows its cluster's id: asks the members for it every second; the
-    /// member-list group's leader makes one up when no member has one (a cluster that just
-    /// formed, or one a previous release formed).
+    /// member-list group's leader makes one up only when every member answered and none has
+    /// one (a cluster a previous release formed). A member that cannot answer may hold the
+    /// id its creator made: two ids would split the cluster for good.
     fn learn_cluster_id(self: &Arc<Self>) {
         if self.cluster_id.get().is_some() {
             return;
@@ -256,9 +266,9 @@ impl ClusterNode {
                     return;
                 }
                 let (id, made) = match node.members_cluster_id().await {
-                    Some(id) => (id, false),
-                    None if node.leads_member_list() => (ClusterId::random(), true),
-                    None => continue,
+                    Asked::Found(id) => (id, false),
+                    Asked::NoneHasOne if node.leads_member_list() => (ClusterId::random(), true),
+                    Asked::NoneHasOne | Asked::SomeSilent => continue,
                 };
                 let store = &node.formed.get().expect("formed before learning").store;
                 match node.cluster_id.adopt(store, &id) {
@@ -274,25 +284,32 @@ impl ClusterNode {
         });
     }
 
-    /// The cluster id the first member that has one answers with.
-    async fn members_cluster_id(&self) -> Option<String> {
-        let names = self.members.read().unwrap().clone()?.names;
-        for addr in self.cluster_addrs(&names) {
-            if addr == self.cluster_addr() {
-                continue;
-            }
+    /// The cluster id the first member that has one answers with, or why there is none.
+    async fn members_cluster_id(&self) -> Asked {
+        let Some(list) = self.members.read().unwrap().clone() else {
+            return Asked::SomeSilent;
+        };
+        let others: Vec<String> = list.names.into_iter().filter(|n| *n != self.me).collect();
+        let addrs = self.cluster_addrs(&others);
+        let mut silent = addrs.len() < others.len();
+        for addr in addrs {
             let asked = self
                 .transport
                 .call(addr, 0, PeerKind::Members, Vec::new(), ASK_TIMEOUT)
                 .await;
-            if let Ok(Ok(MemberList {
-                cluster: Some(id), ..
-            })) = asked.map(|b| wire::decode::<MemberList>(&b))
-            {
-                return Some(id);
+            match asked.map(|b| wire::decode::<MemberList>(&b)) {
+                Ok(Ok(MemberList {
+                    cluster: Some(id), ..
+                })) => return Asked::Found(id),
+                Ok(Ok(_)) => {}
+                _ => silent = true,
             }
         }
-        None
+        if silent {
+            Asked::SomeSilent
+        } else {
+            Asked::NoneHasOne
+        }
     }
 
     fn leads_member_list(&self) -> bool {
