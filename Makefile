@@ -1,5 +1,5 @@
 # Shortcuts; each target is one documented script.
-.PHONY: test bench bench-quick bench-replication bench-backup chaos dev
+.PHONY: test bench bench-quick bench-replication bench-backup bench-elastic chaos dev
 
 test:          ## the whole test suite (what CI runs)
 	bash scripts/test.sh
@@ -15,6 +15,9 @@ bench-replication: ## single node vs one-member cluster vs RF 3, idle cluster CP
 
 bench-backup:  ## backup of a loaded 3-node cluster under load, restore into a new one: sizes and MB/s (about 2 min)
 	bash benches/backup.sh
+
+bench-elastic: ## throughput during a scale-out, leaders and replicas after it, one partition's move, a node's drain (about 3 min)
+	bash benches/elastic.sh
 
 chaos:         ## every chaos scenario 5 times plus two broken builds; writes docs/chaos.md (about an hour)
 	bash scripts/chaos.sh

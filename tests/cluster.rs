@@ -2489,3 +2489,88 @@ async fn replicas_spread_over_zones_and_losing_a_zone_keeps_every_partition_writ
         t0.elapsed()
     );
 }
+
+/// Leaders per node (`warbler_partitions_led`) of `nodes`, once they add up to every
+/// partition and are within 25% of the even share; panics after `within`.
+async fn wait_leaders_even(
+    cluster: &Cluster,
+    nodes: &[usize],
+    within: Duration,
+) -> (Vec<usize>, Duration) {
+    let start = Instant::now();
+    loop {
+        let mut counts = Vec::new();
+        for &i in nodes {
+            counts.push(counter(&cluster.nodes[i], "warbler_partitions_led").await as usize);
+        }
+        let even = counts.iter().sum::<usize>() == 64
+            && warbler_cluster::control::balance::within(&counts, 0.25);
+        if even {
+            return (counts, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < within,
+            "leaders per node {counts:?} not within 25% of even after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Raft elects whoever times out first, so leaders pile up on some nodes; the member list's
+/// leader spreads them: after formation, after a node restarts (it comes back leading
+/// nothing) and after a scale-out (the new node leads nothing), leaders per node end within
+/// 25% of even, as do replicas per node after the scale-out. Leaders are handed over under
+/// load, and every acknowledged message is delivered in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_evenly_after_formation_a_restart_and_a_scale_out() {
+    let mut cluster = Cluster::start(3).await;
+    let outcomes: Outcomes = Arc::default();
+    let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 2);
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(60)).await;
+    println!("formed: leaders per node {counts:?}, even {took:?} after ready");
+
+    cluster.nodes[2].restart();
+    cluster.wait_ready(2, Duration::from_secs(120)).await;
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(60)).await;
+    println!("n2 restarted: leaders per node {counts:?}, even {took:?} after ready");
+
+    let new = cluster.spawn(3);
+    cluster.wait_ready(new, Duration::from_secs(120)).await;
+    clients
+        .lock()
+        .unwrap()
+        .push(cluster.nodes[new].client.clone());
+    wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2, 3], Duration::from_secs(60)).await;
+    println!("n3 joined: leaders per node {counts:?}, even {took:?} after the moves");
+    let mut held = Vec::new();
+    for n in &cluster.nodes {
+        held.push(
+            n.status()
+                .await
+                .expect("a member answers")
+                .replicas_held
+                .unwrap(),
+        );
+    }
+    assert_eq!(held.iter().sum::<usize>(), 64 * 3, "{held:?}");
+    assert!(
+        warbler_cluster::control::balance::within(&held, 0.25),
+        "replicas per node {held:?} not within 25% of even"
+    );
+    println!("n3 joined: replicas per node {held:?}");
+
+    stop_publishers(stop, tasks).await;
+    let done = metric_sum(
+        &cluster,
+        "warbler_leader_transfers_total{result=\"done\"}",
+        None,
+    )
+    .await;
+    assert!(done > 0, "no leadership was handed over");
+    let delivered = check_streams(&cluster, 0, &outcomes).await;
+    println!(
+        "{done} leaderships handed over; {} acknowledged, {delivered} delivered in order",
+        acked_count(&outcomes)
+    );
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use warbler_storage::log::BoxFuture;
 use warbler_storage::{Done, Op, PartitionId, PartitionLog, StorageError};
 
@@ -61,6 +61,17 @@ struct Group {
     /// The term in which this replica last confirmed its leadership with a quorum (0:
     /// never): later barriers in that term only wait for the local apply.
     confirmed_term: AtomicU64,
+    /// While true, proposals queue instead of becoming entries (a leadership transfer).
+    held: Arc<watch::Sender<bool>>,
+}
+
+/// Holds a partition's proposals while it lives (see [`RaftLog::hold`]).
+pub struct Hold(Arc<watch::Sender<bool>>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 /// The Raft groups of the partitions this node replicates.
@@ -96,10 +107,12 @@ impl RaftLog {
         let backlog_bytes = Arc::new(AtomicUsize::new(0));
         tokio::spawn(complete_in_order(partition, rx, backlog_bytes.clone()));
         let (proposals, queued) = mpsc::unbounded_channel();
+        let (held, hold) = watch::channel(false);
         tokio::spawn(propose_batches(
             partition,
             raft.clone(),
             queued,
+            hold,
             completions,
         ));
         self.groups.write().unwrap().insert(
@@ -110,6 +123,7 @@ impl RaftLog {
                 poked: AtomicBool::new(false),
                 backlog_bytes,
                 confirmed_term: AtomicU64::new(0),
+                held: Arc::new(held),
             }),
         );
     }
@@ -118,6 +132,15 @@ impl RaftLog {
     /// already queued still complete.
     pub fn remove(&self, partition: PartitionId) {
         self.groups.write().unwrap().remove(&partition);
+    }
+
+    /// Holds `partition`'s proposals until the returned guard drops: they queue, and the
+    /// log stops growing (a leader hands its partition over only to a replica holding its
+    /// whole log). `None` when this node does not replicate it.
+    pub fn hold(&self, partition: PartitionId) -> Option<Hold> {
+        let group = self.group(partition).ok()?;
+        group.held.send_replace(true);
+        Some(Hold(group.held.clone()))
     }
 
     /// Whether a proposal reached `partition` since the last call.
@@ -154,6 +177,7 @@ async fn propose_batches(
     partition: PartitionId,
     raft: Raft<TypeConfig>,
     mut queued: mpsc::UnboundedReceiver<(Vec<Op>, Option<Done>)>,
+    mut hold: watch::Receiver<bool>,
     completions: mpsc::UnboundedSender<Pending>,
 ) {
     // A proposal that did not fit the last entry opens the next one.
@@ -179,6 +203,9 @@ async fn propose_batches(
             ops.extend(more);
             dones.push(done);
         }
+        // Held during a leadership transfer: the entry waits for it to end (and then fails
+        // with "not the leader" if it moved, to be retried at the new leader).
+        let _ = hold.wait_for(|held| !*held).await;
         let answer = raft
             .client_write_ff(Batch { ops })
             .await

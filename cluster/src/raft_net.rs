@@ -184,6 +184,14 @@ impl RaftService {
         orphans
     }
 
+    /// Makes `partition`'s replica here tick again if it was quiet (it is about to campaign).
+    pub fn wake(&self, partition: u16) {
+        if let Some(raft) = self.rafts.read().unwrap().get(&partition) {
+            wake(&self.quiet, partition, raft);
+            raft.runtime_config().tick(true);
+        }
+    }
+
     /// Partitions whose follower replica here is quiet.
     pub fn quiet_followers(&self) -> usize {
         self.quiet.lock().unwrap().len()

@@ -58,6 +58,13 @@ pub enum PeerKind {
     Decommission = 24,
     /// Control: "how far have you applied the partitions you lead?" ([`AppliedReq`]).
     Applied = 25,
+    /// Control: "which partitions do you lead?" ([`crate::control::balance::Leading`]).
+    Leading = 26,
+    /// Control: "hand this partition's leadership to that node"
+    /// ([`crate::control::balance::HandLead`]).
+    HandLead = 27,
+    /// Control: "campaign now", from the partition's leader ([`crate::control::balance::TakeLead`]).
+    TakeLead = 28,
     /// Transport: a sign of life, answered by the transport itself.
     Probe = 255,
 }
@@ -72,7 +79,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 19] = [
+    pub const ALL: [PeerKind; 22] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -91,6 +98,9 @@ impl PeerKind {
         PeerKind::MemberOf,
         PeerKind::Decommission,
         PeerKind::Applied,
+        PeerKind::Leading,
+        PeerKind::HandLead,
+        PeerKind::TakeLead,
         PeerKind::Probe,
     ];
 
@@ -103,7 +113,7 @@ impl PeerKind {
         match self as u8 {
             1..=4 => Layer::Consensus,
             10..=17 => Layer::Route,
-            20..=25 => Layer::Control,
+            20..=28 => Layer::Control,
             _ => Layer::Transport,
         }
     }
@@ -321,7 +331,7 @@ mod tests {
         let numbers: Vec<u8> = PeerKind::ALL.iter().map(|k| *k as u8).collect();
         assert_eq!(
             numbers,
-            [1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 255]
+            [1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 26, 27, 28, 255]
         );
         for k in PeerKind::ALL {
             assert_eq!(PeerKind::from_wire(k as u8), Some(k));
@@ -331,6 +341,7 @@ mod tests {
         assert_eq!(PeerKind::PublishMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
+        assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
         assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);
     }
 

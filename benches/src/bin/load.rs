@@ -108,6 +108,9 @@ struct RunArgs {
     /// Prefix of user names (a time suffix keeps runs independent).
     #[arg(long, default_value = "load")]
     user_prefix: String,
+    /// Warbler: only users of this partition (of 64), to fill or load one partition.
+    #[arg(long)]
+    partition: Option<u16>,
     /// NATS: create the stream with this many replicas before the run.
     #[arg(long, default_value_t = 1)]
     nats_replicas: usize,
@@ -165,6 +168,31 @@ struct WorkerSpec {
     duration_secs: u64,
     body_bytes: usize,
     prefix: String,
+    /// Only user names that hash to this partition (of [`PARTITIONS`]).
+    #[serde(default)]
+    partition: Option<u16>,
+}
+
+/// Warbler's partition count (its default `cluster.partitions`).
+const PARTITIONS: u64 = 64;
+
+/// The partition Warbler places `user` in: FNV-1a 64 of the name, modulo the partitions.
+fn partition_of(user: &str) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % PARTITIONS) as u16
+}
+
+/// `n` user names of a worker, all in `partition` when one is given.
+fn user_names(prefix: &str, shard: usize, n: usize, partition: Option<u16>) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}-s{shard}-{i}"))
+        .filter(|u| partition.is_none_or(|p| partition_of(u) == p))
+        .take(n)
+        .collect()
 }
 
 /// The merged result of a run, as written to `--json-out`.
@@ -252,6 +280,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             duration_secs: a.duration_secs,
             body_bytes: a.body_bytes,
             prefix: prefix.clone(),
+            partition: a.partition,
         };
         let child = tokio::process::Command::new(&exe)
             .arg("worker")
@@ -381,9 +410,7 @@ fn print_result(r: &RunResult) {
 async fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
     let target = Arc::new(spec.target);
     let stats = Arc::new(Stats::default());
-    let users: Vec<String> = (0..spec.users)
-        .map(|i| format!("{}-s{}-{i}", spec.prefix, spec.shard))
-        .collect();
+    let users = user_names(&spec.prefix, spec.shard, spec.users, spec.partition);
     // JetStream consumer creation is a replicated API call: fewer at a time.
     let batch = if target.system == System::Nats {
         50
@@ -544,4 +571,22 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_of_one_partition_hash_there() {
+        // FNV-1a 64 reference vector, as the cluster's placement uses it.
+        assert_eq!(
+            partition_of("a"),
+            (0xaf63dc4c8601ec8c_u64 % PARTITIONS) as u16
+        );
+        let users = user_names("fill", 1, 20, Some(7));
+        assert_eq!(users.len(), 20);
+        assert!(users.iter().all(|u| partition_of(u) == 7));
+        assert_eq!(user_names("x", 0, 3, None), ["x-s0-0", "x-s0-1", "x-s0-2"]);
+    }
 }

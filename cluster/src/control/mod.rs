@@ -18,8 +18,10 @@
 //!   redirects.
 //! - [`ready`]: whether a node is ready to serve (`/readyz`).
 //! - [`quiesce`]: when an idle partition stops ticking, and what wakes it.
+//! - [`balance`]: spreading partition leaders evenly, and how a leader hands one over.
 //! - [`dead`]: which member has been down long enough to be replaced.
 
+pub mod balance;
 pub mod dead;
 pub mod group;
 pub mod leader;

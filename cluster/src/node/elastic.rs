@@ -34,6 +34,8 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 const CHANGE_WAIT: Duration = Duration::from_secs(30);
 /// How long a node waits for a partition leader's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Leaders are balanced every this many steps (3 s), once no partition moves.
+const BALANCE_ROUNDS: u64 = 6;
 
 fn change_members(c: Change) -> ChangeMembers<u64, BasicNode> {
     match c {
@@ -265,6 +267,7 @@ impl ClusterNode {
             .filter_map(|v| self.name_of(*v))
             .collect();
         tracing::info!(partition, ?from, ?to, "moving the partition's replicas");
+        let started = std::time::Instant::now();
         for n in rebalance::learners_to_add(&view, to) {
             let added = tokio::time::timeout(
                 CATCH_UP_WAIT,
@@ -299,7 +302,8 @@ impl ClusterNode {
                 ClusterError::Raft(format!("cannot change the partition's replicas: {e}"))
             })?;
         }
-        tracing::info!(partition, ?to, "partition moved");
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(partition, ?to, ms, "partition moved");
         Ok(())
     }
 
@@ -323,6 +327,7 @@ impl ClusterNode {
             for round in 0u64.. {
                 tick.tick().await;
                 node.share_disk_state().await;
+                node.note_leaderships();
                 node.check_stopped();
                 let left = node.has_left();
                 if !left {
@@ -338,7 +343,10 @@ impl ClusterNode {
                 match node.formed.get() {
                     Some(f) if !left && group_view(&f.meta, node.my_id).leading => {
                         node.replace_dead(&mut dead).await;
-                        node.coordinate(&mut coordinator).await
+                        node.coordinate(&mut coordinator).await;
+                        if round % BALANCE_ROUNDS == 0 && coordinator.done(node.partitions) {
+                            node.spawn_balance();
+                        }
                     }
                     _ => {
                         coordinator = Coordinator::default();
@@ -346,6 +354,18 @@ impl ClusterNode {
                     }
                 }
             }
+        });
+    }
+
+    /// Starts a leader-balancing round unless one is running.
+    fn spawn_balance(self: &Arc<Self>) {
+        if self.balancing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.balance_leaders().await;
+            node.balancing.store(false, Ordering::SeqCst);
         });
     }
 

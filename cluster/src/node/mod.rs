@@ -9,7 +9,9 @@
 //! - [`service`]: answering peers (consensus, routing, control requests).
 //! - [`status`]: `/v1/cluster`, readiness, and the watchers behind them.
 //! - [`quiet`]: quiescence of idle partitions and waking them.
+//! - [`balance`]: spreading partition leaders evenly, and handing one over.
 
+mod balance;
 mod elastic;
 mod form;
 mod quiet;
@@ -108,6 +110,10 @@ pub struct ClusterNode {
     cluster_id: ClusterId,
     /// A member down this long is replaced (zero: never).
     dead_node_timeout: std::time::Duration,
+    /// Since when (in which term) this node leads each partition it leads.
+    led_since: Mutex<HashMap<PartitionId, (u64, std::time::Instant)>>,
+    /// A leader-balancing round is running (on the member-list leader).
+    balancing: Arc<AtomicBool>,
 }
 
 /// What a replica's metrics say, as a decision input.
@@ -322,6 +328,8 @@ impl ClusterNode {
             dead_node_timeout: std::time::Duration::from_millis(
                 config.cluster.dead_node_timeout_ms,
             ),
+            led_since: Mutex::default(),
+            balancing: Arc::default(),
         });
         service.set_node(&node);
         Ok(node)
@@ -374,30 +382,49 @@ impl ClusterNode {
     }
 
     /// Before the node stops: gives up the leadership of every group it leads, so the other
-    /// replicas elect a leader while this node still serves (and forwards for) its
-    /// connections. This node campaigns no more; each group it leads gets a last heartbeat
-    /// (waking followers that went quiet) and then none, so a follower's election timer
-    /// fires and it takes over. Returns how many groups it led and how many it still leads
-    /// when `budget` ran out (those change leader when the node stops).
-    pub async fn hand_over(&self, budget: std::time::Duration) -> (usize, usize) {
+    /// replicas lead while this node still serves (and forwards for) its connections. Each
+    /// group it leads is first handed to a caught-up replica (a few round trips; see
+    /// [`crate::control::balance`]). A group that could not be handed over gets a last
+    /// heartbeat (waking followers that went quiet) and then none, so a follower's election
+    /// timer fires and it takes over. This node campaigns no more. Returns how many groups
+    /// it led and how many it still leads when `budget` ran out (those change leader when
+    /// the node stops).
+    pub async fn hand_over(self: &Arc<Self>, budget: std::time::Duration) -> (usize, usize) {
         self.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + budget;
         let mut led = Vec::new();
-        for raft in self.announce_draining().await {
+        for (p, raft) in self.announce_draining().await {
             let rc = raft.runtime_config();
             rc.elect(false);
             rc.tick(true);
             let view = group_view(&raft, self.my_id);
             if view.leading && view.voters.len() > 1 {
-                let _ = raft.trigger().heartbeat().await;
-                raft.runtime_config().heartbeat(false);
-                led.push(raft);
+                led.push((p, raft, view));
             }
         }
-        let deadline = tokio::time::Instant::now() + budget;
+        let mut transfers = tokio::task::JoinSet::new();
+        for (p, _, view) in &led {
+            let Some(to) = self.handover_target(*p, view) else {
+                continue;
+            };
+            let node = self.clone();
+            let p = *p;
+            transfers.spawn(async move { node.transfer(p, &to).await });
+        }
+        let _ = tokio::time::timeout_at(deadline, async {
+            while transfers.join_next().await.is_some() {}
+        })
+        .await;
+        for (_, raft, _) in &led {
+            if group_view(raft, self.my_id).leading {
+                let _ = raft.trigger().heartbeat().await;
+                raft.runtime_config().heartbeat(false);
+            }
+        }
         loop {
             let still = led
                 .iter()
-                .filter(|r| group_view(r, self.my_id).leading)
+                .filter(|(_, r, _)| group_view(r, self.my_id).leading)
                 .count();
             if still == 0 || tokio::time::Instant::now() >= deadline {
                 metrics::counter!("warbler_leaderships_handed_over_total")
@@ -408,12 +435,30 @@ impl ClusterNode {
         }
     }
 
+    /// The replica a stopping node hands `partition` to: a voter on a node that is not
+    /// stopping, a different one per partition so that they share the load.
+    fn handover_target(&self, partition: PartitionId, view: &GroupView) -> Option<String> {
+        let metas = self.metas.borrow();
+        let candidates: Vec<String> = view
+            .voters
+            .iter()
+            .filter(|v| **v != self.my_id)
+            .filter_map(|v| self.name_of(*v))
+            .filter(|n| metas.get(n).is_some_and(|m| m.state != NodeState::Draining))
+            .collect();
+        (!candidates.is_empty()).then(|| candidates[partition as usize % candidates.len()].clone())
+    }
+
     /// Tells the other members this node is draining; returns its replicas' groups.
-    async fn announce_draining(&self) -> Vec<Raft<TypeConfig>> {
+    async fn announce_draining(&self) -> Vec<(PartitionId, Raft<TypeConfig>)> {
         let formed = self.formed.get().is_some();
         self.set_state(NodeState::Draining, formed).await;
         let placement = self.placement.read().unwrap();
-        placement.rafts.values().cloned().collect()
+        placement
+            .rafts
+            .iter()
+            .map(|(p, r)| (*p, r.clone()))
+            .collect()
     }
 
     /// Whether the node is stopping (see [`ClusterNode::hand_over`]).
@@ -424,7 +469,7 @@ impl ClusterNode {
     /// Says it is draining, stops every Raft group (followers elect new leaders), and
     /// leaves the gossip cluster.
     pub async fn shutdown(&self) {
-        for raft in self.announce_draining().await {
+        for (_, raft) in self.announce_draining().await {
             let _ = raft.shutdown().await;
         }
         if let Some(f) = self.formed.get() {

@@ -98,6 +98,15 @@ impl ClusterNode {
                 let req = decoded(&body, "reconfigure request")?;
                 Ok(wire::encode(&self.reconfigure(from, partition, req)?))
             }
+            PeerKind::Leading => Ok(wire::encode(&self.leading())),
+            PeerKind::HandLead => {
+                let req = decoded(&body, "hand-lead request")?;
+                Ok(wire::encode(&self.hand_lead(partition, req).await?))
+            }
+            PeerKind::TakeLead => {
+                let req = decoded(&body, "take-lead request")?;
+                Ok(wire::encode(&self.take_lead(partition, req).await?))
+            }
             PeerKind::MemberOf => {
                 let NodeReq(name) = decoded(&body, "member-of request")?;
                 Ok(wire::encode(&self.member_of(partition, &name)?))
