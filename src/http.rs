@@ -726,12 +726,41 @@ async fn websocket(
         .on_upgrade(move |socket| serve_ws(socket, state.gw.clone(), budget, hello_max))
 }
 
+/// How a WebSocket client speaks, set by its first message: binary MessagePack or text JSON.
+/// The server answers in the same encoding.
+#[derive(Clone, Default)]
+struct WsEncoding(Arc<std::sync::OnceLock<bool>>);
+
+impl WsEncoding {
+    fn note(&self, message: &Message) {
+        match message {
+            Message::Binary(_) => drop(self.0.set(false)),
+            Message::Text(_) => drop(self.0.set(true)),
+            _ => {}
+        }
+    }
+
+    fn message(&self, frame: &Frame) -> Message {
+        if self.0.get() == Some(&true) {
+            Message::Text(frame.encode_json().into())
+        } else {
+            Message::Binary(frame.encode().into())
+        }
+    }
+}
+
 async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello_max: usize) {
     let (mut sink, stream) = socket.split();
     let max = gw.limits.max_frame_bytes;
+    let encoding = WsEncoding::default();
+    let spoke = encoding.clone();
     let frames = stream.filter_map(move |m| {
         let budget = budget.clone();
+        let spoke = spoke.clone();
         async move {
+            if let Ok(message) = &m {
+                spoke.note(message);
+            }
             if matches!(m, Ok(Message::Binary(_) | Message::Text(_))) {
                 budget.lift();
             }
@@ -750,9 +779,15 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
                     })))
                 }
                 Ok(Message::Binary(b)) => Some(Frame::decode(&b).map_err(CodecError::Decode)),
-                Ok(Message::Text(_)) => Some(Err(CodecError::Decode(DecodeError::Malformed(
-                    "text messages are not frames; send each frame as one binary message".into(),
-                )))),
+                Ok(Message::Text(t)) if t.as_str().len() > max => {
+                    Some(Err(CodecError::Decode(DecodeError::TooLarge {
+                        len: t.as_str().len(),
+                        max,
+                    })))
+                }
+                Ok(Message::Text(t)) => {
+                    Some(Frame::decode_json(t.as_str()).map_err(CodecError::Decode))
+                }
                 Ok(Message::Close(_)) => None,
                 // WebSocket-level ping/pong are answered by the library; not frames.
                 Ok(_) => None,
@@ -764,9 +799,9 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             let written = tokio::time::timeout(stall, async {
-                sink.feed(Message::Binary(frame.encode().into())).await?;
+                sink.feed(encoding.message(&frame)).await?;
                 while let Ok(frame) = rx.try_recv() {
-                    sink.feed(Message::Binary(frame.encode().into())).await?;
+                    sink.feed(encoding.message(&frame)).await?;
                 }
                 sink.flush().await
             })

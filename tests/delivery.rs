@@ -195,6 +195,85 @@ async fn websocket_devices_get_the_same_protocol() {
     assert_eq!(node.device("erin", "browser").await.acked, 5);
 }
 
+/// The next text message of a WebSocket, as JSON.
+async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Binary(b) => panic!("a JSON client got a binary message: {b:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// A browser speaks JSON in text messages and is answered in JSON: UTF-8 bodies as strings,
+/// other bytes as `body_b64`; order, acks and the cursor are the same as in MessagePack; a
+/// malformed JSON frame gets an `error` in JSON and the connection closes.
+#[tokio::test]
+async fn websocket_json_clients_get_the_same_protocol_in_text_frames() {
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let url = format!("ws://{}/v1/ws", node.http);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let send = |v: serde_json::Value| Message::Text(v.to_string().into());
+    let hello =
+        json!({"t": "hello", "token": token("jo", "device,publish"), "device": "tab", "v": 1});
+    ws.send(send(hello.clone())).await.unwrap();
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["t"], "welcome", "{welcome}");
+    assert_eq!(welcome["acked"], 0);
+    node.publish("jo", "j1", "héllo").await;
+    ws.send(send(
+        json!({"t": "publish", "id": "j2", "to": "jo", "body_b64": "AAH/"}),
+    ))
+    .await
+    .unwrap();
+    let (mut seen, mut published) = (Vec::new(), false);
+    while seen.len() < 2 || !published {
+        let f = next_json(&mut ws).await;
+        match f["t"].as_str().unwrap() {
+            "msg" => seen.push(f),
+            "published" => {
+                assert_eq!((f["id"].clone(), f["seq"].clone()), (json!("j2"), json!(2)));
+                published = true;
+            }
+            other => panic!("unexpected {other}: {f}"),
+        }
+    }
+    assert_eq!(
+        (seen[0]["seq"].clone(), seen[0]["body"].clone()),
+        (json!(1), json!("héllo"))
+    );
+    assert_eq!(
+        (seen[1]["seq"].clone(), seen[1]["body_b64"].clone()),
+        (json!(2), json!("AAH/"))
+    );
+    assert!(seen[1].get("body").is_none(), "{}", seen[1]);
+    ws.send(send(json!({"t": "ack", "seq": 2}))).await.unwrap();
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let err = next_json(&mut ws).await;
+    assert_eq!(err["t"], "error");
+    assert_eq!(err["code"], "malformed_frame", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("not JSON"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node.device("jo", "tab").await.acked, 2);
+    // Reconnected, it resumes after its cursor.
+    let (mut again, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    again.send(send(hello)).await.unwrap();
+    assert_eq!(next_json(&mut again).await["acked"], 2);
+}
+
 #[tokio::test]
 async fn tls_devices_connect_and_receive() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! Acceptance: a client written only from docs/protocol.md (examples/python, in Python with
-//! the msgpack package) publishes, receives in order, acks, and resumes after a reconnect.
+//! the msgpack package over TCP, or with nothing but the standard library in JSON over a
+//! WebSocket) publishes, receives in order, acks, and resumes after a reconnect.
 
 mod common;
 
@@ -29,11 +30,27 @@ fn python(args: &[&str]) -> String {
 async fn a_client_written_from_the_protocol_doc_interoperates() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
+    interoperates(&node, &node.client, &[]).await;
+}
+
+#[tokio::test]
+async fn a_json_websocket_client_written_from_the_protocol_doc_interoperates() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    interoperates(&node, &node.http, &["--ws"]).await;
+}
+
+/// Publishes through the Python client at `addr`, then listens twice: in order, and after
+/// the reconnect exactly the unacknowledged rest.
+async fn interoperates(node: &Node, addr: &str, flags: &[&str]) {
     let publisher = token("backend", "publish");
-    let out = python(&[
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter().chain(flags).map(|a| a.to_string()).collect()
+    };
+    let args = with(&[
         "publish",
         "--addr",
-        &node.client,
+        addr,
         "--token",
         &publisher,
         "--to",
@@ -43,6 +60,7 @@ async fn a_client_written_from_the_protocol_doc_interoperates() {
         "--body",
         "from python",
     ]);
+    let out = python(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.trim(), "published seq=1");
     for i in 2..=5 {
         node.publish("pia", &format!("m{i}"), &format!("body {i}"))
@@ -50,17 +68,10 @@ async fn a_client_written_from_the_protocol_doc_interoperates() {
     }
     let device = token("pia", "device");
     let listen = |count: &str| {
-        let out = python(&[
-            "listen",
-            "--addr",
-            &node.client,
-            "--token",
-            &device,
-            "--device",
-            "py",
-            "--count",
-            count,
+        let args = with(&[
+            "listen", "--addr", addr, "--token", &device, "--device", "py", "--count", count,
         ]);
+        let out = python(&args.iter().map(String::as_str).collect::<Vec<_>>());
         out.lines().map(String::from).collect::<Vec<_>>()
     };
     assert_eq!(

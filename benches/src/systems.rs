@@ -583,8 +583,7 @@ pub async fn reset_nats_stream(
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::stream::{Config, Placement, StorageType};
     let js = async_nats::jetstream::new(target.nats_client(0).await?);
-    let _ = js.delete_stream(NATS_STREAM).await;
-    js.create_stream(Config {
+    let config = Config {
         name: NATS_STREAM.into(),
         subjects: vec!["u.>".into()],
         storage: StorageType::File,
@@ -594,10 +593,22 @@ pub async fn reset_nats_stream(
             tags: vec![t],
         }),
         ..Default::default()
-    })
-    .await
-    .context("creating the JetStream stream")?;
-    Ok(())
+    };
+    // A server just started may not serve JetStream yet (and a cluster may have no meta
+    // leader yet): ask again for up to 10 s, as an application would.
+    let mut attempt = 0;
+    loop {
+        let _ = js.delete_stream(NATS_STREAM).await;
+        match js.create_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 40 => {
+                attempt += 1;
+                eprintln!("creating the JetStream stream failed ({e}); retrying ({attempt})");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e).context("creating the JetStream stream"),
+        }
+    }
 }
 
 /// Opens one idle device connection (no traffic) and returns what keeps it open.

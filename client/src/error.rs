@@ -3,7 +3,7 @@
 pub enum DecodeError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
-    #[error("frame is not a MessagePack map with a string \"t\": {0}")]
+    #[error("frame is not a map with a string \"t\": {0}")]
     Malformed(String),
     #[error("unknown frame type {0:?}")]
     UnknownType(String),

@@ -182,6 +182,73 @@ impl Frame {
     }
 }
 
+/// The JSON form of frames, for WebSocket text messages: the same maps, with `body` as a
+/// UTF-8 string, or `body_b64` (standard base64) when the bytes are not UTF-8.
+impl Frame {
+    /// Encodes as one JSON object (`body` a string when it is UTF-8, else `body_b64`).
+    pub fn encode_json(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("frame serialization is infallible");
+        let body = match self {
+            Frame::Msg { body, .. } | Frame::Publish { body, .. } => Some(body),
+            _ => None,
+        };
+        if let (Some(body), Some(map)) = (body, v.as_object_mut()) {
+            match std::str::from_utf8(body) {
+                Ok(text) => {
+                    map.insert("body".into(), serde_json::Value::String(text.to_string()));
+                }
+                Err(_) => {
+                    use base64::Engine;
+                    map.remove("body");
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(body);
+                    map.insert("body_b64".into(), serde_json::Value::String(b64));
+                }
+            }
+        }
+        v.to_string()
+    }
+
+    /// Decodes one JSON object (see [`Frame::encode_json`]).
+    pub fn decode_json(text: &str) -> Result<Frame, DecodeError> {
+        let mut v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| DecodeError::Malformed(format!("not JSON: {e}")))?;
+        let Some(map) = v.as_object_mut() else {
+            return Err(DecodeError::Malformed(
+                "a JSON frame must be an object".into(),
+            ));
+        };
+        let t = match map.get("t") {
+            Some(serde_json::Value::String(t)) => t.clone(),
+            _ => {
+                return Err(DecodeError::Malformed(
+                    "the object has no string \"t\"".into(),
+                ))
+            }
+        };
+        if !KNOWN_TYPES.contains(&t.as_str()) {
+            return Err(DecodeError::UnknownType(t.chars().take(64).collect()));
+        }
+        let bad = |message: String| DecodeError::BadFields {
+            t: t.clone(),
+            message,
+        };
+        if let Some(b64) = map.remove("body_b64") {
+            use base64::Engine;
+            if map.contains_key("body") {
+                return Err(bad("give either body or body_b64, not both".into()));
+            }
+            let serde_json::Value::String(b64) = b64 else {
+                return Err(bad("body_b64 must be a base64 string".into()));
+            };
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| bad(format!("body_b64 is not standard base64: {e}")))?;
+            map.insert("body".into(), serde_json::Value::from(bytes));
+        }
+        serde_json::from_value(v).map_err(|e| bad(e.to_string()))
+    }
+}
+
 /// Tells apart a frame that is not a `{"t": ...}` map, an unknown type, and bad fields.
 fn classify(bytes: &[u8], err: rmp_serde::decode::Error) -> DecodeError {
     #[derive(Deserialize)]
@@ -241,6 +308,57 @@ mod tests {
                 retry_ms: 500,
             },
         ]
+    }
+
+    #[test]
+    fn every_frame_round_trips_as_json_with_text_or_base64_bodies() {
+        for f in all_frames() {
+            let text = f.encode_json();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["t"], f.type_name(), "{text}");
+            assert_eq!(Frame::decode_json(&text).unwrap(), f, "{text}");
+        }
+        // UTF-8 bodies travel as strings, other bytes as base64.
+        let publish = Frame::Publish {
+            id: "p".into(),
+            to: "bob".into(),
+            body: ByteBuf::from("héllo".as_bytes().to_vec()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&publish.encode_json()).unwrap();
+        assert_eq!(v["body"], "héllo");
+        assert!(v.get("body_b64").is_none());
+        let msg = &all_frames()[2];
+        let v: serde_json::Value = serde_json::from_str(&msg.encode_json()).unwrap();
+        assert_eq!(v["body_b64"], "AAH/");
+        assert!(v.get("body").is_none());
+        // What a browser writes by hand.
+        let hand = r#"{"t":"publish","id":"x","to":"bob","body_b64":"aGk="}"#;
+        assert_eq!(
+            Frame::decode_json(hand).unwrap(),
+            Frame::Publish {
+                id: "x".into(),
+                to: "bob".into(),
+                body: ByteBuf::from(b"hi".to_vec()),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_json_frames_say_what_is_wrong() {
+        let err = |s: &str| Frame::decode_json(s).unwrap_err();
+        assert!(matches!(err("{nope"), DecodeError::Malformed(m) if m.contains("not JSON")));
+        assert!(matches!(err("[1,2]"), DecodeError::Malformed(m) if m.contains("object")));
+        assert!(matches!(err(r#"{"seq":1}"#), DecodeError::Malformed(m) if m.contains("\"t\"")));
+        assert!(matches!(err(r#"{"t":"nope"}"#), DecodeError::UnknownType(t) if t == "nope"));
+        assert!(matches!(err(r#"{"t":"ack"}"#), DecodeError::BadFields { t, .. } if t == "ack"));
+        let both = r#"{"t":"publish","id":"x","to":"b","body":"a","body_b64":"YQ=="}"#;
+        assert!(
+            matches!(err(both), DecodeError::BadFields { message, .. } if message.contains("not both"))
+        );
+        let b64 = r#"{"t":"publish","id":"x","to":"b","body_b64":"%%%"}"#;
+        assert!(
+            matches!(err(b64), DecodeError::BadFields { message, .. } if message.contains("base64"))
+        );
     }
 
     #[test]

@@ -615,7 +615,7 @@ async fn send_error(
 async fn send_decode_error(out: &mpsc::Sender<Frame>, e: &DecodeError) {
     let advice = match e {
         DecodeError::TooLarge { .. } => "; the connection is closed (split the message, or raise limits.max_frame_bytes)",
-        DecodeError::Malformed(_) => "; the connection is closed (each frame is a 4-byte big-endian length and a MessagePack map with a string \"t\")",
+        DecodeError::Malformed(_) => "; the connection is closed (on TCP each frame is a 4-byte big-endian length and a MessagePack map with a string \"t\"; on a WebSocket each message is one frame: binary MessagePack or a text JSON object)",
         DecodeError::UnknownType(_) => "; known types: hello, ack, publish, ping, pong",
         DecodeError::BadFields { .. } => "; see docs/protocol.md for the fields of each frame",
     };
