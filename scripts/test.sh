@@ -15,6 +15,14 @@ if ! command -v nats-server >/dev/null 2>&1 || ! { command -v mosquitto >/dev/nu
     echo "installing nats-server and mosquitto (Debian's packages) for the load driver's tests" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server mosquitto >/dev/null
 fi
+# The browser tests drive the demo chat and the console in headless Chromium (Selenium).
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && python3 -c "import selenium" >/dev/null 2>&1; }; then
+    echo "installing Chromium, its driver and Selenium for the browser tests" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || echo "cannot install Chromium: the browser tests will say they were skipped" >&2
+    python3 -m pip install --quiet selenium 2>/dev/null \
+        || echo "cannot install selenium: the browser tests will say they were skipped" >&2
+fi
 # One profile (release) for tests, binaries and benchmarks: RocksDB is compiled once.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

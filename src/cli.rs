@@ -257,8 +257,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     config.apply_env(std::env::vars())?;
     let secret = dev_secret(&config.data_dir)?;
     config.jwt_secret_file = Some(secret.clone());
+    config.demo = true;
     config.validate()?;
     let auth = Auth::from_file(&secret).map_err(anyhow::Error::msg)?;
+    let web = web_lines(&auth, &config.http_addr.to_string());
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "warbler".into());
@@ -270,7 +272,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
          \n  {exe} listen --user alice\
          \n  {exe} send --to alice \"hello\"\
          \n  TOKEN=$({exe} token --user backend --scope publish)\
-         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -d '{{\"id\":\"m1\",\"body\":\"hi\"}}' http://{http}/v1/users/alice/messages\n",
+         \n  curl -s -H \"Authorization: Bearer $TOKEN\" -d '{{\"id\":\"m1\",\"body\":\"hi\"}}' http://{http}/v1/users/alice/messages\n\n{web}",
         node = config.node_id,
         secret = secret.display(),
         client = config.client_addr,
@@ -284,6 +286,15 @@ fn port_plus(addr: &str, flag: &str, n: u32) -> anyhow::Result<std::net::SocketA
         .parse()
         .map_err(|_| anyhow::anyhow!("{flag} {addr:?}: expected IP:PORT, e.g. 127.0.0.1:7400"))?;
     Ok(std::net::SocketAddr::new(a.ip(), a.port() + n as u16))
+}
+
+/// Where a dev node's pages are: the demo chat, and the console with an ops token in the
+/// URL's fragment (which browsers do not send to the server).
+fn web_lines(auth: &Auth, http: &str) -> String {
+    let ops = auth.mint(&Claims::new("dev-console", "ops", 7 * 24 * 3600));
+    format!(
+        "In a browser:\n\n  demo chat   http://{http}/demo/   (two tabs, two names; a reload resumes)\n  console     http://{http}/console/#token={ops}\n"
+    )
 }
 
 /// Starts node `i` of a dev cluster and waits until it is ready; returns the process and a
@@ -315,6 +326,7 @@ async fn dev_node(
         .arg(secret)
         .arg("--cluster-key-file")
         .arg(cluster_key)
+        .env("WARBLER_DEMO", "true")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -353,7 +365,8 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
          \n  {e} cluster status --http {http0}\
          \n  {e} listen --user alice --addr {c1}\
          \n  {e} send --to alice \"hello\" --addr {c0}\n\
-         \nCtrl-C stops all nodes.\n",
+         \n{web}\nCtrl-C stops all nodes.\n",
+        web = web_lines(&Auth::from_file(&secret).map_err(anyhow::Error::msg)?, &http0.to_string()),
         n = args.nodes,
         d = args.data_dir.display(),
         s = secret.display(),

@@ -55,6 +55,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// `/metrics` needs an `ops` token (`auth.metrics_require_token`).
     pub metrics_need_token: bool,
+    /// Serve the demo chat and mint its tokens (`demo`; `warbler dev`).
+    pub demo: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -284,6 +286,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .merge(crate::web::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -22,6 +22,7 @@ mod node;
 mod rate;
 mod scale;
 mod telemetry;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -83,6 +83,7 @@ pub async fn run(
         log: parts.log.clone(),
         metrics,
         metrics_need_token: config.auth.metrics_require_token,
+        demo: config.demo,
     });
     let http_shutdown = shutdown.clone();
     let bounds = HttpBounds {

@@ -65,3 +65,39 @@ async fn the_js_sdk_delivers_in_order_drops_duplicates_and_resumes_after_a_reloa
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(node.device("jsu", "js-tab").await.acked, 4);
 }
+
+/// The pages' scripts parse, and the console flags leaderless and under-replicated
+/// partitions.
+#[test]
+fn the_console_flags_partitions_and_the_page_scripts_parse() {
+    let Some((node_bin, flags)) = node_js() else {
+        println!("SKIPPED: Node.js is not installed");
+        return;
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    for script in ["web/demo/demo.js", "web/console/console.js"] {
+        let out = Command::new(&node_bin)
+            .args(["--check", &format!("{root}/{script}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new(node_bin)
+        .args(flags)
+        .arg(format!("{root}/web/console/console.test.mjs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "console flags ok"
+    );
+}

@@ -53,6 +53,9 @@ pub struct Config {
     pub mailbox: MailboxConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
+    /// Serve the demo chat at `/demo/`, with an endpoint that mints a token for any user
+    /// who asks: for `warbler dev` only, never in production.
+    pub demo: bool,
 }
 
 /// What a token must carry besides a good signature.
@@ -268,6 +271,7 @@ impl Default for Config {
             mailbox: MailboxConfig::default(),
             cluster: ClusterConfig::default(),
             log: LogConfig::default(),
+            demo: false,
         }
     }
 }
@@ -382,6 +386,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_CLUSTER_ADDR", "cluster_addr"),
     ("WARBLER_SEEDS", "seeds"),
     ("WARBLER_BOOTSTRAP_EXPECT", "bootstrap_expect"),
+    ("WARBLER_DEMO", "demo"),
     ("WARBLER_JWT_SECRET_FILE", "jwt_secret_file"),
     ("WARBLER_JWT_KEYS_DIR", "auth.keys_dir"),
     ("WARBLER_JWT_ISSUER", "auth.issuer"),
@@ -536,6 +541,7 @@ impl Config {
                     .collect()
             }
             "bootstrap_expect" => self.bootstrap_expect = parse(value, "a whole number")?,
+            "demo" => self.demo = parse(value, "true or false")?,
             "jwt_secret_file" => self.jwt_secret_file = path(value),
             "auth.keys_dir" => self.auth.keys_dir = path(value),
             "auth.issuer" => self.auth.issuer = (!value.is_empty()).then(|| value.to_string()),
@@ -636,6 +642,12 @@ impl Config {
         self.validate_limits()?;
         self.validate_storage()?;
         self.validate_cluster()?;
+        if self.demo && self.jwt_secret_file.is_none() {
+            return Err(invalid(
+                "demo",
+                "the demo mints tokens with jwt_secret_file: set one, or turn the demo off",
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty; try \"info\""));
         }
