@@ -15,10 +15,13 @@ use crate::error::{RpcCode, RpcError};
 use crate::wire::{self, PeerKind};
 use crate::NodeState;
 
-/// How long a handing leader waits for its target to hold its whole log.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
-/// How long a transfer may take from the campaign to the old leader stepping down.
-const ELECTION_WAIT: Duration = Duration::from_secs(2);
+/// How long a handing leader waits for its target to hold its whole log (the partition's
+/// writes are held meanwhile, so its log no longer grows: a round trip and a sync).
+const CATCH_UP_WAIT: Duration = Duration::from_millis(500);
+/// How long a transfer may take from the campaign to the old leader stepping down (one vote
+/// round trip when it works). Past it the writes are let go: a transfer that fails costs
+/// the partition at most the two waits.
+const ELECTION_WAIT: Duration = Duration::from_millis(500);
 /// How long the balancer waits for a member's answer (a transfer answers when it is done).
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -122,7 +125,7 @@ impl ClusterNode {
                     node.ask_hand_lead(&t.from, t.partition, &t.to).await
                 };
                 if let Err(e) = result {
-                    tracing::debug!(partition = t.partition, from = %t.from, to = %t.to, error = %e, "leader transfer not done");
+                    tracing::info!(partition = t.partition, from = %t.from, to = %t.to, error = %e, "leader transfer not done");
                 }
             });
         }
@@ -254,11 +257,12 @@ impl ClusterNode {
             .transport
             .call(addr, partition, PeerKind::TakeLead, body, ELECTION_WAIT)
             .await;
-        let stepped_down = raft
-            .wait(Some(ELECTION_WAIT))
-            .metrics(|m| m.current_leader != Some(self.my_id), "stepped down")
-            .await
-            .is_ok();
+        let stepped_down = asked.is_ok()
+            && raft
+                .wait(Some(ELECTION_WAIT))
+                .metrics(|m| m.current_leader != Some(self.my_id), "stepped down")
+                .await
+                .is_ok();
         let result = if stepped_down { "done" } else { "refused" };
         metrics::counter!("warbler_leader_transfers_total", "result" => result).increment(1);
         if stepped_down {

@@ -411,10 +411,22 @@ impl ClusterNode {
             let p = *p;
             transfers.spawn(async move { node.transfer(p, &to).await });
         }
+        let mut failed = Vec::new();
         let _ = tokio::time::timeout_at(deadline, async {
-            while transfers.join_next().await.is_some() {}
+            while let Some(done) = transfers.join_next().await {
+                if let Ok(Err(e)) = done {
+                    failed.push(e.message);
+                }
+            }
         })
         .await;
+        if !failed.is_empty() {
+            tracing::info!(
+                groups = failed.len(),
+                first = %failed[0],
+                "some leaderships could not be handed over directly; their followers elect after a timeout"
+            );
+        }
         for (_, raft, _) in &led {
             if group_view(raft, self.my_id).leading {
                 let _ = raft.trigger().heartbeat().await;
