@@ -2526,12 +2526,12 @@ async fn leaders_spread_evenly_after_formation_a_restart_and_a_scale_out() {
     let mut cluster = Cluster::start(3).await;
     let outcomes: Outcomes = Arc::default();
     let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 2);
-    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(60)).await;
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(120)).await;
     println!("formed: leaders per node {counts:?}, even {took:?} after ready");
 
     cluster.nodes[2].restart();
     cluster.wait_ready(2, Duration::from_secs(120)).await;
-    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(60)).await;
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2], Duration::from_secs(120)).await;
     println!("n2 restarted: leaders per node {counts:?}, even {took:?} after ready");
 
     let new = cluster.spawn(3);
@@ -2541,7 +2541,7 @@ async fn leaders_spread_evenly_after_formation_a_restart_and_a_scale_out() {
         .unwrap()
         .push(cluster.nodes[new].client.clone());
     wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
-    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2, 3], Duration::from_secs(60)).await;
+    let (counts, took) = wait_leaders_even(&cluster, &[0, 1, 2, 3], Duration::from_secs(120)).await;
     println!("n3 joined: leaders per node {counts:?}, even {took:?} after the moves");
     let mut held = Vec::new();
     for n in &cluster.nodes {

@@ -28,7 +28,7 @@ use crate::PartitionId;
 
 /// Transfers the balancer asks for at once (each holds its partition's writes for a few
 /// round trips).
-pub const TRANSFERS_AT_ONCE: usize = 4;
+pub const TRANSFERS_AT_ONCE: usize = 8;
 
 /// One partition a node leads, in its answer to [`Leading`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
