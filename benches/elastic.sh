@@ -8,8 +8,8 @@
 #     messages here), then the new node decommissioned: the time that partition's move took
 #     (its leader's log) and the time to drain the node.
 #
-#   bash benches/elastic.sh                 # builds, then runs (about 3 minutes)
-#   USERS=1000 STEADY=20 FILL=40 (the defaults)
+#   bash benches/elastic.sh                 # builds, then runs (about 5 minutes)
+#   USERS=1000 STEADY=20 FILL=120 (the defaults)
 #
 # Nothing else should run on the machine meanwhile: servers and load share the cores.
 set -euo pipefail
@@ -17,14 +17,14 @@ cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 USERS="${USERS:-1000}"
 STEADY="${STEADY:-20}"
-FILL="${FILL:-40}"
+FILL="${FILL:-120}"
 if [ -z "${BIN:-}" ]; then
     cargo build --release --workspace --bin warbler --bin warbler-load >&2
     BIN="$CARGO_TARGET_DIR/release"
 fi
 work=$(mktemp -d)
 PIDS=()
-trap 'kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill -9 "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
 
 node() { # node I: starts n<I>, joining through n0
