@@ -2,7 +2,7 @@
 //! leader's balancing round, a partition leader handing its partition over, and the
 //! receiving replica's campaign.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,13 +73,7 @@ impl ClusterNode {
         let Some(list) = self.members.read().unwrap().clone() else {
             return;
         };
-        let live: HashSet<String> = self
-            .membership
-            .members()
-            .into_iter()
-            .map(|m| m.name)
-            .chain([self.me.clone()])
-            .collect();
+        let live = self.live_names();
         let eligible: Vec<String> = {
             let metas = self.metas.borrow();
             list.names

@@ -595,13 +595,7 @@ impl ClusterNode {
     /// The learners of the member-list group that are alive (this node counts), sorted by
     /// name.
     fn live_learners(&self, voters: &BTreeSet<u64>, nodes: &BTreeSet<u64>) -> Vec<u64> {
-        let live: HashSet<String> = self
-            .membership
-            .members()
-            .into_iter()
-            .map(|m| m.name)
-            .chain([self.me.clone()])
-            .collect();
+        let live = self.live_names();
         let mut learners: Vec<(String, u64)> = nodes
             .iter()
             .filter(|n| !voters.contains(n))

@@ -566,6 +566,16 @@ impl ClusterNode {
         })
     }
 
+    /// The members gossip shows alive, and this node.
+    fn live_names(&self) -> std::collections::HashSet<String> {
+        self.membership
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .chain([self.me.clone()])
+            .collect()
+    }
+
     fn name_of(&self, id: u64) -> Option<String> {
         self.names.read().unwrap().get(&id).cloned()
     }

@@ -90,13 +90,7 @@ impl ClusterNode {
         let Some(list) = self.members.read().unwrap().clone() else {
             return;
         };
-        let alive: std::collections::HashSet<String> = self
-            .membership
-            .members()
-            .into_iter()
-            .map(|m| m.name)
-            .chain(std::iter::once(self.me.clone()))
-            .collect();
+        let alive = self.live_names();
         let up = list.names.iter().filter(|n| alive.contains(*n)).count();
         metrics::gauge!("warbler_cluster_members", "state" => "up").set(up as f64);
         metrics::gauge!("warbler_cluster_members", "state" => "down")
