@@ -19,7 +19,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use warbler_actors::MailboxError;
 use warbler_client::api::{
     ClusterStatus, Decommissioned, ErrorBody, MemberState, MemberStatus, PartitionStatus,
@@ -797,14 +796,14 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
             }
         }
     });
-    let (tx, mut rx) = mpsc::channel::<Frame>(gw.writer_queue());
+    let (tx, mut rx) = warbler_actors::Outbox::channel(gw.writer_queue());
     let stall = std::time::Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        while let Some(out) = rx.recv().await {
             let written = tokio::time::timeout(stall, async {
-                sink.feed(encoding.message(&frame)).await?;
-                while let Ok(frame) = rx.try_recv() {
-                    sink.feed(encoding.message(&frame)).await?;
+                sink.feed(encoding.message(&out.into_frame())).await?;
+                while let Some(out) = rx.try_recv() {
+                    sink.feed(encoding.message(&out.into_frame())).await?;
                 }
                 sink.flush().await
             })

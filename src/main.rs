@@ -13,6 +13,7 @@
 
 mod auth;
 mod backup;
+mod capacity;
 mod cli;
 mod disk;
 mod gateway;

@@ -43,6 +43,7 @@ pub async fn run(
         Some(store.clone()),
     );
     tokio::spawn(disk.clone().watch(shutdown.clone()));
+    crate::capacity::report(config.limits.connections_max);
     if !config.storage.sync {
         tracing::warn!("storage.sync = false: acknowledged messages can be lost on power failure");
     }
@@ -200,6 +201,7 @@ fn mailbox_limits(config: &Config) -> MailboxLimits {
         inflight_max: config.limits.inflight_max,
         tail_cache_max: config.mailbox.tail_cache_max,
         idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
+        sleep_after: Duration::from_millis(config.mailbox.sleep_after_ms),
         unacked_max: config.retention.max_messages_per_user,
     }
 }

@@ -191,7 +191,15 @@ fn describe() {
         "Time to write and fsync one batch"
     );
     describe_gauge!("warbler_mailboxes_alive", "UserMailbox actors running");
-    describe_gauge!("warbler_sessions_alive", "DeviceSession actors running");
+    describe_gauge!(
+        "warbler_mailboxes_asleep",
+        "mailboxes asleep with devices subscribed (woken by the next request)"
+    );
+    describe_counter!(
+        "warbler_mailbox_sleeps_total",
+        "times a mailbox went to sleep, every delivery acknowledged"
+    );
+    describe_gauge!("warbler_sessions_alive", "device sessions connected");
     describe_counter!(
         "warbler_protocol_errors_total",
         "Error frames sent to devices, by code"

@@ -45,6 +45,7 @@ fn bench(c: &mut Criterion) {
             inflight_max: 256,
             tail_cache_max: 512,
             idle_timeout: Duration::from_secs(600),
+            sleep_after: Duration::ZERO,
             unacked_max: 0,
         };
         Mailboxes::start(RegistryArgs {

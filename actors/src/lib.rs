@@ -7,9 +7,12 @@
 //!   cursors. Stops when idle; restarts from storage.
 //! - [`registry`]: `MailboxRegistry`, the per-node map user → mailbox; it spawns mailboxes
 //!   on demand and supervises them. [`Mailboxes`] is the handle the gateway calls.
-//! - [`session`]: `DeviceSession`, one per connected device: subscribes to its user's
-//!   mailbox, writes deliveries to the connection, forwards cumulative acks, re-subscribes
-//!   from its cursor when the mailbox restarts.
+//!   A mailbox whose devices acknowledged everything goes to sleep: its actor stops and
+//!   the registry keeps only who is subscribed, until the next request wakes it.
+//! - [`session`]: [`Session`], one per connected device, run by its connection's task:
+//!   subscribes to its user's mailbox, forwards cumulative acks, re-subscribes from its
+//!   cursor when the mailbox stops or the leader moves.
+//! - [`outbox`]: a connection's outgoing queue, which mailboxes deliver onto directly.
 //! - [`msg`]: every actor message ([`MailboxMsg`], [`SessionMsg`], `RegistryMsg`), apart
 //!   from the actors, so that actor files import messages and not each other.
 //! - [`routing`]: in a cluster, requests for users whose partition another node leads go
@@ -23,6 +26,7 @@ pub mod bugs;
 pub mod error;
 pub mod mailbox;
 pub mod msg;
+pub mod outbox;
 pub mod registry;
 pub mod route_service;
 pub mod routing;
@@ -32,8 +36,9 @@ pub mod stand_in;
 pub use crate::error::{MailboxError, OVERLOAD_RETRY_MS};
 pub use crate::mailbox::MailboxLimits;
 pub use crate::msg::{DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
+pub use crate::outbox::{Closed, OutReceiver, OutSender, Outbox, Signal};
 pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};
 pub use crate::route_service::RouteService;
 pub use crate::routing::Routing;
-pub use crate::session::{DeviceSession, SessionArgs};
+pub use crate::session::Session;
 pub use warbler_cluster::{Leader, Router};

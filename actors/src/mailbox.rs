@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+use futures::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_bytes::ByteBuf;
 use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store, StoredMessage};
 
@@ -20,7 +21,8 @@ const INFLIGHT_BYTES_MAX: usize = 8 << 20;
 /// Body bytes a mailbox's tail cache holds at most (besides `tail_cache_max` messages):
 /// 512 messages at the body limit would otherwise pin 256 MiB per active user.
 const TAIL_CACHE_BYTES_MAX: usize = 4 << 20;
-use crate::msg::{Committed, DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
+use crate::msg::{Committed, DeviceInfo, MailboxMsg, RegistryMsg, Sleeper, SubscribeInfo};
+use crate::outbox::SessionRef;
 
 /// Bounds of one mailbox.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +33,10 @@ pub struct MailboxLimits {
     pub tail_cache_max: usize,
     /// Stop after this long with no subscriber and nothing pending.
     pub idle_timeout: Duration,
+    /// Go to sleep after this long with every delivery acknowledged and nothing pending
+    /// (the registry keeps the subscribers until the next request wakes the mailbox).
+    /// Zero: never.
+    pub sleep_after: Duration,
     /// Messages a user may hold that one of its devices has not acknowledged; beyond it
     /// publishes are refused as [`MailboxError::Full`] (retention by count never trims
     /// them). 0 = no limit. The count retention's `max_messages_per_user`.
@@ -54,6 +60,10 @@ pub struct MailboxArgs {
     /// The previous mailbox of this user crashed: wait until its in-flight writes are
     /// settled before reading the head.
     pub after_crash: bool,
+    /// The devices subscribed when the user's mailbox went to sleep.
+    pub sleepers: Vec<Sleeper>,
+    /// Where it goes to sleep.
+    pub registry: ActorRef<RegistryMsg>,
 }
 
 struct Pending {
@@ -62,7 +72,7 @@ struct Pending {
 }
 
 struct Subscriber {
-    session: ActorRef<SessionMsg>,
+    session: SessionRef,
     acked: u64,
     sent: u64,
     /// Messages sent and not acked yet, with their body bytes (those a resumed session's
@@ -91,9 +101,11 @@ pub struct MailboxState {
     subs: HashMap<String, Subscriber>,
     cursors: HashMap<String, u64>,
     last_active: Instant,
-    /// An `IdleCheck` is scheduled. Armed only while there is no subscriber, so a busy
-    /// mailbox carries no timer.
-    idle_timer: bool,
+    /// When the earliest scheduled `IdleCheck` is due.
+    idle_timer: Option<Instant>,
+    registry: ActorRef<RegistryMsg>,
+    /// Stopped to sleep: its subscribers went to the registry and stay subscribed.
+    asleep: bool,
 }
 
 pub struct UserMailbox;
@@ -129,9 +141,8 @@ impl Actor for UserMailbox {
             .cursors(args.partition, &args.user)?
             .into_iter()
             .collect();
-        myself.send_after(args.limits.idle_timeout, || MailboxMsg::IdleCheck);
         metrics::gauge!("warbler_mailboxes_alive").increment(1.0);
-        Ok(MailboxState {
+        let mut state = MailboxState {
             user: args.user,
             partition: args.partition,
             store: args.store,
@@ -147,8 +158,29 @@ impl Actor for UserMailbox {
             subs: HashMap::new(),
             cursors,
             last_active: Instant::now(),
-            idle_timer: true,
-        })
+            idle_timer: None,
+            registry: args.registry,
+            asleep: false,
+        };
+        // Woken: the devices that were subscribed continue where they were.
+        for s in args.sleepers {
+            state.subscribe(s.device, s.session, Some((s.acked, s.acked)))?;
+        }
+        state.arm_idle_timer(&myself);
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<MailboxMsg>,
+        state: &mut MailboxState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Messages published while it slept.
+        let devices: Vec<String> = state.subs.keys().cloned().collect();
+        for d in devices {
+            state.pump(&d)?;
+        }
+        Ok(())
     }
 
     async fn post_stop(
@@ -162,15 +194,53 @@ impl Actor for UserMailbox {
                 let _ = w.send(Err(MailboxError::Restarted));
             }
         }
+        state.release_subscribers();
         Ok(())
     }
 
+    /// A mailbox that fails (an error or a panic) tells its subscribers first: `post_stop`
+    /// does not run then, and they must subscribe again to its successor.
     async fn handle(
         &self,
         myself: ActorRef<MailboxMsg>,
         msg: MailboxMsg,
         state: &mut MailboxState,
     ) -> Result<(), ActorProcessingErr> {
+        let outcome = std::panic::AssertUnwindSafe(state.handle(&myself, msg))
+            .catch_unwind()
+            .await;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                state.release_subscribers();
+                Err(e)
+            }
+            Err(panic) => {
+                state.release_subscribers();
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+impl MailboxState {
+    /// Tells every subscriber this mailbox is gone (unless it went to sleep).
+    fn release_subscribers(&mut self) {
+        if self.asleep {
+            return;
+        }
+        for (_, sub) in self.subs.drain() {
+            sub.session.mailbox_stopped();
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        myself: &ActorRef<MailboxMsg>,
+        msg: MailboxMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        let state = self;
+        let myself = myself.clone();
         match msg {
             MailboxMsg::Publish {
                 id,
@@ -199,33 +269,42 @@ impl Actor for UserMailbox {
                 let info = state.subscribe(device.clone(), session, resume)?;
                 let _ = reply.send(info);
                 state.pump(&device)?;
+                state.arm_idle_timer(&myself);
             }
             MailboxMsg::Unsubscribe { device, session } => {
                 if state
                     .subs
                     .get(&device)
-                    .is_some_and(|s| s.session.get_id() == session)
+                    .is_some_and(|s| s.session.id() == session)
                 {
                     state.subs.remove(&device);
                 }
                 state.last_active = Instant::now();
+                state.arm_idle_timer(&myself);
             }
             MailboxMsg::Ack {
                 device,
                 session,
                 seq,
-            } => state.ack(&device, session, seq).await?,
+            } => {
+                state.ack(&device, session, seq).await?;
+                state.arm_idle_timer(&myself);
+            }
             MailboxMsg::Devices { reply } => {
                 let _ = reply.send(state.devices()?);
             }
             MailboxMsg::IdleCheck => {
-                state.idle_timer = false;
+                if state.idle_timer.is_some_and(|at| at <= Instant::now()) {
+                    state.idle_timer = None;
+                }
                 let idle_for = state.last_active.elapsed();
                 if state.subs.is_empty()
                     && state.pending.is_empty()
                     && idle_for >= state.limits.idle_timeout
                 {
                     myself.stop(Some("idle".into()));
+                } else if state.may_sleep() && idle_for >= state.limits.sleep_after {
+                    state.sleep(&myself);
                 } else {
                     state.arm_idle_timer(&myself);
                 }
@@ -233,23 +312,72 @@ impl Actor for UserMailbox {
         }
         Ok(())
     }
-}
 
-impl MailboxState {
-    /// Schedules the next idle check, unless one is pending or a device is subscribed (the
-    /// last unsubscribe arms it again).
+    /// Whether the mailbox could sleep: devices subscribed, every message it sent them
+    /// acknowledged, nothing pending.
+    fn may_sleep(&self) -> bool {
+        !self.limits.sleep_after.is_zero()
+            && !self.subs.is_empty()
+            && self.pending.is_empty()
+            && self
+                .subs
+                .values()
+                .all(|s| s.acked >= s.sent && s.sent >= self.committed)
+    }
+
+    /// Hands the subscribers to the registry and stops.
+    fn sleep(&mut self, myself: &ActorRef<MailboxMsg>) {
+        let subs = self
+            .subs
+            .drain()
+            .filter(|(_, s)| !s.session.is_closed())
+            .map(|(device, s)| Sleeper {
+                device,
+                session: s.session,
+                acked: s.acked,
+            })
+            .collect();
+        let asleep = RegistryMsg::Asleep {
+            user: self.user.clone(),
+            mailbox: myself.get_id(),
+            subs,
+        };
+        match self.registry.cast(asleep) {
+            Ok(()) => {
+                self.asleep = true;
+                metrics::counter!("warbler_mailbox_sleeps_total").increment(1);
+                myself.stop(Some("asleep".into()));
+            }
+            Err(ractor::MessagingErr::SendErr(RegistryMsg::Asleep { subs, .. })) => {
+                // The registry is gone (shutdown): stay awake with them.
+                for s in subs {
+                    let _ = self.subscribe(s.device, s.session, Some((s.acked, s.acked)));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Schedules the next idle check, unless one is due by then. With devices subscribed
+    /// it is needed only once they are quiet (it may put the mailbox to sleep).
     fn arm_idle_timer(&mut self, myself: &ActorRef<MailboxMsg>) {
-        if self.idle_timer || !self.subs.is_empty() {
+        if !self.subs.is_empty() && !self.may_sleep() {
             return;
         }
-        let remaining = self
-            .limits
-            .idle_timeout
-            .saturating_sub(self.last_active.elapsed());
+        let after = if self.subs.is_empty() {
+            self.limits.idle_timeout
+        } else {
+            self.limits.sleep_after
+        };
+        let at = self.last_active + after;
+        if self.idle_timer.is_some_and(|due| due <= at) {
+            return;
+        }
+        let remaining = at.saturating_duration_since(Instant::now());
         myself.send_after(remaining.max(Duration::from_millis(10)), || {
             MailboxMsg::IdleCheck
         });
-        self.idle_timer = true;
+        self.idle_timer = Some(at);
     }
 
     /// Whether a new publish may be taken: the one it follows (if any) was taken, and the
@@ -446,7 +574,7 @@ impl MailboxState {
     fn subscribe(
         &mut self,
         device: String,
-        session: ActorRef<SessionMsg>,
+        session: SessionRef,
         resume: Option<(u64, u64)>,
     ) -> Result<SubscribeInfo, StorageError> {
         let stored = self.cursor(&device)?;
@@ -465,8 +593,8 @@ impl MailboxState {
             None => (stored, stored),
         };
         if let Some(old) = self.subs.remove(&device) {
-            if old.session.get_id() != session.get_id() {
-                let _ = old.session.cast(SessionMsg::Replaced);
+            if old.session.id() != session.id() {
+                old.session.replaced();
             }
         }
         self.subs.insert(
@@ -488,13 +616,14 @@ impl MailboxState {
     async fn ack(
         &mut self,
         device: &str,
-        session: ActorId,
+        session: u64,
         seq: u64,
     ) -> Result<(), ActorProcessingErr> {
         let Some(sub) = self.subs.get_mut(device) else {
             return Ok(());
         };
-        if sub.session.get_id() != session || seq <= sub.acked {
+        self.last_active = Instant::now();
+        if sub.session.id() != session || seq <= sub.acked {
             return Ok(());
         }
         sub.acked = seq.min(sub.sent);
@@ -565,7 +694,7 @@ impl MailboxState {
                     metrics::histogram!("warbler_delivery_seconds").record(age as f64 / 1000.0);
                 }
             }
-            if sub.session.cast(SessionMsg::Deliver(batch)).is_err() {
+            if sub.session.deliver(batch).is_err() {
                 self.subs.remove(device);
                 return Ok(());
             }

@@ -9,6 +9,8 @@
 use std::sync::Arc;
 
 use ractor::{ActorId, ActorRef, RpcReplyPort};
+
+use crate::outbox::SessionRef;
 use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, StorageError, StoredMessage};
 
@@ -54,18 +56,19 @@ pub enum MailboxMsg {
     /// re-subscribes after the mailbox restarted; `None` for a new connection.
     Subscribe {
         device: String,
-        session: ActorRef<SessionMsg>,
+        session: SessionRef,
         resume: Option<(u64, u64)>,
         reply: RpcReplyPort<SubscribeInfo>,
     },
+    /// `session` is [`SessionRef::id`].
     Unsubscribe {
         device: String,
-        session: ActorId,
+        session: u64,
     },
     /// Cumulative ack from a device's session.
     Ack {
         device: String,
-        session: ActorId,
+        session: u64,
         seq: u64,
     },
     Devices {
@@ -74,7 +77,15 @@ pub enum MailboxMsg {
     IdleCheck,
 }
 
-/// To a session: a device's own (`DeviceSession`) or a stand-in for one elsewhere.
+/// A device subscribed to a mailbox that went to sleep, as the registry keeps it: every
+/// message up to `acked` was sent and acknowledged.
+pub struct Sleeper {
+    pub device: String,
+    pub session: SessionRef,
+    pub acked: u64,
+}
+
+/// To a `StandIn`, the leader's stand-in for a session on another node.
 pub enum SessionMsg {
     /// Committed messages, in seq order.
     Deliver(Vec<Committed>),
@@ -82,11 +93,16 @@ pub enum SessionMsg {
     ClientAck(u64),
     /// Another connection of the same device took over.
     Replaced,
-    /// Subscribe again (the mailbox stopped, or an earlier attempt failed).
+    /// The mailbox stopped (not to sleep): the subscription is over.
     Resubscribe,
-    /// The partition's leader may have moved: subscribe again if it is not where this
-    /// session's subscription is.
-    CheckRoute,
+}
+
+/// How the registry took a subscription ([`RegistryMsg::Subscribe`]).
+pub enum Subscribed {
+    /// The device joined the sleeping mailbox's subscribers.
+    Asleep(SubscribeInfo),
+    /// Subscribe to this mailbox.
+    Mailbox(ActorRef<MailboxMsg>),
 }
 
 /// To the node's `MailboxRegistry`.
@@ -99,7 +115,28 @@ pub enum RegistryMsg {
     },
     /// Number of active mailboxes.
     Count { reply: RpcReplyPort<usize> },
+    /// A device subscribes to `user`'s mailbox, which is not running: if the device has
+    /// acknowledged everything stored, it joins the sleeping subscribers and no mailbox
+    /// starts; else the answer is the mailbox to subscribe to, started for it.
+    Subscribe {
+        user: String,
+        partition: PartitionId,
+        device: String,
+        session: SessionRef,
+        reply: RpcReplyPort<Result<Subscribed, MailboxError>>,
+    },
     /// This node stopped leading `partition`: stop its mailboxes (their sessions subscribe
     /// again where the partition is led now).
     StopPartition { partition: PartitionId },
+    /// For `user`'s mailbox, which was not running when sent: given to it if it runs now,
+    /// else applied to its sleeping subscribers (an unsubscribe) or dropped (an ack: a
+    /// mailbox sleeps only once everything it sent was acked).
+    Tell { user: String, msg: MailboxMsg },
+    /// The mailbox `mailbox` of `user` went to sleep: it keeps its subscribers here until the
+    /// next request for the user wakes it.
+    Asleep {
+        user: String,
+        mailbox: ActorId,
+        subs: Vec<Sleeper>,
+    },
 }

@@ -14,7 +14,8 @@ use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
 use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox};
-use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, SessionMsg, SubscribeInfo};
+use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, Sleeper, SubscribeInfo, Subscribed};
+use crate::outbox::SessionRef;
 use crate::routing::Routing;
 use warbler_cluster::wire::{DeviceCursor, PeerKind, PublishManyReq, PublishReq, UserReq};
 use warbler_cluster::Leader;
@@ -40,6 +41,8 @@ pub struct RegistryState {
     active: HashMap<String, ActorRef<MailboxMsg>>,
     /// Users whose mailbox crashed and has not been started again yet.
     crashed: HashSet<String>,
+    /// Users whose mailbox sleeps, with the devices subscribed to it.
+    asleep: HashMap<String, Vec<Sleeper>>,
 }
 
 pub struct MailboxRegistry;
@@ -58,6 +61,7 @@ impl Actor for MailboxRegistry {
             args,
             active: HashMap::new(),
             crashed: HashSet::new(),
+            asleep: HashMap::new(),
         })
     }
 
@@ -78,6 +82,18 @@ impl Actor for MailboxRegistry {
             RegistryMsg::Count { reply } => {
                 let _ = reply.send(state.active.len());
             }
+            RegistryMsg::Subscribe {
+                user,
+                partition,
+                device,
+                session,
+                reply,
+            } => {
+                let answer = state
+                    .subscribe(&myself, user, partition, device, session)
+                    .await;
+                let _ = reply.send(answer);
+            }
             RegistryMsg::StopPartition { partition } => {
                 let parts = state.args.partitions;
                 for (user, r) in &state.active {
@@ -85,7 +101,22 @@ impl Actor for MailboxRegistry {
                         r.stop(Some("leadership moved".into()));
                     }
                 }
+                // Sleeping ones too: their devices subscribe where the partition is led now.
+                state.asleep.retain(|user, subs| {
+                    if warbler_cluster::partition_of(user, parts) != partition {
+                        return true;
+                    }
+                    subs.iter().for_each(|s| s.session.mailbox_stopped());
+                    false
+                });
+                state.count_asleep();
             }
+            RegistryMsg::Tell { user, msg } => state.tell(user, msg),
+            RegistryMsg::Asleep {
+                user,
+                mailbox,
+                subs,
+            } => state.asleep(user, mailbox, subs),
         }
         Ok(())
     }
@@ -123,6 +154,138 @@ impl Actor for MailboxRegistry {
 }
 
 impl RegistryState {
+    fn count_asleep(&self) {
+        metrics::gauge!("warbler_mailboxes_asleep").set(self.asleep.len() as f64);
+    }
+
+    /// A message for `user`'s mailbox that was not running when it was sent.
+    fn tell(&mut self, user: String, msg: MailboxMsg) {
+        if let Some(r) = self.active.get(&user) {
+            if r.get_status() <= ActorStatus::Running {
+                let _ = r.cast(msg);
+                return;
+            }
+        }
+        if let MailboxMsg::Unsubscribe { device, session } = msg {
+            if let Some(subs) = self.asleep.get_mut(&user) {
+                subs.retain(|s| !(s.device == device && s.session.id() == session));
+                if subs.is_empty() {
+                    self.asleep.remove(&user);
+                    self.count_asleep();
+                }
+            }
+        }
+    }
+
+    /// `user`'s mailbox went to sleep with `subs` subscribed.
+    fn asleep(&mut self, user: String, mailbox: ractor::ActorId, subs: Vec<Sleeper>) {
+        match self.active.get(&user) {
+            Some(r) if r.get_id() == mailbox => {
+                self.active.remove(&user);
+            }
+            Some(r) if r.get_status() <= ActorStatus::Running => {
+                // A request started a new mailbox meanwhile: subscribe to that one.
+                subs.iter().for_each(|s| s.session.mailbox_stopped());
+                return;
+            }
+            _ => {}
+        }
+        for sub in subs {
+            // One already there for the device subscribed while the mailbox was going to
+            // sleep: it is the newer connection.
+            self.add_sleeper(&user, sub, false);
+        }
+        self.count_asleep();
+    }
+
+    /// Adds a device to `user`'s sleeping subscribers. Of two connections of one device,
+    /// the newer stays and the other is told it was replaced.
+    fn add_sleeper(&mut self, user: &str, sub: Sleeper, newer: bool) {
+        let subs = self.asleep.entry(user.to_string()).or_default();
+        match subs.iter_mut().find(|s| s.device == sub.device) {
+            Some(s) if s.session.id() == sub.session.id() => *s = sub,
+            Some(s) if newer => std::mem::replace(s, sub).session.replaced(),
+            Some(_) => sub.session.replaced(),
+            None => subs.push(sub),
+        }
+    }
+
+    /// A device subscribes while `user`'s mailbox is not running: see
+    /// [`RegistryMsg::Subscribe`].
+    async fn subscribe(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        user: String,
+        partition: PartitionId,
+        device: String,
+        session: SessionRef,
+    ) -> Result<Subscribed, MailboxError> {
+        // Running, or stopping (perhaps failing, with writes in flight): the mailbox path.
+        let quiet = !self.active.contains_key(&user)
+            && !self.crashed.contains(&user)
+            && !self.args.limits.sleep_after.is_zero();
+        if quiet {
+            if let Some(info) = self
+                .join_sleepers(&user, partition, &device, &session)
+                .await?
+            {
+                let sub = Sleeper {
+                    device,
+                    session,
+                    acked: info.acked,
+                };
+                self.add_sleeper(&user, sub, true);
+                self.count_asleep();
+                return Ok(Subscribed::Asleep(info));
+            }
+        }
+        self.get(myself, user, partition)
+            .await
+            .map(Subscribed::Mailbox)
+    }
+
+    /// Where `device` stands if it has acknowledged everything stored for `user` (then it
+    /// can join the sleeping subscribers); `None` if it has messages to receive. Read as a
+    /// starting mailbox reads: on the partition's leader, after its read barrier.
+    async fn join_sleepers(
+        &self,
+        user: &str,
+        partition: PartitionId,
+        device: &str,
+        session: &SessionRef,
+    ) -> Result<Option<SubscribeInfo>, MailboxError> {
+        let log = &self.args.log;
+        if log.leader_term(partition).is_none() {
+            return Err(MailboxError::NoLeader(format!(
+                "this node does not lead partition {partition}"
+            )));
+        }
+        if log.replicated() {
+            log.barrier(partition)
+                .await
+                .map_err(|e| MailboxError::NoLeader(e.to_string()))?;
+        }
+        let unavailable =
+            |e: warbler_storage::StorageError| MailboxError::Unavailable(e.to_string());
+        let last = self
+            .args
+            .store
+            .last_seq(partition, user)
+            .map_err(unavailable)?;
+        let acked = self
+            .args
+            .store
+            .cursor(partition, user, device)
+            .map_err(unavailable)?;
+        if acked < last || session.is_closed() {
+            return Ok(None);
+        }
+        Ok(Some(SubscribeInfo {
+            acked,
+            last_seq: last,
+        }))
+    }
+
     async fn get(
         &mut self,
         myself: &ActorRef<RegistryMsg>,
@@ -144,6 +307,11 @@ impl RegistryState {
                 "this node does not lead partition {partition}"
             )));
         }
+        let sleepers = self.asleep.remove(&user).unwrap_or_default();
+        if !sleepers.is_empty() {
+            self.count_asleep();
+        }
+        let woken: Vec<SessionRef> = sleepers.iter().map(|s| s.session.clone()).collect();
         let args = MailboxArgs {
             user: user.clone(),
             partition,
@@ -151,10 +319,14 @@ impl RegistryState {
             log: self.args.log.clone(),
             limits: self.args.limits,
             after_crash: self.crashed.remove(&user),
+            sleepers,
+            registry: myself.clone(),
         };
         let (r, _) = Actor::spawn_linked(None, UserMailbox, args, myself.get_cell())
             .await
             .map_err(|e| {
+                // Its sleeping devices try again (and wake it) on their own.
+                woken.iter().for_each(SessionRef::mailbox_stopped);
                 let e = e.to_string();
                 if e.contains("partition has no reachable leader") {
                     MailboxError::NoLeader(e)
@@ -225,6 +397,24 @@ impl Mailboxes {
         }
     }
 
+    /// Gives `msg` to `user`'s mailbox if it runs; if it does not, the registry gives it to
+    /// the one running by then, or applies it to the sleeping one's subscribers.
+    pub fn tell(&self, user: &str, msg: MailboxMsg) {
+        let cached = self.refs.read().unwrap().get(user).cloned();
+        let msg = match cached {
+            Some(r) if r.get_status() <= ActorStatus::Running => match r.cast(msg) {
+                Ok(()) => return,
+                Err(ractor::MessagingErr::SendErr(msg)) => msg,
+                Err(_) => return,
+            },
+            _ => msg,
+        };
+        let _ = self.registry.cast(RegistryMsg::Tell {
+            user: user.to_string(),
+            msg,
+        });
+    }
+
     /// Stops the mailboxes of `partition` (this node no longer leads it).
     pub fn stop_partition(&self, partition: PartitionId) {
         let _ = self.registry.cast(RegistryMsg::StopPartition { partition });
@@ -242,12 +432,17 @@ impl Mailboxes {
             }
         }
         let r = self.get_from_registry(user).await?;
+        self.remember(user, &r);
+        Ok(r)
+    }
+
+    /// Caches `r` as `user`'s mailbox.
+    fn remember(&self, user: &str, r: &ActorRef<MailboxMsg>) {
         let mut refs = self.refs.write().unwrap();
         if refs.len() >= REF_CACHE_MAX {
             refs.clear();
         }
         refs.insert(user.to_string(), r.clone());
-        Ok(r)
     }
 
     async fn get_from_registry(&self, user: &str) -> Result<ActorRef<MailboxMsg>, MailboxError> {
@@ -472,16 +667,49 @@ impl Mailboxes {
         .await?
     }
 
-    /// Subscribes `session` as `device` to this node's mailbox of `user`; returns the
-    /// mailbox (to watch) and where the device stands.
+    /// Subscribes `session` as `device` to this node's mailbox of `user`; returns where
+    /// the device stands. A device of a quiet user that has acknowledged everything joins
+    /// the sleeping mailbox's subscribers without starting it.
     pub async fn subscribe_local(
         &self,
         user: &str,
         device: &str,
-        session: ActorRef<SessionMsg>,
+        session: SessionRef,
         resume: Option<(u64, u64)>,
-    ) -> Result<(ActorRef<MailboxMsg>, SubscribeInfo), MailboxError> {
-        let mailbox = self.get(user).await?;
+    ) -> Result<SubscribeInfo, MailboxError> {
+        let cached = self.refs.read().unwrap().get(user).cloned();
+        let mailbox = match cached {
+            Some(r) if r.get_status() <= ActorStatus::Running => r,
+            // A resume carries what the connection was sent: the mailbox settles it.
+            _ if resume.is_some() => self.get(user).await?,
+            _ => {
+                let partition = self.partition_of(user);
+                let asked = self
+                    .registry
+                    .call(
+                        |reply| RegistryMsg::Subscribe {
+                            user: user.to_string(),
+                            partition,
+                            device: device.to_string(),
+                            session: session.clone(),
+                            reply,
+                        },
+                        Some(MAILBOX_CALL_TIMEOUT),
+                    )
+                    .await;
+                match asked {
+                    Ok(ractor::rpc::CallResult::Success(Ok(Subscribed::Asleep(info)))) => {
+                        return Ok(info)
+                    }
+                    Ok(ractor::rpc::CallResult::Success(Ok(Subscribed::Mailbox(r)))) => {
+                        self.remember(user, &r);
+                        r
+                    }
+                    Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(e),
+                    _ => return Err(MailboxError::ShuttingDown),
+                }
+            }
+        };
         let device = device.to_string();
         match mailbox
             .call(
@@ -495,7 +723,7 @@ impl Mailboxes {
             )
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(info)) => Ok((mailbox, info)),
+            Ok(ractor::rpc::CallResult::Success(info)) => Ok(info),
             // The mailbox stopped (idle, crash, leadership moved) before it answered.
             _ => Err(MailboxError::Restarted),
         }

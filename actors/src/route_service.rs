@@ -15,6 +15,7 @@ use warbler_storage::PartitionId;
 
 use crate::error::MailboxError;
 use crate::msg::SessionMsg;
+use crate::outbox::Signal;
 use crate::registry::Mailboxes;
 use crate::routing::{Routing, Wire};
 use crate::stand_in::start_stand_in;
@@ -161,9 +162,7 @@ fn to_session(routing: &Routing, r: DeliverReq) -> Result<Vec<u8>, RpcError> {
         .map(|d| (d.seq, Arc::new(d.message)))
         .collect();
     let result = match routing.remote_sub(r.key) {
-        Some((_, s)) => s
-            .cast(SessionMsg::Deliver(batch))
-            .map_err(|_| MailboxError::Restarted),
+        Some((_, s)) => s.deliver(batch).map_err(|_| MailboxError::Restarted),
         None => Err(MailboxError::Restarted),
     };
     reply(&result)
@@ -173,12 +172,11 @@ fn to_session(routing: &Routing, r: DeliverReq) -> Result<Vec<u8>, RpcError> {
 /// another connection of the device took over).
 fn closed(routing: &Routing, r: KeyReq) -> Result<Vec<u8>, RpcError> {
     if let Some((_, s)) = routing.remote_sub(r.key) {
-        let msg = if r.replaced {
-            SessionMsg::Replaced
+        s.signal(if r.replaced {
+            Signal::Replaced
         } else {
-            SessionMsg::Resubscribe
-        };
-        let _ = s.cast(msg);
+            Signal::Resubscribe
+        });
     }
     reply(&Ok(()))
 }

@@ -29,6 +29,7 @@ use warbler_storage::PartitionId;
 
 use crate::error::MailboxError;
 use crate::msg::{DeviceInfo, SessionMsg, SubscribeInfo};
+use crate::outbox::{SessionRef, Signal};
 
 /// How long a routed request keeps retrying transient refusals (a leader election takes
 /// one to three seconds).
@@ -41,7 +42,7 @@ pub(crate) type Wire<T> = Result<T, MailboxError>;
 /// A local session subscribed to a mailbox on another node.
 struct RemoteSub {
     partition: PartitionId,
-    session: ActorRef<SessionMsg>,
+    session: SessionRef,
 }
 
 /// The node's routing state. One per node, shared by the gateway's [`Mailboxes`] handle.
@@ -155,7 +156,7 @@ impl Routing {
         partition: PartitionId,
         user: &str,
         device: &str,
-        session: ActorRef<SessionMsg>,
+        session: SessionRef,
         resume: Option<(u64, u64)>,
     ) -> Result<(u64, SubscribeInfo), MailboxError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +214,7 @@ impl Routing {
                 .call(addr, partition, PeerKind::Ack, &body, ROUTE_CALL_TIMEOUT)
                 .await;
             if r.is_err() {
-                let _ = session.cast(SessionMsg::Resubscribe);
+                session.signal(Signal::Resubscribe);
             }
         });
     }
@@ -243,7 +244,7 @@ impl Routing {
         });
     }
 
-    pub(crate) fn remote_sub(&self, key: u64) -> Option<(PartitionId, ActorRef<SessionMsg>)> {
+    pub(crate) fn remote_sub(&self, key: u64) -> Option<(PartitionId, SessionRef)> {
         self.remote_subs
             .lock()
             .unwrap()
@@ -256,7 +257,7 @@ impl Routing {
     pub fn leader_changed(&self, partition: PartitionId) {
         for s in self.remote_subs.lock().unwrap().values() {
             if s.partition == partition {
-                let _ = s.session.cast(SessionMsg::CheckRoute);
+                s.session.signal(Signal::CheckRoute);
             }
         }
     }

@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use warbler_cluster::wire::{DeliverReq, Delivery, KeyReq, PeerKind, SubscribeReq, Subscribed};
 use warbler_storage::PartitionId;
 
 use crate::error::MailboxError;
 use crate::msg::{Committed, MailboxMsg, SessionMsg, SubscribeInfo};
+use crate::outbox::{next_session_id, SessionRef};
 use crate::registry::Mailboxes;
 use crate::routing::{Routing, ROUTE_CALL_TIMEOUT};
 
@@ -126,7 +127,8 @@ pub struct StandInArgs {
 
 pub struct StandInState {
     args: StandInArgs,
-    mailbox: ActorRef<MailboxMsg>,
+    /// Its [`SessionRef::id`].
+    id: u64,
 }
 
 /// The stand-in, on the leader, of a session on another node: subscribed to the mailbox
@@ -145,20 +147,24 @@ impl Actor for StandIn {
         mut args: StandInArgs,
     ) -> Result<StandInState, ActorProcessingErr> {
         let info = args.info.take().expect("set by start_stand_in");
+        let id = next_session_id();
+        let me = SessionRef::StandIn {
+            id,
+            actor: myself.clone(),
+        };
         let subscribed = args
             .mailboxes
-            .subscribe_local(&args.user, &args.device, myself.clone(), args.resume)
+            .subscribe_local(&args.user, &args.device, me, args.resume)
             .await;
         match subscribed {
-            Ok((mailbox, i)) => {
-                myself.get_cell().monitor(mailbox.get_cell());
+            Ok(i) => {
                 args.routing
                     .stand_ins
                     .lock()
                     .unwrap()
                     .insert((args.peer.clone(), args.key), myself.clone());
                 let _ = info.send(Ok(i));
-                Ok(StandInState { args, mailbox })
+                Ok(StandInState { args, id })
             }
             Err(e) => {
                 let _ = info.send(Err(e.clone()));
@@ -172,10 +178,11 @@ impl Actor for StandIn {
         myself: ActorRef<SessionMsg>,
         state: &mut StandInState,
     ) -> Result<(), ActorProcessingErr> {
-        let _ = state.mailbox.cast(MailboxMsg::Unsubscribe {
+        let unsubscribe = MailboxMsg::Unsubscribe {
             device: state.args.device.clone(),
-            session: myself.get_id(),
-        });
+            session: state.id,
+        };
+        state.args.mailboxes.tell(&state.args.user, unsubscribe);
         let key = (state.args.peer.clone(), state.args.key);
         let mut stand_ins = state.args.routing.stand_ins.lock().unwrap();
         if stand_ins
@@ -217,34 +224,21 @@ impl Actor for StandIn {
                 }
             }
             SessionMsg::ClientAck(seq) => {
-                let _ = state.mailbox.cast(MailboxMsg::Ack {
+                let ack = MailboxMsg::Ack {
                     device: a.device.clone(),
-                    session: myself.get_id(),
+                    session: state.id,
                     seq,
-                });
+                };
+                a.mailboxes.tell(&a.user, ack);
             }
             SessionMsg::Replaced => {
                 closed(a, true);
                 myself.stop(Some("replaced".into()));
             }
-            SessionMsg::Resubscribe | SessionMsg::CheckRoute => {}
-        }
-        Ok(())
-    }
-
-    /// The mailbox stopped (leadership moved, crash, shutdown): the session subscribes
-    /// again wherever the user's mailbox runs now.
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<SessionMsg>,
-        evt: SupervisionEvent,
-        state: &mut StandInState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorTerminated(cell, _, _)
-        | SupervisionEvent::ActorFailed(cell, _) = &evt
-        {
-            if cell.get_id() == state.mailbox.get_id() {
-                closed(&state.args, false);
+            // The mailbox stopped (leadership moved, crash, shutdown; not to sleep): the
+            // session subscribes again wherever the user's mailbox runs now.
+            SessionMsg::Resubscribe => {
+                closed(a, false);
                 myself.stop(Some("mailbox stopped".into()));
             }
         }

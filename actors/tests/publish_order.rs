@@ -62,6 +62,7 @@ async fn mailboxes() -> (Mailboxes, Arc<Switched>, Store, tempfile::TempDir) {
             inflight_max: 16,
             tail_cache_max: 8,
             idle_timeout: Duration::from_secs(60),
+            sleep_after: Duration::ZERO,
             unacked_max: 0,
         },
         partitions: 64,

@@ -73,6 +73,7 @@ fn mailbox_limits() -> MailboxLimits {
         inflight_max: 16,
         tail_cache_max: 8,
         idle_timeout: Duration::from_secs(60),
+        sleep_after: Duration::ZERO,
         unacked_max: 0,
     }
 }

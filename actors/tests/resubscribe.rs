@@ -1,22 +1,42 @@
-//! A session survives its mailbox dying: it re-subscribes to the restarted mailbox from
-//! where it was, and the connection (here: its writer queue) never notices.
+//! A session survives its mailbox stopping: it re-subscribes to the restarted mailbox from
+//! where it was, and the connection (here: its writer queue) never notices. A mailbox whose
+//! devices acknowledged everything sleeps, and the next publish wakes it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorStatus};
+use ractor::ActorStatus;
 use serde_bytes::ByteBuf;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use warbler_actors::{DeviceSession, MailboxLimits, Mailboxes, RegistryArgs, SessionArgs};
+use warbler_actors::outbox::{Out, SessionRef};
+use warbler_actors::{MailboxLimits, Mailboxes, OutReceiver, OutSender, Outbox, RegistryArgs};
+use warbler_actors::{MailboxMsg, Session};
 use warbler_client::Frame;
 use warbler_storage::{Committer, CommitterLimits, LocalLog, Store};
 
-async fn next(rx: &mut mpsc::Receiver<Frame>) -> Frame {
+async fn next(rx: &mut OutReceiver) -> Frame {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a frame within 5 s")
         .expect("queue open")
+        .into_frame()
+}
+
+/// A connection's queue, as a mailbox sees it.
+fn port() -> (OutSender, OutReceiver, SessionRef) {
+    let (tx, rx) = Outbox::channel(64);
+    let session = tx.session();
+    (tx, rx, session)
+}
+
+/// The seqs delivered to `rx` until nothing comes for `quiet`.
+async fn delivered(rx: &mut OutReceiver, quiet: Duration) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while let Ok(Some(out)) = tokio::time::timeout(quiet, rx.recv()).await {
+        if let Out::Msg(seq, _) = out {
+            seqs.push(seq);
+        }
+    }
+    seqs
 }
 
 /// Mailboxes over a single-node log in a fresh directory, with their store and directory.
@@ -44,6 +64,10 @@ impl Fixture {
 }
 
 async fn single_node_mailboxes() -> Fixture {
+    mailboxes_sleeping_after(Duration::ZERO).await
+}
+
+async fn mailboxes_sleeping_after(sleep_after: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let limits = CommitterLimits {
@@ -60,6 +84,7 @@ async fn single_node_mailboxes() -> Fixture {
             inflight_max: 16,
             tail_cache_max: 8,
             idle_timeout: Duration::from_secs(60),
+            sleep_after,
             unacked_max: 0,
         },
         partitions: 64,
@@ -74,22 +99,14 @@ async fn single_node_mailboxes() -> Fixture {
 }
 
 #[tokio::test]
-async fn a_session_resubscribes_when_its_mailbox_dies() {
+async fn a_session_resubscribes_when_its_mailbox_stops() {
     let fixture = single_node_mailboxes().await;
     let mailboxes = fixture.mailboxes.clone();
 
-    let (tx, mut rx) = mpsc::channel(64);
-    let closed = CancellationToken::new();
-    let args = SessionArgs {
-        user: "u".into(),
-        device: "d".into(),
-        node: "n".into(),
-        mailboxes: mailboxes.clone(),
-        out: tx,
-        closed: closed.clone(),
-        delivered: Default::default(),
-    };
-    let (_session, _) = Actor::spawn(None, DeviceSession, args).await.unwrap();
+    let (tx, mut rx) = Outbox::channel(64);
+    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
+        .await
+        .unwrap();
     assert!(matches!(
         next(&mut rx).await,
         Frame::Welcome { acked: 0, .. }
@@ -103,11 +120,17 @@ async fn a_session_resubscribes_when_its_mailbox_dies() {
     );
     assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 1, .. }));
 
+    session.ack(1);
     let old = mailboxes.get("u").await.unwrap();
-    old.kill();
+    old.stop(Some("a test stops it".into()));
     while old.get_status() != ActorStatus::Stopped {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The connection's task acts on the mailbox's signal.
+    let signals = tokio::time::timeout(Duration::from_secs(5), tx.signals())
+        .await
+        .expect("the stopped mailbox told its session");
+    assert!(session.on_signals(signals).await.is_none());
     // The restarted mailbox continues the sequence from storage, and the session gets the
     // next message without redelivery of seq 1.
     assert_eq!(
@@ -118,38 +141,118 @@ async fn a_session_resubscribes_when_its_mailbox_dies() {
         2
     );
     assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 2, .. }));
-    assert!(!closed.is_cancelled(), "the connection stayed up");
     assert_ne!(mailboxes.get("u").await.unwrap().get_id(), old.get_id());
+    drop(session);
     fixture.close().await;
 }
 
-/// Stands in for a session: forwards the seqs of each delivered batch.
-struct Probe;
-
-impl Actor for Probe {
-    type Msg = warbler_actors::SessionMsg;
-    type State = mpsc::UnboundedSender<Vec<u64>>;
-    type Arguments = mpsc::UnboundedSender<Vec<u64>>;
-
-    async fn pre_start(
-        &self,
-        _me: ractor::ActorRef<Self::Msg>,
-        tx: Self::Arguments,
-    ) -> Result<Self::State, ractor::ActorProcessingErr> {
-        Ok(tx)
-    }
-
-    async fn handle(
-        &self,
-        _me: ractor::ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        tx: &mut Self::State,
-    ) -> Result<(), ractor::ActorProcessingErr> {
-        if let warbler_actors::SessionMsg::Deliver(batch) = msg {
-            let _ = tx.send(batch.iter().map(|(s, _)| *s).collect());
+/// Once its device acknowledged everything, a mailbox sleeps: its actor stops while the
+/// device stays subscribed. The next publish wakes it and the device gets exactly the next
+/// message; a device that leaves while its mailbox sleeps is forgotten.
+#[tokio::test]
+async fn a_quiet_mailbox_sleeps_and_the_next_publish_wakes_it_without_a_gap() {
+    let fixture = mailboxes_sleeping_after(Duration::from_millis(100)).await;
+    let mailboxes = fixture.mailboxes.clone();
+    let publish = |id: &'static str| {
+        let mailboxes = mailboxes.clone();
+        async move {
+            mailboxes
+                .publish("u", id, ByteBuf::from(id.as_bytes().to_vec()), None)
+                .await
+                .unwrap()
         }
-        Ok(())
+    };
+    assert_eq!(publish("a").await, 1);
+    let (tx, mut rx) = Outbox::channel(64);
+    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        Frame::Welcome { acked: 0, .. }
+    ));
+    assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 1, .. }));
+    // Not acknowledged yet: it stays awake however long that takes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        mailboxes.active_count().await,
+        1,
+        "awake while 1 is unacked"
+    );
+    session.ack(1);
+    let start = std::time::Instant::now();
+    while mailboxes.active_count().await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the mailbox went to sleep once seq 1 was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    for (i, id) in ["b", "c"].into_iter().enumerate() {
+        assert_eq!(publish(id).await, i as u64 + 2);
+    }
+    assert_eq!(delivered(&mut rx, Duration::from_millis(300)).await, [2, 3]);
+    session.ack(3);
+    let devices = mailboxes.devices_local("u").await.unwrap();
+    assert!(devices[0].online, "still subscribed after sleeping");
+
+    // Asleep again, the device leaves: the sleeping mailbox forgets it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mailboxes.active_count().await, 0, "asleep again");
+    drop(session);
+    drop(tx);
+    let start = std::time::Instant::now();
+    loop {
+        let devices = mailboxes.devices_local("u").await.unwrap();
+        if !devices[0].online {
+            assert_eq!(devices[0].acked, 3, "its last ack is kept");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the device went offline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fixture.close().await;
+}
+
+/// A device that has acknowledged everything stored subscribes without starting its user's
+/// mailbox: it joins the sleeping subscribers, and the first publish wakes the mailbox and
+/// reaches it. A second connection of the same device replaces the first there too.
+#[tokio::test]
+async fn a_device_with_nothing_to_receive_subscribes_without_starting_a_mailbox() {
+    let fixture = mailboxes_sleeping_after(Duration::from_millis(100)).await;
+    let mailboxes = fixture.mailboxes.clone();
+    let (tx1, mut rx1) = Outbox::channel(64);
+    let _first = Session::start("q".into(), "d".into(), "n", mailboxes.clone(), &tx1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut rx1).await,
+        Frame::Welcome { acked: 0, .. }
+    ));
+    let (tx, mut rx) = Outbox::channel(64);
+    let _session = Session::start("q".into(), "d".into(), "n", mailboxes.clone(), &tx)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        Frame::Welcome { acked: 0, .. }
+    ));
+    assert_eq!(mailboxes.active_count().await, 0, "no mailbox started");
+    let signals = tokio::time::timeout(Duration::from_secs(5), tx1.signals())
+        .await
+        .expect("the first connection was told");
+    assert_eq!(signals, [warbler_actors::Signal::Replaced]);
+    let seq = mailboxes
+        .publish("q", "m1", ByteBuf::from(b"1".to_vec()), None)
+        .await
+        .unwrap();
+    assert_eq!(seq, 1);
+    assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 1, .. }));
+    assert_eq!(mailboxes.active_count().await, 1, "the publish woke it");
+    fixture.close().await;
 }
 
 /// A session that re-subscribes continues from what it wrote to its connection, even when
@@ -169,21 +272,22 @@ async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
         assert_eq!(seq, i);
     }
     // The first connection gets 1..5 and acks 3, durably.
-    let (tx1, mut rx1) = mpsc::unbounded_channel();
-    let (p1, _) = Actor::spawn(None, Probe, tx1).await.unwrap();
-    let (mailbox, info) = mailboxes
+    let (_tx1, mut rx1, p1) = port();
+    let info = mailboxes
         .subscribe_local("u", "d", p1.clone(), None)
         .await
         .unwrap();
     assert_eq!(info.acked, 0);
-    assert_eq!(rx1.recv().await.unwrap(), vec![1, 2, 3, 4, 5]);
-    mailbox
-        .cast(warbler_actors::MailboxMsg::Ack {
-            device: "d".into(),
-            session: p1.get_id(),
-            seq: 3,
-        })
-        .unwrap();
+    assert_eq!(
+        delivered(&mut rx1, Duration::from_millis(300)).await,
+        vec![1, 2, 3, 4, 5]
+    );
+    let ack = MailboxMsg::Ack {
+        device: "d".into(),
+        session: p1.id(),
+        seq: 3,
+    };
+    mailboxes.tell("u", ack);
     let start = std::time::Instant::now();
     while mailboxes.devices_local("u").await.unwrap()[0].acked != 3 {
         assert!(
@@ -193,16 +297,12 @@ async fn a_resumed_subscription_continues_from_what_its_connection_was_sent() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A connection that was told cursor 0 and has been sent nothing re-subscribes.
-    let (tx2, mut rx2) = mpsc::unbounded_channel();
-    let (p2, _) = Actor::spawn(None, Probe, tx2).await.unwrap();
+    let (_tx2, mut rx2, p2) = port();
     mailboxes
         .subscribe_local("u", "d", p2, Some((0, 0)))
         .await
         .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), rx2.recv())
-        .await
-        .expect("a delivery")
-        .unwrap();
+    let first = delivered(&mut rx2, Duration::from_millis(300)).await;
     assert_eq!(
         first,
         vec![1, 2, 3, 4, 5],
@@ -221,8 +321,7 @@ async fn a_resume_past_the_end_is_clamped_and_skips_nothing() {
         .publish("u", "m1", ByteBuf::from(b"1".to_vec()), None)
         .await
         .unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (probe, _) = Actor::spawn(None, Probe, tx).await.unwrap();
+    let (_tx, mut rx, probe) = port();
     mailboxes
         .subscribe_local("u", "d", probe, Some((u64::MAX, u64::MAX)))
         .await
@@ -232,10 +331,7 @@ async fn a_resume_past_the_end_is_clamped_and_skips_nothing() {
         .await
         .unwrap();
     assert_eq!(seq, 2);
-    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("the next message is delivered")
-        .unwrap();
+    let got = delivered(&mut rx, Duration::from_millis(300)).await;
     assert_eq!(
         got,
         vec![2],
@@ -257,32 +353,24 @@ async fn a_device_that_does_not_ack_is_sent_at_most_8_mib() {
             .await
             .unwrap();
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (probe, _) = Actor::spawn(None, Probe, tx).await.unwrap();
-    let (mailbox, _) = mailboxes
+    let (_tx, mut rx, probe) = port();
+    mailboxes
         .subscribe_local("big", "d", probe.clone(), None)
         .await
         .unwrap();
-    let mut sent = Vec::new();
-    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
-        sent.extend(batch);
-    }
+    let sent = delivered(&mut rx, Duration::from_millis(500)).await;
     assert_eq!(
         sent,
         (1..=8).collect::<Vec<u64>>(),
         "8 MiB of 1 MiB messages"
     );
-    mailbox
-        .cast(warbler_actors::MailboxMsg::Ack {
-            device: "d".into(),
-            session: probe.get_id(),
-            seq: 3,
-        })
-        .unwrap();
-    let mut more = Vec::new();
-    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
-        more.extend(batch);
-    }
+    let ack = MailboxMsg::Ack {
+        device: "d".into(),
+        session: probe.id(),
+        seq: 3,
+    };
+    mailboxes.tell("big", ack);
+    let more = delivered(&mut rx, Duration::from_millis(500)).await;
     assert_eq!(more, vec![9, 10, 11], "an ack of 3 makes room for 3 more");
     fixture.close().await;
 }

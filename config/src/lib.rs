@@ -188,6 +188,10 @@ pub struct RetentionConfig {
 pub struct MailboxConfig {
     /// A mailbox with no subscriber and no pending write stops after this long.
     pub idle_timeout_ms: u64,
+    /// A mailbox whose devices acknowledged everything it sent, with no pending write,
+    /// goes to sleep after this long: its actor stops and the node keeps only who is
+    /// subscribed, until the next publish wakes it. 0 = never.
+    pub sleep_after_ms: u64,
     /// Recent messages kept in memory per mailbox for online delivery.
     pub tail_cache_max: usize,
 }
@@ -340,6 +344,7 @@ impl Default for MailboxConfig {
     fn default() -> Self {
         Self {
             idle_timeout_ms: 60_000,
+            sleep_after_ms: 5_000,
             tail_cache_max: 512,
         }
     }
@@ -442,6 +447,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_RETENTION_MAX_AGE_SECS", "retention.max_age_secs"),
     ("WARBLER_DEDUP_WINDOW_SECS", "retention.dedup_window_secs"),
     ("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "mailbox.idle_timeout_ms"),
+    ("WARBLER_MAILBOX_SLEEP_AFTER_MS", "mailbox.sleep_after_ms"),
     ("WARBLER_REPLICATION_FACTOR", "cluster.replication_factor"),
     ("WARBLER_RAFT_HEARTBEAT_MS", "cluster.raft_heartbeat_ms"),
     (
@@ -623,6 +629,7 @@ impl Config {
             "mailbox.idle_timeout_ms" => {
                 self.mailbox.idle_timeout_ms = parse(value, "milliseconds")?
             }
+            "mailbox.sleep_after_ms" => self.mailbox.sleep_after_ms = parse(value, "milliseconds")?,
             "log.format" => {
                 self.log.format = match value.trim() {
                     "human" => LogFormat::Human,
@@ -824,6 +831,12 @@ impl Config {
             "mailbox.idle_timeout_ms",
             self.mailbox.idle_timeout_ms,
             10,
+            86_400_000,
+        )?;
+        range(
+            "mailbox.sleep_after_ms",
+            self.mailbox.sleep_after_ms,
+            0,
             86_400_000,
         )?;
         range(

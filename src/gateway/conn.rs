@@ -2,17 +2,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use ractor::{Actor, ActorRef};
 use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use warbler_actors::{DeviceSession, MailboxError, Mailboxes, SessionArgs, SessionMsg};
+use warbler_actors::{MailboxError, Mailboxes, OutSender, Session};
 use warbler_client::codec::CodecError;
 use warbler_client::{DecodeError, ErrorCode, Frame, PROTOCOL_VERSION};
 use warbler_config::LimitsConfig;
@@ -170,7 +168,7 @@ impl Gateway {
     pub async fn run<S>(
         self: Arc<Self>,
         mut frames: S,
-        out: mpsc::Sender<Frame>,
+        out: OutSender,
         transport: &'static str,
         slot: Option<OwnedSemaphorePermit>,
     ) where
@@ -183,16 +181,10 @@ impl Gateway {
         metrics::counter!("warbler_connections_total", "transport" => transport).increment(1);
         let gauge = metrics::gauge!("warbler_connections", "transport" => transport);
         gauge.increment(1.0);
-        let closed = CancellationToken::new();
-        let delivered = Arc::new(AtomicU64::new(0));
-        if let Some((claims, session)) = self.accept(&mut frames, &out, &closed, &delivered).await {
-            let device = session.as_ref().map(|s| (s, &*delivered));
-            self.serve(frames, &out, &closed, &claims, device).await;
-            if let Some(s) = session {
-                // Drain, not stop: a stop signal jumps the queue and would drop the acks the
-                // client sent just before closing.
-                let _ = s.drain();
-            }
+        if let Some((claims, mut session)) = self.accept(&mut frames, &out).await {
+            self.serve(frames, &out, &claims, session.as_mut()).await;
+            // Dropping the session unsubscribes it, after the acks it forwarded.
+            drop(session);
         }
         gauge.decrement(1.0);
     }
@@ -207,11 +199,7 @@ impl Gateway {
 
     /// The client's `hello`: (token, device, protocol version). `None`: no hello came (the
     /// error frame, if any is due, is queued).
-    async fn read_hello<S>(
-        &self,
-        frames: &mut S,
-        out: &mpsc::Sender<Frame>,
-    ) -> Option<(String, String, u32)>
+    async fn read_hello<S>(&self, frames: &mut S, out: &OutSender) -> Option<(String, String, u32)>
     where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
@@ -241,13 +229,7 @@ impl Gateway {
 
     /// Waits for `hello`, authenticates, starts the session. `None`: refused (the error
     /// frame is queued).
-    async fn accept<S>(
-        &self,
-        frames: &mut S,
-        out: &mpsc::Sender<Frame>,
-        closed: &CancellationToken,
-        delivered: &Arc<AtomicU64>,
-    ) -> Option<(Claims, Option<ActorRef<SessionMsg>>)>
+    async fn accept<S>(&self, frames: &mut S, out: &OutSender) -> Option<(Claims, Option<Session>)>
     where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
@@ -281,17 +263,9 @@ impl Gateway {
             return None;
         }
         if claims.allows(Scope::Device) {
-            let args = SessionArgs {
-                user: claims.sub.clone(),
-                device,
-                node: self.node_id.clone(),
-                mailboxes: self.mailboxes.clone(),
-                out: out.clone(),
-                closed: closed.clone(),
-                delivered: delivered.clone(),
-            };
-            match Actor::spawn(None, DeviceSession, args).await {
-                Ok((session, _)) => Some((claims, Some(session))),
+            let (user, mailboxes) = (claims.sub.clone(), self.mailboxes.clone());
+            match Session::start(user, device, &self.node_id, mailboxes, out).await {
+                Ok(session) => Some((claims, Some(session))),
                 Err(e) => {
                     tracing::warn!(error = %e, "session start failed");
                     let msg =
@@ -328,15 +302,14 @@ impl Gateway {
     async fn serve<S>(
         &self,
         mut frames: S,
-        out: &mpsc::Sender<Frame>,
-        closed: &CancellationToken,
+        out: &OutSender,
         claims: &Claims,
-        device: Option<(&ActorRef<SessionMsg>, &AtomicU64)>,
+        mut device: Option<&mut Session>,
     ) where
         S: Stream<Item = Result<Frame, CodecError>> + Unpin,
     {
-        let publish_slots = Arc::new(Semaphore::new(self.limits.publish_inflight_max as usize));
-        let own_rates = self.rates.for_connection();
+        // Made at the first publish: most device connections never publish.
+        let mut publishing: Option<(Arc<Semaphore>, Option<ConnectionLimits>)> = None;
         let mut chains = Chains::default();
         let ping_after = Duration::from_millis(self.limits.ping_interval_ms);
         let idle_after = Duration::from_millis(self.limits.idle_timeout_ms);
@@ -349,9 +322,16 @@ impl Gateway {
         loop {
             let wake_at = heard + if pinged { idle_after } else { ping_after };
             let frame = tokio::select! {
-                _ = closed.cancelled() => return,
                 // The writer gave up (a slow consumer, or the socket failed).
                 _ = out.closed() => return,
+                signals = out.signals(), if device.is_some() => {
+                    let session = device.as_mut().expect("checked by the guard");
+                    if let Some(last) = session.on_signals(signals).await {
+                        let _ = out.send(last).await;
+                        return;
+                    }
+                    continue;
+                }
                 _ = self.bye.cancelled(), if bye_at.is_none() => {
                     bye_at = Some(tokio::time::Instant::now() + lame_duck_delay(self.limits.lame_duck_ms));
                     continue;
@@ -386,12 +366,12 @@ impl Gateway {
                         return;
                     }
                 }
-                Some(Ok(Frame::Ack { seq })) => match device {
-                    Some((s, delivered)) => {
+                Some(Ok(Frame::Ack { seq })) => match device.as_mut() {
+                    Some(session) => {
                         if seq <= forwarded {
                             continue;
                         }
-                        let last = delivered.load(Ordering::Acquire);
+                        let last = out.sent();
                         if seq > last {
                             // Answered here: the session's queue never holds a flood of them.
                             let msg = format!("ack {seq} is beyond the last delivered seq {last}; ack only seqs you received");
@@ -399,9 +379,7 @@ impl Gateway {
                             continue;
                         }
                         forwarded = seq;
-                        if s.cast(SessionMsg::ClientAck(seq)).is_err() {
-                            return;
-                        }
+                        session.ack(seq);
                     }
                     None => send_error(out, ErrorCode::Forbidden, "this connection receives no messages (its token has no device scope), so it has nothing to ack", None).await,
                 },
@@ -412,7 +390,11 @@ impl Gateway {
                 }
                 Some(Ok(Frame::Pong { .. })) => {}
                 Some(Ok(Frame::Publish { id, to, body })) => {
-                    let Ok(permit) = publish_slots.clone().acquire_owned().await else { return };
+                    let (slots, own_rates) = publishing.get_or_insert_with(|| {
+                        let slots = Semaphore::new(self.limits.publish_inflight_max as usize);
+                        (Arc::new(slots), self.rates.for_connection())
+                    });
+                    let Ok(permit) = slots.clone().acquire_owned().await else { return };
                     match self.check_publish(claims, own_rates.as_ref(), (&id, &to), &body) {
                         Err((code, msg)) => {
                             if matches!(code, ErrorCode::RateLimited | ErrorCode::StorageFull) {
@@ -449,7 +431,7 @@ impl Gateway {
         &self,
         claims: &Claims,
         (id, to, body): (String, String, ByteBuf),
-        out: &mpsc::Sender<Frame>,
+        out: &OutSender,
         chains: &mut Chains,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
@@ -603,7 +585,7 @@ pub fn mailbox_error_frame(e: &MailboxError, id: String) -> Frame {
 }
 
 async fn send_error(
-    out: &mpsc::Sender<Frame>,
+    out: &OutSender,
     code: ErrorCode,
     message: impl Into<String>,
     id: Option<String>,
@@ -612,7 +594,7 @@ async fn send_error(
     let _ = out.send(Frame::error(code, message, id)).await;
 }
 
-async fn send_decode_error(out: &mpsc::Sender<Frame>, e: &DecodeError) {
+async fn send_decode_error(out: &OutSender, e: &DecodeError) {
     let advice = match e {
         DecodeError::TooLarge { .. } => "; the connection is closed (split the message, or raise limits.max_frame_bytes)",
         DecodeError::Malformed(_) => "; the connection is closed (on TCP each frame is a 4-byte big-endian length and a MessagePack map with a string \"t\"; on a WebSocket each message is one frame: binary MessagePack or a text JSON object)",

@@ -8,11 +8,12 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
+use warbler_actors::{OutReceiver, Outbox};
 use warbler_client::codec::CodecError;
-use warbler_client::{Frame, FrameCodec};
+use warbler_client::FrameCodec;
 
 use super::Gateway;
 use crate::listener::{tune, Refusals};
@@ -125,7 +126,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     // Per-frame decode errors arrive as items; flatten them into the gateway's stream.
     let frames = FramedRead::with_capacity(r, decoder, READ_BUFFER_BYTES)
         .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
-    let (tx, rx) = mpsc::channel(gw.writer_queue());
+    let (tx, rx) = Outbox::channel(gw.writer_queue());
     let stall = Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
     let writer = tokio::spawn(write_frames(rx, w, codec, stall));
     gw.run(frames, tx, transport, slot).await;
@@ -166,15 +167,16 @@ pub fn slow_consumer(stall: Duration) {
 }
 
 async fn write_frames<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: OutReceiver,
     mut w: W,
     mut codec: FrameCodec,
     stall: Duration,
 ) {
     let mut buf = BytesMut::new();
-    while let Some(frame) = rx.recv().await {
-        let mut next = Some(frame);
-        while let Some(frame) = next {
+    while let Some(out) = rx.recv().await {
+        let mut next = Some(out);
+        while let Some(out) = next {
+            let frame = out.into_frame();
             if codec.encode(&frame, &mut buf).is_err() {
                 // Skipping a msg would open a gap: close instead, so the client resumes
                 // from its cursor once the limit is raised again.
@@ -182,7 +184,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
                 return;
             }
             next = if buf.len() < WRITE_BUFFER_KEEP_BYTES {
-                rx.try_recv().ok()
+                rx.try_recv()
             } else {
                 None
             };

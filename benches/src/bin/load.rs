@@ -136,6 +136,10 @@ struct IdleArgs {
     /// Seconds to hold the connections once all are up.
     #[arg(long, default_value_t = 30)]
     hold_secs: u64,
+    /// Warbler devices send a ping this often, in milliseconds, spread over the interval
+    /// (0: never); they always answer the server's pings.
+    #[arg(long, default_value_t = 0)]
+    ping_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -488,9 +492,38 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("connected {}", conns.len());
+    std::io::stdout().flush()?;
+    let opened = conns.len();
+    let (mut devices, mut others) = (Vec::new(), Vec::new());
+    for (i, c) in conns.into_iter().enumerate() {
+        match c.downcast::<Connection>() {
+            Ok(conn) => devices.push(tokio::spawn(keep_alive(*conn, a.ping_ms, i))),
+            Err(other) => others.push(other),
+        }
+    }
     tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
-    drop(conns);
+    let held = others.len() + devices.iter().filter(|t| !t.is_finished()).count();
+    println!("held {held} of {opened}");
+    devices.iter().for_each(|t| t.abort());
     Ok(())
+}
+
+/// Keeps an idle Warbler device alive: answers the server's pings and, every `ping_ms`
+/// (0: never), sends one of its own, the first at a point of the interval set by `i`.
+async fn keep_alive(mut conn: Connection, ping_ms: u64, i: usize) {
+    let every = Duration::from_millis(ping_ms.max(1));
+    let mut next = tokio::time::Instant::now() + every.mul_f64((i as f64 * 0.618_034).fract());
+    loop {
+        tokio::select! {
+            r = conn.recv() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(next), if ping_ms > 0 => {
+                if conn.send(warbler_client::Frame::Ping { n: 0 }).await.is_err() {
+                    return;
+                }
+                next += every;
+            }
+        }
+    }
 }
 
 async fn storm(a: StormArgs) -> anyhow::Result<()> {
