@@ -181,7 +181,10 @@ impl Gateway {
         metrics::counter!("warbler_connections_total", "transport" => transport).increment(1);
         let gauge = metrics::gauge!("warbler_connections", "transport" => transport);
         gauge.increment(1.0);
-        if let Some((claims, mut session)) = self.accept(&mut frames, &out).await {
+        // The futures of rare steps (the handshake, a re-subscribe, a publish) are boxed
+        // while they run: the connection's task, held for as long as the device stays
+        // connected, keeps room only for what an idle connection waits on.
+        if let Some((claims, mut session)) = Box::pin(self.accept(&mut frames, &out)).await {
             self.serve(frames, &out, &claims, session.as_mut()).await;
             // Dropping the session unsubscribes it, after the acks it forwarded.
             drop(session);
@@ -326,7 +329,7 @@ impl Gateway {
                 _ = out.closed() => return,
                 signals = out.signals(), if device.is_some() => {
                     let session = device.as_mut().expect("checked by the guard");
-                    if let Some(last) = session.on_signals(signals).await {
+                    if let Some(last) = Box::pin(session.on_signals(signals)).await {
                         let _ = out.send(last).await;
                         return;
                     }
@@ -402,7 +405,7 @@ impl Gateway {
                             }
                             send_error(out, code, msg, Some(id)).await
                         }
-                        Ok(()) => self.publish(claims, (id, to, body), out, &mut chains, permit).await,
+                        Ok(()) => Box::pin(self.publish(claims, (id, to, body), out, &mut chains, permit)).await,
                     }
                 }
                 Some(Ok(Frame::Hello { .. })) => {

@@ -91,19 +91,20 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
             }
         }
         tune(&stream);
-        let (gw, tls) = (gw.clone(), tls.clone());
+        let Some(acceptor) = tls.clone() else {
+            tokio::spawn(handle(stream, gw.clone(), "tcp", slot));
+            continue;
+        };
+        // Each kind of connection is its own task, sized for what it holds: a plain one
+        // does not carry room for a TLS session.
+        let gw = gw.clone();
         tokio::spawn(async move {
-            match tls {
-                None => handle(stream, gw, "tcp", slot).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => handle(s, gw, "tls", slot).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => {
-                            REFUSALS.refused("tls_handshake_timeout");
-                            tracing::debug!(%peer, "TLS handshake not finished in time");
-                        }
-                    }
+            match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => handle(s, gw, "tls", slot).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => {
+                    REFUSALS.refused("tls_handshake_timeout");
+                    tracing::debug!(%peer, "TLS handshake not finished in time");
                 }
             }
         });
