@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Warbler side by side with NATS JetStream and Mosquitto, on one machine, one workload, in
-# one run; then memory per idle connection (TLS off and on), a reconnect storm, and the
-# micro benchmarks. Writes the "Side by side" section of docs/benchmarks.md and the PNG
+# one run; then memory per idle connection (TLS off and on), the connection scale of a
+# 3-node cluster with a reconnect storm (benches/connections.sh), and the micro benchmarks. Writes the "Side by side" section of docs/benchmarks.md and the PNG
 # plots in docs/img/. `make bench` runs this.
 #
 #   bash benches/compare.sh                 # the documented size (15 min 38 s here)
-#   USERS=200 DURATION=5 IDLE=2000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
+#   USERS=200 DURATION=5 IDLE=2000 CLUSTER_DEVICES=3000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
 #
 # Knobs: USERS (1000), DEVICES per user (2), PUBLISHERS (4), PROCS load processes (2),
-# DURATION s per run (10), BODY bytes (256), IDLE connections (17000; a node accepts 18,000 by default), STORM devices (4000),
+# DURATION s per run (10), BODY bytes (256), IDLE connections (17000; a node accepts 18,000 by default),
+# CLUSTER_DEVICES idle devices on a 3-node cluster (50000), STORM devices per node (10000),
 # MICRO=0 skips the criterion benchmarks, PROFILE=0 skips perf, OUT (a results directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ PROCS="${PROCS:-2}"
 DURATION="${DURATION:-10}"
 BODY="${BODY:-256}"
 IDLE="${IDLE:-17000}"
-STORM="${STORM:-4000}"
+CLUSTER_DEVICES="${CLUSTER_DEVICES:-50000}"
+STORM="${STORM:-10000}"
 MICRO="${MICRO:-1}"
 PROFILE="${PROFILE:-1}"
 started=$(date +%s)
@@ -220,7 +222,8 @@ idle() {
         [ "$(cat "$work"/idle[12].out 2>/dev/null | grep -c connected)" = 2 ] && break; sleep 0.2
     done
     local up; up=$(cat "$work"/idle[12].out | awk '/connected/ {s += $2} END {print s + 0}')
-    sleep 3
+    # Past the 5 s after which a quiet mailbox sleeps: the steady idle state.
+    sleep 8
     local after; after=$(rss_kb "$pid")
     echo "== idle $system tls=$tls: $up connections, RSS ${before} -> ${after} KiB" >&2
     echo "{\"kind\":\"idle\",\"system\":\"$system\",\"tls\":\"$tls\",\"connections\":$up,\"requested\":$((half * 2)),\"rss_before_kib\":$before,\"rss_after_kib\":$after}" >> "$OUT/idle.jsonl"
@@ -236,19 +239,8 @@ for tls in off on; do
     start_nats "$([ $tls = on ] && echo tls || echo plain)"; idle nats $tls 127.0.0.1:17421 "${NATS_PIDS[0]}"; stop_nats
 done
 
-# --- reconnect storm ---------------------------------------------------------------------
-# STORM devices on node w2 of a 3-node cluster; kill -9 w2; time until all are back on w0/w1.
-start_warbler 3
-"$BIN/warbler-load" storm --addr 127.0.0.1:17602,127.0.0.1:17600,127.0.0.1:17601 \
-    --jwt-secret-file "$work/secret" --connections "$STORM" > "$work/storm.out" 2>&1 &
-storm_pid=$!
-for _ in $(seq 600); do grep -q '^connected' "$work/storm.out" 2>/dev/null && break; sleep 0.2; done
-sleep 2
-kill -9 "${WARBLER_PIDS[2]}"
-wait "$storm_pid" || true
-cat "$work/storm.out" >&2
-grep '^storm:' "$work/storm.out" > "$OUT/storm.txt" || echo "storm: failed" > "$OUT/storm.txt"
-stop_warbler
+# --- connection scale of a 3-node cluster, and a reconnect storm ----------------------------
+DEVICES="$CLUSTER_DEVICES" STORM="$STORM" bash benches/connections.sh | tee "$OUT/connections.txt" >&2
 
 # --- micro benchmarks --------------------------------------------------------------------
 if [ "$MICRO" != 0 ]; then

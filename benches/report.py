@@ -215,10 +215,13 @@ def main():
             md += [f"![{title}: throughput vs latency]({rel})", ""]
 
     md += ["### Memory per idle connection", "",
-           "Idle connections opened by 2 load processes (`warbler-load idle`) against one server; memory is "
-           "the server's RSS growth divided by the connections. A Warbler connection is an authenticated device "
-           "session with its user's mailbox actor; a NATS connection is a client with one core subscription to "
-           "its user's subject (no JetStream consumer, which would cost more).", "",
+           "Idle connections opened by 2 load processes (`warbler-load idle`) against one server, each "
+           "device of a different user; memory is the server's RSS growth divided by the connections, read 8 s "
+           "after the last one came up. A Warbler connection is an authenticated device session subscribed to its "
+           "user's mailbox (asleep: every message acknowledged, docs/storage.md); a NATS connection is a client "
+           "with one core subscription to its user's subject (no JetStream consumer, which would cost more). "
+           "Where the bytes go, from a heap profile: \"Memory per idle connection, where the bytes go\" below "
+           "the side-by-side section.", "",
            "| system | TLS | connections | RSS before → after (MiB) | **bytes per connection** |", "|---|---|---|---|---|"]
     per_conn = {}
     for r in idle:
@@ -244,12 +247,32 @@ def main():
                  if r not in held]
         md += ["", "Not every connection came up: " + "; ".join(short) + ".", ""]
 
-    storm = read(os.path.join(results, "storm.txt")).strip()
-    md += ["### Reconnect storm", "",
-           "Devices connected to one node of a 3-node Warbler cluster (RF 3); that node is killed with "
-           "`kill -9`; every device reconnects to one of the other two (retrying with 50–250 ms pauses). "
-           "Measured from the first disconnect until the last device has its `welcome`:", "",
-           f"    {storm or '(no result)'}", ""]
+    conns = read(os.path.join(results, "connections.txt"))
+    md += ["### Connection scale of a 3-node cluster, and a reconnect storm", "",
+           "`benches/connections.sh`: a 3-node cluster (RF 3) holds idle devices opened by 4 load processes "
+           "(the open-file limit is per process) over the three nodes, each device sending a `ping` every "
+           "60 s (the server's ping interval); the CPU of the whole cluster is read over 60 s with them. Then "
+           "a fresh cluster gets the same number of devices on each node, one node is killed with `kill -9`, "
+           "and its devices reconnect to the other two (retrying with 50–250 ms pauses), timed from the "
+           "first disconnect until the last device has its `welcome`.", ""]
+    figures = []
+    m = re.search(r"^held: (\d+) of (\d+) devices", conns, re.M)
+    if m:
+        figures.append(("idle devices held by the cluster", f"**{int(m[1]):,}** of {int(m[2]):,}"))
+    m = re.search(r"^idle CPU with (\d+) devices pinging every (\d+) s: ([\d.]+)%", conns, re.M)
+    if m:
+        figures.append((f"CPU of the cluster with them (pings every {m[2]} s)", f"**{m[3]}% of one core**"))
+    m = re.search(r"^memory: cluster RSS (\d+) -> (\d+) MiB, (\d+) bytes per device", conns, re.M)
+    if m:
+        figures.append(("cluster memory per device (session, stand-in on the leader, routing)",
+                        f"{int(m[3]):,} bytes ({m[1]} → {m[2]} MiB)"))
+    m = re.search(r"^storm: reconnected=(\d+) of (\d+) all_back_secs=([\d.]+) per_device_ms p50=(\d+) p99=(\d+)", conns, re.M)
+    if m:
+        figures.append((f"reconnect storm: devices of the killed node back on the others",
+                        f"**{int(m[1]):,} of {int(m[2]):,} in {m[3]} s** (per device p50 {m[4]} ms, p99 {m[5]} ms)"))
+    if figures:
+        md += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in figures] + [""]
+    md += ["```", conns.strip() or "(no result)", "```", ""]
 
     micro = micro_table(read(os.path.join(results, "micro.txt")))
     if micro:
