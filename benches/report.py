@@ -220,8 +220,7 @@ def main():
            "after the last one came up. A Warbler connection is an authenticated device session subscribed to its "
            "user's mailbox (asleep: every message acknowledged, docs/storage.md); a NATS connection is a client "
            "with one core subscription to its user's subject (no JetStream consumer, which would cost more). "
-           "Where the bytes go, from a heap profile: \"Memory per idle connection, where the bytes go\" below "
-           "the side-by-side section.", "",
+           "Where the bytes go, from a heap profile: the section \"Idle connections\" below.", "",
            "| system | TLS | connections | RSS before → after (MiB) | **bytes per connection** |", "|---|---|---|---|---|"]
     per_conn = {}
     for r in idle:
@@ -252,7 +251,7 @@ def main():
            "`benches/connections.sh`: a 3-node cluster (RF 3) holds idle devices opened by 4 load processes "
            "(the open-file limit is per process) over the three nodes, each device sending a `ping` every "
            "60 s (the server's ping interval); the CPU of the whole cluster is read over 60 s with them. Then "
-           "a fresh cluster gets the same number of devices on each node, one node is killed with `kill -9`, "
+           "a fresh cluster gets `STORM` devices (10,000 by default) on each node, one node is killed with `kill -9`, "
            "and its devices reconnect to the other two (retrying with 50–250 ms pauses), timed from the "
            "first disconnect until the last device has its `welcome`.", ""]
     figures = []
