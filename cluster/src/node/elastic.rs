@@ -486,6 +486,9 @@ impl ClusterNode {
             let Ok(Ok(theirs)) = asked.map(|b| wire::decode::<MemberList>(&b)) else {
                 continue;
             };
+            if !self.of_this_cluster(&theirs, addr) {
+                continue;
+            }
             if let Standing::Left(list) = members::standing(&self.me, &mine, Some(&theirs)) {
                 self.leave(&list).await;
             }

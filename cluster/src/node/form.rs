@@ -185,13 +185,16 @@ impl ClusterNode {
                 let transport = self.transport.clone();
                 asks.spawn(async move {
                     let asked = transport.call(addr, 0, PeerKind::Members, Vec::new(), ASK_TIMEOUT);
-                    wire::decode::<MemberList>(&asked.await.ok()?).ok()
+                    Some((addr, wire::decode::<MemberList>(&asked.await.ok()?).ok()?))
                 });
             }
             while let Some(answer) = asks.join_next().await {
-                let Ok(Some(theirs)) = answer else {
+                let Ok(Some((from, theirs))) = answer else {
                     continue;
                 };
+                if !self.of_this_cluster(&theirs, from) {
+                    continue;
+                }
                 return match members::standing(&self.me, stored, Some(&theirs)) {
                     Standing::Left(current) => Some(current),
                     Standing::Member | Standing::AskOthers => None,

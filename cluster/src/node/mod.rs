@@ -351,6 +351,20 @@ impl ClusterNode {
         list
     }
 
+    /// Whether a member list answered from `from` is this cluster's: a node of another
+    /// cluster (one that took over an address a member used, say) can say nothing about
+    /// this node's standing. A list or a node without an id counts as this cluster's.
+    pub(crate) fn of_this_cluster(&self, list: &MemberList, from: SocketAddr) -> bool {
+        let ours = self.cluster_id.get();
+        match crate::identity::admit(ours.as_deref(), list.cluster.as_deref(), &from.to_string()) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(%from, "ignoring a member list from another cluster: {why}");
+                false
+            }
+        }
+    }
+
     /// The cluster address peers reach this node at (where leaders send deliveries).
     pub fn cluster_addr(&self) -> SocketAddr {
         self.my_meta.read().unwrap().cluster
