@@ -797,8 +797,10 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
         }
     });
     let (tx, mut rx) = warbler_actors::Outbox::channel(gw.writer_queue());
+    let deferral = rx.wake_deferral();
     let stall = std::time::Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
-    let writer = tokio::spawn(async move {
+    // Reading and writing share the connection's one task (see the plain TCP connection).
+    let writer = async move {
         while let Some(out) = rx.recv().await {
             let written = tokio::time::timeout(stall, async {
                 sink.feed(encoding.message(&out.into_frame())).await?;
@@ -815,7 +817,6 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
             }
         }
         let _ = sink.close().await;
-    });
-    gw.run(Box::pin(frames), tx, "ws", None).await;
-    let _ = writer.await;
+    };
+    crate::gateway::tcp::one_task(gw.run(Box::pin(frames), tx, "ws", None), writer, deferral).await;
 }

@@ -91,6 +91,7 @@ pub async fn run(
         connections_max: config.limits.http_connections_max as usize,
         header_timeout: Duration::from_millis(config.limits.http_header_timeout_ms),
         tls_handshake_timeout: Duration::from_millis(config.limits.tls_handshake_timeout_ms),
+        keepalive_idle: crate::listener::keepalive_idle(config.limits.ping_interval_ms),
     };
     let http_tls = tls.clone().filter(|_| config.tls.http);
     let http_task = tokio::spawn(async move {

@@ -261,7 +261,8 @@ async fn a_device_flooding_acks_without_reading_cannot_grow_the_node() {
 }
 
 /// A silent device is pinged after `limits.ping_interval_ms` and closed with
-/// `idle_timeout` after `limits.idle_timeout_ms`; one that answers pings stays.
+/// `idle_timeout` after `limits.idle_timeout_ms`; one that pings on its own or answers
+/// pings stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_devices_are_pinged_then_closed_and_answering_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
@@ -304,6 +305,26 @@ async fn silent_devices_are_pinged_then_closed_and_answering_ones_stay() {
         t0.elapsed() >= Duration::from_millis(1100),
         "closed too early"
     );
+
+    // A device that pings at the ping interval itself is heard before the server's timer
+    // runs out: it only ever gets pongs, never the server's ping (the two timers racing
+    // cost an extra ping and pong per interval).
+    let mut pinging = raw_device(&node, "pinging").await;
+    for n in 0..8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pinging
+            .write_all(&framed(&Frame::Ping { n }))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut pinging))
+            .await
+            .expect("a frame within 5 s");
+        assert_eq!(
+            got,
+            Some(Frame::Pong { n }),
+            "ping {n} of a self-pinging device"
+        );
+    }
 
     // The SDK answers pings while receiving: it outlives several idle timeouts.
     let mut live = node.device("chatty", "d").await;

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use ractor::ActorRef;
@@ -84,6 +85,12 @@ struct State {
     /// Highest seq queued as a message; an ack beyond it is refused.
     sent: u64,
     signals: u8,
+    /// The writer, when it waits for something to write.
+    writer: Option<Waker>,
+    /// The writer is polled right after the current poll of the connection's reading side
+    /// (they share one task): a frame queued meanwhile needs no wake, which would only make
+    /// the task yield and call in another worker thread.
+    wake_deferred: bool,
 }
 
 /// See the module documentation.
@@ -93,8 +100,6 @@ pub struct Outbox {
     /// window instead).
     cap: usize,
     state: Mutex<State>,
-    /// The writer waits here for something to write.
-    readable: Notify,
     /// Senders wait here for room, or for the writer to stop.
     changed: Notify,
     /// The session waits here for a signal.
@@ -119,7 +124,6 @@ impl Outbox {
                 senders: 1,
                 ..State::default()
             }),
-            readable: Notify::new(),
             changed: Notify::new(),
             signaled: Notify::new(),
         });
@@ -149,7 +153,15 @@ impl Outbox {
     fn push(&self, s: &mut State, out: Out) {
         s.queue.push_back(out);
         if s.queue.len() == 1 {
-            self.readable.notify_one();
+            Self::wake_writer(s);
+        }
+    }
+
+    fn wake_writer(s: &mut State) {
+        if !s.wake_deferred {
+            if let Some(w) = s.writer.take() {
+                w.wake();
+            }
         }
     }
 
@@ -233,13 +245,10 @@ impl Clone for OutSender {
 
 impl Drop for OutSender {
     fn drop(&mut self) {
-        let last = {
-            let mut s = self.0.lock();
-            s.senders -= 1;
-            s.senders == 0
-        };
-        if last {
-            self.0.readable.notify_one();
+        let mut s = self.0.lock();
+        s.senders -= 1;
+        if s.senders == 0 {
+            Outbox::wake_writer(&mut s);
         }
     }
 }
@@ -341,18 +350,30 @@ pub struct OutReceiver(Arc<Outbox>);
 impl OutReceiver {
     /// The next entry; `None` once every sender is gone and the queue is drained.
     pub async fn recv(&mut self) -> Option<Out> {
-        loop {
-            {
-                let mut s = self.0.lock();
-                if let Some(out) = self.pop(&mut s) {
-                    return Some(out);
-                }
-                if s.senders == 0 {
-                    return None;
-                }
-            }
-            self.0.readable.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Looks at the queue on every poll (a frame queued while wakes were deferred has
+    /// woken nobody).
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Out>> {
+        let mut s = self.0.lock();
+        if let Some(out) = self.pop(&mut s) {
+            return Poll::Ready(Some(out));
         }
+        if s.senders == 0 {
+            return Poll::Ready(None);
+        }
+        match &s.writer {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.writer = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The handle that defers the writer's wakes while the connection's reading side is
+    /// polled in the writer's own task (see [`WakeDeferral`]).
+    pub fn wake_deferral(&self) -> WakeDeferral {
+        WakeDeferral(self.0.clone())
     }
 
     /// The next entry if one is queued.
@@ -366,11 +387,26 @@ impl OutReceiver {
         if s.queue.is_empty() && s.queue.capacity() > QUEUE_KEEP {
             s.queue = VecDeque::new();
         }
-        // Room for a waiting sender (woken only when one could be waiting).
-        if s.queue.len() + 1 == self.0.cap || s.queue.is_empty() {
+        // Room for a waiting sender: woken only when the queue falls below its cap (it
+        // shrinks one entry at a time, so it passes there), not each time it drains, which
+        // would wake the connection's task after every frame written.
+        if s.queue.len() + 1 == self.0.cap {
             self.0.changed.notify_waiters();
         }
         Some(out)
+    }
+}
+
+/// For a connection whose reading side and writer are polled by one task, the reading
+/// side first: while it is polled, frames it (or anyone) queues do not wake the writer,
+/// which is polled next anyway and looks at the queue each time.
+pub struct WakeDeferral(Arc<Outbox>);
+
+impl WakeDeferral {
+    /// Defers wakes (`true`) until called with `false`; call `false` before polling the
+    /// writer.
+    pub fn defer(&self, on: bool) {
+        self.0.lock().wake_deferred = on;
     }
 }
 
@@ -483,6 +519,54 @@ mod tests {
                 Out::Frame(f) => f.type_name().to_string(),
             })
             .collect()
+    }
+
+    /// A waker that counts its wakes.
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counted {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_deferred_wake_is_skipped_and_the_writer_still_finds_the_frame() {
+        let (tx, mut rx) = Outbox::channel(4);
+        let count = Arc::new(Counted(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        // Queued while the reading side is polled in the writer's task: no wake...
+        let deferral = rx.wake_deferral();
+        deferral.defer(true);
+        tx.try_send(Frame::Pong { n: 1 }).unwrap();
+        deferral.defer(false);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "a deferred frame woke the writer"
+        );
+        // ...and the writer's next poll finds it anyway.
+        match rx.poll_recv(&mut cx) {
+            Poll::Ready(Some(Out::Frame(Frame::Pong { n: 1 }))) => {}
+            other => panic!(
+                "expected the pong, got {:?}",
+                other.map(|o| o.map(|o| o.into_frame()))
+            ),
+        }
+        // A frame queued from elsewhere (a mailbox's delivery) wakes it.
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.try_send(Frame::Pong { n: 2 }).unwrap();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "an outside frame must wake the writer"
+        );
+        // The last sender gone wakes it too, and it ends once drained.
+        drop(tx);
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(None)));
     }
 
     #[tokio::test]

@@ -112,7 +112,8 @@ pub struct LimitsConfig {
     pub fanout_max: usize,
     /// The TLS handshake on the client and HTTP ports must finish within this (ms).
     pub tls_handshake_timeout_ms: u64,
-    /// A device connection silent this long is sent a `ping` (ms).
+    /// A device connection silent this long (and an eighth more, so a client pinging at
+    /// this interval itself is never pinged) is sent a `ping` (ms).
     pub ping_interval_ms: u64,
     /// A device connection silent this long is closed (ms); at least twice
     /// `ping_interval_ms`, so a live client has a ping to answer first.

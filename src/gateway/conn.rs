@@ -128,6 +128,14 @@ pub struct Gateway {
     pub bye: CancellationToken,
 }
 
+/// How long a silent connection waits for the server's `ping`: `limits.ping_interval_ms`
+/// and an eighth more. A client that pings at that same interval itself (as the protocol
+/// advises) is always heard first, so its connection costs one ping and one pong per
+/// interval instead of two of each when the two timers race.
+pub fn server_ping_after(ping_interval_ms: u64) -> Duration {
+    Duration::from_millis(ping_interval_ms + ping_interval_ms / 8)
+}
+
 /// A uniformly random delay within the lame-duck window.
 fn lame_duck_delay(window_ms: u64) -> Duration {
     use rand::Rng;
@@ -300,8 +308,9 @@ impl Gateway {
     /// The authenticated part: acks, publishes, pings, until either side closes. `device`
     /// is the session of a device connection and the highest seq it handed to the writer.
     ///
-    /// A connection silent for `limits.ping_interval_ms` is sent a `ping`; one silent for
-    /// `limits.idle_timeout_ms` is closed with `idle_timeout`.
+    /// A connection silent for `limits.ping_interval_ms` (and an eighth more, see
+    /// [`server_ping_after`]) is sent a `ping`; one silent for `limits.idle_timeout_ms` is
+    /// closed with `idle_timeout`.
     async fn serve<S>(
         &self,
         mut frames: S,
@@ -314,7 +323,7 @@ impl Gateway {
         // Made at the first publish: most device connections never publish.
         let mut publishing: Option<(Arc<Semaphore>, Option<ConnectionLimits>)> = None;
         let mut chains = Chains::default();
-        let ping_after = Duration::from_millis(self.limits.ping_interval_ms);
+        let ping_after = server_ping_after(self.limits.ping_interval_ms);
         let idle_after = Duration::from_millis(self.limits.idle_timeout_ms);
         let mut heard = Instant::now();
         let mut pinged = false;

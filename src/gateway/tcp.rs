@@ -1,7 +1,9 @@
 //! The client port: the device protocol over TCP, or TLS when configured.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -11,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
-use warbler_actors::{OutReceiver, Outbox};
+use warbler_actors::{OutReceiver, Outbox, WakeDeferral};
 use warbler_client::codec::CodecError;
 use warbler_client::FrameCodec;
 
@@ -69,6 +71,7 @@ static REFUSALS: Refusals = Refusals::new("client");
 /// `limits.tls_handshake_timeout_ms`.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
     let handshake = Duration::from_millis(gw.limits.tls_handshake_timeout_ms);
+    let keepalive = crate::listener::keepalive_idle(gw.limits.ping_interval_ms);
     loop {
         let (stream, peer) = tokio::select! {
             _ = gw.shutdown.cancelled() => return,
@@ -90,7 +93,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
                 continue;
             }
         }
-        tune(&stream);
+        tune(&stream, keepalive);
         let Some(acceptor) = tls.clone() else {
             tokio::spawn(handle(stream, gw.clone(), "tcp", slot));
             continue;
@@ -129,9 +132,43 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
         .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
     let (tx, rx) = Outbox::channel(gw.writer_queue());
     let stall = Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
-    let writer = tokio::spawn(write_frames(rx, w, codec, stall));
-    gw.run(frames, tx, transport, slot).await;
-    let _ = writer.await;
+    let deferral = rx.wake_deferral();
+    one_task(
+        gw.run(frames, tx, transport, slot),
+        write_frames(rx, w, codec, stall),
+        deferral,
+    )
+    .await;
+}
+
+/// Runs a connection's reading side and its writer in one task: no second task to keep per
+/// idle connection. Each poll polls the reading side, then the writer, so what the reading
+/// side queues (a pong, an error) is written in the same poll without a wake: a wake of
+/// the running task would make it yield and call in another worker thread, which is most
+/// of what an idle connection's ping used to cost.
+pub async fn one_task(
+    run: impl Future<Output = ()>,
+    write: impl Future<Output = ()>,
+    deferral: WakeDeferral,
+) {
+    let (mut run, mut write) = (std::pin::pin!(run), std::pin::pin!(write));
+    let (mut run_done, mut write_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !run_done {
+            deferral.defer(true);
+            run_done = run.as_mut().poll(cx).is_ready();
+            deferral.defer(false);
+        }
+        if !write_done {
+            write_done = write.as_mut().poll(cx).is_ready();
+        }
+        if run_done && write_done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// The device protocol's decoder with a small limit on the first frame.
@@ -155,8 +192,6 @@ impl Decoder for HelloFirst {
     }
 }
 
-/// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down
-/// once every sender is gone.
 /// Notes a connection cut off because it took nothing written to it for `stall`; dropping
 /// the writer then closes the connection (its session stops at its next send).
 pub fn slow_consumer(stall: Duration) {
@@ -167,6 +202,8 @@ pub fn slow_consumer(stall: Duration) {
     );
 }
 
+/// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down
+/// once every sender is gone.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut rx: OutReceiver,
     mut w: W,
