@@ -144,16 +144,17 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
 /// Runs a connection's reading side and its writer in one task: no second task to keep per
 /// idle connection. Each poll polls the reading side, then the writer, so what the reading
 /// side queues (a pong, an error) is written in the same poll without a wake: a wake of
-/// the running task would make it yield and call in another worker thread, which is most
-/// of what an idle connection's ping used to cost.
-pub async fn one_task(
+/// the running task would make it yield and call in another worker thread.
+pub fn one_task(
     run: impl Future<Output = ()>,
     write: impl Future<Output = ()>,
     deferral: WakeDeferral,
-) {
-    let (mut run, mut write) = (std::pin::pin!(run), std::pin::pin!(write));
+) -> impl Future<Output = ()> {
+    // Boxed, not pinned in an async fn: an async fn would keep its arguments and their
+    // pinned copies side by side, doubling what an idle connection's task holds.
+    let (mut run, mut write) = (Box::pin(run), Box::pin(write));
     let (mut run_done, mut write_done) = (false, false);
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         if !run_done {
             deferral.defer(true);
             run_done = run.as_mut().poll(cx).is_ready();
@@ -168,7 +169,6 @@ pub async fn one_task(
             Poll::Pending
         }
     })
-    .await
 }
 
 /// The device protocol's decoder with a small limit on the first frame.
