@@ -277,3 +277,23 @@ pub async fn serve_http(
     drop(listener);
     graceful.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::conn::server_ping_after;
+
+    /// Keepalive probes only connections that neither pinged nor were pinged: it starts
+    /// after the server's own ping, whatever the ping interval.
+    #[test]
+    fn keepalive_starts_after_the_servers_ping() {
+        for ping_ms in [1_000, 60_000, 300_000] {
+            assert!(
+                keepalive_idle(ping_ms) > server_ping_after(ping_ms),
+                "{ping_ms}"
+            );
+            assert!(server_ping_after(ping_ms) > Duration::from_millis(ping_ms));
+        }
+        assert_eq!(keepalive_idle(60_000), Duration::from_millis(77_500));
+    }
+}
