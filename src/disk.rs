@@ -95,7 +95,7 @@ impl DiskSpace {
 
     /// Measures every [`DISK_CHECK_PERIOD`] until `stop`.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(DISK_CHECK_PERIOD);
+        let mut tick = warbler_cluster::grid::interval(DISK_CHECK_PERIOD);
         while stop.run_until_cancelled(tick.tick()).await.is_some() {
             let disk = self.clone();
             let _ = tokio::task::spawn_blocking(move || disk.refresh()).await;

@@ -105,7 +105,7 @@ pub async fn run(
     );
     let (limits_gw, limits_stop) = (gw.clone(), shutdown.clone());
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = warbler_cluster::grid::interval(Duration::from_secs(60));
         while limits_stop.run_until_cancelled(tick.tick()).await.is_some() {
             limits_gw.rates.forget_idle();
         }
@@ -329,8 +329,7 @@ async fn sweep_retention(store: Store, config: Config) {
         max_age_ms: r.max_age_secs.saturating_mul(1000),
         dedup_window_ms: r.dedup_window_secs.saturating_mul(1000),
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(r.sweep_interval_secs));
-    tick.tick().await;
+    let mut tick = warbler_cluster::grid::interval(Duration::from_secs(r.sweep_interval_secs));
     loop {
         tick.tick().await;
         let store = store.clone();

@@ -44,7 +44,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     describe();
     let upkeep = handle.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+        let mut tick = warbler_cluster::grid::interval(METRICS_UPKEEP_INTERVAL);
         for round in 0u64.. {
             tick.tick().await;
             upkeep.run_upkeep();

@@ -11,6 +11,8 @@
 //!   of the cluster, published on a watch channel.
 //! - [`transport`]: request/response RPC to peers over one multiplexed TCP connection per
 //!   peer, versioned frames, optional mutual TLS, bounded queues, reconnect with backoff.
+//! - [`grid`]: periodic work on shared instants: the node's loops and every Raft group's
+//!   tick, so an idle node wakes a few times a second, not once per group.
 //! - [`key`]: the cluster key: challenge and response on peer connections, MACs on gossip.
 //! - [`identity`]: the cluster id kept on disk and checked on every peer connection.
 //! - [`wire`]: every peer message: [`PeerKind`] and each kind's typed request and answer.
@@ -32,6 +34,7 @@
 
 pub mod control;
 pub mod error;
+pub mod grid;
 pub mod identity;
 pub mod key;
 pub mod membership;

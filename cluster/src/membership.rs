@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ const SEED_RETRY: Duration = Duration::from_secs(1);
 /// How often a node spreads its metadata again, so members that joined after the last
 /// change learn it too (custom broadcasts are sent a bounded number of times).
 const META_REFRESH: Duration = Duration::from_secs(3);
+/// The grid the steady gossip timers fire on (see [`on_grid`]): the node's leader watch
+/// period, a third of the default Raft tick.
+const GOSSIP_GRID: Duration = Duration::from_millis(125);
 
 /// Where a node is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -256,6 +259,11 @@ impl Timing {
 
     fn foca_config(&self, cluster_size: u32) -> Config {
         let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
+        // foca's 200 ms, on the grid's points: gossip of updates waits 250 ms at most.
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: 2 * GOSSIP_GRID,
+            num_members: NonZeroUsize::new(3).expect("non-zero"),
+        });
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down_after;
@@ -551,7 +559,7 @@ async fn flush(
     }
     let now = Instant::now();
     while let Some((delay, timer)) = runtime.to_schedule() {
-        let _ = timers.send((now + delay, timer));
+        let _ = timers.send((on_grid(now, delay, &timer), timer));
     }
     let mut changed = false;
     while let Some(n) = runtime.to_notify() {
@@ -573,6 +581,26 @@ async fn flush(
         }
     }
     changed
+}
+
+/// The steady timers (the next probe, the periodic gossip and announces) fire on the
+/// node's shared grid ([`crate::grid`]), off by at most half of [`GOSSIP_GRID`]: on an
+/// idle node they add no wake-ups of their own. The timers of a probe under way and of a
+/// suspicion keep their exact deadlines, and so does any timer due sooner than two grid
+/// steps (a test's fast timing).
+fn on_grid(now: Instant, delay: Duration, timer: &Timer<NodeId>) -> Instant {
+    let steady = matches!(
+        timer,
+        Timer::ProbeRandomMember(_)
+            | Timer::PeriodicGossip(_)
+            | Timer::PeriodicAnnounce(_)
+            | Timer::PeriodicAnnounceDown(_)
+    );
+    if steady && delay >= 2 * GOSSIP_GRID {
+        crate::grid::nearest(now + delay, GOSSIP_GRID)
+    } else {
+        now + delay
+    }
 }
 
 /// One timer queue for the whole agent: every timer delivered, in deadline order (ties in
@@ -652,8 +680,7 @@ async fn receive(
 }
 
 async fn refresh_meta(out: mpsc::Sender<Input>) {
-    let mut tick = tokio::time::interval(META_REFRESH);
-    tick.tick().await;
+    let mut tick = crate::grid::interval(META_REFRESH);
     loop {
         tick.tick().await;
         if out.send(Input::Meta(None)).await.is_err() {
@@ -663,7 +690,7 @@ async fn refresh_meta(out: mpsc::Sender<Input>) {
 }
 
 async fn retry_seeds(out: mpsc::Sender<Input>) {
-    let mut tick = tokio::time::interval(SEED_RETRY);
+    let mut tick = crate::grid::interval(SEED_RETRY);
     loop {
         tick.tick().await;
         if out.send(Input::AnnounceSeeds).await.is_err() {

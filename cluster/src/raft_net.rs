@@ -134,9 +134,9 @@ impl RaftNetwork<TypeConfig> for Client {
 #[derive(Default)]
 pub struct RaftService {
     rafts: RwLock<HashMap<u16, Raft<TypeConfig>>>,
-    /// Partitions whose replica here went quiet as a follower, with the leader it went
+    /// Partitions whose replica here went quiet as a follower, with the request it went
     /// quiet under (see [`crate::control::quiesce`]).
-    quiet: Arc<Mutex<BTreeMap<u16, u64>>>,
+    quiet: Arc<Mutex<BTreeMap<u16, Quiesce>>>,
 }
 
 impl RaftService {
@@ -157,7 +157,7 @@ impl RaftService {
         let my_id = raft.metrics().borrow().id;
         quiesce::accept(&req, &crate::node::group_view(raft, my_id))?;
         raft.runtime_config().tick(false);
-        quiet.insert(partition, req.leader);
+        quiet.insert(partition, req);
         Ok(())
     }
 
@@ -209,11 +209,30 @@ fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
 /// Something reached `partition`'s replica: if it was quiet, it ticks again. Called after
 /// the replica handled the request, so its leader lease is fresh and waking starts no
 /// election.
-fn wake(quiet: &Mutex<BTreeMap<u16, u64>>, partition: u16, raft: &Raft<TypeConfig>) {
+fn wake(quiet: &Mutex<BTreeMap<u16, Quiesce>>, partition: u16, raft: &Raft<TypeConfig>) {
     let mut quiet = quiet.lock().unwrap();
     if quiet.remove(&partition).is_some() {
         raft.runtime_config().tick(true);
     }
+}
+
+/// An AppendEntries with `entries` entries reached `partition`'s replica: it wakes, unless
+/// it was an empty heartbeat of the leader it went quiet under
+/// ([`quiesce::heartbeat_keeps_quiet`]).
+fn wake_on_append(
+    quiet: &Mutex<BTreeMap<u16, Quiesce>>,
+    partition: u16,
+    raft: &Raft<TypeConfig>,
+    entries: usize,
+) {
+    let at = quiet.lock().unwrap().get(&partition).copied();
+    if let Some(at) = at {
+        let my_id = raft.metrics().borrow().id;
+        if quiesce::heartbeat_keeps_quiet(&at, entries, &crate::node::group_view(raft, my_id)) {
+            return;
+        }
+    }
+    wake(quiet, partition, raft);
 }
 
 impl PeerHandler for RaftService {
@@ -242,7 +261,13 @@ impl PeerHandler for RaftService {
         let quiet = self.quiet.clone();
         Box::pin(async move {
             let answer = match kind {
-                PeerKind::AppendEntries => reply(&raft.append_entries(request(&body)?).await),
+                PeerKind::AppendEntries => {
+                    let req: AppendEntriesRequest<TypeConfig> = request(&body)?;
+                    let entries = req.entries.len();
+                    let answer = reply(&raft.append_entries(req).await);
+                    wake_on_append(&quiet, partition, &raft, entries);
+                    return answer;
+                }
                 PeerKind::Vote => reply(&raft.vote(request(&body)?).await),
                 PeerKind::InstallSnapshot => reply(&raft.install_snapshot(request(&body)?).await),
                 other => Err(RpcError::new(

@@ -51,6 +51,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Batch,
         R = Applied,
+        AsyncRuntime = crate::grid::GridRuntime,
 );
 
 pub type NodeId = u64;

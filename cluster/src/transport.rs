@@ -892,8 +892,7 @@ async fn run_link(
         let waiters: Waiters = Arc::default();
         let mut live = Liveness::new();
         let mut reader = spawn_reader(r, waiters.clone(), name.clone(), &live);
-        let mut tick = tokio::time::interval(PROBE_AFTER / 2);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut tick = crate::grid::interval(PROBE_AFTER / 2);
         loop {
             let next = tokio::select! {
                 refused = &mut reader => {

@@ -146,13 +146,27 @@ pub fn accept(req: &Quiesce, mine: &GroupView) -> Result<(), String> {
 }
 
 /// Quiet follower groups whose leader's node is no longer alive: they wake and elect.
-/// `quiet` maps each quiet group to the leader it went quiet under.
-pub fn orphaned(quiet: &BTreeMap<u16, u64>, alive: &BTreeSet<u64>) -> Vec<u16> {
+/// `quiet` maps each quiet group to the request it went quiet under.
+pub fn orphaned(quiet: &BTreeMap<u16, Quiesce>, alive: &BTreeSet<u64>) -> Vec<u16> {
     quiet
         .iter()
-        .filter(|(_, leader)| !alive.contains(leader))
+        .filter(|(_, q)| !alive.contains(&q.leader))
         .map(|(p, _)| *p)
         .collect()
+}
+
+/// Whether an AppendEntries a quiet follower has just handled leaves it quiet: a heartbeat
+/// (no entries) from the leader it went quiet under, in that term, after which it still
+/// holds exactly the log it went quiet at. A leader's last heartbeat may cross its own
+/// "go quiet" request; waking on it would leave the follower ticking under a leader that
+/// no longer sends heartbeats, and it would elect itself a moment later. Entries, another
+/// leader or another term wake it.
+pub fn heartbeat_keeps_quiet(quiet_at: &Quiesce, entries: usize, mine: &GroupView) -> bool {
+    entries == 0
+        && !mine.leading
+        && mine.leader == Some(quiet_at.leader)
+        && mine.term == quiet_at.term
+        && mine.last_log == quiet_at.index
 }
 
 #[cfg(test)]
@@ -310,9 +324,32 @@ mod tests {
 
     #[test]
     fn quiet_groups_of_a_dead_leader_wake_and_others_stay_quiet() {
-        let quiet = BTreeMap::from([(0, 1), (1, 2), (2, 1), (3, 3)]);
+        let under = |leader| Quiesce {
+            leader,
+            term: 3,
+            index: 10,
+        };
+        let quiet = BTreeMap::from([(0, under(1)), (1, under(2)), (2, under(1)), (3, under(3))]);
         let alive = BTreeSet::from([2, 3, 4]);
         assert_eq!(orphaned(&quiet, &alive), vec![0, 2]);
         assert!(orphaned(&quiet, &BTreeSet::from([1, 2, 3])).is_empty());
+    }
+
+    #[test]
+    fn only_the_quiet_leaders_empty_heartbeat_keeps_a_follower_quiet() {
+        let at = Quiesce {
+            leader: 1,
+            term: 3,
+            index: 10,
+        };
+        assert!(heartbeat_keeps_quiet(&at, 0, &follower(1, 3, 10)));
+        for (entries, view, why) in [
+            (1, follower(1, 3, 11), "entries"),
+            (0, follower(1, 3, 11), "the log moved"),
+            (0, follower(2, 4, 10), "a new leader"),
+            (0, follower(1, 4, 10), "a newer term"),
+        ] {
+            assert!(!heartbeat_keeps_quiet(&at, entries, &view), "{why}");
+        }
     }
 }

@@ -321,7 +321,7 @@ impl ClusterNode {
     pub(crate) fn keep_in_step(self: &Arc<Self>) {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(STEP_PERIOD);
+            let mut tick = crate::grid::interval(STEP_PERIOD);
             let mut coordinator = Coordinator::default();
             let mut dead = DeadWatch::default();
             for round in 0u64.. {

@@ -52,7 +52,7 @@ impl ClusterNode {
         tokio::spawn(async move {
             let mut idle: HashMap<PartitionId, Idle> = HashMap::new();
             let mut alive = node.membership.watch();
-            let mut tick = tokio::time::interval(QUIET_CHECK_PERIOD);
+            let mut tick = crate::grid::interval(QUIET_CHECK_PERIOD);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -111,9 +111,25 @@ impl ClusterNode {
             .set(self.raft_service.quiet_followers() as f64);
     }
 
-    /// Asks every other replica of the group to go quiet; if all agree and nothing was
-    /// written meanwhile, stops this leader's ticks.
+    /// Stops this leader's ticks and asks every other replica of the group to go quiet; if
+    /// one does not agree, or something was written meanwhile, the leader ticks again.
+    /// The ticks stop first: a heartbeat sent while the followers agree would wake them
+    /// under a leader about to fall silent.
     async fn quiesce(&self, partition: PartitionId, raft: &Raft<TypeConfig>, req: Quiesce) -> bool {
+        raft.runtime_config().tick(false);
+        let quiet = self.ask_quiesce(partition, raft, req).await;
+        if !quiet {
+            raft.runtime_config().tick(true);
+        }
+        quiet
+    }
+
+    async fn ask_quiesce(
+        &self,
+        partition: PartitionId,
+        raft: &Raft<TypeConfig>,
+        req: Quiesce,
+    ) -> bool {
         let Some(formed) = self.formed.get() else {
             return false;
         };
@@ -143,10 +159,6 @@ impl ClusterNode {
         }
         // A write that raced the followers' answers keeps the group awake.
         let still = sample(raft, self.my_id);
-        if still.map(|s| (s.term, s.last_log)) != Some((req.term, req.index)) {
-            return false;
-        }
-        raft.runtime_config().tick(false);
-        true
+        still.map(|s| (s.term, s.last_log)) == Some((req.term, req.index))
     }
 }

@@ -21,8 +21,10 @@ const APPLIED_PERIOD: Duration = Duration::from_secs(1);
 /// node is ready with the lag (`warbler_replication_lag_entries` shows it): a replica that
 /// cannot catch up under load must not hold a rolling update, or the client Service, forever.
 pub const READY_CATCH_UP_BOUND: Duration = Duration::from_secs(300);
-/// How often the leader of every partition is checked for changes.
-const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(100);
+/// How often the leader of every partition is checked for changes: a third of the default
+/// Raft tick (375 ms), so on the shared grid ([`crate::grid`]) the groups' ticks fall on
+/// the watch's instants and add no wake-ups of their own.
+const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(125);
 
 /// A partition's leader changed as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +67,7 @@ impl ClusterNode {
     pub(crate) fn watch_catch_up(self: &Arc<Self>) {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(APPLIED_PERIOD);
+            let mut tick = crate::grid::interval(APPLIED_PERIOD);
             loop {
                 tick.tick().await;
                 node.health_gauges();
@@ -162,7 +164,7 @@ impl ClusterNode {
             let mut prev: Vec<Leader> = (0..node.partitions)
                 .map(|_| Leader::Unknown(String::new()))
                 .collect();
-            let mut tick = tokio::time::interval(LEADER_WATCH_PERIOD);
+            let mut tick = crate::grid::interval(LEADER_WATCH_PERIOD);
             loop {
                 tick.tick().await;
                 let mut led = 0;
