@@ -1248,6 +1248,19 @@ async fn idle_partitions_go_quiet_and_fail_over_when_their_leader_dies() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Quiet means stable: no follower wakes on its own and elects itself (a leader's last
+    // heartbeat crossing its "go quiet" made one do so every few seconds).
+    // Leaders the balancer hands over are the only changes allowed.
+    const GAINED: &str = "warbler_leaderships_gained_total";
+    const HANDED: &str = "warbler_leader_transfers_total{result=\"done\"}";
+    let gained = metric_sum(&cluster, GAINED, None).await;
+    let handed = metric_sum(&cluster, HANDED, None).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        metric_sum(&cluster, GAINED, None).await - gained,
+        metric_sum(&cluster, HANDED, None).await - handed,
+        "a quiet, idle cluster changed leaders by elections"
+    );
     let victim = cluster.leader_of(HOT, None).await;
     let survivor = (0..3).find(|i| *i != victim).unwrap();
     let t0 = Instant::now();
