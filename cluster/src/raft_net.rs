@@ -196,6 +196,12 @@ impl RaftService {
     pub fn quiet_followers(&self) -> usize {
         self.quiet.lock().unwrap().len()
     }
+
+    /// The quiet follower replicas here, with the request each went quiet under: each
+    /// holds exactly its leader's log, which the leader had applied.
+    pub fn quiet_at(&self) -> BTreeMap<u16, Quiesce> {
+        self.quiet.lock().unwrap().clone()
+    }
 }
 
 fn reply<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {

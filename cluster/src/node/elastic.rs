@@ -141,6 +141,7 @@ impl ClusterNode {
                 }
             };
             self.names.write().unwrap().insert(id, name.clone());
+            self.routing_changed();
             let node = members::member_node(&name, zone.as_deref());
             meta.add_learner(id, BasicNode::new(node), false)
                 .await
@@ -242,6 +243,7 @@ impl ClusterNode {
                         names.insert(raft_id(n), n.clone());
                     }
                 }
+                self.routing_changed();
                 let node = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = node.move_partition(partition, &raft, &req.replicas).await {
@@ -423,6 +425,7 @@ impl ClusterNode {
             self.raft_service.remove(p);
             self.raft_log.remove(p);
             self.placement.write().unwrap().rafts.remove(&p);
+            self.routing_changed();
             if let Some(f) = self.formed.get() {
                 if let Err(e) = f.store.drop_partition(p) {
                     tracing::warn!(partition = p, error = %e, "cannot delete the moved replica's data");

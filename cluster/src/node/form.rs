@@ -100,6 +100,7 @@ impl ClusterNode {
             meta,
             replication_factor: list.replication_factor,
         });
+        self.routing_changed();
         // The member-list group's own record wins over the copy on disk when it is newer (a
         // joining node's replica may still be replaying older lists).
         let current = match self.list_from_meta() {
@@ -393,6 +394,7 @@ impl ClusterNode {
             .unwrap()
             .rafts
             .insert(partition, raft.clone());
+        self.routing_changed();
         Ok(raft)
     }
 
@@ -401,6 +403,7 @@ impl ClusterNode {
         for n in &list.names {
             names.insert(raft_id(n), n.clone());
         }
+        self.routing_changed();
     }
 
     /// Makes `list` this node's member list: names, the ring's placement, the copy on disk.
@@ -412,6 +415,7 @@ impl ClusterNode {
             pl.epoch = list.epoch;
             pl.replicas = replicas;
         }
+        self.routing_changed();
         if let Some(f) = self.formed.get() {
             if let Err(e) = save_members(&f.store, &list) {
                 tracing::warn!(error = %e, "cannot keep the member list on disk");

@@ -22,7 +22,7 @@ pub use self::status::LeaderChange;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use openraft::{Raft, ServerState};
@@ -93,6 +93,10 @@ pub struct ClusterNode {
     fault_injection: bool,
     /// Partitions this node holds no replica of: the node last named as their leader.
     leader_hints: Mutex<LeaderHints>,
+    /// Bumped whenever what [`Router::leader`] reads besides the groups' own state
+    /// changes (forming, placement, names, hints): the leader watch then looks at every
+    /// partition, and otherwise only at those whose group changed.
+    routing_epoch: AtomicU64,
     /// Partitions whose replicas this node (their leader) is moving now.
     moving: Mutex<std::collections::HashSet<PartitionId>>,
     /// This node was decommissioned: it is no longer a member.
@@ -318,6 +322,7 @@ impl ClusterNode {
             faults,
             fault_injection: config.cluster.fault_injection,
             leader_hints: Mutex::default(),
+            routing_epoch: AtomicU64::new(0),
             moving: Mutex::default(),
             left: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -555,6 +560,11 @@ impl ClusterNode {
         self.left.load(Ordering::Relaxed)
     }
 
+    /// Something [`Router::leader`] reads besides the groups' state changed.
+    pub(crate) fn routing_changed(&self) {
+        self.routing_epoch.fetch_add(1, Ordering::Release);
+    }
+
     /// This node's replica of `partition`, added to the group or not.
     pub(crate) fn local_raft(&self, partition: PartitionId) -> Option<Raft<TypeConfig>> {
         self.placement
@@ -649,6 +659,7 @@ impl Router for ClusterNode {
         let placed = self.placed(partition);
         let mut hints = self.leader_hints.lock().unwrap();
         hints.redirected(partition, &placed, &self.me, leader);
+        self.routing_changed();
     }
 
     fn is_replica(&self, partition: PartitionId) -> bool {

@@ -2,6 +2,7 @@
 //! them (leaders' applied indexes, leadership changes).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ pub const READY_CATCH_UP_BOUND: Duration = Duration::from_secs(300);
 /// Raft tick (375 ms), so on the shared grid ([`crate::grid`]) the groups' ticks fall on
 /// the watch's instants and add no wake-ups of their own.
 const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(125);
+
+/// A group's state as the leader watch follows it.
+type ServerMetricsRx =
+    tokio::sync::watch::Receiver<openraft::metrics::RaftServerMetrics<u64, openraft::BasicNode>>;
 
 /// A partition's leader changed as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +68,9 @@ impl ClusterNode {
     }
 
     /// Every second: asks the leaders of the partitions this node follows how far they
-    /// have applied (one call per leader), for `/readyz`.
+    /// have applied (one call per leader), for `/readyz`. A quiet follower is not asked
+    /// about: it went quiet holding exactly its leader's log, all of it applied there, so an
+    /// idle cluster makes no calls.
     pub(crate) fn watch_catch_up(self: &Arc<Self>) {
         let node = self.clone();
         tokio::spawn(async move {
@@ -71,10 +78,17 @@ impl ClusterNode {
             loop {
                 tick.tick().await;
                 node.health_gauges();
+                let quiet = node.raft_service.quiet_at();
+                ready::record_leader_applied(
+                    &mut node.leaders_applied.lock().unwrap(),
+                    quiet.iter().map(|(p, q)| (*p, q.index)),
+                );
                 let mut by_leader: HashMap<u64, Vec<PartitionId>> = HashMap::new();
                 for (p, g) in node.views() {
                     match g.leader {
-                        Some(l) if l != node.my_id => by_leader.entry(l).or_default().push(p),
+                        Some(l) if l != node.my_id && !quiet.contains_key(&p) => {
+                            by_leader.entry(l).or_default().push(p)
+                        }
                         _ => {}
                     }
                 }
@@ -157,7 +171,10 @@ impl ClusterNode {
     }
 
     /// Watches every partition's leader and calls `on_change` when it changes; keeps the
-    /// `warbler_partitions_led` gauge.
+    /// `warbler_partitions_led` gauge. A round looks only at the partitions whose group
+    /// changed state (leader, role, members) since the last, unless something else the
+    /// answer depends on changed (`routing_epoch`, the members' addresses): an idle node's
+    /// round reads 64 version numbers.
     pub fn watch_leaders(self: &Arc<Self>, on_change: impl Fn(LeaderChange) + Send + 'static) {
         let node = self.clone();
         tokio::spawn(async move {
@@ -165,16 +182,34 @@ impl ClusterNode {
                 .map(|_| Leader::Unknown(String::new()))
                 .collect();
             let mut tick = crate::grid::interval(LEADER_WATCH_PERIOD);
+            let mut epoch = None;
+            let mut metas = node.metas.clone();
+            let mut groups: Vec<Option<ServerMetricsRx>> = Vec::new();
             loop {
                 tick.tick().await;
-                let mut led = 0;
+                let now_epoch = node.routing_epoch.load(Ordering::Acquire);
+                let all = epoch != Some(now_epoch) || metas.has_changed().unwrap_or(true);
+                if all {
+                    epoch = Some(now_epoch);
+                    metas.borrow_and_update();
+                    let pl = node.placement.read().unwrap();
+                    groups = (0..node.partitions)
+                        .map(|p| pl.rafts.get(&p).map(|r| r.server_metrics()))
+                        .collect();
+                }
                 for p in 0..node.partitions {
+                    let group = groups.get_mut(p as usize).and_then(Option::as_mut);
+                    let changed = group.is_some_and(|rx| {
+                        let changed = rx.has_changed().unwrap_or(true);
+                        rx.borrow_and_update();
+                        changed
+                    });
+                    if !all && !changed {
+                        continue;
+                    }
                     let now = node.leader(p);
-                    if now == Leader::Local {
-                        led += 1;
-                        if prev[p as usize] != Leader::Local {
-                            metrics::counter!("warbler_leaderships_gained_total").increment(1);
-                        }
+                    if now == Leader::Local && prev[p as usize] != Leader::Local {
+                        metrics::counter!("warbler_leaderships_gained_total").increment(1);
                     }
                     if now != prev[p as usize] {
                         let was_local = prev[p as usize] == Leader::Local;
@@ -191,6 +226,7 @@ impl ClusterNode {
                         prev[p as usize] = now;
                     }
                 }
+                let led = prev.iter().filter(|l| **l == Leader::Local).count();
                 metrics::gauge!("warbler_partitions_led").set(led as f64);
             }
         });
