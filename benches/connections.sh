@@ -3,7 +3,8 @@
 #   1. DEVICES idle devices (default 50,000) spread over the three nodes by LOADERS load
 #      processes (the open-file limit is per process), each device pinging every PING_MS
 #      (default: the server's ping interval, 60 s); how many the cluster holds, its memory,
-#      and the CPU of the whole cluster with them over IDLE_SECS.
+#      and the CPU of the whole cluster with them over IDLE_SECS; before them, the CPU of the
+#      idle cluster alone over ALONE_SECS (default 30).
 #   2. A reconnect storm: STORM devices (default 10,000) on each node; one node is killed
 #      with kill -9; time until its devices are all back on the other two.
 #
@@ -16,6 +17,7 @@ DEVICES="${DEVICES:-50000}"
 LOADERS="${LOADERS:-4}"
 PING_MS="${PING_MS:-60000}"
 IDLE_SECS="${IDLE_SECS:-60}"
+ALONE_SECS="${ALONE_SECS:-30}"
 STORM="${STORM:-10000}"
 cargo build --release --workspace --bin warbler --bin warbler-load >&2
 BIN="$CARGO_TARGET_DIR/release"
@@ -46,8 +48,17 @@ start_cluster() {
             curl -sf "http://127.0.0.1:1778$i/readyz" >/dev/null 2>&1 && break; sleep 0.1
         done
     done
-    sleep 3
+    # Leaders are balanced after formation (a round every 3 s): wait until no leadership
+    # moved for two rounds, so the measured window is the steady state, not the balancing.
+    local last=-1 same=0 now
+    for _ in $(seq 60); do
+        now=$(leaderships)
+        if [ "$now" = "$last" ]; then same=$((same + 1)); else same=0; last=$now; fi
+        [ "$same" -ge 6 ] && break
+        sleep 1
+    done
 }
+leaderships() { local t=0 i; for i in 0 1 2; do t=$((t + $(metric "$i" warbler_leaderships_gained_total))); done; echo "$t"; }
 stop_cluster() { kill -9 "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
 cluster_cpu() { local c=0 p; for p in "$@"; do c=$((c + $(cpu_ticks "$p"))); done; echo "$c"; }
 
@@ -55,6 +66,10 @@ echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(da
 
 # --- 1. idle devices ---------------------------------------------------------------------
 start_cluster
+c0=$(cluster_cpu "${PIDS[@]}"); t0=$(date +%s.%N)
+sleep "$ALONE_SECS"
+c1=$(cluster_cpu "${PIDS[@]}"); t1=$(date +%s.%N)
+echo "idle CPU of the cluster alone (64 partitions, no devices) over ${ALONE_SECS} s: $(echo "scale=2; 100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0)" | bc)% of one core"
 ADDRS=127.0.0.1:17700,127.0.0.1:17701,127.0.0.1:17702
 rss0=0; for p in "${PIDS[@]}"; do rss0=$((rss0 + $(rss_kib "$p"))); done
 per=$((DEVICES / LOADERS))
@@ -73,9 +88,11 @@ done
 up=$(cat "$work"/idle*.out | awk '/^connected/ {s += $2} END {print s + 0}')
 echo "connected $up of $((per * LOADERS)) in $(echo "$(date +%s.%N) - $started" | bc | cut -c1-5) s"
 sleep 5
+g0=$(leaderships)
 c0=$(cluster_cpu "${PIDS[@]}"); t0=$(date +%s.%N)
 sleep "$IDLE_SECS"
 c1=$(cluster_cpu "${PIDS[@]}"); t1=$(date +%s.%N)
+echo "leaderships moved during the window: $(( $(leaderships) - g0 ))"
 held=0; for i in 0 1 2; do n=$(metric "$i" warbler_connections); held=$((held + ${n%.*})); echo "n$i holds ${n%.*} connections, RSS $(( $(rss_kib "${PIDS[$i]}") / 1024 )) MiB"; done
 rss1=0; for p in "${PIDS[@]}"; do rss1=$((rss1 + $(rss_kib "$p"))); done
 echo "held: $held of $up devices after ${IDLE_SECS} s"
