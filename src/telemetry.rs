@@ -43,9 +43,11 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     describe();
     let upkeep = handle.clone();
+    // At once, then on the node's grid: the first scrape has them too.
+    process_gauges(true);
     tokio::spawn(async move {
         let mut tick = warbler_cluster::grid::interval(METRICS_UPKEEP_INTERVAL);
-        for round in 0u64.. {
+        for round in 1u64.. {
             tick.tick().await;
             upkeep.run_upkeep();
             process_gauges(round % FDS_EVERY == 0);
