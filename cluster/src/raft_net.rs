@@ -231,14 +231,14 @@ fn wake_on_append(
     raft: &Raft<TypeConfig>,
     entries: usize,
 ) {
-    let at = quiet.lock().unwrap().get(&partition).copied();
-    if let Some(at) = at {
-        let my_id = raft.metrics().borrow().id;
-        if quiesce::heartbeat_keeps_quiet(&at, entries, &crate::node::group_view(raft, my_id)) {
-            return;
-        }
+    // A replica that is not quiet (every AppendEntries of a busy group) has nothing to wake.
+    let Some(at) = quiet.lock().unwrap().get(&partition).copied() else {
+        return;
+    };
+    let my_id = raft.metrics().borrow().id;
+    if !quiesce::heartbeat_keeps_quiet(&at, entries, &crate::node::group_view(raft, my_id)) {
+        wake(quiet, partition, raft);
     }
-    wake(quiet, partition, raft);
 }
 
 impl PeerHandler for RaftService {
