@@ -83,7 +83,8 @@ def bug_table(runs):
     ]
     for r in runs:
         c = r["check"]
-        first = c["examples"][0] if c["examples"] else ""
+        restore = (r.get("restore") or {}).get("examples") or []
+        first = (c["examples"] or restore or [""])[0]
         lines.append(
             f"| `{r['bug']}` | {r['scenario']} ({r['seed']}) | "
             f"{'valid (not caught)' if c['valid'] else '**caught**'} | {c['lost']} "

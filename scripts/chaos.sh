@@ -30,6 +30,7 @@ done
 # Deliberately broken builds: each must be caught.
 "$chaos" run chaos/scenarios/kill-hot-leader.toml --bug ack-before-commit --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
 "$chaos" run chaos/scenarios/ci-short.toml --bug skip-seq --seed "$SEED" --out "$OUT/bugs" --net "$NET" || true
+"$chaos" run chaos/scenarios/sts-backup-restore.toml --bug backup-without-cursors --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
 took=$(( $(date +%s) - start ))
 cmd="make chaos"
 if [ "$NET" != auto ]; then cmd="NET=$NET make chaos"; fi

@@ -104,6 +104,10 @@ pub async fn backup_partition(
     .await
     .map_err(|e| ApiError::internal(format!("backup task failed: {e}")))?
     .map_err(|e| ApiError::internal(format!("cannot read partition {partition}: {e}")))?;
+    let mut rows = rows;
+    if warbler_actors::bugs::on(warbler_actors::bugs::Bug::BackupWithoutCursors) {
+        rows.retain(|r| r.cf != "cursors");
+    }
     let backup = PartitionBackup {
         format: FORMAT,
         partition,

@@ -16,6 +16,9 @@ pub enum Bug {
     AckBeforeCommit = 1,
     /// Sessions never receive seqs that are multiples of 50: every device sees gaps.
     SkipSeq = 2,
+    /// A partition's backup leaves out the devices' cursors: after a restore, devices are
+    /// sent again everything they had acknowledged.
+    BackupWithoutCursors = 3,
 }
 
 static ACTIVE: AtomicU8 = AtomicU8::new(Bug::None as u8);
@@ -27,6 +30,7 @@ impl Bug {
             "" | "none" => Ok(Bug::None),
             "ack-before-commit" => Ok(Bug::AckBeforeCommit),
             "skip-seq" => Ok(Bug::SkipSeq),
+            "backup-without-cursors" => Ok(Bug::BackupWithoutCursors),
             other => Err(UnknownBug(other.to_string())),
         }
     }
@@ -34,7 +38,7 @@ impl Bug {
 
 /// `WARBLER_CHAOS_BUG` names no known bug.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("WARBLER_CHAOS_BUG={0:?}: unknown bug; use ack-before-commit, skip-seq or none")]
+#[error("WARBLER_CHAOS_BUG={0:?}: unknown bug; use ack-before-commit, skip-seq, backup-without-cursors or none")]
 pub struct UnknownBug(pub String);
 
 /// Turns a deliberate bug on for this process.
@@ -58,6 +62,10 @@ mod tests {
     fn names_parse_and_unknown_ones_say_what_exists() {
         assert_eq!(Bug::parse("skip-seq"), Ok(Bug::SkipSeq));
         assert_eq!(Bug::parse("ack-before-commit"), Ok(Bug::AckBeforeCommit));
+        assert_eq!(
+            Bug::parse("backup-without-cursors"),
+            Ok(Bug::BackupWithoutCursors)
+        );
         assert_eq!(Bug::parse(""), Ok(Bug::None));
         let e = Bug::parse("lose-everything").unwrap_err().to_string();
         assert!(

@@ -9,6 +9,7 @@
 //! - [`checker`]: the verdict: losses, duplicates, order violations, gaps, latency.
 //! - [`run`]: one run of one scenario with one seed.
 //! - [`report`]: the terminal summary.
+//! - [`restore`]: a backup taken under load, restored into a new cluster and checked.
 //! - [`ports`]: ports that stay free while a node is restarted on them.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod driver;
 pub mod history;
 pub mod ports;
 pub mod report;
+pub mod restore;
 pub mod run;
 pub mod scenario;
 pub mod workload;

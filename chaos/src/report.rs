@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::checker::Check;
+use crate::restore::RestoreCheck;
 
 /// A table of the checker's counts, the latency and what each fault did.
 pub fn summary(c: &Check) -> String {
@@ -65,6 +66,48 @@ pub fn summary(c: &Check) -> String {
         } else {
             "INVALID"
         }
+    );
+    s
+}
+
+/// The restore check's counts (scenarios with a backup).
+pub fn restore_summary(r: &RestoreCheck) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "  restored into a new cluster:");
+    let rows: [(&str, u64, bool); 13] = [
+        ("users", r.users, false),
+        ("acknowledged before the backup", r.required, false),
+        ("messages restored", r.restored, false),
+        ("missing or at another seq", r.missing, true),
+        ("not the original message", r.mismatched, true),
+        ("gaps", r.gaps, true),
+        ("devices", r.devices, false),
+        (
+            "  with a cursor confirmed before",
+            r.cursors_bounded_below,
+            false,
+        ),
+        ("cursors out of range", r.cursors_out_of_range, true),
+        ("devices not resuming in order", r.resume_wrong, true),
+        ("publishes retried", r.retries, false),
+        ("  answered another seq", r.retry_wrong, true),
+        ("new publishes not at end + 1", r.new_seq_wrong, true),
+    ];
+    for (name, v, anomaly) in rows {
+        let flag = if anomaly && v > 0 {
+            "  <-- ANOMALY"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "    {name:<32} {v:>9}{flag}");
+    }
+    for e in &r.examples {
+        let _ = writeln!(s, "    restore anomaly: {e}");
+    }
+    let _ = writeln!(
+        s,
+        "    restore verdict: {}",
+        if r.valid { "VALID" } else { "INVALID" }
     );
     s
 }

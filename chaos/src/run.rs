@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::checker::{check, Check};
 use crate::driver::{Cluster, ClusterOpts, Net};
 use crate::history::{self, Event, Outcome, Recorder};
+use crate::restore::{self, RestoreCheck};
 use crate::scenario::{Action, Planned, Scenario, Target};
 use crate::workload::{self, HOT_USER};
 
@@ -46,6 +47,10 @@ pub struct RunResult {
     pub skipped: Vec<String>,
     pub check: Check,
     pub history: String,
+    /// Scenarios with a backup: the restored cluster's check (its verdict is part of
+    /// `check.valid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreCheck>,
 }
 
 /// Runs one scenario with one seed; writes `history.jsonl` and `result.json` to `out`.
@@ -90,32 +95,95 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunResult> {
     env.extend(s.cluster.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     // A fresh cluster every run: data left from an earlier run with this seed would be
     // history the workload never recorded.
-    let dir = opts.out.join("cluster");
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot clear {} from an earlier run", dir.display()))?;
+    for old in ["cluster", "backup", "restored"] {
+        let dir = opts.out.join(old);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {} from an earlier run", dir.display()))?;
+        }
     }
-    let mut cluster = Cluster::start(ClusterOpts {
+    let cluster_opts = ClusterOpts {
         nodes: s.cluster.nodes,
         spare: s.cluster.spare_nodes,
         warbler: opts.warbler.clone(),
-        dir,
+        dir: opts.out.join("cluster"),
         net: opts.net,
         env,
         statefulset: s.cluster.statefulset,
         zones: s.cluster.zones.clone(),
-    })
-    .await?;
+    };
+    let mut cluster = Cluster::start(cluster_opts.clone()).await?;
     let result = drive(&opts, &mut cluster, plan).await;
     cluster.shutdown().await;
-    result
+    let (mut result, events) = result?;
+    if result.plan.iter().any(|p| p.action == Action::Backup) {
+        let r = restore_phase(&opts, cluster_opts, &events, &result.skipped).await;
+        result.check.valid &= r.valid;
+        result.restore = Some(r);
+    }
+    let path = opts.out.join("result.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
+    Ok(result)
+}
+
+/// After a run with a backup: a new, empty cluster of the same shape (its own volumes, key
+/// and cluster id), the backup restored into it, and the restore check.
+async fn restore_phase(
+    opts: &RunOpts,
+    mut cluster_opts: ClusterOpts,
+    events: &[Event],
+    skipped: &[String],
+) -> RestoreCheck {
+    let Some((t, end, said)) = events.iter().find_map(|e| match e {
+        Event::Fault {
+            t,
+            end,
+            action,
+            detail,
+            ..
+        } if action == "backup" => Some((*t, *end, detail.clone())),
+        _ => None,
+    }) else {
+        return RestoreCheck {
+            examples: vec![format!("the backup did not run: {}", skipped.join("; "))],
+            ..RestoreCheck::default()
+        };
+    };
+    println!("  restoring the backup into a new cluster");
+    cluster_opts.dir = opts.out.join("restored");
+    let rec = Recorder::new();
+    let checked = async {
+        let mut fresh = Cluster::start(cluster_opts).await?;
+        let r = restore::restore_and_check(
+            &fresh,
+            &opts.out.join("backup"),
+            said,
+            (t, end),
+            events,
+            &opts.scenario.workload,
+            opts.seed,
+            &rec,
+        )
+        .await;
+        fresh.shutdown().await;
+        r
+    }
+    .await;
+    let path = opts.out.join("restored-history.jsonl");
+    if let Err(e) = history::write(&path, &rec.snapshot()) {
+        println!("  cannot write {}: {e}", path.display());
+    }
+    checked.unwrap_or_else(|e| RestoreCheck {
+        examples: vec![format!("the restore could not be checked: {e:#}")],
+        ..RestoreCheck::default()
+    })
 }
 
 async fn drive(
     opts: &RunOpts,
     cluster: &mut Cluster,
     plan: Vec<Planned>,
-) -> anyhow::Result<RunResult> {
+) -> anyhow::Result<(RunResult, Vec<Event>)> {
     let s = &opts.scenario;
     let w = &s.workload;
     let rec = Recorder::new();
@@ -150,10 +218,15 @@ async fn drive(
 
     // The nemesis: one fault at a time, in plan order.
     let mut skipped = Vec::new();
+    let mut backup = None;
     for p in &plan {
         let wait = p.at_s * 1e3 - rec.now();
         if wait > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(wait / 1e3)).await;
+        }
+        if p.action == Action::Backup {
+            backup = Some((p.at_s, background_backup(cluster, rec.clone())));
+            continue;
         }
         if let Err(e) = inject(cluster, p, &rec).await {
             skipped.push(format!(
@@ -166,6 +239,17 @@ async fn drive(
     let left = s.duration_s * 1e3 - rec.now();
     if left > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(left / 1e3)).await;
+    }
+    if let Some((at, task)) = backup {
+        let failed = match task.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
+            skipped.push(format!("Backup at {at:.1} s: {e}"));
+            println!("  skipped: {}", skipped.last().unwrap());
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -208,10 +292,32 @@ async fn drive(
         skipped,
         check: check(&events),
         history: history.display().to_string(),
+        restore: None,
     };
-    let path = opts.out.join("result.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
-    Ok(result)
+    Ok((result, events))
+}
+
+/// `warbler backup --out RUN/backup` against node 0, as an operator runs it, beside the load
+/// and the other faults; its fault event is recorded when it ends, with what it printed.
+fn background_backup(
+    cluster: &Cluster,
+    rec: Recorder,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let out = cluster.dir().with_file_name("backup").display().to_string();
+    let cmd = restore::operator_command(cluster, &["backup", "--out", &out]);
+    let t = rec.now();
+    tokio::spawn(async move {
+        let said = restore::run_operator(cmd, "backup").await;
+        let end = rec.now();
+        rec.record(Event::Fault {
+            t,
+            end,
+            action: "backup".into(),
+            targets: Vec::new(),
+            detail: said?.replace(&format!(" to {out}"), ""),
+        });
+        Ok(())
+    })
 }
 
 /// Per user, the highest seq acknowledged or delivered: where the final read must reach.
@@ -391,6 +497,7 @@ async fn inject(cluster: &mut Cluster, p: &Planned, rec: &Recorder) -> anyhow::R
             ts = started.into_iter().chain(stopped).collect();
             tokio::time::sleep(hold).await;
         }
+        Action::Backup => anyhow::bail!("a backup runs beside the other faults (drive)"),
     }
     let end = rec.now();
     let names: Vec<&str> = ts.iter().map(|&i| cluster.name(i)).collect();

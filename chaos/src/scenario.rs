@@ -10,7 +10,7 @@
 //! [workload]
 //! users = 24
 //! [[fault]]
-//! action = "kill"      # kill | pause | isolate | partition | restart
+//! action = "kill"      # kill | pause | isolate | partition | restart | … | backup
 //! target = "random"    # random | hot-leader | minority | all | each | node:N
 //! start_s = 5
 //! every_s = 10
@@ -132,6 +132,12 @@ pub enum Action {
     /// StatefulSet: resize the set to `to` directly, as a plain `kubectl scale` does: the
     /// highest ordinals get SIGTERM with no decommission first.
     ScaleRaw,
+    /// `warbler backup` of the whole cluster while the load runs, beside the faults planned
+    /// after it (the target and `hold_s` are ignored). After the run the backup is restored into a new, empty cluster and checked there:
+    /// everything acknowledged before the backup began is in it at its seq with its id,
+    /// retried publishes answer their original seq, and devices resume from their cursors.
+    /// Once per scenario.
+    Backup,
 }
 
 /// Which nodes a fault hits.
@@ -321,6 +327,11 @@ impl Scenario {
                     }
                 }
             }
+            if f.action == Action::Backup && f.every_s.is_some() {
+                return Err(ScenarioError::from(
+                    "a backup fault runs once: remove its every_s",
+                ));
+            }
             if let Target::Zone(z) = &f.target {
                 if !self.cluster.zones.contains(z) {
                     return Err(ScenarioError::from(format!(
@@ -334,6 +345,17 @@ impl Scenario {
                     "a partition needs a proper subset of the nodes as its target",
                 ));
             }
+        }
+        if self
+            .faults
+            .iter()
+            .filter(|f| f.action == Action::Backup)
+            .count()
+            > 1
+        {
+            return Err(ScenarioError::from(
+                "one backup fault per scenario: the run restores and checks one backup",
+            ));
         }
         Ok(())
     }

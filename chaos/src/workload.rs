@@ -45,7 +45,12 @@ fn body_matches(id: &str, body: &[u8]) -> bool {
     body.starts_with(id.as_bytes()) && body[id.len()..].iter().all(|&c| c == b'.')
 }
 
-async fn connect(addr: &str, user: &str, scope: &str, device: &str) -> Option<Connection> {
+pub(crate) async fn connect(
+    addr: &str,
+    user: &str,
+    scope: &str,
+    device: &str,
+) -> Option<Connection> {
     let opts = ConnectOptions::new(addr, token(user, scope), device);
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(opts)).await {
         Ok(Ok(c)) => Some(c),

@@ -47,6 +47,9 @@ fn every_shipped_scenario_loads_and_plans_faults() {
         Action::Restart,
         Action::Add,
         Action::Decommission,
+        Action::Scale,
+        Action::ScaleRaw,
+        Action::Backup,
     ] {
         assert!(actions.contains(&a), "no shipped scenario uses {a:?}");
     }
@@ -93,5 +96,11 @@ fn bad_scenarios_are_refused_with_a_reason() {
         "name='x'\nduration_s=10\n[[fault]]\naction='decommission'\ntarget='each'\nstart_s=1\n",
     );
     assert!(e.contains("proper subset"), "{e}");
+    let e = parse("name='x'\nduration_s=10\n[[fault]]\naction='backup'\nstart_s=1\nevery_s=2\n");
+    assert!(e.contains("a backup fault runs once"), "{e}");
+    let e = parse(
+        "name='x'\nduration_s=10\n[[fault]]\naction='backup'\nstart_s=1\n[[fault]]\naction='backup'\nstart_s=3\n",
+    );
+    assert!(e.contains("one backup fault per scenario"), "{e}");
     assert_eq!(Target::parse("node:2"), Ok(Target::Node(2)));
 }

@@ -167,6 +167,9 @@ async fn main2() -> anyhow::Result<bool> {
                     })
                     .await?;
                     print!("{}", report::summary(&res.check));
+                    if let Some(r) = &res.restore {
+                        print!("{}", report::restore_summary(r));
+                    }
                     println!("  results: {}", dir.join("result.json").display());
                     plot(&dir);
                     all_valid &= res.check.valid;
