@@ -43,8 +43,9 @@ const SEED_RETRY: Duration = Duration::from_secs(1);
 /// How often a node spreads its metadata again, so members that joined after the last
 /// change learn it too (custom broadcasts are sent a bounded number of times).
 const META_REFRESH: Duration = Duration::from_secs(3);
-/// The grid the steady gossip timers fire on (see [`on_grid`]): the node's leader watch
-/// period, a third of the default Raft tick.
+/// The grid the steady gossip timers fire on (see [`on_grid`]): each on the multiples of
+/// its own period when that is a multiple of this (the probe's 500 ms, the periodic
+/// gossip's 375 ms, which is the default Raft tick), else on the multiples of this.
 const GOSSIP_GRID: Duration = Duration::from_millis(125);
 
 /// Where a node is in its life.
@@ -259,9 +260,11 @@ impl Timing {
 
     fn foca_config(&self, cluster_size: u32) -> Config {
         let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-        // foca's 200 ms, on the grid's points: gossip of updates waits 250 ms at most.
+        // foca's 200 ms, on the Raft ticks' grid points (375 ms) so that it adds no instants
+        // of its own to an idle node's: gossip of an update waits 375 ms at most (updates
+        // also ride on every probe and its answer).
         c.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: 2 * GOSSIP_GRID,
+            frequency: 3 * GOSSIP_GRID,
             num_members: NonZeroUsize::new(3).expect("non-zero"),
         });
         c.probe_period = self.probe_period;
@@ -584,8 +587,9 @@ async fn flush(
 }
 
 /// The steady timers (the next probe, the periodic gossip and announces) fire on the
-/// node's shared grid ([`crate::grid`]), off by at most half of [`GOSSIP_GRID`]: on an
-/// idle node they add no wake-ups of their own. The timers of a probe under way and of a
+/// node's shared grid ([`crate::grid`]), at the multiples of their own period (of
+/// [`GOSSIP_GRID`] when the period is not a multiple of it), off by at most half of it: on
+/// an idle node they add no wake-ups of their own. The timers of a probe under way and of a
 /// suspicion keep their exact deadlines, and so does any timer due sooner than two grid
 /// steps (a test's fast timing).
 fn on_grid(now: Instant, delay: Duration, timer: &Timer<NodeId>) -> Instant {
@@ -597,7 +601,8 @@ fn on_grid(now: Instant, delay: Duration, timer: &Timer<NodeId>) -> Instant {
             | Timer::PeriodicAnnounceDown(_)
     );
     if steady && delay >= 2 * GOSSIP_GRID {
-        crate::grid::nearest(now + delay, GOSSIP_GRID)
+        let own = delay.as_nanos() % GOSSIP_GRID.as_nanos() == 0;
+        crate::grid::nearest(now + delay, if own { delay } else { GOSSIP_GRID })
     } else {
         now + delay
     }
@@ -696,5 +701,40 @@ async fn retry_seeds(out: mpsc::Sender<Input>) {
         if out.send(Input::AnnounceSeeds).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(at: Instant, period: Duration) -> bool {
+        crate::grid::nearest(at, period) == at
+    }
+
+    /// The steady timers land on the multiples of their own period (so an idle node's probe
+    /// and gossip fall on the instants its Raft ticks and 500 ms checks already wake it),
+    /// within half a period of their deadline; fast timers keep their deadlines.
+    #[test]
+    fn steady_timers_fire_on_their_own_periods_grid() {
+        let now = Instant::now();
+        for (timer, period) in [
+            (Timer::ProbeRandomMember(0), Duration::from_millis(500)),
+            (Timer::PeriodicGossip(0), 3 * GOSSIP_GRID),
+        ] {
+            for k in 0..20u64 {
+                let from = now + Duration::from_millis(37 * k);
+                let at = on_grid(from, period, &timer);
+                assert!(on(at, period), "{timer:?} from +{} ms", 37 * k);
+                let off = at.max(from + period) - at.min(from + period);
+                assert!(off <= period / 2, "{timer:?}: {off:?} from its deadline");
+            }
+        }
+        // A period that is no multiple of the grid: on the grid's own points.
+        let at = on_grid(now, Duration::from_millis(700), &Timer::PeriodicGossip(0));
+        assert!(on(at, GOSSIP_GRID));
+        // A fast timer (a test's timing) keeps its deadline.
+        let fast = Duration::from_millis(100);
+        assert_eq!(on_grid(now, fast, &Timer::ProbeRandomMember(0)), now + fast);
     }
 }

@@ -97,6 +97,8 @@ pub struct ClusterNode {
     /// changes (forming, placement, names, hints): the leader watch then looks at every
     /// partition, and otherwise only at those whose group changed.
     routing_epoch: AtomicU64,
+    /// Wakes the leader watch: a group's state, or what `routing_epoch` counts, changed.
+    leaders_moved: Arc<tokio::sync::Notify>,
     /// Partitions whose replicas this node (their leader) is moving now.
     moving: Mutex<std::collections::HashSet<PartitionId>>,
     /// This node was decommissioned: it is no longer a member.
@@ -323,6 +325,7 @@ impl ClusterNode {
             fault_injection: config.cluster.fault_injection,
             leader_hints: Mutex::default(),
             routing_epoch: AtomicU64::new(0),
+            leaders_moved: Arc::default(),
             moving: Mutex::default(),
             left: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -563,6 +566,7 @@ impl ClusterNode {
     /// Something [`Router::leader`] reads besides the groups' state changed.
     pub(crate) fn routing_changed(&self) {
         self.routing_epoch.fetch_add(1, Ordering::Release);
+        self.leaders_moved.notify_one();
     }
 
     /// This node's replica of `partition`, added to the group or not.

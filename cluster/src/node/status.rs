@@ -22,10 +22,10 @@ const APPLIED_PERIOD: Duration = Duration::from_secs(1);
 /// node is ready with the lag (`warbler_replication_lag_entries` shows it): a replica that
 /// cannot catch up under load must not hold a rolling update, or the client Service, forever.
 pub const READY_CATCH_UP_BOUND: Duration = Duration::from_secs(300);
-/// How often the leader of every partition is checked for changes: a third of the default
-/// Raft tick (375 ms), so on the shared grid ([`crate::grid`]) the groups' ticks fall on
-/// the watch's instants and add no wake-ups of their own.
-const LEADER_WATCH_PERIOD: Duration = Duration::from_millis(125);
+/// The leader watch is woken at once by the changes it is told of, and also looks this
+/// often, on the shared grid ([`crate::grid`]): a bound on how long a change it was not
+/// told of could go unseen.
+const LEADER_WATCH_SWEEP: Duration = Duration::from_secs(1);
 
 /// A group's state as the leader watch follows it.
 type ServerMetricsRx =
@@ -171,31 +171,63 @@ impl ClusterNode {
     }
 
     /// Watches every partition's leader and calls `on_change` when it changes; keeps the
-    /// `warbler_partitions_led` gauge. A round looks only at the partitions whose group
-    /// changed state (leader, role, members) since the last, unless something else the
-    /// answer depends on changed (`routing_epoch`, the members' addresses): an idle node's
-    /// round reads 64 version numbers.
+    /// `warbler_partitions_led` gauge. The watch sleeps until a group changes state (leader,
+    /// role, members), something else the answer depends on changes (`routing_epoch`, the
+    /// members' addresses), or its once-a-second sweep comes; then it looks only at the
+    /// groups whose state changed, or at every partition for the rest. An idle node's watch
+    /// wakes once a second and reads 64 version numbers.
     pub fn watch_leaders(self: &Arc<Self>, on_change: impl Fn(LeaderChange) + Send + 'static) {
         let node = self.clone();
         tokio::spawn(async move {
             let mut prev: Vec<Leader> = (0..node.partitions)
                 .map(|_| Leader::Unknown(String::new()))
                 .collect();
-            let mut tick = crate::grid::interval(LEADER_WATCH_PERIOD);
+            let mut sweep = crate::grid::interval(LEADER_WATCH_SWEEP);
             let mut epoch = None;
             let mut metas = node.metas.clone();
             let mut groups: Vec<Option<ServerMetricsRx>> = Vec::new();
+            let (mut first, mut metas_open) = (true, true);
             loop {
-                tick.tick().await;
+                let mut addresses_moved = first;
+                if !first {
+                    tokio::select! {
+                        _ = node.leaders_moved.notified() => {}
+                        changed = metas.changed(), if metas_open => {
+                            metas_open = changed.is_ok();
+                            addresses_moved = metas_open;
+                        }
+                        _ = sweep.tick() => {}
+                    }
+                }
+                first = false;
                 let now_epoch = node.routing_epoch.load(Ordering::Acquire);
-                let all = epoch != Some(now_epoch) || metas.has_changed().unwrap_or(true);
+                let all = addresses_moved
+                    || epoch != Some(now_epoch)
+                    || metas.has_changed().unwrap_or(false);
                 if all {
                     epoch = Some(now_epoch);
                     metas.borrow_and_update();
                     let pl = node.placement.read().unwrap();
-                    groups = (0..node.partitions)
+                    let fresh: Vec<Option<ServerMetricsRx>> = (0..node.partitions)
                         .map(|p| pl.rafts.get(&p).map(|r| r.server_metrics()))
                         .collect();
+                    drop(pl);
+                    for (p, rx) in fresh.into_iter().enumerate() {
+                        let known = groups.get(p).and_then(Option::as_ref);
+                        match rx {
+                            Some(rx) if !known.is_some_and(|k| k.same_channel(&rx)) => {
+                                wake_on_change(rx.clone(), node.leaders_moved.clone());
+                                if p < groups.len() {
+                                    groups[p] = Some(rx);
+                                } else {
+                                    groups.push(Some(rx));
+                                }
+                            }
+                            Some(_) => {}
+                            None if p < groups.len() => groups[p] = None,
+                            None => groups.push(None),
+                        }
+                    }
                 }
                 for p in 0..node.partitions {
                     let group = groups.get_mut(p as usize).and_then(Option::as_mut);
@@ -352,4 +384,13 @@ impl ClusterNode {
             })
             .collect()
     }
+}
+
+/// Wakes `watch` whenever the group behind `rx` changes state, until the group stops.
+fn wake_on_change(mut rx: ServerMetricsRx, watch: Arc<tokio::sync::Notify>) {
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            watch.notify_one();
+        }
+    });
 }
