@@ -10,6 +10,7 @@
 #
 #   bash benches/connections.sh
 #   DEVICES=6000 STORM=1000 IDLE_SECS=10 bash benches/connections.sh    # a quick try
+#   BIN=<directory of another build> bash benches/connections.sh       # that build instead
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
@@ -20,7 +21,7 @@ IDLE_SECS="${IDLE_SECS:-60}"
 ALONE_SECS="${ALONE_SECS:-30}"
 STORM="${STORM:-10000}"
 cargo build --release --workspace --bin warbler --bin warbler-load >&2
-BIN="$CARGO_TARGET_DIR/release"
+BIN="${BIN:-$CARGO_TARGET_DIR/release}"   # BIN=<dir of an older build> compares builds
 work=$(mktemp -d)
 trap 'kill -9 $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
@@ -61,15 +62,17 @@ start_cluster() {
 leaderships() { local t=0 i; for i in 0 1 2; do t=$((t + $(metric "$i" warbler_leaderships_gained_total))); done; echo "$t"; }
 stop_cluster() { kill -9 "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
 cluster_cpu() { local c=0 p; for p in "$@"; do c=$((c + $(cpu_ticks "$p"))); done; echo "$c"; }
+# Wake-ups: voluntary context switches of every thread of the given processes.
+wakeups() { local c=0 p t; for p in "$@"; do for t in /proc/"$p"/task/*; do c=$((c + $(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status"))); done; done; echo "$c"; }
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(date -u +%F); cluster of 3, RF 3"
 
 # --- 1. idle devices ---------------------------------------------------------------------
 start_cluster
-c0=$(cluster_cpu "${PIDS[@]}"); t0=$(date +%s.%N)
+c0=$(cluster_cpu "${PIDS[@]}"); w0=$(wakeups "${PIDS[@]}"); t0=$(date +%s.%N)
 sleep "$ALONE_SECS"
-c1=$(cluster_cpu "${PIDS[@]}"); t1=$(date +%s.%N)
-echo "idle CPU of the cluster alone (64 partitions, no devices) over ${ALONE_SECS} s: $(echo "scale=2; 100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0)" | bc)% of one core"
+c1=$(cluster_cpu "${PIDS[@]}"); w1=$(wakeups "${PIDS[@]}"); t1=$(date +%s.%N)
+echo "idle CPU of the cluster alone (64 partitions, no devices) over ${ALONE_SECS} s: $(echo "scale=2; 100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0)" | bc)% of one core, $(echo "scale=1; ($w1 - $w0) / ($t1 - $t0)" | bc) wake-ups/s"
 ADDRS=127.0.0.1:17700,127.0.0.1:17701,127.0.0.1:17702
 rss0=0; for p in "${PIDS[@]}"; do rss0=$((rss0 + $(rss_kib "$p"))); done
 per=$((DEVICES / LOADERS))
