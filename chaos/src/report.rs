@@ -26,14 +26,7 @@ pub fn summary(c: &Check) -> String {
         ("real-time order violations", c.real_time_violations, true),
         ("devices not drained", c.undrained_devices, true),
     ];
-    for (name, v, anomaly) in rows {
-        let flag = if anomaly && v > 0 {
-            "  <-- ANOMALY"
-        } else {
-            ""
-        };
-        let _ = writeln!(s, "  {name:<34} {v:>9}{flag}");
-    }
+    counts(&mut s, 2, &rows);
     let l = &c.latency;
     let _ = writeln!(
         s,
@@ -93,14 +86,7 @@ pub fn restore_summary(r: &RestoreCheck) -> String {
         ("  answered another seq", r.retry_wrong, true),
         ("new publishes not at end + 1", r.new_seq_wrong, true),
     ];
-    for (name, v, anomaly) in rows {
-        let flag = if anomaly && v > 0 {
-            "  <-- ANOMALY"
-        } else {
-            ""
-        };
-        let _ = writeln!(s, "    {name:<32} {v:>9}{flag}");
-    }
+    counts(&mut s, 4, &rows);
     for e in &r.examples {
         let _ = writeln!(s, "    restore anomaly: {e}");
     }
@@ -110,4 +96,17 @@ pub fn restore_summary(r: &RestoreCheck) -> String {
         if r.valid { "VALID" } else { "INVALID" }
     );
     s
+}
+
+/// One line per count, indented by `indent`, its value in one column; a count that is an
+/// anomaly is flagged when it is not 0.
+fn counts(s: &mut String, indent: usize, rows: &[(&str, u64, bool)]) {
+    for &(name, v, anomaly) in rows {
+        let flag = if anomaly && v > 0 {
+            "  <-- ANOMALY"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "{:indent$}{name:<w$} {v:>9}{flag}", "", w = 36 - indent);
+    }
 }
