@@ -61,6 +61,10 @@ pub struct Check {
     pub failed: u64,
     /// Ids never acknowledged and not refused for good: their fate was unknown to the client.
     pub unknown: u64,
+    /// Attempts the server refused as `overloaded` (stored nothing; the publisher retries
+    /// the same id after a pause). Counted, not an anomaly.
+    #[serde(default)]
+    pub overloaded: u64,
     /// Unknown ids that were delivered anyway.
     pub recovered: u64,
     /// Distinct ids delivered to at least one device.
@@ -94,6 +98,9 @@ pub struct Check {
 }
 
 const MAX_EXAMPLES: usize = 20;
+
+/// The error code of a publish refused because the leader cannot keep up.
+pub const OVERLOADED: &str = "overloaded";
 
 #[derive(Default)]
 struct IdInfo {
@@ -144,7 +151,10 @@ pub fn check(events: &[Event]) -> Check {
                     info.first_ack = Some(info.first_ack.map_or(*end, |a: f64| a.min(*end)));
                 }
                 Outcome::Failed { .. } => info.any_failed = true,
-                Outcome::Unknown { .. } => info.any_unknown = true,
+                Outcome::Unknown { why } => {
+                    info.any_unknown = true;
+                    c.overloaded += u64::from(why == OVERLOADED);
+                }
             }
         }
     }

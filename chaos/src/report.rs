@@ -8,9 +8,10 @@ use crate::restore::RestoreCheck;
 /// A table of the checker's counts, the latency and what each fault did.
 pub fn summary(c: &Check) -> String {
     let mut s = String::new();
-    let rows: [(&str, u64, bool); 16] = [
+    let rows: [(&str, u64, bool); 17] = [
         ("attempted", c.attempted, false),
         ("acknowledged", c.acknowledged, false),
+        ("attempts refused: overloaded", c.overloaded, false),
         ("unknown outcome", c.unknown, false),
         ("  of which delivered (recovered)", c.recovered, false),
         ("failed for good", c.failed, false),

@@ -309,6 +309,30 @@ fn an_unknown_outcome_that_was_delivered_is_recovered() {
 }
 
 #[test]
+fn overloaded_refusals_are_counted_and_a_retry_that_lands_is_acknowledged() {
+    let mut h = clean();
+    let overloaded = || Outcome::Unknown {
+        why: "overloaded".into(),
+    };
+    h.publish("u0", "busy", overloaded())
+        .publish("u0", "busy", overloaded())
+        .ok("u0", "busy", 4);
+    h.publish(
+        "u0",
+        "late",
+        Outcome::Unknown {
+            why: "timeout".into(),
+        },
+    );
+    for d in ["u0/d0", "u0/d1"] {
+        h.connect(d, 3).deliver(d, 4, "busy");
+    }
+    let c = h.check();
+    only(&c, &[]);
+    assert_eq!((c.overloaded, c.acknowledged, c.unknown), (2, 4, 1));
+}
+
+#[test]
 fn a_later_publish_with_a_lower_seq_breaks_real_time_order() {
     let mut h = H::default();
     // "late" is sent after "early" was acknowledged, yet got the lower seq.

@@ -50,16 +50,21 @@ pub fn formed_peers(peers: &[Peer]) -> impl Iterator<Item = &Peer> {
     peers.iter().filter(|p| p.formed)
 }
 
-/// Not enough nodes to form a new cluster yet.
+/// No new cluster forms yet: too few nodes are up, or a formed cluster is in view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
     pub have: Vec<String>,
     pub expect: usize,
+    /// The formed nodes gossip shows: a cluster exists, so this node joins it (however
+    /// long its join is refused) and never forms a second one beside it.
+    pub formed: Vec<String>,
 }
 
 /// The list a new cluster forms with once `expect` nodes (this one included) are up: all
 /// of them, sorted, with `rf` capped by their number, and their zones. `my_addr` and
-/// `my_zone` are this node's (gossip does not list this node).
+/// `my_zone` are this node's (gossip does not list this node). Never while a formed node
+/// is in view: a node whose join was refused for the moment (its leader busy, its gossip
+/// not yet known there) would otherwise form a second cluster with the others it sees.
 pub fn form_new(
     me: &str,
     (my_addr, my_zone): (SocketAddr, Option<&str>),
@@ -78,10 +83,12 @@ pub fn form_new(
         zones.insert(me.to_string(), z.to_string());
     }
     let names: Vec<String> = by_name.keys().map(|n| n.to_string()).collect();
-    if names.len() < expect.max(1) {
+    let formed: Vec<String> = formed_peers(peers).map(|p| p.name.clone()).collect();
+    if names.len() < expect.max(1) || !formed.is_empty() {
         return Err(Waiting {
             have: names,
             expect: expect.max(1),
+            formed,
         });
     }
     Ok(MemberList {
@@ -171,6 +178,20 @@ mod tests {
         assert_eq!(zones, [("a", "z9"), ("b", "z0"), ("c", "z1")]);
         // A single node forms alone; bootstrap_expect 0 counts as 1.
         assert_eq!(form_new("a", (me, None), &[], 0, 3).unwrap().names, ["a"]);
+    }
+
+    #[test]
+    fn no_second_cluster_forms_beside_a_formed_one() {
+        // Regression: a node whose join was refused for the moment (the member list's
+        // leader did not know its gossip yet) went on to form a cluster of its own with
+        // the members it saw, then took itself for decommissioned.
+        let me = SocketAddr::from(([127, 0, 0, 1], 1));
+        let peers = [peer("b", 2, true), peer("c", 3, false), peer("d", 4, false)];
+        let w = form_new("a", (me, None), &peers, 3, 3).unwrap_err();
+        assert_eq!(w.formed, ["b"]);
+        assert_eq!(w.have, ["a", "b", "c", "d"]);
+        let unformed = [peer("c", 3, false), peer("d", 4, false)];
+        assert!(form_new("a", (me, None), &unformed, 3, 3).is_ok());
     }
 
     #[test]

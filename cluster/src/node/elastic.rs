@@ -469,7 +469,7 @@ impl ClusterNode {
             return;
         };
         match members::standing(&self.me, &mine, None) {
-            Standing::Left(list) => return self.leave(&list).await,
+            Standing::Left(list) => return self.leave(&list, "its own copy").await,
             Standing::Member => return,
             Standing::AskOthers => {}
         }
@@ -493,14 +493,18 @@ impl ClusterNode {
                 continue;
             }
             if let Standing::Left(list) = members::standing(&self.me, &mine, Some(&theirs)) {
-                self.leave(&list).await;
+                let from = format!(
+                    "the list {addr} answered (this node's own: epoch {}, {:?})",
+                    mine.epoch, mine.names
+                );
+                self.leave(&list, &from).await;
             }
             return;
         }
     }
 
-    async fn leave(&self, list: &MemberList) {
-        tracing::warn!(members = ?list.names, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (started again, it wipes its data directory and joins as a new node)");
+    async fn leave(&self, list: &MemberList, from: &str) {
+        tracing::warn!(members = ?list.names, epoch = list.epoch, from, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (started again, it wipes its data directory and joins as a new node)");
         self.left.store(true, Ordering::Relaxed);
         self.set_state(NodeState::Draining, true).await;
         if let Some(f) = self.formed.get() {

@@ -500,7 +500,11 @@ impl ClusterNode {
             match start::form_new(&self.me, me, &peers, expect, rf) {
                 Ok(list) => return Ok(list),
                 Err(w) if last_log.elapsed() > Duration::from_secs(5) => {
-                    tracing::info!(have = w.have.len(), expect, members = ?w.have, "waiting for bootstrap_expect members before forming the cluster");
+                    if w.formed.is_empty() {
+                        tracing::info!(have = w.have.len(), expect, members = ?w.have, "waiting for bootstrap_expect members before forming the cluster");
+                    } else {
+                        tracing::info!(formed = ?w.formed, "a formed cluster is in view: joining it (retrying until it accepts; check that its members can reach this node's cluster address)");
+                    }
                     last_log = Instant::now();
                 }
                 Err(_) => {}
