@@ -192,9 +192,10 @@ impl RaftService {
         }
     }
 
-    /// Partitions whose follower replica here is quiet.
-    pub fn quiet_followers(&self) -> usize {
-        self.quiet.lock().unwrap().len()
+    /// Groups whose follower replica here is quiet, `except` one (not a partition).
+    pub fn quiet_followers(&self, except: u16) -> usize {
+        let quiet = self.quiet.lock().unwrap();
+        quiet.len() - usize::from(quiet.contains_key(&except))
     }
 
     /// The quiet follower replicas here, with the request each went quiet under: each

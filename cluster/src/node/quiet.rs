@@ -1,5 +1,6 @@
 //! Quiescence's driver (the decisions are [`crate::control::quiesce`]): every
-//! [`QUIET_CHECK_PERIOD`] it samples the groups this node leads and quiets or wakes them,
+//! [`QUIET_CHECK_PERIOD`] it samples the groups this node leads (the partitions' and the
+//! member list's) and quiets or wakes them,
 //! and whenever gossip's view of live nodes changes it wakes the quiet groups whose leader
 //! is gone, so they elect at once.
 
@@ -11,7 +12,7 @@ use openraft::Raft;
 use tokio::task::JoinSet;
 use warbler_storage::PartitionId;
 
-use super::{group_view, ClusterNode};
+use super::{group_view, ClusterNode, META_GROUP};
 use crate::control::quiesce::{Idle, LeaderSample, Quiesce, Step};
 use crate::control::raft_id;
 use crate::raft_store::TypeConfig;
@@ -82,7 +83,14 @@ impl ClusterNode {
         if self.is_draining() {
             return;
         }
-        let rafts = self.placement.read().unwrap().rafts.clone();
+        let mut rafts = self.placement.read().unwrap().rafts.clone();
+        // The member-list group goes quiet as the partitions do: it is written only when
+        // members or placement change.
+        if let Some(f) = self.formed.get() {
+            if !self.has_left() {
+                rafts.insert(META_GROUP, f.meta.clone());
+            }
+        }
         idle.retain(|p, _| rafts.contains_key(p));
         let mut asking = JoinSet::new();
         for (p, raft) in rafts {
@@ -105,10 +113,13 @@ impl ClusterNode {
                 idle.entry(p).or_default().quieted();
             }
         }
-        let leaders_quiet = idle.values().filter(|i| i.is_quiet()).count();
+        let leaders_quiet = idle
+            .iter()
+            .filter(|(p, i)| **p != META_GROUP && i.is_quiet())
+            .count();
         metrics::gauge!("warbler_partitions_quiet", "role" => "leader").set(leaders_quiet as f64);
         metrics::gauge!("warbler_partitions_quiet", "role" => "follower")
-            .set(self.raft_service.quiet_followers() as f64);
+            .set(self.raft_service.quiet_followers(META_GROUP) as f64);
     }
 
     /// Stops this leader's ticks and asks every other replica of the group to go quiet; if
