@@ -57,6 +57,11 @@ pub struct ReadyInput<'a> {
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     pub leaders_applied: &'a HashMap<PartitionId, (u64, u64)>,
+    /// This node's replicas: their last log index at the last two samples (older, newer),
+    /// one second apart. A replica has replayed its log once it applied what it held a
+    /// second ago: under steady writes the newest entries always wait for their commit, so
+    /// "applied all it holds" would never hold.
+    pub logged: &'a HashMap<PartitionId, (u64, u64)>,
     /// The node has run longer than the catch-up bound: a replica still catching up no
     /// longer keeps it unready (a slow replica must not hold a rollout forever); every
     /// other condition still holds.
@@ -98,11 +103,15 @@ fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Resul
     if i.catch_up_waived {
         return Ok(());
     }
-    if g.applied < g.last_log {
+    let held_then = i
+        .logged
+        .get(&partition)
+        .map_or(g.last_log, |(then, _)| *then);
+    if g.applied < held_then {
         return Err(NotReady::Applying {
             partition,
             applied: g.applied,
-            last: g.last_log,
+            last: held_then,
         });
     }
     if g.leader == Some(i.my_id) {
@@ -121,7 +130,8 @@ fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Resul
     }
 }
 
-/// Records a leader's answer to "how far have you applied": keeps the last two.
+/// Records a sample of an index per partition (a leader's answer to "how far have you
+/// applied", or this replica's last log index): keeps the last two.
 pub fn record_leader_applied(
     seen: &mut HashMap<PartitionId, (u64, u64)>,
     answers: impl IntoIterator<Item = (PartitionId, u64)>,
@@ -161,6 +171,7 @@ mod tests {
             placed,
             replicas,
             leaders_applied: leaders,
+            logged: &HashMap::new(),
             catch_up_waived: false,
         })
     }
@@ -181,6 +192,7 @@ mod tests {
             placed: &[],
             replicas: &none,
             leaders_applied: &leaders,
+            logged: &HashMap::new(),
             catch_up_waived: false,
         };
         assert_eq!(ready(&i), Err(NotReady::NotFormed));
@@ -206,6 +218,7 @@ mod tests {
             placed: &placed,
             replicas: &behind,
             leaders_applied: &leaders,
+            logged: &HashMap::new(),
             catch_up_waived: false,
         };
         assert!(matches!(ready(&i), Err(NotReady::Applying { .. })));
@@ -295,6 +308,41 @@ mod tests {
             },
         )]);
         assert_eq!(check(&placed(), &leader_here, &HashMap::new()), Ok(()));
+    }
+
+    /// Regression (the overload scenario): a follower restarted under steady writes never
+    /// became ready, its newest entries always waiting for their commit ("applied 26275 of
+    /// 26276" for a minute). It is ready once it applied what it held a second ago.
+    #[test]
+    fn a_replica_under_steady_writes_is_ready_once_it_applied_what_it_held_a_second_ago() {
+        let leaders = HashMap::from([(0, (100, 104))]);
+        let writing = BTreeMap::from([(0, follower(104, 106))]);
+        let e = check(&placed(), &writing, &leaders).unwrap_err();
+        assert!(matches!(e, NotReady::Applying { last: 106, .. }), "{e}");
+        let logged = HashMap::from([(0, (104, 106))]);
+        let mut i = ReadyInput {
+            me: "a",
+            my_id: ME,
+            formed: true,
+            left: false,
+            placed: &placed(),
+            replicas: &writing,
+            leaders_applied: &leaders,
+            logged: &logged,
+            catch_up_waived: false,
+        };
+        assert_eq!(ready(&i), Ok(()));
+        // Still replaying: it has not applied what it held a second ago.
+        let replaying = BTreeMap::from([(0, follower(90, 106))]);
+        i.replicas = &replaying;
+        assert_eq!(
+            ready(&i),
+            Err(NotReady::Applying {
+                partition: 0,
+                applied: 90,
+                last: 104
+            })
+        );
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub struct ClusterNode {
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
+    /// Each replica's last log index at the last two samples, one second apart (readiness).
+    logged: Mutex<HashMap<PartitionId, (u64, u64)>>,
     /// Set once a replica stopped for good (its storage failed): why.
     fatal: watch::Sender<Option<String>>,
     /// The cluster's id, once this node knows it (the transport checks peers against it).
@@ -331,6 +333,7 @@ impl ClusterNode {
             draining: AtomicBool::new(false),
             started: std::time::Instant::now(),
             leaders_applied: Mutex::default(),
+            logged: Mutex::default(),
             fatal: watch::Sender::new(None),
             cluster_id,
             dead_node_timeout: std::time::Duration::from_millis(

@@ -55,6 +55,7 @@ impl ClusterNode {
         let replicas = self.views();
         let placed = self.placement.read().unwrap().replicas.clone();
         let leaders_applied = self.leaders_applied.lock().unwrap().clone();
+        let logged = self.logged.lock().unwrap().clone();
         ready::ready(&ReadyInput {
             me: &self.me,
             my_id: self.my_id,
@@ -63,6 +64,7 @@ impl ClusterNode {
             placed: &placed,
             replicas: &replicas,
             leaders_applied: &leaders_applied,
+            logged: &logged,
             catch_up_waived: self.started.elapsed() >= READY_CATCH_UP_BOUND,
         })
     }
@@ -83,8 +85,13 @@ impl ClusterNode {
                     &mut node.leaders_applied.lock().unwrap(),
                     quiet.iter().map(|(p, q)| (*p, q.index)),
                 );
+                let views = node.views();
+                ready::record_leader_applied(
+                    &mut node.logged.lock().unwrap(),
+                    views.iter().map(|(p, g)| (*p, g.last_log)),
+                );
                 let mut by_leader: HashMap<u64, Vec<PartitionId>> = HashMap::new();
-                for (p, g) in node.views() {
+                for (p, g) in views {
                     match g.leader {
                         Some(l) if l != node.my_id && !quiet.contains_key(&p) => {
                             by_leader.entry(l).or_default().push(p)
