@@ -132,7 +132,7 @@ fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Resul
 
 /// Records a sample of an index per partition (a leader's answer to "how far have you
 /// applied", or this replica's last log index): keeps the last two.
-pub fn record_leader_applied(
+pub fn record_sample(
     seen: &mut HashMap<PartitionId, (u64, u64)>,
     answers: impl IntoIterator<Item = (PartitionId, u64)>,
 ) {
@@ -346,13 +346,13 @@ mod tests {
     }
 
     #[test]
-    fn leaders_applied_keeps_the_last_two_answers() {
+    fn a_sample_keeps_the_last_two_values() {
         let mut seen = HashMap::new();
-        record_leader_applied(&mut seen, [(3, 10)]);
+        record_sample(&mut seen, [(3, 10)]);
         assert_eq!(seen[&3], (10, 10));
-        record_leader_applied(&mut seen, [(3, 14)]);
+        record_sample(&mut seen, [(3, 14)]);
         assert_eq!(seen[&3], (10, 14));
-        record_leader_applied(&mut seen, [(3, 20)]);
+        record_sample(&mut seen, [(3, 20)]);
         assert_eq!(seen[&3], (14, 20));
     }
 }

@@ -81,12 +81,12 @@ impl ClusterNode {
                 tick.tick().await;
                 node.health_gauges();
                 let quiet = node.raft_service.quiet_at();
-                ready::record_leader_applied(
+                ready::record_sample(
                     &mut node.leaders_applied.lock().unwrap(),
                     quiet.iter().map(|(p, q)| (*p, q.index)),
                 );
                 let views = node.views();
-                ready::record_leader_applied(
+                ready::record_sample(
                     &mut node.logged.lock().unwrap(),
                     views.iter().map(|(p, g)| (*p, g.last_log)),
                 );
@@ -171,7 +171,7 @@ impl ClusterNode {
             return;
         };
         let mut seen = self.leaders_applied.lock().unwrap();
-        ready::record_leader_applied(
+        ready::record_sample(
             &mut seen,
             answers.into_iter().map(|a| (a.partition, a.applied)),
         );
