@@ -258,6 +258,12 @@ impl PeerHandler for RaftService {
             );
             return Box::pin(std::future::ready(Err(e)));
         };
+        if kind == PeerKind::Wake {
+            // Its leader is stopping: tick, so the election timer runs out and one of the
+            // replicas takes over while the leader still serves.
+            wake(&self.quiet, partition, &raft);
+            return Box::pin(std::future::ready(reply(&())));
+        }
         if kind == PeerKind::Quiesce {
             let answer = request(&body).and_then(|req| {
                 self.quiesce(partition, &raft, req)

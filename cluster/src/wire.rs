@@ -29,6 +29,10 @@ pub enum PeerKind {
     /// Consensus: "go quiet at this log" from an idle partition's leader
     /// ([`crate::control::quiesce::Quiesce`]).
     Quiesce = 4,
+    /// Consensus: "tick again", from a quiet partition's leader that is stopping: its last
+    /// heartbeat leaves a quiet follower quiet, so without this the partition would elect
+    /// no one until the leader's node left gossip.
+    Wake = 5,
     /// Routing: publish to a user whose partition the receiver leads ([`PublishReq`]).
     Publish = 10,
     /// Routing: subscribe a session elsewhere through a stand-in ([`SubscribeReq`]).
@@ -79,11 +83,12 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 22] = [
+    pub const ALL: [PeerKind; 23] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
         PeerKind::Quiesce,
+        PeerKind::Wake,
         PeerKind::Publish,
         PeerKind::Subscribe,
         PeerKind::Ack,
@@ -111,7 +116,7 @@ impl PeerKind {
 
     pub fn layer(self) -> Layer {
         match self as u8 {
-            1..=4 => Layer::Consensus,
+            1..=5 => Layer::Consensus,
             10..=17 => Layer::Route,
             20..=28 => Layer::Control,
             _ => Layer::Transport,
@@ -331,12 +336,16 @@ mod tests {
         let numbers: Vec<u8> = PeerKind::ALL.iter().map(|k| *k as u8).collect();
         assert_eq!(
             numbers,
-            [1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 26, 27, 28, 255]
+            [
+                1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                255
+            ]
         );
         for k in PeerKind::ALL {
             assert_eq!(PeerKind::from_wire(k as u8), Some(k));
         }
-        assert_eq!(PeerKind::from_wire(5), None);
+        assert_eq!(PeerKind::from_wire(6), None);
+        assert_eq!(PeerKind::Wake.layer(), Layer::Consensus);
         assert_eq!(PeerKind::Quiesce.layer(), Layer::Consensus);
         assert_eq!(PeerKind::PublishMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);

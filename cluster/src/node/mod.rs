@@ -409,17 +409,25 @@ impl ClusterNode {
     /// Before the node stops: gives up the leadership of every group it leads, so the other
     /// replicas elect a leader while this node still serves (and forwards for) its
     /// connections. This node campaigns no more; each group it leads gets a last heartbeat
-    /// (waking followers that went quiet) and then none, so a follower's election timer
-    /// fires and it takes over. Returns how many groups it led and how many it still leads
-    /// when `budget` ran out (those change leader when the node stops).
+    /// and then none, and its followers are told to tick again (a quiet follower stays
+    /// quiet through its leader's empty heartbeat), so a follower's election timer fires and
+    /// it takes over. Returns how many groups it led and how many it still leads when
+    /// `budget` ran out (those change leader when the node stops).
     ///
     /// Not the directed transfer of [`crate::control::balance`]: handing every group over
     /// at once that way made rolling restarts stall up to 5 s in the chaos runs (the cause
     /// is not found yet), where this way keeps them near 250 ms.
     pub async fn hand_over(&self, budget: std::time::Duration) -> (usize, usize) {
         self.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + budget;
         let mut led = Vec::new();
-        for (_, raft) in self.announce_draining().await {
+        let mut groups = self.announce_draining().await;
+        // The member-list group too: quiet, its followers would wait for gossip to see
+        // this node leave before they elect.
+        if let Some(f) = self.formed.get() {
+            groups.push((META_GROUP, f.meta.clone()));
+        }
+        for (partition, raft) in groups {
             let rc = raft.runtime_config();
             rc.elect(false);
             rc.tick(true);
@@ -427,14 +435,14 @@ impl ClusterNode {
             if view.leading && view.voters.len() > 1 {
                 let _ = raft.trigger().heartbeat().await;
                 raft.runtime_config().heartbeat(false);
-                led.push(raft);
+                led.push((partition, raft));
             }
         }
-        let deadline = tokio::time::Instant::now() + budget;
+        self.wake_followers(&led).await;
         loop {
             let still = led
                 .iter()
-                .filter(|r| group_view(r, self.my_id).leading)
+                .filter(|(_, r)| group_view(r, self.my_id).leading)
                 .count();
             if still == 0 || tokio::time::Instant::now() >= deadline {
                 metrics::counter!("warbler_leaderships_handed_over_total")

@@ -135,6 +135,48 @@ impl ClusterNode {
         quiet
     }
 
+    /// Tells the other replicas of each group in `led` to tick again (peer kind `Wake`):
+    /// this node is stopping and sends them no more heartbeats, and a follower that went
+    /// quiet would otherwise elect no one until this node left gossip. Unanswered calls are
+    /// given up after [`QUIESCE_CALL_TIMEOUT`]: a replica that is down elects when it is back.
+    pub(super) async fn wake_followers(&self, led: &[(PartitionId, Raft<TypeConfig>)]) {
+        let Some(formed) = self.formed.get() else {
+            return;
+        };
+        let mut calls = JoinSet::new();
+        for (partition, raft) in led {
+            let partition = *partition;
+            let others = group_view(raft, self.my_id).nodes.into_iter();
+            for id in others.filter(|id| *id != self.my_id) {
+                let Some(addr) = (formed.resolver)(id) else {
+                    continue;
+                };
+                let transport = self.transport.clone();
+                calls.spawn(async move {
+                    let body = wire::encode(&());
+                    let kind = PeerKind::Wake;
+                    transport
+                        .call(addr, partition, kind, body, QUIESCE_CALL_TIMEOUT)
+                        .await
+                        .is_ok()
+                });
+            }
+        }
+        let (mut woken, mut failed) = (0, 0);
+        while let Some(answer) = calls.join_next().await {
+            if matches!(answer, Ok(true)) {
+                woken += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        tracing::info!(
+            woken,
+            failed,
+            "draining: told the followers of the groups led here to tick again"
+        );
+    }
+
     async fn ask_quiesce(
         &self,
         partition: PartitionId,
