@@ -1253,8 +1253,29 @@ async fn idle_partitions_go_quiet_and_fail_over_when_their_leader_dies() {
     // Leaders the balancer hands over are the only changes allowed.
     const GAINED: &str = "warbler_leaderships_gained_total";
     const HANDED: &str = "warbler_leader_transfers_total{result=\"done\"}";
-    let gained = metric_sum(&cluster, GAINED, None).await;
-    let handed = metric_sum(&cluster, HANDED, None).await;
+    // The balancer's last transfers settle first: a transfer counts as done on its old
+    // leader before the new leader's watch counts the gain, so a window that starts in
+    // between would count a hand-over as an election.
+    let settle = Instant::now();
+    let (mut gained, mut handed) = (0, 0);
+    let mut same_for = 0;
+    while same_for < 4 {
+        let now = (
+            metric_sum(&cluster, GAINED, None).await,
+            metric_sum(&cluster, HANDED, None).await,
+        );
+        same_for = if now == (gained, handed) {
+            same_for + 1
+        } else {
+            0
+        };
+        (gained, handed) = now;
+        assert!(
+            settle.elapsed() < Duration::from_secs(40),
+            "leaderships kept moving in an idle cluster for 40 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         metric_sum(&cluster, GAINED, None).await - gained,
