@@ -1950,6 +1950,93 @@ async fn sigterm_hands_leaderships_over_then_says_bye_over_the_lame_duck_window(
     );
 }
 
+/// Under load a draining node's busy partition changes leader while the node still runs:
+/// its writes are held, so its followers stop hearing from it and elect. (A draining leader
+/// that went on replicating publishes kept resetting its followers' election timers and
+/// led until it exited; its devices then waited for that election.) Nothing acknowledged
+/// is lost, and the publishes go on at the new leader before the node exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_leader_hands_its_busy_partition_over_before_it_exits() {
+    const LAME_DUCK_MS: u64 = 4_000;
+    let lame_duck = LAME_DUCK_MS.to_string();
+    let mut cluster = Cluster::start_with(
+        3,
+        tempfile::tempdir().unwrap(),
+        &[("WARBLER_LAME_DUCK_MS", lame_duck.as_str())],
+    )
+    .await;
+    let outcomes: Outcomes = Arc::default();
+    let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 6);
+    let hot_partition = warbler_cluster::partition_of(HOT, 64) as usize;
+    let start = Instant::now();
+    while acked_for(&outcomes, HOT) < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the publishers got only {} acknowledgements for {HOT}",
+            acked_for(&outcomes, HOT)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The node leading the busy partition drains.
+    let victim = cluster.leader_of(HOT, None).await;
+    let victim_name = format!("n{victim}");
+    let survivor = (victim + 1) % 3;
+    clients
+        .lock()
+        .unwrap()
+        .retain(|c| *c != cluster.nodes[victim].client);
+    let t0 = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &cluster.nodes[victim].pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (handed_over, new_leader) = loop {
+        let v = cluster.status(Some(victim)).await;
+        match v.partitions[hot_partition].leader.clone() {
+            Some(l) if l != victim_name => break (t0.elapsed(), l),
+            _ => {}
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(LAME_DUCK_MS - 500),
+            "after {:?} {victim_name} still leads the busy partition {hot_partition} (or it has no leader)",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let acked_then = acked_for(&outcomes, HOT);
+    // The publishes go on at the new leader while the old one is still in its lame duck.
+    let moved_on = Instant::now();
+    while acked_for(&outcomes, HOT) < acked_then + 20 {
+        assert!(
+            moved_on.elapsed() < Duration::from_secs(2),
+            "publishes to {HOT} stalled after {new_leader} took over: {} acknowledged",
+            acked_for(&outcomes, HOT) - acked_then
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cluster.nodes[victim].is_running(),
+        "{victim_name} exited before its busy partition moved on ({:?})",
+        t0.elapsed()
+    );
+    println!(
+        "drain under load: partition {hot_partition} moved from {victim_name} to {new_leader} in {handed_over:?}; 20 more acknowledged {:?} later",
+        moved_on.elapsed()
+    );
+    let budget = Duration::from_millis(3 * 500 + LAME_DUCK_MS + 8_000);
+    while cluster.nodes[victim].exit_status().is_none() {
+        assert!(
+            t0.elapsed() < budget,
+            "{victim_name} still running after its drain budget"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_publishers(stop, tasks).await;
+    let delivered = check_streams(&cluster, survivor, &outcomes).await;
+    assert!(delivered >= acked_count(&outcomes));
+}
+
 /// The metric names a deploy file refers to (`warbler_*`, `process_*`), with the suffixes
 /// Prometheus adds to a summary's series taken off.
 fn metric_names_in(path: &str) -> std::collections::BTreeSet<String> {

@@ -61,16 +61,17 @@ struct Group {
     /// The term in which this replica last confirmed its leadership with a quorum (0:
     /// never): later barriers in that term only wait for the local apply.
     confirmed_term: AtomicU64,
-    /// While true, proposals queue instead of becoming entries (a leadership transfer).
-    held: Arc<watch::Sender<bool>>,
+    /// While any [`Hold`] lives, proposals queue instead of becoming entries (a leadership
+    /// transfer, a drain): how many live.
+    held: Arc<watch::Sender<usize>>,
 }
 
 /// Holds a partition's proposals while it lives (see [`RaftLog::hold`]).
-pub struct Hold(Arc<watch::Sender<bool>>);
+pub struct Hold(Arc<watch::Sender<usize>>);
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.0.send_replace(false);
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -107,7 +108,7 @@ impl RaftLog {
         let backlog_bytes = Arc::new(AtomicUsize::new(0));
         tokio::spawn(complete_in_order(partition, rx, backlog_bytes.clone()));
         let (proposals, queued) = mpsc::unbounded_channel();
-        let (held, hold) = watch::channel(false);
+        let (held, hold) = watch::channel(0);
         tokio::spawn(propose_batches(
             partition,
             raft.clone(),
@@ -134,12 +135,13 @@ impl RaftLog {
         self.groups.write().unwrap().remove(&partition);
     }
 
-    /// Holds `partition`'s proposals until the returned guard drops: they queue, and the
+    /// Holds `partition`'s proposals until every guard returned drops: they queue, and the
     /// log stops growing (a leader hands its partition over only to a replica holding its
-    /// whole log). `None` when this node does not replicate it.
+    /// whole log, and a draining leader's followers only time out once it sends nothing).
+    /// `None` when this node does not replicate it.
     pub fn hold(&self, partition: PartitionId) -> Option<Hold> {
         let group = self.group(partition).ok()?;
-        group.held.send_replace(true);
+        group.held.send_modify(|n| *n += 1);
         Some(Hold(group.held.clone()))
     }
 
@@ -177,7 +179,7 @@ async fn propose_batches(
     partition: PartitionId,
     raft: Raft<TypeConfig>,
     mut queued: mpsc::UnboundedReceiver<(Vec<Op>, Option<Done>)>,
-    mut hold: watch::Receiver<bool>,
+    mut hold: watch::Receiver<usize>,
     completions: mpsc::UnboundedSender<Pending>,
 ) {
     // A proposal that did not fit the last entry opens the next one.
@@ -205,7 +207,7 @@ async fn propose_batches(
         }
         // Held during a leadership transfer: the entry waits for it to end (and then fails
         // with "not the leader" if it moved, to be retried at the new leader).
-        let _ = hold.wait_for(|held| !*held).await;
+        let _ = hold.wait_for(|held| *held == 0).await;
         let answer = raft
             .client_write_ff(Batch { ops })
             .await
