@@ -1951,7 +1951,8 @@ async fn sigterm_hands_leaderships_over_then_says_bye_over_the_lame_duck_window(
 }
 
 /// Under load a draining node's busy partition changes leader while the node still runs:
-/// its writes are held, so its followers stop hearing from it and elect. (A draining leader
+/// its writes are held and it is handed to a caught-up follower (or its followers, hearing
+/// nothing more, elect one). (A draining leader
 /// that went on replicating publishes kept resetting its followers' election timers and
 /// led until it exited; its devices then waited for that election.) Nothing acknowledged
 /// is lost, and the publishes go on at the new leader before the node exits.

@@ -431,10 +431,12 @@ impl ClusterNode {
     /// would change leader only when this node exits, its devices waiting for that election.
     /// A hold ends when its partition's leadership has moved, or when the node stops.
     ///
-    /// Not the directed transfer of [`crate::control::balance`]: handing every group over
-    /// at once that way made rolling restarts stall up to 5 s in the chaos runs (the cause
-    /// is not found yet), where this way keeps them near 250 ms.
-    pub async fn hand_over(&self, budget: std::time::Duration) -> (usize, usize) {
+    /// Each group is also handed at once to its most caught-up follower by the directed
+    /// transfer of [`crate::control::balance`] (a few milliseconds); the silence is the
+    /// fallback for a group whose transfer is refused (a leader elected less than two
+    /// leases ago, a follower that does not catch up). Directed transfers alone, without
+    /// the hold and the silence, once made rolling restarts stall up to 5 s.
+    pub async fn hand_over(self: &Arc<Self>, budget: std::time::Duration) -> (usize, usize) {
         self.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + budget;
         let mut led = Vec::new();
@@ -465,6 +467,7 @@ impl ClusterNode {
         }
         let pairs: Vec<_> = led.iter().map(|h| (h.partition, h.raft.clone())).collect();
         self.wake_followers(&pairs).await;
+        self.transfer_all(&pairs);
         let total = led.len();
         let my_id = self.my_id;
         loop {
@@ -490,6 +493,46 @@ impl ClusterNode {
             });
         }
         (total, still)
+    }
+
+    /// Hands each of `led` to its most caught-up follower on a serving member at once, as
+    /// the balancer does (the writes are held already, so a follower holds the whole log
+    /// within a round trip): a few milliseconds instead of an election timeout. A group
+    /// whose transfer fails changes leader when its followers time out.
+    fn transfer_all(self: &Arc<Self>, led: &[(PartitionId, Raft<TypeConfig>)]) {
+        let serving: std::collections::HashSet<String> = {
+            let metas = self.metas.borrow();
+            self.live_names()
+                .into_iter()
+                .filter(|n| {
+                    *n != self.me && metas.get(n).is_none_or(|m| m.state != NodeState::Draining)
+                })
+                .collect()
+        };
+        for (partition, raft) in led {
+            if *partition == META_GROUP {
+                continue;
+            }
+            let m = raft.metrics().borrow().clone();
+            let target = m
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != self.my_id)
+                .filter_map(|(id, matched)| {
+                    Some((self.name_of(*id)?, matched.as_ref().map(|l| l.index)))
+                })
+                .filter(|(name, _)| serving.contains(name))
+                .max_by_key(|(_, matched)| *matched)
+                .map(|(name, _)| name);
+            let Some(target) = target else { continue };
+            let (node, partition) = (self.clone(), *partition);
+            tokio::spawn(async move {
+                if let Err(e) = node.transfer(partition, &target).await {
+                    tracing::debug!(partition, to = %target, "draining: no transfer ({e}); the followers elect on the silence");
+                }
+            });
+        }
     }
 
     /// Tells the other members this node is draining; returns its replicas' groups.
