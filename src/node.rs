@@ -76,7 +76,12 @@ pub async fn run(
         (Some(c), Some(k)) => Some(tcp::tls_acceptor(c, k)?),
         _ => None,
     };
-    let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone()));
+    let io_threads = crate::gateway::io::io_thread_count(config.limits.io_threads);
+    let io = Arc::new(
+        crate::gateway::io::IoThreads::start(io_threads)
+            .context("cannot start the threads that serve the client port")?,
+    );
+    let client_task = tokio::spawn(tcp::serve(client, gw.clone(), tls.clone(), io.clone()));
     let app = http::router(AppState {
         gw: gw.clone(),
         store: store.clone(),
@@ -111,7 +116,7 @@ pub async fn run(
         }
     });
 
-    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, drain_budget_ms = drain_budget(&config).as_millis() as u64, data_dir = %config.data_dir.display(), "warbler node ready");
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, io_threads, drain_budget_ms = drain_budget(&config).as_millis() as u64, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
     println!(
         "warbler ready node={} client={} http={} cluster={}",
@@ -149,6 +154,7 @@ pub async fn run(
     if let Some((node, _)) = &parts.cluster {
         let _ = tokio::time::timeout(DRAIN_GRACE, node.shutdown()).await;
     }
+    io.stop();
     tracing::info!("stopped");
     form_failed.map_or(Ok(()), Err)
 }

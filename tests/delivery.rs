@@ -516,3 +516,57 @@ async fn pipelined_publishes_to_one_user_keep_the_order_they_were_sent_in() {
         );
     }
 }
+
+/// The names of a process's threads (Linux).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The client port's connections run on `limits.io_threads` threads of their own, handed
+/// out in turn: connections on every one of them deliver, take acks and publish, while the
+/// mailboxes live on the node's other threads.
+#[tokio::test]
+async fn device_connections_are_served_on_the_configured_io_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &[("WARBLER_IO_THREADS", "3")], &[]);
+    // Six connections: two on each thread.
+    let mut phones = Vec::new();
+    for u in 0..6 {
+        phones.push(node.device(&format!("io-user-{u}"), "phone").await);
+    }
+    // A thread names itself once it runs: by now each has served a connection.
+    let io: Vec<String> = thread_names(node.pid())
+        .into_iter()
+        .filter(|n| n.starts_with("warbler-io-"))
+        .collect();
+    assert_eq!(io.len(), 3, "IO threads: {io:?}");
+    for (u, phone) in phones.iter_mut().enumerate() {
+        let user = format!("io-user-{u}");
+        for i in 1..=20u64 {
+            assert_eq!(node.publish(&user, &format!("{user}-{i}"), "hi").await, i);
+        }
+        let got = recv_n(phone, 20).await;
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>(),
+            "{user}"
+        );
+        phone.ack(20).await.unwrap();
+    }
+    // Publishing connections, one on each thread.
+    for p in 0..3 {
+        let mut publisher = node.publisher().await;
+        let user = format!("io-user-{p}");
+        let seq = publisher
+            .publish_wait(&format!("{user}-by-{p}"), &user, b"again")
+            .await
+            .unwrap();
+        assert_eq!(seq, 21, "{user}");
+        let got = recv_n(&mut phones[p], 1).await;
+        assert_eq!((got[0].seq, got[0].body.as_slice()), (21, &b"again"[..]));
+    }
+}

@@ -124,6 +124,9 @@ pub struct LimitsConfig {
     /// While draining, how long the node spreads its connections' `bye` over (each one at
     /// a random moment of the window), so devices do not all reconnect at once.
     pub lame_duck_ms: u64,
+    /// Threads that serve the client port's connections (each a single-threaded runtime;
+    /// a connection stays on one); 0 = one per four cores, at least one.
+    pub io_threads: u32,
     /// Open HTTP connections per node (WebSocket devices count under `connections_max`
     /// once upgraded), counted at accept.
     pub http_connections_max: u32,
@@ -301,6 +304,7 @@ impl Default for LimitsConfig {
             idle_timeout_ms: 180_000,
             slow_consumer_timeout_ms: 30_000,
             lame_duck_ms: 5_000,
+            io_threads: 0,
             http_connections_max: 4096,
             http_header_timeout_ms: 10_000,
             publish_rate: 0,
@@ -419,6 +423,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "limits.slow_consumer_timeout_ms",
     ),
     ("WARBLER_LAME_DUCK_MS", "limits.lame_duck_ms"),
+    ("WARBLER_IO_THREADS", "limits.io_threads"),
     ("WARBLER_PUBLISH_RATE", "limits.publish_rate"),
     ("WARBLER_PUBLISH_BURST", "limits.publish_burst"),
     ("WARBLER_PUBLISH_BYTES_RATE", "limits.publish_bytes_rate"),
@@ -574,6 +579,7 @@ impl Config {
                 self.limits.slow_consumer_timeout_ms = parse(value, "milliseconds")?
             }
             "limits.lame_duck_ms" => self.limits.lame_duck_ms = parse(value, "milliseconds")?,
+            "limits.io_threads" => self.limits.io_threads = parse(value, "a whole number")?,
             "limits.publish_rate" => self.limits.publish_rate = parse(value, "messages/s")?,
             "limits.publish_burst" => self.limits.publish_burst = parse(value, "messages")?,
             "limits.publish_bytes_rate" => {
@@ -749,6 +755,7 @@ impl Config {
             3_600_000,
         )?;
         range("limits.lame_duck_ms", l.lame_duck_ms, 0, 600_000)?;
+        range("limits.io_threads", u64::from(l.io_threads), 0, 256)?;
         range(
             "limits.idle_timeout_ms",
             l.idle_timeout_ms,

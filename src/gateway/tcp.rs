@@ -17,6 +17,7 @@ use warbler_actors::{OutReceiver, Outbox, WakeDeferral};
 use warbler_client::codec::CodecError;
 use warbler_client::FrameCodec;
 
+use super::io::IoThreads;
 use super::Gateway;
 use crate::listener::{tune, Refusals};
 
@@ -69,7 +70,12 @@ static REFUSALS: Refusals = Refusals::new("client");
 /// Accepts connections until the gateway shuts down. A connection takes its slot of
 /// `limits.connections_max` at accept, before any handshake, and must finish TLS within
 /// `limits.tls_handshake_timeout_ms`.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    tls: Option<TlsAcceptor>,
+    io: Arc<IoThreads>,
+) {
     let handshake = Duration::from_millis(gw.limits.tls_handshake_timeout_ms);
     let keepalive = crate::listener::keepalive_idle(gw.limits.ping_interval_ms);
     loop {
@@ -94,14 +100,30 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
             }
         }
         tune(&stream, keepalive);
+        // The connection lives on an IO thread: its socket leaves this runtime's reactor
+        // and joins that thread's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand a connection to an IO thread");
+                continue;
+            }
+        };
+        let gw = gw.clone();
         let Some(acceptor) = tls.clone() else {
-            tokio::spawn(handle(stream, gw.clone(), "tcp", slot));
+            io.spawn(async move {
+                if let Some(stream) = on_this_thread(stream) {
+                    handle(stream, gw, "tcp", slot).await
+                }
+            });
             continue;
         };
         // Each kind of connection is its own task, sized for what it holds: a plain one
         // does not carry room for a TLS session.
-        let gw = gw.clone();
-        tokio::spawn(async move {
+        io.spawn(async move {
+            let Some(stream) = on_this_thread(stream) else {
+                return;
+            };
             match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => handle(s, gw, "tls", slot).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -112,6 +134,15 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
             }
         });
     }
+}
+
+/// `stream` registered with the reactor of the thread this runs on.
+fn on_this_thread(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
+    tokio::net::TcpStream::from_std(stream)
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot register a connection on its IO thread"),
+        )
+        .ok()
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
