@@ -2198,16 +2198,22 @@ async fn cluster_scale_decommissions_the_highest_ordinal_then_runs_the_operator_
         counter(&cluster.nodes[3], "warbler_stale_disk_wipes_total").await,
         1
     );
-    wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
-    let v = cluster.nodes[3].status().await.expect("n3 answers");
-    assert!(
-        v.members.iter().any(|m| m.node == "n3" && m.member),
-        "{v:?}"
-    );
-    assert!(
-        v.replicas_held.unwrap() > 0,
-        "the ring gives n3 replicas again"
-    );
+    // Settled alone is not enough: right after the rejoin the placement may not name n3
+    // yet, and a placement without n3 is trivially settled.
+    let start = Instant::now();
+    loop {
+        wait_settled(&cluster, &[0, 1, 2, 3], Duration::from_secs(180)).await;
+        let v = cluster.nodes[3].status().await.expect("n3 answers");
+        let member = v.members.iter().any(|m| m.node == "n3" && m.member);
+        if member && v.replicas_held.unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the ring gives n3 no replicas again (member: {member}): {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     for u in 0..5 {
         let seqs = seqs_of(&cluster.nodes[3], &format!("scale-{u}")).await;
         assert_eq!(seqs, [1, 2, 3, 4], "scale-{u} read through the rejoined n3");
