@@ -1789,6 +1789,19 @@ async fn a_replica_whose_storage_fails_exits_and_catches_up_after_a_restart() {
     }
 }
 
+/// The lame-duck window of the drain tests' clusters.
+const LAME_DUCK_MS: u64 = 4_000;
+
+/// Three nodes whose connections say `bye` over [`LAME_DUCK_MS`] when they drain.
+async fn start_lame_duck_cluster() -> Cluster {
+    let lame_duck = LAME_DUCK_MS.to_string();
+    Cluster::start_with(
+        3,
+        tempfile::tempdir().unwrap(),
+        &[("WARBLER_LAME_DUCK_MS", lame_duck.as_str())],
+    )
+    .await
+}
 /// SIGTERM on a node that leads partitions and holds devices: it stops being ready at once,
 /// the other replicas take over every partition it led while it is still running (and a
 /// publish to one of them goes through a survivor), its devices are told `bye` spread over
@@ -1796,14 +1809,7 @@ async fn a_replica_whose_storage_fails_exits_and_catches_up_after_a_restart() {
 /// budget — what Kubernetes' `terminationGracePeriodSeconds` is sized from (docs/deploy.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_leaderships_over_then_says_bye_over_the_lame_duck_window() {
-    const LAME_DUCK_MS: u64 = 4_000;
-    let lame_duck = LAME_DUCK_MS.to_string();
-    let mut cluster = Cluster::start_with(
-        3,
-        tempfile::tempdir().unwrap(),
-        &[("WARBLER_LAME_DUCK_MS", lame_duck.as_str())],
-    )
-    .await;
+    let mut cluster = start_lame_duck_cluster().await;
     let led_by = |v: &ClusterStatus, name: &str| -> Vec<usize> {
         v.partitions
             .iter()
@@ -1958,14 +1964,7 @@ async fn sigterm_hands_leaderships_over_then_says_bye_over_the_lame_duck_window(
 /// is lost, and the publishes go on at the new leader before the node exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_leader_hands_its_busy_partition_over_before_it_exits() {
-    const LAME_DUCK_MS: u64 = 4_000;
-    let lame_duck = LAME_DUCK_MS.to_string();
-    let mut cluster = Cluster::start_with(
-        3,
-        tempfile::tempdir().unwrap(),
-        &[("WARBLER_LAME_DUCK_MS", lame_duck.as_str())],
-    )
-    .await;
+    let mut cluster = start_lame_duck_cluster().await;
     let outcomes: Outcomes = Arc::default();
     let (stop, clients, tasks) = start_publishers(&cluster, &outcomes, 6);
     let hot_partition = warbler_cluster::partition_of(HOT, 64) as usize;

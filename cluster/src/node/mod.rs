@@ -58,6 +58,20 @@ struct Handing {
     _hold: Option<crate::raft_log::Hold>,
 }
 
+impl Handing {
+    /// Drops the holds of the groups whose leadership has moved (their queued writes then
+    /// fail over), looking every 50 ms until none is left or `until`.
+    async fn release_moved(led: &mut Vec<Handing>, my_id: u64, until: tokio::time::Instant) {
+        loop {
+            led.retain(|h| group_view(&h.raft, my_id).leading);
+            if led.is_empty() || tokio::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Where partitions live, as this node sees it.
 #[derive(Default)]
 pub(crate) struct Placement {
@@ -470,14 +484,7 @@ impl ClusterNode {
         self.transfer_all(&pairs);
         let total = led.len();
         let my_id = self.my_id;
-        loop {
-            // Dropping a moved group's hold lets its queued writes fail over.
-            led.retain(|h| group_view(&h.raft, my_id).leading);
-            if led.is_empty() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        Handing::release_moved(&mut led, my_id, deadline).await;
         let still = led.len();
         metrics::counter!("warbler_leaderships_handed_over_total")
             .increment((total - still) as u64);
@@ -486,10 +493,7 @@ impl ClusterNode {
             // or the node stops.
             tokio::spawn(async move {
                 let until = tokio::time::Instant::now() + HOLD_AFTER_BUDGET;
-                while !led.is_empty() && tokio::time::Instant::now() < until {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    led.retain(|h| group_view(&h.raft, my_id).leading);
-                }
+                Handing::release_moved(&mut led, my_id, until).await;
             });
         }
         (total, still)
