@@ -541,7 +541,10 @@ async fn device_connections_are_served_on_the_configured_io_threads() {
     // A thread names itself once it runs: by now each has served a connection.
     let io: Vec<String> = thread_names(node.pid())
         .into_iter()
-        .filter(|n| n.starts_with("warbler-io-"))
+        .filter(|n| {
+            n.strip_prefix("warbler-io-")
+                .is_some_and(|i| i.parse::<usize>().is_ok())
+        })
         .collect();
     assert_eq!(io.len(), 3, "IO threads: {io:?}");
     for (u, phone) in phones.iter_mut().enumerate() {
@@ -569,4 +572,94 @@ async fn device_connections_are_served_on_the_configured_io_threads() {
         let got = recv_n(&mut phones[p], 1).await;
         assert_eq!((got[0].seq, got[0].body.as_slice()), (21, &b"again"[..]));
     }
+}
+
+/// `warbler_connection_moves_total{to="<to>"}` on `node`.
+async fn connection_moves(node: &Node, to: &str) -> u64 {
+    let (_, text) = node
+        .http("GET", "/metrics", Some(&token("prometheus", "ops")), "")
+        .await;
+    let prefix = format!("warbler_connection_moves_total{{to=\"{to}\"}} ");
+    text.as_str()
+        .unwrap_or("")
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// Sends a ping and waits for its pong.
+async fn ping(conn: &mut Connection, n: u64) {
+    conn.send(Frame::Ping { n }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), conn.recv())
+        .await
+        .unwrap_or_else(|_| panic!("ping {n} was never answered"));
+    match answer.unwrap() {
+        Frame::Pong { n: got } => assert_eq!(got, n),
+        other => panic!("expected pong {n}, got {other:?}"),
+    }
+}
+
+/// A connection that says only pings is quiet: its socket is watched by the thread that
+/// looks at the quiet ones every 50 ms (`gateway::io`). A delivery, or any other frame,
+/// moves it back to its IO thread. Through twenty moves each way, every message reaches
+/// the device once and in order, and a publish the device sends in a quiet spell is read
+/// and answered.
+#[tokio::test]
+async fn quiet_connections_move_between_watchers_without_losing_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let mut phone = Connection::connect(ConnectOptions::new(
+        &node.client,
+        token("quiet-user", "device publish"),
+        "phone",
+    ))
+    .await
+    .unwrap();
+    let quiet_before = connection_moves(&node, "quiet").await;
+    let busy_before = connection_moves(&node, "busy").await;
+    for round in 1..=10u64 {
+        // Quiet: a delivery is written at once, and the socket moves back.
+        ping(&mut phone, round).await;
+        assert_eq!(
+            node.publish("quiet-user", &format!("q-{round}"), "hi")
+                .await,
+            round
+        );
+        let got = tokio::time::timeout(Duration::from_secs(10), recv_n(&mut phone, 1))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the delivery to a quiet device never came"));
+        assert_eq!(
+            (got[0].seq, got[0].id.as_str()),
+            (round, format!("q-{round}").as_str())
+        );
+        phone.ack(round).await.unwrap();
+        // Quiet again: the device's own publish is read from the quiet watcher.
+        ping(&mut phone, 100 + round).await;
+        let seq = tokio::time::timeout(
+            Duration::from_secs(10),
+            phone.publish_wait(&format!("from-quiet-{round}"), "quiet-peer", b"x"),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("round {round}: a publish sent in a quiet spell was never answered")
+        })
+        .unwrap();
+        assert_eq!(seq, round);
+    }
+    let to_quiet = connection_moves(&node, "quiet").await - quiet_before;
+    let to_busy = connection_moves(&node, "busy").await - busy_before;
+    // Each round moves it back twice (the delivery, the publish) and to the quiet watcher
+    // twice (the pings), except the first ping: a new connection is quiet from the start.
+    assert!(
+        to_quiet >= 19 && to_busy >= 20,
+        "the socket moved {to_quiet} times to the quiet watcher and {to_busy} back; expected at least 19 and 20"
+    );
+    let ids: Vec<String> = node
+        .history("quiet-user")
+        .await
+        .into_iter()
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(ids, (1..=10).map(|r| format!("q-{r}")).collect::<Vec<_>>());
 }

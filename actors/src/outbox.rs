@@ -11,7 +11,7 @@
 //! while a burst is written; a drained queue that grew large is released.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -87,10 +87,6 @@ struct State {
     signals: u8,
     /// The writer, when it waits for something to write.
     writer: Option<Waker>,
-    /// The writer is polled right after the current poll of the connection's reading side
-    /// (they share one task): a frame queued meanwhile needs no wake, which would only make
-    /// the task yield and call in another worker thread.
-    wake_deferred: bool,
 }
 
 /// See the module documentation.
@@ -100,6 +96,15 @@ pub struct Outbox {
     /// window instead).
     cap: usize,
     state: Mutex<State>,
+    /// The writer is polled right after the current poll of the connection's reading side
+    /// (they share one task): a frame queued meanwhile needs no wake, which would only make
+    /// the task yield and call in another worker thread. Read under the state's lock; set
+    /// outside it, so the two calls per poll take no lock. A sender that saw it set pushed
+    /// under the lock before the writer's next look at the queue, which locks too.
+    wake_deferred: AtomicBool,
+    /// Set while the connection is quiet (see [`OutSender::set_quiet`]); cleared by every
+    /// delivery. Whoever watches the socket reads it.
+    quiet: Option<Arc<AtomicBool>>,
     /// Senders wait here for room, or for the writer to stop.
     changed: Notify,
     /// The session waits here for a signal.
@@ -117,6 +122,15 @@ pub fn next_session_id() -> u64 {
 impl Outbox {
     /// A new queue: its first sender, and the writer's end.
     pub fn channel(cap: usize) -> (OutSender, OutReceiver) {
+        Outbox::channel_with_quiet(cap, None)
+    }
+
+    /// A new queue whose connection's quiet spells are told through `quiet`: set by the
+    /// connection ([`OutSender::set_quiet`]), cleared by every delivery.
+    pub fn channel_with_quiet(
+        cap: usize,
+        quiet: Option<Arc<AtomicBool>>,
+    ) -> (OutSender, OutReceiver) {
         let outbox = Arc::new(Outbox {
             id: next_session_id(),
             cap,
@@ -124,6 +138,8 @@ impl Outbox {
                 senders: 1,
                 ..State::default()
             }),
+            wake_deferred: AtomicBool::new(false),
+            quiet,
             changed: Notify::new(),
             signaled: Notify::new(),
         });
@@ -153,12 +169,12 @@ impl Outbox {
     fn push(&self, s: &mut State, out: Out) {
         s.queue.push_back(out);
         if s.queue.len() == 1 {
-            Self::wake_writer(s);
+            self.wake_writer(s);
         }
     }
 
-    fn wake_writer(s: &mut State) {
-        if !s.wake_deferred {
+    fn wake_writer(&self, s: &mut State) {
+        if !self.wake_deferred.load(Ordering::SeqCst) {
             if let Some(w) = s.writer.take() {
                 w.wake();
             }
@@ -189,6 +205,9 @@ impl Outbox {
 
     /// Committed messages for this connection, in seq order. `Err`: the session is over.
     pub fn deliver(&self, batch: Vec<Committed>) -> Result<(), Closed> {
+        if let Some(quiet) = &self.quiet {
+            quiet.store(false, Ordering::Relaxed);
+        }
         let mut s = self.lock();
         if s.writer_gone || s.session_over {
             return Err(Closed);
@@ -248,7 +267,7 @@ impl Drop for OutSender {
         let mut s = self.0.lock();
         s.senders -= 1;
         if s.senders == 0 {
-            Outbox::wake_writer(&mut s);
+            self.0.wake_writer(&mut s);
         }
     }
 }
@@ -274,6 +293,14 @@ impl OutSender {
         }
         self.0.push(&mut s, Out::Frame(frame));
         Ok(())
+    }
+
+    /// Says whether the connection is quiet: only pings since the last sign of life. A
+    /// delivery ends a quiet spell too.
+    pub fn set_quiet(&self, on: bool) {
+        if let Some(quiet) = &self.0.quiet {
+            quiet.store(on, Ordering::Relaxed);
+        }
     }
 
     /// Resolves once the writer stopped (the socket failed, or the client stopped reading).
@@ -406,7 +433,7 @@ impl WakeDeferral {
     /// Defers wakes (`true`) until called with `false`; call `false` before polling the
     /// writer.
     pub fn defer(&self, on: bool) {
-        self.0.lock().wake_deferred = on;
+        self.0.wake_deferred.store(on, Ordering::SeqCst);
     }
 }
 

@@ -330,31 +330,51 @@ impl Gateway {
         // The highest ack handed to the session: repeats are dropped here.
         let mut forwarded = 0u64;
         // When this connection says bye: a random point of the lame-duck window.
-        let mut bye_at: Option<tokio::time::Instant> = None;
+        let mut bye_at: Option<Instant> = None;
+        // What the loop waits on lives across its rounds: a frame (a ping, an ack) then
+        // moves one deadline forward instead of making and dropping a timer and three
+        // waiter registrations each time round.
+        let closed = out.closed();
+        let bye = self.bye.cancelled();
+        let signals = out.signals();
+        let timer = tokio::time::sleep_until(heard + ping_after);
+        tokio::pin!(closed, bye, signals, timer);
+        // A device that has just connected waits for messages: quiet until it says
+        // something or is delivered to.
+        out.set_quiet(true);
         loop {
-            let wake_at = heard + if pinged { idle_after } else { ping_after };
+            // The one timer serves the ping, the idle timeout and the bye.
+            let mut wake_at = heard + if pinged { idle_after } else { ping_after };
+            if let Some(at) = bye_at {
+                wake_at = wake_at.min(at);
+            }
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
             let frame = tokio::select! {
+                biased;
                 // The writer gave up (a slow consumer, or the socket failed).
-                _ = out.closed() => return,
-                signals = out.signals(), if device.is_some() => {
+                _ = &mut closed => return,
+                raised = &mut signals, if device.is_some() => {
+                    signals.set(out.signals());
                     let session = device.as_mut().expect("checked by the guard");
-                    if let Some(last) = Box::pin(session.on_signals(signals)).await {
+                    if let Some(last) = Box::pin(session.on_signals(raised)).await {
                         let _ = out.send(last).await;
                         return;
                     }
                     continue;
                 }
-                _ = self.bye.cancelled(), if bye_at.is_none() => {
-                    bye_at = Some(tokio::time::Instant::now() + lame_duck_delay(self.limits.lame_duck_ms));
+                _ = &mut bye, if bye_at.is_none() => {
+                    bye_at = Some(Instant::now() + lame_duck_delay(self.limits.lame_duck_ms));
                     continue;
                 }
-                _ = tokio::time::sleep_until(bye_at.unwrap_or_else(tokio::time::Instant::now)), if bye_at.is_some() => {
-                    let bye = Frame::Bye { reason: "node is shutting down; reconnect to another node".into(), retry_ms: BYE_RETRY_MS };
-                    let _ = out.send(bye).await;
-                    metrics::counter!("warbler_drain_byes_total").increment(1);
-                    return;
-                }
-                _ = tokio::time::sleep_until(wake_at) => {
+                _ = &mut timer => {
+                    if bye_at.is_some_and(|at| at <= Instant::now()) {
+                        let bye = Frame::Bye { reason: "node is shutting down; reconnect to another node".into(), retry_ms: BYE_RETRY_MS };
+                        let _ = out.send(bye).await;
+                        metrics::counter!("warbler_drain_byes_total").increment(1);
+                        return;
+                    }
                     if pinged {
                         let msg = format!("nothing received for {} ms; send a ping (or answer the server's) at least every {} ms", self.limits.idle_timeout_ms, self.limits.ping_interval_ms);
                         let _ = out.try_send(Frame::error(ErrorCode::IdleTimeout, msg, None));
@@ -370,6 +390,12 @@ impl Gateway {
             };
             heard = Instant::now();
             pinged = false;
+            // Only pings since the last sign of life: the socket is watched with the other
+            // quiet ones (see `gateway::io`); anything else moves it back.
+            out.set_quiet(matches!(
+                frame,
+                Some(Ok(Frame::Ping { .. } | Frame::Pong { .. }))
+            ));
             match frame {
                 None | Some(Err(CodecError::Io(_))) => return,
                 Some(Err(CodecError::Decode(e))) => {

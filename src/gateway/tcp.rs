@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use warbler_actors::{OutReceiver, Outbox, WakeDeferral};
 use warbler_client::codec::CodecError;
 use warbler_client::FrameCodec;
 
-use super::io::IoThreads;
+use super::io::{IoThreads, Watched};
 use super::Gateway;
 use crate::listener::{tune, Refusals};
 
@@ -110,10 +111,11 @@ pub async fn serve(
             }
         };
         let gw = gw.clone();
+        let quiet_watcher = io.quiet_handle();
         let Some(acceptor) = tls.clone() else {
             io.spawn(async move {
-                if let Some(stream) = on_this_thread(stream) {
-                    handle(stream, gw, "tcp", slot).await
+                if let Some((stream, quiet)) = on_this_thread(stream, quiet_watcher) {
+                    handle(stream, gw, "tcp", slot, quiet).await
                 }
             });
             continue;
@@ -121,11 +123,11 @@ pub async fn serve(
         // Each kind of connection is its own task, sized for what it holds: a plain one
         // does not carry room for a TLS session.
         io.spawn(async move {
-            let Some(stream) = on_this_thread(stream) else {
+            let Some((stream, quiet)) = on_this_thread(stream, quiet_watcher) else {
                 return;
             };
             match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => handle(s, gw, "tls", slot).await,
+                Ok(Ok(s)) => handle(s, gw, "tls", slot, quiet).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => {
                     REFUSALS.refused("tls_handshake_timeout");
@@ -136,13 +138,19 @@ pub async fn serve(
     }
 }
 
-/// `stream` registered with the reactor of the thread this runs on.
-fn on_this_thread(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
-    tokio::net::TcpStream::from_std(stream)
+/// `stream` registered with the reactor of the thread this runs on, and moved to
+/// `quiet_watcher`'s while the connection is quiet (the flag returned).
+fn on_this_thread(
+    stream: std::net::TcpStream,
+    quiet_watcher: tokio::runtime::Handle,
+) -> Option<(Watched, Arc<AtomicBool>)> {
+    let stream = tokio::net::TcpStream::from_std(stream)
         .inspect_err(
             |e| tracing::warn!(error = %e, "cannot register a connection on its IO thread"),
         )
-        .ok()
+        .ok()?;
+    let quiet = Arc::new(AtomicBool::new(false));
+    Some((Watched::new(stream, quiet.clone(), quiet_watcher), quiet))
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
@@ -150,6 +158,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     gw: Arc<Gateway>,
     transport: &'static str,
     slot: Option<OwnedSemaphorePermit>,
+    quiet: Arc<AtomicBool>,
 ) {
     let (r, w) = tokio::io::split(stream);
     let codec = FrameCodec::new(gw.limits.max_frame_bytes);
@@ -161,7 +170,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     // Per-frame decode errors arrive as items; flatten them into the gateway's stream.
     let frames = FramedRead::with_capacity(r, decoder, READ_BUFFER_BYTES)
         .map(|item| item.and_then(|frame| frame.map_err(CodecError::Decode)));
-    let (tx, rx) = Outbox::channel(gw.writer_queue());
+    let (tx, rx) = Outbox::channel_with_quiet(gw.writer_queue(), Some(quiet));
     let stall = Duration::from_millis(gw.limits.slow_consumer_timeout_ms);
     let deferral = rx.wake_deferral();
     one_task(
