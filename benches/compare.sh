@@ -6,6 +6,7 @@
 #
 #   bash benches/compare.sh                 # the documented size (15 min 38 s here)
 #   USERS=200 DURATION=5 IDLE=2000 CLUSTER_DEVICES=3000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
+#   IDLE_ONLY=1 bash benches/compare.sh     # only memory per idle connection beside NATS (4 min)
 #
 # Knobs: USERS (1000), DEVICES per user (2), PUBLISHERS (4), PROCS load processes (2),
 # DURATION s per run (10), BODY bytes (256), IDLE connections (17000; a node accepts 18,000 by default),
@@ -25,6 +26,7 @@ IDLE="${IDLE:-17000}"
 CLUSTER_DEVICES="${CLUSTER_DEVICES:-50000}"
 STORM="${STORM:-10000}"
 MICRO="${MICRO:-1}"
+IDLE_ONLY="${IDLE_ONLY:-0}"   # 1: only the memory per idle connection, printed; no docs written
 PROFILE="${PROFILE:-1}"
 started=$(date +%s)
 
@@ -111,7 +113,9 @@ start_nats() { # a 3-node JetStream cluster on loopback; $1 = "tls" for TLS on t
             echo "max_connections: 64000"
             echo "jetstream { store_dir: \"$work/nats$i\", max_file_store: 20G, max_memory_store: 1G }"
             echo "cluster { name: bench, listen: 127.0.0.1:1762$i, routes: [nats-route://127.0.0.1:17621, nats-route://127.0.0.1:17622, nats-route://127.0.0.1:17623] }"
-            if [ "${1:-}" = tls ]; then echo "tls { cert_file: \"$work/tls.pem\", key_file: \"$work/tls.key\" }"; fi
+            # The handshake timeout of Warbler's client port (10 s): with NATS's shorter default,
+            # the idle run's 17,000 TLS connections failed once ("broken pipe" at connect).
+            if [ "${1:-}" = tls ]; then echo "tls { cert_file: \"$work/tls.pem\", key_file: \"$work/tls.key\", timeout: 10 }"; fi
         } > "$work/nats$i.conf"
         nats-server -c "$work/nats$i.conf" > "$work/nats$i.out" 2>&1 &
         NATS_PIDS+=($!)
@@ -177,6 +181,7 @@ max_of() { local v="MAX_${1//-/_}"; echo "${!v}"; }
 NATS1=(nats 127.0.0.1:17421 --nats-replicas 1 --nats-tag n1)
 NATS3=(nats 127.0.0.1:17421,127.0.0.1:17422,127.0.0.1:17423 --nats-replicas 3)
 
+if [ "$IDLE_ONLY" = 0 ]; then
 # Group 1: one node. Warbler single node, NATS JetStream R1 (the stream on one server of the
 # 3-node cluster, clients on that server), Mosquitto.
 start_warbler 1; system_runs warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
@@ -204,6 +209,7 @@ pair warbler-1 mosquitto
 pair warbler-3 nats-r3
 profile warbler-1 1
 profile warbler-3 3
+fi
 
 # --- memory per idle connection ----------------------------------------------------------
 # idle SYSTEM TLS(on|off) ADDR PID: IDLE connections over 2 client processes, RSS growth of PID
@@ -238,6 +244,17 @@ for tls in off on; do
     unset WARBLER_TLS_CERT_FILE WARBLER_TLS_KEY_FILE
     start_nats "$([ $tls = on ] && echo tls || echo plain)"; idle nats $tls 127.0.0.1:17421 "${NATS_PIDS[0]}"; stop_nats
 done
+
+if [ "$IDLE_ONLY" != 0 ]; then
+    python3 -c "
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    n = max(r['connections'], 1)
+    print(f\"{r['system']} tls={r['tls']}: {r['connections']} of {r['requested']}, {(r['rss_after_kib'] - r['rss_before_kib']) * 1024 // n} bytes per connection\")
+" "$OUT/idle.jsonl"
+    exit 0
+fi
 
 # --- connection scale of a 3-node cluster, and a reconnect storm ----------------------------
 DEVICES="$CLUSTER_DEVICES" STORM="$STORM" bash benches/connections.sh | tee "$OUT/connections.txt" >&2
