@@ -15,7 +15,7 @@ import sys
 BEGIN = "<!-- chaos-results: begin (written by chaos/report.py; edit the script, not this) -->"
 END = "<!-- chaos-results: end -->"
 ANOMALIES = ["lost", "unexpected", "duplicate_assignments", "seq_reuse", "order_violations",
-             "gaps", "real_time_violations", "undrained_devices"]
+             "gaps", "real_time_violations", "send_order_violations", "undrained_devices"]
 
 
 def load(pattern):
@@ -60,7 +60,7 @@ def scenario_table(runs):
         c = [r["check"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
         valid = sum(1 for x in c if x["valid"])
-        anomalies = sum(x[k] for x in c for k in ANOMALIES)
+        anomalies = sum(x.get(k, 0) for x in c for k in ANOMALIES)
         faults = [f for x in c for f in x["faults"]]
         lines.append(
             f"| {name} | {len(rs)} ({seeds}) | **{valid}/{len(rs)}** "

@@ -31,6 +31,7 @@ done
 "$chaos" run chaos/scenarios/kill-hot-leader.toml --bug ack-before-commit --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
 "$chaos" run chaos/scenarios/ci-short.toml --bug skip-seq --seed "$SEED" --out "$OUT/bugs" --net "$NET" || true
 "$chaos" run chaos/scenarios/sts-backup-restore.toml --bug backup-without-cursors --seed "$SEED" --out "$OUT/bugs" "${extra[@]}" || true
+"$chaos" run chaos/scenarios/overload.toml --bug unchained-publishes --seed "$SEED" --out "$OUT/bugs" --duration 20 --net "$NET" || true
 took=$(( $(date +%s) - start ))
 cmd="make chaos"
 if [ "$NET" != auto ]; then cmd="NET=$NET make chaos"; fi

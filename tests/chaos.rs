@@ -79,3 +79,44 @@ async fn a_build_whose_sessions_skip_seqs_is_caught() {
         0
     );
 }
+
+/// Open loop past saturation (chaos/scenarios/overload.toml, shortened): the hot leader
+/// refuses with `overloaded`, publishers resend go-back-N, and the kill and the pause of
+/// that leader break no invariant, send order per publisher included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_past_saturation_is_refused_in_order_and_breaks_no_invariant() {
+    let r = chaos("overload", "chaos-overload", None, Some(16.0)).await;
+    let c = &r.check;
+    assert!(r.skipped.is_empty(), "faults not injected: {:?}", r.skipped);
+    assert!(
+        c.overloaded > 0,
+        "6,000 publishes/s offered never made a leader refuse ({} acknowledged)",
+        c.acknowledged
+    );
+    assert!(
+        c.acknowledged > 1000 && c.delivered >= c.acknowledged,
+        "the workload ran: {} acknowledged, {} delivered",
+        c.acknowledged,
+        c.delivered
+    );
+    assert!(c.valid, "anomalies: {:?}", c.examples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_takes_publishes_out_of_their_send_order_is_caught() {
+    let r = chaos(
+        "overload",
+        "chaos-unchained",
+        Some("unchained-publishes"),
+        Some(12.0),
+    )
+    .await;
+    let c = &r.check;
+    assert!(
+        !c.valid && c.send_order_violations > 0,
+        "the checker missed a build that does not keep a connection's publishes in order \
+         ({} refused, {} send order violations)",
+        c.overloaded,
+        c.send_order_violations
+    );
+}

@@ -19,6 +19,10 @@ pub enum Bug {
     /// A partition's backup leaves out the devices' cursors: after a restore, devices are
     /// sent again everything they had acknowledged.
     BackupWithoutCursors = 3,
+    /// A connection hands every publish on at once, neither after the one before it to the
+    /// same user nor refused behind a refused one: under overload, a publish sent after a
+    /// refused one is stored before the refused one comes again.
+    UnchainedPublishes = 4,
 }
 
 static ACTIVE: AtomicU8 = AtomicU8::new(Bug::None as u8);
@@ -31,6 +35,7 @@ impl Bug {
             "ack-before-commit" => Ok(Bug::AckBeforeCommit),
             "skip-seq" => Ok(Bug::SkipSeq),
             "backup-without-cursors" => Ok(Bug::BackupWithoutCursors),
+            "unchained-publishes" => Ok(Bug::UnchainedPublishes),
             other => Err(UnknownBug(other.to_string())),
         }
     }
@@ -38,7 +43,7 @@ impl Bug {
 
 /// `WARBLER_CHAOS_BUG` names no known bug.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("WARBLER_CHAOS_BUG={0:?}: unknown bug; use ack-before-commit, skip-seq, backup-without-cursors or none")]
+#[error("WARBLER_CHAOS_BUG={0:?}: unknown bug; use ack-before-commit, skip-seq, backup-without-cursors, unchained-publishes or none")]
 pub struct UnknownBug(pub String);
 
 /// Turns a deliberate bug on for this process.
@@ -65,6 +70,10 @@ mod tests {
         assert_eq!(
             Bug::parse("backup-without-cursors"),
             Ok(Bug::BackupWithoutCursors)
+        );
+        assert_eq!(
+            Bug::parse("unchained-publishes"),
+            Ok(Bug::UnchainedPublishes)
         );
         assert_eq!(Bug::parse(""), Ok(Bug::None));
         let e = Bug::parse("lose-everything").unwrap_err().to_string();

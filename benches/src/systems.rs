@@ -19,6 +19,7 @@ use clap::ValueEnum;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+use warbler_client::resend::GoBackN;
 use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
 
 /// How often an MQTT device connects again after a refused or failed connect.
@@ -327,76 +328,9 @@ fn publish_frame(name: &str, to: &str, k: u64, body: Vec<u8>) -> Frame {
     }
 }
 
-/// A Warbler publisher's publishes in flight and those it sends again. The server refuses
-/// a publish (`overloaded`) and then every later one to the same user on the connection
-/// that was in flight behind it; once all of a user's in-flight publishes are answered, the
-/// refused ones go again in their order, and new ones to that user wait behind them. So no
-/// device sees a number skipped or out of order because of a refusal.
-#[derive(Default)]
-struct Resend {
-    /// k → (user, due time, body), for every publish not acknowledged yet.
-    open: HashMap<u64, (usize, u64, Vec<u8>)>,
-    users: HashMap<usize, UserResend>,
-}
-
-#[derive(Default)]
-struct UserResend {
-    in_flight: usize,
-    /// Refused, or new behind refused ones: sent at the next flush, in k order.
-    held: std::collections::BTreeSet<u64>,
-    flush_planned: bool,
-}
-
-impl Resend {
-    /// A new publish: `true` to send it now, `false` when it waits behind refused ones.
-    fn send(&mut self, k: u64, user: usize, due_ns: u64, body: &[u8]) -> bool {
-        self.open.insert(k, (user, due_ns, body.to_vec()));
-        let u = self.users.entry(user).or_default();
-        if u.held.is_empty() {
-            u.in_flight += 1;
-            true
-        } else {
-            u.held.insert(k);
-            false
-        }
-    }
-
-    /// Acknowledged: its due time, and the user to flush if this was the last answer its
-    /// held publishes waited for.
-    fn acked(&mut self, k: u64) -> (Option<u64>, Option<usize>) {
-        let Some((user, due, _)) = self.open.remove(&k) else {
-            return (None, None);
-        };
-        (Some(due), self.answered(user))
-    }
-
-    /// Refused: the user to flush, if this was the last answer its held publishes waited for.
-    fn refused(&mut self, k: u64) -> Option<usize> {
-        let user = self.open.get(&k)?.0;
-        self.users.entry(user).or_default().held.insert(k);
-        self.answered(user)
-    }
-
-    fn answered(&mut self, user: usize) -> Option<usize> {
-        let u = self.users.get_mut(&user)?;
-        u.in_flight = u.in_flight.saturating_sub(1);
-        let due = u.in_flight == 0 && !u.held.is_empty();
-        (due && !std::mem::replace(&mut u.flush_planned, true)).then_some(user)
-    }
-
-    /// The user's held publishes, to send now in order.
-    fn flush(&mut self, user: usize) -> Vec<(u64, Vec<u8>)> {
-        let Some(u) = self.users.get_mut(&user) else {
-            return Vec::new();
-        };
-        u.flush_planned = false;
-        let held = std::mem::take(&mut u.held);
-        u.in_flight += held.len();
-        held.into_iter()
-            .filter_map(|k| self.open.get(&k).map(|(_, _, body)| (k, body.clone())))
-            .collect()
-    }
-}
+/// k → (user, (due time, body)) for every publish of a Warbler publisher not acknowledged
+/// yet.
+type Unanswered = GoBackN<usize, (u64, Vec<u8>)>;
 
 /// Connects publisher `index` and sends its plan; returns when the plan is done (answers
 /// still in flight keep arriving afterwards).
@@ -429,7 +363,7 @@ pub async fn run_publisher(
                     }
                 }
             });
-            let resend = Arc::new(Mutex::new(Resend::default()));
+            let resend: Arc<Mutex<Unanswered>> = Arc::default();
             let (resend2, stats2, frames2) = (resend.clone(), stats.clone(), frames.clone());
             let (users, name2) = (plan.users.clone(), name.clone());
             tokio::spawn(async move {
@@ -449,8 +383,8 @@ pub async fn run_publisher(
                             stats2.on_refused();
                             r.refused(k)
                         } else {
-                            let (due, flush) = r.acked(k);
-                            if let Some(due) = due {
+                            let (done, flush) = r.done(k);
+                            if let Some((due, _)) = done {
                                 stats2.on_ack(due);
                                 free.add_permits(1);
                             }
@@ -466,7 +400,13 @@ pub async fn run_publisher(
                         );
                         tokio::spawn(async move {
                             tokio::time::sleep(RESEND_AFTER).await;
-                            let again = resend.lock().unwrap().flush(user);
+                            let again: Vec<(u64, Vec<u8>)> = {
+                                let mut r = resend.lock().unwrap();
+                                let keys = r.flush(&user);
+                                keys.into_iter()
+                                    .filter_map(|k| r.get(k).map(|(_, (_, b))| (k, b.clone())))
+                                    .collect()
+                            };
                             for (k, body) in again {
                                 let _ = frames.send(publish_frame(&name, &users[user], k, body));
                             }
@@ -475,7 +415,10 @@ pub async fn run_publisher(
                 }
             });
             while let Some(s) = plan.next().await {
-                let send = resend.lock().unwrap().send(s.k, s.user, s.due_ns, &s.body);
+                let send = resend
+                    .lock()
+                    .unwrap()
+                    .send(s.k, s.user, (s.due_ns, s.body.clone()));
                 if send {
                     let frame = publish_frame(&name, &plan.users[s.user], s.k, s.body);
                     frames.send(frame).context("publisher connection lost")?;

@@ -87,6 +87,10 @@ pub struct Check {
     pub gaps: u64,
     /// Pairs where a publish acknowledged before another was first sent got the higher seq.
     pub real_time_violations: u64,
+    /// Publishes one publisher sent to one user (ids `p<publisher>-<n>`, n in send order)
+    /// whose seqs do not rise with n: the order a connection sent them in was not kept.
+    #[serde(default)]
+    pub send_order_violations: u64,
     /// Devices whose final read did not reach the end of their user's stream.
     pub undrained_devices: u64,
     pub latency: Latency,
@@ -355,6 +359,8 @@ pub fn check(events: &[Event]) -> Check {
         }
     }
 
+    send_order(events, &mut c);
+
     c.latency = latency(devices.values().map(|d| d.latencies.as_slice()));
     c.timeline = timeline(events, &ids);
     c.faults = fault_effects(events, &ids);
@@ -365,8 +371,47 @@ pub fn check(events: &[Event]) -> Check {
         && c.order_violations == 0
         && c.gaps == 0
         && c.real_time_violations == 0
+        && c.send_order_violations == 0
         && c.undrained_devices == 0;
     c
+}
+
+/// Per publisher and user, the acknowledged seqs must rise in the order the publisher
+/// numbered its ids (the order it first sent them), however many were in flight.
+fn send_order(events: &[Event], c: &mut Check) {
+    let mut sent: HashMap<(u32, &str), BTreeMap<u64, u64>> = HashMap::new();
+    for e in events {
+        if let Event::Publish {
+            publisher,
+            user,
+            id,
+            outcome: Outcome::Ok { seq },
+            ..
+        } = e
+        {
+            let n = id
+                .strip_prefix(&format!("p{publisher}-"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(n) = n {
+                sent.entry((*publisher, user)).or_default().insert(n, *seq);
+            }
+        }
+    }
+    let mut runs: Vec<_> = sent.into_iter().collect();
+    runs.sort_by_key(|((p, u), _)| (*p, *u));
+    for ((publisher, user), seqs) in runs {
+        let mut before: Option<(u64, u64)> = None;
+        for (n, seq) in seqs {
+            if let Some((m, s)) = before.filter(|&(_, s)| seq <= s) {
+                c.send_order_violations += 1;
+                note(
+                    c,
+                    format!("{user}: p{publisher}-{n} got seq {seq}, yet p{publisher}-{m}, sent before it, got {s}"),
+                );
+            }
+            before = Some((n, seq));
+        }
+    }
 }
 
 fn note(c: &mut Check, s: String) {

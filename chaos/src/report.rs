@@ -8,7 +8,7 @@ use crate::restore::RestoreCheck;
 /// A table of the checker's counts, the latency and what each fault did.
 pub fn summary(c: &Check) -> String {
     let mut s = String::new();
-    let rows: [(&str, u64, bool); 17] = [
+    let rows: [(&str, u64, bool); 18] = [
         ("attempted", c.attempted, false),
         ("acknowledged", c.acknowledged, false),
         ("attempts refused: overloaded", c.overloaded, false),
@@ -25,6 +25,7 @@ pub fn summary(c: &Check) -> String {
         ("order violations", c.order_violations, true),
         ("gaps", c.gaps, true),
         ("real-time order violations", c.real_time_violations, true),
+        ("send order violations", c.send_order_violations, true),
         ("devices not drained", c.undrained_devices, true),
     ];
     counts(&mut s, 2, &rows);

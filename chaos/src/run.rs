@@ -193,7 +193,7 @@ async fn drive(
     let publishers = (w.publishers_per_node * s.cluster.nodes) as u32;
     for k in 0..publishers {
         tasks.push(tokio::spawn(workload::publisher(
-            k,
+            (k, publishers),
             clients.clone(),
             w.clone(),
             opts.seed,

@@ -88,6 +88,14 @@ pub struct Workload {
     /// A publish not answered in this long has an unknown outcome and is retried.
     pub publish_timeout_ms: u64,
     pub body_bytes: usize,
+    /// Publishes offered per second by all publishers together, whatever the cluster
+    /// answers (open loop: each publisher keeps up to `window` unanswered and resends
+    /// refused ones go-back-N, docs/protocol.md "Order"). 0: closed loop, one publish at a
+    /// time per publisher with `think_ms` between them.
+    pub offered_per_s: f64,
+    /// Open loop: unanswered publishes one publisher keeps at most; while it is full, the
+    /// publishes the rate would offer are not made (not carried over).
+    pub window: usize,
 }
 
 impl Default for Workload {
@@ -101,6 +109,8 @@ impl Default for Workload {
             reconnect_mean_s: 8.0,
             publish_timeout_ms: 3000,
             body_bytes: 64,
+            offered_per_s: 0.0,
+            window: 256,
         }
     }
 }
@@ -281,6 +291,12 @@ impl Scenario {
             return Err(ScenarioError::from(
                 "workload.users, devices_per_user and publishers_per_node must be at least 1",
             ));
+        }
+        if !(w.offered_per_s >= 0.0 && w.offered_per_s.is_finite()) || w.window == 0 {
+            return Err(ScenarioError::from(format!(
+                "workload.offered_per_s = {} and window = {}: a rate of 0 (closed loop) or more, and a window of at least 1",
+                w.offered_per_s, w.window
+            )));
         }
         if !(0.0..=1.0).contains(&w.hot_share) {
             return Err(ScenarioError::from(format!(

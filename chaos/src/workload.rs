@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use warbler_client::{ClientError, ConnectOptions, Connection, Frame};
+use warbler_client::resend::GoBackN;
+use warbler_client::{ClientError, ConnectOptions, Connection, Frame, Sender};
 
 use crate::auth::token;
 use crate::history::{Event, Outcome, Recorder};
@@ -58,25 +59,48 @@ pub(crate) async fn connect(
     }
 }
 
-/// Publisher `k`: starts on node `k % nodes`, moves to the next node when its node fails.
+/// The user publisher `rng`'s next publish goes to.
+fn pick_user(rng: &mut StdRng, w: &Workload) -> String {
+    if w.users == 1 || rng.gen_bool(w.hot_share) {
+        HOT_USER.to_string()
+    } else {
+        format!("u{}", rng.gen_range(1..w.users))
+    }
+}
+
+/// Publisher `k` of `publishers`: starts on node `k % nodes`, moves to the next node when
+/// its node fails. Closed loop, or open loop when `workload.offered_per_s` is set.
 pub async fn publisher(
-    k: u32,
+    (k, publishers): (u32, u32),
     clients: Arc<Vec<String>>,
     w: Workload,
     seed: u64,
     rec: Recorder,
     stop: Arc<AtomicBool>,
 ) {
-    let mut rng = StdRng::seed_from_u64(seed ^ (0x9e37_79b9 * u64::from(k + 1)));
+    let rng = StdRng::seed_from_u64(seed ^ (0x9e37_79b9 * u64::from(k + 1)));
+    if w.offered_per_s > 0.0 {
+        let rate = w.offered_per_s / f64::from(publishers.max(1));
+        open_loop_publisher(k, rate, rng, clients, &w, &rec, &stop).await
+    } else {
+        closed_loop_publisher(k, rng, clients, &w, &rec, &stop).await
+    }
+}
+
+/// Publishes one message at a time, each retried with its id until it is answered.
+async fn closed_loop_publisher(
+    k: u32,
+    mut rng: StdRng,
+    clients: Arc<Vec<String>>,
+    w: &Workload,
+    rec: &Recorder,
+    stop: &AtomicBool,
+) {
     let mut node = k as usize % clients.len();
     let mut conn: Option<Connection> = None;
     let mut n = 0u64;
     'ids: while !stop.load(Ordering::Relaxed) {
-        let user = if w.users == 1 || rng.gen_bool(w.hot_share) {
-            HOT_USER.to_string()
-        } else {
-            format!("u{}", rng.gen_range(1..w.users))
-        };
+        let user = pick_user(&mut rng, w);
         let id = format!("p{k}-{n}");
         n += 1;
         let body = body_for(&id, w.body_bytes);
@@ -149,6 +173,230 @@ pub async fn publisher(
         if w.think_ms > 0 {
             tokio::time::sleep(Duration::from_millis(w.think_ms)).await;
         }
+    }
+}
+
+/// The pause the server's `overloaded` asks for before a refused publish goes again.
+const RESEND_AFTER_MS: f64 = 50.0;
+
+/// How often an open-loop publisher offers its next publishes and looks at its timers.
+const OPEN_LOOP_TICK: Duration = Duration::from_millis(10);
+
+/// One publish an open-loop publisher has not had answered for good.
+struct Pending {
+    id: String,
+    body: Vec<u8>,
+    attempt: u32,
+    /// When the current attempt was sent (ms into the run); `None` while it waits to be
+    /// sent again.
+    sent: Option<f64>,
+}
+
+/// An open-loop publisher's state that outlives its connections.
+struct OpenLoop {
+    k: u32,
+    rec: Recorder,
+    node: usize,
+    open: GoBackN<String, Pending>,
+}
+
+impl OpenLoop {
+    /// Records the end of `key`'s current attempt.
+    fn answered(&mut self, key: u64, outcome: Outcome) {
+        let now = self.rec.now();
+        let Some((user, p)) = self.open.get_mut(key) else {
+            return;
+        };
+        let Some(t) = p.sent.take() else { return };
+        self.rec.record(Event::Publish {
+            t,
+            end: now,
+            publisher: self.k,
+            node: self.node,
+            user: user.clone(),
+            id: p.id.clone(),
+            attempt: p.attempt,
+            outcome,
+        });
+    }
+
+    /// Every attempt in flight ends with an unknown outcome (`why`).
+    fn lost(&mut self, why: &str) {
+        let keys: Vec<u64> = self
+            .open
+            .iter_mut()
+            .filter(|(_, (_, p))| p.sent.is_some())
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.answered(key, Outcome::Unknown { why: why.into() });
+        }
+    }
+
+    /// Sends `keys` in this order as new attempts.
+    async fn send(&mut self, tx: &mut Sender, keys: &[u64]) -> Result<(), ClientError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for &key in keys {
+            let Some((user, p)) = self.open.get_mut(key) else {
+                continue;
+            };
+            p.attempt += 1;
+            p.sent = Some(self.rec.now());
+            tx.feed(Frame::Publish {
+                id: p.id.clone(),
+                to: user.clone(),
+                body: p.body.clone().into(),
+            })
+            .await?;
+        }
+        tx.flush().await
+    }
+}
+
+/// Publisher `k` in open loop (`workload.offered_per_s` > 0): offers `rate` publishes a
+/// second whatever the cluster answers, keeps up to `window` unanswered on its connection,
+/// and sends refused ones again go-back-N (docs/protocol.md, "Order"). A lost connection or
+/// an answer overdue by `publish_timeout_ms` ends every attempt in flight as unknown; every
+/// open publish then goes again, in order, through the next node. After `stop` it offers
+/// nothing new and waits up to `publish_timeout_ms` for the answers still due.
+async fn open_loop_publisher(
+    k: u32,
+    rate: f64,
+    mut rng: StdRng,
+    clients: Arc<Vec<String>>,
+    w: &Workload,
+    rec: &Recorder,
+    stop: &AtomicBool,
+) {
+    let timeout = w.publish_timeout_ms as f64;
+    let mut me = OpenLoop {
+        k,
+        rec: rec.clone(),
+        node: k as usize % clients.len(),
+        open: GoBackN::default(),
+    };
+    let mut n = 0u64;
+    let mut stopped_at: Option<f64> = None;
+    loop {
+        let now = rec.now();
+        if stop.load(Ordering::Relaxed) {
+            let since = *stopped_at.get_or_insert(now);
+            if me.open.is_empty() || now - since > timeout {
+                return;
+            }
+        }
+        let Some(conn) = connect(
+            &clients[me.node],
+            "chaos-backend",
+            "publish",
+            &format!("pub{k}"),
+        )
+        .await
+        else {
+            me.node = (me.node + 1) % clients.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (mut tx, mut rx) = conn.split();
+        let again = me.open.reconnected();
+        let mut why = me.send(&mut tx, &again).await.err().map(|e| e.to_string());
+        let mut tick = tokio::time::interval(OPEN_LOOP_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = rec.now();
+        let mut credit = 0.0f64;
+        let mut ticks = 0u64;
+        // Recipients whose refused publishes go again at the given time.
+        let mut flushes: Vec<(f64, String)> = Vec::new();
+        while why.is_none() {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let now = rec.now();
+                    let mut keys = Vec::new();
+                    flushes.retain(|(at, user)| {
+                        let due = *at <= now;
+                        if due {
+                            keys.extend(me.open.flush(user));
+                        }
+                        !due
+                    });
+                    if stop.load(Ordering::Relaxed) {
+                        let since = *stopped_at.get_or_insert(now);
+                        if me.open.is_empty() || now - since > timeout {
+                            why = Some("stopped".into());
+                            break;
+                        }
+                    } else {
+                        credit = (credit + rate * (now - last) / 1e3).min(w.window as f64);
+                        while credit >= 1.0 && me.open.len() < w.window {
+                            credit -= 1.0;
+                            let user = pick_user(&mut rng, w);
+                            let id = format!("p{k}-{n}");
+                            let body = body_for(&id, w.body_bytes);
+                            let pending = Pending { id, body, attempt: 0, sent: None };
+                            if me.open.send(n, user, pending) {
+                                keys.push(n);
+                            }
+                            n += 1;
+                        }
+                        if me.open.len() >= w.window {
+                            credit = credit.min(1.0);
+                        }
+                    }
+                    last = now;
+                    // Overdue answers are looked for every tenth tick: a whole window to scan.
+                    ticks += 1;
+                    let overdue = ticks.is_multiple_of(10)
+                        && me
+                            .open
+                            .iter_mut()
+                            .any(|(_, (_, p))| p.sent.is_some_and(|t| now - t > timeout));
+                    if overdue {
+                        why = Some("timeout".into());
+                    } else if let Err(e) = me.send(&mut tx, &keys).await {
+                        why = Some(e.to_string());
+                    }
+                }
+                got = rx.recv() => {
+                    let (id, refused) = match got {
+                        Ok(Frame::Published { id, seq, .. }) => (id, Ok(seq)),
+                        Err(ClientError::Server { code, id: Some(id), .. }) => (id, Err(code)),
+                        Ok(_) | Err(ClientError::Server { id: None, .. }) => continue,
+                        Err(e) => {
+                            why = Some(e.to_string());
+                            continue;
+                        }
+                    };
+                    let Some(key) = id.rsplit('-').next().and_then(|n| n.parse().ok()) else {
+                        continue;
+                    };
+                    let flush = match refused {
+                        Ok(seq) => {
+                            me.answered(key, Outcome::Ok { seq });
+                            me.open.done(key).1
+                        }
+                        Err(code) if DEFINITE.contains(&code.as_str()) => {
+                            me.answered(key, Outcome::Failed { code });
+                            me.open.done(key).1
+                        }
+                        Err(code) => {
+                            me.answered(key, Outcome::Unknown { why: code });
+                            me.open.refused(key)
+                        }
+                    };
+                    if let Some(user) = flush {
+                        flushes.push((rec.now() + RESEND_AFTER_MS, user));
+                    }
+                }
+            }
+        }
+        let why = why.unwrap_or_default();
+        me.lost(&why);
+        if why == "stopped" {
+            return;
+        }
+        me.node = (me.node + 1) % clients.len();
     }
 }
 

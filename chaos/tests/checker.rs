@@ -103,6 +103,7 @@ fn only(c: &Check, nonzero: &[&str]) {
         ("order_violations", c.order_violations),
         ("gaps", c.gaps),
         ("real_time_violations", c.real_time_violations),
+        ("send_order_violations", c.send_order_violations),
         ("undrained_devices", c.undrained_devices),
     ];
     for (name, v) in counts {
@@ -342,6 +343,51 @@ fn a_later_publish_with_a_lower_seq_breaks_real_time_order() {
         .deliver("u0/d0", 2, "early");
     let c = h.check();
     only(&c, &["real_time_violations"]);
+}
+
+/// Publishes sent together (open loop): all first sent at `t`, answered in `answers` order.
+fn in_flight(h: &mut H, publisher: u32, answers: &[(&str, u64)]) {
+    let t = h.tick();
+    for (i, (id, seq)) in answers.iter().enumerate() {
+        h.events.push(Event::Publish {
+            t,
+            end: t + 1.0 + i as f64,
+            publisher,
+            node: 0,
+            user: "u0".into(),
+            id: id.to_string(),
+            attempt: 1,
+            outcome: Outcome::Ok { seq: *seq },
+        });
+    }
+}
+
+#[test]
+fn publishes_in_flight_together_keep_their_send_order() {
+    let mut h = H::default();
+    // Answered out of order, but each got the seq of its place: allowed.
+    in_flight(&mut h, 3, &[("p3-1", 2), ("p3-0", 1), ("p3-2", 3)]);
+    // Another publisher's ids interleave with their own order.
+    in_flight(&mut h, 4, &[("p4-7", 4), ("p4-9", 5)]);
+    h.connect("u0/d0", 0);
+    for (seq, id) in ["p3-0", "p3-1", "p3-2", "p4-7", "p4-9"].iter().enumerate() {
+        h.deliver("u0/d0", seq as u64 + 1, id);
+    }
+    only(&h.check(), &[]);
+}
+
+#[test]
+fn a_publish_that_overtook_one_sent_before_it_is_a_send_order_violation() {
+    let mut h = H::default();
+    // p3-1 was sent after p3-0 on the same run, both in flight, yet got the lower seq.
+    // Real-time order cannot see it: neither was acknowledged before the other was sent.
+    in_flight(&mut h, 3, &[("p3-1", 1), ("p3-0", 2)]);
+    h.connect("u0/d0", 0)
+        .deliver("u0/d0", 1, "p3-1")
+        .deliver("u0/d0", 2, "p3-0");
+    let c = h.check();
+    only(&c, &["send_order_violations"]);
+    assert_eq!(c.send_order_violations, 1);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //!   by the server that writes them and the tools that read them.
 //! - [`auth`]: the JWT claims and the one minter of tokens.
 //! - [`http`]: the one HTTP client of the tools (CLI, chaos harness, tests).
+//! - [`resend`]: go-back-N bookkeeping for a publisher with many publishes in flight.
 //! - [`error`]: decode and client errors.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod http;
+pub mod resend;
 pub mod sdk;
 
 pub use crate::codec::FrameCodec;

@@ -601,7 +601,7 @@ fn on_grid(now: Instant, delay: Duration, timer: &Timer<NodeId>) -> Instant {
             | Timer::PeriodicAnnounceDown(_)
     );
     if steady && delay >= 2 * GOSSIP_GRID {
-        let own = delay.as_nanos() % GOSSIP_GRID.as_nanos() == 0;
+        let own = delay.as_nanos().is_multiple_of(GOSSIP_GRID.as_nanos());
         crate::grid::nearest(now + delay, if own { delay } else { GOSSIP_GRID })
     } else {
         now + delay

@@ -474,7 +474,13 @@ impl Gateway {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let (mailboxes, out, from) = (self.mailboxes.clone(), out.clone(), claims.sub.clone());
-        let (before, prev) = match chains.before(&to, &id) {
+        let chained = !warbler_actors::bugs::on(warbler_actors::bugs::Bug::UnchainedPublishes);
+        let order = if chained {
+            chains.before(&to, &id)
+        } else {
+            Before::Free
+        };
+        let (before, prev) = match order {
             Before::Blocked(first) => {
                 let _ = out
                     .send(mailbox_error_frame(&MailboxError::OutOfOrder(first), id))
