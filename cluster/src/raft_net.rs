@@ -104,16 +104,7 @@ impl Client {
     }
 }
 
-/// How long a group's replication to a peer it could not reach waits before it tries again
-/// (openraft's default is 500 ms). A restarted follower is caught up that much sooner; a
-/// try while the peer is still away fails at once in the transport, which is dialling it.
-const REPLICATION_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
-
 impl RaftNetwork<TypeConfig> for Client {
-    fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(std::iter::repeat(REPLICATION_BACKOFF))
-    }
-
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
