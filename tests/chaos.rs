@@ -14,11 +14,13 @@ use warbler_chaos::scenario::Scenario;
 /// One chaos run at a time: each starts its own three-node cluster.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Runs `scenario` from chaos/scenarios, shortened to `duration` seconds, with `env` added
+/// to every node's settings.
 async fn chaos(
     scenario: &str,
     seed_name: &str,
     bug: Option<&str>,
-    duration: Option<f64>,
+    (duration, env): (Option<f64>, &[(&str, &str)]),
 ) -> RunResult {
     let _turn = ONE_AT_A_TIME.lock().await;
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +29,9 @@ async fn chaos(
     let mut scenario = Scenario::load(&path).unwrap();
     if let Some(d) = duration {
         scenario.duration_s = d;
+    }
+    for (k, v) in env {
+        scenario.cluster.env.insert(k.to_string(), v.to_string());
     }
     let out = tempfile::tempdir().unwrap();
     let r = run(RunOpts {
@@ -51,7 +56,7 @@ async fn chaos(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_and_a_paused_leader_under_load_break_no_invariant() {
-    let r = chaos("ci-short", "chaos-ci-short", None, None).await;
+    let r = chaos("ci-short", "chaos-ci-short", None, (None, &[])).await;
     let c = &r.check;
     assert!(r.skipped.is_empty(), "faults not injected: {:?}", r.skipped);
     assert_eq!(c.faults.len(), 3, "two kills and a pause");
@@ -67,7 +72,13 @@ async fn kills_and_a_paused_leader_under_load_break_no_invariant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_whose_sessions_skip_seqs_is_caught() {
-    let r = chaos("ci-short", "chaos-skip-seq", Some("skip-seq"), Some(12.0)).await;
+    let r = chaos(
+        "ci-short",
+        "chaos-skip-seq",
+        Some("skip-seq"),
+        (Some(12.0), &[]),
+    )
+    .await;
     let c = &r.check;
     assert!(
         !c.valid,
@@ -80,17 +91,27 @@ async fn a_build_whose_sessions_skip_seqs_is_caught() {
     );
 }
 
+/// Leaders' write backlog in the CI overload runs: small enough that 12,000 publishes/s
+/// offered fill it on any machine (a fast one may keep up with the default 4 MiB).
+const CI_BACKLOG: (&str, &str) = ("WARBLER_BACKLOG_BYTES_MAX", "262144");
+
 /// Open loop past saturation (chaos/scenarios/overload.toml, shortened): the hot leader
 /// refuses with `overloaded`, publishers resend go-back-N, and the kill and the pause of
 /// that leader break no invariant, send order per publisher included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_loop_past_saturation_is_refused_in_order_and_breaks_no_invariant() {
-    let r = chaos("overload", "chaos-overload", None, Some(16.0)).await;
+    let r = chaos(
+        "overload",
+        "chaos-overload",
+        None,
+        (Some(16.0), &[CI_BACKLOG]),
+    )
+    .await;
     let c = &r.check;
     assert!(r.skipped.is_empty(), "faults not injected: {:?}", r.skipped);
     assert!(
         c.overloaded > 0,
-        "6,000 publishes/s offered never made a leader refuse ({} acknowledged)",
+        "12,000 publishes/s offered against a 256 KiB backlog never made a leader refuse ({} acknowledged)",
         c.acknowledged
     );
     assert!(
@@ -108,7 +129,7 @@ async fn a_build_that_takes_publishes_out_of_their_send_order_is_caught() {
         "overload",
         "chaos-unchained",
         Some("unchained-publishes"),
-        Some(12.0),
+        (Some(12.0), &[CI_BACKLOG]),
     )
     .await;
     let c = &r.check;
