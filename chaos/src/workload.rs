@@ -279,13 +279,14 @@ async fn open_loop_publisher(
     };
     let mut n = 0u64;
     let mut stopped_at: Option<f64> = None;
+    // Stopped, and nothing is left to wait for: every answer came, or the time is up.
+    let finished = |stopped_at: &mut Option<f64>, open: &GoBackN<String, Pending>, now: f64| {
+        let since = *stopped_at.get_or_insert(now);
+        open.is_empty() || now - since > timeout
+    };
     loop {
-        let now = rec.now();
-        if stop.load(Ordering::Relaxed) {
-            let since = *stopped_at.get_or_insert(now);
-            if me.open.is_empty() || now - since > timeout {
-                return;
-            }
+        if stop.load(Ordering::Relaxed) && finished(&mut stopped_at, &me.open, rec.now()) {
+            return;
         }
         let Some(conn) = connect(
             &clients[me.node],
@@ -322,8 +323,7 @@ async fn open_loop_publisher(
                         !due
                     });
                     if stop.load(Ordering::Relaxed) {
-                        let since = *stopped_at.get_or_insert(now);
-                        if me.open.is_empty() || now - since > timeout {
+                        if finished(&mut stopped_at, &me.open, now) {
                             why = Some("stopped".into());
                             break;
                         }

@@ -142,7 +142,7 @@ impl Watched {
             let std = self
                 .stream
                 .take()
-                .ok_or_else(|| io::Error::other("the socket was lost moving between watchers"))?
+                .ok_or_else(lost_between_watchers)?
                 .into_std()?;
             let _in = if want {
                 self.quiet_watcher.enter()
@@ -155,10 +155,14 @@ impl Watched {
             metrics::counter!("warbler_connection_moves_total", "to" => if want { "quiet" } else { "busy" })
                 .increment(1);
         }
-        self.stream
-            .as_mut()
-            .ok_or_else(|| io::Error::other("the socket was lost moving between watchers"))
+        self.stream.as_mut().ok_or_else(lost_between_watchers)
     }
+}
+
+/// A move of the socket's registration failed half-way (`into_std` or `from_std`): the
+/// connection is over.
+fn lost_between_watchers() -> io::Error {
+    io::Error::other("the socket was lost moving between watchers")
 }
 
 impl AsyncRead for Watched {
