@@ -5,17 +5,20 @@
 //! Ordering, as the trait promises: `propose` queues the entry on the partition's proposer
 //! before it returns, so entries proposed one after another enter the log in that order.
 //! The proposer hands Raft whatever has queued up as one log entry (up to
-//! [`BATCH_OPS_MAX`] ops and [`BATCH_BYTES_MAX`] bytes): under load many publishes and acks share one entry, one append and
-//! one fsync per replica. One completion task per partition awaits the answers first in,
-//! first out, so `done` callbacks run in log order.
+//! [`BATCH_OPS_MAX`] ops and [`BATCH_BYTES_MAX`] bytes). At most [`ENTRIES_IN_FLIGHT`]
+//! entries of a partition are in Raft at once: while they are, new proposals queue, and
+//! the next entry takes all of them. So under load many publishes and acks share one entry,
+//! one append and one fsync per replica, and the batch grows with the load; an idle
+//! partition still sends its first proposal at once. One completion task per partition
+//! awaits the answers first in, first out, so `done` callbacks run in log order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use warbler_storage::log::BoxFuture;
 use warbler_storage::{Done, Op, PartitionId, PartitionLog, StorageError};
 
@@ -27,6 +30,12 @@ pub const BATCH_OPS_MAX: usize = 512;
 /// alone. With [`max_payload_entries`] it keeps an AppendEntries well inside the peer frame
 /// limit; small enough that a leader's append does not hold up the next one for long.
 pub const BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Entries of one partition handed to Raft and not yet answered. openraft 0.9 appends an
+/// entry and waits for its flush before it takes the next one from its queue, so a queue
+/// of small entries there costs one fsync wait each; queued here instead, they become one
+/// entry. Two keep the leader appending the next entry while the last one replicates.
+pub const ENTRIES_IN_FLIGHT: usize = 2;
 
 /// How many entries one AppendEntries may carry so that it fits the peer frame limit with
 /// room to spare, when one proposal holds at most `body_bytes_max` of body: the frame
@@ -42,9 +51,14 @@ pub fn max_payload_entries(body_bytes_max: usize) -> u64 {
 
 type Answer = openraft::raft::responder::OneshotResponder<TypeConfig>;
 type Receiver = <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver;
-/// One entry handed to Raft (or refused before it got there), with its proposers' callbacks
-/// and its bytes.
-type Pending = (Result<Receiver, StorageError>, Vec<Option<Done>>, usize);
+/// One entry handed to Raft (or refused before it got there), with its proposers' callbacks,
+/// its bytes and its place among the entries in flight.
+type Pending = (
+    Result<Receiver, StorageError>,
+    Vec<Option<Done>>,
+    usize,
+    OwnedSemaphorePermit,
+);
 
 /// How long a writer waits for its leader's log to be applied before it gives up.
 const BARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -182,6 +196,7 @@ async fn propose_batches(
     mut hold: watch::Receiver<usize>,
     completions: mpsc::UnboundedSender<Pending>,
 ) {
+    let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT));
     // A proposal that did not fit the last entry opens the next one.
     let mut carried: Option<(Vec<Op>, Option<Done>)> = None;
     loop {
@@ -190,6 +205,10 @@ async fn propose_batches(
             None => queued.recv().await,
         };
         let Some((mut ops, done)) = next else { return };
+        // Proposals queue while the entries before them are in Raft, and all join this one.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let mut dones = vec![done];
         let mut bytes: usize = ops.iter().map(Op::size_bytes).sum();
         while ops.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
@@ -205,6 +224,8 @@ async fn propose_batches(
             ops.extend(more);
             dones.push(done);
         }
+        coalesce_cursors(&mut ops);
+        metrics::histogram!("warbler_raft_entry_ops").record(ops.len() as f64);
         // Held during a leadership transfer: the entry waits for it to end (and then fails
         // with "not the leader" if it moved, to be retried at the new leader).
         let _ = hold.wait_for(|held| *held == 0).await;
@@ -212,10 +233,30 @@ async fn propose_batches(
             .client_write_ff(Batch { ops })
             .await
             .map_err(|e| not_writable(partition, e));
-        if completions.send((answer, dones, bytes)).is_err() {
+        if completions.send((answer, dones, bytes, permit)).is_err() {
             return;
         }
     }
+}
+
+/// Keeps only the last cursor move of each device in one entry: a cursor op sets the
+/// device's cursor, so the last one in the entry is the one that stands, and a device that
+/// acks every message would otherwise write its cursor once per message on every replica.
+fn coalesce_cursors(ops: &mut Vec<Op>) {
+    if ops.iter().filter(|op| matches!(op, Op::Cursor { .. })).count() < 2 {
+        return;
+    }
+    let mut seen = HashSet::new();
+    let keep: Vec<bool> = ops
+        .iter()
+        .rev()
+        .map(|op| match op {
+            Op::Cursor { user, device, .. } => seen.insert((user.as_str(), device.as_str())),
+            _ => true,
+        })
+        .collect();
+    let mut keep = keep.into_iter().rev();
+    ops.retain(|_| keep.next().unwrap_or(true));
 }
 
 async fn complete_in_order(
@@ -223,7 +264,8 @@ async fn complete_in_order(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     backlog_bytes: Arc<AtomicUsize>,
 ) {
-    while let Some((answer, dones, bytes)) = rx.recv().await {
+    // Each entry's permit drops with its answer, letting the proposer send the next one.
+    while let Some((answer, dones, bytes, _permit)) = rx.recv().await {
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
@@ -347,5 +389,66 @@ impl PartitionLog for RaftLog {
 
     fn replicated(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warbler_storage::StoredMessage;
+
+    fn cursor(user: &str, device: &str, acked: u64) -> Op {
+        Op::Cursor {
+            partition: 1,
+            user: user.into(),
+            device: device.into(),
+            acked,
+        }
+    }
+
+    fn append(user: &str, seq: u64) -> Op {
+        Op::Append {
+            partition: 1,
+            user: user.into(),
+            seq,
+            msg: StoredMessage {
+                id: format!("m{seq}"),
+                ts: 0,
+                from: None,
+                body: Default::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_entry_keeps_each_devices_last_cursor_and_every_other_op_in_order() {
+        let mut ops = vec![
+            cursor("al", "phone", 1),
+            append("al", 3),
+            cursor("al", "desk", 1),
+            cursor("bo", "phone", 4),
+            cursor("al", "phone", 2),
+            append("al", 4),
+            cursor("al", "phone", 3),
+        ];
+        coalesce_cursors(&mut ops);
+        assert_eq!(
+            ops,
+            vec![
+                append("al", 3),
+                cursor("al", "desk", 1),
+                cursor("bo", "phone", 4),
+                append("al", 4),
+                cursor("al", "phone", 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_entry_without_repeated_cursors_is_left_alone() {
+        let ops = vec![cursor("al", "phone", 1), append("al", 3), cursor("al", "desk", 7)];
+        let mut coalesced = ops.clone();
+        coalesce_cursors(&mut coalesced);
+        assert_eq!(coalesced, ops);
     }
 }
