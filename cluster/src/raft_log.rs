@@ -12,7 +12,7 @@
 //! partition still sends its first proposal at once. One completion task per partition
 //! awaits the answers first in, first out, so `done` callbacks run in log order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -36,6 +36,10 @@ pub const BATCH_BYTES_MAX: usize = 256 * 1024;
 /// of small entries there costs one fsync wait each; queued here instead, they become one
 /// entry. Two keep the leader appending the next entry while the last one replicates.
 pub const ENTRIES_IN_FLIGHT: usize = 2;
+
+/// How long cursor moves with nothing else to propose wait for a publish to share their
+/// entry. A crash may lose this much of a device's acks: they come again (at least once).
+pub const CURSOR_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How many entries one AppendEntries may carry so that it fits the peer frame limit with
 /// room to spare, when one proposal holds at most `body_bytes_max` of body: the frame
@@ -67,7 +71,7 @@ struct Group {
     raft: Raft<TypeConfig>,
     /// Proposals waiting to become an entry. Unbounded on purpose: bounded by the
     /// mailboxes' own limits upstream.
-    proposals: mpsc::UnboundedSender<(Vec<Op>, Option<Done>)>,
+    proposals: mpsc::UnboundedSender<Proposal>,
     /// A proposal arrived since the quiescence driver last looked (it woke the group).
     poked: AtomicBool,
     /// Bytes of ops proposed and not yet durable (or failed).
@@ -188,38 +192,62 @@ fn not_writable(partition: PartitionId, reason: impl ToString) -> StorageError {
     }
 }
 
+/// A proposal: its ops and what runs once they are durable (or failed).
+type Proposal = (Vec<Op>, Option<Done>);
+
+/// Whether `p` only moves cursors and nobody waits for it: a cursor may lag on a crash
+/// (delivery is at least once), so it can wait for company.
+fn lazy(p: &Proposal) -> bool {
+    p.1.is_none() && p.0.iter().all(|op| matches!(op, Op::Cursor { .. }))
+}
+
 /// Merges queued proposals into entries, in order.
 async fn propose_batches(
     partition: PartitionId,
     raft: Raft<TypeConfig>,
-    mut queued: mpsc::UnboundedReceiver<(Vec<Op>, Option<Done>)>,
+    mut queued: mpsc::UnboundedReceiver<Proposal>,
     mut hold: watch::Receiver<usize>,
     completions: mpsc::UnboundedSender<Pending>,
 ) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT));
-    // A proposal that did not fit the last entry opens the next one.
-    let mut carried: Option<(Vec<Op>, Option<Done>)> = None;
+    // Proposals taken from the queue and not yet in an entry, in order.
+    let mut waiting: VecDeque<Proposal> = VecDeque::new();
     loop {
-        let next = match carried.take() {
-            Some(p) => Some(p),
-            None => queued.recv().await,
-        };
-        let Some((mut ops, done)) = next else { return };
+        if waiting.is_empty() {
+            let Some(first) = queued.recv().await else { return };
+            let alone = lazy(&first);
+            waiting.push_back(first);
+            if alone {
+                // Cursor moves wait a little for a publish to share its entry: a device
+                // acks every message, and each ack alone would be an entry, an fsync on
+                // every replica and a round of replication.
+                let deadline = tokio::time::Instant::now() + CURSOR_DELAY;
+                while let Ok(Some(p)) = tokio::time::timeout_at(deadline, queued.recv()).await {
+                    let company = !lazy(&p);
+                    waiting.push_back(p);
+                    if company {
+                        break;
+                    }
+                }
+            }
+        }
         // Proposals queue while the entries before them are in Raft, and all join this one.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
+        while let Ok(p) = queued.try_recv() {
+            waiting.push_back(p);
+        }
+        let (mut ops, done) = waiting.pop_front().expect("a proposal waits");
         let mut dones = vec![done];
         let mut bytes: usize = ops.iter().map(Op::size_bytes).sum();
-        while ops.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
-            let Ok((more, done)) = queued.try_recv() else {
-                break;
-            };
+        // What does not fit opens the next entry.
+        while let Some((more, _)) = waiting.front() {
             let more_bytes: usize = more.iter().map(Op::size_bytes).sum();
             if ops.len() + more.len() > BATCH_OPS_MAX || bytes + more_bytes > BATCH_BYTES_MAX {
-                carried = Some((more, done));
                 break;
             }
+            let (more, done) = waiting.pop_front().expect("looked at above");
             bytes += more_bytes;
             ops.extend(more);
             dones.push(done);

@@ -177,8 +177,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta(META_VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
-        self.put_meta(META_COMMITTED, &committed)
+    /// Not written: every commit would cost a write of its own, and nothing needs it. The
+    /// state machine's applies reach the disk with the next log sync, and after a crash the
+    /// log replays from the last applied id, committed again by the group (openraft's
+    /// default, for a state machine that persists what it applies). A value written by an
+    /// older release is still read: it was committed then, so it is a safe start.
+    async fn save_committed(&mut self, _committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
@@ -342,8 +347,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // All entries of one call in one write: one batch instead of one per entry.
-        let (_, mut membership) = self.applied()?;
+        // All entries of one call in one write: one batch instead of one per entry. The
+        // membership is written only with an entry that changes it (it names its own log id).
+        let mut membership = None;
         let mut out = Vec::new();
         let mut heads = HashMap::new();
         let mut ops_all: Vec<Op> = Vec::new();
@@ -353,7 +359,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let ops = match entry.payload {
                 EntryPayload::Normal(batch) => batch.ops,
                 EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     Vec::new()
                 }
                 EntryPayload::Blank => Vec::new(),
@@ -377,10 +383,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         if let Some(last) = last {
-            let meta = [
-                (META_APPLIED, encode(&Some(last))),
-                (META_MEMBERSHIP, encode(&membership)),
-            ];
+            let mut meta = vec![(META_APPLIED, encode(&Some(last)))];
+            if let Some(membership) = membership {
+                meta.push((META_MEMBERSHIP, encode(&membership)));
+            }
             self.log
                 .store
                 .apply_with_meta(self.log.partition, &ops_all, &meta, false)
