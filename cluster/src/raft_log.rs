@@ -214,7 +214,9 @@ async fn propose_batches(
     let mut waiting: VecDeque<Proposal> = VecDeque::new();
     loop {
         if waiting.is_empty() {
-            let Some(first) = queued.recv().await else { return };
+            let Some(first) = queued.recv().await else {
+                return;
+            };
             let alone = lazy(&first);
             waiting.push_back(first);
             if alone {
@@ -271,7 +273,12 @@ async fn propose_batches(
 /// device's cursor, so the last one in the entry is the one that stands, and a device that
 /// acks every message would otherwise write its cursor once per message on every replica.
 fn coalesce_cursors(ops: &mut Vec<Op>) {
-    if ops.iter().filter(|op| matches!(op, Op::Cursor { .. })).count() < 2 {
+    if ops
+        .iter()
+        .filter(|op| matches!(op, Op::Cursor { .. }))
+        .count()
+        < 2
+    {
         return;
     }
     let mut seen = HashSet::new();
@@ -474,7 +481,11 @@ mod tests {
 
     #[test]
     fn an_entry_without_repeated_cursors_is_left_alone() {
-        let ops = vec![cursor("al", "phone", 1), append("al", 3), cursor("al", "desk", 7)];
+        let ops = vec![
+            cursor("al", "phone", 1),
+            append("al", 3),
+            cursor("al", "desk", 7),
+        ];
         let mut coalesced = ops.clone();
         coalesce_cursors(&mut coalesced);
         assert_eq!(coalesced, ops);
