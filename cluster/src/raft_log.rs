@@ -192,8 +192,9 @@ fn not_writable(partition: PartitionId, reason: impl ToString) -> StorageError {
     }
 }
 
-/// A proposal: its ops and what runs once they are durable (or failed).
-type Proposal = (Vec<Op>, Option<Done>);
+/// A proposal: its ops, what runs once they are durable (or failed), and the Raft term it
+/// was made in.
+type Proposal = (Vec<Op>, Option<Done>, u64);
 
 /// Whether `p` only moves cursors and nobody waits for it: a cursor may lag on a crash
 /// (delivery is at least once), so it can wait for company.
@@ -237,28 +238,46 @@ async fn propose_batches(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
+        // Held during a leadership transfer: the entry waits for it to end (and then fails
+        // with "not the leader" if it moved, to be retried at the new leader).
+        let _ = hold.wait_for(|held| *held == 0).await;
         while let Ok(p) = queued.try_recv() {
             waiting.push_back(p);
         }
-        let (mut ops, done) = waiting.pop_front().expect("a proposal waits");
+        // A proposal made in an earlier term fails: its writer (a mailbox) read its state
+        // under a leadership that ended while it waited, and this node may lead again now.
+        // Terms only grow, so the stale ones are the first in line.
+        let term = raft.metrics().borrow().current_term;
+        let stale = waiting.iter().take_while(|p| p.2 != term).count();
+        if stale > 0 {
+            let failed: Vec<Proposal> = waiting.drain(..stale).collect();
+            let bytes = failed.iter().flat_map(|p| &p.0).map(Op::size_bytes).sum();
+            let dones = failed.into_iter().map(|p| p.1).collect();
+            let why = not_writable(
+                partition,
+                "its leader's term ended while it waited to be proposed; it goes again through the current leader",
+            );
+            if completions.send((Err(why), dones, bytes, permit)).is_err() {
+                return;
+            }
+            continue;
+        }
+        let (mut ops, done, _) = waiting.pop_front().expect("a proposal waits");
         let mut dones = vec![done];
         let mut bytes: usize = ops.iter().map(Op::size_bytes).sum();
         // What does not fit opens the next entry.
-        while let Some((more, _)) = waiting.front() {
+        while let Some((more, _, _)) = waiting.front() {
             let more_bytes: usize = more.iter().map(Op::size_bytes).sum();
             if ops.len() + more.len() > BATCH_OPS_MAX || bytes + more_bytes > BATCH_BYTES_MAX {
                 break;
             }
-            let (more, done) = waiting.pop_front().expect("looked at above");
+            let (more, done, _) = waiting.pop_front().expect("looked at above");
             bytes += more_bytes;
             ops.extend(more);
             dones.push(done);
         }
         coalesce_cursors(&mut ops);
         metrics::histogram!("warbler_raft_entry_ops").record(ops.len() as f64);
-        // Held during a leadership transfer: the entry waits for it to end (and then fails
-        // with "not the leader" if it moved, to be retried at the new leader).
-        let _ = hold.wait_for(|held| *held == 0).await;
         let answer = raft
             .client_write_ff(Batch { ops })
             .await
@@ -344,9 +363,10 @@ impl PartitionLog for RaftLog {
             group.poked.store(true, Ordering::Relaxed);
             let bytes: usize = ops.iter().map(Op::size_bytes).sum();
             group.backlog_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let term = group.raft.metrics().borrow().current_term;
             group
                 .proposals
-                .send((ops, done))
+                .send((ops, done, term))
                 .map_err(|_| not_writable(partition, "the proposer stopped"))
         })
     }
