@@ -177,13 +177,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta(META_VOTE)
     }
 
-    /// Not written: every commit would cost a write of its own, and nothing needs it. The
-    /// state machine's applies reach the disk with the next log sync, and after a crash the
-    /// log replays from the last applied id, committed again by the group (openraft's
-    /// default, for a state machine that persists what it applies). A value written by an
-    /// older release is still read: it was committed then, so it is a safe start.
-    async fn save_committed(&mut self, _committed: Option<LogId<NodeId>>) -> Result<(), Error> {
-        Ok(())
+    /// Written (unsynced) on every commit: a restarted replica applies up to it at once, and
+    /// state rebuilt from the log at start (the member list) needs that.
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        self.put_meta(META_COMMITTED, &committed)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
