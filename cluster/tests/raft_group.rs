@@ -256,3 +256,275 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
         "raft: {PROPOSALS} bodies of {BODY} B committed in log entries up to index {last_index}"
     );
 }
+
+/// The proposer of one partition, on the node a test writes through.
+mod proposer {
+    use super::*;
+    use warbler_cluster::raft_log::{RaftLog, CURSOR_DELAY, ENTRIES_IN_FLIGHT};
+    use warbler_storage::{Done, PartitionLog, StorageError};
+
+    type Answers = tokio::sync::mpsc::UnboundedReceiver<(u64, Result<(), StorageError>)>;
+
+    /// One replica leading a group of one: commits as soon as its own append is durable.
+    async fn alone() -> Replica {
+        let r = replica(1).await;
+        r.raft
+            .initialize(BTreeMap::from([(1, BasicNode::new(&r.addr))]))
+            .await
+            .unwrap();
+        leader_of(&[&r]).await;
+        applied_all(&r).await;
+        r
+    }
+
+    /// Waits until `r` applied its whole log (the entries of its election included).
+    async fn applied_all(r: &Replica) {
+        let last = r.raft.metrics().borrow().last_log_index;
+        r.raft
+            .wait(Some(Duration::from_secs(15)))
+            .metrics(|m| m.last_applied.map(|l| l.index) >= last, "log applied")
+            .await
+            .unwrap();
+    }
+
+    fn last_index(r: &Replica) -> u64 {
+        r.raft.metrics().borrow().last_log_index.unwrap_or(0)
+    }
+
+    fn append(seq: u64) -> Op {
+        batch(seq).ops.pop().unwrap()
+    }
+
+    fn cursor(acked: u64) -> Op {
+        Op::Cursor {
+            partition: PARTITION,
+            user: "ann".into(),
+            device: "phone".into(),
+            acked,
+        }
+    }
+
+    /// A `done` that reports `seq`'s answer on the returned channel.
+    fn answers() -> (impl Fn(u64) -> Done, Answers) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let done = move |seq: u64| -> Done {
+            let tx = tx.clone();
+            Box::new(move |r| {
+                let _ = tx.send((seq, r));
+            })
+        };
+        (done, rx)
+    }
+
+    async fn answer(rx: &mut Answers) -> (u64, Result<(), StorageError>) {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a proposal is answered")
+            .expect("answers still come")
+    }
+
+    /// Publishes proposed one by one, faster than the leader replicates entries: at most
+    /// ENTRIES_IN_FLIGHT entries are ever appended and not yet applied, the rest wait in
+    /// the proposer and share the next entry, and every publish lands, in order. Handed to
+    /// Raft one entry each, they would queue inside it, a replication round each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_wait_for_the_entries_in_flight_and_share_the_next_one() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        const PROPOSALS: u64 = 2000;
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let id = leader_of(&all).await;
+        let leader = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id == id)
+            .unwrap();
+        applied_all(leader).await;
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, leader.raft.clone());
+        let before = last_index(leader);
+
+        // At every change of the leader's metrics: the most entries appended, not applied.
+        let most = Arc::new(AtomicU64::new(0));
+        let mut metrics = leader.raft.metrics();
+        let seen = most.clone();
+        let watcher = tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let m = metrics.borrow().clone();
+                let applied = m.last_applied.map_or(0, |l| l.index);
+                let gap = m.last_log_index.unwrap_or(0).saturating_sub(applied);
+                seen.fetch_max(gap, Ordering::Relaxed);
+            }
+        });
+
+        let (done, mut rx) = answers();
+        for seq in 1..=PROPOSALS {
+            log.propose(PARTITION, vec![append(seq)], Some(done(seq)))
+                .await
+                .unwrap();
+            // The proposer runs between publishes, which come in bursts.
+            tokio::task::yield_now().await;
+            if seq % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        for n in 1..=PROPOSALS {
+            let (seq, result) = answer(&mut rx).await;
+            result.unwrap_or_else(|e| panic!("publish {seq}: {e}"));
+            assert_eq!(seq, n, "answers come in the order proposed");
+        }
+        watcher.abort();
+        let entries = last_index(leader) - before;
+        let most_in_flight = most.load(Ordering::Relaxed);
+        println!(
+            "proposer: {PROPOSALS} publishes in {entries} entries, at most {most_in_flight} in flight"
+        );
+        assert!(
+            most_in_flight >= 1,
+            "the leader's metrics never showed an entry in flight: nothing was measured"
+        );
+        assert!(
+            most_in_flight as usize <= ENTRIES_IN_FLIGHT,
+            "{most_in_flight} entries were in Raft at once"
+        );
+        assert!(
+            entries < PROPOSALS / 4,
+            "{PROPOSALS} publishes took {entries} entries: they did not share them"
+        );
+        converged(&all, PROPOSALS).await;
+    }
+
+    /// A device's ack nobody waits for waits for a publish to share its entry; with none
+    /// coming, it goes alone after CURSOR_DELAY, and still lands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_waits_for_a_publish_to_share_its_entry() {
+        let r = alone().await;
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, r.raft.clone());
+        let (done, mut rx) = answers();
+        log.propose(PARTITION, vec![append(1)], Some(done(1)))
+            .await
+            .unwrap();
+        answer(&mut rx).await.1.unwrap();
+
+        let before = last_index(&r);
+        log.propose(PARTITION, vec![cursor(1)], None).await.unwrap();
+        tokio::time::sleep(CURSOR_DELAY / 5).await;
+        log.propose(PARTITION, vec![append(2)], Some(done(2)))
+            .await
+            .unwrap();
+        answer(&mut rx).await.1.unwrap();
+        assert_eq!(
+            last_index(&r),
+            before + 1,
+            "the ack and the publish after it share one entry"
+        );
+        assert_eq!(r.store.cursor(PARTITION, "ann", "phone").unwrap(), 1);
+
+        // Alone, the ack goes once its wait is over.
+        let proposed = Instant::now();
+        log.propose(PARTITION, vec![cursor(2)], None).await.unwrap();
+        while r.store.cursor(PARTITION, "ann", "phone").unwrap() != 2 {
+            assert!(
+                proposed.elapsed() < Duration::from_secs(10),
+                "a lone ack never lands"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            proposed.elapsed() >= CURSOR_DELAY,
+            "a lone ack went after {:?}, without waiting for company",
+            proposed.elapsed()
+        );
+        assert_eq!(last_index(&r), before + 2);
+    }
+
+    /// A publish queued in the proposer while its leader's term ends (here, held by a
+    /// leadership transfer that went there and back) fails rather than entering the log
+    /// under the leader's next term: its writer read its state in a term that ended, and a
+    /// leader elected in between may have written to the same user. What comes after it,
+    /// proposed in the new term, goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposal_made_in_an_ended_term_fails() {
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let first = leader_of(&all).await;
+        let by_id = |id: u64| {
+            *all.iter()
+                .find(|r| r.raft.metrics().borrow().id == id)
+                .unwrap()
+        };
+        let leader = by_id(first);
+        let other = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id != first)
+            .unwrap();
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, leader.raft.clone());
+        let (done, mut rx) = answers();
+
+        let hold = log
+            .hold(PARTITION)
+            .expect("the leader replicates the partition");
+        let term = leader.raft.metrics().borrow().current_term;
+        log.propose(PARTITION, vec![append(1)], Some(done(1)))
+            .await
+            .unwrap();
+        // The leadership goes to another replica and comes back, in a later term.
+        // The leadership goes to another replica and comes back, in later terms. A voter
+        // refuses a campaign while its leader's lease (renewed by every heartbeat) runs, so
+        // the sitting leader stops heartbeating first, as a quiet group would; the third
+        // replica never campaigns on its own.
+        let third = *all
+            .iter()
+            .find(|r| {
+                ![first, other.raft.metrics().borrow().id].contains(&r.raft.metrics().borrow().id)
+            })
+            .unwrap();
+        third.raft.runtime_config().elect(false);
+        for (from, to) in [(leader, other), (other, leader)] {
+            let id = to.raft.metrics().borrow().id;
+            from.raft.runtime_config().heartbeat(false);
+            let mut tries = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                to.raft.trigger().elect().await.unwrap();
+                let moved = leader
+                    .raft
+                    .wait(Some(Duration::from_secs(2)))
+                    .metrics(
+                        |m| m.current_leader == Some(id) && m.current_term > term,
+                        "leadership moved",
+                    )
+                    .await;
+                if moved.is_ok() {
+                    break;
+                }
+                tries += 1;
+                assert!(tries < 5, "replica {id} never won its campaign");
+            }
+            from.raft.runtime_config().heartbeat(true);
+        }
+        leader
+            .raft
+            .wait(Some(Duration::from_secs(15)))
+            .metrics(|m| m.state.is_leader(), "leads again")
+            .await
+            .unwrap();
+        applied_all(leader).await;
+        log.propose(PARTITION, vec![append(1)], Some(done(2)))
+            .await
+            .unwrap();
+        drop(hold);
+
+        let (seq, stale) = answer(&mut rx).await;
+        assert_eq!(seq, 1);
+        let why = stale
+            .expect_err("a proposal of an ended term fails")
+            .to_string();
+        assert!(why.contains("term ended"), "{why}");
+        let (seq, fresh) = answer(&mut rx).await;
+        assert_eq!(seq, 2);
+        fresh.unwrap();
+        converged(&all, 1).await;
+    }
+}
