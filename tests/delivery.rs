@@ -600,6 +600,38 @@ async fn ping(conn: &mut Connection, n: u64) {
     }
 }
 
+/// A connection whose token may only publish (a backend) has no messages to wait for: it
+/// starts on its IO thread, so its first publish is read at once instead of at the quiet
+/// watcher's next look (up to 50 ms later, for every backend that connects).
+#[tokio::test]
+async fn a_publish_only_connection_is_not_quiet_when_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let busy_before = connection_moves(&node, "busy").await;
+    let mut backend = Connection::connect(ConnectOptions::new(
+        &node.client,
+        token("backend", "publish"),
+        "backend-1",
+    ))
+    .await
+    .unwrap();
+    for n in 1..=3u64 {
+        let seq = tokio::time::timeout(
+            Duration::from_secs(10),
+            backend.publish_wait(&format!("b-{n}"), "busy-user", b"x"),
+        )
+        .await
+        .expect("a publish is answered")
+        .unwrap();
+        assert_eq!(seq, n);
+    }
+    assert_eq!(
+        connection_moves(&node, "busy").await - busy_before,
+        0,
+        "the publisher's socket started with the quiet watcher and had to move back"
+    );
+}
+
 /// A connection that says only pings is quiet: its socket is watched by the thread that
 /// looks at the quiet ones every 50 ms (`gateway::io`). A delivery, or any other frame,
 /// moves it back to its IO thread. Through twenty moves each way, every message reaches

@@ -340,8 +340,9 @@ impl Gateway {
         let timer = tokio::time::sleep_until(heard + ping_after);
         tokio::pin!(closed, bye, signals, timer);
         // A device that has just connected waits for messages: quiet until it says
-        // something or is delivered to.
-        out.set_quiet(true);
+        // something or is delivered to. A connection that may only publish came to
+        // publish: its first publish is read at once, not at the quiet watcher's next look.
+        out.set_quiet(device.is_some());
         loop {
             // The one timer serves the ping, the idle timeout and the bye.
             let mut wake_at = heard + if pinged { idle_after } else { ping_after };
