@@ -25,7 +25,7 @@ use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
 /// How often an MQTT device connects again after a refused or failed connect.
 const MQTT_CONNECT_TRIES: u32 = 10;
 
-use crate::stats::{now_ns, stamp_body, DeviceTrack, Stats, HEADER_BYTES};
+use crate::stats::{now_ns, read_body, stamp_body, DeviceTrack, Stats, HEADER_BYTES};
 use crate::tokens;
 
 /// The JetStream stream every NATS run uses.
@@ -215,7 +215,19 @@ pub async fn spawn_device(
             let mut conn = Connection::connect(opts).await.context("device connect")?;
             tokio::spawn(async move {
                 let mut track = DeviceTrack::default();
+                let slow_ms = slow_ms();
                 while let Ok(m) = conn.recv_msg().await {
+                    if let (Some(slow), Some((due, _))) = (slow_ms, read_body(&m.body)) {
+                        let (due, now) = (due / 1_000_000, now_ns() / 1_000_000);
+                        if now.saturating_sub(due) >= slow {
+                            // One write per line: the load processes share stderr.
+                            let line = format!(
+                                "slow delivery due_ms={due} accepted_ms={} received_ms={now}\n",
+                                m.ts
+                            );
+                            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                        }
+                    }
                     track.on_delivery(&stats, &m.body);
                     if conn.ack(m.seq).await.is_err() {
                         return;
@@ -309,6 +321,16 @@ pub async fn spawn_device(
         }
     }
     Ok(())
+}
+
+/// `WARBLER_LOAD_SLOW_MS`: each Warbler delivery at least this late is printed to stderr
+/// with its due, accepted (the node's `ts`) and received times, and each publish sent at
+/// least half as late (benches/tail.sh reads them).
+fn slow_ms() -> Option<u64> {
+    std::env::var("WARBLER_LOAD_SLOW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|ms| *ms > 0)
 }
 
 /// How long a publisher waits before sending refused publishes again (the server's
@@ -414,7 +436,16 @@ pub async fn run_publisher(
                     }
                 }
             });
+            let slow_ms = slow_ms();
             while let Some(s) = plan.next().await {
+                if let Some(slow) = slow_ms {
+                    // The load generator's own lateness, which the latency counts too.
+                    let late = now_ns().saturating_sub(s.due_ns) / 1_000_000;
+                    if late >= slow / 2 {
+                        let line = format!("late send due_ms={} late_ms={late}\n", s.due_ns / 1_000_000);
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                    }
+                }
                 let send = resend
                     .lock()
                     .unwrap()
