@@ -225,7 +225,8 @@ pub async fn spawn_device(
                                 "slow delivery due_ms={due} accepted_ms={} received_ms={now}\n",
                                 m.ts
                             );
-                            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                            let _ =
+                                std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                         }
                     }
                     track.on_delivery(&stats, &m.body);
@@ -442,7 +443,8 @@ pub async fn run_publisher(
                     // The load generator's own lateness, which the latency counts too.
                     let late = now_ns().saturating_sub(s.due_ns) / 1_000_000;
                     if late >= slow / 2 {
-                        let line = format!("late send due_ms={} late_ms={late}\n", s.due_ns / 1_000_000);
+                        let line =
+                            format!("late send due_ms={} late_ms={late}\n", s.due_ns / 1_000_000);
                         let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                     }
                 }
