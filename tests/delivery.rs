@@ -561,7 +561,7 @@ async fn device_connections_are_served_on_the_configured_io_threads() {
         phone.ack(20).await.unwrap();
     }
     // Publishing connections, one on each thread.
-    for p in 0..3 {
+    for (p, phone) in phones.iter_mut().enumerate() {
         let mut publisher = node.publisher().await;
         let user = format!("io-user-{p}");
         let seq = publisher
@@ -569,7 +569,7 @@ async fn device_connections_are_served_on_the_configured_io_threads() {
             .await
             .unwrap();
         assert_eq!(seq, 21, "{user}");
-        let got = recv_n(&mut phones[p], 1).await;
+        let got = recv_n(phone, 1).await;
         assert_eq!((got[0].seq, got[0].body.as_slice()), (21, &b"again"[..]));
     }
 }

@@ -495,11 +495,15 @@ mod tests {
     /// The first cluster: seqs 1..=6 acknowledged (1..=4 before the backup began at 100 ms);
     /// u1/d0 connected with cursor 2 before the backup and was delivered up to 5 by its end
     /// (200 ms).
-    fn first_run() -> (
+    /// A first run's expectations, the streams restored from its backup by user, and each
+    /// user's last restored seq.
+    type Run = (
         Expected,
         HashMap<String, BTreeMap<u64, Row>>,
         HashMap<String, u64>,
-    ) {
+    );
+
+    fn first_run() -> Run {
         let mut events: Vec<Event> = (1..=6).map(|s| acked(s as f64 * 20.0, s)).collect();
         events.push(connect(50.0, "u1/d0", 2));
         events.extend((3..=5).map(|s| deliver(60.0 + s as f64 * 20.0, "u1/d0", s)));
