@@ -220,13 +220,10 @@ pub async fn spawn_device(
                     if let (Some(slow), Some((due, _))) = (slow_ms, read_body(&m.body)) {
                         let (due, now) = (due / 1_000_000, now_ns() / 1_000_000);
                         if now.saturating_sub(due) >= slow {
-                            // One write per line: the load processes share stderr.
-                            let line = format!(
-                                "slow delivery due_ms={due} accepted_ms={} received_ms={now}\n",
+                            say_slow(format!(
+                                "slow delivery due_ms={due} accepted_ms={} received_ms={now}",
                                 m.ts
-                            );
-                            let _ =
-                                std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                            ));
                         }
                     }
                     track.on_delivery(&stats, &m.body);
@@ -332,6 +329,12 @@ fn slow_ms() -> Option<u64> {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|ms| *ms > 0)
+}
+
+/// Prints one `WARBLER_LOAD_SLOW_MS` line in one write: the load processes share stderr.
+fn say_slow(mut line: String) {
+    line.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 /// How long a publisher waits before sending refused publishes again (the server's
@@ -443,9 +446,10 @@ pub async fn run_publisher(
                     // The load generator's own lateness, which the latency counts too.
                     let late = now_ns().saturating_sub(s.due_ns) / 1_000_000;
                     if late >= slow / 2 {
-                        let line =
-                            format!("late send due_ms={} late_ms={late}\n", s.due_ns / 1_000_000);
-                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                        say_slow(format!(
+                            "late send due_ms={} late_ms={late}",
+                            s.due_ns / 1_000_000
+                        ));
                     }
                 }
                 let send = resend
