@@ -21,6 +21,9 @@ const INFLIGHT_BYTES_MAX: usize = 8 << 20;
 /// Body bytes a mailbox's tail cache holds at most (besides `tail_cache_max` messages):
 /// 512 messages at the body limit would otherwise pin 256 MiB per active user.
 const TAIL_CACHE_BYTES_MAX: usize = 4 << 20;
+/// How a mailbox's stop reason begins when a write of it failed: other writes of it may
+/// still be in flight, so the registry starts its successor as after a crash.
+pub(crate) const WRITE_FAILED: &str = "write failed";
 use crate::msg::{Committed, DeviceInfo, MailboxMsg, RegistryMsg, Sleeper, SubscribeInfo};
 use crate::outbox::SessionRef;
 
@@ -128,7 +131,11 @@ impl Actor for UserMailbox {
                 args.partition
             ))
         })?;
-        if args.after_crash || args.log.replicated() {
+        // A barrier waits for the partition's entries in flight: about one commit under
+        // load. Once one has completed in this leadership, a start that follows a clean stop
+        // skips it (see `PartitionLog::settled`); the registry starts mailboxes one at a
+        // time, and a barrier each would hold up every other start on the node.
+        if args.after_crash || (args.log.replicated() && !args.log.settled(args.partition)) {
             args.log.barrier(args.partition).await?;
         }
         if args.log.leader_term(args.partition) != Some(term) {
@@ -519,7 +526,7 @@ impl MailboxState {
                     let _ = w.send(Err(MailboxError::Unavailable(e.to_string())));
                 }
             }
-            myself.stop(Some(format!("write failed: {e}")));
+            myself.stop(Some(format!("{WRITE_FAILED}: {e}")));
             return Ok(());
         }
         // Paired with the assignment in `publish`: commits arrive in seq order, no gaps.

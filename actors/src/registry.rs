@@ -13,7 +13,7 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
-use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox};
+use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox, WRITE_FAILED};
 use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, Sleeper, SubscribeInfo, Subscribed};
 use crate::outbox::SessionRef;
 use crate::routing::Routing;
@@ -129,9 +129,15 @@ impl Actor for MailboxRegistry {
         evt: SupervisionEvent,
         state: &mut RegistryState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure): (ActorCell, Option<String>) = match evt {
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+        let (cell, failure, unclean): (ActorCell, Option<String>, bool) = match evt {
+            // A mailbox stops cleanly (idle, asleep) only with nothing in flight; one that
+            // stopped on a failed write may still have writes in flight, so its successor
+            // reads its state after a barrier, as after a crash.
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let unclean = reason.is_some_and(|r| r.starts_with(WRITE_FAILED));
+                (cell, None, unclean)
+            }
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string()), true),
             _ => return Ok(()),
         };
         let id = cell.get_id();
@@ -147,6 +153,8 @@ impl Actor for MailboxRegistry {
         if let Some(err) = failure {
             tracing::error!(%user, error = %err, "mailbox failed; it restarts from storage on next use");
             metrics::counter!("warbler_mailbox_failures_total").increment(1);
+        }
+        if unclean {
             state.crashed.insert(user);
         }
         Ok(())
@@ -260,7 +268,7 @@ impl RegistryState {
                 "this node does not lead partition {partition}"
             )));
         }
-        if log.replicated() {
+        if log.replicated() && !log.settled(partition) {
             log.barrier(partition)
                 .await
                 .map_err(|e| MailboxError::NoLeader(e.to_string()))?;

@@ -79,6 +79,9 @@ struct Group {
     /// The term in which this replica last confirmed its leadership with a quorum (0:
     /// never): later barriers in that term only wait for the local apply.
     confirmed_term: AtomicU64,
+    /// The term in which a barrier last completed on this replica as the leader (0: none):
+    /// see [`PartitionLog::settled`].
+    settled_term: AtomicU64,
     /// While any [`Hold`] lives, proposals queue instead of becoming entries (a leadership
     /// transfer, a drain): how many live.
     held: Arc<watch::Sender<usize>>,
@@ -142,6 +145,7 @@ impl RaftLog {
                 poked: AtomicBool::new(false),
                 backlog_bytes,
                 confirmed_term: AtomicU64::new(0),
+                settled_term: AtomicU64::new(0),
                 held: Arc::new(held),
             }),
         );
@@ -402,9 +406,22 @@ impl PartitionLog for RaftLog {
                     "the leader's whole log applied",
                 )
                 .await
-                .map(|_| ())
-                .map_err(|e| not_writable(partition, e))
+                .map_err(|e| not_writable(partition, e))?;
+            // Settled only if the leadership the barrier began under still stands: a later
+            // one may have a tail of its own to apply first.
+            if self.leader_term(partition) == Some(term) {
+                group.settled_term.store(term, Ordering::Relaxed);
+            }
+            Ok(())
         })
+    }
+
+    fn settled(&self, partition: PartitionId) -> bool {
+        let Ok(group) = self.group(partition) else {
+            return false;
+        };
+        let settled = group.settled_term.load(Ordering::Relaxed);
+        settled != 0 && self.leader_term(partition) == Some(settled)
     }
 
     fn admits(&self, partition: PartitionId) -> bool {

@@ -438,47 +438,18 @@ mod proposer {
         assert_eq!(last_index(&r), before + 2);
     }
 
-    /// A publish queued in the proposer while its leader's term ends (here, held by a
-    /// leadership transfer that went there and back) fails rather than entering the log
-    /// under the leader's next term: its writer read its state in a term that ended, and a
-    /// leader elected in between may have written to the same user. What comes after it,
-    /// proposed in the new term, goes through.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_proposal_made_in_an_ended_term_fails() {
-        let nodes = three_replicas().await;
-        let all: Vec<&Replica> = nodes.iter().collect();
-        let first = leader_of(&all).await;
-        let by_id = |id: u64| {
-            *all.iter()
-                .find(|r| r.raft.metrics().borrow().id == id)
-                .unwrap()
-        };
-        let leader = by_id(first);
-        let other = *all
-            .iter()
-            .find(|r| r.raft.metrics().borrow().id != first)
-            .unwrap();
-        let log = RaftLog::new(1 << 30);
-        log.insert(PARTITION, leader.raft.clone());
-        let (done, mut rx) = answers();
-
-        let hold = log
-            .hold(PARTITION)
-            .expect("the leader replicates the partition");
-        let term = leader.raft.metrics().borrow().current_term;
-        log.propose(PARTITION, vec![append(1)], Some(done(1)))
-            .await
-            .unwrap();
-        // The leadership goes to another replica and comes back, in a later term.
-        // The leadership goes to another replica and comes back, in later terms. A voter
-        // refuses a campaign while its leader's lease (renewed by every heartbeat) runs, so
-        // the sitting leader stops heartbeating first, as a quiet group would; the third
-        // replica never campaigns on its own.
+    /// Moves the leadership from `leader` to `other` and back, into terms after `term`. A
+    /// voter refuses a campaign while its leader's lease (renewed by every heartbeat) runs,
+    /// so the sitting leader stops heartbeating first, as a quiet group would; the third
+    /// replica never campaigns on its own.
+    async fn there_and_back(all: &[&Replica], leader: &Replica, other: &Replica, term: u64) {
+        let ids = [
+            leader.raft.metrics().borrow().id,
+            other.raft.metrics().borrow().id,
+        ];
         let third = *all
             .iter()
-            .find(|r| {
-                ![first, other.raft.metrics().borrow().id].contains(&r.raft.metrics().borrow().id)
-            })
+            .find(|r| !ids.contains(&r.raft.metrics().borrow().id))
             .unwrap();
         third.raft.runtime_config().elect(false);
         for (from, to) in [(leader, other), (other, leader)] {
@@ -510,6 +481,40 @@ mod proposer {
             .metrics(|m| m.state.is_leader(), "leads again")
             .await
             .unwrap();
+    }
+
+    /// A publish queued in the proposer while its leader's term ends (here, held by a
+    /// leadership transfer that went there and back) fails rather than entering the log
+    /// under the leader's next term: its writer read its state in a term that ended, and a
+    /// leader elected in between may have written to the same user. What comes after it,
+    /// proposed in the new term, goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposal_made_in_an_ended_term_fails() {
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let first = leader_of(&all).await;
+        let by_id = |id: u64| {
+            *all.iter()
+                .find(|r| r.raft.metrics().borrow().id == id)
+                .unwrap()
+        };
+        let leader = by_id(first);
+        let other = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id != first)
+            .unwrap();
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, leader.raft.clone());
+        let (done, mut rx) = answers();
+
+        let hold = log
+            .hold(PARTITION)
+            .expect("the leader replicates the partition");
+        let term = leader.raft.metrics().borrow().current_term;
+        log.propose(PARTITION, vec![append(1)], Some(done(1)))
+            .await
+            .unwrap();
+        there_and_back(&all, leader, other, term).await;
         applied_all(leader).await;
         log.propose(PARTITION, vec![append(1)], Some(done(2)))
             .await
@@ -526,5 +531,43 @@ mod proposer {
         assert_eq!(seq, 2);
         fresh.unwrap();
         converged(&all, 1).await;
+    }
+    /// A barrier settles the partition for its leader's term: a mailbox started later in
+    /// that term, after a clean stop of its predecessor, reads its state without a barrier
+    /// of its own. A leadership that went elsewhere and came back has a new term, and the
+    /// partition is not settled until a barrier in it; a follower never is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_barrier_settles_the_partition_for_its_leaders_term_only() {
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let first = leader_of(&all).await;
+        let leader = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id == first)
+            .unwrap();
+        let other = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id != first)
+            .unwrap();
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, leader.raft.clone());
+        assert!(!log.settled(PARTITION), "no barrier yet");
+        log.barrier(PARTITION).await.unwrap();
+        assert!(log.settled(PARTITION), "settled by the barrier");
+
+        let term = leader.raft.metrics().borrow().current_term;
+        there_and_back(&all, leader, other, term).await;
+        assert!(log.leader_term(PARTITION).is_some_and(|t| t > term));
+        assert!(
+            !log.settled(PARTITION),
+            "a barrier of an earlier term settles nothing now"
+        );
+        log.barrier(PARTITION).await.unwrap();
+        assert!(log.settled(PARTITION), "settled in the new term");
+
+        let follower = RaftLog::new(1 << 30);
+        follower.insert(PARTITION, other.raft.clone());
+        assert!(follower.barrier(PARTITION).await.is_err(), "not the leader");
+        assert!(!follower.settled(PARTITION));
     }
 }

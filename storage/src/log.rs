@@ -58,6 +58,15 @@ pub trait PartitionLog: Send + Sync + 'static {
     fn replicated(&self) -> bool {
         false
     }
+
+    /// Whether a barrier on `partition` has completed under this node's current leadership
+    /// of it. Then every entry of earlier leaderships is applied here, and a writer whose
+    /// predecessor in this leadership stopped with nothing in flight (asleep or idle, not
+    /// crashed) reads its state without a barrier of its own: what that predecessor wrote
+    /// was applied before it stopped. `false` when unknown.
+    fn settled(&self, _partition: PartitionId) -> bool {
+        false
+    }
 }
 
 /// The single-node log: every partition commits straight to the local database.

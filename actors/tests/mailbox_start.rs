@@ -1,0 +1,201 @@
+//! How a mailbox starts on a replicated log: the registry starts mailboxes one at a time,
+//! so a barrier (about one commit under load) in every start would hold up every other start
+//! on the node. Once a barrier has settled the partition under this leadership, a mailbox
+//! whose predecessor stopped cleanly starts without one; after a failed write it waits for
+//! one, as after a crash.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_bytes::ByteBuf;
+use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs};
+use warbler_storage::log::BoxFuture;
+use warbler_storage::{
+    Committer, CommitterLimits, Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store,
+};
+
+/// How long the log's barrier takes: as one commit does on a loaded cluster.
+const BARRIER_TAKES: Duration = Duration::from_millis(200);
+
+/// The single-node log dressed as a replicated one: its barrier takes [`BARRIER_TAKES`] and
+/// settles its partition, and its writes can be made to fail.
+struct Replicated {
+    inner: LocalLog,
+    barriers: AtomicUsize,
+    settled: Mutex<HashSet<PartitionId>>,
+    failing: AtomicBool,
+}
+
+impl PartitionLog for Replicated {
+    fn propose(
+        &self,
+        partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        if self.failing.load(Ordering::Relaxed) {
+            if let Some(done) = done {
+                done(Err(StorageError::NotWritable {
+                    partition,
+                    reason: "the test fails this write".into(),
+                }));
+            }
+            return Box::pin(async { Ok(()) });
+        }
+        self.inner.propose(partition, ops, done)
+    }
+
+    fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.barriers.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(BARRIER_TAKES).await;
+            self.inner.barrier(partition).await?;
+            self.settled.lock().unwrap().insert(partition);
+            Ok(())
+        })
+    }
+
+    fn leader_term(&self, partition: PartitionId) -> Option<u64> {
+        self.inner.leader_term(partition)
+    }
+
+    fn replicated(&self) -> bool {
+        true
+    }
+
+    fn settled(&self, partition: PartitionId) -> bool {
+        self.settled.lock().unwrap().contains(&partition)
+    }
+}
+
+async fn mailboxes(
+    idle_timeout: Duration,
+) -> (Mailboxes, Arc<Replicated>, Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let limits = CommitterLimits {
+        batch_records_max: 64,
+        batch_bytes_max: 1 << 20,
+        queue_max: 64,
+        sync: true,
+    };
+    let log = Arc::new(Replicated {
+        inner: LocalLog::new(Committer::start(store.clone(), limits)),
+        barriers: AtomicUsize::new(0),
+        settled: Mutex::default(),
+        failing: AtomicBool::new(false),
+    });
+    let (mailboxes, _) = Mailboxes::start(RegistryArgs {
+        store: store.clone(),
+        log: log.clone(),
+        limits: MailboxLimits {
+            inflight_max: 16,
+            tail_cache_max: 8,
+            idle_timeout,
+            sleep_after: Duration::ZERO,
+            unacked_max: 0,
+        },
+        partitions: 64,
+    })
+    .await
+    .unwrap();
+    (mailboxes, log, store, dir)
+}
+
+/// Stops the mailboxes and waits until the database is closed: no thread may hold it while
+/// the test process exits.
+async fn close(mb: Mailboxes, log: Arc<Replicated>, store: Store) {
+    mb.stop();
+    drop(log);
+    let start = std::time::Instant::now();
+    while store.handles() > 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the database stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `n` users of one partition.
+fn users_of_one_partition(mb: &Mailboxes, n: usize) -> Vec<String> {
+    let partition = mb.partition_of("u0");
+    (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|u| mb.partition_of(u) == partition)
+        .take(n)
+        .collect()
+}
+
+fn body() -> ByteBuf {
+    ByteBuf::from(b"hi".to_vec())
+}
+
+async fn wait_until_no_mailbox_runs(mb: &Mailboxes) {
+    let start = std::time::Instant::now();
+    while mb.active_count().await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the mailboxes never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailboxes_of_a_settled_partition_start_without_a_barrier() {
+    let (mb, log, store, _dir) = mailboxes(Duration::from_millis(100)).await;
+    let users = users_of_one_partition(&mb, 40);
+    let partition = mb.partition_of(&users[0]);
+
+    assert_eq!(mb.publish(&users[0], "m1", body(), None).await.unwrap(), 1);
+    assert_eq!(
+        log.barriers.load(Ordering::Relaxed),
+        1,
+        "the first start settles"
+    );
+
+    let publishes = users
+        .iter()
+        .map(|u| mb.publish(u, "m2", body(), None))
+        .collect::<Vec<_>>();
+    for (user, seq) in users.iter().zip(futures::future::join_all(publishes).await) {
+        let want = if user == &users[0] { 2 } else { 1 };
+        assert_eq!(seq.unwrap(), want, "{user}");
+    }
+    assert_eq!(
+        log.barriers.load(Ordering::Relaxed),
+        1,
+        "39 more mailboxes started in a settled partition without a barrier each"
+    );
+
+    // Idle mailboxes stop with nothing in flight; their successors read what they wrote.
+    wait_until_no_mailbox_runs(&mb).await;
+    assert_eq!(mb.publish(&users[0], "m3", body(), None).await.unwrap(), 3);
+    assert_eq!(log.barriers.load(Ordering::Relaxed), 1);
+    assert_eq!(store.last_seq(partition, &users[0]).unwrap(), 3);
+    close(mb, log, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_that_stopped_on_a_failed_write_restarts_behind_a_barrier() {
+    let (mb, log, store, _dir) = mailboxes(Duration::from_secs(60)).await;
+    assert_eq!(mb.publish("ann", "m1", body(), None).await.unwrap(), 1);
+    assert_eq!(log.barriers.load(Ordering::Relaxed), 1);
+
+    log.failing.store(true, Ordering::Relaxed);
+    let failed = mb.publish("ann", "m2", body(), None).await;
+    assert!(failed.is_err(), "{failed:?}");
+    log.failing.store(false, Ordering::Relaxed);
+    // The failed write stopped the mailbox; the next publish starts a new one.
+    wait_until_no_mailbox_runs(&mb).await;
+    assert_eq!(mb.publish("ann", "m2", body(), None).await.unwrap(), 2);
+    assert_eq!(
+        log.barriers.load(Ordering::Relaxed),
+        2,
+        "its predecessor may have left writes in flight: the new mailbox waited for them"
+    );
+    close(mb, log, store).await;
+}
