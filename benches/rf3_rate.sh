@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# A 3-node RF 3 cluster at a fixed offered rate, RUNS times, each on a fresh cluster: the
+# load's publish->deliver percentiles, the cluster's CPU during the run, each node's own
+# accepted -> durable p99 (warbler_publish_seconds), and where deliveries at least SLOW_MS
+# late waited: "in" (due -> accepted by the user's mailbox: routing, mailbox start) or "out"
+# (accepted -> received: replication, commit, delivery). With CLOSED=1 a closed-loop run
+# on other users comes first, as in benches/replication.sh before its half-load run.
+#
+#   bash benches/rf3_rate.sh                        # RATE=2300 DURATION=10 RUNS=2 SLOW_MS=100
+#   BIN=/some/other/build bash benches/rf3_rate.sh  # the same against other binaries
+#   RATE=0 bash benches/rf3_rate.sh                 # closed loop: the cluster's maximum
+#
+# Nothing else should run on the machine meanwhile: servers and load share the cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/prereqs.sh
+RATE="${RATE:-2300}"
+DURATION="${DURATION:-10}"
+RUNS="${RUNS:-2}"
+SLOW_MS="${SLOW_MS:-100}"
+CLOSED="${CLOSED:-}"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --workspace --bin warbler --bin warbler-load >&2
+    BIN="$CARGO_TARGET_DIR/release"
+fi
+work=$(mktemp -d)
+PIDS=()
+trap 'kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
+ADDRS=127.0.0.1:17900,127.0.0.1:17901,127.0.0.1:17902
+
+load() { # load PREFIX RATE [extra env]: one warbler-load run; its stderr goes to $work/slow.txt
+    "$BIN/warbler-load" run --system warbler --addr "$ADDRS" --jwt-secret-file "$work/secret" \
+        --users 1000 --devices 2 --publishers 4 --procs 2 --body-bytes 256 \
+        --duration-secs "$DURATION" --rate "$2" --window 1024 --user-prefix "$1" \
+        2> "$work/slow.txt" | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
+}
+cpu_ticks() { local c=0 p; for p in "${PIDS[@]}"; do c=$((c + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $c; }
+
+for run in $(seq "$RUNS"); do
+    PIDS=()
+    for i in 0 1 2; do
+        rm -rf "$work/n$i"
+        WARBLER_LOG=warn "$BIN/warbler" serve --node-id "n$i" --data-dir "$work/n$i" \
+            --jwt-secret-file "$work/secret" --client-addr "127.0.0.1:1790$i" \
+            --http-addr "127.0.0.1:1798$i" --cluster-addr "127.0.0.1:1791$i" \
+            --seeds 127.0.0.1:17910 --bootstrap-expect 3 > "$work/n$i.out" 2>&1 &
+        PIDS+=($!)
+    done
+    for i in 0 1 2; do
+        for _ in $(seq 600); do
+            curl -sf "http://127.0.0.1:1798$i/readyz" >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+    done
+    # The leaders spread a few seconds after formation: measure after that.
+    sleep 8
+    if [ -n "$CLOSED" ]; then
+        echo "== run $run: closed loop first"
+        load "c$run" 0
+    fi
+    echo "== run $run: 3 nodes, RF 3, $RATE/s offered for $DURATION s"
+    c0=$(cpu_ticks); t0=$(date +%s.%N)
+    WARBLER_LOAD_SLOW_MS="$SLOW_MS" load "r$run" "$RATE"
+    c1=$(cpu_ticks); t1=$(date +%s.%N)
+    echo "cluster CPU from connect to the last delivery: $(echo "scale=0; 100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0)" | bc)% of one core"
+    for i in 0 1 2; do
+        curl -s "http://127.0.0.1:1798$i/metrics" \
+            | grep -E '^warbler_publish_seconds\{quantile="(0.99|1)"\}' | sed "s/^/node n$i: /"
+    done
+    kill -9 "${PIDS[@]}"; wait "${PIDS[@]}" 2>/dev/null || true; PIDS=()
+    python3 - "$work/slow.txt" "$SLOW_MS" <<'PY'
+import collections, re, sys
+text = open(sys.argv[1]).read()
+slow = [tuple(map(int, m)) for m in re.findall(r"slow delivery due_ms=(\d+) accepted_ms=(\d+) received_ms=(\d+)", text)]
+print(f"deliveries >= {sys.argv[2]} ms late: {len(slow)}")
+if not slow:
+    sys.exit()
+t0 = min(d for d, *_ in slow)
+windows = collections.defaultdict(list)
+for due, acc, recv in slow:
+    windows[(due - t0) // 1000].append((acc - due, recv - acc))
+for at in sorted(windows):
+    d = windows[at]
+    print(f"  second {at:>3}: {len(d):>5} late, in max {max(x for x, _ in d):>5} ms, out max {max(y for _, y in d):>5} ms")
+PY
+done
