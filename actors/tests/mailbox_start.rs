@@ -4,6 +4,8 @@
 //! whose predecessor stopped cleanly starts without one; after a failed write it waits for
 //! one, as after a crash.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,9 +14,7 @@ use std::time::Duration;
 use serde_bytes::ByteBuf;
 use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs};
 use warbler_storage::log::BoxFuture;
-use warbler_storage::{
-    Committer, CommitterLimits, Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store,
-};
+use warbler_storage::{Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store};
 
 /// How long the log's barrier takes: as one commit does on a loaded cluster.
 const BARRIER_TAKES: Duration = Duration::from_millis(200);
@@ -73,16 +73,9 @@ impl PartitionLog for Replicated {
 async fn mailboxes(
     idle_timeout: Duration,
 ) -> (Mailboxes, Arc<Replicated>, Store, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let limits = CommitterLimits {
-        batch_records_max: 64,
-        batch_bytes_max: 1 << 20,
-        queue_max: 64,
-        sync: true,
-    };
+    let (inner, store, dir) = common::local_log();
     let log = Arc::new(Replicated {
-        inner: LocalLog::new(Committer::start(store.clone(), limits)),
+        inner,
         barriers: AtomicUsize::new(0),
         settled: Mutex::default(),
         failing: AtomicBool::new(false),
@@ -102,21 +95,6 @@ async fn mailboxes(
     .await
     .unwrap();
     (mailboxes, log, store, dir)
-}
-
-/// Stops the mailboxes and waits until the database is closed: no thread may hold it while
-/// the test process exits.
-async fn close(mb: Mailboxes, log: Arc<Replicated>, store: Store) {
-    mb.stop();
-    drop(log);
-    let start = std::time::Instant::now();
-    while store.handles() > 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the database stays open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// `n` users of one partition.
@@ -176,7 +154,7 @@ async fn mailboxes_of_a_settled_partition_start_without_a_barrier() {
     assert_eq!(mb.publish(&users[0], "m3", body(), None).await.unwrap(), 3);
     assert_eq!(log.barriers.load(Ordering::Relaxed), 1);
     assert_eq!(store.last_seq(partition, &users[0]).unwrap(), 3);
-    close(mb, log, store).await;
+    common::close(mb, log, store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,5 +175,5 @@ async fn a_mailbox_that_stopped_on_a_failed_write_restarts_behind_a_barrier() {
         2,
         "its predecessor may have left writes in flight: the new mailbox waited for them"
     );
-    close(mb, log, store).await;
+    common::close(mb, log, store).await;
 }

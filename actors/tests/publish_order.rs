@@ -2,6 +2,8 @@
 //! that one was taken, and refuses new publishes at once while its partition's log is at its
 //! backlog bound.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +11,7 @@ use std::time::Duration;
 use serde_bytes::ByteBuf;
 use warbler_actors::{MailboxError, MailboxLimits, Mailboxes, RegistryArgs};
 use warbler_storage::log::BoxFuture;
-use warbler_storage::{
-    Committer, CommitterLimits, Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store,
-};
+use warbler_storage::{Done, LocalLog, Op, PartitionId, PartitionLog, StorageError, Store};
 
 /// The single-node log, with a switch that says the partition is at its backlog bound.
 struct Switched {
@@ -43,16 +43,9 @@ impl PartitionLog for Switched {
 }
 
 async fn mailboxes() -> (Mailboxes, Arc<Switched>, Store, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let limits = CommitterLimits {
-        batch_records_max: 64,
-        batch_bytes_max: 1 << 20,
-        queue_max: 64,
-        sync: true,
-    };
+    let (inner, store, dir) = common::local_log();
     let log = Arc::new(Switched {
-        inner: LocalLog::new(Committer::start(store.clone(), limits)),
+        inner,
         full: AtomicBool::new(false),
     });
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
@@ -70,21 +63,6 @@ async fn mailboxes() -> (Mailboxes, Arc<Switched>, Store, tempfile::TempDir) {
     .await
     .unwrap();
     (mailboxes, log, store, dir)
-}
-
-/// Stops the mailboxes and waits until the database is closed: no thread may hold it while
-/// the test process exits.
-async fn close(mb: Mailboxes, log: Arc<Switched>, store: Store) {
-    mb.stop();
-    drop(log);
-    let start = std::time::Instant::now();
-    while store.handles() > 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the database stays open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn body(s: &str) -> ByteBuf {
@@ -108,7 +86,7 @@ async fn a_publish_after_one_not_taken_is_refused_and_taken_once_that_one_is() {
     let again = mb.publish_after("ann", "b", body("b"), None, Some("never-sent".into()));
     assert_eq!(again.await.unwrap(), 2);
     assert_eq!(store.last_seq(mb.partition_of("ann"), "ann").unwrap(), 2);
-    close(mb, log, store).await;
+    common::close(mb, log, store).await;
 }
 
 #[tokio::test]
@@ -137,5 +115,5 @@ async fn a_full_backlog_refuses_new_publishes_at_once_but_answers_retries() {
         "nothing was skipped"
     );
     assert_eq!(store.last_seq(mb.partition_of("ann"), "ann").unwrap(), 2);
-    close(mb, log, store).await;
+    common::close(mb, log, store).await;
 }

@@ -438,6 +438,23 @@ mod proposer {
         assert_eq!(last_index(&r), before + 2);
     }
 
+    /// The group's leader among `all`, one of its followers, and the replicated log over the
+    /// leader's group.
+    async fn leader_with_log<'a>(all: &[&'a Replica]) -> (&'a Replica, &'a Replica, RaftLog) {
+        let first = leader_of(all).await;
+        let leader = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id == first)
+            .unwrap();
+        let other = *all
+            .iter()
+            .find(|r| r.raft.metrics().borrow().id != first)
+            .unwrap();
+        let log = RaftLog::new(1 << 30);
+        log.insert(PARTITION, leader.raft.clone());
+        (leader, other, log)
+    }
+
     /// Moves the leadership from `leader` to `other` and back, into terms after `term`. A
     /// voter refuses a campaign while its leader's lease (renewed by every heartbeat) runs,
     /// so the sitting leader stops heartbeating first, as a quiet group would; the third
@@ -492,19 +509,7 @@ mod proposer {
     async fn a_proposal_made_in_an_ended_term_fails() {
         let nodes = three_replicas().await;
         let all: Vec<&Replica> = nodes.iter().collect();
-        let first = leader_of(&all).await;
-        let by_id = |id: u64| {
-            *all.iter()
-                .find(|r| r.raft.metrics().borrow().id == id)
-                .unwrap()
-        };
-        let leader = by_id(first);
-        let other = *all
-            .iter()
-            .find(|r| r.raft.metrics().borrow().id != first)
-            .unwrap();
-        let log = RaftLog::new(1 << 30);
-        log.insert(PARTITION, leader.raft.clone());
+        let (leader, other, log) = leader_with_log(&all).await;
         let (done, mut rx) = answers();
 
         let hold = log
@@ -540,17 +545,7 @@ mod proposer {
     async fn a_barrier_settles_the_partition_for_its_leaders_term_only() {
         let nodes = three_replicas().await;
         let all: Vec<&Replica> = nodes.iter().collect();
-        let first = leader_of(&all).await;
-        let leader = *all
-            .iter()
-            .find(|r| r.raft.metrics().borrow().id == first)
-            .unwrap();
-        let other = *all
-            .iter()
-            .find(|r| r.raft.metrics().borrow().id != first)
-            .unwrap();
-        let log = RaftLog::new(1 << 30);
-        log.insert(PARTITION, leader.raft.clone());
+        let (leader, other, log) = leader_with_log(&all).await;
         assert!(!log.settled(PARTITION), "no barrier yet");
         log.barrier(PARTITION).await.unwrap();
         assert!(log.settled(PARTITION), "settled by the barrier");
