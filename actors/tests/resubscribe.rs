@@ -2,6 +2,8 @@
 //! where it was, and the connection (here: its writer queue) never notices. A mailbox whose
 //! devices acknowledged everything sleeps, and the next publish wakes it.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use warbler_actors::outbox::{Out, SessionRef};
 use warbler_actors::{MailboxLimits, Mailboxes, OutReceiver, OutSender, Outbox, RegistryArgs};
 use warbler_actors::{MailboxMsg, Session};
 use warbler_client::Frame;
-use warbler_storage::{Committer, CommitterLimits, LocalLog, Store};
+use warbler_storage::Store;
 
 async fn next(rx: &mut OutReceiver) -> Frame {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -50,16 +52,7 @@ impl Fixture {
     /// Stops every mailbox and closes the database here, before the test ends: the
     /// committer thread must not hold it while the process exits.
     async fn close(self) {
-        self.mailboxes.stop();
-        let start = std::time::Instant::now();
-        while self.store.handles() > 1 {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "the database still has {} handles 5 s after the mailboxes stopped",
-                self.store.handles()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        common::close(self.mailboxes, (), self.store).await;
     }
 }
 
@@ -68,15 +61,8 @@ async fn single_node_mailboxes() -> Fixture {
 }
 
 async fn mailboxes_sleeping_after(sleep_after: Duration) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let limits = CommitterLimits {
-        batch_records_max: 64,
-        batch_bytes_max: 1 << 20,
-        queue_max: 64,
-        sync: true,
-    };
-    let log = Arc::new(LocalLog::new(Committer::start(store.clone(), limits)));
+    let (log, store, dir) = common::local_log();
+    let log = Arc::new(log);
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
         store: store.clone(),
         log,
