@@ -3,7 +3,8 @@
 # load's publish->deliver percentiles, the cluster's CPU during the run, each node's own
 # accepted -> durable p99 (warbler_publish_seconds), and where deliveries at least SLOW_MS
 # late waited: "in" (due -> accepted by the user's mailbox: routing, mailbox start) or "out"
-# (accepted -> received: replication, commit, delivery). With CLOSED=1 a closed-loop run
+# (accepted -> received: replication, commit, delivery); and the peer requests the nodes
+# served during the run, by kind, per message made durable. With CLOSED=1 a closed-loop run
 # on other users comes first, as in benches/replication.sh before its half-load run.
 #
 #   bash benches/rf3_rate.sh                        # RATE=2300 DURATION=10 RUNS=2 SLOW_MS=100
@@ -35,6 +36,11 @@ load() { # load PREFIX RATE [extra env]: one warbler-load run; its stderr goes t
         --duration-secs "$DURATION" --rate "$2" --window 1024 --user-prefix "$1" \
         2> "$work/slow.txt" | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
 }
+counters() { # every node's peer requests by kind, follower appends, and publishes, summed
+    for i in 0 1 2; do curl -s "http://127.0.0.1:1798$i/metrics"; done \
+        | grep -E '^warbler_(peer_requests_total|raft_appends_received_total|publishes_total)' \
+        | awk '{sum[$1] += $2} END {for (k in sum) print k, sum[k]}' | sort
+}
 cpu_ticks() { local c=0 p; for p in "${PIDS[@]}"; do c=$((c + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $c; }
 
 for run in $(seq "$RUNS"); do
@@ -60,10 +66,22 @@ for run in $(seq "$RUNS"); do
         load "c$run" 0
     fi
     echo "== run $run: 3 nodes, RF 3, $RATE/s offered for $DURATION s"
+    counters > "$work/before.txt"
     c0=$(cpu_ticks); t0=$(date +%s.%N)
     WARBLER_LOAD_SLOW_MS="$SLOW_MS" load "r$run" "$RATE"
     c1=$(cpu_ticks); t1=$(date +%s.%N)
     echo "cluster CPU from connect to the last delivery: $(echo "scale=0; 100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0)" | bc)% of one core"
+    counters > "$work/after.txt"
+    python3 - "$work/before.txt" "$work/after.txt" <<'PY'
+import sys
+read = lambda f: {k: float(v) for k, v in (l.split() for l in open(f))}
+before, after = read(sys.argv[1]), read(sys.argv[2])
+delta = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+published = delta.pop("warbler_publishes_total", 0)
+print(f"peer requests during the run, all nodes, per message made durable ({published:.0f}):")
+for k, v in sorted(delta.items(), key=lambda kv: -kv[1]):
+    print(f"  {k:<70} {v:>9.0f}  {v / max(published, 1):6.2f}")
+PY
     for i in 0 1 2; do
         curl -s "http://127.0.0.1:1798$i/metrics" \
             | grep -E '^warbler_publish_seconds\{quantile="(0.99|1)"\}' | sed "s/^/node n$i: /"

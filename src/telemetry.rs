@@ -187,6 +187,14 @@ fn describe() {
         "warbler_peer_connections_refused_total",
         "Inbound cluster-port connections refused (wrong key, certificate, cluster id, version)"
     );
+    describe_counter!(
+        "warbler_peer_requests_total",
+        "Requests served for peers, by kind (append_entries, publish, deliver, ack, ...)"
+    );
+    describe_counter!(
+        "warbler_raft_appends_received_total",
+        "AppendEntries received as a follower, carrying entries or nothing (a heartbeat or a commit index)"
+    );
     describe_counter!("warbler_fsync_batches_total", "Synced write batches");
     describe_histogram!(
         "warbler_fsync_batch_records",

@@ -1325,6 +1325,10 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     let to: Vec<String> = (0..300).map(|i| format!("fan{i}")).collect();
     let body = serde_json::json!({"to": to, "id": "fan-1", "body": "hello"}).to_string();
     let tok = token("backend", "publish");
+    let shares = r#"warbler_peer_requests_total{kind="publish_many"}"#;
+    let singles = r#"warbler_peer_requests_total{kind="publish"}"#;
+    let shares_before = metric_sum(&cluster, shares, None).await;
+    let singles_before = metric_sum(&cluster, singles, None).await;
     let mut answers = Vec::new();
     for _ in 0..2 {
         let (status, v) = cluster.nodes[0]
@@ -1346,6 +1350,14 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     assert_eq!(
         answers[0], answers[1],
         "the same request again answers the same seqs"
+    );
+    // Each partition's share went to its leader as one request: 600 recipients in all, at
+    // most 64 partitions a request (a share re-sent after a leader change may add a few).
+    let shares = metric_sum(&cluster, shares, None).await - shares_before;
+    let singles = metric_sum(&cluster, singles, None).await - singles_before;
+    assert!(
+        (1..300).contains(&shares) && singles == 0,
+        "600 recipients took {shares} share requests and {singles} single publishes"
     );
     // History is read from node 1's own replicas, which may apply a moment after commit.
     for user in ["fan0", "fan150", "fan299"] {

@@ -277,6 +277,9 @@ impl PeerHandler for RaftService {
                 PeerKind::AppendEntries => {
                     let req: AppendEntriesRequest<TypeConfig> = request(&body)?;
                     let entries = req.entries.len();
+                    let carrying = if entries == 0 { "nothing" } else { "entries" };
+                    metrics::counter!("warbler_raft_appends_received_total", "carrying" => carrying)
+                        .increment(1);
                     let answer = reply(&raft.append_entries(req).await);
                     wake_on_append(&quiet, partition, &raft, entries);
                     return answer;

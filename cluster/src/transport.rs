@@ -672,6 +672,7 @@ async fn serve_peer((mut r, w): Halves, from: String, handler: Arc<dyn PeerHandl
             }
             continue;
         };
+        metrics::counter!("warbler_peer_requests_total", "kind" => kind.name()).increment(1);
         if kind == PeerKind::Probe {
             let pong = PeerFrame::Response {
                 id,

@@ -114,6 +114,35 @@ impl PeerKind {
         PeerKind::ALL.into_iter().find(|k| *k as u8 == n)
     }
 
+    /// The kind's name in metrics labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::AppendEntries => "append_entries",
+            PeerKind::Vote => "vote",
+            PeerKind::InstallSnapshot => "install_snapshot",
+            PeerKind::Quiesce => "quiesce",
+            PeerKind::Wake => "wake",
+            PeerKind::Publish => "publish",
+            PeerKind::Subscribe => "subscribe",
+            PeerKind::Ack => "ack",
+            PeerKind::Unsubscribe => "unsubscribe",
+            PeerKind::Deliver => "deliver",
+            PeerKind::Closed => "closed",
+            PeerKind::Devices => "devices",
+            PeerKind::PublishMany => "publish_many",
+            PeerKind::Members => "members",
+            PeerKind::Join => "join",
+            PeerKind::Reconfigure => "reconfigure",
+            PeerKind::MemberOf => "member_of",
+            PeerKind::Decommission => "decommission",
+            PeerKind::Applied => "applied",
+            PeerKind::Leading => "leading",
+            PeerKind::HandLead => "hand_lead",
+            PeerKind::TakeLead => "take_lead",
+            PeerKind::Probe => "probe",
+        }
+    }
+
     pub fn layer(self) -> Layer {
         match self as u8 {
             1..=5 => Layer::Consensus,
