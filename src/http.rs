@@ -210,6 +210,7 @@ impl NodeView for SingleNode {
                 zone: None,
             }],
             member_list_epoch: None,
+            member_list_leader: None,
             decommissioned: false,
             replicas_held: None,
             replication_factor: Some(1),

@@ -985,10 +985,10 @@ async fn wait_settled(cluster: &Cluster, nodes: &[usize], within: Duration) -> D
 }
 
 /// Scaling out and in under load: a fourth node joins the running cluster and partitions
-/// move to it; then one of the original nodes is decommissioned, its partitions move away,
-/// and it is stopped. Publishers run on every node throughout. Afterwards every acknowledged
-/// message is delivered in order with no gap, every id has one seq, and no partition's group
-/// still counts the removed node.
+/// move to it; then one of the original nodes, the member list's leader when it is one, is
+/// decommissioned, its partitions move away, and it is stopped. Publishers run on every
+/// node throughout. Afterwards every acknowledged message is delivered in order with no
+/// gap, every id has one seq, and no partition's group still counts the removed node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     let mut cluster = Cluster::start(3).await;
@@ -1025,16 +1025,33 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     );
     let acked_before = acked_count(&outcomes);
 
-    // Scale in: decommission n1 through n2's API.
+    // Scale in: decommission the member list's leader (the node that coordinates the
+    // moves, and commits its own removal), through another node's API. Its partitions
+    // must still move away. n3 stays: its replicas are read at the end.
+    let leader = cluster.nodes[0]
+        .status()
+        .await
+        .expect("n0 answers")
+        .member_list_leader
+        .expect("a formed cluster knows its member list's leader");
+    let gone = match leader.as_str() {
+        "n0" => 0,
+        "n2" => 2,
+        _ => 1,
+    };
+    let name = format!("n{gone}");
+    let via = if gone == 2 { 0 } else { 2 };
+    let rest: Vec<usize> = (0..4).filter(|i| *i != gone).collect();
+    println!("scale in: the member list's leader is {leader}; decommissioning {name}");
     let t1 = Instant::now();
-    let body = serde_json::json!({"node": "n1"});
-    let v: Decommissioned = NodeHttp::new(&cluster.nodes[2].http)
+    let body = serde_json::json!({ "node": name });
+    let v: Decommissioned = NodeHttp::new(&cluster.nodes[via].http)
         .post("/v1/cluster/decommission", &token("ops", "admin"), &body)
         .await
         .expect("decommission answers 200");
-    assert!(!v.members.iter().any(|n| n == "n1"), "{v:?}");
+    assert!(!v.members.contains(&name), "{v:?}");
     // Bad requests are refused with a reason, and change nothing.
-    let (status, v) = cluster.nodes[0]
+    let (status, v) = cluster.nodes[via]
         .http(
             "POST",
             "/v1/cluster/decommission",
@@ -1047,13 +1064,13 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     assert!(e.error.message.contains("not a member"), "{e:?}");
     let start = Instant::now();
     loop {
-        let v = cluster.nodes[1].status().await.expect("n1 answers");
+        let v = cluster.nodes[gone].status().await.expect("it answers");
         if v.replicas_held == Some(0) && v.decommissioned {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(180),
-            "n1 still holds replicas: {:?}; partitions it holds: {:?}",
+            "{name} still holds replicas: {:?}; partitions it holds: {:?}",
             v.replicas_held,
             v.partitions
                 .iter()
@@ -1062,25 +1079,25 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (status, _) = cluster.nodes[1].http("GET", "/readyz", None, "").await;
+    let (status, _) = cluster.nodes[gone].http("GET", "/readyz", None, "").await;
     assert_eq!(status, 503, "a decommissioned node is not ready");
     clients
         .lock()
         .unwrap()
-        .retain(|c| *c != cluster.nodes[1].client);
-    cluster.nodes[1].kill9();
-    wait_settled(&cluster, &[0, 2, 3], Duration::from_secs(60)).await;
-    for i in [0, 2, 3] {
+        .retain(|c| *c != cluster.nodes[gone].client);
+    cluster.nodes[gone].kill9();
+    wait_settled(&cluster, &rest, Duration::from_secs(60)).await;
+    for &i in &rest {
         let v = cluster.nodes[i].status().await.expect("a member answers");
         for p in &v.partitions {
             assert!(
-                !p.replicas.iter().any(|n| n == "n1"),
-                "n{i}: partition {} still counts n1: {p:?}",
+                !p.replicas.contains(&name),
+                "n{i}: partition {} still counts {name}: {p:?}",
                 p.partition
             );
         }
     }
-    println!("scale in: n1 emptied and stopped in {:?}", t1.elapsed());
+    println!("scale in: {name} emptied and stopped in {:?}", t1.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_publishers(stop, tasks).await;
     assert!(

@@ -14,6 +14,11 @@ pub struct ClusterStatus {
     /// The member list's epoch (absent on a single node and before the cluster forms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_list_epoch: Option<u64>,
+    /// The node that leads the member list and coordinates partition moves, as the
+    /// answering node knows it (absent on a single node, before the cluster forms, and on
+    /// a decommissioned node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_list_leader: Option<String>,
     /// The answering node was decommissioned.
     #[serde(default)]
     pub decommissioned: bool,

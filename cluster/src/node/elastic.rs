@@ -188,6 +188,18 @@ impl ClusterNode {
         Ok(members::without(list, &name))
     }
 
+    /// The member list's leader, which coordinates the moves, as this node knows it. None
+    /// on a decommissioned node: it stopped its copy of the member-list group, so the
+    /// leader it last saw there may be long gone (itself, when it was the leader that
+    /// committed its own removal).
+    pub(crate) fn coordinator(&self) -> Option<String> {
+        self.formed
+            .get()
+            .filter(|_| !self.has_left())
+            .and_then(|f| group_view(&f.meta, self.my_id).leader)
+            .and_then(|id| self.name_of(id))
+    }
+
     /// On the leader of `partition`: `Settled` when its group already has exactly the
     /// wanted replicas; otherwise starts moving it (if not already) and answers `Moving`.
     pub(crate) fn reconfigure(
@@ -205,11 +217,9 @@ impl ClusterNode {
                 .unwrap_or_default();
             (pl.epoch, placed)
         };
-        let coordinator = self
-            .formed
-            .get()
-            .and_then(|f| group_view(&f.meta, self.my_id).leader)
-            .and_then(|id| self.name_of(id));
+        // A decommissioned node knows no coordinator (see `coordinator`): it takes the
+        // request from any member of the list it kept. Its partitions must still move away.
+        let coordinator = self.coordinator();
         let members = self
             .members
             .read()

@@ -285,6 +285,7 @@ impl ClusterNode {
             node: self.me.clone(),
             members: self.member_status(list.as_ref()),
             member_list_epoch: list.as_ref().map(|l| l.epoch),
+            member_list_leader: self.coordinator(),
             decommissioned: self.has_left(),
             replicas_held: Some(held),
             replication_factor: list.as_ref().map(|l| l.replication_factor),
