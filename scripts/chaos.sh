@@ -34,7 +34,8 @@ done
 "$chaos" run chaos/scenarios/overload.toml --bug unchained-publishes --seed "$SEED" --out "$OUT/bugs" --duration 20 --net "$NET" || true
 took=$(( $(date +%s) - start ))
 cmd="make chaos"
-if [ "$NET" != auto ]; then cmd="NET=$NET make chaos"; fi
+if [ "$NET" != auto ]; then cmd="NET=$NET $cmd"; fi
+if [ "$RUNS" != 5 ]; then cmd="RUNS=$RUNS $cmd"; fi
 printf '{"command": "%s", "date": "%s", "took": "%d min %d s"}\n' \
     "$cmd" "$(date -u +%Y-%m-%d)" $((took / 60)) $((took % 60)) > "$OUT/info.json"
 python3 chaos/report.py "$OUT" docs/chaos.md docs/img
