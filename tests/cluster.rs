@@ -1391,6 +1391,90 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     }
 }
 
+/// Devices connected to a node that leads none of their users ack through their stand-ins
+/// on the leaders. The acks of many devices travel together (fewer `ack_many` requests than
+/// acks, none one by one), and each device's cursor on its leader reaches what it acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_devices_on_other_nodes_reach_their_leaders_together() {
+    let cluster = Cluster::start(3).await;
+    let mut users = Vec::new();
+    for i in 0.. {
+        let user = format!("acker{i}");
+        if user_status(&cluster.nodes[0], &user)
+            .await
+            .leader
+            .as_deref()
+            != Some("n0")
+        {
+            users.push(user);
+        }
+        if users.len() == 40 {
+            break;
+        }
+    }
+    let mut devices = Vec::new();
+    for user in &users {
+        devices.push(cluster.nodes[0].device(user, "phone").await);
+    }
+    let many = r#"warbler_peer_requests_total{kind="ack_many"}"#;
+    let single = r#"warbler_peer_requests_total{kind="ack"}"#;
+    let (many_before, single_before) = (
+        metric_sum(&cluster, many, None).await,
+        metric_sum(&cluster, single, None).await,
+    );
+    const EACH: usize = 5;
+    for round in 0..EACH {
+        for user in &users {
+            cluster.nodes[1]
+                .publish(user, &format!("{user}-{round}"), "hi")
+                .await;
+        }
+    }
+    let receivers: Vec<_> = devices
+        .into_iter()
+        .map(|mut d| {
+            tokio::spawn(async move {
+                common::recv_n_acking(&mut d, EACH).await;
+                d
+            })
+        })
+        .collect();
+    let mut devices = Vec::new();
+    for r in receivers {
+        devices.push(r.await.expect("a device receives and acks"));
+    }
+    for user in &users {
+        let start = Instant::now();
+        loop {
+            let (_, v) = cluster.nodes[2]
+                .http(
+                    "GET",
+                    &format!("/v1/users/{user}/devices"),
+                    Some(&token("ops", "admin")),
+                    "",
+                )
+                .await;
+            if v["devices"][0]["acked"] == EACH {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{user}: the ack of {EACH} never reached the leader: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let acks = users.len() * EACH;
+    let many = metric_sum(&cluster, many, None).await - many_before;
+    let single = metric_sum(&cluster, single, None).await - single_before;
+    println!("{acks} acks of devices on n0 took {many} ack_many requests");
+    assert!(
+        many >= 1 && (many as usize) < acks && single == 0,
+        "{acks} acks took {many} ack_many and {single} single ack requests"
+    );
+    drop(devices);
+}
+
 /// A counter's value from a node's `/metrics` (0 when it has not been counted yet).
 async fn counter(node: &Node, name: &str) -> u64 {
     let (_, text) = common::http_raw(&node.http, "GET", "/metrics", None, b"").await;

@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::wire::{
-    DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq, PublishReq, SubscribeReq, UserReq,
+    AckManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq, PublishReq,
+    SubscribeReq, UserReq,
 };
 use warbler_cluster::{Leader, PeerHandler, RpcCode, RpcError};
 use warbler_storage::PartitionId;
@@ -68,6 +69,7 @@ impl PeerHandler for RouteService {
                 PeerKind::Ack | PeerKind::Unsubscribe => {
                     to_stand_in(&routing, from, kind, decode(&body)?)
                 }
+                PeerKind::AckMany => acks_to_stand_ins(&routing, from, decode(&body)?),
                 PeerKind::Deliver => to_session(&routing, decode(&body)?),
                 PeerKind::Closed => closed(&routing, decode(&body)?),
                 other => Err(RpcError::new(
@@ -152,6 +154,25 @@ fn to_stand_in(
         None => Err(MailboxError::Restarted),
     };
     reply(&result)
+}
+
+/// Devices' acks for the stand-ins of their sessions on `from`; answers the keys whose
+/// stand-in is gone (those sessions subscribe again).
+fn acks_to_stand_ins(routing: &Routing, from: String, r: AckManyReq) -> Result<Vec<u8>, RpcError> {
+    let stand_ins = routing.stand_ins.lock().unwrap();
+    let mut at = (from, 0);
+    let gone: Vec<u64> = r
+        .acks
+        .into_iter()
+        .filter(|&(key, seq)| {
+            at.1 = key;
+            stand_ins
+                .get(&at)
+                .is_none_or(|p| p.cast(SessionMsg::ClientAck(seq)).is_err())
+        })
+        .map(|(key, _)| key)
+        .collect();
+    reply(&Ok::<_, MailboxError>(gone))
 }
 
 /// A delivery batch from a stand-in, for a session on this node.

@@ -13,7 +13,7 @@
 //!
 //! Which node leads a partition is the [`Router`]'s answer (the node's consensus state).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use warbler_cluster::wire::{DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq, Subscribed};
+use warbler_cluster::wire::{
+    AckManyReq, DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq, Subscribed,
+};
 use warbler_cluster::{Leader, PeerError, PeerTransport, Router, RpcCode};
 use warbler_storage::PartitionId;
 
@@ -38,6 +40,24 @@ pub const ROUTE_RETRY_FOR: Duration = Duration::from_secs(15);
 pub(crate) const ROUTE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) type Wire<T> = Result<T, MailboxError>;
+
+/// Most acks one [`PeerKind::AckMany`] request carries (about 20 bytes each on the wire);
+/// more wait for the next request.
+const ACKS_PER_REQUEST_MAX: usize = 4096;
+
+/// The acks waiting to go to one node. While a request to that node is out, the acks of
+/// every session for it gather here and go together in the next one: one request per
+/// round trip however many devices ack, and one per ack when they are few.
+#[derive(Default)]
+struct AckQueue {
+    /// Subscription key → (seq, its session). Acks are cumulative: a session's later ack
+    /// replaces its earlier one, so the queue holds at most one entry per remote session.
+    pending: HashMap<u64, (u64, SessionRef)>,
+    /// A task is sending this queue.
+    sending: bool,
+}
+
+type AckQueues = Arc<Mutex<HashMap<SocketAddr, AckQueue>>>;
 
 /// A local session subscribed to a mailbox on another node.
 struct RemoteSub {
@@ -57,6 +77,8 @@ pub struct Routing {
     remote_subs: Mutex<HashMap<u64, RemoteSub>>,
     /// Stand-ins on this node for sessions elsewhere: (peer name, key) → stand-in.
     pub(crate) stand_ins: Mutex<HashMap<(String, u64), ActorRef<SessionMsg>>>,
+    /// Devices' acks on their way to the stand-ins on other nodes, per node.
+    acks: AckQueues,
 }
 
 impl Routing {
@@ -75,6 +97,7 @@ impl Routing {
             next_key: AtomicU64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             remote_subs: Mutex::default(),
             stand_ins: Mutex::default(),
+            acks: AckQueues::default(),
         }
     }
 
@@ -197,26 +220,21 @@ impl Routing {
         }
     }
 
-    /// Forwards a device's cumulative ack to its stand-in; a failure asks the session to
+    /// Forwards a device's cumulative ack to its stand-in on the node at `addr`, together
+    /// with the other acks for that node ([`AckQueue`]); a failure asks the session to
     /// subscribe again.
     pub(crate) fn ack_remote(&self, addr: SocketAddr, key: u64, seq: u64) {
-        let Some((partition, session)) = self.remote_sub(key) else {
+        let Some((_, session)) = self.remote_sub(key) else {
             return;
         };
-        let body = KeyReq {
-            key,
-            seq,
-            replaced: false,
-        };
-        let routing = self.clone_handle();
-        tokio::spawn(async move {
-            let r: Result<(), MailboxError> = routing
-                .call(addr, partition, PeerKind::Ack, &body, ROUTE_CALL_TIMEOUT)
-                .await;
-            if r.is_err() {
-                session.signal(Signal::Resubscribe);
-            }
-        });
+        let mut queues = self.acks.lock().unwrap();
+        let queue = queues.entry(addr).or_default();
+        let entry = queue.pending.entry(key).or_insert((seq, session));
+        entry.0 = entry.0.max(seq);
+        if !queue.sending {
+            queue.sending = true;
+            tokio::spawn(send_acks(self.clone_handle(), self.acks.clone(), addr));
+        }
     }
 
     /// Ends a remote subscription (the session stops or subscribes elsewhere). It carries
@@ -280,6 +298,7 @@ impl Routing {
 }
 
 /// What a spawned task needs to make a call.
+#[derive(Clone)]
 pub(crate) struct RoutingRef {
     transport: Option<Arc<PeerTransport>>,
 }
@@ -312,6 +331,71 @@ impl RoutingRef {
             MailboxError::Unavailable(format!("undecodable answer from {addr}: {e}"))
         })?;
         answer
+    }
+}
+
+/// Sends the acks gathered for the node at `addr`, one request at a time, until none are
+/// left. A session whose ack did not arrive (its stand-in is gone, or the request failed)
+/// subscribes again from its cursor.
+async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
+    loop {
+        let batch: Vec<(u64, u64, SessionRef)> = {
+            let mut all = queues.lock().unwrap();
+            let Some(queue) = all.get_mut(&addr) else {
+                return;
+            };
+            if queue.pending.is_empty() {
+                all.remove(&addr);
+                return;
+            }
+            let keys: Vec<u64> = queue
+                .pending
+                .keys()
+                .take(ACKS_PER_REQUEST_MAX)
+                .copied()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| queue.pending.remove(&k).map(|(seq, s)| (k, seq, s)))
+                .collect()
+        };
+        let req = AckManyReq {
+            acks: batch.iter().map(|(key, seq, _)| (*key, *seq)).collect(),
+        };
+        let answer: Result<Vec<u64>, MailboxError> = routing
+            .call(addr, 0, PeerKind::AckMany, &req, ROUTE_CALL_TIMEOUT)
+            .await;
+        match answer {
+            Ok(gone) => {
+                let gone: HashSet<u64> = gone.into_iter().collect();
+                for (_, _, session) in batch.iter().filter(|(k, _, _)| gone.contains(k)) {
+                    session.signal(Signal::Resubscribe);
+                }
+            }
+            // A node of the previous release knows one ack per request.
+            Err(MailboxError::Unsupported(_)) => {
+                for (key, seq, session) in batch {
+                    let routing = routing.clone();
+                    tokio::spawn(async move {
+                        let body = KeyReq {
+                            key,
+                            seq,
+                            replaced: false,
+                        };
+                        let r: Result<(), MailboxError> = routing
+                            .call(addr, 0, PeerKind::Ack, &body, ROUTE_CALL_TIMEOUT)
+                            .await;
+                        if r.is_err() {
+                            session.signal(Signal::Resubscribe);
+                        }
+                    });
+                }
+            }
+            Err(_) => {
+                for (_, _, session) in batch {
+                    session.signal(Signal::Resubscribe);
+                }
+            }
+        }
     }
 }
 

@@ -50,6 +50,9 @@ pub enum PeerKind {
     /// Routing: one message to many users of the receiver's partition, a fan-out's share
     /// ([`PublishManyReq`]).
     PublishMany = 17,
+    /// Routing: devices' cumulative acks, for their stand-ins on the receiver, carried
+    /// together ([`AckManyReq`]); answered with the keys whose stand-in is gone.
+    AckMany = 18,
     /// Control: "which nodes form this cluster?" (answered by formed nodes).
     Members = 20,
     /// Control: "add this node to the member list" ([`ListChange`]).
@@ -83,7 +86,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 23] = [
+    pub const ALL: [PeerKind; 24] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -97,6 +100,7 @@ impl PeerKind {
         PeerKind::Closed,
         PeerKind::Devices,
         PeerKind::PublishMany,
+        PeerKind::AckMany,
         PeerKind::Members,
         PeerKind::Join,
         PeerKind::Reconfigure,
@@ -130,6 +134,7 @@ impl PeerKind {
             PeerKind::Closed => "closed",
             PeerKind::Devices => "devices",
             PeerKind::PublishMany => "publish_many",
+            PeerKind::AckMany => "ack_many",
             PeerKind::Members => "members",
             PeerKind::Join => "join",
             PeerKind::Reconfigure => "reconfigure",
@@ -146,7 +151,7 @@ impl PeerKind {
     pub fn layer(self) -> Layer {
         match self as u8 {
             1..=5 => Layer::Consensus,
-            10..=17 => Layer::Route,
+            10..=18 => Layer::Route,
             20..=28 => Layer::Control,
             _ => Layer::Transport,
         }
@@ -218,6 +223,13 @@ pub struct KeyReq {
     pub key: u64,
     pub seq: u64,
     pub replaced: bool,
+}
+
+/// [`PeerKind::AckMany`]: the acks of sessions on the sender for their stand-ins on the
+/// receiver, each `(key, seq)` as in [`KeyReq`]; one per session (acks are cumulative).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AckManyReq {
+    pub acks: Vec<(u64, u64)>,
 }
 
 /// One delivered message (on the wire: `(seq, message)`).
@@ -366,8 +378,8 @@ mod tests {
         assert_eq!(
             numbers,
             [
-                1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25, 26, 27, 28,
-                255
+                1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27,
+                28, 255
             ]
         );
         for k in PeerKind::ALL {
@@ -377,6 +389,7 @@ mod tests {
         assert_eq!(PeerKind::Wake.layer(), Layer::Consensus);
         assert_eq!(PeerKind::Quiesce.layer(), Layer::Consensus);
         assert_eq!(PeerKind::PublishMany.layer(), Layer::Route);
+        assert_eq!(PeerKind::AckMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
         assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
