@@ -47,23 +47,36 @@ def machine():
     return f"{cores} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}"
 
 
-def scenario_table(runs):
+def scenario_table(runs, errors):
     by = {}
     for r in runs:
         by.setdefault(r["scenario"], []).append(r)
+    failed = {}
+    for e in errors:
+        failed.setdefault(e["scenario"], []).append(e)
     lines = [
         "| scenario | runs (seeds) | valid | acknowledged | delivered ids | unknown → recovered "
         "| anomalies | p50 / p99 latency | throughput back (median / max) | worst user stall (median / max) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, rs in sorted(by.items()):
+    for name in sorted(set(by) | set(failed)):
+        rs, es = by.get(name, []), failed.get(name, [])
+        if not rs:
+            seeds = ", ".join(str(e["seed"]) for e in es)
+            lines.append(f"| {name} | {len(es)} ({seeds}) | **0/{len(es)}**, {len(es)} did not "
+                         "finish | – | – | – | – | – | – | – |")
+            continue
         c = [r["check"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
         valid = sum(1 for x in c if x["valid"])
+        unfinished = ""
+        if es:
+            seeds += "; " + ", ".join(str(e["seed"]) for e in es)
+            unfinished = f", {len(es)} did not finish"
         anomalies = sum(x.get(k, 0) for x in c for k in ANOMALIES)
         faults = [f for x in c for f in x["faults"]]
         lines.append(
-            f"| {name} | {len(rs)} ({seeds}) | **{valid}/{len(rs)}** "
+            f"| {name} | {len(rs) + len(es)} ({seeds}) | **{valid}/{len(rs) + len(es)}**{unfinished} "
             f"| {sum(x['acknowledged'] for x in c):,} | {sum(x['delivered'] for x in c):,} "
             f"| {sum(x['unknown'] for x in c):,} → {sum(x['recovered'] for x in c):,} "
             f"| {anomalies} "
@@ -99,7 +112,9 @@ def main(runs_dir, doc, img_dir):
     bugs = load(os.path.join(runs_dir, "bugs", "*", "result.json"))
     if not runs:
         sys.exit(f"no results under {runs_dir}/matrix; run scripts/chaos.sh first")
-    table, by = scenario_table(runs)
+    errors = load(os.path.join(runs_dir, "matrix", "*", "error.json"))
+    table, by = scenario_table(runs, errors)
+    unfinished = [f"- {e['scenario']} seed {e['seed']} did not finish: {e['error']}" for e in errors]
     os.makedirs(img_dir, exist_ok=True)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import plot  # noqa: E402
@@ -128,6 +143,7 @@ def main(runs_dir, doc, img_dir):
         "",
         *table,
         "",
+        *([*unfinished, ""] if unfinished else []),
         "*Anomalies* sums lost, unexpected, duplicate seq assignments, reused seqs, order "
         "violations, gaps, real-time order violations and devices whose final read did not "
         "reach the end, over all runs of the scenario. *Throughput back*: from the fault to "

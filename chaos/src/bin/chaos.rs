@@ -148,6 +148,7 @@ async fn main2() -> anyhow::Result<bool> {
                     .unwrap_or(1)
             });
             let mut all_valid = true;
+            let mut errored = 0;
             let mut results = Vec::new();
             for path in &scenarios {
                 let mut scenario = Scenario::load(path)?;
@@ -157,7 +158,7 @@ async fn main2() -> anyhow::Result<bool> {
                 for r in 0..runs {
                     let seed = first + u64::from(r);
                     let dir = out.join(format!("{}-{seed}", scenario.name));
-                    let res = run(RunOpts {
+                    let res = match run(RunOpts {
                         scenario: scenario.clone(),
                         seed,
                         warbler: warbler.clone(),
@@ -165,7 +166,30 @@ async fn main2() -> anyhow::Result<bool> {
                         net,
                         bug: bug.clone(),
                     })
-                    .await?;
+                    .await
+                    {
+                        Ok(res) => res,
+                        Err(e) => {
+                            // One run that cannot finish (the cluster never settled, a
+                            // node would not start) must not hide the rest of a matrix:
+                            // record it for the report and go on; the exit says so.
+                            eprintln!("run {} seed {seed} did not finish: {e:#}", scenario.name);
+                            std::fs::create_dir_all(&dir)?;
+                            let error = serde_json::json!({
+                                "scenario": scenario.name,
+                                "seed": seed,
+                                "bug": bug,
+                                "error": format!("{e:#}"),
+                            });
+                            std::fs::write(
+                                dir.join("error.json"),
+                                serde_json::to_vec_pretty(&error)?,
+                            )?;
+                            errored += 1;
+                            results.push(dir.join("error.json").display().to_string());
+                            continue;
+                        }
+                    };
                     print!("{}", report::summary(&res.check));
                     if let Some(r) = &res.restore {
                         print!("{}", report::restore_summary(r));
@@ -177,6 +201,13 @@ async fn main2() -> anyhow::Result<bool> {
                 }
             }
             std::fs::write(out.join("runs.json"), serde_json::to_vec_pretty(&results)?)?;
+            anyhow::ensure!(
+                errored == 0,
+                "{errored} of {} runs did not finish (each says why in its error.json under \
+                 {}); replay one with its --seed",
+                results.len(),
+                out.display()
+            );
             Ok(all_valid)
         }
     }
