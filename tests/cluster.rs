@@ -1391,11 +1391,12 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     }
 }
 
-/// Devices connected to a node that leads none of their users ack through their stand-ins
-/// on the leaders. The acks of many devices travel together (fewer `ack_many` requests than
-/// acks, none one by one), and each device's cursor on its leader reaches what it acked.
+/// Devices connected to a node that leads none of their users get their messages from, and
+/// ack through, stand-ins on the leaders. The deliveries and the acks of many devices travel
+/// together (fewer `deliver_many` and `ack_many` requests than messages, none one by one),
+/// and each device's cursor on its leader reaches what it acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acks_of_devices_on_other_nodes_reach_their_leaders_together() {
+async fn deliveries_and_acks_of_devices_on_other_nodes_travel_together() {
     let cluster = Cluster::start(3).await;
     let mut users = Vec::new();
     for i in 0.. {
@@ -1416,20 +1417,22 @@ async fn acks_of_devices_on_other_nodes_reach_their_leaders_together() {
     for user in &users {
         devices.push(cluster.nodes[0].device(user, "phone").await);
     }
-    let many = r#"warbler_peer_requests_total{kind="ack_many"}"#;
-    let single = r#"warbler_peer_requests_total{kind="ack"}"#;
-    let (many_before, single_before) = (
-        metric_sum(&cluster, many, None).await,
-        metric_sum(&cluster, single, None).await,
-    );
-    const EACH: usize = 5;
-    for round in 0..EACH {
-        for user in &users {
-            cluster.nodes[1]
-                .publish(user, &format!("{user}-{round}"), "hi")
-                .await;
-        }
+    let kinds = ["ack_many", "ack", "deliver_many", "deliver"]
+        .map(|k| format!("warbler_peer_requests_total{{kind=\"{k}\"}}"));
+    let mut before = Vec::new();
+    for k in &kinds {
+        before.push(metric_sum(&cluster, k, None).await);
     }
+    // Every user's publishes at once, so that the leaders' stand-ins have batches for n0
+    // at the same time.
+    const EACH: usize = 5;
+    let via = &cluster.nodes[1];
+    futures::future::join_all(users.iter().map(|user| async move {
+        for round in 0..EACH {
+            via.publish(user, &format!("{user}-{round}"), "hi").await;
+        }
+    }))
+    .await;
     let receivers: Vec<_> = devices
         .into_iter()
         .map(|mut d| {
@@ -1464,13 +1467,24 @@ async fn acks_of_devices_on_other_nodes_reach_their_leaders_together() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let acks = users.len() * EACH;
-    let many = metric_sum(&cluster, many, None).await - many_before;
-    let single = metric_sum(&cluster, single, None).await - single_before;
-    println!("{acks} acks of devices on n0 took {many} ack_many requests");
+    let mut took = Vec::new();
+    for (k, b) in kinds.iter().zip(before) {
+        took.push(metric_sum(&cluster, k, None).await - b);
+    }
+    let [ack_many, ack, deliver_many, deliver] = took[..] else {
+        unreachable!()
+    };
+    let n = (users.len() * EACH) as u64;
+    println!(
+        "{n} messages to devices on n0: {deliver_many} deliver_many requests, {ack_many} ack_many"
+    );
     assert!(
-        many >= 1 && (many as usize) < acks && single == 0,
-        "{acks} acks took {many} ack_many and {single} single ack requests"
+        (1..n).contains(&ack_many) && ack == 0,
+        "{n} acks took {ack_many} ack_many and {ack} single ack requests"
+    );
+    assert!(
+        (1..n).contains(&deliver_many) && deliver == 0,
+        "{n} messages took {deliver_many} deliver_many and {deliver} single deliver requests"
     );
     drop(devices);
 }

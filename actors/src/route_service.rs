@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::wire::{
-    AckManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq, PublishReq,
-    SubscribeReq, UserReq,
+    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq,
+    PublishReq, SubscribeReq, UserReq,
 };
 use warbler_cluster::{Leader, PeerHandler, RpcCode, RpcError};
 use warbler_storage::PartitionId;
@@ -71,6 +71,7 @@ impl PeerHandler for RouteService {
                 }
                 PeerKind::AckMany => acks_to_stand_ins(&routing, from, decode(&body)?),
                 PeerKind::Deliver => to_session(&routing, decode(&body)?),
+                PeerKind::DeliverMany => to_sessions(&routing, decode(&body)?),
                 PeerKind::Closed => closed(&routing, decode(&body)?),
                 other => Err(RpcError::new(
                     RpcCode::UnknownKind,
@@ -177,16 +178,33 @@ fn acks_to_stand_ins(routing: &Routing, from: String, r: AckManyReq) -> Result<V
 
 /// A delivery batch from a stand-in, for a session on this node.
 fn to_session(routing: &Routing, r: DeliverReq) -> Result<Vec<u8>, RpcError> {
+    reply(&hand_to_session(routing, r))
+}
+
+/// Delivery batches of several stand-ins, for sessions on this node; answers the keys whose
+/// session is gone.
+fn to_sessions(routing: &Routing, r: DeliverManyReq) -> Result<Vec<u8>, RpcError> {
+    let gone: Vec<u64> = r
+        .batches
+        .into_iter()
+        .filter_map(|b| {
+            let key = b.key;
+            hand_to_session(routing, b).is_err().then_some(key)
+        })
+        .collect();
+    reply(&Ok::<_, MailboxError>(gone))
+}
+
+fn hand_to_session(routing: &Routing, r: DeliverReq) -> Result<(), MailboxError> {
     let batch = r
         .batch
         .into_iter()
         .map(|d| (d.seq, Arc::new(d.message)))
         .collect();
-    let result = match routing.remote_sub(r.key) {
+    match routing.remote_sub(r.key) {
         Some((_, s)) => s.deliver(batch).map_err(|_| MailboxError::Restarted),
         None => Err(MailboxError::Restarted),
-    };
-    reply(&result)
+    }
 }
 
 /// A stand-in's subscription ended: its session here subscribes again (or closes, when

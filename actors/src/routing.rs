@@ -13,7 +13,7 @@
 //!
 //! Which node leads a partition is the [`Router`]'s answer (the node's consensus state).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::oneshot;
 use warbler_cluster::wire::{
-    AckManyReq, DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq, Subscribed,
+    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq,
+    Subscribed,
 };
 use warbler_cluster::{Leader, PeerError, PeerTransport, Router, RpcCode};
 use warbler_storage::PartitionId;
@@ -59,6 +61,35 @@ struct AckQueue {
 
 type AckQueues = Arc<Mutex<HashMap<SocketAddr, AckQueue>>>;
 
+/// Longest wait for one [`PeerKind::DeliverMany`] request.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of messages one [`PeerKind::DeliverMany`] request carries (one stand-in's
+/// batch larger than this goes alone; a stand-in cuts its batches at 2 MiB): far below
+/// the peer frame limit.
+const DELIVER_MANY_BYTES_MAX: usize = 4 << 20;
+
+/// What a stand-in's delivery came to, with its batch back (to retry without a copy).
+type Delivered = (DeliverReq, Result<(), MailboxError>);
+
+/// One stand-in's delivery batch waiting to go, and where its answer goes.
+struct PendingDelivery {
+    req: DeliverReq,
+    bytes: usize,
+    answer: oneshot::Sender<Delivered>,
+}
+
+/// The delivery batches waiting to go to one node, as [`AckQueue`] for acks: while a
+/// request to the node is out, the next batches of every stand-in for it gather and go
+/// together. A stand-in sends its next batch only once this one is answered, so the queue
+/// holds at most one batch per stand-in and each session's batches arrive in order.
+#[derive(Default)]
+struct DeliverQueue {
+    pending: VecDeque<PendingDelivery>,
+    sending: bool,
+}
+
+type DeliverQueues = Arc<Mutex<HashMap<SocketAddr, DeliverQueue>>>;
+
 /// A local session subscribed to a mailbox on another node.
 struct RemoteSub {
     partition: PartitionId,
@@ -79,6 +110,8 @@ pub struct Routing {
     pub(crate) stand_ins: Mutex<HashMap<(String, u64), ActorRef<SessionMsg>>>,
     /// Devices' acks on their way to the stand-ins on other nodes, per node.
     acks: AckQueues,
+    /// Stand-ins' delivery batches on their way to sessions on other nodes, per node.
+    deliveries: DeliverQueues,
 }
 
 impl Routing {
@@ -98,6 +131,7 @@ impl Routing {
             remote_subs: Mutex::default(),
             stand_ins: Mutex::default(),
             acks: AckQueues::default(),
+            deliveries: DeliverQueues::default(),
         }
     }
 
@@ -234,6 +268,46 @@ impl Routing {
         if !queue.sending {
             queue.sending = true;
             tokio::spawn(send_acks(self.clone_handle(), self.acks.clone(), addr));
+        }
+    }
+
+    /// Sends a stand-in's delivery batch to its session on the node at `addr`, together
+    /// with the other stand-ins' batches waiting for that node ([`DeliverQueue`]). Answers
+    /// once the session took it; `Restarted` when the session is gone, `NoLeader` when the
+    /// link failed (worth retrying, with the batch given back).
+    pub(crate) async fn deliver(
+        &self,
+        addr: SocketAddr,
+        req: DeliverReq,
+    ) -> Result<(), (MailboxError, Option<DeliverReq>)> {
+        let bytes = req
+            .batch
+            .iter()
+            .map(|d| d.message.body.len() + d.message.id.len() + 64)
+            .sum();
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut queues = self.deliveries.lock().unwrap();
+            let queue = queues.entry(addr).or_default();
+            queue
+                .pending
+                .push_back(PendingDelivery { req, bytes, answer });
+            if !queue.sending {
+                queue.sending = true;
+                tokio::spawn(send_deliveries(
+                    self.clone_handle(),
+                    self.deliveries.clone(),
+                    addr,
+                ));
+            }
+        }
+        match answered.await {
+            Ok((_, Ok(()))) => Ok(()),
+            Ok((req, Err(e))) => Err((e, Some(req))),
+            Err(_) => Err((
+                MailboxError::Unavailable("the delivery sender stopped".into()),
+                None,
+            )),
         }
     }
 
@@ -399,6 +473,67 @@ async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
     }
 }
 
+/// Sends the delivery batches gathered for the node at `addr`, one request at a time,
+/// until none are left, and answers each stand-in.
+async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: SocketAddr) {
+    loop {
+        let batch: Vec<PendingDelivery> = {
+            let mut all = queues.lock().unwrap();
+            let Some(queue) = all.get_mut(&addr) else {
+                return;
+            };
+            if queue.pending.is_empty() {
+                all.remove(&addr);
+                return;
+            }
+            let (mut n, mut bytes) = (0, 0);
+            for p in &queue.pending {
+                if n > 0 && bytes + p.bytes > DELIVER_MANY_BYTES_MAX {
+                    break;
+                }
+                bytes += p.bytes;
+                n += 1;
+            }
+            queue.pending.drain(..n).collect()
+        };
+        let (batches, answers): (Vec<DeliverReq>, Vec<_>) =
+            batch.into_iter().map(|p| (p.req, p.answer)).unzip();
+        let req = DeliverManyReq { batches };
+        let answer: Result<Vec<u64>, MailboxError> = routing
+            .call(addr, 0, PeerKind::DeliverMany, &req, DELIVER_TIMEOUT)
+            .await;
+        match answer {
+            Ok(gone) => {
+                for (r, answer) in req.batches.into_iter().zip(answers) {
+                    let taken = if gone.contains(&r.key) {
+                        Err(MailboxError::Restarted)
+                    } else {
+                        Ok(())
+                    };
+                    let _ = answer.send((r, taken));
+                }
+            }
+            // A node of the previous release takes one batch per request.
+            Err(MailboxError::Unsupported(_)) => {
+                for (r, answer) in req.batches.into_iter().zip(answers) {
+                    let routing = routing.clone();
+                    tokio::spawn(async move {
+                        let taken = routing
+                            .call(addr, 0, PeerKind::Deliver, &r, DELIVER_TIMEOUT)
+                            .await;
+                        let _ = answer.send((r, taken));
+                    });
+                }
+            }
+            Err(e) => {
+                for (r, answer) in req.batches.into_iter().zip(answers) {
+                    let _ = answer.send((r, Err(e.clone())));
+                }
+            }
+        }
+    }
+}
+
 /// A `devices` answer from the user's leader.
 pub(crate) fn devices_from_wire(v: Vec<DeviceCursor>) -> Vec<DeviceInfo> {
     v.into_iter()
@@ -408,4 +543,136 @@ pub(crate) fn devices_from_wire(v: Vec<DeviceCursor>) -> Vec<DeviceInfo> {
             online: d.online,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_bytes::ByteBuf;
+    use warbler_cluster::transport::BoxFuture;
+    use warbler_cluster::wire::Delivery;
+    use warbler_cluster::{PeerHandler, RpcError};
+    use warbler_storage::StoredMessage;
+
+    struct NoLeaders;
+
+    impl Router for NoLeaders {
+        fn leader(&self, _: PartitionId) -> Leader {
+            Leader::Unknown("no partitions in this test".into())
+        }
+    }
+
+    /// What a node was sent: (kind, the keys it carried).
+    type Seen = Arc<Mutex<Vec<(PeerKind, Vec<u64>)>>>;
+
+    /// A session's node. Its only session has key 1; `previous_release` refuses the
+    /// batched kinds as unknown, as a node of the previous release does. Records what it
+    /// was sent: (kind, keys).
+    struct SessionNode {
+        previous_release: bool,
+        seen: Seen,
+    }
+
+    impl PeerHandler for SessionNode {
+        fn handle(
+            &self,
+            _from: String,
+            _partition: u16,
+            kind: PeerKind,
+            body: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+            let (seen, previous_release) = (self.seen.clone(), self.previous_release);
+            Box::pin(async move {
+                let answer = match kind {
+                    PeerKind::Deliver => {
+                        let r: DeliverReq = rmp_serde::from_slice(&body).unwrap();
+                        seen.lock().unwrap().push((kind, vec![r.key]));
+                        let taken: Wire<()> = if r.key == 1 {
+                            Ok(())
+                        } else {
+                            Err(MailboxError::Restarted)
+                        };
+                        rmp_serde::to_vec_named(&taken)
+                    }
+                    PeerKind::DeliverMany if !previous_release => {
+                        let r: DeliverManyReq = rmp_serde::from_slice(&body).unwrap();
+                        let keys: Vec<u64> = r.batches.iter().map(|b| b.key).collect();
+                        seen.lock().unwrap().push((kind, keys.clone()));
+                        let gone: Wire<Vec<u64>> =
+                            Ok(keys.into_iter().filter(|k| *k != 1).collect());
+                        rmp_serde::to_vec_named(&gone)
+                    }
+                    other => {
+                        return Err(RpcError::new(
+                            RpcCode::UnknownKind,
+                            format!("{other:?} is unknown here"),
+                        ))
+                    }
+                };
+                Ok(answer.unwrap())
+            })
+        }
+    }
+
+    fn batch(key: u64, seq: u64) -> DeliverReq {
+        DeliverReq {
+            key,
+            batch: vec![Delivery {
+                seq,
+                message: StoredMessage {
+                    id: format!("m{seq}"),
+                    ts: 1,
+                    from: None,
+                    body: ByteBuf::from(vec![7; 100]),
+                },
+            }],
+        }
+    }
+
+    /// Delivery batches of two stand-ins to one node: the session that is there takes its
+    /// batch, the one that is gone is answered `Restarted` with its batch given back. A node
+    /// of the previous release gets one `Deliver` per batch instead, with the same answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_deliveries_are_answered_per_session_and_fall_back_for_a_previous_release() {
+        for previous_release in [false, true] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let node = SessionNode {
+                previous_release,
+                seen: seen.clone(),
+            };
+            let local = "127.0.0.1:0".parse().unwrap();
+            let there = PeerTransport::start("there", local, None, Arc::new(node))
+                .await
+                .unwrap();
+            let refuse_all = SessionNode {
+                previous_release: true,
+                seen: Arc::default(),
+            };
+            let here = PeerTransport::start("here", local, None, Arc::new(refuse_all))
+                .await
+                .unwrap();
+            let routing = Routing::new(Arc::new(NoLeaders), "here".into(), here.local_addr());
+            routing.set_transport(Arc::new(here));
+            let addr = there.local_addr();
+            let (kept, gone) = tokio::join!(
+                routing.deliver(addr, batch(1, 5)),
+                routing.deliver(addr, batch(2, 9))
+            );
+            assert!(kept.is_ok(), "{kept:?}");
+            match gone {
+                Err((MailboxError::Restarted, Some(back))) => assert_eq!(back, batch(2, 9)),
+                other => panic!("the gone session's batch: {other:?}"),
+            }
+            let seen = seen.lock().unwrap().clone();
+            let mut keys: Vec<u64> = seen.iter().flat_map(|(_, k)| k.clone()).collect();
+            keys.sort_unstable();
+            assert_eq!(keys, [1, 2], "each batch sent once: {seen:?}");
+            let wanted = if previous_release {
+                PeerKind::Deliver
+            } else {
+                PeerKind::DeliverMany
+            };
+            assert!(seen.iter().all(|(k, _)| *k == wanted), "{seen:?}");
+        }
+    }
 }

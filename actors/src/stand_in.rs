@@ -19,8 +19,6 @@ use crate::outbox::{next_session_id, SessionRef};
 use crate::registry::Mailboxes;
 use crate::routing::{Routing, ROUTE_CALL_TIMEOUT};
 
-/// How long a forwarded delivery may take before the stand-in gives up on the session.
-const DELIVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stand-in keeps trying to reach its session's node (a link being dialled again)
 /// before it gives the subscription up.
 const DELIVER_RETRY_FOR: Duration = Duration::from_secs(10);
@@ -48,25 +46,17 @@ fn chunks_by_bytes(batch: &[Committed], max: usize) -> Vec<&[Committed]> {
     chunks
 }
 
-/// Forwards one delivery to the session's node. A transport failure (the link dropped and
-/// is being dialled again) is retried: the session is likely still there, and what it
-/// already took is skipped by its seq. `false`: any other answer, the session is gone.
-async fn deliver(a: &StandInArgs, req: &DeliverReq) -> bool {
+/// Forwards one delivery to the session's node (with other stand-ins' deliveries for that
+/// node, [`Routing::deliver`]). A transport failure (the link dropped and is being dialled
+/// again) is retried: the session is likely still there, and what it already took is
+/// skipped by its seq. `false`: any other answer, the session is gone.
+async fn deliver(a: &StandInArgs, mut req: DeliverReq) -> bool {
     let give_up = Instant::now() + DELIVER_RETRY_FOR;
     loop {
-        let r: Result<(), MailboxError> = a
-            .routing
-            .call(
-                a.reply_to,
-                a.partition,
-                PeerKind::Deliver,
-                req,
-                DELIVER_TIMEOUT,
-            )
-            .await;
-        match r {
+        match a.routing.deliver(a.reply_to, req).await {
             Ok(()) => return true,
-            Err(MailboxError::NoLeader(_)) if Instant::now() < give_up => {
+            Err((MailboxError::NoLeader(_), Some(back))) if Instant::now() < give_up => {
+                req = back;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(_) => return false,
@@ -216,7 +206,7 @@ impl Actor for StandIn {
                             })
                             .collect(),
                     };
-                    if !deliver(a, &req).await {
+                    if !deliver(a, req).await {
                         closed(a, false);
                         myself.stop(Some("the remote session is gone".into()));
                         break;

@@ -53,6 +53,9 @@ pub enum PeerKind {
     /// Routing: devices' cumulative acks, for their stand-ins on the receiver, carried
     /// together ([`AckManyReq`]); answered with the keys whose stand-in is gone.
     AckMany = 18,
+    /// Routing: delivery batches of several stand-ins for sessions on the receiver, carried
+    /// together ([`DeliverManyReq`]); answered with the keys whose session is gone.
+    DeliverMany = 19,
     /// Control: "which nodes form this cluster?" (answered by formed nodes).
     Members = 20,
     /// Control: "add this node to the member list" ([`ListChange`]).
@@ -86,7 +89,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 24] = [
+    pub const ALL: [PeerKind; 25] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -101,6 +104,7 @@ impl PeerKind {
         PeerKind::Devices,
         PeerKind::PublishMany,
         PeerKind::AckMany,
+        PeerKind::DeliverMany,
         PeerKind::Members,
         PeerKind::Join,
         PeerKind::Reconfigure,
@@ -135,6 +139,7 @@ impl PeerKind {
             PeerKind::Devices => "devices",
             PeerKind::PublishMany => "publish_many",
             PeerKind::AckMany => "ack_many",
+            PeerKind::DeliverMany => "deliver_many",
             PeerKind::Members => "members",
             PeerKind::Join => "join",
             PeerKind::Reconfigure => "reconfigure",
@@ -151,7 +156,7 @@ impl PeerKind {
     pub fn layer(self) -> Layer {
         match self as u8 {
             1..=5 => Layer::Consensus,
-            10..=18 => Layer::Route,
+            10..=19 => Layer::Route,
             20..=28 => Layer::Control,
             _ => Layer::Transport,
         }
@@ -245,6 +250,14 @@ pub struct Delivery {
 pub struct DeliverReq {
     pub key: u64,
     pub batch: Vec<Delivery>,
+}
+
+/// [`PeerKind::DeliverMany`]: one delivery batch from each of several stand-ins, for their
+/// sessions on the receiver (a stand-in has at most one batch in flight, so each session's
+/// batches still arrive in order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliverManyReq {
+    pub batches: Vec<DeliverReq>,
 }
 
 /// One device in the answer to [`PeerKind::Devices`] (on the wire: `(device, acked,
@@ -378,8 +391,8 @@ mod tests {
         assert_eq!(
             numbers,
             [
-                1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27,
-                28, 255
+                1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+                27, 28, 255
             ]
         );
         for k in PeerKind::ALL {
@@ -390,6 +403,7 @@ mod tests {
         assert_eq!(PeerKind::Quiesce.layer(), Layer::Consensus);
         assert_eq!(PeerKind::PublishMany.layer(), Layer::Route);
         assert_eq!(PeerKind::AckMany.layer(), Layer::Route);
+        assert_eq!(PeerKind::DeliverMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
         assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
