@@ -408,20 +408,29 @@ impl RoutingRef {
     }
 }
 
+/// Takes the next request's worth from the queue for `addr` with `take`. `None` once it is
+/// empty: the queue is removed then, under the same lock, so the next item for `addr`
+/// starts a new sender.
+fn next_batch<Q, T>(
+    queues: &Mutex<HashMap<SocketAddr, Q>>,
+    addr: SocketAddr,
+    take: impl FnOnce(&mut Q) -> Vec<T>,
+) -> Option<Vec<T>> {
+    let mut all = queues.lock().unwrap();
+    let batch = take(all.get_mut(&addr)?);
+    if batch.is_empty() {
+        all.remove(&addr);
+        return None;
+    }
+    Some(batch)
+}
+
 /// Sends the acks gathered for the node at `addr`, one request at a time, until none are
 /// left. A session whose ack did not arrive (its stand-in is gone, or the request failed)
 /// subscribes again from its cursor.
 async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
     loop {
-        let batch: Vec<(u64, u64, SessionRef)> = {
-            let mut all = queues.lock().unwrap();
-            let Some(queue) = all.get_mut(&addr) else {
-                return;
-            };
-            if queue.pending.is_empty() {
-                all.remove(&addr);
-                return;
-            }
+        let Some(batch) = next_batch(&queues, addr, |queue: &mut AckQueue| {
             let keys: Vec<u64> = queue
                 .pending
                 .keys()
@@ -431,6 +440,8 @@ async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
             keys.into_iter()
                 .filter_map(|k| queue.pending.remove(&k).map(|(seq, s)| (k, seq, s)))
                 .collect()
+        }) else {
+            return;
         };
         let req = AckManyReq {
             acks: batch.iter().map(|(key, seq, _)| (*key, *seq)).collect(),
@@ -477,15 +488,7 @@ async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
 /// until none are left, and answers each stand-in.
 async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: SocketAddr) {
     loop {
-        let batch: Vec<PendingDelivery> = {
-            let mut all = queues.lock().unwrap();
-            let Some(queue) = all.get_mut(&addr) else {
-                return;
-            };
-            if queue.pending.is_empty() {
-                all.remove(&addr);
-                return;
-            }
+        let Some(batch) = next_batch(&queues, addr, |queue: &mut DeliverQueue| {
             let (mut n, mut bytes) = (0, 0);
             for p in &queue.pending {
                 if n > 0 && bytes + p.bytes > DELIVER_MANY_BYTES_MAX {
@@ -495,6 +498,8 @@ async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: Socke
                 n += 1;
             }
             queue.pending.drain(..n).collect()
+        }) else {
+            return;
         };
         let (batches, answers): (Vec<DeliverReq>, Vec<_>) =
             batch.into_iter().map(|p| (p.req, p.answer)).unzip();
