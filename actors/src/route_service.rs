@@ -2,8 +2,10 @@
 //! whose partition this node leads, subscriptions through stand-ins, and deliveries to
 //! sessions here that subscribed elsewhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::transport::BoxFuture;
@@ -147,14 +149,23 @@ fn to_stand_in(
         }
         return reply(&Ok(()));
     }
-    let stand_in = routing.stand_ins.lock().unwrap().get(&key).cloned();
-    let result = match stand_in {
+    let stand_ins = routing.stand_ins.lock().unwrap();
+    reply(&ack_stand_in(&stand_ins, &key, r.seq))
+}
+
+/// Hands a device's ack to the stand-in of its session; `Restarted` when the stand-in is
+/// gone (the session subscribes again).
+fn ack_stand_in(
+    stand_ins: &HashMap<(String, u64), ActorRef<SessionMsg>>,
+    key: &(String, u64),
+    seq: u64,
+) -> Result<(), MailboxError> {
+    match stand_ins.get(key) {
         Some(p) => p
-            .cast(SessionMsg::ClientAck(r.seq))
+            .cast(SessionMsg::ClientAck(seq))
             .map_err(|_| MailboxError::Restarted),
         None => Err(MailboxError::Restarted),
-    };
-    reply(&result)
+    }
 }
 
 /// Devices' acks for the stand-ins of their sessions on `from`; answers the keys whose
@@ -167,9 +178,7 @@ fn acks_to_stand_ins(routing: &Routing, from: String, r: AckManyReq) -> Result<V
         .into_iter()
         .filter(|&(key, seq)| {
             at.1 = key;
-            stand_ins
-                .get(&at)
-                .is_none_or(|p| p.cast(SessionMsg::ClientAck(seq)).is_err())
+            ack_stand_in(&stand_ins, &at, seq).is_err()
         })
         .map(|(key, _)| key)
         .collect();

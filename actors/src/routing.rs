@@ -283,7 +283,7 @@ impl Routing {
         let bytes = req
             .batch
             .iter()
-            .map(|d| d.message.body.len() + d.message.id.len() + 64)
+            .map(|d| crate::stand_in::delivery_bytes(&d.message))
             .sum();
         let (answer, answered) = oneshot::channel();
         {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use warbler_cluster::wire::{DeliverReq, Delivery, KeyReq, PeerKind, SubscribeReq, Subscribed};
-use warbler_storage::PartitionId;
+use warbler_storage::{PartitionId, StoredMessage};
 
 use crate::error::MailboxError;
 use crate::msg::{Committed, MailboxMsg, SessionMsg, SubscribeInfo};
@@ -27,13 +27,19 @@ const DELIVER_RETRY_FOR: Duration = Duration::from_secs(10);
 /// still goes, alone): far below the peer frame limit.
 const DELIVER_BYTES_MAX: usize = 2 << 20;
 
+/// About how many bytes `m` takes in a forwarded delivery: body, id, and the seq, time,
+/// sender and framing around them. Sizes a stand-in's chunks and a node's `DeliverMany`.
+pub(crate) fn delivery_bytes(m: &StoredMessage) -> usize {
+    m.body.len() + m.id.len() + 64
+}
+
 /// Splits `batch` into runs whose bodies add up to at most `max` bytes (a message larger
 /// than that forms a run of its own).
 fn chunks_by_bytes(batch: &[Committed], max: usize) -> Vec<&[Committed]> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (_, m)) in batch.iter().enumerate() {
-        let size = m.body.len() + m.id.len() + 64;
+        let size = delivery_bytes(m);
         if i > start && bytes + size > max {
             chunks.push(&batch[start..i]);
             (start, bytes) = (i, 0);

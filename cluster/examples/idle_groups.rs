@@ -14,17 +14,9 @@ use warbler_cluster::raft_store::TypeConfig;
 use warbler_cluster::PeerTransport;
 use warbler_storage::Store;
 
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ
-}
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_secs;
 
 #[tokio::main]
 async fn main() {
@@ -90,9 +82,9 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, t0) = (cpu_secs(), Instant::now());
+    let (cpu0, t0) = (cpu_secs("self"), Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let cpu = (cpu_secs() - cpu0) / t0.elapsed().as_secs_f64();
+    let cpu = (cpu_secs("self") - cpu0) / t0.elapsed().as_secs_f64();
     println!(
         "idle raft groups: {partitions} partitions x 3 replicas, heartbeat {heartbeat} ms: {:.1}% of one core for the whole 3-node cluster ({:.3}% per replica group)",
         cpu * 100.0,

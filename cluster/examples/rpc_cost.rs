@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::{PeerHandler, PeerKind, PeerTransport, RpcError};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_secs;
+
 /// Answers every request at once with an empty body.
 struct Echo;
 
@@ -29,19 +33,6 @@ impl PeerHandler for Echo {
     ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
-}
-
-/// User plus system CPU seconds of process `pid` ("self" for this one).
-fn cpu_secs(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ
 }
 
 async fn serve() {
