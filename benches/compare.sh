@@ -148,6 +148,9 @@ stop_mosquitto() { kill "$MOSQ_PID" 2>/dev/null || true; wait "$MOSQ_PID" 2>/dev
 run() {
     local label=$1 rate=$2 system=$3 addrs=$4; shift 4
     echo "== $label at $([ "$rate" = 0 ] && echo 'max (closed loop)' || echo "$rate/s")" >&2
+    # Dirty pages of the build and of earlier runs go to disk first: a filesystem journal
+    # commits them with the next fsync, which would charge their writeback to this run.
+    sync
     "$BIN/warbler-load" run --system "$system" --addr "$addrs" --jwt-secret-file "$work/secret" \
         --users "$USERS" --devices "$DEVICES" --publishers "$PUBLISHERS" --procs "$PROCS" \
         --body-bytes "$BODY" --duration-secs "$DURATION" --rate "$rate" --window 1024 \

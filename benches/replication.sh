@@ -54,6 +54,7 @@ stop() { kill -9 "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null
 
 # load LABEL RATE: one warbler-load run against $ADDRS; prints its summary line.
 load() {
+    sync  # earlier writeback must not land in this run's fsyncs (docs/benchmarks.md)
     "$BIN/warbler-load" run --system warbler --addr "$ADDRS" --jwt-secret-file "$work/secret" \
         --users "$USERS" --devices "$DEVICES" --publishers "$PUBLISHERS" --procs 2 \
         --body-bytes 256 --duration-secs "$DURATION" --rate "$2" --window 1024 \

@@ -147,7 +147,11 @@ def main():
         "HDR histograms merged over the load processes. `warbler-load run --system warbler|nats|mqtt` is the driver.",
         "- Each system gets the same closed-loop run (as fast as 1,024 unanswered publishes per publisher allow) "
         "for its maximum, then open-loop runs at 33/66/100% of it (the curves). Each pair (Warbler and a peer) "
-        "then runs open loop at half the lower of their two maxima: the latency ratios compare those two runs.",
+        "then runs open loop at half the lower of their two maxima: the latency ratios compare those two runs. "
+        "Every run starts after `sync`: the dirty pages of the build and of earlier runs are on disk, so a "
+        "system's fsyncs do not wait behind their writeback (ext4 commits them in the same journal "
+        "transaction; 2.3 GB of unrelated dirty data took one node's p99 at 9,000/s from 39–49 ms to 1,094 ms, "
+        "`benches/single_rate.sh`).",
         "- NATS runs as a 3-node cluster on loopback. The R1 stream is placed (by server tag) on the server the "
         "clients connect to; R3 clients spread over the three servers. A NATS device is its own connection "
         "with a durable pull consumer on its user's subject, acking each message; publishers publish "

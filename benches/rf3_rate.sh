@@ -66,6 +66,7 @@ for run in $(seq "$RUNS"); do
         load "c$run" 0
     fi
     echo "== run $run: 3 nodes, RF 3, $RATE/s offered for $DURATION s"
+    sync  # earlier writeback must not land in this run's fsyncs
     counters > "$work/before.txt"
     c0=$(cpu_ticks); t0=$(date +%s.%N)
     WARBLER_LOAD_SLOW_MS="$SLOW_MS" load "r$run" "$RATE"

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One node at a fixed offered rate, RUNS times, each on a fresh node: the load's
+# publish->deliver percentiles, where the machine's CPU went (each of the node's threads by
+# name, the rest of the machine, idle), the node's own view of a message's time (accepted by
+# the mailbox -> durable, and -> handed to the device's connection), its write batches, and
+# for the deliveries at least SLOW_MS late, how long they took to reach the mailbox ("in")
+# and from the mailbox to the device ("out").
+#
+#   bash benches/single_rate.sh                        # RATE=9000 DURATION=10 RUNS=2 SLOW_MS=50
+#   BIN=/some/other/build bash benches/single_rate.sh  # the same against other binaries
+#
+# Same workload as `make bench` (1,000 users x 2 devices, 4 publishers over 2 load
+# processes, 256 B bodies). Nothing else should run meanwhile: server and load share the
+# cores, and this shows how they share them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/prereqs.sh
+RATE="${RATE:-9000}"
+DURATION="${DURATION:-10}"
+RUNS="${RUNS:-2}"
+SLOW_MS="${SLOW_MS:-50}"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --workspace --bin warbler --bin warbler-load >&2
+    BIN="$CARGO_TARGET_DIR/release"
+fi
+work=$(mktemp -d)
+PID=""
+trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$work"' EXIT
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
+HZ=$(getconf CLK_TCK)
+
+threads() { # CPU ticks of the node's threads, summed by thread name
+    for t in /proc/"$PID"/task/*; do
+        echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
+    done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort
+}
+machine() { awk '/^cpu /{print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6}' /proc/stat; }  # all, idle (iowait too)
+
+for run in $(seq "$RUNS"); do
+    rm -rf "$work/d"
+    WARBLER_LOG=warn "$BIN/warbler" serve --node-id s0 --data-dir "$work/d" \
+        --jwt-secret-file "$work/secret" --client-addr 127.0.0.1:17700 \
+        --http-addr 127.0.0.1:17780 > "$work/node.out" 2>&1 &
+    PID=$!
+    for _ in $(seq 300); do
+        curl -sf http://127.0.0.1:17780/readyz >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    echo "== run $run: one node, $RATE/s offered for $DURATION s"
+    sync  # earlier writeback must not land in this run's fsyncs
+    threads > "$work/t0"; read -r all0 idle0 < <(machine); t0=$(date +%s.%N)
+    WARBLER_LOAD_SLOW_MS="$SLOW_MS" "$BIN/warbler-load" run --system warbler \
+        --addr 127.0.0.1:17700 --jwt-secret-file "$work/secret" --users 1000 --devices 2 \
+        --publishers 4 --procs 2 --body-bytes 256 --duration-secs "$DURATION" \
+        --rate "$RATE" --window 1024 --user-prefix "r$run" 2> "$work/slow.txt" \
+        | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
+    threads > "$work/t1"; read -r all1 idle1 < <(machine); t1=$(date +%s.%N)
+    curl -s http://127.0.0.1:17780/metrics > "$work/metrics"
+    kill -9 "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+    python3 - "$work" "$HZ" "$t0" "$t1" "$all0" "$idle0" "$all1" "$idle1" "$SLOW_MS" <<'PY'
+import re, statistics, sys
+work, hz, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+all0, idle0, all1, idle1, slow_ms = map(int, sys.argv[5:10])
+secs = t1 - t0
+read = lambda f: {k: int(v) for k, v in (l.split() for l in open(f))}
+before, after = read(f"{work}/t0"), read(f"{work}/t1")
+node = {k: (v - before.get(k, 0)) / hz / secs for k, v in after.items()}
+node_total = sum(node.values())
+machine_busy = (all1 - all0 - (idle1 - idle0)) / hz / secs
+print(f"CPU, in cores, over {secs:.1f} s: node {node_total:.2f}, rest of the machine (the load, interrupts) "
+      f"{machine_busy - node_total:.2f}, idle {(idle1 - idle0) / hz / secs:.2f}")
+for k, v in sorted(node.items(), key=lambda kv: -kv[1]):
+    if v >= 0.01:
+        print(f"  {k:<20} {v:.2f}")
+m = open(f"{work}/metrics").read()
+def summary(name):
+    s = re.search(rf"^{name}_sum (\S+)", m, re.M)
+    c = re.search(rf"^{name}_count (\S+)", m, re.M)
+    return (float(s.group(1)), float(c.group(1))) if s and c else (0.0, 0.0)
+def quantile(name, q):
+    x = re.search(rf'^{name}{{quantile="{q}"}} (\S+)', m, re.M)
+    return float(x.group(1)) if x else float("nan")
+published = summary("warbler_publish_seconds")[1]
+if published:
+    print(f"node CPU per message made durable: {node_total * secs / published * 1e6:.0f} us")
+for name, what in [("warbler_publish_seconds", "accepted by the mailbox -> durable"),
+                   ("warbler_delivery_seconds", "accepted -> handed to the connection")]:
+    s, c = summary(name)
+    if c:
+        print(f"node: {what}: mean {1000 * s / c:.1f} ms, p99 {1000 * quantile(name, '0.99'):.1f} ms")
+s, c = summary("warbler_fsync_seconds")
+r, _ = summary("warbler_fsync_batch_records")
+if c:
+    print(f"node: {c:.0f} write batches, {r / c:.0f} records each, write + fsync {1000 * s / c:.2f} ms "
+          f"each, the committer busy {100 * s / secs:.0f}% of the time")
+text = open(f"{work}/slow.txt").read()
+slow = [tuple(map(int, x)) for x in re.findall(r"slow delivery due_ms=(\d+) accepted_ms=(\d+) received_ms=(\d+)", text)]
+print(f"deliveries >= {slow_ms} ms late: {len(slow)}", end="")
+if slow:
+    print(f"; median in {statistics.median(a - d for d, a, _ in slow):.0f} ms, "
+          f"out {statistics.median(r - a for _, a, r in slow):.0f} ms")
+else:
+    print()
+PY
+done
