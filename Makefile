@@ -25,7 +25,7 @@ bench-connections: ## 50,000 idle devices on a 3-node cluster (held, memory, CPU
 bench-idle:    ## memory per idle connection of one node, and where its heap goes (about 2 min)
 	bash benches/idle_memory.sh && TLS=on bash benches/idle_memory.sh && bash benches/idle_heap.sh
 
-chaos:         ## every chaos scenario 5 times plus four broken builds; writes docs/chaos.md (about 2.5 hours on 2 cores)
+chaos:         ## every chaos scenario 5 times plus four broken builds; writes docs/chaos.md (about 2 hours on 2 cores)
 	bash scripts/chaos.sh
 
 dev:           ## a local 3-node cluster

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The full chaos matrix: every scenario in chaos/scenarios (but the CI one) RUNS times with
 # consecutive seeds, plus four deliberately broken builds; writes the results section of
-# docs/chaos.md and its plots. About 2.5 hours with the defaults on 2 cores (15 scenarios of
-# 35-150 s of load each, plus start, heal and the final read: the 7-scenario matrix of
-# 2026-11-23 took 1.6 times its load time); RUNS=1 about 35 minutes.
+# docs/chaos.md and its plots. About 2 hours with the defaults on 2 cores (15 scenarios of
+# 35-150 s of load each, plus start, heal and the final read); RUNS=1 took 24 min 32 s on
+# 2026-12-03, the broken builds included.
 #
 #   RUNS=5 SEED=<first seed> DURATION=<override seconds> OUT=/tmp/warbler-chaos-matrix
 #   NET=auto|netns|loopback|docker (docker: containers of warbler:latest, built here first)
