@@ -19,7 +19,9 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
 profile() {
     local name=$1 binary=$2
     rm -rf "$work/data"
-    WARBLER_LOG=warn heaptrack -o "$work/$name" "$binary" serve --node-id h0 --data-dir "$work/data" \
+    # heaptrack sees what goes through the C library's malloc; the node's own allocator
+    # (mimalloc) would hide it, so the node runs on the C library's here (src/alloc.rs).
+    WARBLER_ALLOCATOR=system WARBLER_LOG=warn heaptrack -o "$work/$name" "$binary" serve --node-id h0 --data-dir "$work/data" \
         --jwt-secret-file "$work/secret" --client-addr 127.0.0.1:17900 --http-addr 127.0.0.1:17980 \
         > "$work/$name.out" 2>&1 &
     local server=$!

@@ -11,6 +11,7 @@
 //!   `cluster decommission`) and `dev`.
 //! - [`telemetry`]: logs and metrics.
 
+mod alloc;
 mod auth;
 mod backup;
 mod capacity;
@@ -31,6 +32,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warbler_config::Config;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "warbler", version, about = "Durable, ordered push and IM delivery", long_about = None)]
@@ -189,6 +193,10 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = alloc::check_variable() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     if !matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
         // Printing commands end quietly when their reader goes away (`... | head`), as
         // command-line tools do; sockets are written with MSG_NOSIGNAL either way.
