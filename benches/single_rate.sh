@@ -4,7 +4,9 @@
 # name, the rest of the machine, idle), the node's own view of a message's time (accepted by
 # the mailbox -> durable, and -> handed to the device's connection), its write batches, and
 # for the deliveries at least SLOW_MS late, how long they took to reach the mailbox ("in")
-# and from the mailbox to the device ("out").
+# and from the mailbox to the device ("out"). With WINDOWS=1 also those slow deliveries by
+# 50 ms window of due time (the worst "in" and "out" of each), beside the publishes the load
+# generator itself sent late (benches/tail.sh runs it so).
 #
 #   bash benches/single_rate.sh                        # RATE=9000 DURATION=10 RUNS=2 SLOW_MS=50
 #   BIN=/some/other/build bash benches/single_rate.sh  # the same against other binaries
@@ -19,6 +21,7 @@ RATE="${RATE:-9000}"
 DURATION="${DURATION:-10}"
 RUNS="${RUNS:-2}"
 SLOW_MS="${SLOW_MS:-50}"
+WINDOWS="${WINDOWS:-0}"
 if [ -z "${BIN:-}" ]; then
     cargo build --release --workspace --bin warbler --bin warbler-load >&2
     BIN="$CARGO_TARGET_DIR/release"
@@ -57,10 +60,10 @@ for run in $(seq "$RUNS"); do
     threads > "$work/t1"; read -r all1 idle1 < <(machine); t1=$(date +%s.%N)
     curl -s http://127.0.0.1:17780/metrics > "$work/metrics"
     kill -9 "$PID"; wait "$PID" 2>/dev/null || true; PID=""
-    python3 - "$work" "$HZ" "$t0" "$t1" "$all0" "$idle0" "$all1" "$idle1" "$SLOW_MS" <<'PY'
-import re, statistics, sys
+    python3 - "$work" "$HZ" "$t0" "$t1" "$all0" "$idle0" "$all1" "$idle1" "$SLOW_MS" "$WINDOWS" <<'PY'
+import collections, re, statistics, sys
 work, hz, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-all0, idle0, all1, idle1, slow_ms = map(int, sys.argv[5:10])
+all0, idle0, all1, idle1, slow_ms, by_window = map(int, sys.argv[5:11])
 secs = t1 - t0
 read = lambda f: {k: int(v) for k, v in (l.split() for l in open(f))}
 before, after = read(f"{work}/t0"), read(f"{work}/t1")
@@ -87,12 +90,14 @@ for name, what in [("warbler_publish_seconds", "accepted by the mailbox -> durab
                    ("warbler_delivery_seconds", "accepted -> handed to the connection")]:
     s, c = summary(name)
     if c:
-        print(f"node: {what}: mean {1000 * s / c:.1f} ms, p99 {1000 * quantile(name, '0.99'):.1f} ms")
+        print(f"node: {what}: mean {1000 * s / c:.1f} ms, p99 {1000 * quantile(name, '0.99'):.1f} ms, "
+              f"max {1000 * quantile(name, '1'):.1f} ms")
 s, c = summary("warbler_fsync_seconds")
 r, _ = summary("warbler_fsync_batch_records")
 if c:
     print(f"node: {c:.0f} write batches, {r / c:.0f} records each, write + fsync {1000 * s / c:.2f} ms "
-          f"each, the committer busy {100 * s / secs:.0f}% of the time")
+          f"each (slowest {1000 * quantile('warbler_fsync_seconds', '1'):.1f} ms), the committer busy "
+          f"{100 * s / secs:.0f}% of the time")
 text = open(f"{work}/slow.txt").read()
 slow = [tuple(map(int, x)) for x in re.findall(r"slow delivery due_ms=(\d+) accepted_ms=(\d+) received_ms=(\d+)", text)]
 print(f"deliveries >= {slow_ms} ms late: {len(slow)}", end="")
@@ -101,5 +106,19 @@ if slow:
           f"out {statistics.median(r - a for _, a, r in slow):.0f} ms")
 else:
     print()
+late = [tuple(map(int, x)) for x in re.findall(r"late send due_ms=(\d+) late_ms=(\d+)", text)]
+if by_window and slow:
+    print(f"publishes the load sent >= {slow_ms // 2} ms late: {len(late)}")
+    start = min(d for d, *_ in slow + late)
+    windows = collections.defaultdict(lambda: [[], []])
+    for due, acc, recv in slow:
+        windows[(due - start) // 50 * 50][0].append((acc - due, recv - acc))
+    for due, ms in late:
+        windows[(due - start) // 50 * 50][1].append(ms)
+    for at in sorted(windows):
+        d, l = windows[at]
+        if d:
+            print(f"  due +{at:>6} ms: {len(d):>5} slow, in max {max(x for x, _ in d):>4} ms, "
+                  f"out max {max(y for _, y in d):>4} ms; late sends {len(l)} (max {max(l, default=0)} ms)")
 PY
 done
