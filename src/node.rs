@@ -209,6 +209,7 @@ fn mailbox_limits(config: &Config) -> MailboxLimits {
         tail_cache_max: config.mailbox.tail_cache_max,
         idle_timeout: Duration::from_millis(config.mailbox.idle_timeout_ms),
         sleep_after: Duration::from_millis(config.mailbox.sleep_after_ms),
+        cursor_flush: Duration::from_millis(config.mailbox.cursor_flush_ms),
         unacked_max: config.retention.max_messages_per_user,
     }
 }

@@ -99,6 +99,7 @@ const COUNTED_FROM_START: &[&str] = &[
     "warbler_publishes_total",
     "warbler_deliveries_total",
     "warbler_acks_total",
+    "warbler_cursor_writes_total",
     "warbler_publish_errors_total",
     "warbler_publishes_rate_limited_total",
     "warbler_publish_storage_full_total",
@@ -175,6 +176,10 @@ fn describe() {
         "Messages handed to device sessions"
     );
     describe_counter!("warbler_acks_total", "Cursor advances from device acks");
+    describe_counter!(
+        "warbler_cursor_writes_total",
+        "Device cursors written to storage (at most one per device per mailbox.cursor_flush_ms)"
+    );
     describe_counter!(
         "warbler_dead_members_removed_total",
         "Members removed after being unreachable for cluster.dead_node_timeout_ms"

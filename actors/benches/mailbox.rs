@@ -46,6 +46,7 @@ fn bench(c: &mut Criterion) {
             tail_cache_max: 512,
             idle_timeout: Duration::from_secs(600),
             sleep_after: Duration::ZERO,
+            cursor_flush: Duration::from_secs(1),
             unacked_max: 0,
         };
         Mailboxes::start(RegistryArgs {

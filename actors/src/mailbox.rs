@@ -1,6 +1,6 @@
 //! `UserMailbox`: the single writer of one user's sequence on this node.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,11 @@ pub struct MailboxLimits {
     /// publishes are refused as [`MailboxError::Full`] (retention by count never trims
     /// them). 0 = no limit. The count retention's `max_messages_per_user`.
     pub unacked_max: u64,
+    /// How long a device's acknowledged cursor may wait in memory before it is written:
+    /// the acks of that time go to storage as one write per device, not one per ack. A
+    /// crash loses at most this much of the cursors, which means redelivery (at least
+    /// once), never a gap. Zero: every ack is written at once.
+    pub cursor_flush: Duration,
 }
 
 /// A publish as the mailbox takes it (see [`MailboxMsg::Publish`]).
@@ -103,6 +108,10 @@ pub struct MailboxState {
     tail_bytes: usize,
     subs: HashMap<String, Subscriber>,
     cursors: HashMap<String, u64>,
+    /// Devices whose cursor in `cursors` is ahead of what was last written.
+    unwritten: HashSet<String>,
+    /// A `FlushCursors` is scheduled.
+    flush_armed: bool,
     last_active: Instant,
     /// When the earliest scheduled `IdleCheck` is due.
     idle_timer: Option<Instant>,
@@ -164,6 +173,8 @@ impl Actor for UserMailbox {
             tail_bytes: 0,
             subs: HashMap::new(),
             cursors,
+            unwritten: HashSet::new(),
+            flush_armed: false,
             last_active: Instant::now(),
             idle_timer: None,
             registry: args.registry,
@@ -196,6 +207,11 @@ impl Actor for UserMailbox {
         state: &mut MailboxState,
     ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_mailboxes_alive").decrement(1.0);
+        // Stopped by the registry (shutdown, leadership moved): the cursors still in memory
+        // are written if the log takes them; if not, their acks are delivered again.
+        if let Err(e) = state.write_cursors().await {
+            tracing::debug!(user = %state.user, error = %e, "cursors not written at stop");
+        }
         for (_, p) in std::mem::take(&mut state.pending) {
             for w in p.waiters {
                 let _ = w.send(Err(MailboxError::Restarted));
@@ -274,6 +290,11 @@ impl MailboxState {
             } => {
                 state.last_active = Instant::now();
                 let info = state.subscribe(device.clone(), session, resume)?;
+                if state.unwritten.contains(&device) {
+                    // The welcome confirms this cursor to the device: it goes to storage
+                    // now, as a backup taken from here on must hold it.
+                    state.write_cursors().await?;
+                }
                 let _ = reply.send(info);
                 state.pump(&device)?;
                 state.arm_idle_timer(&myself);
@@ -285,6 +306,8 @@ impl MailboxState {
                     .is_some_and(|s| s.session.id() == session)
                 {
                     state.subs.remove(&device);
+                    // Where it reconnects next may be another leader's mailbox.
+                    state.write_cursors().await?;
                 }
                 state.last_active = Instant::now();
                 state.arm_idle_timer(&myself);
@@ -294,8 +317,12 @@ impl MailboxState {
                 session,
                 seq,
             } => {
-                state.ack(&device, session, seq).await?;
+                state.ack(&myself, &device, session, seq).await?;
                 state.arm_idle_timer(&myself);
+            }
+            MailboxMsg::FlushCursors => {
+                state.flush_armed = false;
+                state.write_cursors().await?;
             }
             MailboxMsg::Devices { reply } => {
                 let _ = reply.send(state.devices()?);
@@ -309,8 +336,11 @@ impl MailboxState {
                     && state.pending.is_empty()
                     && idle_for >= state.limits.idle_timeout
                 {
+                    state.write_cursors().await?;
                     myself.stop(Some("idle".into()));
                 } else if state.may_sleep() && idle_for >= state.limits.sleep_after {
+                    // Asleep, its devices' cursors are read from storage.
+                    state.write_cursors().await?;
                     state.sleep(&myself);
                 } else {
                     state.arm_idle_timer(&myself);
@@ -622,6 +652,7 @@ impl MailboxState {
 
     async fn ack(
         &mut self,
+        myself: &ActorRef<MailboxMsg>,
         device: &str,
         session: u64,
         seq: u64,
@@ -644,16 +675,40 @@ impl MailboxState {
         }
         self.cursors.insert(device.to_string(), acked);
         metrics::counter!("warbler_acks_total").increment(1);
-        // Cursors may lag on a crash (delivery is at least once), so no need to wait.
-        let op = Op::Cursor {
-            partition: self.partition,
-            user: self.user.clone(),
-            device: device.to_string(),
-            acked,
-        };
-        self.log.propose(self.partition, vec![op], None).await?;
+        if !self.unwritten.contains(device) {
+            self.unwritten.insert(device.to_string());
+        }
+        if self.limits.cursor_flush.is_zero() {
+            self.write_cursors().await?;
+        } else if !self.flush_armed {
+            self.flush_armed = true;
+            myself.send_after(self.limits.cursor_flush, || MailboxMsg::FlushCursors);
+        }
         self.pump(device)?;
         Ok(())
+    }
+
+    /// Proposes the cursors that moved since they were last written, one op per device.
+    /// Not awaited: cursors may lag on a crash (delivery is at least once).
+    async fn write_cursors(&mut self) -> Result<(), StorageError> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        let ops: Vec<Op> = self
+            .unwritten
+            .drain()
+            .filter_map(|device| {
+                let acked = *self.cursors.get(&device)?;
+                Some(Op::Cursor {
+                    partition: self.partition,
+                    user: self.user.clone(),
+                    device,
+                    acked,
+                })
+            })
+            .collect();
+        metrics::counter!("warbler_cursor_writes_total").increment(ops.len() as u64);
+        self.log.propose(self.partition, ops, None).await
     }
 
     /// Sends `device` the committed messages it has not been sent, within its window, in

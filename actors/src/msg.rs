@@ -75,6 +75,9 @@ pub enum MailboxMsg {
         reply: RpcReplyPort<Vec<DeviceInfo>>,
     },
     IdleCheck,
+    /// Write the cursors that moved since the last write (see
+    /// [`crate::MailboxLimits::cursor_flush`]).
+    FlushCursors,
 }
 
 /// A device subscribed to a mailbox that went to sleep, as the registry keeps it: every

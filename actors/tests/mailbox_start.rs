@@ -88,6 +88,7 @@ async fn mailboxes(
             tail_cache_max: 8,
             idle_timeout,
             sleep_after: Duration::ZERO,
+            cursor_flush: Duration::ZERO,
             unacked_max: 0,
         },
         partitions: 64,

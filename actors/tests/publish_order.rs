@@ -56,6 +56,7 @@ async fn mailboxes() -> (Mailboxes, Arc<Switched>, Store, tempfile::TempDir) {
             tail_cache_max: 8,
             idle_timeout: Duration::from_secs(60),
             sleep_after: Duration::ZERO,
+            cursor_flush: Duration::ZERO,
             unacked_max: 0,
         },
         partitions: 64,

@@ -74,6 +74,7 @@ fn mailbox_limits() -> MailboxLimits {
         tail_cache_max: 8,
         idle_timeout: Duration::from_secs(60),
         sleep_after: Duration::ZERO,
+        cursor_flush: Duration::ZERO,
         unacked_max: 0,
     }
 }

@@ -61,6 +61,10 @@ async fn single_node_mailboxes() -> Fixture {
 }
 
 async fn mailboxes_sleeping_after(sleep_after: Duration) -> Fixture {
+    mailboxes_with(sleep_after, Duration::ZERO).await
+}
+
+async fn mailboxes_with(sleep_after: Duration, cursor_flush: Duration) -> Fixture {
     let (log, store, dir) = common::local_log();
     let log = Arc::new(log);
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
@@ -71,6 +75,7 @@ async fn mailboxes_sleeping_after(sleep_after: Duration) -> Fixture {
             tail_cache_max: 8,
             idle_timeout: Duration::from_secs(60),
             sleep_after,
+            cursor_flush,
             unacked_max: 0,
         },
         partitions: 64,
@@ -387,5 +392,111 @@ async fn a_mailbox_refuses_publishes_while_its_disk_is_too_full() {
         .await
         .unwrap();
     assert_eq!(seq, 2, "nothing was taken while refused");
+    fixture.close().await;
+}
+
+/// Waits until `device`'s stored cursor of user `u` is `want`, for at most `within`.
+async fn stored_cursor_reaches(store: &Store, device: &str, want: u64, within: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = store.cursor(warbler_cluster::partition_of("u", 64), "u", device).unwrap();
+        if now == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{device}'s stored cursor is {now}, not {want}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// With `cursor_flush` set, a device's acks stay in memory and reach storage together, as
+/// the last one, when the flush is due; the mailbox answers with the newest cursor
+/// meanwhile. A mailbox stopped before the flush writes them as it stops, so the next
+/// mailbox's welcome carries them.
+#[tokio::test]
+async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
+    const FLUSH: Duration = Duration::from_secs(3);
+    let fixture = mailboxes_with(Duration::ZERO, FLUSH).await;
+    let (mailboxes, store) = (fixture.mailboxes.clone(), fixture.store.clone());
+    let publish = |id: String| {
+        let mailboxes = mailboxes.clone();
+        async move {
+            mailboxes
+                .publish("u", &id, ByteBuf::from(id.clone().into_bytes()), None)
+                .await
+                .unwrap()
+        }
+    };
+    let (tx, mut rx) = Outbox::channel(64);
+    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        Frame::Welcome { acked: 0, .. }
+    ));
+    for i in 1..=10u64 {
+        assert_eq!(publish(format!("m{i}")).await, i);
+    }
+    assert_eq!(
+        delivered(&mut rx, Duration::from_millis(200)).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    let acked_at = std::time::Instant::now();
+    for seq in 1..=10 {
+        session.ack(seq);
+    }
+    // The mailbox knows at once; storage not before the flush.
+    let start = std::time::Instant::now();
+    while mailboxes.devices_local("u").await.unwrap()[0].acked != 10 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the acks reached the mailbox");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Long enough for a write of each ack to be durable, well before the flush is due.
+    tokio::time::sleep(FLUSH / 3).await;
+    let early = store.cursor(warbler_cluster::partition_of("u", 64), "u", "d").unwrap();
+    if acked_at.elapsed() < FLUSH * 2 / 3 {
+        assert_eq!(early, 0, "no ack was written before the flush was due");
+    }
+    stored_cursor_reaches(&store, "d", 10, FLUSH * 3).await;
+
+    // Acks, then the mailbox stops before their flush: they are written at stop.
+    for i in 11..=15u64 {
+        assert_eq!(publish(format!("m{i}")).await, i);
+    }
+    assert_eq!(
+        delivered(&mut rx, Duration::from_millis(200)).await,
+        (11..=15).collect::<Vec<_>>()
+    );
+    let acked_at = std::time::Instant::now();
+    session.ack(15);
+    let start = std::time::Instant::now();
+    while mailboxes.devices_local("u").await.unwrap()[0].acked != 15 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the ack reached the mailbox");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let old = mailboxes.get("u").await.unwrap();
+    old.stop(Some("a test stops it".into()));
+    while old.get_status() != ActorStatus::Stopped {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stored_cursor_reaches(&store, "d", 15, Duration::from_secs(5)).await;
+    assert!(
+        acked_at.elapsed() < FLUSH,
+        "written as the mailbox stopped, not by the flush {:?} later",
+        FLUSH
+    );
+    drop(session);
+    let (tx2, mut rx2) = Outbox::channel(64);
+    let _again = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx2)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut rx2).await,
+        Frame::Welcome { acked: 15, .. }
+    ));
+    drop(store);
     fixture.close().await;
 }

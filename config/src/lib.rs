@@ -196,6 +196,10 @@ pub struct MailboxConfig {
     /// goes to sleep after this long: its actor stops and the node keeps only who is
     /// subscribed, until the next publish wakes it. 0 = never.
     pub sleep_after_ms: u64,
+    /// How long a device's acknowledged position may stay in memory before it is written:
+    /// the acks of that time are one write. A crash redelivers what was acknowledged in
+    /// the last this-long (at least once); nothing is lost. 0 = write every ack.
+    pub cursor_flush_ms: u64,
     /// Recent messages kept in memory per mailbox for online delivery.
     pub tail_cache_max: usize,
 }
@@ -350,6 +354,7 @@ impl Default for MailboxConfig {
         Self {
             idle_timeout_ms: 60_000,
             sleep_after_ms: 5_000,
+            cursor_flush_ms: 1_000,
             tail_cache_max: 512,
         }
     }
@@ -454,6 +459,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WARBLER_DEDUP_WINDOW_SECS", "retention.dedup_window_secs"),
     ("WARBLER_MAILBOX_IDLE_TIMEOUT_MS", "mailbox.idle_timeout_ms"),
     ("WARBLER_MAILBOX_SLEEP_AFTER_MS", "mailbox.sleep_after_ms"),
+    ("WARBLER_MAILBOX_CURSOR_FLUSH_MS", "mailbox.cursor_flush_ms"),
     ("WARBLER_REPLICATION_FACTOR", "cluster.replication_factor"),
     ("WARBLER_RAFT_HEARTBEAT_MS", "cluster.raft_heartbeat_ms"),
     (
@@ -637,6 +643,9 @@ impl Config {
                 self.mailbox.idle_timeout_ms = parse(value, "milliseconds")?
             }
             "mailbox.sleep_after_ms" => self.mailbox.sleep_after_ms = parse(value, "milliseconds")?,
+            "mailbox.cursor_flush_ms" => {
+                self.mailbox.cursor_flush_ms = parse(value, "milliseconds")?
+            }
             "log.format" => {
                 self.log.format = match value.trim() {
                     "human" => LogFormat::Human,
@@ -846,6 +855,12 @@ impl Config {
             self.mailbox.sleep_after_ms,
             0,
             86_400_000,
+        )?;
+        range(
+            "mailbox.cursor_flush_ms",
+            self.mailbox.cursor_flush_ms,
+            0,
+            60_000,
         )?;
         range(
             "mailbox.tail_cache_max",
