@@ -399,7 +399,9 @@ async fn a_mailbox_refuses_publishes_while_its_disk_is_too_full() {
 async fn stored_cursor_reaches(store: &Store, device: &str, want: u64, within: Duration) {
     let start = std::time::Instant::now();
     loop {
-        let now = store.cursor(warbler_cluster::partition_of("u", 64), "u", device).unwrap();
+        let now = store
+            .cursor(warbler_cluster::partition_of("u", 64), "u", device)
+            .unwrap();
         if now == want {
             return;
         }
@@ -451,12 +453,17 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     // The mailbox knows at once; storage not before the flush.
     let start = std::time::Instant::now();
     while mailboxes.devices_local("u").await.unwrap()[0].acked != 10 {
-        assert!(start.elapsed() < Duration::from_secs(5), "the acks reached the mailbox");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the acks reached the mailbox"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Long enough for a write of each ack to be durable, well before the flush is due.
     tokio::time::sleep(FLUSH / 3).await;
-    let early = store.cursor(warbler_cluster::partition_of("u", 64), "u", "d").unwrap();
+    let early = store
+        .cursor(warbler_cluster::partition_of("u", 64), "u", "d")
+        .unwrap();
     if acked_at.elapsed() < FLUSH * 2 / 3 {
         assert_eq!(early, 0, "no ack was written before the flush was due");
     }
@@ -474,7 +481,10 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     session.ack(15);
     let start = std::time::Instant::now();
     while mailboxes.devices_local("u").await.unwrap()[0].acked != 15 {
-        assert!(start.elapsed() < Duration::from_secs(5), "the ack reached the mailbox");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the ack reached the mailbox"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let old = mailboxes.get("u").await.unwrap();
