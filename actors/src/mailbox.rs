@@ -629,6 +629,13 @@ impl MailboxState {
             }
             None => (stored, stored),
         };
+        if acked > stored {
+            // The session's device acknowledged these with an earlier mailbox (this user's
+            // leader moved, or the mailbox restarted) whose cursor write did not land: this
+            // one writes it.
+            self.cursors.insert(device.clone(), acked);
+            self.unwritten.insert(device.clone());
+        }
         if let Some(old) = self.subs.remove(&device) {
             if old.session.id() != session.id() {
                 old.session.replaced();
