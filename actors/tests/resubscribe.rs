@@ -41,6 +41,19 @@ async fn delivered(rx: &mut OutReceiver, quiet: Duration) -> Vec<u64> {
     seqs
 }
 
+/// Device "d" of user "u" connects; its welcome must carry `acked`.
+async fn connect(mailboxes: &Mailboxes, acked: u64) -> (OutSender, OutReceiver, Session) {
+    let (tx, mut rx) = Outbox::channel(64);
+    let session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
+        .await
+        .unwrap();
+    match next(&mut rx).await {
+        Frame::Welcome { acked: a, .. } => assert_eq!(a, acked, "the welcome's cursor"),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    (tx, rx, session)
+}
+
 /// Mailboxes over a single-node log in a fresh directory, with their store and directory.
 struct Fixture {
     mailboxes: Mailboxes,
@@ -94,14 +107,7 @@ async fn a_session_resubscribes_when_its_mailbox_stops() {
     let fixture = single_node_mailboxes().await;
     let mailboxes = fixture.mailboxes.clone();
 
-    let (tx, mut rx) = Outbox::channel(64);
-    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut rx).await,
-        Frame::Welcome { acked: 0, .. }
-    ));
+    let (tx, mut rx, mut session) = connect(&mailboxes, 0).await;
     assert_eq!(
         mailboxes
             .publish("u", "a", ByteBuf::from(b"1".to_vec()), None)
@@ -154,14 +160,7 @@ async fn a_quiet_mailbox_sleeps_and_the_next_publish_wakes_it_without_a_gap() {
         }
     };
     assert_eq!(publish("a").await, 1);
-    let (tx, mut rx) = Outbox::channel(64);
-    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut rx).await,
-        Frame::Welcome { acked: 0, .. }
-    ));
+    let (tx, mut rx, mut session) = connect(&mailboxes, 0).await;
     assert!(matches!(next(&mut rx).await, Frame::Msg { seq: 1, .. }));
     // Not acknowledged yet: it stays awake however long that takes.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -413,6 +412,34 @@ async fn stored_cursor_reaches(store: &Store, device: &str, want: u64, within: D
     }
 }
 
+/// Publishes `seqs` (ids `m<seq>`) to user `u` and checks its device got exactly them.
+async fn publish_and_receive(
+    mailboxes: &Mailboxes,
+    rx: &mut OutReceiver,
+    seqs: std::ops::RangeInclusive<u64>,
+) {
+    for i in seqs.clone() {
+        let id = format!("m{i}");
+        let body = ByteBuf::from(id.clone().into_bytes());
+        assert_eq!(mailboxes.publish("u", &id, body, None).await.unwrap(), i);
+    }
+    let got = delivered(rx, Duration::from_millis(200)).await;
+    assert_eq!(got, seqs.collect::<Vec<_>>());
+}
+
+/// Waits until user `u`'s mailbox reports its device's cursor at `acked`.
+async fn mailbox_has(mailboxes: &Mailboxes, acked: u64) {
+    let start = std::time::Instant::now();
+    while mailboxes.devices_local("u").await.unwrap()[0].acked != acked {
+        let waited = start.elapsed();
+        assert!(
+            waited < Duration::from_secs(5),
+            "ack {acked} reached the mailbox"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// With `cursor_flush` set, a device's acks stay in memory and reach storage together, as
 /// the last one, when the flush is due; the mailbox answers with the newest cursor
 /// meanwhile. A mailbox stopped before the flush writes them as it stops, so the next
@@ -422,43 +449,14 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     const FLUSH: Duration = Duration::from_secs(3);
     let fixture = mailboxes_with(Duration::ZERO, FLUSH).await;
     let (mailboxes, store) = (fixture.mailboxes.clone(), fixture.store.clone());
-    let publish = |id: String| {
-        let mailboxes = mailboxes.clone();
-        async move {
-            mailboxes
-                .publish("u", &id, ByteBuf::from(id.clone().into_bytes()), None)
-                .await
-                .unwrap()
-        }
-    };
-    let (tx, mut rx) = Outbox::channel(64);
-    let mut session = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx)
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut rx).await,
-        Frame::Welcome { acked: 0, .. }
-    ));
-    for i in 1..=10u64 {
-        assert_eq!(publish(format!("m{i}")).await, i);
-    }
-    assert_eq!(
-        delivered(&mut rx, Duration::from_millis(200)).await,
-        (1..=10).collect::<Vec<_>>()
-    );
+    let (_tx, mut rx, mut session) = connect(&mailboxes, 0).await;
+    publish_and_receive(&mailboxes, &mut rx, 1..=10).await;
     let acked_at = std::time::Instant::now();
     for seq in 1..=10 {
         session.ack(seq);
     }
     // The mailbox knows at once; storage not before the flush.
-    let start = std::time::Instant::now();
-    while mailboxes.devices_local("u").await.unwrap()[0].acked != 10 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the acks reached the mailbox"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    mailbox_has(&mailboxes, 10).await;
     // Long enough for a write of each ack to be durable, well before the flush is due.
     tokio::time::sleep(FLUSH / 3).await;
     let early = store
@@ -470,23 +468,10 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     stored_cursor_reaches(&store, "d", 10, FLUSH * 3).await;
 
     // Acks, then the mailbox stops before their flush: they are written at stop.
-    for i in 11..=15u64 {
-        assert_eq!(publish(format!("m{i}")).await, i);
-    }
-    assert_eq!(
-        delivered(&mut rx, Duration::from_millis(200)).await,
-        (11..=15).collect::<Vec<_>>()
-    );
+    publish_and_receive(&mailboxes, &mut rx, 11..=15).await;
     let acked_at = std::time::Instant::now();
     session.ack(15);
-    let start = std::time::Instant::now();
-    while mailboxes.devices_local("u").await.unwrap()[0].acked != 15 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the ack reached the mailbox"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    mailbox_has(&mailboxes, 15).await;
     let old = mailboxes.get("u").await.unwrap();
     old.stop(Some("a test stops it".into()));
     while old.get_status() != ActorStatus::Stopped {
@@ -499,14 +484,7 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
         FLUSH
     );
     drop(session);
-    let (tx2, mut rx2) = Outbox::channel(64);
-    let _again = Session::start("u".into(), "d".into(), "n", mailboxes.clone(), &tx2)
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut rx2).await,
-        Frame::Welcome { acked: 15, .. }
-    ));
+    let _again = connect(&mailboxes, 15).await;
     drop(store);
     fixture.close().await;
 }
