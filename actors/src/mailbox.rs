@@ -696,7 +696,8 @@ impl MailboxState {
     }
 
     /// Proposes the cursors that moved since they were last written, one op per device.
-    /// Not awaited: cursors may lag on a crash (delivery is at least once).
+    /// Proposed, not waited for until durable: cursors may lag on a crash (delivery is at
+    /// least once).
     async fn write_cursors(&mut self) -> Result<(), StorageError> {
         if self.unwritten.is_empty() {
             return Ok(());

@@ -488,3 +488,37 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     drop(store);
     fixture.close().await;
 }
+
+/// A session that subscribes again brings the position its device acknowledged with an
+/// earlier mailbox (the user's leader moved, and that mailbox's cursor write was lost). The
+/// new mailbox takes it, clamped to what is committed, and writes it at once: the device's
+/// cursor does not fall back to the stored one.
+#[tokio::test]
+async fn a_resumed_subscription_writes_the_cursor_its_session_acknowledged() {
+    let fixture = mailboxes_with(Duration::ZERO, Duration::from_secs(60)).await;
+    let (mailboxes, store) = (fixture.mailboxes.clone(), fixture.store.clone());
+    for i in 1..=5u64 {
+        let id = format!("m{i}");
+        let body = ByteBuf::from(id.clone().into_bytes());
+        assert_eq!(mailboxes.publish("u", &id, body, None).await.unwrap(), i);
+    }
+    // Nothing of device "d" is stored; its session says it acked 4 and was sent 5.
+    let (_tx, _rx, session) = port();
+    mailboxes
+        .subscribe_local("u", "d", session, Some((4, 5)))
+        .await
+        .unwrap();
+    mailbox_has(&mailboxes, 4).await;
+    // Written now, not a minute later by the flush.
+    stored_cursor_reaches(&store, "d", 4, Duration::from_secs(5)).await;
+
+    // A resume past what is committed is written as what is committed.
+    let (_tx, _rx, session) = port();
+    mailboxes
+        .subscribe_local("u", "e", session, Some((50, 50)))
+        .await
+        .unwrap();
+    stored_cursor_reaches(&store, "e", 5, Duration::from_secs(5)).await;
+    drop(store);
+    fixture.close().await;
+}
