@@ -359,6 +359,36 @@ const REF_CACHE_MAX: usize = 100_000;
 /// A publish handed over by [`Mailboxes::publish_submit`], waiting for its seq.
 pub type PendingPublish = std::pin::Pin<Box<dyn Future<Output = Result<u64, MailboxError>> + Send>>;
 
+/// Hands `r` to `mailbox`, running on this node, and returns the wait for its seq; gives
+/// `r` back when the mailbox is gone. If the mailbox stops with the publish queued, the wait
+/// publishes it anew under the same id with `again`.
+fn hand_over(
+    mailbox: &ActorRef<MailboxMsg>,
+    r: PublishReq,
+    again: impl FnOnce(PublishReq) -> PendingPublish + Send + 'static,
+) -> Result<PendingPublish, PublishReq> {
+    let (tx, rx) = ractor::concurrency::oneshot();
+    let msg = MailboxMsg::Publish {
+        id: r.id.clone(),
+        body: r.body.clone(),
+        from: r.from.clone(),
+        after: r.after.clone(),
+        reply: tx.into(),
+    };
+    if mailbox.cast(msg).is_err() {
+        return Err(r);
+    }
+    Ok(Box::pin(async move {
+        match tokio::time::timeout(MAILBOX_CALL_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => again(r).await,
+            Err(_) => Err(MailboxError::Unavailable(
+                "the mailbox did not answer in 30 s".into(),
+            )),
+        }
+    }))
+}
+
 #[derive(Clone)]
 pub struct Mailboxes {
     registry: ActorRef<RegistryMsg>,
@@ -527,8 +557,23 @@ impl Mailboxes {
             from: from.clone(),
             after: after.clone(),
         };
+        let partition = self.partition_of(user);
+        // First, together with the other publishes for the same leader. A transient refusal
+        // (leadership moved, no leader yet), and a leader of a release that takes no batches,
+        // go on below: one publish per request, retried until the leader is found.
+        if let Leader::Remote { addr, .. } = route.router.leader(partition) {
+            let r = route.publish_batched(addr, req.clone()).await;
+            route.correct_route(partition, &r);
+            match r {
+                Err(e) if e.is_transient() => {
+                    metrics::counter!("warbler_route_retries_total").increment(1);
+                }
+                Err(MailboxError::Unsupported(_)) => {}
+                r => return r,
+            }
+        }
         route
-            .on_leader(self.partition_of(user), PeerKind::Publish, &req, || {
+            .on_leader(partition, PeerKind::Publish, &req, || {
                 self.publish_local(user, id, body.clone(), from.clone(), after.clone())
             })
             .await
@@ -618,34 +663,29 @@ impl Mailboxes {
             None => true,
             Some(route) => matches!(route.router.leader(self.partition_of(&user)), Leader::Local),
         };
+        let mut r = PublishReq {
+            user,
+            id,
+            body,
+            from,
+            after,
+        };
+        let this = self.clone();
+        let again = move |r: PublishReq| -> PendingPublish {
+            Box::pin(async move {
+                this.publish_after(&r.user, &r.id, r.body, r.from, r.after)
+                    .await
+            })
+        };
         if here {
-            if let Ok(mailbox) = self.get(&user).await {
-                let (tx, rx) = ractor::concurrency::oneshot();
-                let msg = MailboxMsg::Publish {
-                    id: id.clone(),
-                    body: body.clone(),
-                    from: from.clone(),
-                    after: after.clone(),
-                    reply: tx.into(),
-                };
-                if mailbox.cast(msg).is_ok() {
-                    let this = self.clone();
-                    return Box::pin(async move {
-                        match tokio::time::timeout(MAILBOX_CALL_TIMEOUT, rx).await {
-                            Ok(Ok(r)) => r,
-                            // The mailbox stopped with it queued: again, under the same id.
-                            Ok(Err(_)) => this.publish_after(&user, &id, body, from, after).await,
-                            Err(_) => Err(MailboxError::Unavailable(
-                                "the mailbox did not answer in 30 s".into(),
-                            )),
-                        }
-                    });
+            if let Ok(mailbox) = self.get(&r.user).await {
+                match hand_over(&mailbox, r, again.clone()) {
+                    Ok(pending) => return pending,
+                    Err(back) => r = back,
                 }
             }
         }
-        let this = self.clone();
-        let mut pending: PendingPublish =
-            Box::pin(async move { this.publish_after(&user, &id, body, from, after).await });
+        let mut pending = again(r);
         // Run it up to its first wait now: that queues the request to the leader.
         if let std::task::Poll::Ready(r) = pending
             .as_mut()
@@ -654,6 +694,39 @@ impl Mailboxes {
             return Box::pin(std::future::ready(r));
         }
         pending
+    }
+
+    /// Publishes forwarded together ([`PeerKind::PublishBatch`]) through this node's
+    /// mailboxes, as their partitions' leader. Each is handed to its mailbox before the next
+    /// one is looked at, so a connection's publishes to one user are taken in the order they
+    /// were sent; then their answers are awaited together. Answered per publish, in order.
+    pub async fn publish_batch_local(
+        &self,
+        publishes: Vec<PublishReq>,
+    ) -> Vec<Result<u64, MailboxError>> {
+        let mut waits: Vec<PendingPublish> = Vec::with_capacity(publishes.len());
+        for r in publishes {
+            let mailbox = match self.get(&r.user).await {
+                Ok(mailbox) => mailbox,
+                Err(e) => {
+                    waits.push(Box::pin(std::future::ready(Err(e))));
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let again = move |r: PublishReq| -> PendingPublish {
+                Box::pin(async move {
+                    this.publish_local(&r.user, &r.id, r.body, r.from, r.after)
+                        .await
+                })
+            };
+            waits.push(match hand_over(&mailbox, r, again.clone()) {
+                Ok(pending) => pending,
+                // It stopped since: the retrying call starts it again.
+                Err(r) => again(r),
+            });
+        }
+        futures::future::join_all(waits).await
     }
 
     /// Publishes through this node's own mailbox of `user`.

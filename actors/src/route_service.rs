@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warbler_cluster::transport::BoxFuture;
 use warbler_cluster::wire::{
-    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishManyReq,
-    PublishReq, SubscribeReq, UserReq,
+    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishBatchReq,
+    PublishManyReq, PublishReq, SubscribeReq, UserReq,
 };
 use warbler_cluster::{Leader, PeerHandler, RpcCode, RpcError};
 use warbler_storage::PartitionId;
@@ -63,6 +63,7 @@ impl PeerHandler for RouteService {
         Box::pin(async move {
             match kind {
                 PeerKind::Publish
+                | PeerKind::PublishBatch
                 | PeerKind::PublishMany
                 | PeerKind::Devices
                 | PeerKind::Subscribe => {
@@ -100,6 +101,22 @@ async fn as_leader(
                 .publish_local(&r.user, &r.id, r.body, r.from, r.after)
                 .await;
             reply(&redirect(&routing, partition, answer))
+        }
+        PeerKind::PublishBatch => {
+            let r: PublishBatchReq = decode(body)?;
+            let partitions: Vec<PartitionId> = r
+                .publishes
+                .iter()
+                .map(|p| mailboxes.partition_of(&p.user))
+                .collect();
+            let answers: Vec<Wire<u64>> = mailboxes
+                .publish_batch_local(r.publishes)
+                .await
+                .into_iter()
+                .zip(partitions)
+                .map(|(answer, partition)| redirect(&routing, partition, answer))
+                .collect();
+            reply(&Ok::<_, MailboxError>(answers))
         }
         PeerKind::PublishMany => {
             let r: PublishManyReq = decode(body)?;

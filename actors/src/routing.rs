@@ -25,8 +25,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 use warbler_cluster::wire::{
-    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, Resume, SubscribeReq,
-    Subscribed,
+    AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishBatchReq,
+    PublishReq, Resume, SubscribeReq, Subscribed,
 };
 use warbler_cluster::{Leader, PeerError, PeerTransport, Router, RpcCode};
 use warbler_storage::PartitionId;
@@ -90,6 +90,32 @@ struct DeliverQueue {
 
 type DeliverQueues = Arc<Mutex<HashMap<SocketAddr, DeliverQueue>>>;
 
+/// Most bytes of message bodies one [`PeerKind::PublishBatch`] request carries (a larger
+/// publish goes alone): far below the peer frame limit, and small enough that a batch holds
+/// the link (and the heartbeats behind it) for well under a millisecond.
+const PUBLISH_BATCH_BYTES_MAX: usize = 1 << 20;
+/// Most publishes one [`PeerKind::PublishBatch`] request carries.
+const PUBLISHES_PER_REQUEST_MAX: usize = 1024;
+
+/// A publish waiting to be forwarded, and where its answer goes.
+struct PendingForward {
+    req: PublishReq,
+    answer: oneshot::Sender<Wire<u64>>,
+}
+
+/// The publishes waiting to go to one leader. The first publish for it starts a sender
+/// task; whatever else is queued by the time that task runs (the rest of a connection's
+/// pipelined frames, other connections' publishes) goes in the same request. The sender does
+/// not wait for answers: a request is queued on the link, in order, as soon as it is taken,
+/// so batching adds no round trip, and a leader takes a connection's publishes in the order
+/// they were sent.
+#[derive(Default)]
+struct ForwardQueue {
+    pending: VecDeque<PendingForward>,
+}
+
+type ForwardQueues = Arc<Mutex<HashMap<SocketAddr, ForwardQueue>>>;
+
 /// A local session subscribed to a mailbox on another node.
 struct RemoteSub {
     partition: PartitionId,
@@ -112,6 +138,8 @@ pub struct Routing {
     acks: AckQueues,
     /// Stand-ins' delivery batches on their way to sessions on other nodes, per node.
     deliveries: DeliverQueues,
+    /// Publishes on their way to their partitions' leaders, per node.
+    forwards: ForwardQueues,
 }
 
 impl Routing {
@@ -132,6 +160,7 @@ impl Routing {
             stand_ins: Mutex::default(),
             acks: AckQueues::default(),
             deliveries: DeliverQueues::default(),
+            forwards: ForwardQueues::default(),
         }
     }
 
@@ -198,7 +227,7 @@ impl Routing {
     }
 
     /// Tells the router what a call to the node it named as leader answered.
-    fn correct_route<T>(&self, partition: PartitionId, r: &Result<T, MailboxError>) {
+    pub(crate) fn correct_route<T>(&self, partition: PartitionId, r: &Result<T, MailboxError>) {
         match r {
             Err(MailboxError::Redirect(leader)) => self.router.redirected(partition, Some(leader)),
             Err(MailboxError::NoLeader(_)) => self.router.redirected(partition, None),
@@ -268,6 +297,41 @@ impl Routing {
         if !queue.sending {
             queue.sending = true;
             tokio::spawn(send_acks(self.clone_handle(), self.acks.clone(), addr));
+        }
+    }
+
+    /// Forwards a publish to the leader at `addr`, together with the other publishes waiting
+    /// for that node ([`ForwardQueue`]). The publish is queued when this is called, not when
+    /// the answer is awaited: publishes queued one after another reach the leader in that
+    /// order. `Unsupported` when the leader runs a release without [`PeerKind::PublishBatch`].
+    pub(crate) fn publish_batched(
+        &self,
+        addr: SocketAddr,
+        req: PublishReq,
+    ) -> impl Future<Output = Wire<u64>> + Send + 'static {
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut queues = self.forwards.lock().unwrap();
+            let start = !queues.contains_key(&addr);
+            queues
+                .entry(addr)
+                .or_default()
+                .pending
+                .push_back(PendingForward { req, answer });
+            if start {
+                tokio::spawn(send_forwards(
+                    self.clone_handle(),
+                    self.forwards.clone(),
+                    addr,
+                ));
+            }
+        }
+        async move {
+            answered.await.unwrap_or_else(|_| {
+                Err(MailboxError::NoLeader(
+                    "the publish sender stopped before the leader answered".into(),
+                ))
+            })
         }
     }
 
@@ -539,6 +603,66 @@ async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: Socke
     }
 }
 
+/// Sends the publishes gathered for the leader at `addr`, one request per look at the
+/// queue, until none are left. Each request is queued on the link before the next is
+/// taken; its answers are awaited on a task of their own.
+async fn send_forwards(routing: RoutingRef, queues: ForwardQueues, addr: SocketAddr) {
+    loop {
+        let Some(batch) = next_batch(&queues, addr, |queue: &mut ForwardQueue| {
+            let (mut n, mut bytes) = (0, 0);
+            for p in &queue.pending {
+                if n == PUBLISHES_PER_REQUEST_MAX
+                    || (n > 0 && bytes + p.req.body.len() > PUBLISH_BATCH_BYTES_MAX)
+                {
+                    break;
+                }
+                bytes += p.req.body.len();
+                n += 1;
+            }
+            queue.pending.drain(..n).collect()
+        }) else {
+            return;
+        };
+        let (publishes, answers): (Vec<PublishReq>, Vec<_>) =
+            batch.into_iter().map(|p| (p.req, p.answer)).unzip();
+        let req = PublishBatchReq { publishes };
+        let routing = routing.clone();
+        let mut answered = Box::pin(async move {
+            let answer: Wire<Vec<Wire<u64>>> = routing
+                .call(addr, 0, PeerKind::PublishBatch, &req, ROUTE_CALL_TIMEOUT)
+                .await;
+            match answer {
+                Ok(each) if each.len() == answers.len() => {
+                    for (r, answer) in each.into_iter().zip(answers) {
+                        let _ = answer.send(r);
+                    }
+                }
+                Ok(each) => {
+                    let e = MailboxError::Unavailable(format!(
+                        "{addr} answered {} of {} forwarded publishes",
+                        each.len(),
+                        answers.len()
+                    ));
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+        // Run it up to its first wait now: that queues the request on the link, ahead of
+        // the next batch's.
+        let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+        if answered.as_mut().poll(noop).is_pending() {
+            tokio::spawn(answered);
+        }
+    }
+}
+
 /// A `devices` answer from the user's leader.
 pub(crate) fn devices_from_wire(v: Vec<DeviceCursor>) -> Vec<DeviceInfo> {
     v.into_iter()
@@ -678,6 +802,130 @@ mod tests {
                 PeerKind::DeliverMany
             };
             assert!(seen.iter().all(|(k, _)| *k == wanted), "{seen:?}");
+        }
+    }
+
+    /// What a leader was sent: the ids of each [`PeerKind::PublishBatch`] request, in order.
+    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
+
+    /// A partitions' leader: answers publish `m<n>` with seq `n + 1`, and refuses users
+    /// named `moved` with a redirect. `previous_release` knows no batches.
+    struct LeaderNode {
+        previous_release: bool,
+        seen: Batches,
+    }
+
+    impl PeerHandler for LeaderNode {
+        fn handle(
+            &self,
+            _from: String,
+            _partition: u16,
+            kind: PeerKind,
+            body: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, RpcError>> {
+            let (seen, previous_release) = (self.seen.clone(), self.previous_release);
+            Box::pin(async move {
+                if kind != PeerKind::PublishBatch || previous_release {
+                    return Err(RpcError::new(
+                        RpcCode::UnknownKind,
+                        format!("{kind:?} is unknown here"),
+                    ));
+                }
+                let r: PublishBatchReq = rmp_serde::from_slice(&body).unwrap();
+                seen.lock()
+                    .unwrap()
+                    .push(r.publishes.iter().map(|p| p.id.clone()).collect());
+                let each: Vec<Wire<u64>> = r
+                    .publishes
+                    .iter()
+                    .map(|p| match p.user.as_str() {
+                        "moved" => Err(MailboxError::Redirect("n9".into())),
+                        _ => Ok(p.id[1..].parse::<u64>().unwrap() + 1),
+                    })
+                    .collect();
+                Ok(rmp_serde::to_vec_named(&Ok::<_, MailboxError>(each)).unwrap())
+            })
+        }
+    }
+
+    fn publish(n: usize, user: &str, bytes: usize) -> PublishReq {
+        PublishReq {
+            user: user.into(),
+            id: format!("m{n}"),
+            body: ByteBuf::from(vec![7; bytes]),
+            from: None,
+            after: None,
+        }
+    }
+
+    /// Publishes queued for one leader before its sender runs go in one request, in the
+    /// order they were queued, and each caller gets its own answer; bodies past the byte cap
+    /// split the requests, still in order; a leader of the previous release answers
+    /// `Unsupported` (the caller then sends single publishes). On one thread, so that the
+    /// sender runs only once everything is queued.
+    #[tokio::test]
+    async fn forwarded_publishes_go_together_in_order_and_are_answered_each() {
+        for previous_release in [false, true] {
+            let seen: Batches = Arc::default();
+            let node = LeaderNode {
+                previous_release,
+                seen: seen.clone(),
+            };
+            let local = "127.0.0.1:0".parse().unwrap();
+            let there = PeerTransport::start("there", local, None, Arc::new(node))
+                .await
+                .unwrap();
+            let refuse_all = LeaderNode {
+                previous_release: true,
+                seen: Arc::default(),
+            };
+            let here = PeerTransport::start("here", local, None, Arc::new(refuse_all))
+                .await
+                .unwrap();
+            let routing = Routing::new(Arc::new(NoLeaders), "here".into(), here.local_addr());
+            routing.set_transport(Arc::new(here));
+            let addr = there.local_addr();
+
+            let small: Vec<_> = (0..50)
+                .map(|n| {
+                    let user = if n == 7 { "moved" } else { "u" };
+                    routing.publish_batched(addr, publish(n, user, 100))
+                })
+                .collect();
+            let answers = futures::future::join_all(small).await;
+            if previous_release {
+                assert!(
+                    answers
+                        .iter()
+                        .all(|a| matches!(a, Err(MailboxError::Unsupported(_)))),
+                    "{answers:?}"
+                );
+                assert!(seen.lock().unwrap().is_empty());
+                continue;
+            }
+            for (n, a) in answers.iter().enumerate() {
+                match a {
+                    Err(MailboxError::Redirect(to)) if n == 7 => assert_eq!(to, "n9"),
+                    Ok(seq) if n != 7 => assert_eq!(*seq, n as u64 + 1),
+                    other => panic!("publish {n}: {other:?}"),
+                }
+            }
+            let ids: Vec<String> = (0..50).map(|n| format!("m{n}")).collect();
+            assert_eq!(*seen.lock().unwrap(), [ids], "one request, in order");
+
+            seen.lock().unwrap().clear();
+            let large: Vec<_> = (0..3)
+                .map(|n| routing.publish_batched(addr, publish(n, "u", 600 << 10)))
+                .chain((3..5).map(|n| routing.publish_batched(addr, publish(n, "u", 100))))
+                .collect();
+            let answers = futures::future::join_all(large).await;
+            let seqs: Vec<u64> = answers.into_iter().map(Result::unwrap).collect();
+            assert_eq!(seqs, [1, 2, 3, 4, 5]);
+            assert_eq!(
+                *seen.lock().unwrap(),
+                [vec!["m0"], vec!["m1"], vec!["m2", "m3", "m4"]],
+                "a request holds at most 1 MiB of bodies, or one larger publish"
+            );
         }
     }
 }

@@ -56,6 +56,9 @@ pub enum PeerKind {
     /// Routing: delivery batches of several stand-ins for sessions on the receiver, carried
     /// together ([`DeliverManyReq`]); answered with the keys whose session is gone.
     DeliverMany = 19,
+    /// Routing: publishes to users of partitions the receiver leads, forwarded together
+    /// ([`PublishBatchReq`]); answered per publish, in order.
+    PublishBatch = 30,
     /// Control: "which nodes form this cluster?" (answered by formed nodes).
     Members = 20,
     /// Control: "add this node to the member list" ([`ListChange`]).
@@ -89,7 +92,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 25] = [
+    pub const ALL: [PeerKind; 26] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -114,6 +117,7 @@ impl PeerKind {
         PeerKind::Leading,
         PeerKind::HandLead,
         PeerKind::TakeLead,
+        PeerKind::PublishBatch,
         PeerKind::Probe,
     ];
 
@@ -149,6 +153,7 @@ impl PeerKind {
             PeerKind::Leading => "leading",
             PeerKind::HandLead => "hand_lead",
             PeerKind::TakeLead => "take_lead",
+            PeerKind::PublishBatch => "publish_batch",
             PeerKind::Probe => "probe",
         }
     }
@@ -156,7 +161,7 @@ impl PeerKind {
     pub fn layer(self) -> Layer {
         match self as u8 {
             1..=5 => Layer::Consensus,
-            10..=19 => Layer::Route,
+            10..=19 | 30..=39 => Layer::Route,
             20..=28 => Layer::Control,
             _ => Layer::Transport,
         }
@@ -184,6 +189,14 @@ pub struct PublishManyReq {
     pub id: String,
     pub body: ByteBuf,
     pub from: Option<String>,
+}
+
+/// [`PeerKind::PublishBatch`]: publishes to users whose partitions the receiver leads, in
+/// the order the sender took them; the receiver hands them to their mailboxes in this order.
+/// Answered with one `Result<seq, _>` per publish, in the same order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishBatchReq {
+    pub publishes: Vec<PublishReq>,
 }
 
 /// [`PeerKind::Devices`].
@@ -392,7 +405,7 @@ mod tests {
             numbers,
             [
                 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-                27, 28, 255
+                27, 28, 30, 255
             ]
         );
         for k in PeerKind::ALL {
@@ -405,6 +418,7 @@ mod tests {
         assert_eq!(PeerKind::AckMany.layer(), Layer::Route);
         assert_eq!(PeerKind::DeliverMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
+        assert_eq!(PeerKind::PublishBatch.layer(), Layer::Route);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
         assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
         assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);
