@@ -84,11 +84,14 @@ impl Client {
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
         let body = rmp_serde::to_vec_named(req).expect("consensus requests serialize");
-        match self
-            .transport
-            .call(addr, self.partition, kind, body, option.hard_ttl())
-            .await
-        {
+        let (t, p, ttl) = (&self.transport, self.partition, option.hard_ttl());
+        // The appends of every group a log sync released go to each peer together.
+        let sent = if kind == PeerKind::AppendEntries {
+            t.call_together(addr, p, kind, body, ttl).await
+        } else {
+            t.call(addr, p, kind, body, ttl).await
+        };
+        match sent {
             Ok(bytes) => {
                 let answer: Result<Resp, RaftError<NodeId, E>> = rmp_serde::from_slice(&bytes)
                     .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{RpcCode, RpcError};
 use crate::identity::{admit, ClusterId};
 use crate::key::{ClusterKey, Side};
-use crate::wire::PeerKind;
+use crate::wire::{ManyAnswer, ManyCall, PeerKind};
 
 /// The peer protocol version this build speaks.
 pub const PEER_PROTOCOL_VERSION: u32 = 1;
@@ -281,8 +281,40 @@ pub struct PeerTransport {
 
 /// The answer slot of one call.
 type Reply = oneshot::Sender<Result<Vec<u8>, PeerError>>;
+
 /// A queued frame, with where its answer goes (requests only).
-type Outgoing = (PeerFrame, Option<Reply>);
+struct Outgoing {
+    frame: PeerFrame,
+    reply: Option<Reply>,
+    /// The call may travel in one [`PeerKind::Many`] request with the other such calls
+    /// queued at the same time ([`PeerTransport::call_together`]).
+    together: bool,
+}
+
+/// Most bytes of bodies one [`PeerKind::Many`] request carries; a larger call goes alone.
+const MANY_BYTES_MAX: usize = 1 << 20;
+
+/// Where the answers to one request go: one call's, or each call's of a
+/// [`PeerKind::Many`].
+enum Waiter {
+    One(Reply),
+    Many(Vec<Reply>),
+}
+
+impl Waiter {
+    fn fail(self, e: PeerError) {
+        match self {
+            Waiter::One(r) => {
+                let _ = r.send(Err(e));
+            }
+            Waiter::Many(all) => {
+                for r in all {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
 
 struct Link {
     peer: SocketAddr,
@@ -354,6 +386,36 @@ impl PeerTransport {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, PeerError> {
+        self.call_as(peer, partition, kind, body, timeout, false)
+            .await
+    }
+
+    /// [`PeerTransport::call`], for a call that may share one [`PeerKind::Many`] request
+    /// with the others of its kind queued for `peer` at the same time (the calls of many
+    /// partitions' groups that a single log sync released together). Each call is still
+    /// answered on its own, and a peer of a release without `Many` gets single requests
+    /// again after refusing one.
+    pub async fn call_together(
+        &self,
+        peer: SocketAddr,
+        partition: u16,
+        kind: PeerKind,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        self.call_as(peer, partition, kind, body, timeout, true)
+            .await
+    }
+
+    async fn call_as(
+        &self,
+        peer: SocketAddr,
+        partition: u16,
+        kind: PeerKind,
+        body: Vec<u8>,
+        timeout: Duration,
+        together: bool,
+    ) -> Result<Vec<u8>, PeerError> {
         if self.faults.blocks(&peer) {
             return Err(PeerError::Unreachable(format!("{peer} (fault injected)")));
         }
@@ -365,12 +427,15 @@ impl PeerTransport {
             kind: kind as u8,
             body: ByteBuf::from(body),
         };
-        link.queue
-            .try_send((frame, Some(tx)))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => PeerError::Overloaded(peer.to_string()),
-                mpsc::error::TrySendError::Closed(_) => PeerError::Unreachable(peer.to_string()),
-            })?;
+        let out = Outgoing {
+            frame,
+            reply: Some(tx),
+            together,
+        };
+        link.queue.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PeerError::Overloaded(peer.to_string()),
+            mpsc::error::TrySendError::Closed(_) => PeerError::Unreachable(peer.to_string()),
+        })?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(PeerError::Disconnected(peer.to_string())),
@@ -685,6 +750,10 @@ async fn serve_peer((mut r, w): Halves, from: String, handler: Arc<dyn PeerHandl
             }
             continue;
         }
+        if kind == PeerKind::Many {
+            serve_many(&handler, &from, &tx, id, &body);
+            continue;
+        }
         let (handler, tx, from) = (handler.clone(), tx.clone(), from.clone());
         start_in_order(async move {
             let reply = match handler.handle(from, partition, kind, body.into_vec()).await {
@@ -703,6 +772,71 @@ async fn serve_peer((mut r, w): Halves, from: String, handler: Arc<dyn PeerHandl
     let _ = writer.await;
 }
 
+/// Serves a [`PeerKind::Many`] request: each call is started in order, as if it had come
+/// in a request of its own, and the answers go back together once all are ready.
+fn serve_many(
+    handler: &Arc<dyn PeerHandler>,
+    from: &str,
+    tx: &mpsc::Sender<PeerFrame>,
+    id: u64,
+    body: &[u8],
+) {
+    let calls: Vec<ManyCall> = match crate::wire::decode(body) {
+        Ok(calls) => calls,
+        Err(e) => {
+            let e = RpcError::bad_request("batched calls", e);
+            let _ = tx.try_send(refusal(id, e));
+            return;
+        }
+    };
+    let mut answers: Vec<BoxFuture<'static, Result<Vec<u8>, RpcError>>> =
+        Vec::with_capacity(calls.len());
+    for c in calls {
+        let mut answer = match PeerKind::from_wire(c.kind) {
+            Some(k) if k != PeerKind::Many && k != PeerKind::Probe => {
+                metrics::counter!("warbler_peer_requests_total", "kind" => k.name()).increment(1);
+                handler.handle(from.to_string(), c.partition, k, c.body.into_vec())
+            }
+            _ => Box::pin(std::future::ready(Err(RpcError::new(
+                RpcCode::UnknownKind,
+                format!("peer request kind {} cannot travel in a batch", c.kind),
+            )))),
+        };
+        // Up to its first wait now, as `start_in_order` runs a single request.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(r) = answer.as_mut().poll(&mut cx) {
+            answer = Box::pin(std::future::ready(r));
+        }
+        answers.push(answer);
+    }
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let each: Vec<ManyAnswer> = futures::future::join_all(answers)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(body) => ManyAnswer {
+                    ok: true,
+                    body: ByteBuf::from(body),
+                    code: None,
+                },
+                Err(e) => ManyAnswer {
+                    ok: false,
+                    body: ByteBuf::from(e.message.into_bytes()),
+                    code: Some(e.code),
+                },
+            })
+            .collect();
+        let reply = PeerFrame::Response {
+            id,
+            ok: true,
+            body: ByteBuf::from(crate::wire::encode(&each)),
+            code: None,
+        };
+        let _ = tx.send(reply).await;
+    });
+}
+
 /// The frame that refuses request `id`.
 fn refusal(id: u64, e: RpcError) -> PeerFrame {
     PeerFrame::Response {
@@ -713,7 +847,7 @@ fn refusal(id: u64, e: RpcError) -> PeerFrame {
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, Reply>>>;
+type Waiters = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// When a link last heard from its peer, and the probe it has in flight.
 struct Liveness {
@@ -766,6 +900,7 @@ fn spawn_reader(
     waiters: Waiters,
     name: String,
     live: &Liveness,
+    singles_only: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<bool> {
     let (epoch, heard) = (live.epoch, live.heard.clone());
     tokio::spawn(async move {
@@ -773,17 +908,43 @@ fn spawn_reader(
             heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
             match frame {
                 PeerFrame::Response { id, ok, body, code } => {
-                    if let Some(w) = waiters.lock().unwrap().remove(&id) {
-                        let r = if ok {
-                            Ok(body.into_vec())
-                        } else {
-                            let message = String::from_utf8_lossy(&body).into_owned();
-                            Err(PeerError::Remote {
-                                peer: name.clone(),
-                                error: RpcError::new(code.unwrap_or(RpcCode::Other), message),
-                            })
-                        };
-                        let _ = w.send(r);
+                    let Some(w) = waiters.lock().unwrap().remove(&id) else {
+                        continue;
+                    };
+                    let answer = |ok: bool, body: ByteBuf, code: Option<RpcCode>| {
+                        if ok {
+                            return Ok(body.into_vec());
+                        }
+                        let message = String::from_utf8_lossy(&body).into_owned();
+                        Err(PeerError::Remote {
+                            peer: name.clone(),
+                            error: RpcError::new(code.unwrap_or(RpcCode::Other), message),
+                        })
+                    };
+                    match w {
+                        Waiter::One(w) => {
+                            let _ = w.send(answer(ok, body, code));
+                        }
+                        Waiter::Many(all) => {
+                            let each = ok
+                                .then(|| crate::wire::decode::<Vec<ManyAnswer>>(&body).ok())
+                                .flatten()
+                                .filter(|each| each.len() == all.len());
+                            let Some(each) = each else {
+                                // A release without `Many` refuses it: one call per
+                                // request to this peer from now on (its calls retry).
+                                if !singles_only.swap(true, Ordering::Relaxed) {
+                                    tracing::info!(peer = %name, "peer does not take batched calls (an older release?): sending one call per request");
+                                }
+                                let e = answer(false, body, code.or(Some(RpcCode::UnknownKind)))
+                                    .unwrap_err();
+                                Waiter::Many(all).fail(e);
+                                continue;
+                            };
+                            for (w, a) in all.into_iter().zip(each) {
+                                let _ = w.send(answer(a.ok, a.body, a.code));
+                            }
+                        }
                     }
                 }
                 PeerFrame::Error { message } => {
@@ -798,7 +959,9 @@ fn spawn_reader(
 }
 
 /// Encodes `first` and the calls queued behind it (up to [`WRITE_COALESCE_BYTES`]) into
-/// `buf`, numbering requests and registering their waiters.
+/// `buf`, numbering requests and registering their waiters. Calls that may go together go
+/// in one [`PeerKind::Many`] request (unless the peer takes none), after the others.
+#[allow(clippy::too_many_arguments)]
 fn encode_batch(
     first: Outgoing,
     queue: &mut mpsc::Receiver<Outgoing>,
@@ -806,35 +969,122 @@ fn encode_batch(
     next_id: &mut u64,
     buf: &mut Vec<u8>,
     name: &str,
+    singles_only: &AtomicBool,
 ) {
     buf.clear();
+    let many_ok = !singles_only.load(Ordering::Relaxed);
+    let mut group: Vec<(ManyCall, Reply)> = Vec::new();
+    let mut group_bytes = 0;
     let mut item = Some(first);
-    while let Some((mut frame, waiter)) = item.take() {
-        if let PeerFrame::Request { id, .. } = &mut frame {
-            *id = *next_id;
-            *next_id += 1;
-            if let Some(w) = waiter {
-                let mut waiting = waiters.lock().unwrap();
-                if waiting.len() >= PEER_CALLS_MAX {
-                    let _ = w.send(Err(PeerError::Overloaded(name.to_string())));
-                    continue;
+    while let Some(out) = item.take() {
+        match out {
+            Outgoing {
+                frame:
+                    PeerFrame::Request {
+                        partition,
+                        kind,
+                        body,
+                        ..
+                    },
+                reply: Some(reply),
+                together: true,
+            } if many_ok => {
+                if !group.is_empty() && group_bytes + body.len() > MANY_BYTES_MAX {
+                    encode_many(std::mem::take(&mut group), waiters, next_id, buf, name);
+                    group_bytes = 0;
                 }
-                waiting.insert(*id, w);
+                group_bytes += body.len();
+                let call = ManyCall {
+                    partition,
+                    kind,
+                    body,
+                };
+                group.push((call, reply));
             }
+            out => encode_one(
+                out.frame,
+                out.reply.map(Waiter::One),
+                waiters,
+                next_id,
+                buf,
+                name,
+            ),
         }
-        if let Err(e) = encode_frame(buf, &frame) {
-            // Too large to send: fail this call only.
-            if let PeerFrame::Request { id, .. } = &frame {
-                if let Some(w) = waiters.lock().unwrap().remove(id) {
-                    let _ = w.send(Err(PeerError::Remote {
-                        peer: name.to_string(),
-                        error: RpcError::new(RpcCode::BadRequest, format!("not sent: {e}")),
-                    }));
-                }
-            }
-        }
-        if buf.len() < WRITE_COALESCE_BYTES {
+        if buf.len() + group_bytes < WRITE_COALESCE_BYTES {
             item = queue.try_recv().ok();
+        }
+    }
+    encode_many(group, waiters, next_id, buf, name);
+}
+
+/// Encodes calls that go together: one alone as the request it is, more as one
+/// [`PeerKind::Many`] request.
+fn encode_many(
+    mut group: Vec<(ManyCall, Reply)>,
+    waiters: &Waiters,
+    next_id: &mut u64,
+    buf: &mut Vec<u8>,
+    name: &str,
+) {
+    if group.len() <= 1 {
+        if let Some((c, reply)) = group.pop() {
+            let frame = PeerFrame::Request {
+                id: 0,
+                partition: c.partition,
+                kind: c.kind,
+                body: c.body,
+            };
+            encode_one(frame, Some(Waiter::One(reply)), waiters, next_id, buf, name);
+        }
+        return;
+    }
+    let (calls, replies): (Vec<ManyCall>, Vec<Reply>) = group.into_iter().unzip();
+    let frame = PeerFrame::Request {
+        id: 0,
+        partition: 0,
+        kind: PeerKind::Many as u8,
+        body: ByteBuf::from(crate::wire::encode(&calls)),
+    };
+    encode_one(
+        frame,
+        Some(Waiter::Many(replies)),
+        waiters,
+        next_id,
+        buf,
+        name,
+    );
+}
+
+/// Numbers `frame` (a request), registers its waiter and encodes it into `buf`.
+fn encode_one(
+    mut frame: PeerFrame,
+    waiter: Option<Waiter>,
+    waiters: &Waiters,
+    next_id: &mut u64,
+    buf: &mut Vec<u8>,
+    name: &str,
+) {
+    if let PeerFrame::Request { id, .. } = &mut frame {
+        *id = *next_id;
+        *next_id += 1;
+        if let Some(w) = waiter {
+            let mut waiting = waiters.lock().unwrap();
+            if waiting.len() >= PEER_CALLS_MAX {
+                w.fail(PeerError::Overloaded(name.to_string()));
+                return;
+            }
+            waiting.insert(*id, w);
+        }
+    }
+    if let Err(e) = encode_frame(buf, &frame) {
+        // Too large to send: fail this call only.
+        if let PeerFrame::Request { id, .. } = &frame {
+            if let Some(w) = waiters.lock().unwrap().remove(id) {
+                w.fail(PeerError::Remote {
+                    peer: name.to_string(),
+                    error: RpcError::new(RpcCode::BadRequest, format!("not sent: {e}")),
+                });
+            }
         }
     }
 }
@@ -864,8 +1114,8 @@ async fn connect(
                 } else {
                     tracing::debug!(%peer, error = %e, ?backoff, "peer dial failed");
                 }
-                while let Ok((_, waiter)) = queue.try_recv() {
-                    if let Some(w) = waiter {
+                while let Ok(out) = queue.try_recv() {
+                    if let Some(w) = out.reply {
                         let _ = w.send(Err(PeerError::Unreachable(peer.to_string())));
                     }
                 }
@@ -892,7 +1142,15 @@ async fn run_link(
         let (r, mut w) = tokio::io::split(io);
         let waiters: Waiters = Arc::default();
         let mut live = Liveness::new();
-        let mut reader = spawn_reader(r, waiters.clone(), name.clone(), &live);
+        // A peer that refused a batch may have been upgraded when it comes back.
+        let singles_only = Arc::new(AtomicBool::new(false));
+        let mut reader = spawn_reader(
+            r,
+            waiters.clone(),
+            name.clone(),
+            &live,
+            singles_only.clone(),
+        );
         let mut tick = crate::grid::interval(PROBE_AFTER / 2);
         loop {
             let next = tokio::select! {
@@ -937,15 +1195,26 @@ async fn run_link(
                 reader.abort();
                 return;
             };
+            // Let the tasks that are ready to run now (the other groups a log sync released)
+            // queue their calls first: they go in the same write, and together.
+            tokio::task::yield_now().await;
             // Calls queued at the same time go out in one write.
-            encode_batch(first, &mut queue, &waiters, &mut next_id, &mut buf, &name);
+            encode_batch(
+                first,
+                &mut queue,
+                &waiters,
+                &mut next_id,
+                &mut buf,
+                &name,
+                &singles_only,
+            );
             if !buf.is_empty() && !write_within(&mut w, &buf).await {
                 reader.abort();
                 break;
             }
         }
         for (_, w) in waiters.lock().unwrap().drain() {
-            let _ = w.send(Err(PeerError::Disconnected(name.clone())));
+            w.fail(PeerError::Disconnected(name.clone()));
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);

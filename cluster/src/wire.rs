@@ -78,6 +78,9 @@ pub enum PeerKind {
     HandLead = 27,
     /// Control: "campaign now", from the partition's leader ([`crate::control::balance::TakeLead`]).
     TakeLead = 28,
+    /// Transport: calls queued for one peer at the same time, carried in one request
+    /// ([`ManyCall`] each, answered with a [`ManyAnswer`] each, in order).
+    Many = 254,
     /// Transport: a sign of life, answered by the transport itself.
     Probe = 255,
 }
@@ -92,7 +95,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 26] = [
+    pub const ALL: [PeerKind; 27] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -118,6 +121,7 @@ impl PeerKind {
         PeerKind::HandLead,
         PeerKind::TakeLead,
         PeerKind::PublishBatch,
+        PeerKind::Many,
         PeerKind::Probe,
     ];
 
@@ -154,6 +158,7 @@ impl PeerKind {
             PeerKind::HandLead => "hand_lead",
             PeerKind::TakeLead => "take_lead",
             PeerKind::PublishBatch => "publish_batch",
+            PeerKind::Many => "many",
             PeerKind::Probe => "probe",
         }
     }
@@ -197,6 +202,24 @@ pub struct PublishManyReq {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishBatchReq {
     pub publishes: Vec<PublishReq>,
+}
+
+/// One call inside a [`PeerKind::Many`] request: what a request frame of its own would
+/// carry, without the id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManyCall {
+    pub partition: u16,
+    pub kind: u8,
+    pub body: ByteBuf,
+}
+
+/// The answer to one [`ManyCall`], as a response frame of its own would carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManyAnswer {
+    pub ok: bool,
+    pub body: ByteBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<crate::error::RpcCode>,
 }
 
 /// [`PeerKind::Devices`].
@@ -405,7 +428,7 @@ mod tests {
             numbers,
             [
                 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-                27, 28, 30, 255
+                27, 28, 30, 254, 255
             ]
         );
         for k in PeerKind::ALL {
@@ -419,6 +442,7 @@ mod tests {
         assert_eq!(PeerKind::DeliverMany.layer(), Layer::Route);
         assert_eq!(PeerKind::Publish.layer(), Layer::Route);
         assert_eq!(PeerKind::PublishBatch.layer(), Layer::Route);
+        assert_eq!(PeerKind::Many.layer(), Layer::Transport);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
         assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
         assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);

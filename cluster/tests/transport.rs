@@ -718,3 +718,149 @@ async fn a_node_of_another_cluster_is_refused_and_told_why() {
         other => panic!("expected one refusal, got {other:?}"),
     }
 }
+
+/// Calls queued for one peer at the same time with `call_together` go in one `many`
+/// request, in order, and each caller gets its own answer (a refusal included). A peer that
+/// refuses `many` (a release without it) gets the next calls one per request.
+#[tokio::test]
+async fn calls_queued_together_share_one_request_and_a_peer_without_it_gets_singles() {
+    use warbler_cluster::wire::{ManyAnswer, ManyCall};
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let client = Arc::new(
+        PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+            .await
+            .unwrap(),
+    );
+    // Queued before the link runs (one thread): they go in one write.
+    let together = |partitions: std::ops::Range<u16>| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let calls = partitions
+                .map(|p| client.call_together(to, p, PeerKind::AppendEntries, vec![p as u8], T));
+            futures::future::join_all(calls).await
+        })
+    };
+    let first = together(0..5);
+    let (mut s, _) = listener.accept().await.unwrap();
+    assert!(matches!(
+        read_raw::<PeerFrame>(&mut s).await,
+        PeerFrame::Hello { .. }
+    ));
+    let PeerFrame::Request { id, kind, body, .. } = read_raw::<PeerFrame>(&mut s).await else {
+        panic!("expected a request");
+    };
+    assert_eq!(kind, PeerKind::Many as u8);
+    let calls: Vec<ManyCall> = rmp_serde::from_slice(&body).unwrap();
+    let partitions: Vec<u16> = calls.iter().map(|c| c.partition).collect();
+    assert_eq!(
+        partitions,
+        [0, 1, 2, 3, 4],
+        "one request, in the order queued"
+    );
+    assert!(calls
+        .iter()
+        .all(|c| c.kind == PeerKind::AppendEntries as u8 && c.body[..] == [c.partition as u8]));
+    let answers: Vec<ManyAnswer> = calls
+        .iter()
+        .map(|c| ManyAnswer {
+            ok: c.partition != 3,
+            body: serde_bytes::ByteBuf::from(format!("p{}", c.partition).into_bytes()),
+            code: (c.partition == 3).then_some(RpcCode::Refused),
+        })
+        .collect();
+    let response = PeerFrame::Response {
+        id,
+        ok: true,
+        body: serde_bytes::ByteBuf::from(rmp_serde::to_vec_named(&answers).unwrap()),
+        code: None,
+    };
+    write_raw(&mut s, &response).await;
+    for (p, got) in first.await.unwrap().into_iter().enumerate() {
+        match got {
+            Ok(body) => assert_eq!(body, format!("p{p}").into_bytes()),
+            Err(PeerError::Remote { error, .. }) if p == 3 => {
+                assert_eq!(error.code, RpcCode::Refused);
+                assert_eq!(error.message, "p3");
+            }
+            other => panic!("call {p}: {other:?}"),
+        }
+    }
+
+    // A peer that does not know `many` refuses it, as a previous release does (no code).
+    let second = together(0..2);
+    let PeerFrame::Request { id, kind, .. } = read_raw::<PeerFrame>(&mut s).await else {
+        panic!("expected a request");
+    };
+    assert_eq!(kind, PeerKind::Many as u8);
+    let refusal = OldFrame::Response {
+        id,
+        ok: false,
+        body: serde_bytes::ByteBuf::from(b"unknown kind 254".to_vec()),
+    };
+    write_raw(&mut s, &refusal).await;
+    for got in second.await.unwrap() {
+        assert!(matches!(got, Err(PeerError::Remote { .. })), "{got:?}");
+    }
+    // From then on: one request per call.
+    let third = together(5..7);
+    for p in 5..7u16 {
+        let PeerFrame::Request {
+            id,
+            kind,
+            partition,
+            ..
+        } = read_raw::<PeerFrame>(&mut s).await
+        else {
+            panic!("expected a request");
+        };
+        assert_eq!((kind, partition), (PeerKind::AppendEntries as u8, p));
+        let answer = PeerFrame::Response {
+            id,
+            ok: true,
+            body: serde_bytes::ByteBuf::from(vec![p as u8]),
+            code: None,
+        };
+        write_raw(&mut s, &answer).await;
+    }
+    let got: Vec<Vec<u8>> = third
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, [vec![5], vec![6]]);
+}
+
+/// A node serves a `many` request call by call: every caller gets its own answer or
+/// refusal, as from single requests.
+#[tokio::test]
+async fn a_node_answers_each_call_of_a_many_request() {
+    let server = PeerTransport::start("server", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let client = PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+        .await
+        .unwrap();
+    let to = server.local_addr();
+    let kinds = [PeerKind::AppendEntries, PeerKind::Members, PeerKind::Vote];
+    let calls = (0..30u16).map(|p| {
+        let kind = kinds[p as usize % 3];
+        let body = vec![(30 - p) as u8; p as usize % 4 + 1];
+        client.call_together(to, p, kind, body, T)
+    });
+    let got = futures::future::join_all(calls).await;
+    for (p, got) in got.into_iter().enumerate() {
+        let kind = kinds[p % 3];
+        match got {
+            Err(PeerError::Remote { error, .. }) if kind == PeerKind::Members => {
+                assert_eq!(error.code, RpcCode::Refused)
+            }
+            Ok(body) if kind != PeerKind::Members => assert_eq!(
+                String::from_utf8(body).unwrap(),
+                format!("client/{p}/{}:{}", kind as u8, p % 4 + 1)
+            ),
+            other => panic!("call {p}: {other:?}"),
+        }
+    }
+}
