@@ -363,7 +363,8 @@ impl ClusterNode {
         let placed = self.placement.read().unwrap().replicas.clone();
         (0..self.partitions)
             .map(|p| {
-                let placement = placed[p as usize].clone();
+                // Empty for the moment between forming and reading the member list.
+                let placement = placed.get(p as usize).cloned().unwrap_or_default();
                 let Some(g) = views.get(&p) else {
                     return PartitionStatus {
                         partition: p,
