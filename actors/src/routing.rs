@@ -743,6 +743,25 @@ mod tests {
         }
     }
 
+    /// A node served by `there`, and this node's routing (served by `here`) with a
+    /// transport to it; the other node's transport is returned to keep it running.
+    async fn routing_to(
+        there: impl PeerHandler,
+        here: impl PeerHandler,
+    ) -> (Routing, PeerTransport, SocketAddr) {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let there = PeerTransport::start("there", local, None, Arc::new(there))
+            .await
+            .unwrap();
+        let here = PeerTransport::start("here", local, None, Arc::new(here))
+            .await
+            .unwrap();
+        let routing = Routing::new(Arc::new(NoLeaders), "here".into(), here.local_addr());
+        routing.set_transport(Arc::new(here));
+        let addr = there.local_addr();
+        (routing, there, addr)
+    }
+
     fn batch(key: u64, seq: u64) -> DeliverReq {
         DeliverReq {
             key,
@@ -769,20 +788,11 @@ mod tests {
                 previous_release,
                 seen: seen.clone(),
             };
-            let local = "127.0.0.1:0".parse().unwrap();
-            let there = PeerTransport::start("there", local, None, Arc::new(node))
-                .await
-                .unwrap();
             let refuse_all = SessionNode {
                 previous_release: true,
                 seen: Arc::default(),
             };
-            let here = PeerTransport::start("here", local, None, Arc::new(refuse_all))
-                .await
-                .unwrap();
-            let routing = Routing::new(Arc::new(NoLeaders), "here".into(), here.local_addr());
-            routing.set_transport(Arc::new(here));
-            let addr = there.local_addr();
+            let (routing, _there, addr) = routing_to(node, refuse_all).await;
             let (kept, gone) = tokio::join!(
                 routing.deliver(addr, batch(1, 5)),
                 routing.deliver(addr, batch(2, 9))
@@ -871,20 +881,11 @@ mod tests {
                 previous_release,
                 seen: seen.clone(),
             };
-            let local = "127.0.0.1:0".parse().unwrap();
-            let there = PeerTransport::start("there", local, None, Arc::new(node))
-                .await
-                .unwrap();
             let refuse_all = LeaderNode {
                 previous_release: true,
                 seen: Arc::default(),
             };
-            let here = PeerTransport::start("here", local, None, Arc::new(refuse_all))
-                .await
-                .unwrap();
-            let routing = Routing::new(Arc::new(NoLeaders), "here".into(), here.local_addr());
-            routing.set_transport(Arc::new(here));
-            let addr = there.local_addr();
+            let (routing, _there, addr) = routing_to(node, refuse_all).await;
 
             let small: Vec<_> = (0..50)
                 .map(|n| {
