@@ -489,6 +489,25 @@ fn next_batch<Q, T>(
     Some(batch)
 }
 
+/// How many of `pending`, from the front, go in one request: at most `count`, and at most
+/// `bytes` by `size`, but always the first one.
+fn fitting<T>(
+    pending: &VecDeque<T>,
+    count: usize,
+    bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> usize {
+    let (mut n, mut taken) = (0, 0);
+    for p in pending {
+        if n == count || (n > 0 && taken + size(p) > bytes) {
+            break;
+        }
+        taken += size(p);
+        n += 1;
+    }
+    n
+}
+
 /// Sends the acks gathered for the node at `addr`, one request at a time, until none are
 /// left. A session whose ack did not arrive (its stand-in is gone, or the request failed)
 /// subscribes again from its cursor.
@@ -553,14 +572,9 @@ async fn send_acks(routing: RoutingRef, queues: AckQueues, addr: SocketAddr) {
 async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: SocketAddr) {
     loop {
         let Some(batch) = next_batch(&queues, addr, |queue: &mut DeliverQueue| {
-            let (mut n, mut bytes) = (0, 0);
-            for p in &queue.pending {
-                if n > 0 && bytes + p.bytes > DELIVER_MANY_BYTES_MAX {
-                    break;
-                }
-                bytes += p.bytes;
-                n += 1;
-            }
+            let n = fitting(&queue.pending, usize::MAX, DELIVER_MANY_BYTES_MAX, |p| {
+                p.bytes
+            });
             queue.pending.drain(..n).collect()
         }) else {
             return;
@@ -609,16 +623,12 @@ async fn send_deliveries(routing: RoutingRef, queues: DeliverQueues, addr: Socke
 async fn send_forwards(routing: RoutingRef, queues: ForwardQueues, addr: SocketAddr) {
     loop {
         let Some(batch) = next_batch(&queues, addr, |queue: &mut ForwardQueue| {
-            let (mut n, mut bytes) = (0, 0);
-            for p in &queue.pending {
-                if n == PUBLISHES_PER_REQUEST_MAX
-                    || (n > 0 && bytes + p.req.body.len() > PUBLISH_BATCH_BYTES_MAX)
-                {
-                    break;
-                }
-                bytes += p.req.body.len();
-                n += 1;
-            }
+            let n = fitting(
+                &queue.pending,
+                PUBLISHES_PER_REQUEST_MAX,
+                PUBLISH_BATCH_BYTES_MAX,
+                |p| p.req.body.len(),
+            );
             queue.pending.drain(..n).collect()
         }) else {
             return;
