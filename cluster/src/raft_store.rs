@@ -10,7 +10,10 @@
 //!   log id and membership, in one atomic write. Applying is not fsynced: after a crash the
 //!   log replays from the last applied id that did reach the disk.
 //! - A **snapshot** is the partition's whole replicated state (its rows in the message,
-//!   cursor, dedup and head column families) plus the applied id and membership.
+//!   cursor, dedup and head column families) plus the applied id and membership, in a file
+//!   (`warbler_storage::snapshot`): written, sent, received and installed a row or a chunk at
+//!   a time, never held whole in memory. An install is restartable: a node that stops half
+//!   way installs the same file again when it starts.
 //! - Nothing is purged from the log before a sync: the purge point is applied, and the
 //!   sync makes that apply durable, so a restart never needs an entry that is gone.
 
@@ -20,8 +23,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -29,7 +33,8 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
-use warbler_storage::{Op, PartitionId, PartitionRows, Store};
+use warbler_storage::snapshot::{self, Which};
+use warbler_storage::{Op, PartitionId, Store};
 
 /// One log entry's worth of state changes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -51,6 +56,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Batch,
         R = Applied,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = crate::grid::GridRuntime,
 );
 
@@ -75,7 +81,17 @@ pub fn applied_position(bytes: &[u8]) -> Option<(u64, u64)> {
     id.map(|l| (l.leader_id.term, l.index))
 }
 const META_MEMBERSHIP: &str = "membership";
-const META_SNAPSHOT: &str = "snapshot";
+/// The previous release's snapshot: the whole file as one value. Read once, then replaced
+/// by a file.
+const META_SNAPSHOT_LEGACY: &str = "snapshot";
+/// The current snapshot: a [`SnapshotRecord`].
+const META_SNAPSHOT: &str = "snapshot_file";
+/// The [`SnapshotRecord`] of an install under way: set in the install's first write,
+/// removed in its last. Found at start, the install is done again from its file.
+const META_INSTALLING: &str = "snapshot_installing";
+/// The consensus metadata keys of the current snapshot, of an install under way and of the
+/// previous release's snapshot value (read by tests that stop an install half way).
+pub const SNAPSHOT_KEYS: [&str; 3] = [META_SNAPSHOT, META_INSTALLING, META_SNAPSHOT_LEGACY];
 
 fn io_err(e: impl ToString) -> Error {
     StorageIOError::write(&std::io::Error::other(e.to_string())).into()
@@ -233,12 +249,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Clone)]
 pub struct StateMachine {
     log: LogStore,
+    /// The file the snapshot being received goes to (one stream at a time per group).
+    receiving: Arc<Mutex<Option<PathBuf>>>,
+    /// Held while a snapshot is recorded as current, so an older one never replaces it.
+    recording: Arc<Mutex<()>>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
+/// A snapshot file and its meta, as recorded under [`META_SNAPSHOT`].
+#[derive(Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    rows: PartitionRows,
+    /// The file's name in the node's snapshot directory.
+    file: String,
+}
+
+/// Runs blocking storage work (files, iterators over a whole partition) off the runtime's
+/// workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
 impl StateMachine {
@@ -278,7 +308,154 @@ impl StateMachine {
     pub fn new(store: Store, partition: PartitionId) -> Self {
         Self {
             log: LogStore::new(store, partition),
+            receiving: Arc::default(),
+            recording: Arc::default(),
         }
+    }
+
+    fn store(&self) -> &Store {
+        &self.log.store
+    }
+
+    fn partition(&self) -> PartitionId {
+        self.log.partition
+    }
+
+    fn file_path(&self, record: &SnapshotRecord) -> PathBuf {
+        self.store().snapshot_dir().join(&record.file)
+    }
+
+    /// Writes the partition's state to a new snapshot file and records it as current.
+    fn build_file(&self) -> Result<(SnapshotMeta<NodeId, openraft::BasicNode>, PathBuf), Error> {
+        let mut built = None;
+        let written = snapshot::write_partition(
+            self.store(),
+            self.partition(),
+            &[META_APPLIED, META_MEMBERSHIP],
+            |values| {
+                let bad = |e: Error| warbler_storage::StorageError::Corrupt(e.to_string());
+                // The rows and the applied id they hold come from one database snapshot
+                // (applies go on meanwhile): an installing replica replays from there.
+                let last_applied: Option<LogId<NodeId>> = match &values[0] {
+                    Some(b) => decode::<Option<LogId<NodeId>>>(b).map_err(bad)?,
+                    None => None,
+                };
+                let membership = match &values[1] {
+                    Some(b) => decode(b).map_err(bad)?,
+                    None => StoredMembership::default(),
+                };
+                let snapshot_id = match last_applied {
+                    Some(id) => format!("{}-{}-{}", id.leader_id, id.index, snapshot::unique()),
+                    None => format!("empty-{}", snapshot::unique()),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: last_applied,
+                    last_membership: membership,
+                    snapshot_id: snapshot_id.clone(),
+                };
+                let encoded = encode(&meta);
+                built = Some(meta);
+                Ok((encoded, snapshot_id))
+            },
+        )
+        .map_err(io_err)?;
+        let meta = built.expect("the meta is written before the rows");
+        let record = SnapshotRecord {
+            meta: meta.clone(),
+            file: file_name(&written.path),
+        };
+        tracing::debug!(
+            partition = self.partition(),
+            rows = written.rows,
+            bytes = written.bytes,
+            "snapshot written"
+        );
+        match self.record(&record, &written.path)? {
+            None => Ok((meta, written.path)),
+            Some(newer) => {
+                let path = self.file_path(&newer);
+                Ok((newer.meta, path))
+            }
+        }
+    }
+
+    /// Records `record` (its file at `path`) as the current snapshot and removes the
+    /// snapshot files it replaces; unless a newer one is current (an install finished while
+    /// this one was written), which is returned.
+    fn record(
+        &self,
+        record: &SnapshotRecord,
+        path: &Path,
+    ) -> Result<Option<SnapshotRecord>, Error> {
+        let _recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = self.log.meta::<SnapshotRecord>(META_SNAPSHOT)? {
+            if current.meta.last_log_id > record.meta.last_log_id {
+                let _ = std::fs::remove_file(path);
+                return Ok(Some(current));
+            }
+        }
+        self.store()
+            .raft_meta_update(
+                self.partition(),
+                &[(META_SNAPSHOT, encode(record))],
+                &[META_SNAPSHOT_LEGACY],
+                true,
+            )
+            .map_err(io_err)?;
+        snapshot::remove_files(
+            &self.store().snapshot_dir(),
+            Some(self.partition()),
+            Which::Finished,
+            &[path],
+        )
+        .map_err(io_err)?;
+        Ok(None)
+    }
+
+    /// Replaces the partition's state with the snapshot file at `path` (already checked)
+    /// and records it as current. Restartable: see [`META_INSTALLING`].
+    fn install_file(&self, record: &SnapshotRecord, path: &Path) -> Result<u64, Error> {
+        let rows = snapshot::Reader::open(path).map_err(io_err)?;
+        let _recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let encoded = encode(record);
+        let count = self
+            .store()
+            .import_partition_streamed(
+                self.partition(),
+                rows,
+                (META_INSTALLING, encoded.clone()),
+                &[
+                    (META_APPLIED, encode(&record.meta.last_log_id)),
+                    (META_MEMBERSHIP, encode(&record.meta.last_membership)),
+                    (META_SNAPSHOT, encoded),
+                ],
+            )
+            .map_err(io_err)?;
+        self.store()
+            .raft_meta_update(self.partition(), &[], &[META_SNAPSHOT_LEGACY], false)
+            .map_err(io_err)?;
+        snapshot::remove_files(
+            &self.store().snapshot_dir(),
+            Some(self.partition()),
+            Which::Finished,
+            &[path],
+        )
+        .map_err(io_err)?;
+        Ok(count)
+    }
+
+    /// Finishes an install the node stopped in the middle of, from the same file.
+    fn finish_install(&self) -> Result<(), Error> {
+        let Some(record) = self.log.meta::<SnapshotRecord>(META_INSTALLING)? else {
+            return Ok(());
+        };
+        let path = self.file_path(&record);
+        tracing::warn!(
+            partition = self.partition(),
+            file = %path.display(),
+            "the node stopped while installing this snapshot; installing it again"
+        );
+        self.install_file(&record, &path).map(|_| ())
     }
 
     fn applied(&self) -> Result<AppliedState, Error> {
@@ -293,49 +470,29 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        // The rows and the applied id they hold, from one database snapshot (applies go on
-        // meanwhile): a replica installing it replays the log from exactly there.
-        let (rows, meta) = self
-            .log
-            .store
-            .export_partition_with_meta(self.log.partition, &[META_APPLIED, META_MEMBERSHIP])
-            .map_err(io_err)?;
-        let last_applied: Option<LogId<NodeId>> = match &meta[0] {
-            Some(b) => decode::<Option<LogId<NodeId>>>(b)?,
-            None => None,
-        };
-        let membership: StoredMembership<NodeId, openraft::BasicNode> = match &meta[1] {
-            Some(b) => decode(b)?,
-            None => StoredMembership::default(),
-        };
-        let snapshot_id = match last_applied {
-            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, rows.len()),
-            None => format!("empty-{}", rows.len()),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let bytes = encode(&SnapshotFile {
-            meta: meta.clone(),
-            rows,
-        });
-        self.log
-            .store
-            .raft_meta_put(self.log.partition, META_SNAPSHOT, &bytes, true)
-            .map_err(io_err)?;
+        let sm = self.clone();
+        let (meta, path) = blocking(move || sm.build_file()).await?;
+        let file = tokio::fs::File::open(&path).await.map_err(io_err)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(file),
         })
     }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<AppliedState, Error> {
+        // Called when the group starts: an install cut short by a stop is finished first.
+        let sm = self.clone();
+        blocking(move || sm.finish_install()).await?;
         self.applied()
     }
 
@@ -396,54 +553,156 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+        let sm = self.clone();
+        let (path, file) = blocking(move || {
+            let dir = sm.store().snapshot_dir();
+            // A stream given up for another one leaves its file behind.
+            snapshot::remove_files(&dir, Some(sm.partition()), Which::Receiving, &[])
+                .map_err(io_err)?;
+            snapshot::receiving_file(&dir, sm.partition()).map_err(io_err)
+        })
+        .await?;
+        *self.receiving.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), Error> {
-        let bytes = snapshot.into_inner();
-        let file: SnapshotFile = decode(&bytes)?;
-        let applied = [
-            (META_APPLIED, encode(&meta.last_log_id)),
-            (META_MEMBERSHIP, encode(&meta.last_membership)),
-            (
-                META_SNAPSHOT,
-                encode(&SnapshotFile {
-                    meta: meta.clone(),
-                    rows: Vec::new(),
-                }),
-            ),
-        ];
-        self.log
-            .store
-            .import_partition(self.log.partition, &file.rows, &applied)
-            .map_err(io_err)?;
-        // Keep the received snapshot whole, so it can be served on to other replicas.
-        self.log
-            .store
-            .raft_meta_put(self.log.partition, META_SNAPSHOT, &bytes, true)
-            .map_err(io_err)
+        let file = snapshot.into_std().await;
+        let received = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let sm = self.clone();
+        let meta = meta.clone();
+        blocking(move || sm.install_received(meta, received, file)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        match self
-            .log
-            .store
-            .raft_meta_get(self.log.partition, META_SNAPSHOT)
-            .map_err(io_err)?
-        {
-            None => Ok(None),
-            Some(bytes) => {
-                let file: SnapshotFile = decode(&bytes)?;
-                Ok(Some(Snapshot {
-                    meta: file.meta,
-                    snapshot: Box::new(Cursor::new(bytes)),
-                }))
-            }
+        if let Some(record) = self.log.meta::<SnapshotRecord>(META_SNAPSHOT)? {
+            let path = self.file_path(&record);
+            return match tokio::fs::File::open(&path).await {
+                Ok(file) => Ok(Some(Snapshot {
+                    meta: record.meta,
+                    snapshot: Box::new(file),
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        partition = self.partition(),
+                        file = %path.display(),
+                        "the current snapshot's file is gone; a new one is built when needed"
+                    );
+                    Ok(None)
+                }
+                Err(e) => Err(io_err(format!("{}: {e}", path.display()))),
+            };
         }
+        let legacy = self
+            .store()
+            .raft_meta_get(self.partition(), META_SNAPSHOT_LEGACY)
+            .map_err(io_err)?;
+        if legacy.is_none() {
+            return Ok(None);
+        }
+        // The previous release kept the snapshot as one value: a file of the state as it
+        // is now replaces it (newer, so just as good to send).
+        let sm = self.clone();
+        let (meta, path) = blocking(move || sm.build_file()).await?;
+        let file = tokio::fs::File::open(&path).await.map_err(io_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+impl StateMachine {
+    /// Checks a received snapshot file through to its end, makes it durable under its
+    /// final name, then installs it. Nothing of the partition changes if the file is bad.
+    /// `file` is normally the one begun at `received`; any other (openraft's storage suite
+    /// hands over another store's snapshot) is copied to a file of this node's first.
+    fn install_received(
+        &self,
+        meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+        received: Option<PathBuf>,
+        file: std::fs::File,
+    ) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        let handed = file.metadata().map_err(io_err)?;
+        let same = |path: &PathBuf| {
+            std::fs::metadata(path)
+                .map(|m| (m.dev(), m.ino()) == (handed.dev(), handed.ino()))
+                .unwrap_or(false)
+        };
+        let (received, file) = match received {
+            Some(path) if same(&path) => (path, file),
+            other => {
+                if let Some(path) = other {
+                    let _ = std::fs::remove_file(path);
+                }
+                self.copy_in(file)?
+            }
+        };
+        let result = self.check_and_install(meta, &received, file);
+        if result.is_err() {
+            // A bad file goes; the leader sends the snapshot again.
+            let _ = std::fs::remove_file(&received);
+        }
+        result
+    }
+
+    fn check_and_install(
+        &self,
+        meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+        received: &Path,
+        file: std::fs::File,
+    ) -> Result<(), Error> {
+        file.sync_all().map_err(io_err)?;
+        let mut rows = 0u64;
+        for row in snapshot::Reader::new(received, file).map_err(io_err)? {
+            let (cf, key, _) = row.map_err(io_err)?;
+            self.store()
+                .check_snapshot_row(self.partition(), &cf, &key)
+                .map_err(io_err)?;
+            rows += 1;
+        }
+        let dir = self.store().snapshot_dir();
+        let path = snapshot::snapshot_path(
+            &dir,
+            self.partition(),
+            &meta.snapshot_id,
+            snapshot::SNAPSHOT_EXT,
+        );
+        std::fs::rename(received, &path).map_err(io_err)?;
+        snapshot::sync_dir(&dir).map_err(io_err)?;
+        let record = SnapshotRecord {
+            meta,
+            file: file_name(&path),
+        };
+        let installed = self.install_file(&record, &path)?;
+        debug_assert_eq!(rows, installed);
+        tracing::debug!(
+            partition = self.partition(),
+            rows,
+            installed,
+            "snapshot installed"
+        );
+        Ok(())
+    }
+
+    /// Copies a snapshot handed over as an open file into a new file of this node's.
+    fn copy_in(&self, mut from: std::fs::File) -> Result<(PathBuf, std::fs::File), Error> {
+        use std::io::{Seek, SeekFrom};
+        let (path, mut to) =
+            snapshot::receiving_file(&self.store().snapshot_dir(), self.partition())
+                .map_err(io_err)?;
+        from.seek(SeekFrom::Start(0)).map_err(io_err)?;
+        std::io::copy(&mut from, &mut to).map_err(io_err)?;
+        Ok((path, to))
     }
 }

@@ -10,6 +10,8 @@ pub enum StorageError {
     Poisoned(String),
     #[error("the write queue is closed: the node is shutting down")]
     Closed,
+    #[error("snapshot file {path}: {message}")]
+    File { path: String, message: String },
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
     #[error("this node cannot write partition {partition} now: {reason}")]

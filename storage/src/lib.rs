@@ -11,12 +11,14 @@
 //!   [`LocalLog`] commits entries straight through the committer.
 //! - [`sync`]: the syncer: one thread per node that makes the consensus log's unsynced
 //!   writes durable with one fsync and then completes every writer waiting for it.
+//! - [`snapshot`]: consensus snapshot files, streamed a row at a time.
 //! - [`error`]: the [`StorageError`] type.
 
 pub mod commit;
 pub mod error;
 pub mod keys;
 pub mod log;
+pub mod snapshot;
 pub mod store;
 pub mod sync;
 

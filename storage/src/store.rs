@@ -165,6 +165,13 @@ impl Store {
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(e.into_string()))?;
         let db = Arc::new(db);
+        // A snapshot written or received when the node stopped is of no use now.
+        crate::snapshot::remove_files(
+            &dir.join(SNAPSHOT_DIR),
+            None,
+            crate::snapshot::Which::Unfinished,
+            &[],
+        )?;
         let syncer = Syncer::start(Arc::downgrade(&db));
         Ok(Store {
             db,
@@ -595,6 +602,12 @@ pub type MetaValues = Vec<Option<Vec<u8>>>;
 /// One partition's replicated state, as a snapshot carries it: (column family, key, value).
 pub type PartitionRows = Vec<(String, Vec<u8>, Vec<u8>)>;
 
+/// What [`Store::each_partition_item`] visits: the metadata values first, then each row.
+pub enum PartitionItem<'a> {
+    Meta(&'a MetaValues),
+    Row(&'a str, &'a [u8], &'a [u8]),
+}
+
 fn row_belongs(partition: PartitionId, r: &Row) -> bool {
     PARTITION_STATE_CFS.contains(&r.cf.as_str()) && r.key.starts_with(&partition.to_be_bytes())
 }
@@ -693,6 +706,24 @@ impl Store {
         self.write(batch, sync)
     }
 
+    /// Sets and deletes consensus metadata keys of `partition` in one write.
+    pub fn raft_meta_update(
+        &self,
+        partition: PartitionId,
+        puts: &[(&str, Vec<u8>)],
+        deletes: &[&str],
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in puts {
+            batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
+        }
+        for key in deletes {
+            batch.delete_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key));
+        }
+        self.write(batch, sync)
+    }
+
     pub fn raft_meta_get(
         &self,
         partition: PartitionId,
@@ -732,7 +763,13 @@ impl Store {
         {
             batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
         }
-        self.write(batch, true)
+        self.write(batch, true)?;
+        crate::snapshot::remove_files(
+            &self.snapshot_dir(),
+            Some(partition),
+            crate::snapshot::Which::All,
+            &[],
+        )
     }
 
     /// The partitions (and groups) this node keeps consensus state of: a replica it holds,
@@ -771,7 +808,8 @@ impl Store {
             // Every key starts with a partition number; no key reaches past this one.
             batch.delete_range_cf(self.cf(cf), Vec::new(), vec![0xff; 64]);
         }
-        self.write(batch, true)
+        self.write(batch, true)?;
+        crate::snapshot::remove_files(&self.snapshot_dir(), None, crate::snapshot::Which::All, &[])
     }
 
     /// Every row of `partition`'s replicated state.
@@ -789,22 +827,44 @@ impl Store {
         partition: PartitionId,
         keys: &[&str],
     ) -> Result<(PartitionRows, MetaValues), StorageError> {
+        let mut rows = Vec::new();
+        let mut meta = Vec::new();
+        self.each_partition_item(partition, keys, |item| {
+            match item {
+                PartitionItem::Meta(values) => meta = values.clone(),
+                PartitionItem::Row(cf, k, v) => rows.push((cf.to_string(), k.to_vec(), v.to_vec())),
+            }
+            Ok(())
+        })?;
+        Ok((rows, meta))
+    }
+
+    /// Like [`Store::export_partition_with_meta`], an item at a time: `visit` first sees the
+    /// values of `keys`, then each (column family, key, value) of `partition`'s state, all
+    /// as of one database snapshot. Nothing is held but the row at hand, so a partition of
+    /// any size streams (a consensus snapshot file).
+    pub fn each_partition_item(
+        &self,
+        partition: PartitionId,
+        keys: &[&str],
+        mut visit: impl FnMut(PartitionItem<'_>) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
         let snap = self.db.snapshot();
         let meta = keys
             .iter()
             .map(|k| snap.get_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, k)))
             .collect::<Result<Vec<_>, _>>()?;
+        visit(PartitionItem::Meta(&meta))?;
         let prefix = partition.to_be_bytes().to_vec();
-        let mut rows = Vec::new();
         for cf in PARTITION_STATE_CFS {
             let mut ro = ReadOptions::default();
             ro.set_iterate_range(prefix.clone()..prefix_end(&prefix));
             for item in snap.iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start) {
                 let (k, v) = item?;
-                rows.push((cf.to_string(), k.to_vec(), v.to_vec()));
+                visit(PartitionItem::Row(cf, &k, &v))?;
             }
         }
-        Ok((rows, meta))
+        Ok(())
     }
 
     /// Replaces `partition`'s replicated state with `rows` (and `meta`), atomically.
@@ -820,11 +880,7 @@ impl Store {
             batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
         }
         for (cf, k, v) in rows {
-            if !PARTITION_STATE_CFS.contains(&cf.as_str()) || !k.starts_with(&prefix) {
-                return Err(StorageError::Corrupt(format!(
-                    "snapshot row for {cf} is outside partition {partition}"
-                )));
-            }
+            self.check_snapshot_row(partition, cf, k)?;
             batch.put_cf(self.cf(cf), k, v);
         }
         for (key, value) in meta {
@@ -832,7 +888,79 @@ impl Store {
         }
         self.write(batch, true)
     }
+
+    /// Whether a row of column family `cf` with `key` belongs to `partition`'s replicated
+    /// state (a snapshot's row).
+    pub fn check_snapshot_row(
+        &self,
+        partition: PartitionId,
+        cf: &str,
+        key: &[u8],
+    ) -> Result<(), StorageError> {
+        if PARTITION_STATE_CFS.contains(&cf) && key.starts_with(&partition.to_be_bytes()) {
+            Ok(())
+        } else {
+            Err(StorageError::Corrupt(format!(
+                "snapshot row for {cf} is outside partition {partition}"
+            )))
+        }
+    }
+
+    /// Replaces `partition`'s replicated state with `rows`, streamed: the rows go in writes
+    /// of about [`IMPORT_BATCH_BYTES`], so a partition of any size is never held whole.
+    ///
+    /// Not atomic as a whole, so it is made restartable. The first write deletes the
+    /// partition's rows and sets consensus metadata `marker` (what to install again, should
+    /// the node stop half way); the last one, synced, writes `meta` and removes the marker.
+    /// RocksDB's log keeps the writes in order, so after a crash either the marker is set
+    /// (the caller installs the same rows again) or none of this happened.
+    pub fn import_partition_streamed(
+        &self,
+        partition: PartitionId,
+        rows: impl IntoIterator<Item = Result<(String, Vec<u8>, Vec<u8>), StorageError>>,
+        marker: (&str, Vec<u8>),
+        meta: &[(&str, Vec<u8>)],
+    ) -> Result<u64, StorageError> {
+        let prefix = partition.to_be_bytes().to_vec();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_RAFT_META),
+            raft_meta_key(partition, marker.0),
+            &marker.1,
+        );
+        for cf in PARTITION_STATE_CFS {
+            batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
+        }
+        let mut count = 0u64;
+        for row in rows {
+            let (cf, k, v) = row?;
+            self.check_snapshot_row(partition, &cf, &k)?;
+            batch.put_cf(self.cf(&cf), &k, &v);
+            count += 1;
+            if batch.size_in_bytes() >= IMPORT_BATCH_BYTES {
+                self.write(std::mem::take(&mut batch), false)?;
+            }
+        }
+        for (key, value) in meta {
+            batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
+        }
+        batch.delete_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, marker.0));
+        self.write(batch, true)?;
+        Ok(count)
+    }
+
+    /// Where this node keeps its consensus snapshot files (inside the database directory,
+    /// which RocksDB leaves alone but for its own files).
+    pub fn snapshot_dir(&self) -> std::path::PathBuf {
+        self.db.path().join(SNAPSHOT_DIR)
+    }
 }
+
+/// Bytes of rows per write of a streamed snapshot install.
+pub const IMPORT_BATCH_BYTES: usize = 4 << 20;
+
+/// The subdirectory of the database directory that holds consensus snapshot files.
+const SNAPSHOT_DIR: &str = "snapshots";
 
 #[cfg(test)]
 mod tests {
