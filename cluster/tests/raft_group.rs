@@ -25,6 +25,10 @@ struct Replica {
 }
 
 async fn replica(id: u64) -> Replica {
+    replica_with(id, |_| {}).await
+}
+
+async fn replica_with(id: u64, tune: impl FnOnce(&mut Config)) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let service = Arc::new(RaftService::default());
@@ -46,6 +50,8 @@ async fn replica(id: u64) -> Replica {
         max_payload_entries: warbler_cluster::raft_log::max_payload_entries(512 * 1024),
         ..Default::default()
     };
+    let mut config = config;
+    tune(&mut config);
     let raft = start_group(
         id,
         PARTITION,
@@ -197,6 +203,78 @@ async fn a_partition_survives_losing_its_leader() {
             "every replica holds the same log"
         );
     }
+}
+
+/// A replica added after the log it needs was purged gets the partition as a snapshot
+/// file, sent over the peer transport in many chunks, and installs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_after_the_log_was_purged_installs_a_snapshot_sent_in_chunks() {
+    const CHUNK: u64 = 1024;
+    let tune = |c: &mut Config| {
+        c.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(40);
+        c.max_in_snapshot_log_to_keep = 0;
+        c.snapshot_max_chunk_size = CHUNK;
+    };
+    let nodes = [replica_with(1, tune).await, replica_with(2, tune).await];
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let two: Vec<&Replica> = nodes.iter().collect();
+    write(&two, 1..=150).await;
+    converged(&two, 150).await;
+    let leader = leader_of(&two).await;
+    let leader = two
+        .iter()
+        .find(|r| r.raft.metrics().borrow().id == leader)
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let purged = leader.raft.metrics().borrow().purged.map(|l| l.index);
+        if purged.unwrap_or(0) > 100 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the leader did not purge its log: {purged:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let third = replica_with(3, tune).await;
+    leader
+        .raft
+        .add_learner(3, BasicNode::new(&third.addr), true)
+        .await
+        .unwrap();
+    converged(&[&third], 150).await;
+    let snapshot = third.raft.metrics().borrow().snapshot;
+    assert!(
+        snapshot.is_some_and(|s| s.index > 100),
+        "the learner caught up from a snapshot: {snapshot:?}"
+    );
+    assert_eq!(
+        third.store.export_partition(PARTITION).unwrap(),
+        leader.store.export_partition(PARTITION).unwrap(),
+        "the learner holds the leader's partition"
+    );
+    let files: Vec<_> = std::fs::read_dir(third.store.snapshot_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.len() == 1 && files[0].ends_with(".snap"),
+        "the installed snapshot's file and nothing else: {files:?}"
+    );
+    let bytes = std::fs::metadata(third.store.snapshot_dir().join(&files[0]))
+        .unwrap()
+        .len();
+    assert!(
+        bytes > 8 * CHUNK,
+        "a snapshot of {bytes} bytes is many chunks"
+    );
 }
 
 /// Proposals of the largest allowed body (512 KiB) queued faster than the leader appends
