@@ -589,7 +589,10 @@ fn raft_config(config: &Config) -> Result<openraft::Config, ClusterError> {
         // openraft's leader lease is the maximum: a follower refuses votes for that long
         // after the last heartbeat, so a wide range slows every failover.
         election_timeout_max: config.cluster.raft_election_timeout_ms * 3 / 2,
-        install_snapshot_timeout: 10_000,
+        // A snapshot's last chunk is answered once the follower has installed it: a
+        // partition of 1 GiB of bodies took 9 s here (`snapshot_figures`, docs/benchmarks.md).
+        // Only that follower's stream waits this long for a peer that went away.
+        install_snapshot_timeout: 60_000,
         max_payload_entries: crate::raft_log::max_payload_entries(config.limits.max_body_bytes),
         ..Default::default()
     }
