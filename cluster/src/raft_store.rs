@@ -402,14 +402,19 @@ impl StateMachine {
                 true,
             )
             .map_err(io_err)?;
+        self.remove_replaced(path)?;
+        Ok(None)
+    }
+
+    /// Removes the partition's snapshot files other than the current one, at `path`.
+    fn remove_replaced(&self, path: &Path) -> Result<(), Error> {
         snapshot::remove_files(
             &self.store().snapshot_dir(),
             Some(self.partition()),
             Which::Finished,
             &[path],
         )
-        .map_err(io_err)?;
-        Ok(None)
+        .map_err(io_err)
     }
 
     /// Replaces the partition's state with the snapshot file at `path` (already checked)
@@ -434,13 +439,7 @@ impl StateMachine {
         self.store()
             .raft_meta_update(self.partition(), &[], &[META_SNAPSHOT_LEGACY], false)
             .map_err(io_err)?;
-        snapshot::remove_files(
-            &self.store().snapshot_dir(),
-            Some(self.partition()),
-            Which::Finished,
-            &[path],
-        )
-        .map_err(io_err)?;
+        self.remove_replaced(path)?;
         Ok(count)
     }
 

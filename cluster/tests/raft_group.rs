@@ -72,15 +72,20 @@ async fn replica_with(id: u64, tune: impl FnOnce(&mut Config)) -> Replica {
     }
 }
 
-/// One partition's group on three fresh replicas, initialized.
-async fn three_replicas() -> [Replica; 3] {
-    let nodes = [replica(1).await, replica(2).await, replica(3).await];
+/// Initializes the group with `nodes` as its voters (ids 1, 2, …).
+async fn initialize(nodes: &[Replica]) {
     let members: BTreeMap<u64, BasicNode> = nodes
         .iter()
         .enumerate()
         .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
         .collect();
     nodes[0].raft.initialize(members).await.unwrap();
+}
+
+/// One partition's group on three fresh replicas, initialized.
+async fn three_replicas() -> [Replica; 3] {
+    let nodes = [replica(1).await, replica(2).await, replica(3).await];
+    initialize(&nodes).await;
     nodes
 }
 
@@ -216,12 +221,7 @@ async fn a_replica_added_after_the_log_was_purged_installs_a_snapshot_sent_in_ch
         c.snapshot_max_chunk_size = CHUNK;
     };
     let nodes = [replica_with(1, tune).await, replica_with(2, tune).await];
-    let members: BTreeMap<u64, BasicNode> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i as u64 + 1, BasicNode::new(&n.addr)))
-        .collect();
-    nodes[0].raft.initialize(members).await.unwrap();
+    initialize(&nodes).await;
     let two: Vec<&Replica> = nodes.iter().collect();
     write(&two, 1..=150).await;
     converged(&two, 150).await;

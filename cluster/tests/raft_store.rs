@@ -74,12 +74,7 @@ async fn applied_batches_reach_the_mailboxes_and_snapshots_move_a_partition() {
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.unwrap().index, 2);
 
-    let snapshot = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snapshot = build(&mut sm).await;
     let b = Store::open(&dir.path().join("b")).unwrap();
     let mut follower = StateMachine::new(b.clone(), 3);
     follower
@@ -123,6 +118,14 @@ fn big_entries(first: u64, count: u64, per: u64, body: usize) -> Vec<Entry<TypeC
         .collect()
 }
 
+async fn build(sm: &mut StateMachine) -> openraft::storage::Snapshot<TypeConfig> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 fn snapshot_files(store: &Store) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(store.snapshot_dir())
         .map(|d| {
@@ -164,12 +167,7 @@ async fn a_snapshot_file_streams_in_chunks_and_an_install_cut_short_finishes_at_
     let mut leader = StateMachine::new(a.clone(), 3);
     // 12 MiB of bodies in 48 entries.
     leader.apply(big_entries(1, 48, 8, 32 << 10)).await.unwrap();
-    let built = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let built = build(&mut leader).await;
     assert_eq!(built.meta.last_log_id.unwrap().index, 48);
     assert_eq!(snapshot_files(&a).len(), 1, "{:?}", snapshot_files(&a));
 
@@ -229,12 +227,7 @@ async fn a_snapshot_file_streams_in_chunks_and_an_install_cut_short_finishes_at_
 
     // A snapshot built later replaces the file it supersedes.
     follower.apply(big_entries(49, 2, 2, 100)).await.unwrap();
-    let rebuilt = follower
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let rebuilt = build(&mut follower).await;
     assert_eq!(rebuilt.meta.last_log_id.unwrap().index, 50);
     let now = snapshot_files(&b);
     assert_eq!(now.len(), 1, "{now:?}");
@@ -250,12 +243,7 @@ async fn a_snapshot_kept_as_one_value_by_the_previous_release_becomes_a_file() {
     let mut sm = StateMachine::new(a.clone(), 3);
     sm.apply(big_entries(1, 3, 2, 10)).await.unwrap();
     let [current_key, _, legacy_key] = warbler_cluster::raft_store::SNAPSHOT_KEYS;
-    let built = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let built = build(&mut sm).await;
     // What the previous release stored: the meta and every row, as one value.
     #[derive(serde::Serialize)]
     struct Old {
@@ -316,12 +304,7 @@ async fn snapshot_figures() {
     }
     let before = peak_rss();
     let t = std::time::Instant::now();
-    let built = leader
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let built = build(&mut leader).await;
     let build = t.elapsed();
     let b = Store::open(&dir.path().join("b")).unwrap();
     let mut follower = StateMachine::new(b.clone(), 3);
