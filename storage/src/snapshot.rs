@@ -265,11 +265,6 @@ impl Reader {
             ended: false,
         })
     }
-
-    /// Rows not read yet.
-    pub fn left(&self) -> u64 {
-        self.left
-    }
 }
 
 fn read_key(input: &mut impl Read) -> Result<String, String> {

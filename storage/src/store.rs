@@ -609,7 +609,11 @@ pub enum PartitionItem<'a> {
 }
 
 fn row_belongs(partition: PartitionId, r: &Row) -> bool {
-    PARTITION_STATE_CFS.contains(&r.cf.as_str()) && r.key.starts_with(&partition.to_be_bytes())
+    in_partition(partition, &r.cf, &r.key)
+}
+
+fn in_partition(partition: PartitionId, cf: &str, key: &[u8]) -> bool {
+    PARTITION_STATE_CFS.contains(&cf) && key.starts_with(&partition.to_be_bytes())
 }
 
 /// Storage for the per-partition consensus log and its metadata, and partition snapshots.
@@ -867,28 +871,6 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces `partition`'s replicated state with `rows` (and `meta`), atomically.
-    pub fn import_partition(
-        &self,
-        partition: PartitionId,
-        rows: &PartitionRows,
-        meta: &[(&str, Vec<u8>)],
-    ) -> Result<(), StorageError> {
-        let prefix = partition.to_be_bytes().to_vec();
-        let mut batch = WriteBatch::default();
-        for cf in PARTITION_STATE_CFS {
-            batch.delete_range_cf(self.cf(cf), prefix.clone(), prefix_end(&prefix));
-        }
-        for (cf, k, v) in rows {
-            self.check_snapshot_row(partition, cf, k)?;
-            batch.put_cf(self.cf(cf), k, v);
-        }
-        for (key, value) in meta {
-            batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
-        }
-        self.write(batch, true)
-    }
-
     /// Whether a row of column family `cf` with `key` belongs to `partition`'s replicated
     /// state (a snapshot's row).
     pub fn check_snapshot_row(
@@ -897,7 +879,7 @@ impl Store {
         cf: &str,
         key: &[u8],
     ) -> Result<(), StorageError> {
-        if PARTITION_STATE_CFS.contains(&cf) && key.starts_with(&partition.to_be_bytes()) {
+        if in_partition(partition, cf, key) {
             Ok(())
         } else {
             Err(StorageError::Corrupt(format!(
@@ -1312,7 +1294,8 @@ mod tests {
         let rows = a.export_partition(3).unwrap();
         let b = Store::open(&dir.path().join("b")).unwrap();
         append(&b, "stale", 1..=2, 0);
-        b.import_partition(3, &rows, &[]).unwrap();
+        b.import_partition_streamed(3, rows.into_iter().map(Ok), ("installing", vec![]), &[])
+            .unwrap();
         assert_eq!(b.verify_user(3, "x").unwrap(), Some((1, 5)));
         assert_eq!(b.cursor(3, "x", "d").unwrap(), 2);
         assert_eq!(
