@@ -27,7 +27,7 @@ use crate::raft_store::{Batch, TypeConfig};
 /// Most ops merged into one log entry.
 pub const BATCH_OPS_MAX: usize = 512;
 /// Most bytes of ops merged into one log entry. One proposal larger than this still goes,
-/// alone. With [`max_payload_entries`] it keeps an AppendEntries well inside the peer frame
+/// alone. With [`APPEND_BYTES_MAX`] it keeps an AppendEntries well inside the peer frame
 /// limit; small enough that a leader's append does not hold up the next one for long.
 pub const BATCH_BYTES_MAX: usize = 256 * 1024;
 
@@ -41,17 +41,18 @@ pub const ENTRIES_IN_FLIGHT: usize = 2;
 /// entry. A crash may lose this much of a device's acks: they come again (at least once).
 pub const CURSOR_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// How many entries one AppendEntries may carry so that it fits the peer frame limit with
-/// room to spare, when one proposal holds at most `body_bytes_max` of body: the frame
-/// carries entries of up to `max(BATCH_BYTES_MAX, one proposal)` each.
-pub fn max_payload_entries(body_bytes_max: usize) -> u64 {
-    /// A proposal's bytes beyond its body (ids, user, encoding).
-    const PROPOSAL_OVERHEAD_BYTES: usize = 16 * 1024;
-    let entry_max = BATCH_BYTES_MAX.max(body_bytes_max + PROPOSAL_OVERHEAD_BYTES);
-    let fits = (crate::transport::PEER_FRAME_BYTES_MAX / 2) / entry_max;
-    // openraft's default (300) is the most worth sending at once.
-    fits.clamp(1, 300) as u64
-}
+/// Most bytes of entries one AppendEntries carries: replication's log reader stops once it
+/// has read this much (an entry larger than this still goes, alone). An entry holds at most
+/// `max(BATCH_BYTES_MAX, one proposal)`, so a request stays well inside the peer frame
+/// limit, and a follower catching up in every partition at once writes and syncs at most
+/// this much per partition per round trip.
+pub const APPEND_BYTES_MAX: usize = 1 << 20;
+
+/// Most entries one AppendEntries carries. A follower that comes back behind gets its
+/// missed entries this many at a time per round trip (while they stay under
+/// [`APPEND_BYTES_MAX`]): under load an entry holds a few publishes, and the count, not the
+/// bytes, would bound catch-up.
+pub const APPEND_ENTRIES_MAX: u64 = 1024;
 
 type Answer = openraft::raft::responder::OneshotResponder<TypeConfig>;
 type Receiver = <Answer as openraft::raft::responder::Responder<TypeConfig>>::Receiver;

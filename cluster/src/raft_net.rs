@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -131,7 +131,20 @@ impl RaftNetwork<TypeConfig> for Client {
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(PeerKind::Vote, &rpc, &option).await
     }
+
+    /// How long a group waits before it replicates again to a peer a call found unreachable.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(UNREACHABLE_RETRY))
+    }
 }
+
+/// A group's wait before it calls an unreachable peer again (openraft's default is 500 ms).
+/// The peer's link paces its dials ([`crate::transport::BACKOFF_MAX`]) and fails the calls
+/// queued meanwhile at its next failed dial, so a dead peer costs few calls even so. A
+/// restarted peer hears from the leaders of its groups within this of its link coming up,
+/// and starts catching up then: with 500 ms, a catch-up of a few hundred milliseconds of
+/// work took a second.
+const UNREACHABLE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Serves peers' consensus RPCs for every partition this node replicates.
 #[derive(Default)]

@@ -162,6 +162,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .map_err(io_err)?;
         rows.iter().map(|(_, b)| decode(b)).collect()
     }
+
+    /// What replication sends in one AppendEntries: up to `end`, or until the entries read
+    /// reach [`crate::raft_log::APPEND_BYTES_MAX`] bytes (openraft sends the rest next).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let rows = self
+            .store
+            .raft_log_range_bytes(
+                self.partition,
+                start,
+                end,
+                crate::raft_log::APPEND_BYTES_MAX,
+            )
+            .map_err(io_err)?;
+        rows.iter().map(|(_, b)| decode(b)).collect()
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {

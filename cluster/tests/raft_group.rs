@@ -46,8 +46,8 @@ async fn replica_with(id: u64, tune: impl FnOnce(&mut Config)) -> Replica {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        // As the node sets it for its largest body (512 KiB by default).
-        max_payload_entries: warbler_cluster::raft_log::max_payload_entries(512 * 1024),
+        // As the node sets it: the bytes of a request are bounded by the log reader.
+        max_payload_entries: warbler_cluster::raft_log::APPEND_ENTRIES_MAX,
         ..Default::default()
     };
     let mut config = config;
@@ -278,12 +278,15 @@ async fn a_replica_added_after_the_log_was_purged_installs_a_snapshot_sent_in_ch
 }
 
 /// Proposals of the largest allowed body (512 KiB) queued faster than the leader appends
-/// them: the proposer splits them into entries by bytes, so every AppendEntries stays
-/// inside the peer frame limit and all of them replicate. Merged by count alone, the first
-/// entry would be ~20 MiB, more than a peer frame carries, and nothing would commit.
+/// them: the proposer splits them into entries by bytes, and replication reads entries for
+/// one AppendEntries up to a byte bound, so every request stays inside the peer frame limit
+/// and all of them replicate. Merged by count alone, the first entry would be ~20 MiB, more
+/// than a peer frame carries, and nothing would commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
-    use warbler_cluster::raft_log::{max_payload_entries, RaftLog, BATCH_BYTES_MAX};
+    use warbler_cluster::raft_log::{
+        RaftLog, APPEND_BYTES_MAX, APPEND_ENTRIES_MAX, BATCH_BYTES_MAX,
+    };
     use warbler_storage::PartitionLog;
 
     const BODY: usize = 512 * 1024;
@@ -295,10 +298,13 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
         .iter()
         .find(|r| r.raft.metrics().borrow().id == leader)
         .unwrap();
-    // The replicas run with the bound the node configures: a full AppendEntries of such
-    // entries fits the frame.
-    let frame = warbler_cluster::transport::PEER_FRAME_BYTES_MAX as u64;
-    assert!(max_payload_entries(BODY) * ((BODY.max(BATCH_BYTES_MAX) + 16 * 1024) as u64) < frame);
+    // The replicas run with the bounds the node configures. By count alone, one
+    // AppendEntries could carry every entry (about 21 MiB, more than a frame); the log
+    // reader stops at APPEND_BYTES_MAX, one entry past it at most, which fits.
+    let frame = warbler_cluster::transport::PEER_FRAME_BYTES_MAX;
+    let entry = BODY.max(BATCH_BYTES_MAX) + 16 * 1024;
+    assert!(APPEND_ENTRIES_MAX as usize * entry > frame);
+    assert!(APPEND_BYTES_MAX + entry < frame);
     let log = RaftLog::new(64 << 20);
     log.insert(PARTITION, leader.raft.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -332,6 +338,22 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
     let last_index = leader.raft.metrics().borrow().last_log_index.unwrap();
     println!(
         "raft: {PROPOSALS} bodies of {BODY} B committed in log entries up to index {last_index}"
+    );
+
+    // A replica added now is every entry (about 21 MiB) behind. Without the reader's byte
+    // bound its first AppendEntries would be all of them, more than a frame, and it would
+    // never catch up; it does, from the log.
+    let late = replica(4).await;
+    leader
+        .raft
+        .add_learner(4, BasicNode::new(&late.addr), true)
+        .await
+        .unwrap();
+    converged(&[&late], PROPOSALS).await;
+    let snapshot = late.raft.metrics().borrow().snapshot;
+    assert!(
+        snapshot.is_none(),
+        "the late replica caught up from the log, not a snapshot: {snapshot:?}"
     );
 }
 

@@ -593,7 +593,7 @@ fn raft_config(config: &Config) -> Result<openraft::Config, ClusterError> {
         // partition of 1 GiB of bodies took 9 s here (`snapshot_figures`, docs/benchmarks.md).
         // Only that follower's stream waits this long for a peer that went away.
         install_snapshot_timeout: 60_000,
-        max_payload_entries: crate::raft_log::max_payload_entries(config.limits.max_body_bytes),
+        max_payload_entries: crate::raft_log::APPEND_ENTRIES_MAX,
         ..Default::default()
     }
     .validate()
