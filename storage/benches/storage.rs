@@ -1,5 +1,6 @@
 //! Storage: staging and writing a batch of 256 appends (unsynced: the CPU path; the fsync
-//! cost is the disk's), and a 100-message range read.
+//! cost is the disk's), a 100-message range read, and the dedup lookup every new publish
+//! makes (a miss), with the records in the memtable and in files.
 //!
 //!   cargo bench --workspace --bench storage
 
@@ -40,6 +41,34 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(100));
     g.bench_function("range read 100", |b| {
         b.iter(|| store.read_range(7, "user-7", 0, 100).unwrap())
+    });
+    // Every new publish asks whether its id was seen: the answer is almost always no.
+    g.throughput(Throughput::Elements(1));
+    let mut n = 0u64;
+    g.bench_function("dedup miss (ids in the memtable)", |b| {
+        b.iter(|| {
+            n += 1;
+            store
+                .dedup(
+                    (n % 64) as u16,
+                    &format!("user-{}", n % 64),
+                    &format!("new-{n}"),
+                )
+                .unwrap()
+        })
+    });
+    store.flush().unwrap();
+    g.bench_function("dedup miss (ids in files)", |b| {
+        b.iter(|| {
+            n += 1;
+            store
+                .dedup(
+                    (n % 64) as u16,
+                    &format!("user-{}", n % 64),
+                    &format!("new-{n}"),
+                )
+                .unwrap()
+        })
     });
     g.finish();
 }
