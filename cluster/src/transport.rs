@@ -51,7 +51,7 @@ pub const PEER_CALLS_MAX: usize = 4096;
 /// restarts must be reached again within a fraction of an election timeout, and a refused
 /// dial to a dead peer costs next to nothing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
-pub const BACKOFF_MAX: Duration = Duration::from_millis(200);
+pub const BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// The delay before dialling again a peer that refused this node (the refusal is logged
 /// each time; a misconfiguration is not fixed in milliseconds).
 pub const BACKOFF_REFUSED: Duration = Duration::from_secs(5);
