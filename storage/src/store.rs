@@ -1313,6 +1313,24 @@ mod tests {
     }
 
     #[test]
+    fn a_raft_log_read_bounded_by_bytes_stops_past_the_bound_but_never_reads_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entries: Vec<(u64, Vec<u8>)> = (1..=10).map(|i| (i, vec![i as u8; 100])).collect();
+        store.raft_log_put(4, &entries, true).unwrap();
+        let read = |start, bytes| -> Vec<u64> {
+            let rows = store.raft_log_range_bytes(4, start, 11, bytes).unwrap();
+            rows.iter().map(|(i, _)| *i).collect()
+        };
+        // The entry that reaches the bound is the last one read.
+        assert_eq!(read(1, 250), vec![1, 2, 3]);
+        assert_eq!(read(1, 300), vec![1, 2, 3]);
+        // One entry larger than the bound still comes, alone.
+        assert_eq!(read(5, 1), vec![5]);
+        assert_eq!(read(1, usize::MAX), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn a_partition_exports_and_imports_whole() {
         let dir = tempfile::tempdir().unwrap();
         let a = Store::open(&dir.path().join("a")).unwrap();
