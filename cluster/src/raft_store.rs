@@ -156,11 +156,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(e) => *e,
             Bound::Unbounded => u64::MAX,
         };
-        let rows = self
-            .store
-            .raft_log_range(self.partition, start, end)
-            .map_err(io_err)?;
-        rows.iter().map(|(_, b)| decode(b)).collect()
+        self.entries(start, end, usize::MAX)
     }
 
     /// What replication sends in one AppendEntries: up to `end`, or until the entries read
@@ -170,14 +166,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        self.entries(start, end, crate::raft_log::APPEND_BYTES_MAX)
+    }
+}
+
+impl LogStore {
+    /// Entries `start..end`, decoded, stopping once they reach `bytes_max` bytes.
+    fn entries(
+        &self,
+        start: u64,
+        end: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
         let rows = self
             .store
-            .raft_log_range_bytes(
-                self.partition,
-                start,
-                end,
-                crate::raft_log::APPEND_BYTES_MAX,
-            )
+            .raft_log_range_bytes(self.partition, start, end, bytes_max)
             .map_err(io_err)?;
         rows.iter().map(|(_, b)| decode(b)).collect()
     }
