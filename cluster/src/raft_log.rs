@@ -48,6 +48,13 @@ pub const CURSOR_DELAY: std::time::Duration = std::time::Duration::from_millis(1
 /// this much per partition per round trip.
 pub const APPEND_BYTES_MAX: usize = 1 << 20;
 
+// The largest body a cluster member accepts, in an entry read after a full request's worth
+// of others, still fits one peer frame (with room for the request's other fields).
+const _: () = assert!(
+    APPEND_BYTES_MAX + warbler_config::CLUSTER_BODY_BYTES_MAX + (1 << 20)
+        <= crate::transport::PEER_FRAME_BYTES_MAX
+);
+
 /// Most entries one AppendEntries carries. A follower that comes back behind gets its
 /// missed entries this many at a time per round trip (while they stay under
 /// [`APPEND_BYTES_MAX`]): under load an entry holds a few publishes, and the count, not the

@@ -277,10 +277,10 @@ async fn a_replica_added_after_the_log_was_purged_installs_a_snapshot_sent_in_ch
     );
 }
 
-/// Proposals of the largest allowed body (512 KiB) queued faster than the leader appends
-/// them: the proposer splits them into entries by bytes, and replication reads entries for
-/// one AppendEntries up to a byte bound, so every request stays inside the peer frame limit
-/// and all of them replicate. Merged by count alone, the first entry would be ~20 MiB, more
+/// Proposals of the default largest body (512 KiB), and last one of the largest a cluster
+/// member allows, queued faster than the leader appends them: the proposer splits them into
+/// entries by bytes, and replication reads entries for one AppendEntries up to a byte bound,
+/// so every request stays inside the peer frame limit and all of them replicate. Merged by count alone, the first entry would be ~20 MiB, more
 /// than a peer frame carries, and nothing would commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
@@ -308,12 +308,17 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
     let log = RaftLog::new(64 << 20);
     log.insert(PARTITION, leader.raft.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The last body is the largest a cluster member accepts: it ends up in a request after
+    // a full request's worth of the others, and that must still fit a frame.
+    let largest = warbler_config::CLUSTER_BODY_BYTES_MAX;
+    assert!(APPEND_BYTES_MAX + largest + 16 * 1024 < frame);
     for seq in 1..=PROPOSALS {
+        let len = if seq == PROPOSALS { largest } else { BODY };
         let msg = StoredMessage {
             id: format!("m{seq}"),
             ts: seq,
             from: None,
-            body: ByteBuf::from(vec![seq as u8; BODY]),
+            body: ByteBuf::from(vec![seq as u8; len]),
         };
         let op = Op::Append {
             partition: PARTITION,
@@ -337,10 +342,11 @@ async fn large_bodies_proposed_at_once_replicate_in_entries_that_fit_a_frame() {
     converged(&all, PROPOSALS).await;
     let last_index = leader.raft.metrics().borrow().last_log_index.unwrap();
     println!(
-        "raft: {PROPOSALS} bodies of {BODY} B committed in log entries up to index {last_index}"
+        "raft: {} bodies of {BODY} B and one of {largest} B committed in log entries up to index {last_index}",
+        PROPOSALS - 1
     );
 
-    // A replica added now is every entry (about 21 MiB) behind. Without the reader's byte
+    // A replica added now is every entry (about 29 MiB) behind. Without the reader's byte
     // bound its first AppendEntries would be all of them, more than a frame, and it would
     // never catch up; it does, from the log.
     let late = replica(4).await;

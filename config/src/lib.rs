@@ -24,6 +24,11 @@ pub const DEFAULT_CLIENT_PORT: u16 = 7400;
 pub const DEFAULT_HTTP_PORT: u16 = 7480;
 /// Default peer RPC and gossip port.
 pub const DEFAULT_CLUSTER_PORT: u16 = 7410;
+/// Largest `limits.max_body_bytes` of a cluster member. A replicated log entry holding a
+/// body goes to the followers in one peer frame (16 MiB), after up to 1 MiB of the entries
+/// before it; a larger body could be accepted but never replicate, and would stall its
+/// partition. The cluster crate checks that this bound fits its frame.
+pub const CLUSTER_BODY_BYTES_MAX: usize = 8 << 20;
 
 /// The whole configuration of one node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -897,6 +902,15 @@ impl Config {
                 "set all of cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file for mutual TLS between nodes, or none of them",
             ));
         }
+        if self.clustered() && self.limits.max_body_bytes > CLUSTER_BODY_BYTES_MAX {
+            return Err(invalid(
+                "limits.max_body_bytes",
+                format!(
+                    "{} is more than a cluster member allows ({CLUSTER_BODY_BYTES_MAX}): every message is replicated to the other nodes in one peer frame, and a larger body would never get there; lower limits.max_body_bytes (or WARBLER_MAX_BODY_BYTES) to at most {CLUSTER_BODY_BYTES_MAX}, or run a single node",
+                    self.limits.max_body_bytes
+                ),
+            ));
+        }
         range("cluster.replication_factor", c.replication_factor, 1, 7)?;
         range("cluster.raft_heartbeat_ms", c.raft_heartbeat_ms, 10, 10_000)?;
         range(
@@ -1045,6 +1059,20 @@ mod tests {
         c.limits.max_body_bytes = c.limits.max_frame_bytes;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("limits.max_body_bytes"), "{err}");
+
+        // A single node takes bodies up to its frame; a cluster member only what replicates.
+        let mut c = Config::default();
+        c.limits.max_frame_bytes = 64 << 20;
+        c.limits.max_body_bytes = CLUSTER_BODY_BYTES_MAX + 1;
+        c.validate().unwrap();
+        c.seeds = vec!["127.0.0.1:7410".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("limits.max_body_bytes") && err.contains("peer frame"),
+            "{err}"
+        );
+        c.limits.max_body_bytes = CLUSTER_BODY_BYTES_MAX;
+        c.validate().unwrap();
 
         let mut c = Config::default();
         c.tls.cert_file = Some("cert.pem".into());
