@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use warbler_cluster::wire::{
     AckManyReq, DeliverManyReq, DeliverReq, DeviceCursor, KeyReq, PeerKind, PublishBatchReq,
     PublishReq, Resume, SubscribeReq, Subscribed,
@@ -40,6 +40,10 @@ use crate::outbox::{SessionRef, Signal};
 pub const ROUTE_RETRY_FOR: Duration = Duration::from_secs(15);
 /// Longest wait for one routed call (a publish waits for a majority's fsync).
 pub(crate) const ROUTE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// First wait before a routed request tries again after a transient refusal.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
+/// Longest wait between a routed request's tries (unless a leader change ends it sooner).
+const RETRY_MAX: Duration = Duration::from_millis(500);
 
 pub(crate) type Wire<T> = Result<T, MailboxError>;
 
@@ -140,6 +144,9 @@ pub struct Routing {
     deliveries: DeliverQueues,
     /// Publishes on their way to their partitions' leaders, per node.
     forwards: ForwardQueues,
+    /// Counts the leader changes this node has seen: a routed request waiting out a
+    /// transient refusal tries again as soon as one comes ([`Routing::leader_changed`]).
+    leader_moves: watch::Sender<u64>,
 }
 
 impl Routing {
@@ -161,6 +168,7 @@ impl Routing {
             acks: AckQueues::default(),
             deliveries: DeliverQueues::default(),
             forwards: ForwardQueues::default(),
+            leader_moves: watch::Sender::new(0),
         }
     }
 
@@ -187,7 +195,10 @@ impl Routing {
     }
 
     /// Runs `local` on this node or sends `req` to the partition's leader, retrying
-    /// transient refusals until [`ROUTE_RETRY_FOR`] runs out.
+    /// transient refusals until [`ROUTE_RETRY_FOR`] runs out. Between tries it waits
+    /// [`RETRY_FIRST`], doubling up to [`RETRY_MAX`], or until a partition's leader changes:
+    /// after a failover the request goes to the new leader as soon as this node learns of
+    /// it, not at the end of a wait that began during the election.
     pub(crate) async fn on_leader<R, T, F, Fut>(
         &self,
         partition: PartitionId,
@@ -202,7 +213,8 @@ impl Routing {
         Fut: Future<Output = Result<T, MailboxError>>,
     {
         let give_up = Instant::now() + ROUTE_RETRY_FOR;
-        let mut delay = Duration::from_millis(20);
+        let mut delay = RETRY_FIRST;
+        let mut moves = self.leader_moves.subscribe();
         loop {
             let result = match self.router.leader(partition) {
                 Leader::Local => local().await,
@@ -218,8 +230,11 @@ impl Routing {
             match result {
                 Err(e) if e.is_transient() && Instant::now() < give_up => {
                     metrics::counter!("warbler_route_retries_total").increment(1);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => delay = (delay * 2).min(RETRY_MAX),
+                        // A new leader may not take writes at once: retry quickly again.
+                        _ = moves.changed() => delay = RETRY_FIRST,
+                    }
                 }
                 r => return r,
             }
@@ -409,8 +424,10 @@ impl Routing {
     }
 
     /// The leader of `partition` may have changed: sessions subscribed remotely check
-    /// whether they follow the current one.
+    /// whether they follow the current one, and routed requests waiting to try again
+    /// ([`Routing::on_leader`]) try now.
     pub fn leader_changed(&self, partition: PartitionId) {
+        self.leader_moves.send_modify(|n| *n += 1);
         for s in self.remote_subs.lock().unwrap().values() {
             if s.partition == partition {
                 s.session.signal(Signal::CheckRoute);
@@ -699,6 +716,54 @@ mod tests {
         fn leader(&self, _: PartitionId) -> Leader {
             Leader::Unknown("no partitions in this test".into())
         }
+    }
+
+    /// A router whose partitions have no leader until `elected` is set, then lead here.
+    #[derive(Default)]
+    struct Election {
+        elected: std::sync::atomic::AtomicBool,
+    }
+
+    impl Router for Election {
+        fn leader(&self, _: PartitionId) -> Leader {
+            if self.elected.load(Ordering::Relaxed) {
+                Leader::Local
+            } else {
+                Leader::Unknown("an election is running".into())
+            }
+        }
+    }
+
+    /// A routed request that waits out an election tries again as soon as the node learns
+    /// of the new leader. Its waits had grown to 320 ms by then: without the wake-up it
+    /// would go 420 ms later (at 1,120 ms), when the next wait ends. Tokio's clock is
+    /// paused, so the times are exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_a_leader_goes_when_one_is_elected() {
+        let router = Arc::new(Election::default());
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let routing = Arc::new(Routing::new(router.clone(), "here".into(), addr));
+        let start = tokio::time::Instant::now();
+        let request = {
+            let routing = routing.clone();
+            tokio::spawn(async move {
+                let answer: Result<u64, MailboxError> = routing
+                    .on_leader(3, PeerKind::Publish, &(), || async { Ok(7) })
+                    .await;
+                (answer, tokio::time::Instant::now())
+            })
+        };
+        // Tries at 0, 20, 60, 140, 300 and 620 ms were refused; the next would be at 1,120.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        router.elected.store(true, Ordering::Relaxed);
+        routing.leader_changed(3);
+        let (answer, at) = request.await.unwrap();
+        assert_eq!(answer.unwrap(), 7);
+        let waited = at - start;
+        assert!(
+            waited < Duration::from_millis(710),
+            "the request went {waited:?} after it started; the leader was known at 700 ms"
+        );
     }
 
     /// What a node was sent: (kind, the keys it carried).
