@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -144,7 +145,7 @@ impl RaftNetwork<TypeConfig> for Client {
 /// restarted peer hears from the leaders of its groups within this of its link coming up,
 /// and starts catching up then: with 500 ms, a catch-up of a few hundred milliseconds of
 /// work took a second.
-const UNREACHABLE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(100);
 
 /// Serves peers' consensus RPCs for every partition this node replicates.
 #[derive(Default)]
@@ -153,6 +154,9 @@ pub struct RaftService {
     /// Partitions whose replica here went quiet as a follower, with the request it went
     /// quiet under (see [`crate::control::quiesce`]).
     quiet: Arc<Mutex<BTreeMap<u16, Quiesce>>>,
+    /// When each partition's replica here last received an AppendEntries (its leader's
+    /// heartbeats and entries).
+    heard: Mutex<HashMap<u16, Instant>>,
 }
 
 impl RaftService {
@@ -163,6 +167,7 @@ impl RaftService {
 
     pub fn remove(&self, partition: u16) -> Option<Raft<TypeConfig>> {
         self.quiet.lock().unwrap().remove(&partition);
+        self.heard.lock().unwrap().remove(&partition);
         self.rafts.write().unwrap().remove(&partition)
     }
 
@@ -192,6 +197,59 @@ impl RaftService {
         for p in &orphans {
             if let Some(raft) = self.rafts.read().unwrap().get(p).cloned() {
                 raft.runtime_config().tick(true);
+                tokio::spawn(async move {
+                    let _ = raft.trigger().elect().await;
+                });
+            }
+        }
+        orphans
+    }
+
+    /// Makes every follower replica here whose leader is on a node in `gone` (seen alive,
+    /// then declared down by gossip) and that has heard nothing from it for `silent_for`
+    /// start an election now, instead of when its own timer runs out. openraft 0.9 lets a
+    /// follower campaign only a leader lease (the longest election timeout) plus an election
+    /// timeout after it last heard from its leader, and a vote request reaching a replica
+    /// within its lease is refused; so a round lost to a split vote or to a lease costs a
+    /// whole timeout more. The silence guards a live leader: one that still reaches this
+    /// replica keeps it. Quiet replicas, and those in `woken` (the quiet ones
+    /// [`RaftService::wake_orphans`] has just made elect), are left alone.
+    pub fn elect_without(
+        &self,
+        gone: &BTreeSet<u64>,
+        silent_for: Duration,
+        woken: &[u16],
+    ) -> Vec<u16> {
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        let rafts: Vec<(u16, Raft<TypeConfig>)> = self
+            .rafts
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(p, r)| (*p, r.clone()))
+            .collect();
+        let mut orphans = Vec::new();
+        for (p, raft) in rafts {
+            let (state, leader) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                (m.state, m.current_leader)
+            };
+            let silent = self
+                .heard
+                .lock()
+                .unwrap()
+                .get(&p)
+                .is_none_or(|t| t.elapsed() >= silent_for);
+            if state == openraft::ServerState::Follower
+                && leader.is_some_and(|l| gone.contains(&l))
+                && silent
+                && !woken.contains(&p)
+                && !self.quiet.lock().unwrap().contains_key(&p)
+            {
+                orphans.push(p);
                 tokio::spawn(async move {
                     let _ = raft.trigger().elect().await;
                 });
@@ -288,6 +346,9 @@ impl PeerHandler for RaftService {
             return Box::pin(std::future::ready(answer.and_then(|()| reply(&()))));
         }
         let quiet = self.quiet.clone();
+        if kind == PeerKind::AppendEntries {
+            self.heard.lock().unwrap().insert(partition, Instant::now());
+        }
         Box::pin(async move {
             let answer = match kind {
                 PeerKind::AppendEntries => {

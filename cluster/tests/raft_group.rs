@@ -210,6 +210,69 @@ async fn a_partition_survives_losing_its_leader() {
     }
 }
 
+/// A follower whose leader's node gossip has declared gone, and that has heard nothing
+/// from the leader for a leader lease, campaigns at once (`RaftService::elect_without`).
+/// The followers' election timers are stopped here, so only that call can elect anyone. A
+/// leader that still heartbeats keeps its followers even when named gone (gossip can be
+/// wrong), and a silent leader not named gone is left to the timers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
+    use std::collections::BTreeSet;
+
+    let nodes = three_replicas().await;
+    let all: Vec<&Replica> = nodes.iter().collect();
+    let leader = leader_of(&all).await;
+    write(&all, 1..=5).await;
+    converged(&all, 5).await;
+    let (old, followers): (Vec<&Replica>, Vec<&Replica>) = nodes
+        .iter()
+        .partition(|r| r.raft.metrics().borrow().id == leader);
+    for f in &followers {
+        f.raft.runtime_config().tick(false);
+    }
+    // The harness's longest election timeout, which is openraft's leader lease.
+    let lease = Duration::from_millis(800);
+    let gone = BTreeSet::from([leader]);
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert!(
+        followers[0]
+            .service
+            .elect_without(&gone, lease, &[])
+            .is_empty(),
+        "a leader that heartbeats keeps its followers, whatever gossip says"
+    );
+
+    old[0].raft.shutdown().await.unwrap();
+    let stopped = Instant::now();
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert!(
+        followers[0]
+            .service
+            .elect_without(&BTreeSet::new(), lease, &[])
+            .is_empty(),
+        "a leader gossip has not declared gone is left to the election timers"
+    );
+    assert!(
+        followers[0]
+            .service
+            .elect_without(&gone, lease, &[PARTITION])
+            .is_empty(),
+        "a partition woken as quiet is not made to campaign twice"
+    );
+    assert_eq!(
+        followers[0].service.elect_without(&gone, lease, &[]),
+        vec![PARTITION]
+    );
+    let new_leader = leader_of(&followers).await;
+    println!(
+        "raft: leader {leader} stopped; {new_leader} leads after {:?}, elected without timers",
+        stopped.elapsed()
+    );
+    assert_ne!(new_leader, leader);
+    write(&followers, 6..=8).await;
+    converged(&followers, 8).await;
+}
+
 /// A replica added after the log it needs was purged gets the partition as a snapshot
 /// file, sent over the peer transport in many chunks, and installs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 //! Quiescence's driver (the decisions are [`crate::control::quiesce`]): every
 //! [`QUIET_CHECK_PERIOD`] it samples the groups this node leads (the partitions' and the
 //! member list's) and quiets or wakes them,
-//! and whenever gossip's view of live nodes changes it wakes the quiet groups whose leader
-//! is gone, so they elect at once.
+//! and whenever gossip's view of live nodes changes (and at every check) it makes the
+//! groups whose leader is gone elect at once: quiet ones, and busy ones that have heard
+//! nothing from their leader for a leader lease.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -54,18 +55,23 @@ impl ClusterNode {
             let mut idle: HashMap<PartitionId, Idle> = HashMap::new();
             let mut alive = node.membership.watch();
             let mut tick = crate::grid::interval(QUIET_CHECK_PERIOD);
+            let mut seen = BTreeSet::new();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     changed = alive.changed() => if changed.is_err() { return },
                 }
-                node.wake_orphans();
+                node.wake_orphans(&mut seen);
                 node.quiet_check(&mut idle).await;
             }
         });
     }
 
-    fn wake_orphans(&self) {
+    /// Makes the replicas here whose leader's node is gone elect now: the quiet ones, and
+    /// the others that have heard nothing from their leader for a leader lease. `seen`
+    /// gathers the nodes gossip has shown alive: only a node seen alive and now gone counts
+    /// as gone (a node that starts before it has heard of the others must not depose them).
+    fn wake_orphans(&self, seen: &mut BTreeSet<u64>) {
         let alive: BTreeSet<u64> = self
             .membership
             .members()
@@ -75,6 +81,19 @@ impl ClusterNode {
         let woken = self.raft_service.wake_orphans(&alive);
         if !woken.is_empty() {
             tracing::info!(partitions = ?woken, "quiet partitions lost their leader's node; electing");
+        }
+        seen.extend(alive.iter().copied());
+        let gone: BTreeSet<u64> = seen.difference(&alive).copied().collect();
+        let Some(lease) = self
+            .formed
+            .get()
+            .map(|f| Duration::from_millis(f.raft_config.election_timeout_max))
+        else {
+            return;
+        };
+        let electing = self.raft_service.elect_without(&gone, lease, &woken);
+        if !electing.is_empty() {
+            tracing::info!(partitions = ?electing, "partitions lost their leader's node and hear nothing from it; electing");
         }
     }
 
