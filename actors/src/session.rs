@@ -19,8 +19,13 @@ use crate::outbox::{OutSender, SessionRef, Signal};
 use crate::registry::Mailboxes;
 use warbler_cluster::Leader;
 
-/// How long a session waits before retrying a failed re-subscribe.
-const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(250);
+/// How long a session waits before retrying a failed re-subscribe: the first wait, which
+/// doubles with each failure up to [`RESUBSCRIBE_RETRY_MAX`]. A new leader refuses until
+/// it has applied its log, which takes milliseconds: a first wait of 250 ms held every
+/// device of a failed-over partition that long.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(25);
+/// Longest wait between a session's re-subscribe attempts.
+const RESUBSCRIBE_RETRY_MAX: Duration = Duration::from_millis(250);
 /// How long subscribing may take before the connection is refused.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,6 +46,8 @@ pub struct Session {
     upstream: Upstream,
     /// Highest seq the client acked.
     acked: u64,
+    /// The wait before the next re-subscribe attempt if this one fails.
+    retry: Duration,
 }
 
 impl Session {
@@ -60,7 +67,7 @@ impl Session {
             match subscribe(&mailboxes, &user, &device, &port, None).await {
                 Ok(s) => break s,
                 Err(e) if std::time::Instant::now() < give_up && e.is_transient() => {
-                    tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+                    tokio::time::sleep(RESUBSCRIBE_RETRY_MAX).await;
                 }
                 Err(e) => {
                     out.end_session();
@@ -77,6 +84,7 @@ impl Session {
             out: out.clone(),
             upstream,
             acked: info.acked,
+            retry: RESUBSCRIBE_RETRY,
         };
         let welcome = Frame::Welcome {
             user: session.user.clone(),
@@ -163,11 +171,12 @@ impl Session {
                 tracing::debug!(user = %self.user, device = %self.device, "re-subscribed");
                 metrics::counter!("warbler_resubscribes_total").increment(1);
                 self.upstream = upstream;
+                self.retry = RESUBSCRIBE_RETRY;
             }
             Err(e) => {
-                tracing::debug!(user = %self.user, error = %e, "re-subscribe failed; retrying");
-                self.out
-                    .signal_after(RESUBSCRIBE_RETRY, Signal::Resubscribe);
+                tracing::debug!(user = %self.user, error = %e, retry = ?self.retry, "re-subscribe failed; retrying");
+                self.out.signal_after(self.retry, Signal::Resubscribe);
+                self.retry = (self.retry * 2).min(RESUBSCRIBE_RETRY_MAX);
             }
         }
     }
