@@ -557,7 +557,18 @@ async fn failover_figures() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let mut cluster = Cluster::start(3).await;
+    // WARBLER_FAILOVER_DEFAULTS=1: the shipped heartbeat and election timeout (250 ms and
+    // 1,000-1,500 ms) instead of the tests' 100 ms and 500-750 ms.
+    let defaults = std::env::var("WARBLER_FAILOVER_DEFAULTS").is_ok_and(|v| v == "1");
+    let timing: &[(&str, &str)] = if defaults {
+        &[
+            ("WARBLER_RAFT_HEARTBEAT_MS", "250"),
+            ("WARBLER_RAFT_ELECTION_TIMEOUT_MS", "1000"),
+        ]
+    } else {
+        &[]
+    };
+    let mut cluster = Cluster::start_with(3, tempfile::tempdir().unwrap(), timing).await;
     let mut resumed = Vec::new();
     for k in 0..kills {
         let user = format!("f{k}");
@@ -621,7 +632,12 @@ async fn failover_figures() {
     let pct =
         |p: f64| resumed[((resumed.len() as f64 * p).ceil() as usize).clamp(1, resumed.len()) - 1];
     println!(
-        "failover over {kills} kills (heartbeat 100 ms, election timeout 500-750 ms): p50 {:?}, p99 {:?}, max {:?}",
+        "failover over {kills} kills ({}): p50 {:?}, p99 {:?}, max {:?}",
+        if defaults {
+            "heartbeat 250 ms, election timeout 1000-1500 ms"
+        } else {
+            "heartbeat 100 ms, election timeout 500-750 ms"
+        },
         pct(0.5),
         pct(0.99),
         resumed.last().unwrap()
