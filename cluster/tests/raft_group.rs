@@ -166,18 +166,25 @@ async fn converged(replicas: &[&Replica], last_seq: u64) {
     }
 }
 
+/// Writes seqs 1..=`last` through the leader of `nodes` until every replica has them;
+/// returns the leader's id, the leader, and the others.
+async fn written_then_split(nodes: &[Replica], last: u64) -> (u64, Vec<&Replica>, Vec<&Replica>) {
+    let all: Vec<&Replica> = nodes.iter().collect();
+    let leader = leader_of(&all).await;
+    write(&all, 1..=last).await;
+    converged(&all, last).await;
+    let (led, others) = nodes
+        .iter()
+        .partition(|r| r.raft.metrics().borrow().id == leader);
+    (leader, led, others)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_survives_losing_its_leader() {
     let nodes = three_replicas().await;
-    let all: Vec<&Replica> = nodes.iter().collect();
-    let first_leader = leader_of(&all).await;
-    write(&all, 1..=20).await;
-    converged(&all, 20).await;
+    let (first_leader, gone, survivors) = written_then_split(&nodes, 20).await;
 
     // The leader stops; the other two elect a new leader and go on from the same log.
-    let (gone, survivors): (Vec<&Replica>, Vec<&Replica>) = nodes
-        .iter()
-        .partition(|r| r.raft.metrics().borrow().id == first_leader);
     let started = Instant::now();
     gone[0].raft.shutdown().await.unwrap();
     gone[0].service.remove(PARTITION);
@@ -220,13 +227,7 @@ async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
     use std::collections::BTreeSet;
 
     let nodes = three_replicas().await;
-    let all: Vec<&Replica> = nodes.iter().collect();
-    let leader = leader_of(&all).await;
-    write(&all, 1..=5).await;
-    converged(&all, 5).await;
-    let (old, followers): (Vec<&Replica>, Vec<&Replica>) = nodes
-        .iter()
-        .partition(|r| r.raft.metrics().borrow().id == leader);
+    let (leader, old, followers) = written_then_split(&nodes, 5).await;
     for f in &followers {
         f.raft.runtime_config().tick(false);
     }
