@@ -237,18 +237,20 @@ impl RaftService {
                 let m = m.borrow();
                 (m.state, m.current_leader)
             };
+            // Most replicas follow a live leader: they are passed over before any lock.
+            if state != openraft::ServerState::Follower
+                || !leader.is_some_and(|l| gone.contains(&l))
+                || woken.contains(&p)
+            {
+                continue;
+            }
             let silent = self
                 .heard
                 .lock()
                 .unwrap()
                 .get(&p)
                 .is_none_or(|t| t.elapsed() >= silent_for);
-            if state == openraft::ServerState::Follower
-                && leader.is_some_and(|l| gone.contains(&l))
-                && silent
-                && !woken.contains(&p)
-                && !self.quiet.lock().unwrap().contains_key(&p)
-            {
+            if silent && !self.quiet.lock().unwrap().contains_key(&p) {
                 orphans.push(p);
                 tokio::spawn(async move {
                     let _ = raft.trigger().elect().await;
