@@ -182,40 +182,46 @@ impl RaftService {
         Ok(())
     }
 
-    /// Wakes the quiet follower replicas whose leader's node is not in `alive`, and makes
-    /// each start an election now (the node-level liveness signal stands in for the
-    /// heartbeats a quiet group does not send).
+    /// Wakes the quiet follower replicas whose leader's node is not in `alive` (the
+    /// node-level liveness signal stands in for the heartbeats a quiet group does not
+    /// send), and makes those this node is the chosen campaigner of
+    /// ([`quiesce::campaigner`]) start an election now; the others' timers run again.
+    /// Returns the partitions woken.
     pub fn wake_orphans(&self, alive: &BTreeSet<u64>) -> Vec<u16> {
-        let orphans = {
+        let orphans: Vec<(u16, u64)> = {
             let mut quiet = self.quiet.lock().unwrap();
-            let orphans = quiesce::orphaned(&quiet, alive);
-            for p in &orphans {
-                quiet.remove(p);
-            }
-            orphans
+            quiesce::orphaned(&quiet, alive)
+                .into_iter()
+                .filter_map(|p| quiet.remove(&p).map(|q| (p, q.leader)))
+                .collect()
         };
-        for p in &orphans {
+        for (p, leader) in &orphans {
             if let Some(raft) = self.rafts.read().unwrap().get(p).cloned() {
                 raft.runtime_config().tick(true);
-                tokio::spawn(async move {
-                    let _ = raft.trigger().elect().await;
-                });
+                if campaigns_here(&raft, *leader, alive) {
+                    tokio::spawn(async move {
+                        let _ = raft.trigger().elect().await;
+                    });
+                }
             }
         }
-        orphans
+        orphans.into_iter().map(|(p, _)| p).collect()
     }
 
     /// Makes every follower replica here whose leader is on a node in `gone` (seen alive,
-    /// then declared down by gossip) and that has heard nothing from it for `silent_for`
-    /// start an election now, instead of when its own timer runs out. openraft 0.9 lets a
-    /// follower campaign only a leader lease (the longest election timeout) plus an election
-    /// timeout after it last heard from its leader, and a vote request reaching a replica
-    /// within its lease is refused; so a round lost to a split vote or to a lease costs a
-    /// whole timeout more. The silence guards a live leader: one that still reaches this
-    /// replica keeps it. Quiet replicas, and those in `woken` (the quiet ones
-    /// [`RaftService::wake_orphans`] has just made elect), are left alone.
+    /// then declared down by gossip), that has heard nothing from it for `silent_for`, and
+    /// of whose group this node is the chosen campaigner ([`quiesce::campaigner`] over
+    /// `alive`) start an election now, instead of when its own timer runs out. openraft 0.9
+    /// lets a follower campaign only a leader lease (the longest election timeout) plus an
+    /// election timeout after it last heard from its leader, and a vote request reaching a
+    /// replica within its lease is refused; so a round lost to a split vote or to a lease
+    /// costs a whole timeout more. The silence guards a live leader: one that still reaches
+    /// this replica keeps it. Quiet replicas, and those in `woken` (the quiet ones
+    /// [`RaftService::wake_orphans`] has just woken), are left alone. Returns the
+    /// partitions that campaign.
     pub fn elect_without(
         &self,
+        alive: &BTreeSet<u64>,
         gone: &BTreeSet<u64>,
         silent_for: Duration,
         woken: &[u16],
@@ -238,10 +244,10 @@ impl RaftService {
                 (m.state, m.current_leader)
             };
             // Most replicas follow a live leader: they are passed over before any lock.
-            if state != openraft::ServerState::Follower
-                || !leader.is_some_and(|l| gone.contains(&l))
-                || woken.contains(&p)
-            {
+            let Some(leader) = leader.filter(|l| gone.contains(l)) else {
+                continue;
+            };
+            if state != openraft::ServerState::Follower || woken.contains(&p) {
                 continue;
             }
             let silent = self
@@ -250,7 +256,10 @@ impl RaftService {
                 .unwrap()
                 .get(&p)
                 .is_none_or(|t| t.elapsed() >= silent_for);
-            if silent && !self.quiet.lock().unwrap().contains_key(&p) {
+            if silent
+                && !self.quiet.lock().unwrap().contains_key(&p)
+                && campaigns_here(&raft, leader, alive)
+            {
                 orphans.push(p);
                 tokio::spawn(async move {
                     let _ = raft.trigger().elect().await;
@@ -287,6 +296,15 @@ fn reply<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
 
 fn request<T: DeserializeOwned>(body: &[u8]) -> Result<T, RpcError> {
     rmp_serde::from_slice(body).map_err(|e| RpcError::bad_request("consensus request", e))
+}
+
+/// Whether this replica is the one of its group to campaign at once now that `leader`'s
+/// node is gone (see [`quiesce::campaigner`]).
+fn campaigns_here(raft: &Raft<TypeConfig>, leader: u64, alive: &BTreeSet<u64>) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let voters = m.membership_config.membership().voter_ids();
+    quiesce::campaigner(voters, leader, alive, m.id) == Some(m.id)
 }
 
 /// Something reached `partition`'s replica: if it was quiet, it ticks again. Called after

@@ -218,10 +218,11 @@ async fn a_partition_survives_losing_its_leader() {
 }
 
 /// A follower whose leader's node gossip has declared gone, and that has heard nothing
-/// from the leader for a leader lease, campaigns at once (`RaftService::elect_without`).
-/// The followers' election timers are stopped here, so only that call can elect anyone. A
-/// leader that still heartbeats keeps its followers even when named gone (gossip can be
-/// wrong), and a silent leader not named gone is left to the timers.
+/// from the leader for a leader lease, campaigns at once (`RaftService::elect_without`):
+/// one survivor only, the lowest live id, so that two survivors told at the same moment do
+/// not split the vote. The followers' election timers are stopped here, so only that call
+/// can elect anyone. A leader that still heartbeats keeps its followers even when named
+/// gone (gossip can be wrong), and a silent leader not named gone is left to the timers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
     use std::collections::BTreeSet;
@@ -234,11 +235,16 @@ async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
     // The harness's longest election timeout, which is openraft's leader lease.
     let lease = Duration::from_millis(800);
     let gone = BTreeSet::from([leader]);
+    let ids: Vec<u64> = followers
+        .iter()
+        .map(|f| f.raft.metrics().borrow().id)
+        .collect();
+    let alive: BTreeSet<u64> = ids.iter().copied().collect();
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
     assert!(
         followers[0]
             .service
-            .elect_without(&gone, lease, &[])
+            .elect_without(&alive, &gone, lease, &[])
             .is_empty(),
         "a leader that heartbeats keeps its followers, whatever gossip says"
     );
@@ -249,22 +255,39 @@ async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
     assert!(
         followers[0]
             .service
-            .elect_without(&BTreeSet::new(), lease, &[])
+            .elect_without(&alive, &BTreeSet::new(), lease, &[])
             .is_empty(),
         "a leader gossip has not declared gone is left to the election timers"
     );
     assert!(
         followers[0]
             .service
-            .elect_without(&gone, lease, &[PARTITION])
+            .elect_without(&alive, &gone, lease, &[PARTITION])
             .is_empty(),
         "a partition woken as quiet is not made to campaign twice"
     );
+    // Both survivors hear of the death at the same moment: only the lowest id campaigns.
+    let (first, second) = tokio::join!(
+        async {
+            followers[0]
+                .service
+                .elect_without(&alive, &gone, lease, &[])
+        },
+        async {
+            followers[1]
+                .service
+                .elect_without(&alive, &gone, lease, &[])
+        },
+    );
     assert_eq!(
-        followers[0].service.elect_without(&gone, lease, &[]),
-        vec![PARTITION]
+        (first, second),
+        (vec![PARTITION], vec![]),
+        "replica {} campaigns, replica {} waits for its timer",
+        ids[0],
+        ids[1]
     );
     let new_leader = leader_of(&followers).await;
+    assert_eq!(new_leader, ids[0], "the chosen survivor won the election");
     println!(
         "raft: leader {leader} stopped; {new_leader} leads after {:?}, elected without timers",
         stopped.elapsed()

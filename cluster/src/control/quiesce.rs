@@ -8,8 +8,9 @@
 //!   that log: a write that raced the request makes it refuse.
 //! - Anything wakes the group: a new proposal or log entry on the leader, an AppendEntries
 //!   or a vote request reaching a follower, and the node-level liveness signal (gossip)
-//!   saying the leader's node is gone, which makes the followers elect at once. So a quiet
-//!   partition fails over as fast as gossip sees the death, with no heartbeat per group.
+//!   saying the leader's node is gone, which makes one follower ([`campaigner`]) elect at
+//!   once and the others tick again. So a quiet partition fails over as fast as gossip sees
+//!   the death, with no heartbeat per group.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -153,6 +154,25 @@ pub fn orphaned(quiet: &BTreeMap<u16, Quiesce>, alive: &BTreeSet<u64>) -> Vec<u1
         .filter(|(_, q)| !alive.contains(&q.leader))
         .map(|(p, _)| *p)
         .collect()
+}
+
+/// Which survivor of a group whose leader's node is gone campaigns at once on the liveness
+/// signal: the lowest voter id, other than the leader's, that gossip shows alive (`me`
+/// counts as alive). When every survivor campaigned on the signal, those that heard of the
+/// death within a round trip of each other each voted for themselves in the same term, the
+/// vote split, and the group waited a whole election timeout more. The other survivors keep
+/// their election timers, so a chosen replica that cannot win (dead since, or behind in its
+/// log) still leaves the group to them.
+pub fn campaigner(
+    voters: impl IntoIterator<Item = u64>,
+    leader: u64,
+    alive: &BTreeSet<u64>,
+    me: u64,
+) -> Option<u64> {
+    voters
+        .into_iter()
+        .filter(|v| *v != leader && (*v == me || alive.contains(v)))
+        .min()
 }
 
 /// Whether an AppendEntries a quiet follower has just handled leaves it quiet: a heartbeat
@@ -333,6 +353,20 @@ mod tests {
         let alive = BTreeSet::from([2, 3, 4]);
         assert_eq!(orphaned(&quiet, &alive), vec![0, 2]);
         assert!(orphaned(&quiet, &BTreeSet::from([1, 2, 3])).is_empty());
+    }
+
+    #[test]
+    fn one_survivor_campaigns_on_the_liveness_signal() {
+        let alive = BTreeSet::from([2, 3, 9]);
+        // The lowest live voter other than the gone leader.
+        assert_eq!(campaigner([1, 2, 3], 1, &alive, 3), Some(2));
+        assert_eq!(campaigner([1, 2, 3], 1, &alive, 2), Some(2));
+        // A voter gossip does not show alive is passed over; the caller counts itself.
+        assert_eq!(campaigner([1, 2, 3], 1, &BTreeSet::from([3]), 3), Some(3));
+        assert_eq!(campaigner([1, 2, 3], 1, &BTreeSet::new(), 3), Some(3));
+        // A node not among the voters is never chosen.
+        assert_eq!(campaigner([1, 4, 5], 1, &alive, 2), None);
+        assert_eq!(campaigner([1], 1, &alive, 1), None);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Quiescence's driver (the decisions are [`crate::control::quiesce`]): every
 //! [`QUIET_CHECK_PERIOD`] it samples the groups this node leads (the partitions' and the
 //! member list's) and quiets or wakes them,
-//! and whenever gossip's view of live nodes changes (and at every check) it makes the
-//! groups whose leader is gone elect at once: quiet ones, and busy ones that have heard
-//! nothing from their leader for a leader lease.
+//! and whenever gossip's view of live nodes changes (and at every check) it makes one
+//! survivor of each group whose leader is gone elect at once: of quiet groups, and of busy
+//! ones that have heard nothing from their leader for a leader lease.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -67,8 +67,9 @@ impl ClusterNode {
         });
     }
 
-    /// Makes the replicas here whose leader's node is gone elect now: the quiet ones, and
-    /// the others that have heard nothing from their leader for a leader lease. `seen`
+    /// Makes the replicas here whose leader's node is gone elect now, where this node is
+    /// the group's chosen campaigner: the quiet ones, and the others that have heard
+    /// nothing from their leader for a leader lease. `seen`
     /// gathers the nodes gossip has shown alive: only a node seen alive and now gone counts
     /// as gone (a node that starts before it has heard of the others must not depose them).
     fn wake_orphans(&self, seen: &mut BTreeSet<u64>) {
@@ -80,7 +81,7 @@ impl ClusterNode {
             .collect();
         let woken = self.raft_service.wake_orphans(&alive);
         if !woken.is_empty() {
-            tracing::info!(partitions = ?woken, "quiet partitions lost their leader's node; electing");
+            tracing::info!(partitions = ?woken, "quiet partitions lost their leader's node; waking");
         }
         seen.extend(alive.iter().copied());
         let gone: BTreeSet<u64> = seen.difference(&alive).copied().collect();
@@ -91,7 +92,9 @@ impl ClusterNode {
         else {
             return;
         };
-        let electing = self.raft_service.elect_without(&gone, lease, &woken);
+        let electing = self
+            .raft_service
+            .elect_without(&alive, &gone, lease, &woken);
         if !electing.is_empty() {
             tracing::info!(partitions = ?electing, "partitions lost their leader's node and hear nothing from it; electing");
         }
