@@ -157,6 +157,9 @@ pub struct RaftService {
     /// When each partition's replica here last received an AppendEntries (its leader's
     /// heartbeats and entries).
     heard: Mutex<HashMap<u16, Instant>>,
+    /// The term each partition's replica here was in when this node last made it campaign
+    /// (see [`RaftService::campaign`]).
+    campaigned: Mutex<HashMap<u16, u64>>,
 }
 
 impl RaftService {
@@ -168,6 +171,7 @@ impl RaftService {
     pub fn remove(&self, partition: u16) -> Option<Raft<TypeConfig>> {
         self.quiet.lock().unwrap().remove(&partition);
         self.heard.lock().unwrap().remove(&partition);
+        self.campaigned.lock().unwrap().remove(&partition);
         self.rafts.write().unwrap().remove(&partition)
     }
 
@@ -199,9 +203,7 @@ impl RaftService {
             if let Some(raft) = self.rafts.read().unwrap().get(p).cloned() {
                 raft.runtime_config().tick(true);
                 if campaigns_here(&raft, *leader, alive) {
-                    tokio::spawn(async move {
-                        let _ = raft.trigger().elect().await;
-                    });
+                    self.campaign(*p, raft);
                 }
             }
         }
@@ -238,16 +240,19 @@ impl RaftService {
             .collect();
         let mut orphans = Vec::new();
         for (p, raft) in rafts {
-            let (state, leader) = {
+            let (state, leader, term) = {
                 let m = raft.metrics();
                 let m = m.borrow();
-                (m.state, m.current_leader)
+                (m.state, m.current_leader, m.current_term)
             };
             // Most replicas follow a live leader: they are passed over before any lock.
             let Some(leader) = leader.filter(|l| gone.contains(l)) else {
                 continue;
             };
-            if state != openraft::ServerState::Follower || woken.contains(&p) {
+            if state != openraft::ServerState::Follower
+                || woken.contains(&p)
+                || self.campaigned.lock().unwrap().get(&p) == Some(&term)
+            {
                 continue;
             }
             let silent = self
@@ -261,12 +266,23 @@ impl RaftService {
                 && campaigns_here(&raft, leader, alive)
             {
                 orphans.push(p);
-                tokio::spawn(async move {
-                    let _ = raft.trigger().elect().await;
-                });
+                self.campaign(p, raft);
             }
         }
         orphans
+    }
+
+    /// Makes `partition`'s replica here start an election, once per term: until the
+    /// election has begun (openraft takes the request in its own time) the replica still
+    /// looks like a follower of its gone leader, and the driver's next pass (a moment later,
+    /// when gossip's view changes twice) started another. The second election, in the next
+    /// term, threw away the votes of the first, which was about to win.
+    fn campaign(&self, partition: u16, raft: Raft<TypeConfig>) {
+        let term = raft.metrics().borrow().current_term;
+        self.campaigned.lock().unwrap().insert(partition, term);
+        tokio::spawn(async move {
+            let _ = raft.trigger().elect().await;
+        });
     }
 
     /// Makes `partition`'s replica here tick again if it was quiet (it is about to campaign).

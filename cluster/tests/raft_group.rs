@@ -297,6 +297,51 @@ async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
     converged(&followers, 8).await;
 }
 
+/// A replica made to campaign on the liveness signal is not made to campaign again before
+/// its election has begun: the driver runs twice in a moment when gossip's view changes
+/// twice, and a second election in the next term would throw away the first one's votes.
+/// On one thread, nothing runs between the two calls, so the first election has not begun.
+#[tokio::test(flavor = "current_thread")]
+async fn a_survivor_campaigns_once_per_term_on_the_liveness_signal() {
+    use std::collections::BTreeSet;
+
+    let nodes = three_replicas().await;
+    let (leader, old, followers) = written_then_split(&nodes, 3).await;
+    for f in &followers {
+        f.raft.runtime_config().tick(false);
+    }
+    let term = followers[0].raft.metrics().borrow().current_term;
+    let lease = Duration::from_millis(800);
+    old[0].raft.shutdown().await.unwrap();
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let gone = BTreeSet::from([leader]);
+    let alive: BTreeSet<u64> = followers
+        .iter()
+        .map(|f| f.raft.metrics().borrow().id)
+        .collect();
+    let service = &followers[0].service;
+    assert_eq!(
+        service.elect_without(&alive, &gone, lease, &[]),
+        vec![PARTITION]
+    );
+    assert!(
+        service.elect_without(&alive, &gone, lease, &[]).is_empty(),
+        "a replica whose election has not begun is not made to start another"
+    );
+    let new_leader = leader_of(&followers).await;
+    let elected = followers
+        .iter()
+        .find(|f| f.raft.metrics().borrow().id == new_leader)
+        .unwrap();
+    assert_eq!(
+        elected.raft.metrics().borrow().current_term,
+        term + 1,
+        "one election, in the next term"
+    );
+    write(&followers, 4..=5).await;
+    converged(&followers, 5).await;
+}
+
 /// A replica added after the log it needs was purged gets the partition as a snapshot
 /// file, sent over the peer transport in many chunks, and installs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
