@@ -218,15 +218,14 @@ impl RaftService {
     /// election timeout after it last heard from its leader, and a vote request reaching a
     /// replica within its lease is refused; so a round lost to a split vote or to a lease
     /// costs a whole timeout more. The silence guards a live leader: one that still reaches
-    /// this replica keeps it. Quiet replicas, and those in `woken` (the quiet ones
-    /// [`RaftService::wake_orphans`] has just woken), are left alone. Returns the
-    /// partitions that campaign.
+    /// this replica keeps it. Quiet replicas are left to [`RaftService::wake_orphans`], and
+    /// a replica already made to campaign in its current term (by either call) is not made
+    /// to again. Returns the partitions that campaign.
     pub fn elect_without(
         &self,
         alive: &BTreeSet<u64>,
         gone: &BTreeSet<u64>,
         silent_for: Duration,
-        woken: &[u16],
     ) -> Vec<u16> {
         if gone.is_empty() {
             return Vec::new();
@@ -250,7 +249,6 @@ impl RaftService {
                 continue;
             };
             if state != openraft::ServerState::Follower
-                || woken.contains(&p)
                 || self.campaigned.lock().unwrap().get(&p) == Some(&term)
             {
                 continue;

@@ -92,9 +92,7 @@ impl ClusterNode {
         else {
             return;
         };
-        let electing = self
-            .raft_service
-            .elect_without(&alive, &gone, lease, &woken);
+        let electing = self.raft_service.elect_without(&alive, &gone, lease);
         if !electing.is_empty() {
             tracing::info!(partitions = ?electing, "partitions lost their leader's node and hear nothing from it; electing");
         }
