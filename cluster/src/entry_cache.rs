@@ -143,17 +143,28 @@ mod tests {
         for i in 5..10 {
             c.append(entry(i, 1), 10);
         }
-        assert_eq!(indexes(c.get(4, 10, usize::MAX)), None, "before its first entry");
+        assert_eq!(
+            indexes(c.get(4, 10, usize::MAX)),
+            None,
+            "before its first entry"
+        );
         assert_eq!(
             indexes(c.get(7, 100, usize::MAX)),
             Some(vec![(7, 1), (8, 1), (9, 1)]),
             "up to the log's end"
         );
         assert_eq!(indexes(c.get(6, 8, usize::MAX)), Some(vec![(6, 1), (7, 1)]));
-        assert_eq!(indexes(c.get(10, 20, usize::MAX)), Some(vec![]), "past the end: none");
+        assert_eq!(
+            indexes(c.get(10, 20, usize::MAX)),
+            Some(vec![]),
+            "past the end: none"
+        );
         assert_eq!(indexes(c.get(11, 20, usize::MAX)), None);
         // The byte bound as the store applies it: stop once reached, at least one entry.
-        assert_eq!(indexes(c.get(5, 10, 25)), Some(vec![(5, 1), (6, 1), (7, 1)]));
+        assert_eq!(
+            indexes(c.get(5, 10, 25)),
+            Some(vec![(5, 1), (6, 1), (7, 1)])
+        );
         assert_eq!(indexes(c.get(5, 10, 1)), Some(vec![(5, 1)]));
     }
 
@@ -167,7 +178,10 @@ mod tests {
         assert_eq!(indexes(c.get(4, 10, usize::MAX)), Some(vec![(4, 1)]));
         // A new leader's entries replace the old ones from their index on.
         c.append(entry(3, 2), 10);
-        assert_eq!(indexes(c.get(2, 10, usize::MAX)), Some(vec![(2, 1), (3, 2)]));
+        assert_eq!(
+            indexes(c.get(2, 10, usize::MAX)),
+            Some(vec![(2, 1), (3, 2)])
+        );
         c.purge(2);
         assert_eq!(indexes(c.get(2, 10, usize::MAX)), None);
         assert_eq!(indexes(c.get(3, 10, usize::MAX)), Some(vec![(3, 2)]));
@@ -186,7 +200,11 @@ mod tests {
             c.append(entry(i, 1), each);
         }
         assert_eq!(c.bytes, ENTRY_CACHE_BYTES_MAX);
-        assert_eq!(indexes(c.get(6, 11, usize::MAX)), None, "older ones gave way");
+        assert_eq!(
+            indexes(c.get(6, 11, usize::MAX)),
+            None,
+            "older ones gave way"
+        );
         assert_eq!(indexes(c.get(7, 11, usize::MAX)).map(|v| v.len()), Some(4));
         // One entry larger than the bound is read from storage, and nothing stays behind it.
         c.append(entry(11, 1), ENTRY_CACHE_BYTES_MAX + 1);

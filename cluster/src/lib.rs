@@ -20,6 +20,8 @@
 //!   wire) and [`ClusterError`].
 //! - [`raft_store`]: one partition's consensus log and state machine (openraft) in the
 //!   node's RocksDB, checked by openraft's own storage test suite.
+//! - [`entry_cache`]: the newest entries of a partition's log, kept decoded so replication
+//!   and apply do not read back what was just appended.
 //! - [`raft_net`]: openraft's network over the peer transport, and the service that hands
 //!   peers' consensus RPCs to each partition's `Raft`.
 //! - [`raft_log`]: the replicated `PartitionLog`: proposals batched into entries (by ops
@@ -33,6 +35,7 @@
 //!   control loops and carries the decisions out.
 
 pub mod control;
+pub mod entry_cache;
 pub mod error;
 pub mod grid;
 pub mod identity;

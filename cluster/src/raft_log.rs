@@ -291,7 +291,7 @@ async fn propose_batches(
         coalesce_cursors(&mut ops);
         metrics::histogram!("warbler_raft_entry_ops").record(ops.len() as f64);
         let answer = raft
-            .client_write_ff(Batch { ops })
+            .client_write_ff(Batch { ops: ops.into() })
             .await
             .map_err(|e| not_writable(partition, e));
         if completions.send((answer, dones, bytes, permit)).is_err() {

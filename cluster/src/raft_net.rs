@@ -425,7 +425,7 @@ pub async fn start_group(
         resolve,
     };
     let log = crate::raft_store::LogStore::new(store.clone(), partition);
-    let state_machine = crate::raft_store::StateMachine::new(store.clone(), partition);
+    let state_machine = crate::raft_store::StateMachine::of(&log);
     let raft = Raft::new(id, config, network, log, state_machine).await?;
     service.insert(partition, raft.clone());
     Ok(raft)

@@ -36,10 +36,13 @@ use serde::{Deserialize, Serialize};
 use warbler_storage::snapshot::{self, Which};
 use warbler_storage::{Op, PartitionId, Store};
 
-/// One log entry's worth of state changes.
+use crate::entry_cache::EntryCache;
+
+/// One log entry's worth of state changes. Shared, not copied, when an entry is cloned out
+/// of the [`EntryCache`] (to replicate it to each follower and to apply it).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
-    pub ops: Vec<Op>,
+    pub ops: Arc<[Op]>,
 }
 
 /// What applying a batch returns to the proposer.
@@ -105,16 +108,30 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     rmp_serde::from_slice(bytes).map_err(io_err)
 }
 
-/// The log of one partition.
+/// The log of one partition. Its clones (the readers openraft replicates and applies with,
+/// and the group's [`StateMachine`]) share one [`EntryCache`] and the committed id.
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
     partition: PartitionId,
+    cache: Arc<Mutex<EntryCache>>,
+    /// The last committed id openraft reported: written with the next apply, which follows
+    /// every commit, instead of in a write of its own.
+    committed: Arc<Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl LogStore {
     pub fn new(store: Store, partition: PartitionId) -> Self {
-        Self { store, partition }
+        Self {
+            store,
+            partition,
+            cache: Arc::default(),
+            committed: Arc::default(),
+        }
+    }
+
+    fn committed(&self) -> Option<LogId<NodeId>> {
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, Error> {
@@ -171,18 +188,28 @@ impl RaftLogReader<TypeConfig> for LogStore {
 }
 
 impl LogStore {
-    /// Entries `start..end`, decoded, stopping once they reach `bytes_max` bytes.
+    /// Entries `start..end`, decoded, stopping once they reach `bytes_max` bytes: from the
+    /// cache when it holds `start`, else from RocksDB.
     fn entries(
         &self,
         start: u64,
         end: u64,
         bytes_max: usize,
     ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        if let Some(hit) = self.cache().get(start, end, bytes_max) {
+            metrics::counter!("warbler_raft_entry_reads_total", "from" => "cache").increment(1);
+            return Ok(hit);
+        }
+        metrics::counter!("warbler_raft_entry_reads_total", "from" => "storage").increment(1);
         let rows = self
             .store
             .raft_log_range_bytes(self.partition, start, end, bytes_max)
             .map_err(io_err)?;
         rows.iter().map(|(_, b)| decode(b)).collect()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -215,13 +242,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta(META_VOTE)
     }
 
-    /// Written (unsynced) on every commit: a restarted replica applies up to it at once, and
-    /// state rebuilt from the log at start (the member list) needs that.
+    /// Kept for the apply that follows every commit, which writes it (unsynced) with the
+    /// applied id: a restarted replica applies up to it at once, and state rebuilt from the
+    /// log at start (the member list) needs that. What reaches the disk is never behind the
+    /// applied id, and never ahead of what was committed.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
-        self.put_meta(META_COMMITTED, &committed)
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
+        if let Some(committed) = self.committed() {
+            return Ok(Some(committed));
+        }
         Ok(self
             .meta::<Option<LogId<NodeId>>>(META_COMMITTED)?
             .flatten())
@@ -232,15 +265,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let rows: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (e.log_id.index, encode(&e)))
+            .iter()
+            .map(|e| (e.log_id.index, encode(e)))
             .collect();
         // Written now, readable at once, durable after the node's next sync: one fsync
-        // completes the appends of every group waiting on it.
+        // completes the appends of every group waiting on it. The cache is held meanwhile,
+        // so a reader sees the log and the cache change together.
+        let mut cache = self.cache();
         self.store
             .raft_log_put(self.partition, &rows, false)
             .map_err(io_err)?;
+        for (entry, (_, bytes)) in entries.into_iter().zip(&rows) {
+            cache.append(entry, bytes.len());
+        }
+        drop(cache);
         self.store.after_sync(Box::new(move |r| {
             callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())));
         }));
@@ -250,6 +290,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
         // No sync: the append that follows a truncation waits for one, and the log replays
         // in write order, so the truncation is durable before anything appended after it.
+        let mut cache = self.cache();
+        cache.truncate(log_id.index);
         self.store
             .raft_log_delete(self.partition, log_id.index, u64::MAX, false)
             .map_err(io_err)
@@ -261,6 +303,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Entries up to the purge point are applied; the sync makes those applies (written
         // without one) durable before the entries that could replay them are gone.
         self.synced().await?;
+        let mut cache = self.cache();
+        cache.purge(log_id.index);
         self.store
             .raft_log_delete(self.partition, 0, log_id.index + 1, false)
             .map_err(io_err)
@@ -328,8 +372,14 @@ impl StateMachine {
     }
 
     pub fn new(store: Store, partition: PartitionId) -> Self {
+        Self::of(&LogStore::new(store, partition))
+    }
+
+    /// The state machine of `log`'s partition, sharing its committed id (so an apply
+    /// writes it).
+    pub fn of(log: &LogStore) -> Self {
         Self {
-            log: LogStore::new(store, partition),
+            log: log.clone(),
             receiving: Arc::default(),
             recording: Arc::default(),
         }
@@ -527,7 +577,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut membership = None;
         let mut out = Vec::new();
         let mut heads = HashMap::new();
-        let mut ops_all: Vec<Op> = Vec::new();
+        // Each entry's ops, shared with the entry (and the cache): staged by reference.
+        let mut ops_all: Vec<Arc<[Op]>> = Vec::new();
         let mut last = None;
         for entry in entries {
             last = Some(entry.log_id);
@@ -535,9 +586,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(batch) => batch.ops,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    Vec::new()
+                    Arc::default()
                 }
-                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Blank => Arc::default(),
             };
             let refused = self.check_contiguous(&ops, &mut heads)?;
             out.push(Applied {
@@ -546,12 +597,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             });
             if refused.is_none() {
                 let restores = ops.iter().any(|op| matches!(op, Op::Restore { .. }));
-                ops_all.extend(ops);
+                ops_all.push(ops);
                 if restores {
                     // A restore writes heads: what follows is checked against them. (After
                     // a crash here the log replays from the last applied id: restoring the
                     // same rows again changes nothing.)
-                    self.log.store.apply(&ops_all, false).map_err(io_err)?;
+                    self.log
+                        .store
+                        .apply(ops_all.iter().flat_map(|o| o.iter()), false)
+                        .map_err(io_err)?;
                     ops_all.clear();
                     heads.clear();
                 }
@@ -559,12 +613,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if let Some(last) = last {
             let mut meta = vec![(META_APPLIED, encode(&Some(last)))];
+            if let Some(committed) = self.log.committed() {
+                meta.push((META_COMMITTED, encode(&Some(committed))));
+            }
             if let Some(membership) = membership {
                 meta.push((META_MEMBERSHIP, encode(&membership)));
             }
             self.log
                 .store
-                .apply_with_meta(self.log.partition, &ops_all, &meta, false)
+                .apply_with_meta(
+                    self.log.partition,
+                    ops_all.iter().flat_map(|o| o.iter()),
+                    &meta,
+                    false,
+                )
                 .map_err(io_err)?;
         }
         Ok(out)

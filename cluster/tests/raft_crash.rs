@@ -168,7 +168,12 @@ async fn writer(rafts: Arc<Vec<Raft<TypeConfig>>>, run: u64, w: u64) {
                 continue;
             };
             let id = leader.metrics().borrow().id;
-            match leader.client_write(Batch { ops: vec![op(key)] }).await {
+            match leader
+                .client_write(Batch {
+                    ops: vec![op(key)].into(),
+                })
+                .await
+            {
                 Ok(r) => {
                     say(format!(
                         "ACK {key} {id} {} {}",

@@ -102,7 +102,8 @@ fn batch(seq: u64) -> Batch {
             user: "ann".into(),
             seq,
             msg,
-        }],
+        }]
+        .into(),
     }
 }
 
@@ -511,7 +512,7 @@ mod proposer {
     }
 
     fn append(seq: u64) -> Op {
-        batch(seq).ops.pop().unwrap()
+        batch(seq).ops[0].clone()
     }
 
     fn cursor(acked: u64) -> Op {

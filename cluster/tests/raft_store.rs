@@ -17,11 +17,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        Ok((
-            dir,
-            LogStore::new(store.clone(), 3),
-            StateMachine::new(store, 3),
-        ))
+        let log = LogStore::new(store, 3);
+        let sm = StateMachine::of(&log);
+        Ok((dir, log, sm))
     }
 }
 
@@ -48,7 +46,7 @@ fn append(seq: u64) -> Op {
 fn entry(index: u64, ops: Vec<Op>) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-        payload: EntryPayload::Normal(Batch { ops }),
+        payload: EntryPayload::Normal(Batch { ops: ops.into() }),
     }
 }
 
@@ -93,6 +91,23 @@ async fn applied_batches_reach_the_mailboxes_and_snapshots_move_a_partition() {
     // The log store of another partition on the same database is independent.
     let mut other = LogStore::new(a, 4);
     assert_eq!(other.get_log_state().await.unwrap().last_log_id, None);
+}
+
+#[tokio::test]
+async fn the_committed_id_reaches_the_disk_with_the_apply_that_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut log = LogStore::new(store.clone(), 3);
+    let mut sm = StateMachine::of(&log);
+    let id = |index| LogId::new(CommittedLeaderId::new(1, 0), index);
+    log.save_committed(Some(id(2))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(id(2)));
+    sm.apply(vec![entry(1, vec![append(1)]), entry(2, vec![append(2)])])
+        .await
+        .unwrap();
+    // A log store opened now (as after a restart) reads what the apply wrote.
+    let mut restarted = LogStore::new(store, 3);
+    assert_eq!(restarted.read_committed().await.unwrap(), Some(id(2)));
 }
 
 /// `count` entries from index `first`, each with `per` appends of `body` bytes for user
