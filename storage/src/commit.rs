@@ -215,14 +215,12 @@ fn write_batch(
 ) -> Result<(), StorageError> {
     let started = Instant::now();
     let mut batch = WriteBatch::default();
-    for (i, req) in pending.iter().enumerate() {
-        if refused.iter().any(|(j, _)| *j == i) {
-            continue;
-        }
-        for op in &req.ops {
-            store.stage(&mut batch, op);
-        }
-    }
+    let admitted = pending
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !refused.iter().any(|(j, _)| j == i))
+        .flat_map(|(_, req)| req.ops.iter());
+    store.stage_all(&mut batch, admitted);
     let r = store.write(batch, sync);
     metrics::counter!("warbler_fsync_batches_total").increment(1);
     metrics::histogram!("warbler_fsync_batch_records").record(records as f64);

@@ -1,5 +1,6 @@
 //! [`Store`]: the RocksDB database of one node.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -188,50 +189,76 @@ impl Store {
             .expect("column families are created at open")
     }
 
-    /// Adds `ops` to `batch` (the committer writes the batch).
-    pub fn stage(&self, batch: &mut WriteBatch, op: &Op) {
-        match op {
-            Op::Append {
-                partition,
-                user,
-                seq,
-                msg,
-            } => {
-                let value =
-                    rmp_serde::to_vec_named(msg).expect("message serialization is infallible");
-                batch.put_cf(self.cf(CF_MSGS), msg_key(*partition, user, *seq), value);
-                let mut dedup = Vec::with_capacity(16);
-                dedup.extend_from_slice(&seq.to_be_bytes());
-                dedup.extend_from_slice(&msg.ts.to_be_bytes());
-                batch.put_cf(
-                    self.cf(CF_DEDUP),
-                    suffixed_key(*partition, user, &msg.id),
-                    dedup,
-                );
-                batch.put_cf(
-                    self.cf(CF_HEADS),
-                    user_prefix(*partition, user),
-                    seq.to_be_bytes(),
-                );
-            }
-            Op::Cursor {
-                partition,
-                user,
-                device,
-                acked,
-            } => {
-                batch.put_cf(
-                    self.cf(CF_CURSORS),
-                    suffixed_key(*partition, user, device),
-                    acked.to_be_bytes(),
-                );
-            }
-            Op::Restore { partition, rows } => {
-                // Checked before they were proposed; a row outside the partition is skipped.
-                for r in rows.iter().filter(|r| row_belongs(*partition, r)) {
-                    batch.put_cf(self.cf(&r.cf), &r.key, &r.value);
+    /// Adds `ops` to `batch` (the committer writes the batch). A user's head is written once,
+    /// with its last value, however many of the user's appends the batch holds: one row fewer
+    /// per repeated user in the memtable's skip list. A restore writes heads of its own, so
+    /// the heads staged before it are written before its rows (the later write wins, as if
+    /// each op were written on its own).
+    pub fn stage_all<'a>(&self, batch: &mut WriteBatch, ops: impl IntoIterator<Item = &'a Op>) {
+        let mut heads: HashMap<(PartitionId, &'a str), u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Append {
+                    partition,
+                    user,
+                    seq,
+                    msg,
+                } => {
+                    self.stage_message(batch, *partition, user, *seq, msg);
+                    heads.insert((*partition, user.as_str()), *seq);
+                }
+                Op::Cursor {
+                    partition,
+                    user,
+                    device,
+                    acked,
+                } => {
+                    batch.put_cf(
+                        self.cf(CF_CURSORS),
+                        suffixed_key(*partition, user, device),
+                        acked.to_be_bytes(),
+                    );
+                }
+                Op::Restore { partition, rows } => {
+                    self.stage_heads(batch, &mut heads);
+                    // Checked before they were proposed; a row outside the partition is skipped.
+                    for r in rows.iter().filter(|r| row_belongs(*partition, r)) {
+                        batch.put_cf(self.cf(&r.cf), &r.key, &r.value);
+                    }
                 }
             }
+        }
+        self.stage_heads(batch, &mut heads);
+    }
+
+    /// An append's message and dedup record (its head is staged by [`Store::stage_all`]).
+    fn stage_message(
+        &self,
+        batch: &mut WriteBatch,
+        partition: PartitionId,
+        user: &str,
+        seq: u64,
+        msg: &StoredMessage,
+    ) {
+        let value = rmp_serde::to_vec_named(msg).expect("message serialization is infallible");
+        batch.put_cf(self.cf(CF_MSGS), msg_key(partition, user, seq), value);
+        let mut dedup = Vec::with_capacity(16);
+        dedup.extend_from_slice(&seq.to_be_bytes());
+        dedup.extend_from_slice(&msg.ts.to_be_bytes());
+        batch.put_cf(
+            self.cf(CF_DEDUP),
+            suffixed_key(partition, user, &msg.id),
+            dedup,
+        );
+    }
+
+    fn stage_heads(&self, batch: &mut WriteBatch, heads: &mut HashMap<(PartitionId, &str), u64>) {
+        for ((partition, user), seq) in heads.drain() {
+            batch.put_cf(
+                self.cf(CF_HEADS),
+                user_prefix(partition, user),
+                seq.to_be_bytes(),
+            );
         }
     }
 
@@ -324,9 +351,7 @@ impl Store {
         sync: bool,
     ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        for op in ops {
-            self.stage(&mut batch, op);
-        }
+        self.stage_all(&mut batch, ops);
         self.write(batch, sync)
     }
 
@@ -807,9 +832,7 @@ impl Store {
         sync: bool,
     ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        for op in ops {
-            self.stage(&mut batch, op);
-        }
+        self.stage_all(&mut batch, ops);
         for (key, value) in meta {
             batch.put_cf(self.cf(CF_RAFT_META), raft_meta_key(partition, key), value);
         }
@@ -1057,6 +1080,67 @@ mod tests {
                 "column family {name} inserts without a hint"
             );
         }
+    }
+
+    #[test]
+    fn a_batch_writes_each_users_head_once_and_a_restore_keeps_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let heads_written = |s: &Store| {
+            s.db.property_int_value_cf(s.cf(CF_HEADS), "rocksdb.num-entries-active-mem-table")
+                .unwrap()
+                .unwrap()
+        };
+        // 20 appends of two users in one batch: two head rows, each the user's last seq.
+        append(&store, "al", 1..=10, 1);
+        let ops: Vec<Op> = (1..=10)
+            .flat_map(|seq| {
+                ["bo", "cy"].map(|user| Op::Append {
+                    partition: 3,
+                    user: user.into(),
+                    seq,
+                    msg: msg(&format!("{user}-{seq}"), seq),
+                })
+            })
+            .collect();
+        let before = heads_written(&store);
+        store.apply(&ops, false).unwrap();
+        assert_eq!(heads_written(&store) - before, 2);
+        assert_eq!(store.last_seq(3, "al").unwrap(), 10);
+        assert_eq!(store.last_seq(3, "bo").unwrap(), 10);
+        assert_eq!(store.last_seq(3, "cy").unwrap(), 10);
+        assert_eq!(store.read_range(3, "bo", 0, 100).unwrap().len(), 10);
+        // A restore between appends: each write lands in op order, as if written alone.
+        let head_row = |user: &str, seq: u64| Row {
+            cf: CF_HEADS.into(),
+            key: ByteBuf::from(user_prefix(3, user)),
+            value: ByteBuf::from(seq.to_be_bytes().to_vec()),
+        };
+        let append_one = |user: &str, seq: u64| Op::Append {
+            partition: 3,
+            user: user.into(),
+            seq,
+            msg: msg(&format!("{user}-{seq}"), seq),
+        };
+        store
+            .apply(
+                &[
+                    append_one("bo", 11),
+                    Op::Restore {
+                        partition: 3,
+                        rows: vec![head_row("bo", 40), head_row("cy", 40)],
+                    },
+                    append_one("cy", 41),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            store.last_seq(3, "bo").unwrap(),
+            40,
+            "the restore came last"
+        );
+        assert_eq!(store.last_seq(3, "cy").unwrap(), 41, "the append came last");
     }
 
     #[test]
