@@ -311,10 +311,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Most user heads one partition's state machine keeps for the contiguity check (a few
+/// hundred KiB); past it the map starts again empty.
+const HEADS_CACHED_MAX: usize = 4096;
+
 /// The state machine of one partition.
 #[derive(Clone)]
 pub struct StateMachine {
     log: LogStore,
+    /// Users' heads as the applies wrote them, so the contiguity check of the next entries
+    /// reads no RocksDB. Only an apply moves a head (forward); a restore and a snapshot
+    /// install write heads of their own, and clear it.
+    heads: Arc<Mutex<HashMap<String, u64>>>,
     /// The file the snapshot being received goes to (one stream at a time per group).
     receiving: Arc<Mutex<Option<PathBuf>>>,
     /// Held while a snapshot is recorded as current, so an older one never replaces it.
@@ -339,18 +347,25 @@ async fn blocking<T: Send + 'static>(
 
 impl StateMachine {
     /// Every append must follow its user's head (the mailbox's no-gap, no-reuse rule). The
-    /// check reads the replicated state, so every replica reaches the same verdict.
+    /// check reads the replicated state, so every replica reaches the same verdict: `heads`
+    /// holds what this call's earlier entries advanced, `cached` what earlier calls wrote,
+    /// and a user in neither is read from RocksDB.
     fn check_contiguous(
         &self,
         ops: &[Op],
         heads: &mut HashMap<String, u64>,
+        cached: &HashMap<String, u64>,
     ) -> Result<Option<String>, Error> {
         let mut next: HashMap<&str, u64> = HashMap::new();
         for op in ops {
             let Op::Append { user, seq, .. } = op else {
                 continue;
             };
-            let head = match next.get(user.as_str()).or(heads.get(user)) {
+            let head = match next
+                .get(user.as_str())
+                .or_else(|| heads.get(user))
+                .or_else(|| cached.get(user))
+            {
                 Some(h) => *h,
                 None => self
                     .log
@@ -380,6 +395,7 @@ impl StateMachine {
     pub fn of(log: &LogStore) -> Self {
         Self {
             log: log.clone(),
+            heads: Arc::default(),
             receiving: Arc::default(),
             recording: Arc::default(),
         }
@@ -387,6 +403,10 @@ impl StateMachine {
 
     fn store(&self) -> &Store {
         &self.log.store
+    }
+
+    fn cached_heads(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.heads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn partition(&self) -> PartitionId {
@@ -564,6 +584,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Called when the group starts: an install cut short by a stop is finished first.
         let sm = self.clone();
         blocking(move || sm.finish_install()).await?;
+        self.cached_heads().clear();
         self.applied()
     }
 
@@ -577,6 +598,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut membership = None;
         let mut out = Vec::new();
         let mut heads = HashMap::new();
+        let mut cached = self.cached_heads();
         // Each entry's ops, shared with the entry (and the cache): staged by reference.
         let mut ops_all: Vec<Arc<[Op]>> = Vec::new();
         let mut last = None;
@@ -590,7 +612,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Blank => Arc::default(),
             };
-            let refused = self.check_contiguous(&ops, &mut heads)?;
+            let refused = self.check_contiguous(&ops, &mut heads, &cached)?;
             out.push(Applied {
                 ops: if refused.is_some() { 0 } else { ops.len() },
                 refused: refused.clone(),
@@ -608,6 +630,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         .map_err(io_err)?;
                     ops_all.clear();
                     heads.clear();
+                    cached.clear();
                 }
             }
         }
@@ -629,6 +652,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 )
                 .map_err(io_err)?;
         }
+        // Written: what this call advanced is the state now.
+        if cached.len() + heads.len() > HEADS_CACHED_MAX {
+            cached.clear();
+        }
+        cached.extend(heads);
         Ok(out)
     }
 
@@ -663,7 +691,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .take();
         let sm = self.clone();
         let meta = meta.clone();
-        blocking(move || sm.install_received(meta, received, file)).await
+        let installed = blocking(move || sm.install_received(meta, received, file)).await;
+        // The install wrote the snapshot's heads (also when it failed half way).
+        self.cached_heads().clear();
+        installed
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {

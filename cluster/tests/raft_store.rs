@@ -2,12 +2,14 @@
 //! cannot build: entries carrying Warbler ops, and snapshots moving a partition between
 //! nodes.
 
-use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError};
+use openraft::{
+    CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, StorageError,
+};
 use serde_bytes::ByteBuf;
 use warbler_cluster::raft_store::{Batch, LogStore, StateMachine, TypeConfig};
-use warbler_storage::{Op, Store, StoredMessage};
+use warbler_storage::{Op, Row, Store, StoredMessage};
 
 struct Builder;
 
@@ -108,6 +110,82 @@ async fn the_committed_id_reaches_the_disk_with_the_apply_that_follows_it() {
     // A log store opened now (as after a restart) reads what the apply wrote.
     let mut restarted = LogStore::new(store, 3);
     assert_eq!(restarted.read_committed().await.unwrap(), Some(id(2)));
+}
+
+/// The newest entries are served from memory: with their rows gone from RocksDB behind the
+/// log store's back, the store still reads them; a truncated tail is gone from both.
+#[tokio::test]
+async fn replication_and_apply_read_the_newest_entries_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut log = LogStore::new(store.clone(), 3);
+    let entries: Vec<_> = (1..=5).map(|i| entry(i, vec![append(i)])).collect();
+    log.blocking_append(entries.clone()).await.unwrap();
+    store.raft_log_delete(3, 0, u64::MAX, false).unwrap();
+    let mut cold = LogStore::new(store.clone(), 3);
+    assert!(
+        cold.try_get_log_entries(1..=5).await.unwrap().is_empty(),
+        "the rows are gone from RocksDB"
+    );
+    let mut reader = log.get_log_reader().await;
+    assert_eq!(reader.try_get_log_entries(1..=5).await.unwrap(), entries);
+    assert_eq!(
+        reader.try_get_log_entries(2..4).await.unwrap(),
+        entries[1..3]
+    );
+    log.truncate(entries[2].log_id).await.unwrap();
+    assert!(reader.try_get_log_entries(3..=5).await.unwrap().is_empty());
+    assert_eq!(
+        reader.try_get_log_entries(1..3).await.unwrap(),
+        entries[..2]
+    );
+}
+
+/// The contiguity check reads the heads the state machine applied from memory, and forgets
+/// them when a restore or a snapshot install writes heads of its own.
+#[tokio::test]
+async fn applied_heads_decide_the_next_check_until_a_restore_or_an_install_replaces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open(&dir.path().join("a")).unwrap();
+    let mut sm = StateMachine::new(a.clone(), 3);
+    let refusals = |out: Vec<warbler_cluster::raft_store::Applied>| {
+        out.iter().filter(|r| r.refused.is_some()).count()
+    };
+    let out = sm.apply(vec![entry(1, vec![append(1), append(2)])]).await;
+    assert_eq!(refusals(out.unwrap()), 0);
+    // The rows are gone behind the state machine's back: the head it applied still decides.
+    a.drop_partition(3).unwrap();
+    let out = sm.apply(vec![entry(2, vec![append(3)])]).await.unwrap();
+    assert_eq!(refusals(out), 0, "checked against the applied head, 2");
+
+    // A restore sets ann's head to 10: the next append follows it, in this call or the next.
+    let head_row = |seq: u64| Row {
+        cf: "heads".into(),
+        key: ByteBuf::from(warbler_storage::keys::user_prefix(3, "ann")),
+        value: ByteBuf::from(seq.to_be_bytes().to_vec()),
+    };
+    let restore = Op::Restore {
+        partition: 3,
+        rows: vec![head_row(10)],
+    };
+    let out = sm.apply(vec![entry(3, vec![restore])]).await.unwrap();
+    assert_eq!(refusals(out), 0);
+    let out = sm.apply(vec![entry(4, vec![append(4)])]).await.unwrap();
+    assert_eq!(refusals(out), 1, "seq 4 after the restored head 10");
+    let out = sm.apply(vec![entry(5, vec![append(11)])]).await.unwrap();
+    assert_eq!(refusals(out), 0);
+
+    // A snapshot whose head of ann is 1 replaces the state: seq 2 follows it again.
+    let b = Store::open(&dir.path().join("b")).unwrap();
+    let mut other = StateMachine::new(b, 3);
+    other.apply(vec![entry(6, vec![append(1)])]).await.unwrap();
+    let mut snapshot = build(&mut other).await;
+    let mut to = sm.begin_receiving_snapshot().await.unwrap();
+    stream(&mut snapshot.snapshot, &mut to, 1 << 20).await;
+    sm.install_snapshot(&snapshot.meta, to).await.unwrap();
+    let out = sm.apply(vec![entry(7, vec![append(2)])]).await.unwrap();
+    assert_eq!(refusals(out), 0, "seq 2 after the installed head 1");
+    assert_eq!(a.last_seq(3, "ann").unwrap(), 2);
 }
 
 /// `count` entries from index `first`, each with `per` appends of `body` bytes for user
