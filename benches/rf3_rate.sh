@@ -36,9 +36,9 @@ load() { # load PREFIX RATE [extra env]: one warbler-load run; its stderr goes t
         --duration-secs "$DURATION" --rate "$2" --window 1024 --user-prefix "$1" \
         2> "$work/slow.txt" | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
 }
-counters() { # every node's peer requests by kind, follower appends, and publishes, summed
+counters() { # every node's peer requests by kind, follower appends, log syncs and publishes, summed
     for i in 0 1 2; do curl -s "http://127.0.0.1:1798$i/metrics"; done \
-        | grep -E '^warbler_(peer_requests_total|raft_appends_received_total|publishes_total)' \
+        | grep -E '^warbler_(peer_requests_total|raft_appends_received_total|publishes_total|raft_syncs_total)' \
         | awk '{sum[$1] += $2} END {for (k in sum) print k, sum[k]}' | sort
 }
 cpu_ticks() { local c=0 p; for p in "${PIDS[@]}"; do c=$((c + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $c; }
@@ -79,7 +79,7 @@ read = lambda f: {k: float(v) for k, v in (l.split() for l in open(f))}
 before, after = read(sys.argv[1]), read(sys.argv[2])
 delta = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
 published = delta.pop("warbler_publishes_total", 0)
-print(f"peer requests during the run, all nodes, per message made durable ({published:.0f}):")
+print(f"peer requests and log syncs during the run, all nodes, per message made durable ({published:.0f}):")
 for k, v in sorted(delta.items(), key=lambda kv: -kv[1]):
     print(f"  {k:<70} {v:>9.0f}  {v / max(published, 1):6.2f}")
 PY
