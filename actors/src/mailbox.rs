@@ -151,6 +151,7 @@ impl Actor for UserMailbox {
             return Err(MailboxError::NoLeader("leadership moved while starting".into()).into());
         }
         let last = args.store.last_seq(args.partition, &args.user)?;
+        tracing::debug!(user = %args.user, partition = args.partition, term, last, after_crash = args.after_crash, "mailbox starts");
         // Every device's cursor, so that the oldest unacknowledged message is known.
         let cursors: HashMap<String, u64> = args
             .store
@@ -207,6 +208,7 @@ impl Actor for UserMailbox {
         state: &mut MailboxState,
     ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_mailboxes_alive").decrement(1.0);
+        tracing::debug!(user = %state.user, pending = state.pending.len(), assigned = state.assigned, committed = state.committed, "mailbox stops");
         // Stopped by the registry (shutdown, leadership moved): the cursors still in memory
         // are written if the log takes them; if not, their acks are delivered again.
         if let Err(e) = state.write_cursors().await {
@@ -496,7 +498,11 @@ impl MailboxState {
             let _ = reply.send(Ok(seq));
             return Ok(());
         }
+        let after_pending = after
+            .as_ref()
+            .is_some_and(|a| self.pending_ids.contains_key(a));
         if let Err(e) = self.admit(after.as_deref()) {
+            tracing::debug!(user = %self.user, %id, after = after.as_deref(), error = %e, "publish refused");
             let _ = reply.send(Err(e));
             return Ok(());
         }
@@ -531,6 +537,7 @@ impl MailboxState {
             return Ok(());
         }
         self.assigned = seq;
+        tracing::debug!(user = %self.user, %id, seq, after = after.as_deref(), after_pending, term = self.term, "publish taken");
         self.pending_ids.insert(id, seq);
         let waiters = if crate::bugs::on(crate::bugs::Bug::AckBeforeCommit) {
             let _ = reply.send(Ok(seq));
@@ -549,6 +556,7 @@ impl MailboxState {
         result: Result<(), StorageError>,
     ) -> Result<(), ActorProcessingErr> {
         if let Err(e) = result {
+            tracing::debug!(user = %self.user, seq, pending = self.pending.len(), error = %e, "write failed; the mailbox stops");
             // Later pending entries fail too (the log is poisoned): answer them all, then
             // restart from storage, which holds exactly what became durable.
             for (_, p) in std::mem::take(&mut self.pending) {

@@ -265,6 +265,7 @@ async fn propose_batches(
             let failed: Vec<Proposal> = waiting.drain(..stale).collect();
             let bytes = failed.iter().flat_map(|p| &p.0).map(Op::size_bytes).sum();
             let dones = failed.into_iter().map(|p| p.1).collect();
+            tracing::debug!(partition, stale, term, "stale proposals fail");
             let why = not_writable(
                 partition,
                 "its leader's term ended while it waited to be proposed; it goes again through the current leader",
@@ -355,6 +356,9 @@ async fn complete_in_order(
             Err(_) => Err(not_writable(partition, "the Raft group stopped")),
         };
         backlog_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::debug!(partition, error = %e, "entry failed");
+        }
         for done in dones.into_iter().flatten() {
             done(result.clone());
         }
@@ -386,6 +390,26 @@ impl PartitionLog for RaftLog {
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             let group = self.group(partition)?;
+            // First every proposal queued before this one is answered, as the trait
+            // promises: a crashed writer's proposals may still wait in the proposer, and
+            // they enter the log ahead of anything its successor proposes, so the successor
+            // must read its state after them. This goes as an entry of no ops (merged into
+            // the next entry when others wait), so it also waits for a hold to end.
+            let (drained, drain) = tokio::sync::oneshot::channel();
+            let done: Done = Box::new(move |r| {
+                let _ = drained.send(r);
+            });
+            self.propose(partition, Vec::new(), Some(done)).await?;
+            match tokio::time::timeout(BARRIER_WAIT, drain).await {
+                Ok(Ok(r)) => r?,
+                Ok(Err(_)) => return Err(not_writable(partition, "the proposer stopped")),
+                Err(_) => {
+                    return Err(not_writable(
+                        partition,
+                        format!("the proposals before the barrier were not answered within {BARRIER_WAIT:?}"),
+                    ))
+                }
+            }
             // A quorum confirms this leadership once per term: a mailbox starting later in
             // the same term reads no state another leader could have written meanwhile
             // without this replica's proposals failing (a deposed leader commits nothing,

@@ -785,4 +785,48 @@ mod proposer {
         assert!(follower.barrier(PARTITION).await.is_err(), "not the leader");
         assert!(!follower.settled(PARTITION));
     }
+
+    /// A barrier answers only once every proposal queued before it is: a crashed writer's
+    /// proposals may still wait in the proposer (here, held by a leadership transfer), and
+    /// they enter the log ahead of anything its successor proposes, so the successor reads
+    /// its state after them. A barrier that looked only at the log would answer at once,
+    /// and the successor would hand out the seq still queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_barrier_waits_for_the_proposals_queued_before_it() {
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let (leader, _, log) = leader_with_log(&all).await;
+        // Settled and confirmed: nothing but the queued proposal can hold the next one up.
+        log.barrier(PARTITION).await.unwrap();
+        let log = Arc::new(log);
+        let (done, mut rx) = answers();
+
+        let hold = log
+            .hold(PARTITION)
+            .expect("the leader replicates the partition");
+        log.propose(PARTITION, vec![append(1)], Some(done(1)))
+            .await
+            .unwrap();
+        let barrier = tokio::spawn({
+            let log = log.clone();
+            async move { log.barrier(PARTITION).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !barrier.is_finished(),
+            "the barrier answered while a proposal made before it still waited"
+        );
+        assert_eq!(leader.store.last_seq(PARTITION, "ann").unwrap(), 0);
+        drop(hold);
+
+        barrier.await.unwrap().unwrap();
+        assert_eq!(
+            leader.store.last_seq(PARTITION, "ann").unwrap(),
+            1,
+            "the proposal queued before the barrier is applied when it answers"
+        );
+        let (seq, result) = answer(&mut rx).await;
+        assert_eq!(seq, 1);
+        result.unwrap();
+    }
 }

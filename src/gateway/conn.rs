@@ -537,7 +537,13 @@ impl Gateway {
                 }
             };
             let first = pending.await;
+            // What each publish followed and got, to trace an order question (debug only).
+            let traced = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| (first.clone(), prev.as_ref().map(|(p, _)| p.clone())));
             let outcome = after_previous(first, prev.zip(resend), &mailboxes, (&id, &to)).await;
+            if let Some((first, after)) = traced {
+                tracing::debug!(%to, %id, after = after.as_deref(), ?first, ?outcome, "publish answered");
+            }
             let reply = match &outcome {
                 Ok(seq) => Frame::Published { id, to, seq: *seq },
                 Err((e, _)) => mailbox_error_frame(e, id),
