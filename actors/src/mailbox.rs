@@ -532,7 +532,11 @@ impl MailboxState {
         let done = Box::new(move |result| {
             let _ = me.cast(MailboxMsg::Committed { seq, result });
         });
-        if let Err(e) = self.log.propose(self.partition, vec![op], Some(done)).await {
+        if let Err(e) = self
+            .log
+            .propose_in(self.partition, self.term, vec![op], Some(done))
+            .await
+        {
             let _ = reply.send(Err(MailboxError::Unavailable(e.to_string())));
             return Ok(());
         }
@@ -724,7 +728,9 @@ impl MailboxState {
             })
             .collect();
         metrics::counter!("warbler_cursor_writes_total").increment(ops.len() as u64);
-        self.log.propose(self.partition, ops, None).await
+        self.log
+            .propose_in(self.partition, self.term, ops, None)
+            .await
     }
 
     /// Sends `device` the committed messages it has not been sent, within its window, in

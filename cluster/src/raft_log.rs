@@ -256,13 +256,16 @@ async fn propose_batches(
         while let Ok(p) = queued.try_recv() {
             waiting.push_back(p);
         }
-        // A proposal made in an earlier term fails: its writer (a mailbox) read its state
+        // A proposal made in another term fails: its writer (a mailbox) read its state
         // under a leadership that ended while it waited, and this node may lead again now.
-        // Terms only grow, so the stale ones are the first in line.
+        // Usually the stale ones are the first in line, but a writer that checked its term
+        // just before the term moved may queue behind one of the new term: all are looked at.
         let term = raft.metrics().borrow().current_term;
-        let stale = waiting.iter().take_while(|p| p.2 != term).count();
+        let stale = waiting.iter().filter(|p| p.2 != term).count();
         if stale > 0 {
-            let failed: Vec<Proposal> = waiting.drain(..stale).collect();
+            let (failed, current): (VecDeque<Proposal>, VecDeque<Proposal>) =
+                waiting.drain(..).partition(|p| p.2 != term);
+            waiting = current;
             let bytes = failed.iter().flat_map(|p| &p.0).map(Op::size_bytes).sum();
             let dones = failed.into_iter().map(|p| p.1).collect();
             tracing::debug!(partition, stale, term, "stale proposals fail");
@@ -365,10 +368,13 @@ async fn complete_in_order(
     }
 }
 
-impl PartitionLog for RaftLog {
-    fn propose(
+impl RaftLog {
+    /// Queues a proposal on the partition's proposer, made in `term` (the writer's, or the
+    /// group's current one).
+    fn queue(
         &self,
         partition: PartitionId,
+        term: Option<u64>,
         ops: Vec<Op>,
         done: Option<Done>,
     ) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -379,12 +385,33 @@ impl PartitionLog for RaftLog {
             group.poked.store(true, Ordering::Relaxed);
             let bytes: usize = ops.iter().map(Op::size_bytes).sum();
             group.backlog_bytes.fetch_add(bytes, Ordering::Relaxed);
-            let term = group.raft.metrics().borrow().current_term;
+            let term = term.unwrap_or_else(|| group.raft.metrics().borrow().current_term);
             group
                 .proposals
                 .send((ops, done, term))
                 .map_err(|_| not_writable(partition, "the proposer stopped"))
         })
+    }
+}
+
+impl PartitionLog for RaftLog {
+    fn propose(
+        &self,
+        partition: PartitionId,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.queue(partition, None, ops, done)
+    }
+
+    fn propose_in(
+        &self,
+        partition: PartitionId,
+        term: u64,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.queue(partition, Some(term), ops, done)
     }
 
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {

@@ -757,6 +757,49 @@ mod proposer {
         fresh.unwrap();
         converged(&all, 1).await;
     }
+    /// A writer that checked its term just before the term moved proposes under the ended
+    /// term, and its proposal may queue behind one made in the new term: it fails all the
+    /// same (it read its state in the ended term), and the one of the new term goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_proposal_of_an_ended_term_fails_behind_one_of_the_current_term() {
+        let nodes = three_replicas().await;
+        let all: Vec<&Replica> = nodes.iter().collect();
+        let (leader, other, log) = leader_with_log(&all).await;
+        let (done, mut rx) = answers();
+        let ended = leader.raft.metrics().borrow().current_term;
+        there_and_back(&all, leader, other, ended).await;
+        applied_all(leader).await;
+        let now = log.leader_term(PARTITION).expect("leads again");
+        assert!(now > ended);
+
+        let hold = log
+            .hold(PARTITION)
+            .expect("the leader replicates the partition");
+        log.propose_in(PARTITION, now, vec![append(1)], Some(done(1)))
+            .await
+            .unwrap();
+        log.propose_in(PARTITION, ended, vec![append(2)], Some(done(2)))
+            .await
+            .unwrap();
+        drop(hold);
+
+        let mut answered = std::collections::BTreeMap::new();
+        for _ in 0..2 {
+            let (seq, result) = answer(&mut rx).await;
+            answered.insert(seq, result);
+        }
+        answered[&1]
+            .clone()
+            .expect("the proposal of the current term lands");
+        let why = answered[&2]
+            .clone()
+            .expect_err("the proposal of the ended term fails")
+            .to_string();
+        assert!(why.contains("term ended"), "{why}");
+        converged(&all, 1).await;
+        assert_eq!(leader.store.last_seq(PARTITION, "ann").unwrap(), 1);
+    }
+
     /// A barrier settles the partition for its leader's term: a mailbox started later in
     /// that term, after a clean stop of its predecessor, reads its state without a barrier
     /// of its own. A leadership that went elsewhere and came back has a new term, and the

@@ -25,6 +25,20 @@ pub trait PartitionLog: Send + Sync + 'static {
         done: Option<Done>,
     ) -> BoxFuture<'_, Result<(), StorageError>>;
 
+    /// [`PartitionLog::propose`] by a writer that read its state under `term` (what
+    /// [`PartitionLog::leader_term`] said when it started): if the partition's term is
+    /// another one by the time the entry is made, the entry fails instead of entering the
+    /// log, since another leader may have written the partition in between. One node has
+    /// one term, so by default this is `propose`.
+    fn propose_in(
+        &self,
+        partition: PartitionId,
+        _term: u64,
+        ops: Vec<Op>,
+        done: Option<Done>,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.propose(partition, ops, done)
+    }
     /// Resolves once every entry proposed before it is durable (or failed). A mailbox that
     /// restarts after a crash waits on this before reading its head, so it cannot reuse a
     /// seq its crashed predecessor still had in flight.
