@@ -498,9 +498,6 @@ impl MailboxState {
             let _ = reply.send(Ok(seq));
             return Ok(());
         }
-        let after_pending = after
-            .as_ref()
-            .is_some_and(|a| self.pending_ids.contains_key(a));
         if let Err(e) = self.admit(after.as_deref()) {
             tracing::debug!(user = %self.user, %id, after = after.as_deref(), error = %e, "publish refused");
             let _ = reply.send(Err(e));
@@ -541,7 +538,10 @@ impl MailboxState {
             return Ok(());
         }
         self.assigned = seq;
-        tracing::debug!(user = %self.user, %id, seq, after = after.as_deref(), after_pending, term = self.term, "publish taken");
+        // Whether the publish it follows is pending here (looked up only when traced).
+        tracing::debug!(user = %self.user, %id, seq, after = after.as_deref(),
+            after_pending = after.as_ref().is_some_and(|a| self.pending_ids.contains_key(a)),
+            term = self.term, "publish taken");
         self.pending_ids.insert(id, seq);
         let waiters = if crate::bugs::on(crate::bugs::Bug::AckBeforeCommit) {
             let _ = reply.send(Ok(seq));
