@@ -175,6 +175,15 @@ impl RaftLog {
         Some(Hold(group.held.clone()))
     }
 
+    /// Marks `partition` as touched, as a proposal does: a quiet group ticks again now, and
+    /// the quiescence driver starts its quiet period over.
+    pub fn poke(&self, partition: PartitionId) {
+        if let Ok(group) = self.group(partition) {
+            group.poked.store(true, Ordering::Relaxed);
+            group.raft.runtime_config().tick(true);
+        }
+    }
+
     /// Whether a proposal reached `partition` since the last call.
     pub fn take_poked(&self, partition: PartitionId) -> bool {
         self.groups

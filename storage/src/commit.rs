@@ -221,7 +221,11 @@ fn write_batch(
         .filter(|(i, _)| !refused.iter().any(|(j, _)| j == i))
         .flat_map(|(_, req)| req.ops.iter());
     store.stage_all(&mut batch, admitted);
-    let r = store.write(batch, sync);
+    // Without fsync a batch still reaches the operating system before it is acknowledged:
+    // a crash of the process loses nothing acknowledged, only a power loss can.
+    let r = store
+        .write(batch, sync)
+        .and_then(|()| if sync { Ok(()) } else { store.flush_wal() });
     metrics::counter!("warbler_fsync_batches_total").increment(1);
     metrics::histogram!("warbler_fsync_batch_records").record(records as f64);
     metrics::histogram!("warbler_fsync_seconds").record(started.elapsed().as_secs_f64());

@@ -163,6 +163,10 @@ impl Store {
         opts.set_max_background_jobs(2);
         // Bound the WAL so a node with many idle column families still recycles it.
         opts.set_max_total_wal_size(256 << 20);
+        // An unsynced write stays in the WAL's buffer in this process until the next sync
+        // (the node's syncer, or a synced write) writes the buffer out with it: one `write`
+        // call per sync instead of one per write. See [`Store::write`].
+        opts.set_manual_wal_flush(true);
         let cfs = COLUMN_FAMILIES
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
@@ -312,11 +316,22 @@ impl Store {
         Ok((rows, meta.into_iter().next().flatten()))
     }
 
-    /// Writes a batch; `sync` fsyncs the WAL before returning.
+    /// Writes a batch; `sync` fsyncs the WAL before returning. Without it the write is
+    /// readable at once and reaches the WAL file with the next sync (or
+    /// [`Store::flush_wal`]): until then a crash of the process loses it, as a power loss
+    /// could without a sync anyway. Nothing acknowledged is written so: its writer waits for
+    /// a sync, or flushes.
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Hands every write so far to the operating system without an fsync: it survives a
+    /// crash of this process, not a power loss.
+    pub fn flush_wal(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(false)?;
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! checks after each kill that the recovered log of every user is a contiguous prefix
 //! 1..=n that contains every acknowledged append with the right content. Every other child
 //! runs without fsync (`storage.sync = false`): a crash of the process must not lose what
-//! it acknowledged either (only a power loss may).
+//! it acknowledged either (only a power loss may), though unsynced writes wait in the
+//! WAL's buffer inside the process.
 //!
 //! Replay a run with `WARBLER_TEST_SEED=<seed> cargo test --release -p warbler-storage --test crash`.
 

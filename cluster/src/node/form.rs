@@ -389,6 +389,7 @@ impl ClusterNode {
             .start_group(partition, &f.raft_config, &f.store, &f.resolver)
             .await?;
         self.raft_log.insert(partition, raft.clone());
+        self.greet_leader(partition, &raft);
         self.placement
             .write()
             .unwrap()

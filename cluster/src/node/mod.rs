@@ -135,6 +135,8 @@ pub struct ClusterNode {
     /// Partitions this node follows: their leader's applied index at the last two asks
     /// (older, newer), one second apart.
     leaders_applied: Mutex<HashMap<PartitionId, (u64, u64)>>,
+    /// Groups this node leads that are quiet now (every replica agreed to stop ticking).
+    quiet_led: Mutex<std::collections::BTreeSet<PartitionId>>,
     /// Each replica's last log index at the last two samples, one second apart (readiness).
     logged: Mutex<HashMap<PartitionId, (u64, u64)>>,
     /// Set once a replica stopped for good (its storage failed): why.
@@ -358,6 +360,7 @@ impl ClusterNode {
             draining: AtomicBool::new(false),
             started: std::time::Instant::now(),
             leaders_applied: Mutex::default(),
+            quiet_led: Mutex::default(),
             logged: Mutex::default(),
             fatal: watch::Sender::new(None),
             cluster_id,

@@ -17,13 +17,15 @@ use super::{group_view, ClusterNode, META_GROUP};
 use crate::control::quiesce::{Idle, LeaderSample, Quiesce, Step};
 use crate::control::raft_id;
 use crate::raft_store::TypeConfig;
-use crate::wire::{self, PeerKind};
+use crate::wire::{self, AppliedReq, PeerKind};
 
 /// How often the groups this node leads are checked for idleness.
 const QUIET_CHECK_PERIOD: Duration = Duration::from_millis(500);
 /// How long a leader waits for a follower to agree to go quiet (a follower that does not
 /// answer in time keeps the group awake).
 const QUIESCE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a replica that just started waits to know its leader before it greets it.
+const GREET_WAIT: Duration = Duration::from_secs(2);
 
 fn sample(raft: &Raft<TypeConfig>, my_id: u64) -> Option<LeaderSample> {
     let view = group_view(raft, my_id);
@@ -133,10 +135,13 @@ impl ClusterNode {
                 idle.entry(p).or_default().quieted();
             }
         }
-        let leaders_quiet = idle
+        let quiet_led: BTreeSet<PartitionId> = idle
             .iter()
-            .filter(|(p, i)| **p != META_GROUP && i.is_quiet())
-            .count();
+            .filter(|(_, i)| i.is_quiet())
+            .map(|(p, _)| *p)
+            .collect();
+        let leaders_quiet = quiet_led.iter().filter(|p| **p != META_GROUP).count();
+        *self.quiet_led.lock().unwrap() = quiet_led;
         metrics::gauge!("warbler_partitions_quiet", "role" => "leader").set(leaders_quiet as f64);
         metrics::gauge!("warbler_partitions_quiet", "role" => "follower")
             .set(self.raft_service.quiet_followers(META_GROUP) as f64);
@@ -195,6 +200,45 @@ impl ClusterNode {
             failed,
             "draining: told the followers of the groups led here to tick again"
         );
+    }
+
+    /// A replica that starts as a follower tells its leader it is back (an `Applied` call,
+    /// the answer unused), and a leader whose group went quiet meanwhile wakes it
+    /// ([`ClusterNode::wake_asked`]): a quiet leader sends no heartbeat, so the replica
+    /// would otherwise time out and elect itself, and one that lost the apply of its last
+    /// entries (unsynced writes die with the process) would not learn the commit index
+    /// again until then. Waits up to [`GREET_WAIT`] for the replica to name a leader.
+    pub(super) fn greet_leader(&self, partition: PartitionId, raft: &Raft<TypeConfig>) {
+        let Some(resolver) = self.formed.get().map(|f| f.resolver.clone()) else {
+            return;
+        };
+        let (transport, my_id) = (self.transport.clone(), self.my_id);
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            let named = async {
+                let m = metrics.wait_for(|m| m.current_leader.is_some()).await;
+                m.ok().and_then(|m| m.current_leader)
+            };
+            let Ok(Some(leader)) = tokio::time::timeout(GREET_WAIT, named).await else {
+                return;
+            };
+            if leader == my_id {
+                return;
+            }
+            let Some(addr) = resolver(leader) else {
+                return;
+            };
+            let body = wire::encode(&AppliedReq(vec![partition]));
+            let answer = transport
+                .call(addr, 0, PeerKind::Applied, body, QUIESCE_CALL_TIMEOUT)
+                .await;
+            tracing::debug!(
+                partition,
+                leader,
+                ok = answer.is_ok(),
+                "told the leader this replica is back"
+            );
+        });
     }
 
     async fn ask_quiesce(

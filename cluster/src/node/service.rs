@@ -120,6 +120,7 @@ impl ClusterNode {
 
     /// The applied index of each of `partitions` this node leads.
     fn applied_as_leader(&self, partitions: &[u16]) -> Vec<Applied> {
+        self.wake_asked(partitions);
         let pl = self.placement.read().unwrap();
         partitions
             .iter()
@@ -131,5 +132,27 @@ impl ClusterNode {
                 })
             })
             .collect()
+    }
+
+    /// A follower that asks how far its leader applied is not quiet (a quiet one asks
+    /// nothing): it restarted, or has not agreed yet. If the group is quiet here, it wakes:
+    /// a restarted follower may have lost the apply of the last entries, and with them the
+    /// commit index, which only the leader's heartbeats tell it again; then the group goes
+    /// quiet again with every replica agreeing.
+    pub(super) fn wake_asked(&self, partitions: &[u16]) {
+        let woken: Vec<u16> = {
+            let quiet = self.quiet_led.lock().unwrap();
+            partitions
+                .iter()
+                .copied()
+                .filter(|p| quiet.contains(p))
+                .collect()
+        };
+        for p in &woken {
+            self.raft_log.poke(*p);
+        }
+        if !woken.is_empty() {
+            tracing::debug!(partitions = ?woken, "a follower of quiet partitions asked how far they are applied; waking them");
+        }
     }
 }
