@@ -634,6 +634,12 @@ impl Store {
             total.messages += r.messages;
             total.dedup_records += r.dedup_records;
         }
+        // The deletes were written without a sync and wait in the WAL's buffer: handed to
+        // the operating system now, so a crash of the process does not bring removed
+        // messages back (a device told they expired would then be sent them).
+        if total.users > 0 {
+            self.flush_wal()?;
+        }
         Ok(total)
     }
 }
