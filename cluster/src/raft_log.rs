@@ -95,6 +95,14 @@ struct Group {
     held: Arc<watch::Sender<usize>>,
 }
 
+impl Group {
+    /// Ticks again if quiet, and tells the quiescence driver something happened.
+    fn poke(&self) {
+        self.raft.runtime_config().tick(true);
+        self.poked.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Holds a partition's proposals while it lives (see [`RaftLog::hold`]).
 pub struct Hold(Arc<watch::Sender<usize>>);
 
@@ -179,8 +187,7 @@ impl RaftLog {
     /// the quiescence driver starts its quiet period over.
     pub fn poke(&self, partition: PartitionId) {
         if let Ok(group) = self.group(partition) {
-            group.poked.store(true, Ordering::Relaxed);
-            group.raft.runtime_config().tick(true);
+            group.poke();
         }
     }
 
@@ -390,8 +397,7 @@ impl RaftLog {
         Box::pin(async move {
             let group = self.group(partition)?;
             // A quiet group ticks again: its leader lease must be kept up while it writes.
-            group.raft.runtime_config().tick(true);
-            group.poked.store(true, Ordering::Relaxed);
+            group.poke();
             let bytes: usize = ops.iter().map(Op::size_bytes).sum();
             group.backlog_bytes.fetch_add(bytes, Ordering::Relaxed);
             let term = term.unwrap_or_else(|| group.raft.metrics().borrow().current_term);
