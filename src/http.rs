@@ -168,6 +168,12 @@ pub trait NodeView: Send + Sync + 'static {
     /// Testing only: cut the node off from peers at these cluster addresses (`None`: this
     /// node has no fault switch).
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()>;
+    /// Waits until this node's copy of `partition` holds every write acknowledged before
+    /// the call (a follower may trail its leader by a heartbeat): reads from the local
+    /// store come after it.
+    fn read_fence(&self, _partition: u16) -> BoxFuture<'_, Result<(), RpcError>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Removes a node from the cluster (its partitions move to the others).
     fn decommission(&self, _node: String) -> BoxFuture<'_, Result<Decommissioned, RpcError>> {
         Box::pin(async {
@@ -248,6 +254,10 @@ impl NodeView for ClusterNode {
 
     fn set_faults(&self, blocked: Vec<SocketAddr>) -> Option<()> {
         ClusterNode::set_faults(self, blocked)
+    }
+
+    fn read_fence(&self, partition: u16) -> BoxFuture<'_, Result<(), RpcError>> {
+        Box::pin(ClusterNode::read_fence(self, partition))
     }
 
     fn decommission(&self, node: String) -> BoxFuture<'_, Result<Decommissioned, RpcError>> {
@@ -543,6 +553,14 @@ async fn history(
         )));
     }
     let partition = state.gw.mailboxes.partition_of(&user);
+    // Read your writes: a publish acknowledged before this request is in the page.
+    state.view.read_fence(partition).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    })?;
     let store = state.store.clone();
     let (u, after) = (user.clone(), q.after.unwrap_or(0));
     let (rows, last_seq) =

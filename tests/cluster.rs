@@ -1377,6 +1377,37 @@ async fn a_restarted_follower_of_a_quiet_partition_applies_what_it_holds() {
     assert_eq!(history, ["r-1", "r-2", "r-3", "r-4"]);
 }
 
+/// A follower learns a commit from its leader's next AppendEntries, up to a heartbeat after
+/// the publish was acknowledged; a history read served from its replica first asks the
+/// leader how far it applied and waits for that. So a publish acknowledged through the
+/// leader is in the next page read through either follower, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_on_a_follower_sees_every_acknowledged_publish() {
+    let cluster = Cluster::start(3).await;
+    for i in 0..3 {
+        cluster.wait_ready(i, Duration::from_secs(30)).await;
+    }
+    settle_leaders(&cluster).await;
+    let leader = cluster.leader_of(HOT, None).await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for seq in 1..=20u64 {
+        let id = format!("ryw-{seq}");
+        assert_eq!(cluster.nodes[leader].publish(HOT, &id, "body").await, seq);
+        for f in &followers {
+            let last = cluster.nodes[*f].history(HOT).await.last().map(|m| m.0);
+            assert_eq!(
+                last,
+                Some(seq),
+                "n{f}, a follower, served a history page without the publish acknowledged just before it (seq {seq})"
+            );
+        }
+        // Some reads find the group quiet (its commit index not sent to anyone yet).
+        if seq % 5 == 0 {
+            wait_all_quiet(&cluster, Duration::from_secs(30)).await;
+        }
+    }
+}
+
 /// An idle cluster stops heartbeating: its partitions go quiet. When the node leading a
 /// quiet partition dies, gossip wakes the followers and they elect at once, so a publish to
 /// that partition lands within seconds, and the partition's stream carries on.

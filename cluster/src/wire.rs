@@ -78,6 +78,10 @@ pub enum PeerKind {
     HandLead = 27,
     /// Control: "campaign now", from the partition's leader ([`crate::control::balance::TakeLead`]).
     TakeLead = 28,
+    /// Control: "how far have you applied this partition you lead? Tell my replica your
+    /// commit index now" ([`AppliedReq`], answered like [`PeerKind::Applied`]): a follower
+    /// serving a read waits until it applied that much.
+    ReadIndex = 29,
     /// Transport: calls queued for one peer at the same time, carried in one request
     /// ([`ManyCall`] each, answered with a [`ManyAnswer`] each, in order).
     Many = 254,
@@ -95,7 +99,7 @@ pub enum Layer {
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 27] = [
+    pub const ALL: [PeerKind; 28] = [
         PeerKind::AppendEntries,
         PeerKind::Vote,
         PeerKind::InstallSnapshot,
@@ -120,6 +124,7 @@ impl PeerKind {
         PeerKind::Leading,
         PeerKind::HandLead,
         PeerKind::TakeLead,
+        PeerKind::ReadIndex,
         PeerKind::PublishBatch,
         PeerKind::Many,
         PeerKind::Probe,
@@ -157,6 +162,7 @@ impl PeerKind {
             PeerKind::Leading => "leading",
             PeerKind::HandLead => "hand_lead",
             PeerKind::TakeLead => "take_lead",
+            PeerKind::ReadIndex => "read_index",
             PeerKind::PublishBatch => "publish_batch",
             PeerKind::Many => "many",
             PeerKind::Probe => "probe",
@@ -167,7 +173,7 @@ impl PeerKind {
         match self as u8 {
             1..=5 => Layer::Consensus,
             10..=19 | 30..=39 => Layer::Route,
-            20..=28 => Layer::Control,
+            20..=29 => Layer::Control,
             _ => Layer::Transport,
         }
     }
@@ -428,7 +434,7 @@ mod tests {
             numbers,
             [
                 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-                27, 28, 30, 254, 255
+                27, 28, 29, 30, 254, 255
             ]
         );
         for k in PeerKind::ALL {
@@ -444,6 +450,7 @@ mod tests {
         assert_eq!(PeerKind::PublishBatch.layer(), Layer::Route);
         assert_eq!(PeerKind::Many.layer(), Layer::Transport);
         assert_eq!(PeerKind::Applied.layer(), Layer::Control);
+        assert_eq!(PeerKind::ReadIndex.layer(), Layer::Control);
         assert_eq!(PeerKind::TakeLead.layer(), Layer::Control);
         assert_eq!(PeerKind::Vote.layer(), Layer::Consensus);
     }

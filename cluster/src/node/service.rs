@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use super::ClusterNode;
 use crate::error::{RpcCode, RpcError};
 use crate::raft_net::RaftService;
-use crate::transport::{BoxFuture, PeerHandler};
+use crate::transport::{BoxFuture, PeerError, PeerHandler};
 use crate::wire::{self, Applied, AppliedReq, Layer, ListChange, NodeReq, PeerKind};
+use warbler_storage::PartitionId;
 
 /// Dispatches peers' requests by the layer their kind belongs to.
 pub(super) struct NodeService {
@@ -16,6 +17,9 @@ pub(super) struct NodeService {
 }
 
 type Answer = BoxFuture<'static, Result<Vec<u8>, RpcError>>;
+
+/// How long a read waits for its leader's answer, and then for its replica to apply.
+const READ_FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn refuse(code: RpcCode, message: impl Into<String>) -> Answer {
     let e = RpcError::new(code, message);
@@ -98,6 +102,10 @@ impl ClusterNode {
                 let req = decoded(&body, "reconfigure request")?;
                 Ok(wire::encode(&self.reconfigure(from, partition, req)?))
             }
+            PeerKind::ReadIndex => {
+                let req: AppliedReq = decoded(&body, "read-index request")?;
+                Ok(wire::encode(&self.read_index(&req.0).await))
+            }
             PeerKind::Leading => Ok(wire::encode(&self.leading())),
             PeerKind::HandLead => {
                 let req = decoded(&body, "hand-lead request")?;
@@ -132,6 +140,100 @@ impl ClusterNode {
                 })
             })
             .collect()
+    }
+
+    /// As [`Self::applied_as_leader`], after sending each group's followers a heartbeat: a
+    /// follower learns a commit from the next AppendEntries (the vendored openraft sends
+    /// none of its own for it), so the one that asked learns this commit index now.
+    async fn read_index(&self, partitions: &[u16]) -> Vec<Applied> {
+        // A quiet group ticks again first: a heartbeat wakes its followers, which would
+        // time out on a leader that stayed quiet.
+        self.wake_asked(partitions);
+        for p in partitions {
+            if let Some(raft) = self.local_raft(*p) {
+                let _ = raft.trigger().heartbeat().await;
+            }
+        }
+        self.applied_as_leader(partitions)
+    }
+
+    /// Waits until this node's replica of `partition` has applied what its leader had
+    /// applied when asked: a read served from the local replica then sees every write
+    /// acknowledged before it began (a follower learns commits with the leader's next
+    /// AppendEntries, up to a heartbeat later). Nothing to wait for on the leader, or on a
+    /// node that holds no replica of it.
+    pub async fn read_fence(&self, partition: PartitionId) -> Result<(), RpcError> {
+        let Some(raft) = self.local_raft(partition) else {
+            return Ok(());
+        };
+        let leader = {
+            let m = raft.metrics().borrow().clone();
+            match m.current_leader {
+                Some(l) if l == self.my_id => return Ok(()),
+                Some(l) => l,
+                None => {
+                    return Err(RpcError::new(
+                        RpcCode::NotReady,
+                        format!("partition {partition} has no leader right now; retry in a second"),
+                    ))
+                }
+            }
+        };
+        let addr = self
+            .formed
+            .get()
+            .and_then(|f| (f.resolver)(leader))
+            .ok_or_else(|| {
+                RpcError::new(
+                    RpcCode::NotReady,
+                    format!("partition {partition}'s leader has no known address yet; retry in a second"),
+                )
+            })?;
+        let body = wire::encode(&AppliedReq(vec![partition]));
+        let answer = match self
+            .transport
+            .call(addr, 0, PeerKind::ReadIndex, body, READ_FENCE_WAIT)
+            .await
+        {
+            // A leader of an older release (a rolling upgrade): the read is served as
+            // that release served it, from what this replica applied.
+            Err(PeerError::UnknownKind(_)) => return Ok(()),
+            Err(PeerError::Remote { error, .. }) if error.code == RpcCode::UnknownKind => {
+                return Ok(())
+            }
+            other => other,
+        }
+        .map_err(|e| {
+            RpcError::new(
+                RpcCode::Failed,
+                format!("cannot ask partition {partition}'s leader how far it applied: {e}; retry"),
+            )
+        })?;
+        let target = wire::decode::<Vec<Applied>>(&answer)
+            .ok()
+            .and_then(|a| a.into_iter().find(|a| a.partition == partition))
+            .ok_or_else(|| {
+                RpcError::new(
+                    RpcCode::NotReady,
+                    format!("partition {partition}'s leadership is moving; retry in a second"),
+                )
+            })?
+            .applied;
+        raft.wait(Some(READ_FENCE_WAIT))
+            .metrics(
+                |m| m.last_applied.map_or(0, |l| l.index) >= target,
+                "applied what the leader had",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                RpcError::new(
+                    RpcCode::Failed,
+                    format!(
+                        "this node's replica of partition {partition} did not apply its leader's entries within {READ_FENCE_WAIT:?}; retry, or read through the leader"
+                    ),
+                )
+            })
     }
 
     /// A follower that asks how far its leader applied is not quiet (a quiet one asks
