@@ -5,7 +5,8 @@
 //!   checks with every replica caught up and everything applied, it asks each follower to
 //!   go quiet at (term, last index). Only when all agree does it stop its own ticks.
 //! - A **follower** agrees only if it follows that leader in that term and holds exactly
-//!   that log: a write that raced the request makes it refuse.
+//!   that log, all of it applied: a write that raced the request makes it refuse, and so
+//!   does a commit it has not heard of yet.
 //! - Anything wakes the group: a new proposal or log entry on the leader, an AppendEntries
 //!   or a vote request reaching a follower, and the node-level liveness signal (gossip)
 //!   saying the leader's node is gone, which makes one follower ([`campaigner`]) elect at
@@ -141,6 +142,16 @@ pub fn accept(req: &Quiesce, mine: &GroupView) -> Result<(), String> {
         return Err(format!(
             "this replica holds the log up to {}, not {}",
             mine.last_log, req.index
+        ));
+    }
+    // A follower learns a commit from the leader's next AppendEntries: one that went quiet
+    // before it would not learn it until the group woke (a replica restarted just after it
+    // acknowledged its last entry, then asked to go quiet, stayed "catching up"). Refused,
+    // the leader keeps ticking, its heartbeats carry the commit index, and it asks again.
+    if mine.applied != req.index {
+        return Err(format!(
+            "this replica applied up to {}, not {}: it waits for the commit index",
+            mine.applied, req.index
         ));
     }
     Ok(())
@@ -313,12 +324,13 @@ mod tests {
             leader: Some(leader),
             term,
             last_log,
+            applied: last_log,
             ..GroupView::default()
         }
     }
 
     #[test]
-    fn a_follower_goes_quiet_only_holding_exactly_the_leaders_log_in_its_term() {
+    fn a_follower_goes_quiet_only_holding_and_applying_exactly_the_leaders_log_in_its_term() {
         let req = Quiesce {
             leader: 1,
             term: 3,
@@ -330,6 +342,13 @@ mod tests {
             (follower(1, 3, 9), "behind"),
             (follower(2, 3, 10), "another leader"),
             (follower(1, 4, 10), "a newer term"),
+            (
+                GroupView {
+                    applied: 9,
+                    ..follower(1, 3, 10)
+                },
+                "holding the log, not told it is committed",
+            ),
             (
                 GroupView {
                     leading: true,

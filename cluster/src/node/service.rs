@@ -20,6 +20,8 @@ type Answer = BoxFuture<'static, Result<Vec<u8>, RpcError>>;
 
 /// How long a read waits for its leader's answer, and then for its replica to apply.
 const READ_FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a read waits before it asks its leader again.
+const READ_FENCE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn refuse(code: RpcCode, message: impl Into<String>) -> Answer {
     let e = RpcError::new(code, message);
@@ -166,60 +168,26 @@ impl ClusterNode {
         let Some(raft) = self.local_raft(partition) else {
             return Ok(());
         };
-        let leader = {
-            let m = raft.metrics().borrow().clone();
-            match m.current_leader {
-                Some(l) if l == self.my_id => return Ok(()),
-                Some(l) => l,
-                None => {
-                    return Err(RpcError::new(
-                        RpcCode::NotReady,
-                        format!("partition {partition} has no leader right now; retry in a second"),
-                    ))
-                }
+        // A leader being elected, an address gossip has not brought yet, a leadership on
+        // the move: asked again until the deadline.
+        let deadline = tokio::time::Instant::now() + READ_FENCE_WAIT;
+        let target = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let why = match self.leader_applied(&raft, partition, left).await {
+                Ok(Some(target)) => break target,
+                Ok(None) => return Ok(()),
+                Err(why) => why,
+            };
+            if tokio::time::Instant::now() + READ_FENCE_RETRY >= deadline {
+                return Err(RpcError::new(
+                    RpcCode::NotReady,
+                    format!("{why} (for {READ_FENCE_WAIT:?}); retry in a second"),
+                ));
             }
+            tokio::time::sleep(READ_FENCE_RETRY).await;
         };
-        let addr = self
-            .formed
-            .get()
-            .and_then(|f| (f.resolver)(leader))
-            .ok_or_else(|| {
-                RpcError::new(
-                    RpcCode::NotReady,
-                    format!("partition {partition}'s leader has no known address yet; retry in a second"),
-                )
-            })?;
-        let body = wire::encode(&AppliedReq(vec![partition]));
-        let answer = match self
-            .transport
-            .call(addr, 0, PeerKind::ReadIndex, body, READ_FENCE_WAIT)
-            .await
-        {
-            // A leader of an older release (a rolling upgrade): the read is served as
-            // that release served it, from what this replica applied.
-            Err(PeerError::UnknownKind(_)) => return Ok(()),
-            Err(PeerError::Remote { error, .. }) if error.code == RpcCode::UnknownKind => {
-                return Ok(())
-            }
-            other => other,
-        }
-        .map_err(|e| {
-            RpcError::new(
-                RpcCode::Failed,
-                format!("cannot ask partition {partition}'s leader how far it applied: {e}; retry"),
-            )
-        })?;
-        let target = wire::decode::<Vec<Applied>>(&answer)
-            .ok()
-            .and_then(|a| a.into_iter().find(|a| a.partition == partition))
-            .ok_or_else(|| {
-                RpcError::new(
-                    RpcCode::NotReady,
-                    format!("partition {partition}'s leadership is moving; retry in a second"),
-                )
-            })?
-            .applied;
-        raft.wait(Some(READ_FENCE_WAIT))
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        raft.wait(Some(left.max(READ_FENCE_RETRY)))
             .metrics(
                 |m| m.last_applied.map_or(0, |l| l.index) >= target,
                 "applied what the leader had",
@@ -234,6 +202,56 @@ impl ClusterNode {
                     ),
                 )
             })
+    }
+
+    /// How far `partition`'s leader applied, asked once; `None` when there is nothing to
+    /// wait for (this replica leads, or the leader runs a release without
+    /// [`PeerKind::ReadIndex`]: the read is served as that release served it). `Err` says
+    /// why it could not be asked now.
+    async fn leader_applied(
+        &self,
+        raft: &openraft::Raft<crate::raft_store::TypeConfig>,
+        partition: PartitionId,
+        wait: std::time::Duration,
+    ) -> Result<Option<u64>, String> {
+        let leader = match raft.metrics().borrow().current_leader {
+            Some(l) if l == self.my_id => return Ok(None),
+            Some(l) => l,
+            None => return Err(format!("partition {partition} has no leader")),
+        };
+        let addr = self
+            .formed
+            .get()
+            .and_then(|f| (f.resolver)(leader))
+            .ok_or_else(|| format!("partition {partition}'s leader has no known address"))?;
+        let body = wire::encode(&AppliedReq(vec![partition]));
+        let answer = match self
+            .transport
+            .call(
+                addr,
+                0,
+                PeerKind::ReadIndex,
+                body,
+                wait.max(READ_FENCE_RETRY),
+            )
+            .await
+        {
+            Err(PeerError::UnknownKind(_)) => return Ok(None),
+            Err(PeerError::Remote { error, .. }) if error.code == RpcCode::UnknownKind => {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot ask partition {partition}'s leader how far it applied: {e}"
+                ))
+            }
+            Ok(answer) => answer,
+        };
+        wire::decode::<Vec<Applied>>(&answer)
+            .ok()
+            .and_then(|a| a.into_iter().find(|a| a.partition == partition))
+            .map(|a| Some(a.applied))
+            .ok_or_else(|| format!("partition {partition}'s leadership is moving"))
     }
 
     /// A follower that asks how far its leader applied is not quiet (a quiet one asks
