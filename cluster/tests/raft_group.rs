@@ -278,6 +278,11 @@ async fn a_follower_whose_leader_is_gone_and_silent_campaigns_at_once() {
         "raft: leader {leader} stopped; {new_leader} leads after {:?}, elected without timers",
         stopped.elapsed()
     );
+    // Writes through the partition log tick the group again (`RaftLog::queue` pokes it):
+    // a follower learns a commit from the leader's next AppendEntries, a heartbeat here.
+    for f in &followers {
+        f.raft.runtime_config().tick(true);
+    }
     write(&followers, 6..=8).await;
     converged(&followers, 8).await;
 }
@@ -320,6 +325,10 @@ async fn a_survivor_campaigns_once_per_term_on_the_liveness_signal() {
         term + 1,
         "one election, in the next term"
     );
+    // As above: writes through the partition log tick the group again.
+    for f in &followers {
+        f.raft.runtime_config().tick(true);
+    }
     write(&followers, 4..=5).await;
     converged(&followers, 5).await;
 }
