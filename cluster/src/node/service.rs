@@ -148,15 +148,16 @@ impl ClusterNode {
     /// follower learns a commit from the next AppendEntries (the vendored openraft sends
     /// none of its own for it), so the one that asked learns this commit index now.
     async fn read_index(&self, partitions: &[u16]) -> Vec<Applied> {
-        // A quiet group ticks again first: a heartbeat wakes its followers, which would
-        // time out on a leader that stayed quiet.
-        self.wake_asked(partitions);
-        for p in partitions {
-            if let Some(raft) = self.local_raft(*p) {
+        // First a quiet group ticks again (a heartbeat wakes its followers, which would time
+        // out on a leader that stayed quiet); the heartbeat after it carries a commit index
+        // at least the applied index answered.
+        let applied = self.applied_as_leader(partitions);
+        for a in &applied {
+            if let Some(raft) = self.local_raft(a.partition) {
                 let _ = raft.trigger().heartbeat().await;
             }
         }
-        self.applied_as_leader(partitions)
+        applied
     }
 
     /// Waits until this node's replica of `partition` has applied what its leader had
