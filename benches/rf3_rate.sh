@@ -10,6 +10,7 @@
 #   bash benches/rf3_rate.sh                        # RATE=2300 DURATION=10 RUNS=2 SLOW_MS=100
 #   BIN=/some/other/build bash benches/rf3_rate.sh  # the same against other binaries
 #   RATE=0 bash benches/rf3_rate.sh                 # closed loop: the cluster's maximum
+#   SLOW_SYNC_US=3000 bash benches/rf3_rate.sh      # every server fsync 3 ms slower (a slow disk)
 #
 # Nothing else should run on the machine meanwhile: servers and load share the cores.
 set -euo pipefail
@@ -20,6 +21,7 @@ DURATION="${DURATION:-10}"
 RUNS="${RUNS:-2}"
 SLOW_MS="${SLOW_MS:-100}"
 CLOSED="${CLOSED:-}"
+SLOW_SYNC_US="${SLOW_SYNC_US:-}"
 if [ -z "${BIN:-}" ]; then
     cargo build --release --workspace --bin warbler --bin warbler-load >&2
     BIN="$CARGO_TARGET_DIR/release"
@@ -27,6 +29,12 @@ fi
 work=$(mktemp -d)
 PIDS=()
 trap 'kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+PRELOAD=
+if [ -n "$SLOW_SYNC_US" ]; then
+    cc -shared -fPIC -O2 -o "$work/slow_sync.so" benches/slow_sync.c -ldl
+    PRELOAD="$work/slow_sync.so"
+    echo "every fsync and fdatasync of the servers is $SLOW_SYNC_US us slower (benches/slow_sync.c)"
+fi
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
 ADDRS=127.0.0.1:17900,127.0.0.1:17901,127.0.0.1:17902
 
@@ -47,7 +55,7 @@ for run in $(seq "$RUNS"); do
     PIDS=()
     for i in 0 1 2; do
         rm -rf "$work/n$i"
-        WARBLER_LOG=warn "$BIN/warbler" serve --node-id "n$i" --data-dir "$work/n$i" \
+        LD_PRELOAD="$PRELOAD" SLOW_SYNC_US="$SLOW_SYNC_US" WARBLER_LOG=warn "$BIN/warbler" serve --node-id "n$i" --data-dir "$work/n$i" \
             --jwt-secret-file "$work/secret" --client-addr "127.0.0.1:1790$i" \
             --http-addr "127.0.0.1:1798$i" --cluster-addr "127.0.0.1:1791$i" \
             --seeds 127.0.0.1:17910 --bootstrap-expect 3 > "$work/n$i.out" 2>&1 &

@@ -31,9 +31,9 @@ pub const BATCH_OPS_MAX: usize = 512;
 /// limit; small enough that a leader's append does not hold up the next one for long.
 pub const BATCH_BYTES_MAX: usize = 256 * 1024;
 
-/// Entries of one partition handed to Raft and not yet answered. openraft 0.9 appends an
-/// entry and waits for its flush before it takes the next one from its queue, so a queue
-/// of small entries there costs one fsync wait each; queued here instead, they become one
+/// Entries of one partition handed to Raft and not yet answered. Every entry costs each
+/// replica an append, an AppendEntries round and an apply, whatever it holds, so a queue of
+/// small entries in openraft costs a round each; queued here instead, they become one
 /// entry. Two keep the leader appending the next entry while the last one replicates.
 pub const ENTRIES_IN_FLIGHT: usize = 2;
 

@@ -4,8 +4,10 @@
 //! acknowledged the leader's log. The parent kills it (SIGKILL) at a random moment, many
 //! times, and checks after each kill, before the next run can change anything:
 //!
-//! - every acknowledged entry is in the log (or the applied state) of the leader that
-//!   acknowledged it and of at least one other replica, with its content;
+//! - every acknowledged entry is in the log (or the applied state) of a majority of the
+//!   replicas, with its content. Not necessarily of the leader that acknowledged it: a
+//!   leader replicates without waiting for its own flush and commits on any majority, two
+//!   followers' flushes included (`vendor/openraft/PATCHED.md`);
 //! - every follower holds the leader's log up to where it said it did.
 //!
 //! The appends reach the disk through the node's syncer (one fsync for every group that
@@ -312,11 +314,11 @@ fn parent() {
         let replicas: BTreeMap<u64, Recovered> = (1..=REPLICAS)
             .map(|id| (id, recover(&dir.path().join(format!("n{id}")))))
             .collect();
+        let mut not_on_leader = 0;
         for &(key, leader, term, index) in &seen.acks {
-            assert!(
-                holds(&replicas[&leader], key, term, index),
-                "kill {kill}: key {key} acknowledged at {term}-{index} by leader n{leader} is not in its log"
-            );
+            if !holds(&replicas[&leader], key, term, index) {
+                not_on_leader += 1;
+            }
             let copies = replicas
                 .values()
                 .filter(|r| holds(r, key, term, index))
@@ -338,14 +340,15 @@ fn parent() {
             );
         }
         println!(
-            "raft_crash: kill {kill}: {} acknowledged writes, {} replicas' acknowledgements checked",
+            "raft_crash: kill {kill}: {} acknowledged writes ({not_on_leader} of them not on their \
+             leader, which answered before its own flush), {} replicas' acknowledgements checked",
             seen.acks.len(),
             seen.matched.len()
         );
         total_acks += seen.acks.len();
         total_matches += seen.matched.len();
     }
-    println!("raft_crash: {KILLS} kills, {total_acks} acknowledged writes, all on a majority including their leader");
+    println!("raft_crash: {KILLS} kills, {total_acks} acknowledged writes, all on a majority of the replicas");
     assert!(total_acks > 0, "the child must have acknowledged writes");
     assert!(
         total_matches > 0,

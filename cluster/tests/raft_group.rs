@@ -218,6 +218,70 @@ async fn a_partition_survives_losing_its_leader() {
     }
 }
 
+/// Holds `store`'s syncer until the returned sender is dropped or sent to: the first sync
+/// after this call completes, and every later one waits behind it.
+fn hold_syncs(store: &Store) -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    store.after_sync(Box::new(move |_| {
+        let _ = held.recv();
+    }));
+    release
+}
+
+/// A leader hands its entries to its followers without waiting for its own flush
+/// (`vendor/openraft/PATCHED.md`): with the leader's syncs held, a write still commits on
+/// the two followers' flushes and is applied and answered on the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_replicates_its_entries_before_its_own_flush() {
+    let nodes = three_replicas().await;
+    let (_, led, others) = written_then_split(&nodes, 3).await;
+    let release = hold_syncs(&led[0].store);
+    let answered =
+        tokio::time::timeout(Duration::from_secs(10), led[0].raft.client_write(batch(4))).await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "a write waited for its leader's own flush: {answered:?}"
+    );
+    assert_eq!(
+        led[0].store.verify_user(PARTITION, "ann").unwrap(),
+        Some((1, 4))
+    );
+    drop(release);
+    let all: Vec<&Replica> = led.iter().chain(others.iter()).copied().collect();
+    converged(&all, 4).await;
+}
+
+/// A leader counts its own copy of an entry towards the majority only once it is flushed:
+/// with one follower stopped and the leader's syncs held, the one follower left is not a
+/// majority, so the write waits; released, it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_counts_itself_only_once_its_append_is_flushed() {
+    let nodes = three_replicas().await;
+    let (_, led, others) = written_then_split(&nodes, 3).await;
+    others[0].raft.shutdown().await.unwrap();
+    others[0].service.remove(PARTITION);
+    let release = hold_syncs(&led[0].store);
+    let raft = led[0].raft.clone();
+    let mut write = tokio::spawn(async move { raft.client_write(batch(4)).await });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut write).await;
+    assert!(
+        early.is_err(),
+        "a write committed on one follower and an unflushed leader: {early:?}"
+    );
+    assert_eq!(
+        led[0].store.verify_user(PARTITION, "ann").unwrap(),
+        Some((1, 3)),
+        "nothing is applied before it is committed"
+    );
+    drop(release);
+    let answered = tokio::time::timeout(Duration::from_secs(10), write).await;
+    assert!(
+        matches!(answered, Ok(Ok(Ok(_)))),
+        "the write did not commit once the leader's flush came: {answered:?}"
+    );
+    converged(&[led[0], others[1]], 4).await;
+}
+
 /// A follower whose leader's node gossip has declared gone, and that has heard nothing
 /// from the leader for a leader lease, campaigns at once (`RaftService::elect_without`):
 /// one survivor only, the lowest live id, so that two survivors told at the same moment do
