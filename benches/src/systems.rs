@@ -28,6 +28,9 @@ const MQTT_CONNECT_TRIES: u32 = 10;
 use crate::stats::{now_ns, read_body, stamp_body, DeviceTrack, Stats, HEADER_BYTES};
 use crate::tokens;
 
+/// Connection attempts to a NATS server before a run gives up (250 ms apart).
+const NATS_CONNECT_ATTEMPTS: u32 = 20;
+
 /// The JetStream stream every NATS run uses.
 pub const NATS_STREAM: &str = "WARBLER";
 
@@ -87,9 +90,22 @@ impl Target {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
         let addr = self.addr(i);
-        opts.connect(addr)
-            .await
-            .with_context(|| format!("connecting to NATS at {addr}"))
+        // A server that has only just started may not take connections yet (or may restart
+        // its listener while JetStream starts): try again for a few seconds before failing.
+        let mut attempt = 0;
+        loop {
+            match opts.clone().connect(addr).await {
+                Ok(client) => return Ok(client),
+                Err(e) if attempt < NATS_CONNECT_ATTEMPTS => {
+                    attempt += 1;
+                    eprintln!("connecting to NATS at {addr}: {e}; trying again ({attempt})");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to NATS at {addr}"));
+                }
+            }
+        }
     }
 
     fn mqtt_options(&self, i: usize, client_id: String) -> anyhow::Result<rumqttc::MqttOptions> {
