@@ -663,15 +663,34 @@ async fn publish_while_down(
         if i == victim {
             continue;
         }
-        let v = node
-            .status()
-            .await
-            .expect("a live node answers /v1/cluster");
+        let v = answered_status(node, i).await;
         for (p, t) in target.iter_mut().enumerate() {
             *t = (*t).max(v.partitions[p].applied.unwrap_or(0));
         }
     }
     (acked_count(&outcomes), target)
+}
+
+/// Node `i`'s `/v1/cluster`, asked again for up to 10 s: right after a load stops, one
+/// request may time out on a busy machine. A formed node lists every partition.
+async fn answered_status(node: &Node, i: usize) -> ClusterStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = node.status().await {
+            assert_eq!(
+                v.partitions.len(),
+                64,
+                "n{i} is formed but /v1/cluster lists {} partitions",
+                v.partitions.len()
+            );
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "n{i} is alive but did not answer /v1/cluster for 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Partitions where node `i` has applied less than `target`, as (partition, applied, target).

@@ -89,6 +89,7 @@ use crate::storage::RaftLogReaderExt;
 use crate::storage::RaftLogStorage;
 use crate::storage::RaftStateMachine;
 use crate::type_config::alias::InstantOf;
+use crate::type_config::alias::OneshotReceiverOf;
 use crate::type_config::alias::ResponderOf;
 use crate::type_config::TypeConfigExt;
 use crate::AsyncRuntime;
@@ -718,16 +719,29 @@ where
     {
         tracing::debug!("append_to_log");
 
-        let (tx, rx) = C::AsyncRuntime::oneshot();
-        let log_io_id = LogIOId::new(vote, Some(last_log_id));
-
-        let callback = LogFlushed::new(log_io_id, tx);
-
-        self.log_store.append(entries, callback).await?;
+        let rx = self.start_append(entries, vote, last_log_id).await?;
         rx.await
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?
             .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
         Ok(())
+    }
+
+    /// Warbler: hands `entries` to the log store; the receiver completes once they are
+    /// flushed. Shared by [`Self::append_to_log`] and [`Self::append_to_log_unflushed`].
+    async fn start_append<I>(
+        &mut self,
+        entries: I,
+        vote: Vote<C::NodeId>,
+        last_log_id: LogId<C::NodeId>,
+    ) -> Result<OneshotReceiverOf<C, Result<LogIOId<C::NodeId>, std::io::Error>>, StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (tx, rx) = C::AsyncRuntime::oneshot();
+        let callback = LogFlushed::new(LogIOId::new(vote, Some(last_log_id)), tx);
+        self.log_store.append(entries, callback).await?;
+        Ok(rx)
     }
 
     /// Warbler: hands a leader's own entries to the log store and returns at once; the flush
@@ -742,11 +756,7 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (tx, rx) = C::AsyncRuntime::oneshot();
-        let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
-        let callback = LogFlushed::new(log_io_id, tx);
-        self.log_store.append(entries, callback).await?;
-
+        let rx = self.start_append(entries, vote.clone(), last_log_id.clone()).await?;
         let tx_notify = self.tx_notify.clone();
         let _ = C::AsyncRuntime::spawn(async move {
             let result = match rx.await {
