@@ -26,6 +26,8 @@ pub enum NotReady {
     NotAdded(PartitionId),
     #[error("partition {0} has no leader yet")]
     NoLeader(PartitionId),
+    #[error("member {0} is up but its address has not reached this node yet (gossip brings it within seconds; if it never does, check that the members share one --cluster-key-file)")]
+    NoAddress(String),
     #[error("partition {partition} is catching up (applied {applied} of {last})")]
     Applying {
         partition: PartitionId,
@@ -70,6 +72,11 @@ pub struct ReadyInput<'a> {
     /// longer keeps it unready (a slow replica must not hold a rollout forever); every
     /// other condition still holds.
     pub catch_up_waived: bool,
+    /// Nodes this one may have to call and cannot yet (by Raft id: their names): members
+    /// gossip shows up, and the leaders of its replicas, whose addresses have not reached
+    /// it. A node restarted a moment ago learns the others' addresses from gossip; until
+    /// then a request it takes for a partition led there would fail.
+    pub unaddressed: &'a BTreeMap<u64, String>,
 }
 
 pub fn ready(i: &ReadyInput) -> Result<(), NotReady> {
@@ -99,15 +106,21 @@ pub fn ready(i: &ReadyInput) -> Result<(), NotReady> {
     for (p, g) in i.replicas {
         replica_ready(*p, g, i)?;
     }
-    Ok(())
+    match i.unaddressed.values().next() {
+        Some(name) => Err(NotReady::NoAddress(name.clone())),
+        None => Ok(()),
+    }
 }
 
 fn replica_ready(partition: PartitionId, g: &GroupView, i: &ReadyInput) -> Result<(), NotReady> {
     if !g.added() {
         return Err(NotReady::NotAdded(partition));
     }
-    if g.leader.is_none() {
+    let Some(leader) = g.leader else {
         return Err(NotReady::NoLeader(partition));
+    };
+    if let Some(name) = i.unaddressed.get(&leader) {
+        return Err(NotReady::NoAddress(name.clone()));
     }
     if i.catch_up_waived {
         return Ok(());
@@ -182,6 +195,7 @@ mod tests {
             leaders_applied: leaders,
             logged: &HashMap::new(),
             catch_up_waived: false,
+            unaddressed: &BTreeMap::new(),
         })
     }
 
@@ -203,6 +217,7 @@ mod tests {
             leaders_applied: &leaders,
             logged: &HashMap::new(),
             catch_up_waived: false,
+            unaddressed: &BTreeMap::new(),
         };
         assert_eq!(ready(&i), Err(NotReady::NotFormed));
         i.formed = true;
@@ -233,6 +248,7 @@ mod tests {
             leaders_applied: &leaders,
             logged: &HashMap::new(),
             catch_up_waived: false,
+            unaddressed: &BTreeMap::new(),
         };
         assert!(matches!(ready(&i), Err(NotReady::Applying { .. })));
         i.catch_up_waived = true;
@@ -351,6 +367,7 @@ mod tests {
             leaders_applied: &leaders,
             logged: &logged,
             catch_up_waived: false,
+            unaddressed: &BTreeMap::new(),
         };
         assert_eq!(ready(&i), Ok(()));
         // Still replaying: it has not applied what it held a second ago.
@@ -364,6 +381,42 @@ mod tests {
                 last: 104
             })
         );
+    }
+
+    /// Regression (CI): a node restarted a moment before said ready, and a history read
+    /// through it failed for 2 s with "partition 51's leader has no known address": gossip
+    /// had not brought it that member's address yet.
+    #[test]
+    fn a_leader_or_member_without_a_known_address_keeps_the_node_unready() {
+        let leaders = HashMap::from([(0, (5, 5))]);
+        let replicas = BTreeMap::from([(0, follower(5, 5))]);
+        let leader_unknown = BTreeMap::from([(2, "b".to_string())]);
+        let mut i = ReadyInput {
+            me: "a",
+            my_id: ME,
+            formed: true,
+            left: false,
+            placed: &placed(),
+            replicas: &replicas,
+            leaders_applied: &leaders,
+            logged: &HashMap::new(),
+            catch_up_waived: true,
+            unaddressed: &leader_unknown,
+        };
+        let e = ready(&i).unwrap_err();
+        assert_eq!(
+            e,
+            NotReady::NoAddress("b".into()),
+            "not waived by the catch-up bound"
+        );
+        assert!(e.to_string().contains("member b is up"), "{e}");
+        // Another member, not this replica's leader: still not ready, after the replicas.
+        let member_unknown = BTreeMap::from([(7, "c".to_string())]);
+        i.unaddressed = &member_unknown;
+        assert_eq!(ready(&i), Err(NotReady::NoAddress("c".into())));
+        let none = BTreeMap::new();
+        i.unaddressed = &none;
+        assert_eq!(ready(&i), Ok(()));
     }
 
     #[test]

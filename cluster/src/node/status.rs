@@ -11,7 +11,7 @@ use warbler_storage::PartitionId;
 
 use super::{group_view, ClusterNode};
 use crate::control::ready::{self, NotReady, ReadyInput};
-use crate::control::GroupView;
+use crate::control::{raft_id, GroupView};
 use crate::router::{Leader, Router};
 use crate::wire::{self, Applied, AppliedReq, PeerKind};
 use crate::NodeState;
@@ -56,6 +56,7 @@ impl ClusterNode {
         let placed = self.placement.read().unwrap().replicas.clone();
         let leaders_applied = self.leaders_applied.lock().unwrap().clone();
         let logged = self.logged.lock().unwrap().clone();
+        let unaddressed = self.unaddressed(&replicas);
         ready::ready(&ReadyInput {
             me: &self.me,
             my_id: self.my_id,
@@ -66,7 +67,39 @@ impl ClusterNode {
             leaders_applied: &leaders_applied,
             logged: &logged,
             catch_up_waived: self.started.elapsed() >= READY_CATCH_UP_BOUND,
+            unaddressed: &unaddressed,
         })
+    }
+
+    /// The members gossip shows up, and the leaders of `replicas`, whose cluster address
+    /// this node does not know yet (see [`ReadyInput::unaddressed`]).
+    fn unaddressed(&self, replicas: &BTreeMap<PartitionId, GroupView>) -> BTreeMap<u64, String> {
+        let listed: Vec<String> = self
+            .members
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|l| l.names.clone())
+            .unwrap_or_default();
+        let up = self.live_names();
+        let metas = self.metas.borrow();
+        let mut missing: BTreeMap<u64, String> = listed
+            .into_iter()
+            .filter(|n| *n != self.me && up.contains(n) && !metas.contains_key(n))
+            .map(|n| (raft_id(&n), n))
+            .collect();
+        for l in replicas.values().filter_map(|g| g.leader) {
+            if l == self.my_id {
+                continue;
+            }
+            match self.name_of(l) {
+                Some(name) if metas.contains_key(&name) => {}
+                name => {
+                    missing.insert(l, name.unwrap_or_else(|| format!("with Raft id {l}")));
+                }
+            }
+        }
+        missing
     }
 
     /// Every second: asks the leaders of the partitions this node follows how far they
