@@ -474,7 +474,7 @@ impl ClusterNode {
     }
 
     /// A decommissioned node hears of it from the others (it no longer gets the member list).
-    async fn check_left(&self) {
+    async fn check_left(self: &Arc<Self>) {
         let Some(mine) = self.members.read().unwrap().clone() else {
             return;
         };
@@ -513,13 +513,32 @@ impl ClusterNode {
         }
     }
 
-    async fn leave(&self, list: &MemberList, from: &str) {
+    async fn leave(self: &Arc<Self>, list: &MemberList, from: &str) {
         tracing::warn!(members = ?list.names, epoch = list.epoch, from, "this node was decommissioned: it hands its partitions over and then serves nothing; stop it (started again, it wipes its data directory and joins as a new node)");
         self.left.store(true, Ordering::Relaxed);
         self.set_state(NodeState::Draining, true).await;
         if let Some(f) = self.formed.get() {
             let _ = f.meta.shutdown().await;
             self.raft_service.remove(META_GROUP);
+        }
+        // The partitions it leads move away under a leader that stays: each is handed to a
+        // caught-up replica on a serving member, which then runs its move. One already
+        // moving finishes here; one whose transfer is refused moves from here too.
+        let led: Vec<(PartitionId, Raft<TypeConfig>)> = {
+            let moving = self.moving.lock().unwrap().clone();
+            let pl = self.placement.read().unwrap();
+            pl.rafts
+                .iter()
+                .filter(|(p, r)| !moving.contains(p) && group_view(r, self.my_id).leading)
+                .map(|(p, r)| (*p, r.clone()))
+                .collect()
+        };
+        if !led.is_empty() {
+            tracing::info!(
+                partitions = led.len(),
+                "decommissioned: handing the partitions led here to members that stay"
+            );
+            self.transfer_all(&led);
         }
     }
 
