@@ -220,13 +220,7 @@ impl ClusterNode {
         // A decommissioned node knows no coordinator (see `coordinator`): it takes the
         // request from any member of the list it kept. Its partitions must still move away.
         let coordinator = self.coordinator();
-        let members = self
-            .members
-            .read()
-            .unwrap()
-            .as_ref()
-            .map(|l| l.names.clone())
-            .unwrap_or_default();
+        let members = self.member_names();
         rebalance::may_reconfigure(from, req.epoch, epoch, coordinator.as_deref(), &members)?;
         let Some(raft) = self.local_raft(partition) else {
             return Err(ControlError::NoReplica { partition }.into());

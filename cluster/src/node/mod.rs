@@ -704,6 +704,15 @@ impl ClusterNode {
             .collect()
     }
 
+    /// The names in this node's member list (none before it has one).
+    fn member_names(&self) -> Vec<String> {
+        let members = self.members.read().unwrap();
+        members
+            .as_ref()
+            .map(|l| l.names.clone())
+            .unwrap_or_default()
+    }
+
     fn name_of(&self, id: u64) -> Option<String> {
         self.names.read().unwrap().get(&id).cloned()
     }

@@ -74,13 +74,7 @@ impl ClusterNode {
     /// The members gossip shows up, and the leaders of `replicas`, whose cluster address
     /// this node does not know yet (see [`ReadyInput::unaddressed`]).
     fn unaddressed(&self, replicas: &BTreeMap<PartitionId, GroupView>) -> BTreeMap<u64, String> {
-        let listed: Vec<String> = self
-            .members
-            .read()
-            .unwrap()
-            .as_ref()
-            .map(|l| l.names.clone())
-            .unwrap_or_default();
+        let listed: Vec<String> = self.member_names();
         let up = self.live_names();
         let metas = self.metas.borrow();
         let mut missing: BTreeMap<u64, String> = listed
