@@ -1139,6 +1139,18 @@ async fn nodes_join_and_leave_under_load_and_lose_nothing() {
     }
     let (status, _) = cluster.nodes[gone].http("GET", "/readyz", None, "").await;
     assert_eq!(status, 503, "a decommissioned node is not ready");
+    // It handed the partitions it led to members that stay, which moved them (it did not
+    // drain: nothing else counts here).
+    let handed = counter(
+        &cluster.nodes[gone],
+        "warbler_leaderships_handed_over_total",
+    )
+    .await;
+    assert!(
+        handed > 0,
+        "{name} handed none of the partitions it led to a member that stays"
+    );
+    println!("scale in: {name} handed {handed} leaderships over");
     clients
         .lock()
         .unwrap()

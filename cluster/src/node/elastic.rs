@@ -532,7 +532,7 @@ impl ClusterNode {
                 partitions = led.len(),
                 "decommissioned: handing the partitions led here to members that stay"
             );
-            self.transfer_all(&led);
+            self.transfer_all(&led, true);
         }
     }
 

@@ -484,7 +484,7 @@ impl ClusterNode {
         }
         let pairs: Vec<_> = led.iter().map(|h| (h.partition, h.raft.clone())).collect();
         self.wake_followers(&pairs).await;
-        self.transfer_all(&pairs);
+        self.transfer_all(&pairs, false);
         let total = led.len();
         let my_id = self.my_id;
         Handing::release_moved(&mut led, my_id, deadline).await;
@@ -505,8 +505,11 @@ impl ClusterNode {
     /// Hands each of `led` to its most caught-up follower on a serving member at once, as
     /// the balancer does (the writes are held already, so a follower holds the whole log
     /// within a round trip): a few milliseconds instead of an election timeout. A group
-    /// whose transfer fails changes leader when its followers time out.
-    fn transfer_all(self: &Arc<Self>, led: &[(PartitionId, Raft<TypeConfig>)]) {
+    /// whose transfer fails changes leader when its followers time out (draining), or moves
+    /// from here (decommissioned). `counted`: each transfer done counts in
+    /// `warbler_leaderships_handed_over_total` (a drain counts the leaderships that moved
+    /// away by any means, itself).
+    fn transfer_all(self: &Arc<Self>, led: &[(PartitionId, Raft<TypeConfig>)], counted: bool) {
         let serving: std::collections::HashSet<String> = {
             let metas = self.metas.borrow();
             self.live_names()
@@ -535,8 +538,14 @@ impl ClusterNode {
             let Some(target) = target else { continue };
             let (node, partition) = (self.clone(), *partition);
             tokio::spawn(async move {
-                if let Err(e) = node.transfer(partition, &target).await {
-                    tracing::debug!(partition, to = %target, "draining: no transfer ({e}); the followers elect on the silence");
+                match node.transfer(partition, &target).await {
+                    Ok(()) if counted => {
+                        metrics::counter!("warbler_leaderships_handed_over_total").increment(1)
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(partition, to = %target, "no transfer ({e}); the followers elect on the silence, or the partition moves from here");
+                    }
                 }
             });
         }
