@@ -82,15 +82,16 @@ impl ClusterNode {
             .filter(|n| *n != self.me && up.contains(n) && !metas.contains_key(n))
             .map(|n| (raft_id(&n), n))
             .collect();
+        drop(metas);
+        let Some(resolve) = self.formed.get().map(|f| &f.resolver) else {
+            return missing;
+        };
         for l in replicas.values().filter_map(|g| g.leader) {
-            if l == self.my_id {
-                continue;
-            }
-            match self.name_of(l) {
-                Some(name) if metas.contains_key(&name) => {}
-                name => {
-                    missing.insert(l, name.unwrap_or_else(|| format!("with Raft id {l}")));
-                }
+            if l != self.my_id && resolve(l).is_none() {
+                let name = self
+                    .name_of(l)
+                    .unwrap_or_else(|| format!("with Raft id {l}"));
+                missing.insert(l, name);
             }
         }
         missing
