@@ -8,7 +8,12 @@
 //!   replicas, with its content. Not necessarily of the leader that acknowledged it: a
 //!   leader replicates without waiting for its own flush and commits on any majority, two
 //!   followers' flushes included (`vendor/openraft/PATCHED.md`);
-//! - every follower holds the leader's log up to where it said it did.
+//! - every follower holds the leader's log up to where it said it did;
+//! - two replicas that hold an entry under the same log id hold the same entry (a leader
+//!   that came back in its old term after losing its log's unflushed tail broke this).
+//!
+//! The leader's disk is made slower than its followers' (`slow_leader_disk`), so a kill
+//! often takes from the leader a tail of its log that its followers hold.
 //!
 //! The appends reach the disk through the node's syncer (one fsync for every group that
 //! waits), so this is what proves it completes nothing before its write is there.
@@ -37,6 +42,8 @@ const KILLS: usize = 8;
 /// Writers in flight at once in the child (so entries hold many ops and syncs many groups'
 /// appends).
 const WRITERS: u64 = 48;
+/// How long the leader's syncer stalls in every stall-and-run cycle (`slow_leader_disk`).
+const LEADER_SYNC_STALL: Duration = Duration::from_millis(20);
 
 fn main() {
     match std::env::var(CHILD_DIR_ENV) {
@@ -83,8 +90,10 @@ fn child(dir: &str) {
         .unwrap();
     rt.block_on(async move {
         let mut rafts = Vec::new();
+        let mut stores = Vec::new();
         for id in 1..=REPLICAS {
             let store = Store::open(&std::path::Path::new(dir).join(format!("n{id}"))).unwrap();
+            stores.push(store.clone());
             rafts.push(replica(id, ports[id as usize - 1], store).await);
         }
         if rafts[0].is_initialized().await.unwrap() {
@@ -104,6 +113,7 @@ fn child(dir: &str) {
         for w in 0..WRITERS {
             tokio::spawn(writer(rafts.clone(), run, w));
         }
+        tokio::spawn(slow_leader_disk(rafts.clone(), stores));
         loop {
             // How far each follower acknowledged the leader's log (durable there).
             for r in rafts.iter() {
@@ -156,6 +166,24 @@ async fn replica(id: u64, port: u16, store: Store) -> Raft<TypeConfig> {
     raft
 }
 
+/// Gives the leader a disk slower than its followers': its syncer stalls for most of the
+/// time. Its followers then hold, flushed, a tail of its log that it has not flushed, which
+/// a kill takes from it: the case where a restarted leader must not lead again in its old
+/// term (`vendor/openraft/PATCHED.md`, change 3), and where writes are acknowledged on the
+/// two followers' flushes alone (change 2).
+async fn slow_leader_disk(rafts: Arc<Vec<Raft<TypeConfig>>>, stores: Vec<Store>) {
+    loop {
+        let leader = rafts.iter().position(|r| {
+            let m = r.metrics().borrow().clone();
+            m.current_leader == Some(m.id)
+        });
+        if let Some(i) = leader {
+            stores[i].after_sync(Box::new(|_| std::thread::sleep(LEADER_SYNC_STALL)));
+        }
+        tokio::time::sleep(LEADER_SYNC_STALL + Duration::from_millis(5)).await;
+    }
+}
+
 /// Writes unique keys through whichever replica leads, printing each acknowledged one.
 async fn writer(rafts: Arc<Vec<Raft<TypeConfig>>>, run: u64, w: u64) {
     for n in 0u64.. {
@@ -195,9 +223,11 @@ struct Seen {
     acks: Vec<(u64, u64, u64, u64)>,
     /// follower → highest (term, index) the leader saw it hold
     matched: BTreeMap<u64, (u64, u64)>,
+    /// How long after the child started its first write was acknowledged.
+    first_ack: Option<Duration>,
 }
 
-fn read_child(out: std::process::ChildStdout) -> Seen {
+fn read_child(out: std::process::ChildStdout, started: std::time::Instant) -> Seen {
     let mut seen = Seen::default();
     for line in BufReader::new(out).lines() {
         let Ok(line) = line else { break };
@@ -205,7 +235,10 @@ fn read_child(out: std::process::ChildStdout) -> Seen {
         let num = |i: usize| f[i].parse::<u64>().unwrap();
         match f.first() {
             // A line cut short by the kill is not a statement.
-            Some(&"ACK") if f.len() == 5 => seen.acks.push((num(1), num(2), num(3), num(4))),
+            Some(&"ACK") if f.len() == 5 => {
+                seen.first_ack.get_or_insert_with(|| started.elapsed());
+                seen.acks.push((num(1), num(2), num(3), num(4)))
+            }
             Some(&"MATCH") if f.len() == 4 => {
                 let m = seen.matched.entry(num(1)).or_default();
                 *m = (*m).max((num(2), num(3)));
@@ -272,6 +305,32 @@ fn holds(r: &Recovered, key: u64, term: u64, index: u64) -> bool {
     }
 }
 
+/// Raft's log matching: two replicas that hold an entry under the same index and term hold
+/// the same entry. A leader that led again in its old term after a crash took from the tail of
+/// its log broke it: it wrote new entries under log ids its followers already held with other
+/// content, and a follower that "matched" such an id counted towards a commit it did not hold.
+/// Returns how many entries were compared.
+fn assert_logs_match(kill: usize, replicas: &BTreeMap<u64, Recovered>) -> usize {
+    let mut compared = 0;
+    for (&a, ra) in replicas {
+        for (&b, rb) in replicas.range(a + 1..) {
+            for (index, (term, keys)) in &ra.log {
+                let Some((t, k)) = rb.log.get(index) else {
+                    continue;
+                };
+                if t == term {
+                    assert_eq!(
+                        keys, k,
+                        "kill {kill}: n{a} and n{b} hold different entries under log id {term}-{index}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    compared
+}
+
 fn parent() {
     let seed = std::env::var("WARBLER_TEST_SEED")
         .ok()
@@ -305,15 +364,19 @@ fn parent() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || read_child(stdout));
-        // Long enough to elect a leader after a restart, then a random moment under load.
-        std::thread::sleep(Duration::from_millis(rng.gen_range(1500..3000)));
+        let started = std::time::Instant::now();
+        let reader = std::thread::spawn(move || read_child(stdout, started));
+        // Long enough to elect a leader after a restart (1–3.2 s here: a restarted leader does
+        // not lead again in its old term, the replicas elect one, and each replica's vote
+        // holds its leader's lease for the first 0.8 s), then a random moment under load.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(2500..4000)));
         child.kill().unwrap();
         child.wait().unwrap();
         let seen = reader.join().unwrap();
         let replicas: BTreeMap<u64, Recovered> = (1..=REPLICAS)
             .map(|id| (id, recover(&dir.path().join(format!("n{id}")))))
             .collect();
+        let compared = assert_logs_match(kill, &replicas);
         let mut not_on_leader = 0;
         for &(key, leader, term, index) in &seen.acks {
             if !holds(&replicas[&leader], key, term, index) {
@@ -341,9 +404,12 @@ fn parent() {
         }
         println!(
             "raft_crash: kill {kill}: {} acknowledged writes ({not_on_leader} of them not on their \
-             leader, which answered before its own flush), {} replicas' acknowledgements checked",
+             leader, which answered before its own flush), {} replicas' acknowledgements checked, \
+             {compared} entries held by two replicas under one log id compared; the first write \
+             was acknowledged {:?} after the start",
             seen.acks.len(),
-            seen.matched.len()
+            seen.matched.len(),
+            seen.first_ack
         );
         total_acks += seen.acks.len();
         total_matches += seen.matched.len();

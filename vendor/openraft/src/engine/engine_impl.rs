@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,17 +153,22 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
+        // Warbler, change 3 (PATCHED.md): a node that led before it stopped does not lead again
+        // in the same term, it campaigns in the next one. Its leadership replicated entries
+        // before they were on its own disk (change 2), so a crash can have taken from its log a
+        // tail that followers hold. Leading again in that term, it would write new entries
+        // under log ids those followers hold with other content, and Raft takes an equal log
+        // id for an equal entry. An election in a new term is won only with a log at least as
+        // long as a majority's, and the new term's entries replace any such tail.
         if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
+            self.state.server_state = ServerState::Follower;
+            self.elect();
 
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
+            tracing::info!(
+                "startup done: id={} led before it stopped, campaigns in term {}",
+                self.config.id,
+                self.state.vote_ref().leader_id().term
+            );
             return;
         }
 

@@ -7,13 +7,10 @@ use crate::engine::testing::UTConfig;
 use crate::engine::Command;
 use crate::engine::Engine;
 use crate::engine::LogIdList;
-use crate::entry::RaftEntry;
-use crate::progress::entry::ProgressEntry;
-use crate::progress::Inflight;
+use crate::raft::VoteRequest;
 use crate::testing::log_id;
 use crate::utime::UTime;
 use crate::EffectiveMembership;
-use crate::Entry;
 use crate::Membership;
 use crate::ServerState;
 use crate::TokioInstant;
@@ -40,7 +37,7 @@ fn eng() -> Engine<UTConfig> {
     eng
 }
 
-/// It is a Leader but not yet append any logs.
+/// It was a Leader, with no logs: it campaigns in the next term (Warbler, change 3).
 #[test]
 fn test_startup_as_leader_without_logs() -> anyhow::Result<()> {
     let mut eng = eng();
@@ -48,32 +45,24 @@ fn test_startup_as_leader_without_logs() -> anyhow::Result<()> {
     eng.state
         .membership_state
         .set_effective(Arc::new(EffectiveMembership::new(Some(log_id(2, 1, 3)), m23())));
-    // Committed vote makes it a leader at startup.
+    // A committed vote: it led before it stopped.
     eng.state.vote = UTime::new(TokioInstant::now(), Vote::new_committed(1, 2));
 
     eng.startup();
 
-    assert_eq!(ServerState::Leader, eng.state.server_state);
+    assert_eq!(ServerState::Candidate, eng.state.server_state);
+    assert!(eng.leader.is_none(), "it does not lead again in term 1");
+    assert_eq!(Vote::new(2, 2), *eng.state.vote_ref());
     assert_eq!(
         vec![
             //
-            Command::BecomeLeader,
-            Command::RebuildReplicationStreams {
-                targets: vec![(3, ProgressEntry {
-                    matching: None,
-                    curr_inflight_id: 0,
-                    inflight: Inflight::None,
-                    searching_end: 0
-                })]
+            Command::SaveVote { vote: Vote::new(2, 2) },
+            Command::SendVote {
+                vote_req: VoteRequest {
+                    vote: Vote::new(2, 2),
+                    last_log_id: None,
+                },
             },
-            Command::AppendInputEntries {
-                vote: Vote::new_committed(1, 2),
-                entries: vec![Entry::<UTConfig>::new_blank(log_id(1, 2, 0))],
-            },
-            Command::Replicate {
-                target: 3,
-                req: Inflight::logs(None, Some(log_id(1, 2, 0))).with_id(1)
-            }
         ],
         eng.output.take_commands()
     );
@@ -81,9 +70,11 @@ fn test_startup_as_leader_without_logs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// It was a Leader and proposed logs: it does not reuse its term, whose unflushed tail a crash
+/// may have taken while followers hold it (Warbler, change 3); it campaigns in the next term
+/// with the log it has.
 #[test]
 fn test_startup_as_leader_with_proposed_logs() -> anyhow::Result<()> {
-    tracing::info!("--- a leader proposed logs and restarted, reuse noop_log_id");
     let mut eng = eng();
     // self.id==2 is a voter:
     eng.state
@@ -91,30 +82,23 @@ fn test_startup_as_leader_with_proposed_logs() -> anyhow::Result<()> {
         .set_effective(Arc::new(EffectiveMembership::new(Some(log_id(2, 1, 3)), m23())));
     // Fake existing log ids
     eng.state.log_ids = LogIdList::new([log_id(1, 1, 2), log_id(1, 2, 4), log_id(1, 2, 6)]);
-    // Committed vote makes it a leader at startup.
+    // A committed vote: it led before it stopped.
     eng.state.vote = UTime::new(TokioInstant::now(), Vote::new_committed(1, 2));
 
     eng.startup();
 
-    assert_eq!(ServerState::Leader, eng.state.server_state);
-    assert_eq!(eng.leader.as_ref().unwrap().noop_log_id(), Some(&log_id(1, 2, 4)));
-    assert_eq!(eng.leader.as_ref().unwrap().last_log_id(), Some(&log_id(1, 2, 6)));
+    assert_eq!(ServerState::Candidate, eng.state.server_state);
+    assert!(eng.leader.is_none(), "it does not lead again in term 1");
     assert_eq!(
         vec![
             //
-            Command::BecomeLeader,
-            Command::RebuildReplicationStreams {
-                targets: vec![(3, ProgressEntry {
-                    matching: None,
-                    curr_inflight_id: 0,
-                    inflight: Inflight::None,
-                    searching_end: 7
-                })]
+            Command::SaveVote { vote: Vote::new(2, 2) },
+            Command::SendVote {
+                vote_req: VoteRequest {
+                    vote: Vote::new(2, 2),
+                    last_log_id: Some(log_id(1, 2, 6)),
+                },
             },
-            Command::Replicate {
-                target: 3,
-                req: Inflight::logs(None, Some(log_id(1, 2, 6))).with_id(1)
-            }
         ],
         eng.output.take_commands()
     );
