@@ -366,8 +366,8 @@ fn parent() {
         let stdout = child.stdout.take().unwrap();
         let started = std::time::Instant::now();
         let reader = std::thread::spawn(move || read_child(stdout, started));
-        // Long enough to elect a leader after a restart (1–3.2 s here: a restarted leader does
-        // not lead again in its old term, the replicas elect one, and each replica's vote
+        // Long enough to elect a leader after a restart (about 1–2 s here: a restarted leader does
+        // not lead again in its old term, the replicas elect one, and each follower's vote
         // holds its leader's lease for the first 0.8 s), then a random moment under load.
         std::thread::sleep(Duration::from_millis(rng.gen_range(2500..4000)));
         child.kill().unwrap();

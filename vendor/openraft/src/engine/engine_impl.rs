@@ -154,22 +154,27 @@ where C: RaftTypeConfig
         );
 
         // Warbler, change 3 (PATCHED.md): a node that led before it stopped does not lead again
-        // in the same term, it campaigns in the next one. Its leadership replicated entries
-        // before they were on its own disk (change 2), so a crash can have taken from its log a
-        // tail that followers hold. Leading again in that term, it would write new entries
-        // under log ids those followers hold with other content, and Raft takes an equal log
-        // id for an equal entry. An election in a new term is won only with a log at least as
-        // long as a majority's, and the new term's entries replace any such tail.
+        // in the same term. Its leadership replicated entries before they were on its own disk
+        // (change 2), so a crash can have taken from its log a tail that followers hold.
+        // Leading again in that term, it would write new entries under log ids those followers
+        // hold with other content, and Raft takes an equal log id for an equal entry. So it
+        // starts as a node whose campaign in that term has not completed: a follower whose
+        // vote is its own, uncommitted. The leader of a later term takes it over with its first
+        // AppendEntries; without one, its election timer makes it campaign in the next term,
+        // which it wins only with a log at least as long as a majority's.
+        //
+        // It does not campaign at once: the leader elected while it was down may hold a term no
+        // higher than that next one, and with openraft's default leader ids, ordered by term
+        // and then node id, its candidacy could outrank that leader and depose it.
         if self.state.is_leader(&self.config.id) {
-            self.state.server_state = ServerState::Follower;
-            self.elect();
-
+            let term = self.state.vote_ref().leader_id().term;
+            let candidacy = Vote::new(term, self.config.id.clone());
             tracing::info!(
-                "startup done: id={} led before it stopped, campaigns in term {}",
+                "startup: id={} led in term {} before it stopped, starts with its vote uncommitted",
                 self.config.id,
-                self.state.vote_ref().leader_id().term
+                term
             );
-            return;
+            self.state.vote.update(C::now(), candidacy);
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {

@@ -37,7 +37,8 @@ fn eng() -> Engine<UTConfig> {
     eng
 }
 
-/// It was a Leader, with no logs: it campaigns in the next term (Warbler, change 3).
+/// It was a Leader, with no logs: it starts as a follower whose own vote is uncommitted, so it
+/// leads again only after an election in a later term (Warbler, change 3).
 #[test]
 fn test_startup_as_leader_without_logs() -> anyhow::Result<()> {
     let mut eng = eng();
@@ -50,29 +51,17 @@ fn test_startup_as_leader_without_logs() -> anyhow::Result<()> {
 
     eng.startup();
 
-    assert_eq!(ServerState::Candidate, eng.state.server_state);
+    assert_eq!(ServerState::Follower, eng.state.server_state);
     assert!(eng.leader.is_none(), "it does not lead again in term 1");
-    assert_eq!(Vote::new(2, 2), *eng.state.vote_ref());
-    assert_eq!(
-        vec![
-            //
-            Command::SaveVote { vote: Vote::new(2, 2) },
-            Command::SendVote {
-                vote_req: VoteRequest {
-                    vote: Vote::new(2, 2),
-                    last_log_id: None,
-                },
-            },
-        ],
-        eng.output.take_commands()
-    );
+    assert_eq!(Vote::new(1, 2), *eng.state.vote_ref());
+    assert!(!eng.state.is_leader(&2));
+    assert_eq!(0, eng.output.take_commands().len());
 
     Ok(())
 }
 
-/// It was a Leader and proposed logs: it does not reuse its term, whose unflushed tail a crash
-/// may have taken while followers hold it (Warbler, change 3); it campaigns in the next term
-/// with the log it has.
+/// It was a Leader and proposed logs: a crash may have taken their unflushed tail while
+/// followers hold it, so it does not lead again in that term (Warbler, change 3).
 #[test]
 fn test_startup_as_leader_with_proposed_logs() -> anyhow::Result<()> {
     let mut eng = eng();
@@ -87,8 +76,14 @@ fn test_startup_as_leader_with_proposed_logs() -> anyhow::Result<()> {
 
     eng.startup();
 
-    assert_eq!(ServerState::Candidate, eng.state.server_state);
+    assert_eq!(ServerState::Follower, eng.state.server_state);
     assert!(eng.leader.is_none(), "it does not lead again in term 1");
+    assert_eq!(Vote::new(1, 2), *eng.state.vote_ref());
+    assert_eq!(0, eng.output.take_commands().len());
+
+    // Its next campaign is in term 2.
+    eng.elect();
+    assert_eq!(Vote::new(2, 2), *eng.state.vote_ref());
     assert_eq!(
         vec![
             //
