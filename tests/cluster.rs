@@ -694,12 +694,16 @@ async fn answered_status(node: &Node, i: usize) -> ClusterStatus {
 }
 
 /// Partitions where node `i` has applied less than `target`, as (partition, applied, target).
+/// A node that answers but lists no partitions yet (a restarted process that has not
+/// joined its groups again) has applied none.
 async fn behind(cluster: &Cluster, i: usize, target: &[u64]) -> Vec<(usize, u64, u64)> {
-    let Some(v) = cluster.nodes[i].status().await else {
-        return (0..target.len()).map(|p| (p, 0, target[p])).collect();
-    };
+    let listed = cluster.nodes[i].status().await.map(|v| v.partitions);
+    let listed = listed.as_deref().unwrap_or_default();
     (0..target.len())
-        .map(|p| (p, v.partitions[p].applied.unwrap_or(0), target[p]))
+        .map(|p| {
+            let applied = listed.get(p).and_then(|x| x.applied).unwrap_or(0);
+            (p, applied, target[p])
+        })
         .filter(|(_, applied, t)| applied < t)
         .collect()
 }
@@ -727,7 +731,11 @@ async fn catchup_figures() {
         if late.is_empty() {
             break;
         }
-        if answered.is_none() && cluster.nodes[victim].status().await.is_some() {
+        let lists_partitions = cluster.nodes[victim]
+            .status()
+            .await
+            .is_some_and(|v| !v.partitions.is_empty());
+        if answered.is_none() && lists_partitions {
             let missing: u64 = late.iter().map(|(_, applied, t)| t - applied).sum();
             answered = Some((t0.elapsed(), missing));
         }
