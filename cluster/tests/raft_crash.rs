@@ -166,6 +166,13 @@ async fn replica(id: u64, port: u16, store: Store) -> Raft<TypeConfig> {
     raft
 }
 
+/// Whether `r` is its group's leader now.
+fn leads(r: &Raft<TypeConfig>) -> bool {
+    let m = r.metrics();
+    let m = m.borrow();
+    m.current_leader == Some(m.id)
+}
+
 /// Gives the leader a disk slower than its followers': its syncer stalls for most of the
 /// time. Its followers then hold, flushed, a tail of its log that it has not flushed, which
 /// a kill takes from it: the case where a restarted leader must not lead again in its old
@@ -173,10 +180,7 @@ async fn replica(id: u64, port: u16, store: Store) -> Raft<TypeConfig> {
 /// two followers' flushes alone (change 2).
 async fn slow_leader_disk(rafts: Arc<Vec<Raft<TypeConfig>>>, stores: Vec<Store>) {
     loop {
-        let leader = rafts.iter().position(|r| {
-            let m = r.metrics().borrow().clone();
-            m.current_leader == Some(m.id)
-        });
+        let leader = rafts.iter().position(leads);
         if let Some(i) = leader {
             stores[i].after_sync(Box::new(|_| std::thread::sleep(LEADER_SYNC_STALL)));
         }
@@ -189,10 +193,7 @@ async fn writer(rafts: Arc<Vec<Raft<TypeConfig>>>, run: u64, w: u64) {
     for n in 0u64.. {
         let key = (run << 40) | (w << 24) | n;
         loop {
-            let leader = rafts.iter().find(|r| {
-                let m = r.metrics().borrow().clone();
-                m.current_leader == Some(m.id)
-            });
+            let leader = rafts.iter().find(|r| leads(r));
             let Some(leader) = leader else {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
