@@ -11,6 +11,8 @@
 #   BIN=/some/other/build bash benches/rf3_rate.sh  # the same against other binaries
 #   RATE=0 bash benches/rf3_rate.sh                 # closed loop: the cluster's maximum
 #   SLOW_SYNC_US=3000 bash benches/rf3_rate.sh      # every server fsync 3 ms slower (a slow disk)
+#   ROUTE=publishes bash benches/rf3_rate.sh        # each publish goes to its user's leader
+#   ROUTE=all bash benches/rf3_rate.sh              # ... and each device connects to it too
 #
 # Nothing else should run on the machine meanwhile: servers and load share the cores.
 set -euo pipefail
@@ -22,6 +24,13 @@ RUNS="${RUNS:-2}"
 SLOW_MS="${SLOW_MS:-100}"
 CLOSED="${CLOSED:-}"
 SLOW_SYNC_US="${SLOW_SYNC_US:-}"
+ROUTE="${ROUTE:-}"
+case "$ROUTE" in
+    "") route=() ;;
+    publishes) route=(--route-by-leader 127.0.0.1:17980) ;;
+    all) route=(--route-by-leader 127.0.0.1:17980 --devices-to-leader) ;;
+    *) echo "ROUTE must be empty, publishes or all, not '$ROUTE'" >&2; exit 2 ;;
+esac
 if [ -z "${BIN:-}" ]; then
     cargo build --release --workspace --bin warbler --bin warbler-load >&2
     BIN="$CARGO_TARGET_DIR/release"
@@ -42,6 +51,7 @@ load() { # load PREFIX RATE [extra env]: one warbler-load run; its stderr goes t
     "$BIN/warbler-load" run --system warbler --addr "$ADDRS" --jwt-secret-file "$work/secret" \
         --users 1000 --devices 2 --publishers 4 --procs 2 --body-bytes 256 \
         --duration-secs "$DURATION" --rate "$2" --window 1024 --user-prefix "$1" \
+        "${route[@]}" \
         2> "$work/slow.txt" | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
 }
 counters() { # every node's peer requests by kind, follower appends, log syncs and publishes, summed

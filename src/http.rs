@@ -21,13 +21,13 @@ use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
 use warbler_actors::MailboxError;
 use warbler_client::api::{
-    ClusterStatus, Decommissioned, ErrorBody, MemberState, MemberStatus, PartitionStatus,
+    ClusterStatus, Decommissioned, ErrorBody, MemberState, MemberStatus, PartitionStatus, Routes,
     UserPlacement,
 };
 use warbler_client::codec::CodecError;
 use warbler_client::{DecodeError, Frame};
 use warbler_cluster::control::NotReady;
-use warbler_cluster::{ClusterNode, RpcCode, RpcError};
+use warbler_cluster::{ClusterNode, Leader, RpcCode, RpcError};
 use warbler_storage::{LocalLog, PartitionLog, Store};
 
 use crate::auth::{AuthError, Claims, Scope};
@@ -163,6 +163,10 @@ pub(crate) type ApiResult = Result<Response, ApiError>;
 pub trait NodeView: Send + Sync + 'static {
     /// Members, partitions with replicas and leaders.
     fn status(&self) -> ClusterStatus;
+    /// Each partition's leader's client address (`GET /v1/routes`).
+    fn routes(&self) -> Routes {
+        Routes::from_status(&self.status())
+    }
     /// `Err(why)` while the node should not get traffic.
     fn ready(&self) -> Result<(), NotReady>;
     /// Testing only: cut the node off from peers at these cluster addresses (`None`: this
@@ -248,6 +252,29 @@ impl NodeView for ClusterNode {
         ClusterNode::status(self)
     }
 
+    /// The router's leaders: from consensus where this node holds a replica, else its best
+    /// guess (corrected by every redirect), so a node without a replica routes too.
+    fn routes(&self) -> Routes {
+        let status = ClusterNode::status(self);
+        let client_of = |node: &str| status.member(node).and_then(|m| m.client_addr.clone());
+        let leaders = if status.partitions.is_empty() {
+            Vec::new()
+        } else {
+            (0..status.partition_count)
+                .map(|p| match warbler_cluster::Router::leader(self, p) {
+                    Leader::Local => client_of(&status.node),
+                    Leader::Remote { node, .. } => client_of(&node),
+                    Leader::Unknown(_) => None,
+                })
+                .collect()
+        };
+        Routes {
+            node: status.node.clone(),
+            partition_count: status.partition_count,
+            leaders,
+        }
+    }
+
     fn ready(&self) -> Result<(), NotReady> {
         ClusterNode::ready(self)
     }
@@ -281,6 +308,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/messages", post(fanout))
         .route("/v1/users/{user}/devices", get(devices))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/routes", get(routes))
         .route("/v1/cluster/decommission", post(decommission))
         .route(
             "/v1/admin/partitions/{partition}/backup",
@@ -630,6 +658,15 @@ async fn cluster(
     Ok(Json(status))
 }
 
+/// Each partition's leader's client address, for publishers that route by leader.
+async fn routes(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Routes>, ApiError> {
+    claims(&state, &headers, Scope::Publish)?;
+    Ok(Json(state.view.routes()))
+}
+
 /// Refuses a publish while the data directory's disk is below its watermark.
 fn disk_has_room(state: &AppState) -> Result<(), ApiError> {
     state.gw.disk.check().map_err(|why| {
@@ -838,4 +875,22 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
         let _ = sink.close().await;
     };
     crate::gateway::tcp::one_task(gw.run(Box::pin(frames), tx, "ws", None), writer, deferral).await;
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clients route with the client library's placement: it must be the server's.
+    #[test]
+    fn the_client_library_places_users_where_the_server_does() {
+        for k in 0..2000 {
+            let user = format!("user-{k}");
+            for partitions in [1, 7, crate::node::PARTITIONS] {
+                assert_eq!(
+                    warbler_client::api::partition_of(&user, partitions),
+                    warbler_cluster::partition_of(&user, partitions),
+                    "{user} in {partitions} partitions"
+                );
+            }
+        }
+    }
 }

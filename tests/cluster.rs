@@ -21,7 +21,7 @@ use common::{seed, token, Node};
 use rand::{Rng, SeedableRng};
 use warbler_chaos::ports::free_port;
 use warbler_client::api::{ClusterStatus, Decommissioned, ErrorBody, UserPlacement};
-use warbler_client::http::NodeHttp;
+use warbler_client::http::{HttpError, NodeHttp};
 
 const USERS: usize = 12;
 /// The user whose partition's leader the faults target.
@@ -967,7 +967,44 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
     .await
     .expect("the publish through a node without a replica is answered within 10 s")
     .expect("and acknowledged");
+    let took = t0.elapsed();
     assert_eq!(seq, 1);
+    // The publish corrected the outsider's guess of the leader: its routes, for publishers
+    // that send straight to a leader, name the new one. A device token may not read them.
+    let leader = user_status(&cluster.nodes[replicas[1]], &user)
+        .await
+        .leader
+        .unwrap();
+    let leader_client = cluster.nodes[index(&leader)].client.clone();
+    let outsider_http = NodeHttp::new(&cluster.nodes[outsider].http);
+    let start = Instant::now();
+    loop {
+        let routes = outsider_http
+            .clone()
+            .with_token(token("backend", "publish"))
+            .routes()
+            .await
+            .expect("a publish token reads /v1/routes");
+        assert_eq!(routes.leaders.len(), usize::from(routes.partition_count));
+        if routes.leader_of(&user) == Some(leader_client.as_str()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "n{outsider}'s routes send {user} to {:?}, not its leader {leader} at {leader_client}",
+            routes.leader_of(&user)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = outsider_http
+        .clone()
+        .with_token(token(&user, "device"))
+        .routes()
+        .await;
+    assert!(
+        matches!(refused, Err(HttpError::Status { status: 403, .. })),
+        "a device token must not read the routes: {refused:?}"
+    );
     // A device on the outsider gets it too (its session subscribes through the redirect).
     let mut dev = cluster.nodes[outsider].device(&user, "d").await;
     let m = tokio::time::timeout(Duration::from_secs(10), dev.recv_msg())
@@ -976,8 +1013,7 @@ async fn a_node_without_a_replica_finds_the_leader_by_redirects() {
         .unwrap();
     assert_eq!((m.seq, m.id.as_str()), (1, "via-outsider"));
     println!(
-        "redirect: {user} (replicas {replicas:?}, n{preferred} dead) published through n{outsider} in {:?}",
-        t0.elapsed()
+        "redirect: {user} (replicas {replicas:?}, n{preferred} dead) published through n{outsider} in {took:?}"
     );
 }
 

@@ -42,6 +42,14 @@ pub enum System {
     Mqtt,
 }
 
+/// Warbler's partition count (its default `cluster.partitions`).
+pub const PARTITIONS: u16 = 64;
+
+/// The partition Warbler places `user` in.
+pub fn partition_of(user: &str) -> u16 {
+    warbler_client::api::partition_of(user, PARTITIONS)
+}
+
 /// How to reach the system under test.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Target {
@@ -52,11 +60,32 @@ pub struct Target {
     pub jwt_secret_file: Option<PathBuf>,
     /// A CA (PEM) to trust: TLS on when set (Warbler and NATS).
     pub tls_ca_file: Option<PathBuf>,
+    /// Warbler cluster, routed by leader: for each partition, the index in `addrs` of the
+    /// node that led it when the run started. Empty: connections are spread in turn.
+    #[serde(default)]
+    pub leaders: Vec<usize>,
+    /// Devices connect to their user's leader too (else only publishes are routed).
+    #[serde(default)]
+    pub route_devices: bool,
 }
 
 impl Target {
     pub fn addr(&self, i: usize) -> &str {
         &self.addrs[i % self.addrs.len()]
+    }
+
+    /// Where `user`'s devices connect: its partition's leader when devices are routed by
+    /// leader, else the `i`-th address in turn.
+    pub fn device_addr(&self, user: &str, i: usize) -> &str {
+        match self.leader_of(user).filter(|_| self.route_devices) {
+            Some(n) => &self.addrs[n],
+            None => self.addr(i),
+        }
+    }
+
+    /// The index in `addrs` of `user`'s partition's leader, when routed by leader.
+    pub fn leader_of(&self, user: &str) -> Option<usize> {
+        (!self.leaders.is_empty()).then(|| self.leaders[usize::from(partition_of(user))])
     }
 
     fn secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -69,11 +98,11 @@ impl Target {
 
     fn warbler_options(
         &self,
-        i: usize,
+        addr: &str,
         token: String,
         device: String,
     ) -> anyhow::Result<ConnectOptions> {
-        let opts = ConnectOptions::new(self.addr(i), token, device);
+        let opts = ConnectOptions::new(addr, token, device);
         Ok(match &self.tls_ca_file {
             None => opts,
             Some(ca) => opts.with_tls(TlsOptions {
@@ -224,7 +253,7 @@ pub async fn spawn_device(
         System::Warbler => {
             let secret = target.secret()?;
             let opts = target.warbler_options(
-                index,
+                target.device_addr(&user, index),
                 tokens::mint(&secret, &user, "device"),
                 format!("d{device}"),
             )?;
@@ -388,74 +417,104 @@ pub async fn run_publisher(
     match target.system {
         System::Warbler => {
             let secret = target.secret()?;
-            let opts = target.warbler_options(
-                index,
-                tokens::mint(&secret, "load-publisher", "publish"),
-                name.clone(),
-            )?;
-            let (mut tx, mut rx) = Connection::connect(opts)
-                .await
-                .context("publisher connect")?
-                .split();
-            let (frames, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
-            tokio::spawn(async move {
-                while let Some(frame) = to_send.recv().await {
-                    if tx.send(frame).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            // Routed by leader: a connection to every node, and each publish goes on its
+            // user's leader's. Else one connection.
+            let addrs: Vec<&str> = if target.leaders.is_empty() {
+                vec![target.addr(index)]
+            } else {
+                target.addrs.iter().map(String::as_str).collect()
+            };
+            let users = Arc::new(plan.users.clone());
+            let route: Arc<Vec<usize>> = Arc::new(
+                users
+                    .iter()
+                    .map(|u| target.leader_of(u).unwrap_or(0))
+                    .collect(),
+            );
             let resend: Arc<Mutex<Unanswered>> = Arc::default();
-            let (resend2, stats2, frames2) = (resend.clone(), stats.clone(), frames.clone());
-            let (users, name2) = (plan.users.clone(), name.clone());
-            tokio::spawn(async move {
-                loop {
-                    let (k, refused) = match rx.recv().await {
-                        Ok(Frame::Published { id, .. }) => (key_of(&id), false),
-                        Err(warbler_client::ClientError::Server { id: Some(id), .. }) => {
-                            (key_of(&id), true)
+            let mut senders = Vec::new();
+            let mut receivers = Vec::new();
+            for (j, addr) in addrs.iter().enumerate() {
+                let device = if addrs.len() == 1 {
+                    name.clone()
+                } else {
+                    format!("{name}-c{j}")
+                };
+                let opts = target.warbler_options(
+                    addr,
+                    tokens::mint(&secret, "load-publisher", "publish"),
+                    device,
+                )?;
+                let (mut tx, rx) = Connection::connect(opts)
+                    .await
+                    .context("publisher connect")?
+                    .split();
+                let (frames, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
+                tokio::spawn(async move {
+                    while let Some(frame) = to_send.recv().await {
+                        if tx.send(frame).await.is_err() {
+                            return;
                         }
-                        Ok(_) | Err(warbler_client::ClientError::Server { .. }) => continue,
-                        Err(_) => return,
-                    };
-                    let Some(k) = k else { continue };
-                    let flush = {
-                        let mut r = resend2.lock().unwrap();
-                        if refused {
-                            stats2.on_refused();
-                            r.refused(k)
-                        } else {
-                            let (done, flush) = r.done(k);
-                            if let Some((due, _)) = done {
-                                stats2.on_ack(due);
-                                free.add_permits(1);
-                            }
-                            flush
-                        }
-                    };
-                    if let Some(user) = flush {
-                        let (resend, frames, users, name) = (
-                            resend2.clone(),
-                            frames2.clone(),
-                            users.clone(),
-                            name2.clone(),
-                        );
-                        tokio::spawn(async move {
-                            tokio::time::sleep(RESEND_AFTER).await;
-                            let again: Vec<(u64, Vec<u8>)> = {
-                                let mut r = resend.lock().unwrap();
-                                let keys = r.flush(&user);
-                                keys.into_iter()
-                                    .filter_map(|k| r.get(k).map(|(_, (_, b))| (k, b.clone())))
-                                    .collect()
-                            };
-                            for (k, body) in again {
-                                let _ = frames.send(publish_frame(&name, &users[user], k, body));
-                            }
-                        });
                     }
-                }
-            });
+                });
+                senders.push(frames);
+                receivers.push(rx);
+            }
+            let senders = Arc::new(senders);
+            for mut rx in receivers {
+                let (resend2, stats2, senders2) = (resend.clone(), stats.clone(), senders.clone());
+                let (users, route, name2, free) =
+                    (users.clone(), route.clone(), name.clone(), free.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let (k, refused) = match rx.recv().await {
+                            Ok(Frame::Published { id, .. }) => (key_of(&id), false),
+                            Err(warbler_client::ClientError::Server { id: Some(id), .. }) => {
+                                (key_of(&id), true)
+                            }
+                            Ok(_) | Err(warbler_client::ClientError::Server { .. }) => continue,
+                            Err(_) => return,
+                        };
+                        let Some(k) = k else { continue };
+                        let flush = {
+                            let mut r = resend2.lock().unwrap();
+                            if refused {
+                                stats2.on_refused();
+                                r.refused(k)
+                            } else {
+                                let (done, flush) = r.done(k);
+                                if let Some((due, _)) = done {
+                                    stats2.on_ack(due);
+                                    free.add_permits(1);
+                                }
+                                flush
+                            }
+                        };
+                        if let Some(user) = flush {
+                            let (resend, frames, users, name) = (
+                                resend2.clone(),
+                                senders2[route[user]].clone(),
+                                users.clone(),
+                                name2.clone(),
+                            );
+                            tokio::spawn(async move {
+                                tokio::time::sleep(RESEND_AFTER).await;
+                                let again: Vec<(u64, Vec<u8>)> = {
+                                    let mut r = resend.lock().unwrap();
+                                    let keys = r.flush(&user);
+                                    keys.into_iter()
+                                        .filter_map(|k| r.get(k).map(|(_, (_, b))| (k, b.clone())))
+                                        .collect()
+                                };
+                                for (k, body) in again {
+                                    let frame = publish_frame(&name, &users[user], k, body);
+                                    let _ = frames.send(frame);
+                                }
+                            });
+                        }
+                    }
+                });
+            }
             let slow_ms = slow_ms();
             while let Some(s) = plan.next().await {
                 if let Some(slow) = slow_ms {
@@ -474,7 +533,9 @@ pub async fn run_publisher(
                     .send(s.k, s.user, (s.due_ns, s.body.clone()));
                 if send {
                     let frame = publish_frame(&name, &plan.users[s.user], s.k, s.body);
-                    frames.send(frame).context("publisher connection lost")?;
+                    senders[route[s.user]]
+                        .send(frame)
+                        .context("publisher connection lost")?;
                 }
             }
             answered(&plan.window, window).await;
@@ -617,7 +678,7 @@ pub async fn idle_device(
         System::Warbler => {
             let secret = target.secret()?;
             let opts = target.warbler_options(
-                index,
+                target.device_addr(&user, index),
                 tokens::mint(&secret, &user, "device"),
                 "d0".into(),
             )?;

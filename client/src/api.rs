@@ -136,6 +136,59 @@ impl ClusterStatus {
     }
 }
 
+/// `GET /v1/routes`: where each user's publishes take the shortest path, for publishers
+/// that send straight to a user's leader instead of through whichever node they reach
+/// (any node still accepts any publish and forwards it). A publish token may read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routes {
+    /// The node that answered.
+    pub node: String,
+    pub partition_count: u16,
+    /// By partition: the client address its leader advertises, as the answering node
+    /// knows it; `None` while that is unknown (an election is running). Empty until the
+    /// cluster forms.
+    pub leaders: Vec<Option<String>>,
+}
+
+impl Routes {
+    /// The routes a [`ClusterStatus`] implies.
+    pub fn from_status(status: &ClusterStatus) -> Routes {
+        let leaders = status
+            .partitions
+            .iter()
+            .map(|p| {
+                let leader = status.member(p.leader.as_deref()?)?;
+                leader.client_addr.clone()
+            })
+            .collect();
+        Routes {
+            node: status.node.clone(),
+            partition_count: status.partition_count,
+            leaders,
+        }
+    }
+
+    /// The client address of `user`'s leader, if known.
+    pub fn leader_of(&self, user: &str) -> Option<&str> {
+        if self.partition_count == 0 {
+            return None;
+        }
+        let p = partition_of(user, self.partition_count);
+        self.leaders.get(usize::from(p))?.as_deref()
+    }
+}
+
+/// The partition a cluster of `partitions` partitions places `user` in: FNV-1a 64 of the
+/// name, modulo the partition count (the server's own placement).
+pub fn partition_of(user: &str, partitions: u16) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(partitions.max(1))) as u16
+}
+
 /// `POST /v1/cluster/decommission`'s answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decommissioned {
@@ -197,6 +250,49 @@ mod tests {
         assert!(s.member("n").unwrap().member);
         assert_eq!(s.leaderless(), 1);
         assert_eq!(s.member_list_epoch, None);
+    }
+
+    #[test]
+    fn routes_name_each_partitions_leaders_client_address() {
+        let json = r#"{"node":"a","members":[
+            {"node":"a","alive":true,"state":"serving","client_addr":"10.0.0.1:7400","http_addr":null,"cluster_addr":null},
+            {"node":"b","alive":true,"state":"serving","client_addr":"10.0.0.2:7400","http_addr":null,"cluster_addr":null}],
+            "replication_factor":2,"partition_count":3,
+            "partitions":[{"partition":0,"replicas":["a","b"],"leader":"b"},
+                          {"partition":1,"replicas":["a","b"],"leader":null},
+                          {"partition":2,"replicas":["a","b"],"leader":"a"}]}"#;
+        let routes = Routes::from_status(&serde_json::from_str(json).unwrap());
+        assert_eq!(
+            routes.leaders,
+            [
+                Some("10.0.0.2:7400".into()),
+                None,
+                Some("10.0.0.1:7400".into())
+            ]
+        );
+        let user_in = |p: u16| {
+            (0..)
+                .map(|k| format!("u{k}"))
+                .find(|u| partition_of(u, 3) == p)
+                .unwrap()
+        };
+        assert_eq!(routes.leader_of(&user_in(0)), Some("10.0.0.2:7400"));
+        assert_eq!(routes.leader_of(&user_in(1)), None);
+        assert_eq!(routes.leader_of(&user_in(2)), Some("10.0.0.1:7400"));
+        // Before the cluster forms there is nowhere to route to.
+        let empty = Routes {
+            node: "a".into(),
+            partition_count: 0,
+            leaders: Vec::new(),
+        };
+        assert_eq!(empty.leader_of("u0"), None);
+    }
+
+    #[test]
+    fn users_land_in_the_partition_fnv1a_names() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c (the FNV reference's test vector).
+        assert_eq!(partition_of("a", 64), (0xaf63dc4c8601ec8c_u64 % 64) as u16);
+        assert_eq!(partition_of("", 7), (0xcbf29ce484222325_u64 % 7) as u16);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{ClusterStatus, ErrorBody};
+use crate::api::{ClusterStatus, ErrorBody, Routes};
 
 /// How long one request may take unless the caller says otherwise: the API answers in
 /// milliseconds, and a node that takes seconds is as good as down to an operator's tool.
@@ -191,6 +191,11 @@ impl NodeHttp {
     /// `GET /v1/cluster` (with an `ops` token: see [`NodeHttp::with_token`]).
     pub async fn cluster_status(&self) -> Result<ClusterStatus, HttpError> {
         self.get("/v1/cluster").await
+    }
+
+    /// `GET /v1/routes` (with a `publish` token): each partition's leader's client address.
+    pub async fn routes(&self) -> Result<Routes, HttpError> {
+        self.get("/v1/routes").await
     }
 
     fn read<T: DeserializeOwned>(&self, answer: Answer) -> Result<T, HttpError> {

@@ -26,8 +26,9 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use warbler_benches::stats::{decode_histogram, histogram, now_ns, Quantiles, Stats, WorkerResult};
-use warbler_benches::systems::{self, Plan, System, Target};
+use warbler_benches::systems::{self, partition_of, Plan, System, Target, PARTITIONS};
 use warbler_benches::tokens;
+use warbler_client::http::NodeHttp;
 use warbler_client::{ConnectOptions, Connection};
 
 #[derive(Parser)]
@@ -65,6 +66,15 @@ struct TargetArgs {
     /// Trust this CA (PEM) and connect over TLS (warbler, nats).
     #[arg(long)]
     tls_ca_file: Option<PathBuf>,
+    /// Warbler cluster: read where each partition's leader is (`GET /v1/routes`) from this
+    /// node's HTTP address (host:port) before the run, and send each publish to its user's
+    /// leader (each publisher then holds a connection to every node). The leaders' client
+    /// addresses must be among --addr.
+    #[arg(long, value_name = "HTTP_ADDR")]
+    route_by_leader: Option<String>,
+    /// With --route-by-leader: connect each device to its user's leader too.
+    #[arg(long, requires = "route_by_leader")]
+    devices_to_leader: bool,
 }
 
 impl TargetArgs {
@@ -77,7 +87,45 @@ impl TargetArgs {
             addrs: self.addr.split(',').map(str::to_string).collect(),
             jwt_secret_file: self.jwt_secret_file.clone(),
             tls_ca_file: self.tls_ca_file.clone(),
+            leaders: Vec::new(),
+            route_devices: self.devices_to_leader,
         })
+    }
+
+    /// [`Target`] with its leaders read from the cluster when routed by leader.
+    async fn routed_target(&self) -> anyhow::Result<Target> {
+        let mut target = self.target()?;
+        let Some(http) = &self.route_by_leader else {
+            return Ok(target);
+        };
+        let secret =
+            tokens::read_secret(self.jwt_secret_file.as_ref().context("--jwt-secret-file")?)?;
+        let routes = NodeHttp::new(http.clone())
+            .with_token(tokens::mint(&secret, "load", "publish"))
+            .routes()
+            .await
+            .with_context(|| format!("reading the cluster's routes from {http}"))?;
+        if routes.partition_count != PARTITIONS || routes.leaders.len() != usize::from(PARTITIONS) {
+            bail!(
+                "{http} routes {} of {} partitions, not {PARTITIONS}: wait until the cluster has formed",
+                routes.leaders.len(),
+                routes.partition_count
+            );
+        }
+        for (p, leader) in routes.leaders.iter().enumerate() {
+            let leader = leader.as_ref().with_context(|| {
+                format!("partition {p} has no leader at {http}: wait until the cluster is ready")
+            })?;
+            let n = target
+                .addrs
+                .iter()
+                .position(|a| a == leader)
+                .with_context(|| {
+                    format!("partition {p}'s leader's client address {leader} is not in --addr")
+                })?;
+            target.leaders.push(n);
+        }
+        Ok(target)
     }
 }
 
@@ -177,19 +225,6 @@ struct WorkerSpec {
     partition: Option<u16>,
 }
 
-/// Warbler's partition count (its default `cluster.partitions`).
-const PARTITIONS: u64 = 64;
-
-/// The partition Warbler places `user` in: FNV-1a 64 of the name, modulo the partitions.
-fn partition_of(user: &str) -> u16 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in user.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % PARTITIONS) as u16
-}
-
 /// `n` user names of a worker, all in `partition` when one is given.
 fn user_names(prefix: &str, shard: usize, n: usize, partition: Option<u16>) -> Vec<String> {
     (0..)
@@ -261,7 +296,7 @@ where
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let target = a.target.target()?;
+    let target = a.target.routed_target().await?;
     if a.procs == 0 || a.users < a.procs || a.publishers < a.procs {
         bail!("--procs must be at least 1 and at most --users and --publishers");
     }
@@ -615,7 +650,7 @@ mod tests {
         // FNV-1a 64 reference vector, as the cluster's placement uses it.
         assert_eq!(
             partition_of("a"),
-            (0xaf63dc4c8601ec8c_u64 % PARTITIONS) as u16
+            (0xaf63dc4c8601ec8c_u64 % u64::from(PARTITIONS)) as u16
         );
         let users = user_names("fill", 1, 20, Some(7));
         assert_eq!(users.len(), 20);
