@@ -192,6 +192,10 @@ start_nats; system_runs nats-r1 "${NATS1[@]}"; stop_nats
 start_mosquitto; system_runs mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
 # Group 2: three replicas. Warbler RF 3 vs NATS JetStream R3, clients over all three nodes.
 start_warbler 3; system_runs warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
+# The same cluster with clients that route by leader (GET /v1/routes): each publish goes to
+# its user's leader, each device connects to it.
+ROUTED=(--route-by-leader 127.0.0.1:17680 --devices-to-leader)
+start_warbler 3; system_runs warbler-3r warbler "$WARBLER_ADDRS" "${ROUTED[@]}"; stop_warbler
 start_nats; system_runs nats-r3 "${NATS3[@]}"; stop_nats
 
 # Equal offered load, pair by pair: both at half the lower of the two maxima.
@@ -199,8 +203,10 @@ start_nats; system_runs nats-r3 "${NATS3[@]}"; stop_nats
 pair() {
     local ours=$1 peer=$2 rate
     rate=$(( $(python3 -c "print(min($(max_of "$ours"), $(max_of "$peer")))") / 2 ))
+    local extra=()
+    [ "$ours" = warbler-3r ] && extra=("${ROUTED[@]}")
     if [ "$ours" = warbler-1 ]; then start_warbler 1; else start_warbler 3; fi
-    run "$ours~$peer" "$rate" warbler "$WARBLER_ADDRS"; stop_warbler
+    run "$ours~$peer" "$rate" warbler "$WARBLER_ADDRS" "${extra[@]}"; stop_warbler
     case $peer in
         nats-r1) start_nats; run "$ours~$peer" "$rate" "${NATS1[@]}"; stop_nats ;;
         nats-r3) start_nats; run "$ours~$peer" "$rate" "${NATS3[@]}"; stop_nats ;;
@@ -210,6 +216,7 @@ pair() {
 pair warbler-1 nats-r1
 pair warbler-1 mosquitto
 pair warbler-3 nats-r3
+pair warbler-3r nats-r3
 profile warbler-1 1
 profile warbler-3 3
 fi

@@ -18,13 +18,14 @@ NAMES = {
     "nats-r1": "NATS JetStream R1",
     "mosquitto": "Mosquitto (QoS 1)",
     "warbler-3": "Warbler, 3 nodes RF 3",
+    "warbler-3r": "Warbler, 3 nodes RF 3, clients routed by leader",
     "nats-r3": "NATS JetStream R3",
 }
 GROUPS = [
     ("one-node", "One node: Warbler single node, NATS JetStream R1, Mosquitto",
-     "warbler-1", ["nats-r1", "mosquitto"]),
+     ["warbler-1"], ["nats-r1", "mosquitto"]),
     ("three-replicas", "Three replicas: Warbler RF 3, NATS JetStream R3",
-     "warbler-3", ["nats-r3"]),
+     ["warbler-3", "warbler-3r"], ["nats-r3"]),
 ]
 
 DURABILITY = """\
@@ -157,6 +158,11 @@ def main():
         "with a durable pull consumer on its user's subject, acking each message; publishers publish "
         "asynchronously with at most 1,024 pending acks. A Mosquitto device is a persistent session "
         "(clean session off) subscribed at QoS 1; publishes are QoS 1.",
+        "- Warbler RF 3 runs twice: with clients spread over the three nodes as above (a node that does not "
+        "lead a user's partition forwards its publishes and deliveries), and with clients routed by leader "
+        "(`--route-by-leader --devices-to-leader`: the load reads `GET /v1/routes` once before the run, each "
+        "publisher holds a connection to every node and sends each publish to its user's leader, and each "
+        "device connects to its user's leader). The workload is the same; only where the clients connect differs.",
         "",
         "What an acknowledgement means — the comparison is only honest with this in view:",
         "",
@@ -164,8 +170,8 @@ def main():
         "",
     ]
     behind = []
-    for group_id, title, ours, peers in GROUPS:
-        rows = group_rows(runs, [ours] + peers)
+    for group_id, title, our_labels, peers in GROUPS:
+        rows = group_rows(runs, our_labels + peers)
         md += [f"### {title}", ""]
         md += ["| system | max publish rate (acked/s) | max delivered/s (to devices) | errors | order violations | gaps |",
                "|---|---|---|---|---|---|"]
@@ -185,23 +191,29 @@ def main():
         md += ["| | max throughput ratio | offered load | publish→deliver p50 / p99 / p99.9 ms (Warbler vs peer) | "
                "**p99 ratio** | publish→ack p99 ratio |",
                "|---|---|---|---|---|---|"]
-        w_max = rows[ours][0]
-        for peer in peers:
-            p_max = rows[peer][0]
-            pair = [r for r in runs if r["label"] == f"{ours}~{peer}"]
-            w_eq = next((r for r in pair if r["system"] == "warbler"), None)
-            p_eq = next((r for r in pair if r["system"] != "warbler"), None)
-            if not (w_max and p_max and w_eq and p_eq):
-                md.append(f"| Warbler vs {NAMES[peer]} | (missing run) | | | | |")
-                continue
-            t = ratio(w_max["publish_rate"], p_max["publish_rate"])
-            d = ratio(w_eq["deliver_ms"]["p99"], p_eq["deliver_ms"]["p99"])
-            a = ratio(w_eq["ack_ms"]["p99"], p_eq["ack_ms"]["p99"])
-            q = lambda r: " / ".join(fmt_ms(r["deliver_ms"][k]) for k in ("p50", "p99", "p999"))
-            md.append(f"| Warbler vs {NAMES[peer]} | **{fmt_ratio(t)}** | {fmt_rate(w_eq['offered_rate'])}/s | "
-                      f"{q(w_eq)} vs {q(p_eq)} | **{fmt_ratio(d)}** | {fmt_ratio(a)} |")
-            if t < 1 or d > 1:
-                behind.append((ours, peer, t, d))
+        for ours in our_labels:
+            w_max = rows[ours][0]
+            for peer in peers:
+                p_max = rows[peer][0]
+                pair = [r for r in runs if r["label"] == f"{ours}~{peer}"]
+                w_eq = next((r for r in pair if r["system"] == "warbler"), None)
+                p_eq = next((r for r in pair if r["system"] != "warbler"), None)
+                if not (w_max and p_max and w_eq and p_eq):
+                    md.append(f"| {NAMES[ours]} vs {NAMES[peer]} | (missing run) | | | | |")
+                    continue
+                t = ratio(w_max["publish_rate"], p_max["publish_rate"])
+                d = ratio(w_eq["deliver_ms"]["p99"], p_eq["deliver_ms"]["p99"])
+                a = ratio(w_eq["ack_ms"]["p99"], p_eq["ack_ms"]["p99"])
+                q = lambda r: " / ".join(fmt_ms(r["deliver_ms"][k]) for k in ("p50", "p99", "p999"))
+                md.append(f"| {NAMES[ours]} vs {NAMES[peer]} | **{fmt_ratio(t)}** | {fmt_rate(w_eq['offered_rate'])}/s | "
+                          f"{q(w_eq)} vs {q(p_eq)} | **{fmt_ratio(d)}** | {fmt_ratio(a)} |")
+                if t < 1 or d > 1:
+                    behind.append((ours, peer, t, d))
+        one = group_rows(runs, ["warbler-1"])["warbler-1"][0]
+        if one and "warbler-1" not in our_labels:
+            md += ["", "Against Warbler's single node in the same run (closed-loop maxima): " + "; ".join(
+                f"{NAMES[ours]} **{fmt_ratio(ratio(rows[ours][0]['publish_rate'], one['publish_rate']))}**"
+                for ours in our_labels if rows[ours][0]) + "."]
         md.append("")
         md += ["Every run (offered 0 = closed loop; the others are open loop at 33/66/100% of the system's own maximum):", "",
                "| system | offered/s | acked/s | delivered/s | ack p50 / p99 / p99.9 ms | deliver p50 / p99 / p99.9 / max ms | errors | gaps |",
