@@ -876,21 +876,3 @@ async fn serve_ws(socket: WebSocket, gw: Arc<Gateway>, budget: ReadBudget, hello
     };
     crate::gateway::tcp::one_task(gw.run(Box::pin(frames), tx, "ws", None), writer, deferral).await;
 }
-
-#[cfg(test)]
-mod tests {
-    /// Clients route with the client library's placement: it must be the server's.
-    #[test]
-    fn the_client_library_places_users_where_the_server_does() {
-        for k in 0..2000 {
-            let user = format!("user-{k}");
-            for partitions in [1, 7, crate::node::PARTITIONS] {
-                assert_eq!(
-                    warbler_client::api::partition_of(&user, partitions),
-                    warbler_cluster::partition_of(&user, partitions),
-                    "{user} in {partitions} partitions"
-                );
-            }
-        }
-    }
-}

@@ -179,14 +179,20 @@ impl Routes {
 }
 
 /// The partition a cluster of `partitions` partitions places `user` in: FNV-1a 64 of the
-/// name, modulo the partition count (the server's own placement).
+/// name, modulo the partition count. The server places users with this function: changing
+/// it moves every user (it is part of the on-disk format, `docs/storage.md`).
 pub fn partition_of(user: &str, partitions: u16) -> u16 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in user.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    (fnv1a64(user.as_bytes()) % u64::from(partitions.max(1))) as u16
+}
+
+/// 64-bit FNV-1a of `bytes` (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h % u64::from(partitions.max(1))) as u16
+    hash
 }
 
 /// `POST /v1/cluster/decommission`'s answer.

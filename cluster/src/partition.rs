@@ -4,23 +4,13 @@
 /// A partition number, `0..partitions`.
 pub use warbler_storage::PartitionId;
 
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// 64-bit FNV-1a of `bytes`.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash = FNV_OFFSET_BASIS;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(FNV_PRIME);
-    }
-    hash
-}
+/// 64-bit FNV-1a, shared with the client library so that clients place users as nodes do.
+pub use warbler_client::api::fnv1a64;
 
 /// The partition of `user` among `partitions` (which must be ≥ 1).
 pub fn partition_of(user: &str, partitions: u16) -> PartitionId {
     assert!(partitions >= 1, "partition count must be at least 1");
-    (fnv1a64(user.as_bytes()) % u64::from(partitions)) as PartitionId
+    warbler_client::api::partition_of(user, partitions)
 }
 
 #[cfg(test)]
