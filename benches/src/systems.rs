@@ -694,3 +694,43 @@ pub async fn idle_device(
         System::Mqtt => bail!("idle connections are measured for warbler and nats"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(leaders: Vec<usize>, route_devices: bool) -> Target {
+        Target {
+            system: System::Warbler,
+            addrs: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+            jwt_secret_file: None,
+            tls_ca_file: None,
+            leaders,
+            route_devices,
+        }
+    }
+
+    #[test]
+    fn routed_devices_and_publishes_go_to_their_users_leader() {
+        // Partition p is led by node p % 3.
+        let leaders: Vec<usize> = (0..usize::from(PARTITIONS)).map(|p| p % 3).collect();
+        let user = "route-me";
+        let lead = usize::from(partition_of(user)) % 3;
+        let routed = target(leaders.clone(), true);
+        assert_eq!(routed.leader_of(user), Some(lead));
+        for i in 0..3 {
+            assert_eq!(routed.device_addr(user, i), routed.addrs[lead]);
+        }
+        // Publishes only: devices keep spreading in turn.
+        let publishes = target(leaders, false);
+        assert_eq!(publishes.leader_of(user), Some(lead));
+        assert_eq!(
+            publishes.device_addr(user, lead + 1),
+            publishes.addr(lead + 1)
+        );
+        // Not routed at all.
+        let spread = target(Vec::new(), false);
+        assert_eq!(spread.leader_of(user), None);
+        assert_eq!(spread.device_addr(user, 2), "c:1");
+    }
+}
