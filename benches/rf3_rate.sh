@@ -13,6 +13,7 @@
 #   SLOW_SYNC_US=3000 bash benches/rf3_rate.sh      # every server fsync 3 ms slower (a slow disk)
 #   ROUTE=publishes bash benches/rf3_rate.sh        # each publish goes to its user's leader
 #   ROUTE=all bash benches/rf3_rate.sh              # ... and each device connects to it too
+#   SETTLE=0 bash benches/rf3_rate.sh               # start the load at once, while leaders still move (default 8 s)
 #
 # Nothing else should run on the machine meanwhile: servers and load share the cores.
 set -euo pipefail
@@ -25,6 +26,7 @@ SLOW_MS="${SLOW_MS:-100}"
 CLOSED="${CLOSED:-}"
 SLOW_SYNC_US="${SLOW_SYNC_US:-}"
 ROUTE="${ROUTE:-}"
+SETTLE="${SETTLE:-8}"
 case "$ROUTE" in
     "") route=() ;;
     publishes) route=(--route-by-leader 127.0.0.1:17980) ;;
@@ -53,6 +55,7 @@ load() { # load PREFIX RATE [extra env]: one warbler-load run; its stderr goes t
         --duration-secs "$DURATION" --rate "$2" --window 1024 --user-prefix "$1" \
         "${route[@]}" \
         2> "$work/slow.txt" | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
+    grep -h 'leader moves seen' "$work/slow.txt" | sed 's/^/load: /' || true
 }
 counters() { # every node's peer requests by kind, follower appends, log syncs and publishes, summed
     for i in 0 1 2; do curl -s "http://127.0.0.1:1798$i/metrics"; done \
@@ -78,7 +81,7 @@ for run in $(seq "$RUNS"); do
         done
     done
     # The leaders spread a few seconds after formation: measure after that.
-    sleep 8
+    sleep "$SETTLE"
     if [ -n "$CLOSED" ]; then
         echo "== run $run: closed loop first"
         load "c$run" 0
@@ -103,7 +106,8 @@ for k, v in sorted(delta.items(), key=lambda kv: -kv[1]):
 PY
     for i in 0 1 2; do
         curl -s "http://127.0.0.1:1798$i/metrics" \
-            | grep -E '^warbler_publish_seconds\{quantile="(0.99|1)"\}' | sed "s/^/node n$i: /"
+            | grep -E '^warbler_(publish_seconds\{quantile="(0.99|1)"\}|raft_entry_ops_(sum|count)|raft_sync_seconds\{quantile="0.5"\}|raft_sync_seconds_(sum|count)|raft_sync_waiters_sum)' \
+            | sed "s/^/node n$i: /"
     done
     kill -9 "${PIDS[@]}"; wait "${PIDS[@]}" 2>/dev/null || true; PIDS=()
     python3 - "$work/slow.txt" "$SLOW_MS" <<'PY'

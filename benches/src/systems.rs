@@ -19,7 +19,9 @@ use clap::ValueEnum;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use warbler_client::resend::GoBackN;
+use warbler_client::api::Routes;
+use warbler_client::http::NodeHttp;
+use warbler_client::resend::{GoBackN, Sticky};
 use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
 
 /// How often an MQTT device connects again after a refused or failed connect.
@@ -67,6 +69,27 @@ pub struct Target {
     /// Devices connect to their user's leader too (else only publishes are routed).
     #[serde(default)]
     pub route_devices: bool,
+    /// Routed by leader: the HTTP address the routes are read from again during the run
+    /// (every [`ROUTES_EVERY`]), so that publishes follow leaders that move.
+    #[serde(default)]
+    pub routes_from: Option<String>,
+}
+
+/// How often a publisher routed by leader reads the routes again.
+pub const ROUTES_EVERY: Duration = Duration::from_secs(1);
+
+/// By partition, the index in `addrs` of its leader's client address as `routes` has it:
+/// `None` where no leader is known (an election) or its address is not among `addrs`.
+pub fn leader_indices(routes: &Routes, addrs: &[String]) -> Vec<Option<usize>> {
+    routes
+        .leaders
+        .iter()
+        .map(|leader| {
+            addrs
+                .iter()
+                .position(|a| Some(a.as_str()) == leader.as_deref())
+        })
+        .collect()
 }
 
 impl Target {
@@ -400,8 +423,50 @@ fn publish_frame(name: &str, to: &str, k: u64, body: Vec<u8>) -> Frame {
 }
 
 /// k → (user, (due time, body)) for every publish of a Warbler publisher not acknowledged
-/// yet.
-type Unanswered = GoBackN<usize, (u64, Vec<u8>)>;
+/// yet, and the connection each user's publishes go on.
+type Unanswered = (GoBackN<usize, (u64, Vec<u8>)>, Sticky<usize>);
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the routes from `http` every [`ROUTES_EVERY`] into `leaders` (by partition, the
+/// index in `addrs` of its leader) until dropped. A partition without a known leader keeps
+/// its last one. Counts the partitions whose leader moved into `moves`.
+fn follow_routes(
+    http: String,
+    secret: &[u8],
+    addrs: Vec<String>,
+    leaders: Arc<std::sync::RwLock<Vec<usize>>>,
+    moves: Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let node = NodeHttp::new(http).with_token(tokens::mint(secret, "load-routes", "publish"));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(ROUTES_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Ok(routes) = node.routes().await else {
+                continue;
+            };
+            let read = leader_indices(&routes, &addrs);
+            let mut leaders = leaders.write().unwrap();
+            for (p, n) in read.into_iter().enumerate() {
+                if let (Some(n), Some(old)) = (n, leaders.get_mut(p)) {
+                    if *old != n {
+                        *old = n;
+                        moves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    })
+}
 
 /// Connects publisher `index` and sends its plan; returns when the plan is done (answers
 /// still in flight keep arriving afterwards).
@@ -425,12 +490,21 @@ pub async fn run_publisher(
                 target.addrs.iter().map(String::as_str).collect()
             };
             let users = Arc::new(plan.users.clone());
-            let route: Arc<Vec<usize>> = Arc::new(
-                users
-                    .iter()
-                    .map(|u| target.leader_of(u).unwrap_or(0))
-                    .collect(),
-            );
+            // By user: its partition, whose leader's connection its publishes want.
+            let partition: Vec<usize> =
+                users.iter().map(|u| usize::from(partition_of(u))).collect();
+            let leaders = Arc::new(std::sync::RwLock::new(target.leaders.clone()));
+            let moves = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let _follow = match (&target.routes_from, target.leaders.is_empty()) {
+                (Some(http), false) => Some(AbortOnDrop(follow_routes(
+                    http.clone(),
+                    &secret,
+                    target.addrs.clone(),
+                    leaders.clone(),
+                    moves.clone(),
+                ))),
+                _ => None,
+            };
             let resend: Arc<Mutex<Unanswered>> = Arc::default();
             let mut senders = Vec::new();
             let mut receivers = Vec::new();
@@ -463,8 +537,7 @@ pub async fn run_publisher(
             let senders = Arc::new(senders);
             for mut rx in receivers {
                 let (resend2, stats2, senders2) = (resend.clone(), stats.clone(), senders.clone());
-                let (users, route, name2, free) =
-                    (users.clone(), route.clone(), name.clone(), free.clone());
+                let (users, name2, free) = (users.clone(), name.clone(), free.clone());
                 tokio::spawn(async move {
                     loop {
                         let (k, refused) = match rx.recv().await {
@@ -477,7 +550,7 @@ pub async fn run_publisher(
                         };
                         let Some(k) = k else { continue };
                         let flush = {
-                            let mut r = resend2.lock().unwrap();
+                            let r = &mut resend2.lock().unwrap().0;
                             if refused {
                                 stats2.on_refused();
                                 r.refused(k)
@@ -491,21 +564,25 @@ pub async fn run_publisher(
                             }
                         };
                         if let Some(user) = flush {
-                            let (resend, frames, users, name) = (
+                            let (resend, senders, users, name) = (
                                 resend2.clone(),
-                                senders2[route[user]].clone(),
+                                senders2.clone(),
                                 users.clone(),
                                 name2.clone(),
                             );
                             tokio::spawn(async move {
                                 tokio::time::sleep(RESEND_AFTER).await;
-                                let again: Vec<(u64, Vec<u8>)> = {
-                                    let mut r = resend.lock().unwrap();
+                                // Held publishes go again where they were refused.
+                                let (again, conn): (Vec<(u64, Vec<u8>)>, usize) = {
+                                    let (r, on) = &mut *resend.lock().unwrap();
                                     let keys = r.flush(&user);
-                                    keys.into_iter()
+                                    let again = keys
+                                        .into_iter()
                                         .filter_map(|k| r.get(k).map(|(_, (_, b))| (k, b.clone())))
-                                        .collect()
+                                        .collect();
+                                    (again, on.on(&user).unwrap_or(0))
                                 };
+                                let frames = &senders[conn];
                                 for (k, body) in again {
                                     let frame = publish_frame(&name, &users[user], k, body);
                                     let _ = frames.send(frame);
@@ -527,18 +604,30 @@ pub async fn run_publisher(
                         ));
                     }
                 }
-                let send = resend
-                    .lock()
-                    .unwrap()
-                    .send(s.k, s.user, (s.due_ns, s.body.clone()));
+                let (send, conn) = {
+                    let (r, on) = &mut *resend.lock().unwrap();
+                    let wanted = if senders.len() == 1 {
+                        0
+                    } else {
+                        leaders.read().unwrap()[partition[s.user]]
+                    };
+                    let conn = on.pick(r, &s.user, wanted);
+                    (r.send(s.k, s.user, (s.due_ns, s.body.clone())), conn)
+                };
                 if send {
                     let frame = publish_frame(&name, &plan.users[s.user], s.k, s.body);
-                    senders[route[s.user]]
+                    senders[conn]
                         .send(frame)
                         .context("publisher connection lost")?;
                 }
             }
             answered(&plan.window, window).await;
+            let moved = moves.load(std::sync::atomic::Ordering::Relaxed);
+            if moved > 0 {
+                eprintln!(
+                    "{name}: {moved} leader moves seen during the run; its publishes followed them"
+                );
+            }
         }
         System::Nats => {
             let client = target.nats_client(index).await?;
@@ -707,7 +796,19 @@ mod tests {
             tls_ca_file: None,
             leaders,
             route_devices,
+            routes_from: None,
         }
+    }
+
+    #[test]
+    fn leader_indices_name_each_partitions_leader_among_the_addresses() {
+        let t = target(Vec::new(), true);
+        let routes = Routes {
+            node: "n0".into(),
+            partition_count: 3,
+            leaders: vec![Some("c:1".into()), None, Some("elsewhere:1".into())],
+        };
+        assert_eq!(leader_indices(&routes, &t.addrs), vec![Some(2), None, None]);
     }
 
     #[test]

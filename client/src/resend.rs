@@ -110,6 +110,13 @@ impl<U: Hash + Eq + Clone, P> GoBackN<U, P> {
         keys
     }
 
+    /// Whether nothing to `to` is open: none in flight, none held.
+    pub fn idle(&self, to: &U) -> bool {
+        self.recipients
+            .get(to)
+            .is_none_or(|run| run.in_flight == 0 && run.held.is_empty())
+    }
+
     /// Publishes not answered for good.
     pub fn len(&self) -> usize {
         self.open.len()
@@ -130,6 +137,41 @@ impl<U: Hash + Eq + Clone, P> GoBackN<U, P> {
     /// Every open publish, in no particular order.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut (U, P))> {
         self.open.iter_mut().map(|(k, v)| (*k, v))
+    }
+}
+
+/// Which of a publisher's connections each recipient's publishes go on, for a publisher
+/// that holds a connection to every node and sends each publish to its recipient's leader
+/// (docs/protocol.md, "Routing by leader"). The server orders the publishes of one
+/// connection to one recipient; two connections are not ordered against each other. So a
+/// recipient stays on the connection its open publishes went on, and moves to the one its
+/// latest route names only once every publish to it there is answered for good: a leader
+/// that moved costs a forward until then, never an overtaking publish.
+pub struct Sticky<U> {
+    on: HashMap<U, usize>,
+}
+
+impl<U> Default for Sticky<U> {
+    fn default() -> Self {
+        Sticky { on: HashMap::new() }
+    }
+}
+
+impl<U: Hash + Eq + Clone> Sticky<U> {
+    /// The connection for the next publish to `to`, asked before it enters `open`:
+    /// `wanted` (its leader's by the latest routes) when nothing to `to` is open, else the
+    /// connection its open publishes went on.
+    pub fn pick<P>(&mut self, open: &GoBackN<U, P>, to: &U, wanted: usize) -> usize {
+        if open.idle(to) {
+            self.on.insert(to.clone(), wanted);
+            return wanted;
+        }
+        *self.on.entry(to.clone()).or_insert(wanted)
+    }
+
+    /// The connection `to`'s open publishes went on (held ones go again there).
+    pub fn on(&self, to: &U) -> Option<usize> {
+        self.on.get(to).copied()
     }
 }
 
@@ -178,5 +220,29 @@ mod tests {
         assert_eq!(g.refused(13), None);
         assert_eq!(g.done(11).1, Some("b"));
         assert_eq!(g.flush(&"b"), vec![13]);
+    }
+
+    #[test]
+    fn a_recipient_moves_to_its_new_leader_only_once_nothing_to_it_is_open() {
+        let mut g: GoBackN<&str, ()> = GoBackN::default();
+        let mut on: Sticky<&str> = Sticky::default();
+        assert_eq!(on.pick(&g, &"a", 0), 0);
+        g.send(1, "a", ());
+        // The route moved to connection 1 while 1 is in flight on connection 0: a's next
+        // publishes stay on 0, or they could overtake it; b, with nothing open, goes to 1.
+        assert_eq!(on.pick(&g, &"a", 1), 0);
+        g.send(2, "a", ());
+        assert_eq!(on.pick(&g, &"b", 1), 1);
+        g.done(1);
+        assert_eq!(on.pick(&g, &"a", 1), 0, "2 is still open on connection 0");
+        // 2 is refused: held, and sent again on connection 0, where the refusal was.
+        assert_eq!(g.refused(2), Some("a"));
+        assert_eq!(on.pick(&g, &"a", 1), 0, "2 is held");
+        assert_eq!(g.flush(&"a"), vec![2]);
+        assert_eq!(on.on(&"a"), Some(0));
+        g.done(2);
+        assert!(g.idle(&"a"));
+        assert_eq!(on.pick(&g, &"a", 1), 1, "nothing open: a follows its route");
+        assert_eq!(on.on(&"a"), Some(1));
     }
 }

@@ -69,7 +69,9 @@ struct TargetArgs {
     /// Warbler cluster: read where each partition's leader is (`GET /v1/routes`) from this
     /// node's HTTP address (host:port) before the run, and send each publish to its user's
     /// leader (each publisher then holds a connection to every node). The leaders' client
-    /// addresses must be among --addr.
+    /// addresses must be among --addr. Publishers read the routes again every second and
+    /// follow leaders that move (a user's publishes change connection once none to it is
+    /// unanswered, so they stay in order); devices stay where they connected.
     #[arg(long, value_name = "HTTP_ADDR")]
     route_by_leader: Option<String>,
     /// With --route-by-leader: connect each device to its user's leader too.
@@ -89,6 +91,7 @@ impl TargetArgs {
             tls_ca_file: self.tls_ca_file.clone(),
             leaders: Vec::new(),
             route_devices: self.devices_to_leader,
+            routes_from: None,
         })
     }
 
@@ -112,19 +115,17 @@ impl TargetArgs {
                 routes.partition_count
             );
         }
-        for (p, leader) in routes.leaders.iter().enumerate() {
+        let indices = systems::leader_indices(&routes, &target.addrs);
+        for (p, (leader, n)) in routes.leaders.iter().zip(indices).enumerate() {
             let leader = leader.as_ref().with_context(|| {
                 format!("partition {p} has no leader at {http}: wait until the cluster is ready")
             })?;
-            let n = target
-                .addrs
-                .iter()
-                .position(|a| a == leader)
-                .with_context(|| {
-                    format!("partition {p}'s leader's client address {leader} is not in --addr")
-                })?;
+            let n = n.with_context(|| {
+                format!("partition {p}'s leader's client address {leader} is not in --addr")
+            })?;
             target.leaders.push(n);
         }
+        target.routes_from = Some(http.clone());
         Ok(target)
     }
 }
