@@ -9,24 +9,15 @@
 
 use std::time::Instant;
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_secs;
+
 use serde_bytes::ByteBuf;
 use warbler_storage::{Op, Store, StoredMessage};
 
 const USERS: u64 = 1000;
 const EVERY: u64 = 200_000;
-
-/// User plus system CPU of this process so far, in seconds.
-fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("Linux /proc");
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields[i].parse::<f64>().unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn main() {
     let messages: u64 = std::env::args()
@@ -44,7 +35,7 @@ fn main() {
         state ^= state << 17;
         state
     };
-    let (mut started, mut cpu) = (Instant::now(), process_cpu());
+    let (mut started, mut cpu) = (Instant::now(), cpu_secs("self"));
     let mut n = 0u64;
     let mut entry = 0u64;
     while n < messages {
@@ -73,7 +64,7 @@ fn main() {
             .apply_with_meta(partition, &ops, &applied, false)
             .expect("the apply is written");
         if n % EVERY == 0 {
-            let now = process_cpu();
+            let now = cpu_secs("self");
             println!(
                 "{n} messages: applying {:.2} us per message, process CPU {:.2} us per message",
                 started.elapsed().as_secs_f64() * 1e6 / EVERY as f64,
