@@ -63,7 +63,7 @@ fn main() {
         store
             .apply_with_meta(partition, &ops, &applied, false)
             .expect("the apply is written");
-        if n % EVERY == 0 {
+        if n.is_multiple_of(EVERY) {
             let now = cpu_secs("self");
             println!(
                 "{n} messages: applying {:.2} us per message, process CPU {:.2} us per message",
