@@ -1092,6 +1092,32 @@ mod tests {
 
     #[test]
     fn every_column_family_inserts_from_its_partitions_hint() {
+        for (name, section) in cf_options_written() {
+            assert!(
+                section
+                    .contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"),
+                "column family {name} inserts without a hint"
+            );
+        }
+    }
+
+    #[test]
+    fn rewritten_rows_have_memtables_that_fit_in_cache() {
+        for (name, section) in cf_options_written() {
+            let want = match name {
+                CF_HEADS | CF_CURSORS | CF_RAFT_META => 4 << 20,
+                CF_DEDUP => 16 << 20,
+                _ => 64 << 20,
+            };
+            assert!(
+                section.contains(&format!("write_buffer_size={want}\n")),
+                "column family {name}'s memtable is not {want} bytes"
+            );
+        }
+    }
+
+    /// Each column family's options as RocksDB wrote them down when a store opened.
+    fn cf_options_written() -> Vec<(&'static str, String)> {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path()).unwrap());
         let options = std::fs::read_dir(dir.path())
@@ -1106,18 +1132,17 @@ mod tests {
             .max()
             .expect("RocksDB writes an OPTIONS file");
         let text = std::fs::read_to_string(options).unwrap();
-        for name in COLUMN_FAMILIES {
-            let section = text
-                .split("[CFOptions \"")
-                .find(|s| s.starts_with(&format!("{name}\"")))
-                .unwrap_or_else(|| panic!("no options for column family {name}"));
-            let section = section.split("[TableOptions").next().unwrap();
-            assert!(
-                section
-                    .contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"),
-                "column family {name} inserts without a hint"
-            );
-        }
+        COLUMN_FAMILIES
+            .into_iter()
+            .map(|name| {
+                let section = text
+                    .split("[CFOptions \"")
+                    .find(|s| s.starts_with(&format!("{name}\"")))
+                    .unwrap_or_else(|| panic!("no options for column family {name}"));
+                let section = section.split("[TableOptions").next().unwrap();
+                (name, section.to_string())
+            })
+            .collect()
     }
 
     #[test]
