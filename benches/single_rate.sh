@@ -87,7 +87,8 @@ published = summary("warbler_publish_seconds")[1]
 if published:
     print(f"node CPU per message made durable: {node_total * secs / published * 1e6:.0f} us")
 for name, what in [("warbler_publish_seconds", "accepted by the mailbox -> durable"),
-                   ("warbler_delivery_seconds", "accepted -> handed to the connection")]:
+                   ("warbler_delivery_seconds", "accepted -> handed to the connection"),
+                   ("warbler_delivery_written_seconds", "accepted -> written to the socket (oldest of each write)")]:
     s, c = summary(name)
     if c:
         print(f"node: {what}: mean {1000 * s / c:.1f} ms, p99 {1000 * quantile(name, '0.99'):.1f} ms, "

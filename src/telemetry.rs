@@ -157,6 +157,11 @@ fn describe() {
         Unit::Seconds,
         "Publish to handed to a device session, for messages under 10 s old"
     );
+    describe_histogram!(
+        "warbler_delivery_written_seconds",
+        Unit::Seconds,
+        "Publish to written to a device's socket (the oldest message of each write), for messages under 10 s old"
+    );
     describe_gauge!(
         "warbler_connections",
         "Open device connections, by transport"

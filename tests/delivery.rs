@@ -576,16 +576,60 @@ async fn device_connections_are_served_on_the_configured_io_threads() {
 
 /// `warbler_connection_moves_total{to="<to>"}` on `node`.
 async fn connection_moves(node: &Node, to: &str) -> u64 {
+    metric(
+        node,
+        &format!("warbler_connection_moves_total{{to=\"{to}\"}}"),
+    )
+    .await as u64
+}
+
+/// The value of the series `series` (name and labels) in `node`'s `/metrics`; 0 when it
+/// is not there yet.
+async fn metric(node: &Node, series: &str) -> f64 {
     let (_, text) = node
         .http("GET", "/metrics", Some(&token("prometheus", "ops")), "")
         .await;
-    let prefix = format!("warbler_connection_moves_total{{to=\"{to}\"}} ");
+    let prefix = format!("{series} ");
     text.as_str()
         .unwrap_or("")
         .lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+        .unwrap_or(0.0)
+}
+
+/// `warbler_delivery_written_seconds` times each write of live messages to a device's
+/// socket from when its oldest message was accepted: one count per write that carried a
+/// message, so at least one and never more than the messages written.
+#[tokio::test]
+async fn writes_of_live_messages_are_timed_from_acceptance() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let count = "warbler_delivery_written_seconds_count";
+    let sum = "warbler_delivery_written_seconds_sum";
+    assert_eq!(metric(&node, count).await, 0.0, "no message written yet");
+    let mut phone = node.device("walt", "phone").await;
+    for i in 1..=5u64 {
+        assert_eq!(node.publish("walt", &format!("w{i}"), "hi").await, i);
+    }
+    let got = recv_n(&mut phone, 5).await;
+    assert_eq!(got.len(), 5);
+    // Counted right after the write returns: the device may read first.
+    let mut written = metric(&node, count).await;
+    for _ in 0..20 {
+        if written > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        written = metric(&node, count).await;
+    }
+    assert!(
+        (1.0..=5.0).contains(&written),
+        "{written} timed writes for 5 messages"
+    );
+    // Within the figures' 10 s window, and not negative.
+    let seconds = metric(&node, sum).await;
+    assert!((0.0..10.0 * written).contains(&seconds), "sum {seconds}");
 }
 
 /// Sends a ping and waits for its pong.

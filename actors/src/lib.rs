@@ -34,7 +34,7 @@ pub mod session;
 pub mod stand_in;
 
 pub use crate::error::{MailboxError, OVERLOAD_RETRY_MS};
-pub use crate::mailbox::MailboxLimits;
+pub use crate::mailbox::{MailboxLimits, LIVE_DELIVERY_MS};
 pub use crate::msg::{DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
 pub use crate::outbox::{Closed, OutReceiver, OutSender, Outbox, Signal, WakeDeferral};
 pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};

@@ -11,8 +11,10 @@ use warbler_storage::{now_ms, Op, PartitionId, PartitionLog, StorageError, Store
 
 use crate::error::MailboxError;
 
-/// Deliveries of messages younger than this count towards `warbler_delivery_seconds`.
-const LIVE_DELIVERY_MS: u64 = 10_000;
+/// Deliveries of messages younger than this count towards `warbler_delivery_seconds` (and
+/// the gateway's `warbler_delivery_written_seconds`): older ones are a reconnecting device's
+/// backlog, not latency.
+pub const LIVE_DELIVERY_MS: u64 = 10_000;
 
 /// Body bytes sent to one device and not acknowledged yet, at most (besides
 /// `limits.inflight_max` messages): a device that stops reading pins this much, not the

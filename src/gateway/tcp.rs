@@ -14,9 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
-use warbler_actors::{OutReceiver, Outbox, WakeDeferral};
+use warbler_actors::{OutReceiver, Outbox, WakeDeferral, LIVE_DELIVERY_MS};
 use warbler_client::codec::CodecError;
-use warbler_client::FrameCodec;
+use warbler_client::{Frame, FrameCodec};
 
 use super::io::{IoThreads, Watched};
 use super::Gateway;
@@ -242,6 +242,19 @@ pub fn slow_consumer(stall: Duration) {
     );
 }
 
+/// Records how long ago the oldest message of a write that just went to the socket was
+/// accepted (live traffic only, as `warbler_delivery_seconds`): beside that figure (accepted
+/// → handed to the connection) it tells a wait in the connection's queue and writes from
+/// one after the socket.
+fn written_age(oldest_ts: Option<u64>) {
+    if let Some(ts) = oldest_ts {
+        let age = warbler_storage::now_ms().saturating_sub(ts);
+        if age <= LIVE_DELIVERY_MS {
+            metrics::histogram!("warbler_delivery_written_seconds").record(age as f64 / 1000.0);
+        }
+    }
+}
+
 /// Drains the queue to the socket, flushing when the queue is empty; shuts the socket down
 /// once every sender is gone.
 async fn write_frames<W: AsyncWrite + Unpin>(
@@ -252,9 +265,14 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 ) {
     let mut buf = BytesMut::new();
     while let Some(out) = rx.recv().await {
+        // When the oldest message of this write was accepted by its mailbox.
+        let mut oldest_ts = None;
         let mut next = Some(out);
         while let Some(out) = next {
             let frame = out.into_frame();
+            if let (None, Frame::Msg { ts, .. }) = (oldest_ts, &frame) {
+                oldest_ts = Some(*ts);
+            }
             if codec.encode(&frame, &mut buf).is_err() {
                 // Skipping a msg would open a gap: close instead, so the client resumes
                 // from its cursor once the limit is raised again.
@@ -273,7 +291,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         })
         .await;
         match written {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => written_age(oldest_ts),
             Ok(Err(_)) => return,
             Err(_) => return slow_consumer(stall),
         }
