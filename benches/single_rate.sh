@@ -28,7 +28,7 @@ if [ -z "${BIN:-}" ]; then
 fi
 work=$(mktemp -d)
 PID=""
-trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null; rm -rf "$work"' EXIT
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
 HZ=$(getconf CLK_TCK)
 
@@ -52,15 +52,20 @@ for run in $(seq "$RUNS"); do
     echo "== run $run: one node, $RATE/s offered for $DURATION s"
     sync  # earlier writeback must not land in this run's fsyncs
     threads > "$work/t0"; read -r all0 idle0 < <(machine); t0=$(date +%s.%N)
+    # The machine's idle share every half second: the window above also holds the load's
+    # connecting and draining, when the machine is nearly idle.
+    (while sleep 0.5; do machine; done > "$work/ticks") &
+    SAMPLER=$!
     WARBLER_LOAD_SLOW_MS="$SLOW_MS" "$BIN/warbler-load" run --system warbler \
         --addr 127.0.0.1:17700 --jwt-secret-file "$work/secret" --users 1000 --devices 2 \
         --publishers 4 --procs 2 --body-bytes 256 --duration-secs "$DURATION" \
         --rate "$RATE" --window 1024 --user-prefix "r$run" 2> "$work/slow.txt" \
         | grep -E 'published=|publish->deliver' | sed 's/^ */load: /'
+    kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null || true
     threads > "$work/t1"; read -r all1 idle1 < <(machine); t1=$(date +%s.%N)
     curl -s http://127.0.0.1:17780/metrics > "$work/metrics"
     kill -9 "$PID"; wait "$PID" 2>/dev/null || true; PID=""
-    python3 - "$work" "$HZ" "$t0" "$t1" "$all0" "$idle0" "$all1" "$idle1" "$SLOW_MS" "$WINDOWS" <<'PY'
+    python3 - "$work" "$HZ" "$t0" "$t1" "$all0" "$idle0" "$all1" "$idle1" "$SLOW_MS" "$WINDOWS" "$DURATION" <<'PY'
 import collections, re, statistics, sys
 work, hz, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 all0, idle0, all1, idle1, slow_ms, by_window = map(int, sys.argv[5:11])
@@ -72,6 +77,15 @@ node_total = sum(node.values())
 machine_busy = (all1 - all0 - (idle1 - idle0)) / hz / secs
 print(f"CPU, in cores, over {secs:.1f} s: node {node_total:.2f}, rest of the machine (the load, interrupts) "
       f"{machine_busy - node_total:.2f}, idle {(idle1 - idle0) / hz / secs:.2f}")
+# The busiest DURATION seconds of half-second samples: the publishing phase.
+ticks = [tuple(map(int, l.split())) for l in open(f"{work}/ticks") if len(l.split()) == 2]
+steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(ticks, ticks[1:])]
+span = max(1, 2 * int(sys.argv[11]))
+if len(steps) >= span:
+    best = max((steps[i:i + span] for i in range(len(steps) - span + 1)),
+               key=lambda w: sum(a - i for a, i in w))
+    total, idle = sum(a for a, _ in best), sum(i for _, i in best)
+    print(f"machine busy during the busiest {span / 2:.0f} s (the load's): {100 * (total - idle) / max(total, 1):.0f}%")
 for k, v in sorted(node.items(), key=lambda kv: -kv[1]):
     if v >= 0.01:
         print(f"  {k:<20} {v:.2f}")
