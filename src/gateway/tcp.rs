@@ -243,9 +243,9 @@ pub fn slow_consumer(stall: Duration) {
 }
 
 /// Records how long ago the oldest message of a write that just went to the socket was
-/// accepted (live traffic only, as `warbler_delivery_seconds`): beside that figure (accepted
-/// → handed to the connection) it tells a wait in the connection's queue and writes from
-/// one after the socket.
+/// accepted (live traffic only, as `warbler_delivery_seconds`). Set beside that figure
+/// (accepted → handed to the connection), it tells whether late deliveries waited before the
+/// hand-off or in the connection's queue and IO thread.
 fn written_age(oldest_ts: Option<u64>) {
     if let Some(ts) = oldest_ts {
         let age = warbler_storage::now_ms().saturating_sub(ts);
