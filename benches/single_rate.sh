@@ -32,10 +32,11 @@ trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; [ -n "${SAMPLER:-}" ] && kill
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secret"
 HZ=$(getconf CLK_TCK)
 
-threads() { # CPU ticks of the node's threads, summed by thread name
+threads() { # CPU ticks and context switches of the node's threads, summed by thread name
     for t in /proc/"$PID"/task/*; do
-        echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
-    done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort
+        echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14 + $15}' "$t/stat")" \
+            "$(awk '/ctxt_switches/{s += $2} END {print s}' "$t/status")"
+    done | awk '{s[$1] += $2; c[$1] += $3} END {for (k in s) print k, s[k], c[k]}' | sort
 }
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6}' /proc/stat; }  # all, idle (iowait too)
 
@@ -70,9 +71,11 @@ import collections, re, statistics, sys
 work, hz, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 all0, idle0, all1, idle1, slow_ms, by_window = map(int, sys.argv[5:11])
 secs = t1 - t0
-read = lambda f: {k: int(v) for k, v in (l.split() for l in open(f))}
+read = lambda f: {k: (int(v), int(c)) for k, v, c in (l.split() for l in open(f))}
 before, after = read(f"{work}/t0"), read(f"{work}/t1")
-node = {k: (v - before.get(k, 0)) / hz / secs for k, v in after.items()}
+node = {k: (v - before.get(k, (0, 0))[0]) / hz / secs for k, (v, _) in after.items()}
+# Each switch is a thread that stopped (to wait, or preempted): a hand-off between threads.
+switches = {k: c - before.get(k, (0, 0))[1] for k, (_, c) in after.items()}
 node_total = sum(node.values())
 machine_busy = (all1 - all0 - (idle1 - idle0)) / hz / secs
 print(f"CPU, in cores, over {secs:.1f} s: node {node_total:.2f}, rest of the machine (the load, interrupts) "
@@ -100,6 +103,9 @@ def quantile(name, q):
 published = summary("warbler_publish_seconds")[1]
 if published:
     print(f"node CPU per message made durable: {node_total * secs / published * 1e6:.0f} us")
+    busiest = sorted(switches.items(), key=lambda kv: -kv[1])[:4]
+    print("context switches per message: " + ", ".join(f"{k} {c / published:.1f}" for k, c in busiest)
+          + f"; all threads {sum(switches.values()) / published:.1f}")
 for name, what in [("warbler_publish_seconds", "accepted by the mailbox -> durable"),
                    ("warbler_delivery_seconds", "accepted -> handed to the connection"),
                    ("warbler_delivery_written_seconds", "accepted -> written to the socket (oldest of each write)")]:
