@@ -36,7 +36,7 @@ pub mod stand_in;
 pub use crate::error::{MailboxError, OVERLOAD_RETRY_MS};
 pub use crate::mailbox::{MailboxLimits, LIVE_DELIVERY_MS};
 pub use crate::msg::{DeviceInfo, MailboxMsg, SessionMsg, SubscribeInfo};
-pub use crate::outbox::{Closed, OutReceiver, OutSender, Outbox, Signal, WakeDeferral};
+pub use crate::outbox::{Closed, Out, OutReceiver, OutSender, Outbox, Signal, WakeDeferral};
 pub use crate::registry::{Mailboxes, PendingPublish, RegistryArgs};
 pub use crate::route_service::RouteService;
 pub use crate::routing::Routing;

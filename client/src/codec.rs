@@ -3,8 +3,10 @@
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use serde::Serialize;
+
 use crate::error::DecodeError;
-use crate::frame::Frame;
+use crate::frame::{Frame, MsgRef};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -96,17 +98,28 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
-fn encode_into(frame: &Frame, max: usize, dst: &mut BytesMut) -> Result<(), CodecError> {
-    let payload = frame.encode();
-    if payload.len() > max {
-        return Err(CodecError::Decode(DecodeError::TooLarge {
-            len: payload.len(),
-            max,
-        }));
+impl Encoder<MsgRef<'_>> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: MsgRef<'_>, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode_into(&msg, self.max_frame_bytes, dst)
     }
-    dst.reserve(LENGTH_PREFIX_BYTES + payload.len());
-    dst.put_u32(payload.len() as u32);
-    dst.put_slice(&payload);
+}
+
+/// Appends `frame`'s length prefix and MessagePack map to `dst`, serialized in place (no
+/// buffer of its own); a frame over `max` bytes leaves `dst` as it was.
+fn encode_into<T: Serialize>(frame: &T, max: usize, dst: &mut BytesMut) -> Result<(), CodecError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    // Into memory, of plain types: cannot fail.
+    rmp_serde::encode::write_named(&mut (&mut *dst).writer(), frame)
+        .expect("frame serialization is infallible");
+    let len = dst.len() - start - LENGTH_PREFIX_BYTES;
+    if len > max {
+        dst.truncate(start);
+        return Err(CodecError::Decode(DecodeError::TooLarge { len, max }));
+    }
+    dst[start..start + LENGTH_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
@@ -233,6 +246,18 @@ mod tests {
             to: "y".into(),
             body: ByteBuf::from(vec![0; 2000]),
         };
-        assert!(codec.encode(&big, &mut BytesMut::new()).is_err());
+        // What was encoded before it stays, whole and alone.
+        let mut dst = BytesMut::new();
+        codec.encode(&Frame::Ack { seq: 7 }, &mut dst).unwrap();
+        let before = dst.clone();
+        assert!(codec.encode(&big, &mut dst).is_err());
+        let body = vec![0; 2000];
+        let msg = MsgRef::new(1, "x", 0, &body, None);
+        assert!(codec.encode(msg, &mut dst).is_err());
+        assert_eq!(dst, before);
+        assert_eq!(
+            codec.decode(&mut dst).unwrap(),
+            Some(Ok(Frame::Ack { seq: 7 }))
+        );
     }
 }

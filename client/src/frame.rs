@@ -182,6 +182,32 @@ impl Frame {
     }
 }
 
+/// A `msg` frame made of borrowed parts: a node writes a stored message to each of the
+/// user's devices without copying its id, body and sender into a [`Frame`] first. Its
+/// bytes are those of the same [`Frame::Msg`] (a test holds the two together).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MsgRef<'a> {
+    t: &'static str,
+    pub seq: u64,
+    pub id: &'a str,
+    pub ts: u64,
+    pub body: &'a serde_bytes::Bytes,
+    pub from: Option<&'a str>,
+}
+
+impl<'a> MsgRef<'a> {
+    pub fn new(seq: u64, id: &'a str, ts: u64, body: &'a [u8], from: Option<&'a str>) -> Self {
+        MsgRef {
+            t: "msg",
+            seq,
+            id,
+            ts,
+            body: serde_bytes::Bytes::new(body),
+            from,
+        }
+    }
+}
+
 /// The JSON form of frames, for WebSocket text messages: the same maps, with `body` as a
 /// UTF-8 string, or `body_b64` (standard base64) when the bytes are not UTF-8.
 impl Frame {
@@ -454,6 +480,23 @@ mod tests {
             panic!()
         };
         assert_eq!(&body[..], b"hey");
+    }
+
+    #[test]
+    fn a_borrowed_msg_encodes_as_the_msg_frame() {
+        for from in [None, Some("alice")] {
+            let frame = Frame::Msg {
+                seq: 42,
+                id: "m-1".into(),
+                ts: 1_700_000_000_123,
+                body: ByteBuf::from(vec![0u8, 1, 2, 255]),
+                from: from.map(String::from),
+            };
+            let borrowed = MsgRef::new(42, "m-1", 1_700_000_000_123, &[0, 1, 2, 255], from);
+            let bytes = rmp_serde::to_vec_named(&borrowed).unwrap();
+            assert_eq!(bytes, frame.encode());
+            assert_eq!(Frame::decode(&bytes).unwrap(), frame);
+        }
     }
 
     #[test]

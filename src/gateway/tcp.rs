@@ -14,9 +14,10 @@ use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
-use warbler_actors::{OutReceiver, Outbox, WakeDeferral, LIVE_DELIVERY_MS};
+use warbler_actors::{Out, OutReceiver, Outbox, WakeDeferral, LIVE_DELIVERY_MS};
 use warbler_client::codec::CodecError;
-use warbler_client::{Frame, FrameCodec};
+use warbler_client::frame::MsgRef;
+use warbler_client::FrameCodec;
 
 use super::io::{IoThreads, Watched};
 use super::Gateway;
@@ -269,14 +270,23 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         let mut oldest_ts = None;
         let mut next = Some(out);
         while let Some(out) = next {
-            let frame = out.into_frame();
-            if let (None, Frame::Msg { ts, .. }) = (oldest_ts, &frame) {
-                oldest_ts = Some(*ts);
-            }
-            if codec.encode(&frame, &mut buf).is_err() {
+            let encoded = match &out {
+                // Written from the message the mailbox shares with the user's other devices.
+                Out::Msg(seq, m) => {
+                    oldest_ts.get_or_insert(m.ts);
+                    let from = m.from.as_deref();
+                    codec.encode(MsgRef::new(*seq, &m.id, m.ts, &m.body, from), &mut buf)
+                }
+                Out::Frame(frame) => codec.encode(frame, &mut buf),
+            };
+            if encoded.is_err() {
                 // Skipping a msg would open a gap: close instead, so the client resumes
                 // from its cursor once the limit is raised again.
-                tracing::error!(t = frame.type_name(), "a frame exceeds limits.max_frame_bytes; closing the connection (raise the limit to deliver it)");
+                let t = match &out {
+                    Out::Msg(..) => "msg",
+                    Out::Frame(frame) => frame.type_name(),
+                };
+                tracing::error!(t, "a frame exceeds limits.max_frame_bytes; closing the connection (raise the limit to deliver it)");
                 return;
             }
             next = if buf.len() < WRITE_BUFFER_KEEP_BYTES {
