@@ -8,7 +8,7 @@ bench:         ## Warbler vs NATS JetStream and Mosquitto, idle memory, a 3-node
 	bash benches/compare.sh
 
 bench-quick:   ## the same at a small size (a few minutes), to try the harness
-	USERS=200 DURATION=5 IDLE=2000 CLUSTER_DEVICES=3000 STORM=500 IDLE_SECS=10 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
+	USERS=200 DURATION=5 IDLE=2000 CLUSTER_DEVICES=3000 STORM=500 FANOUT=2000 IDLE_SECS=10 MICRO=0 OUT=$${OUT:-/tmp/warbler-bench-quick} bash benches/compare.sh
 
 bench-replication: ## single node vs one-member cluster vs RF 3, idle cluster CPU, fan-out (about 4 min)
 	bash benches/replication.sh

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Warbler side by side with NATS JetStream and Mosquitto, on one machine, one workload, in
-# one run; then memory per idle connection (TLS off and on), the connection scale of a
-# 3-node cluster with a reconnect storm (benches/connections.sh), and the micro benchmarks. Writes the "Side by side" section of docs/benchmarks.md and the PNG
-# plots in docs/img/. `make bench` runs this.
+# one run; Warbler's one-member cluster and one fan-out request (one node, RF 3) against its
+# single node; then memory per idle connection (TLS off and on), the connection scale of a
+# 3-node cluster with a reconnect storm (benches/connections.sh), and the micro benchmarks.
+# Writes the "Side by side" section of docs/benchmarks.md and the PNG plots in docs/img/.
+# `make bench` runs this.
 #
 #   bash benches/compare.sh                 # the documented size (15 min 38 s here)
 #   USERS=200 DURATION=5 IDLE=2000 CLUSTER_DEVICES=3000 STORM=1000 MICRO=0 bash benches/compare.sh   # a quick try
@@ -11,6 +13,7 @@
 # Knobs: USERS (1000), DEVICES per user (2), PUBLISHERS (4), PROCS load processes (2),
 # DURATION s per run (10), BODY bytes (256), IDLE connections (17000; a node accepts 18,000 by default),
 # CLUSTER_DEVICES idle devices on a 3-node cluster (50000), STORM devices per node (10000),
+# FANOUT recipients of the one-request fan-out on one node and on RF 3 (10000),
 # MICRO=0 skips the criterion benchmarks, PROFILE=0 skips perf, OUT (a results directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,7 @@ BODY="${BODY:-256}"
 IDLE="${IDLE:-17000}"
 CLUSTER_DEVICES="${CLUSTER_DEVICES:-50000}"
 STORM="${STORM:-10000}"
+FANOUT="${FANOUT:-10000}"
 MICRO="${MICRO:-1}"
 IDLE_ONLY="${IDLE_ONLY:-0}"   # 1: only the memory per idle connection, printed; no docs written
 PROFILE="${PROFILE:-1}"
@@ -80,12 +84,14 @@ json_val() { python3 -c "import json,sys; print(json.loads(sys.stdin.readlines()
 
 # --- servers ----------------------------------------------------------------------------
 WARBLER_PIDS=()
-start_warbler() { # $1 = nodes (1 or 3); extra env passes through
+start_warbler() { # $1 = nodes (1 or 3), $2 = "one-member": one node as a cluster of itself; extra env passes through
     WARBLER_PIDS=()
-    local n=$1 i
+    local n=$1 mode=${2:-} i
     for i in $(seq 0 $((n - 1))); do
         local cluster_args=()
-        [ "$n" -eq 1 ] || cluster_args=(--cluster-addr "127.0.0.1:1761$i" --seeds 127.0.0.1:17610 --bootstrap-expect "$n")
+        if [ "$n" -gt 1 ] || [ "$mode" = one-member ]; then
+            cluster_args=(--cluster-addr "127.0.0.1:1761$i" --seeds 127.0.0.1:17610 --bootstrap-expect "$n")
+        fi
         rm -rf "$work/w$i"
         WARBLER_LOG=warn "$BIN/warbler" serve --node-id "w$i" --data-dir "$work/w$i" \
             --jwt-secret-file "$work/secret" --client-addr "127.0.0.1:1760$i" \
@@ -116,6 +122,32 @@ print(json.dumps(leaders) if even else "")' 2>/dev/null || true)
         sleep 0.5
     done
     echo "the leaders did not spread within 30 s; measuring anyway" >&2
+}
+# fanout LABEL: one POST /v1/messages to FANOUT users through node 0 of the running Warbler,
+# timed from the request to the answer (every recipient's message stored and replicated).
+fanout() {
+    local token t0 t1
+    token=$("$BIN/warbler" token --jwt-secret-file "$work/secret" --user backend --scope publish)
+    python3 -c "import json,sys; print(json.dumps({'id': 'fan-' + sys.argv[1], 'body': 'hello', 'to': ['f%d' % i for i in range(int(sys.argv[2]))]}))" \
+        "$1" "$FANOUT" > "$work/fanout.json"
+    echo "== $1 fan-out to $FANOUT users in one request" >&2
+    sync
+    t0=$(date +%s.%N)
+    curl -s -o "$work/fanout.out" -H "authorization: Bearer $token" \
+        -H 'content-type: application/json' --data-binary "@$work/fanout.json" \
+        http://127.0.0.1:17680/v1/messages || true
+    t1=$(date +%s.%N)
+    python3 - "$work/fanout.out" "$t0" "$t1" "$1" "$FANOUT" >> "$OUT/fanout.jsonl" <<'PY'
+import json, sys
+path, t0, t1, label, asked = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+try:
+    results = json.load(open(path))["results"]
+except (OSError, ValueError, KeyError):
+    results = []
+stored = sum(1 for x in results if "seq" in x)
+print(json.dumps({"label": label, "recipients": asked, "stored": stored, "secs": t1 - t0}))
+PY
+    tail -1 "$OUT/fanout.jsonl" | sed 's/^/   /' >&2
 }
 stop_warbler() { kill -9 "${WARBLER_PIDS[@]}" 2>/dev/null || true; wait "${WARBLER_PIDS[@]}" 2>/dev/null || true; }
 
@@ -208,6 +240,9 @@ if [ "$IDLE_ONLY" = 0 ]; then
 # Group 1: one node. Warbler single node, NATS JetStream R1 (the stream on one server of the
 # 3-node cluster, clients on that server), Mosquitto.
 start_warbler 1; system_runs warbler-1 warbler "$WARBLER_ADDRS"; stop_warbler
+# The same node started as a cluster of itself (RF 1 through Raft, as a one-replica
+# StatefulSet runs): its closed-loop maximum against the plain node's.
+start_warbler 1 one-member; run warbler-1m 0 warbler "$WARBLER_ADDRS"; stop_warbler
 start_nats; system_runs nats-r1 "${NATS1[@]}"; stop_nats
 start_mosquitto; system_runs mosquitto mqtt 127.0.0.1:17883; stop_mosquitto
 # Group 2: three replicas. Warbler RF 3 vs NATS JetStream R3, clients over all three nodes.
@@ -217,6 +252,10 @@ start_warbler 3; system_runs warbler-3 warbler "$WARBLER_ADDRS"; stop_warbler
 ROUTED=(--route-by-leader 127.0.0.1:17680 --devices-to-leader)
 start_warbler 3; system_runs warbler-3r warbler "$WARBLER_ADDRS" "${ROUTED[@]}"; stop_warbler
 start_nats; system_runs nats-r3 "${NATS3[@]}"; stop_nats
+# One request to FANOUT users, each on a fresh server: one node, then RF 3.
+: > "$OUT/fanout.jsonl"
+start_warbler 1; fanout warbler-1; stop_warbler
+start_warbler 3; fanout warbler-3; stop_warbler
 
 # Equal offered load, pair by pair: both at half the lower of the two maxima.
 # pair OURS PEER: labelled OURS~PEER, one run of each.

@@ -20,6 +20,7 @@ NAMES = {
     "warbler-3": "Warbler, 3 nodes RF 3",
     "warbler-3r": "Warbler, 3 nodes RF 3, clients routed by leader",
     "nats-r3": "NATS JetStream R3",
+    "warbler-1m": "Warbler, one-member cluster (RF 1 through Raft)",
 }
 GROUPS = [
     ("one-node", "One node: Warbler single node, NATS JetStream R1, Mosquitto",
@@ -128,6 +129,47 @@ def micro_table(text):
     return rows
 
 
+def replication_section(runs, fanouts):
+    """Warbler's replicated setups against its single node, from this run: closed-loop maxima
+    and one fan-out request."""
+    maxima = {label: group_rows(runs, [label])[label][0] for label in
+              ("warbler-1", "warbler-1m", "warbler-3", "warbler-3r")}
+    one = maxima["warbler-1"]
+    if not one:
+        return []
+    md = ["### Replication against one node", "",
+          "Warbler's replicated setups against its single node, from the closed-loop runs above and one "
+          "more of the single node started as a cluster of itself (`--seeds` at its own cluster port: RF 1 "
+          "through Raft, as a one-replica StatefulSet runs), same workload:", "",
+          "| setup | max publish rate (acked/s) | **÷ single node** | errors | order violations | gaps |",
+          "|---|---|---|---|---|---|"]
+    for label, mx in maxima.items():
+        if mx:
+            md.append(f"| {NAMES[label]} | {fmt_rate(mx['publish_rate'])} | "
+                      f"**{fmt_ratio(ratio(mx['publish_rate'], one['publish_rate']))}** | {mx['errors']} | "
+                      f"{mx['order_violations']} | {mx.get('gaps', 0)} |")
+        else:
+            md.append(f"| {NAMES[label]} | (no run) | | | | |")
+    by_label = {f["label"]: f for f in fanouts}
+    if by_label:
+        md += ["", "One `POST /v1/messages` to many users (a fan-out), on a fresh server each, timed from "
+               "the request to its answer (every recipient's message stored; on RF 3 replicated to a "
+               "majority):", "",
+               "| setup | recipients | stored | seconds | **recipients/s** |", "|---|---|---|---|---|"]
+        rates = {}
+        for label in ("warbler-1", "warbler-3"):
+            f = by_label.get(label)
+            if not f:
+                md.append(f"| {NAMES[label]} | (no run) | | | |")
+                continue
+            rates[label] = f["stored"] / f["secs"] if f["secs"] > 0 else float("nan")
+            md.append(f"| {NAMES[label]} | {f['recipients']:,} | {f['stored']:,} | {f['secs']:.2f} | "
+                      f"**{fmt_rate(rates[label])}** |")
+        if len(rates) == 2:
+            md += ["", f"Fan-out on RF 3 ÷ single node: **{fmt_ratio(ratio(rates['warbler-3'], rates['warbler-1']))}**."]
+    return md + [""]
+
+
 def main():
     results, doc, img_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     runs = load_jsonl(os.path.join(results, "runs.jsonl"))
@@ -230,6 +272,8 @@ def main():
         if path:
             rel = os.path.relpath(path, os.path.dirname(os.path.abspath(doc)))
             md += [f"![{title}: throughput vs latency]({rel})", ""]
+
+    md += replication_section(runs, load_jsonl(os.path.join(results, "fanout.jsonl")))
 
     md += ["### Memory per idle connection", "",
            "Idle connections opened by 2 load processes (`warbler-load idle`) against one server, each "
