@@ -130,7 +130,8 @@ pub struct LimitsConfig {
     /// a random moment of the window), so devices do not all reconnect at once.
     pub lame_duck_ms: u64,
     /// Threads that serve the client port's connections (each a single-threaded runtime;
-    /// a connection stays on one); 0 = one per four cores, at least one.
+    /// a connection stays on one); 0 = one per four cores, at least two on a machine of
+    /// two cores or more.
     pub io_threads: u32,
     /// Open HTTP connections per node (WebSocket devices count under `connections_max`
     /// once upgraded), counted at accept.

@@ -42,14 +42,25 @@ pub struct IoThreads {
     stop: CancellationToken,
 }
 
-/// How many IO threads `configured` asks for: itself, or for 0 one per four cores (at
-/// least one).
+/// How many IO threads `configured` asks for: itself, or for 0 one per four cores, and at
+/// least two on a machine of two cores or more.
+///
+/// One thread serves every socket of its connections, and a busy node's socket work (reads,
+/// writes, the kernel's TCP) is about half its CPU: on two cores a single IO thread became
+/// the queue that late deliveries waited in, running or waiting for a core nearly all the
+/// time. One node on two cores at 13,500 msgs/s (half its maximum), four pairs of runs: p99
+/// publish→deliver 21–29 ms with two IO threads against 28–50 ms with one, and a closed-loop
+/// maximum 7% higher (docs/benchmarks.md, session 51).
 pub fn io_thread_count(configured: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    io_threads_for(configured, cores)
+}
+
+fn io_threads_for(configured: u32, cores: usize) -> usize {
     if configured > 0 {
         return configured as usize;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / 4).max(1)
+    (cores / 4).max(2).min(cores.max(1))
 }
 
 impl IoThreads {
@@ -202,5 +213,22 @@ impl AsyncWrite for Watched {
             Ok(s) => Pin::new(s).poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_threads_for;
+
+    #[test]
+    fn two_io_threads_from_two_cores_then_one_per_four() {
+        let by_cores: Vec<usize> = [1, 2, 3, 4, 8, 12, 16, 64]
+            .iter()
+            .map(|&cores| io_threads_for(0, cores))
+            .collect();
+        assert_eq!(by_cores, vec![1, 2, 2, 2, 2, 3, 4, 16]);
+        // A configured count is taken as it is, whatever the machine.
+        assert_eq!(io_threads_for(3, 2), 3);
+        assert_eq!(io_threads_for(1, 64), 1);
     }
 }
