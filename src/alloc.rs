@@ -50,6 +50,71 @@ fn check_value(value: Option<&std::ffi::OsStr>) -> Result<(), String> {
     }
 }
 
+/// The variable that leaves transparent huge pages as the system has them, and its value.
+pub const THP_VARIABLE: &str = "WARBLER_THP";
+const THP_SYSTEM_VALUE: &str = "system";
+
+/// Whether this process keeps to small (4 KiB) pages: yes unless [`THP_VARIABLE`] says
+/// `system`. Refuses any other value.
+///
+/// mimalloc asks the kernel for transparent huge pages for its arenas, and on a kernel that
+/// grants them (`madvise` mode, the usual, or `always`) the first touch of each 2 MiB faults
+/// in and zeroes a whole huge page while the thread that touched it waits: 0.1-0.2 ms each on
+/// a virtual machine. A node that just started, or that grows its heap under a burst, took
+/// such faults on its IO threads and mailbox workers: in the first 100 ms of a load at
+/// 13,500 msgs/s, 22% of the node's CPU samples were `clear_page_erms` under
+/// `do_huge_pmd_anonymous_page`, and those deliveries set the run's p99 (docs/benchmarks.md,
+/// session 52). Small pages fault more often but each fault is short.
+pub fn keep_small_pages() -> Result<bool, String> {
+    keep_small_pages_for(std::env::var_os(THP_VARIABLE).as_deref())
+}
+
+fn keep_small_pages_for(value: Option<&std::ffi::OsStr>) -> Result<bool, String> {
+    match value {
+        None => Ok(true),
+        Some(v) if v.is_empty() || v == "off" => Ok(true),
+        Some(v) if v == THP_SYSTEM_VALUE => Ok(false),
+        Some(v) => Err(format!(
+            "{THP_VARIABLE}={} is not a setting: set it to `system` (transparent huge pages as \
+             the kernel's settings give them) or `off` (the default: small pages), or unset it",
+            v.to_string_lossy()
+        )),
+    }
+}
+
+/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`): every
+/// later page fault, of mimalloc's arenas and RocksDB's memory alike, maps a small page. On a
+/// system without the call it says why; the node runs on either way.
+#[cfg(target_os = "linux")]
+pub fn disable_huge_pages() -> Result<(), String> {
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+/// Elsewhere there are no transparent huge pages to turn off.
+#[cfg(not(target_os = "linux"))]
+pub fn disable_huge_pages() -> Result<(), String> {
+    Ok(())
+}
+
+/// Whether this process may get transparent huge pages, for the startup log: `off`, or
+/// `system` (as the kernel's settings say).
+pub fn huge_pages() -> &'static str {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: reads the process's flag; no memory is passed.
+        if unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) } == 1 {
+            return "off";
+        }
+    }
+    "system"
+}
+
 /// Which allocator this process uses, for the startup log.
 pub fn name() -> &'static str {
     if uses_system() {
@@ -141,6 +206,26 @@ mod tests {
             _ => "mimalloc",
         };
         assert_eq!(first, expected);
+    }
+
+    #[test]
+    fn huge_pages_are_off_unless_the_variable_says_system() {
+        assert_eq!(keep_small_pages_for(None), Ok(true));
+        assert_eq!(keep_small_pages_for(Some("off".as_ref())), Ok(true));
+        assert_eq!(keep_small_pages_for(Some("system".as_ref())), Ok(false));
+        let message = keep_small_pages_for(Some("on".as_ref())).expect_err("not a setting");
+        assert!(message.contains("WARBLER_THP=on"), "{message}");
+        assert!(message.contains("`system`"), "{message}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn disabling_huge_pages_sets_the_process_flag() {
+        disable_huge_pages().expect("prctl is available on Linux");
+        // SAFETY: reads the flag back; no memory is passed.
+        let flag = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(flag, 1, "transparent huge pages are still allowed");
+        assert_eq!(huge_pages(), "off");
     }
 
     #[test]

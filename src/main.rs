@@ -197,6 +197,18 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    match alloc::keep_small_pages() {
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        Ok(true) => {
+            if let Err(e) = alloc::disable_huge_pages() {
+                eprintln!("warning: cannot turn transparent huge pages off ({e}); the node runs with them, and a heap that grows may stall its threads for a fraction of a millisecond per 2 MiB");
+            }
+        }
+        Ok(false) => {}
+    }
     if !matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
         // Printing commands end quietly when their reader goes away (`... | head`), as
         // command-line tools do; sockets are written with MSG_NOSIGNAL either way.

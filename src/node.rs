@@ -116,7 +116,7 @@ pub async fn run(
         }
     });
 
-    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, io_threads, allocator = crate::alloc::name(), drain_budget_ms = drain_budget(&config).as_millis() as u64, data_dir = %config.data_dir.display(), "warbler node ready");
+    tracing::info!(node = %config.node_id, client = %addrs.client, http = %addrs.http, tls = tls.is_some(), http_tls = config.tls.http, clustered, io_threads, allocator = crate::alloc::name(), huge_pages = crate::alloc::huge_pages(), drain_budget_ms = drain_budget(&config).as_millis() as u64, data_dir = %config.data_dir.display(), "warbler node ready");
     // A machine-readable line for scripts and tests that start the node on port 0.
     println!(
         "warbler ready node={} client={} http={} cluster={}",
