@@ -61,7 +61,7 @@ const THP_SYSTEM_VALUE: &str = "system";
 /// grants them (`madvise` mode, the usual, or `always`) the first touch of each 2 MiB faults
 /// in and zeroes a whole huge page while the thread that touched it waits: 0.1-0.2 ms each on
 /// a virtual machine. A node that just started, or that grows its heap under a burst, took
-/// such faults on its IO threads and mailbox workers: in the first 100 ms of a load at
+/// such faults on its IO threads and mailbox workers: in the first 200 ms of a load at
 /// 13,500 msgs/s, 22% of the node's CPU samples were `clear_page_erms` under
 /// `do_huge_pmd_anonymous_page`, and those deliveries set the run's p99 (docs/benchmarks.md,
 /// session 52). Small pages fault more often but each fault is short.

@@ -281,6 +281,56 @@ async fn bad_configuration_is_refused_with_the_field_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-secret-file"));
 }
 
+/// A node runs on small pages unless `WARBLER_THP=system` says otherwise, and refuses any
+/// other value at start. The kernel's view of the process (`THP_enabled` in
+/// /proc/PID/status) tells whether the node turned huge pages off for itself.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_node_turns_huge_pages_off_unless_told_to_keep_the_systems() {
+    let thp_enabled = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim().to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("default"));
+    let Some(default) = thp_enabled(node.pid()) else {
+        eprintln!("this kernel does not report THP_enabled in /proc/PID/status; skipping");
+        return;
+    };
+    node.kill9();
+    assert_eq!(
+        default, "0",
+        "huge pages still allowed for a node on its defaults"
+    );
+    let mut node = Node::start_with(
+        &dir.path().join("system"),
+        &[("WARBLER_THP", "system")],
+        &[],
+    );
+    let kept = thp_enabled(node.pid());
+    node.kill9();
+    assert_eq!(
+        kept.as_deref(),
+        Some("1"),
+        "WARBLER_THP=system turned huge pages off"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warbler"))
+        .args(["serve"])
+        .env("WARBLER_THP", "on")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARBLER_THP=on") && err.contains("`system`"),
+        "{err}"
+    );
+}
+
 /// `warbler health`: exit 0 when the probe answers 200; 1 with the node's reason when it
 /// does not (a node waiting for a second member is alive but not ready), or when nothing
 /// answers.
