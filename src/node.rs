@@ -13,7 +13,7 @@ use warbler_actors::{MailboxLimits, Mailboxes, RegistryArgs, RouteService, Routi
 use warbler_cluster::{ClusterNode, LeaderChange};
 use warbler_config::Config;
 use warbler_storage::{
-    now_ms, Committer, CommitterLimits, LocalLog, PartitionLog, RetentionPolicy, Store,
+    now_ms, Committer, CommitterLimits, LocalLog, PartitionId, PartitionLog, RetentionPolicy, Store,
 };
 
 use crate::auth::Auth;
@@ -300,9 +300,13 @@ async fn form(
             formed = node.form(config, store) => match formed {
                 Ok(()) => {
                     let (mailboxes, routing) = (parts.mailboxes.clone(), routing.clone());
+                    let log = parts.log.clone();
                     node.watch_leaders(move |c: LeaderChange| {
                         if c.was_local {
                             mailboxes.stop_partition(c.partition);
+                        }
+                        if c.now_local {
+                            settle(log.clone(), c.partition);
                         }
                         routing.leader_changed(c.partition);
                     });
@@ -326,6 +330,22 @@ async fn form(
     }
     shutdown.cancelled().await;
     None
+}
+
+/// Settles a partition this node just came to lead, in the background: its read barrier
+/// runs now rather than in the first mailbox start of the new leadership, which would hold
+/// up every other start on the node meanwhile (a fan-out to a partition's users, or the
+/// first publishes after a failover, would wait for one barrier per partition in turn).
+/// A barrier that fails (the leadership moved on) leaves the partition to the next start.
+fn settle(log: Arc<dyn PartitionLog>, partition: PartitionId) {
+    tokio::spawn(async move {
+        if log.settled(partition) {
+            return;
+        }
+        if let Err(e) = log.barrier(partition).await {
+            tracing::debug!(partition, error = %e, "a new leadership not settled in advance; the first mailbox start settles it");
+        }
+    });
 }
 
 /// Applies retention to every user, every `retention.sweep_interval_secs`.

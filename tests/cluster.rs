@@ -1569,6 +1569,15 @@ async fn idle_partitions_go_quiet_and_fail_over_when_their_leader_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     let cluster = Cluster::start(3).await;
+    // Each node settles the partitions it comes to lead as it gets them, so the mailboxes a
+    // fan-out starts run no read barrier (each would hold up the node's other starts).
+    settle_leaders(&cluster).await;
+    let barriers = "warbler_read_barriers_total";
+    let barriers_before = metric_sum(&cluster, barriers, None).await;
+    assert!(
+        barriers_before >= 64,
+        "every partition's leadership settled as it was gained: {barriers_before} barriers"
+    );
     let to: Vec<String> = (0..300).map(|i| format!("fan{i}")).collect();
     let body = serde_json::json!({"to": to, "id": "fan-1", "body": "hello"}).to_string();
     let tok = token("backend", "publish");
@@ -1597,6 +1606,11 @@ async fn a_fan_out_reaches_every_recipient_through_their_partitions_leaders() {
     assert_eq!(
         answers[0], answers[1],
         "the same request again answers the same seqs"
+    );
+    let barriers = metric_sum(&cluster, barriers, None).await - barriers_before;
+    assert_eq!(
+        barriers, 0,
+        "starting 300 mailboxes ran {barriers} read barriers"
     );
     // Each partition's share went to its leader as one request: 600 recipients in all, at
     // most 64 partitions a request (a share re-sent after a leader change may add a few).

@@ -432,6 +432,7 @@ impl PartitionLog for RaftLog {
     fn barrier(&self, partition: PartitionId) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             let group = self.group(partition)?;
+            metrics::counter!("warbler_read_barriers_total").increment(1);
             // First every proposal queued before this one is answered, as the trait
             // promises: a crashed writer's proposals may still wait in the proposer, and
             // they enter the log ahead of anything its successor proposes, so the successor

@@ -37,6 +37,8 @@ pub struct LeaderChange {
     pub partition: PartitionId,
     /// This node led it until now (its mailboxes must stop: no stale writer survives).
     pub was_local: bool,
+    /// This node leads it from now on.
+    pub now_local: bool,
 }
 
 impl ClusterNode {
@@ -289,6 +291,7 @@ impl ClusterNode {
                         on_change(LeaderChange {
                             partition: p,
                             was_local,
+                            now_local: now == Leader::Local,
                         });
                         prev[p as usize] = now;
                     }
