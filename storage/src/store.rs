@@ -655,10 +655,33 @@ impl Store {
 const INSERT_HINT_OPTIONS: &str =
     "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2";
 
+/// Messages and dedup records: one insert position per user instead of per partition.
+/// A partition's users take turns in a batch, so a partition's position is another user's
+/// and each insert searched several levels of the skip list; a user's next message (next
+/// seq) lands right after its last one. The transform is ours (`src/user_prefix.cc`): the
+/// key's user prefix, as [`user_prefix`] lays it out. Each user seen by a memtable costs
+/// it one position (about 200 bytes), so rewritten rows (heads, cursors) keep the
+/// partition's.
+const USER_INSERT_HINT_OPTIONS: &str =
+    "memtable_insert_with_hint_prefix_extractor=warbler.UserPrefix";
+
+extern "C" {
+    /// Registers `warbler.UserPrefix` with RocksDB's object registry (once per process).
+    fn warbler_register_user_prefix();
+}
+
 fn cf_options(name: &str) -> Options {
+    let hint = if USER_HINT_CFS.contains(&name) {
+        // SAFETY: registers a factory once (std::call_once); no arguments, no state shared
+        // with Rust.
+        unsafe { warbler_register_user_prefix() };
+        USER_INSERT_HINT_OPTIONS
+    } else {
+        INSERT_HINT_OPTIONS
+    };
     let mut cf = Options::default()
-        .get_options_from_string(INSERT_HINT_OPTIONS)
-        .expect("a built-in slice transform parses");
+        .get_options_from_string(hint)
+        .expect("the insert hint's slice transform is registered");
     cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
     if let Some(bytes) = write_buffer_bytes(name) {
         cf.set_write_buffer_size(bytes);
@@ -688,6 +711,9 @@ fn write_buffer_bytes(name: &str) -> Option<usize> {
         _ => None,
     }
 }
+
+/// Column families whose memtable inserts start from the user's position.
+const USER_HINT_CFS: [&str; 2] = [CF_MSGS, CF_DEDUP];
 
 fn raft_log_key(partition: PartitionId, index: u64) -> [u8; 10] {
     let mut k = [0u8; 10];
@@ -1091,12 +1117,18 @@ mod tests {
     }
 
     #[test]
-    fn every_column_family_inserts_from_its_partitions_hint() {
+    fn every_column_family_inserts_from_its_users_or_its_partitions_hint() {
         for (name, section) in cf_options_written() {
+            let hint = if USER_HINT_CFS.contains(&name) {
+                "warbler.UserPrefix"
+            } else {
+                "rocksdb.FixedPrefix.2"
+            };
             assert!(
-                section
-                    .contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2"),
-                "column family {name} inserts without a hint"
+                section.contains(&format!(
+                    "memtable_insert_with_hint_prefix_extractor={hint}"
+                )),
+                "column family {name} inserts without the hint {hint}"
             );
         }
     }
