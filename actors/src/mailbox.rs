@@ -426,7 +426,11 @@ impl MailboxState {
     /// a publish already taken gets its seq whatever this would say.
     fn admit(&self, after: Option<&str>) -> Result<(), MailboxError> {
         if let Some(prev) = after {
+            // Usually the publish just before it: pending, or among the newest committed in
+            // the tail cache. Only an older one costs a read (a hit searches the memtable's
+            // skip list; no Bloom filter spares it).
             let taken = self.pending_ids.contains_key(prev)
+                || self.tail.iter().rev().any(|(_, m)| m.id == prev)
                 || self
                     .store
                     .dedup(self.partition, &self.user, prev)
