@@ -19,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 source scripts/prereqs.sh
+source benches/leaders_spread.sh
 USERS="${USERS:-1000}"
 DEVICES="${DEVICES:-2}"
 PUBLISHERS="${PUBLISHERS:-4}"
@@ -102,26 +103,7 @@ start_warbler() { # $1 = nodes (1 or 3), $2 = "one-member": one node as a cluste
         for _ in $(seq 600); do curl -sf "http://127.0.0.1:1768$i/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
     done
     WARBLER_ADDRS=$(seq 0 $((n - 1)) | sed 's/^/127.0.0.1:1760/' | paste -sd,)
-    [ "$n" -eq 1 ] || leaders_spread
-}
-# The leaders spread over the nodes in the seconds after formation: measure once every node
-# leads 16 to 27 of the 64 partitions (within 25% of even) and the routes held for half a second
-# (at most 30 s), so that routes read at the start of a run stay right.
-leaders_spread() {
-    local token last="" now i
-    token=$("$BIN/warbler" token --jwt-secret-file "$work/secret" --user bench --scope publish)
-    for i in $(seq 60); do
-        now=$(curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:17680/v1/routes |
-            python3 -c 'import collections, json, sys
-leaders = json.load(sys.stdin)["leaders"]
-counts = collections.Counter(leaders)
-even = len(leaders) == 64 and None not in counts and len(counts) == 3 and all(16 <= c <= 27 for c in counts.values())
-print(json.dumps(leaders) if even else "")' 2>/dev/null || true)
-        if [ -n "$now" ] && [ "$now" = "$last" ]; then return 0; fi
-        last=$now
-        sleep 0.5
-    done
-    echo "the leaders did not spread within 30 s; measuring anyway" >&2
+    [ "$n" -eq 1 ] || leaders_spread 127.0.0.1:17680 "$("$BIN/warbler" token --jwt-secret-file "$work/secret" --user bench --scope publish)"
 }
 # fanout LABEL: one POST /v1/messages to FANOUT users through node 0 of the running Warbler,
 # timed from the request to the answer (every recipient's message stored and replicated).

@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
+source benches/leaders_spread.sh
 NODES="${NODES:-3}"
 RUNS="${RUNS:-4}"
 FANOUT="${FANOUT:-10000}"
@@ -52,21 +53,6 @@ except (OSError, ValueError, KeyError):
 print(f"{float(sys.argv[3]) - float(sys.argv[2]):.3f} s, {stored} stored")
 PY
 }
-leaders_spread() {
-    local last="" now
-    for _ in $(seq 60); do
-        now=$(curl -sf -H "Authorization: Bearer $token" http://127.0.0.1:17780/v1/routes |
-            python3 -c 'import collections, json, sys
-leaders = json.load(sys.stdin)["leaders"]
-counts = collections.Counter(leaders)
-even = len(leaders) == 64 and None not in counts and len(counts) == 3 and all(16 <= c <= 27 for c in counts.values())
-print(json.dumps(leaders) if even else "")' 2>/dev/null || true)
-        if [ -n "$now" ] && [ "$now" = "$last" ]; then return 0; fi
-        last=$now
-        sleep 0.5
-    done
-    echo "the leaders did not spread within 30 s; measuring anyway" >&2
-}
 request f
 request g
 for r in $(seq "$RUNS"); do
@@ -85,7 +71,7 @@ for r in $(seq "$RUNS"); do
     for i in $(seq 0 $((NODES - 1))); do
         for _ in $(seq 600); do curl -sf "http://127.0.0.1:1778$i/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
     done
-    [ "$NODES" -eq 1 ] || leaders_spread
+    [ "$NODES" -eq 1 ] || leaders_spread 127.0.0.1:17780 "$token"
     sync
     echo "run $r, $NODES node(s): fan-out to $FANOUT users: $(fan f)"
     if [ -n "$AGAIN" ]; then
