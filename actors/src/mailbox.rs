@@ -20,6 +20,10 @@ pub const LIVE_DELIVERY_MS: u64 = 10_000;
 /// `limits.inflight_max` messages): a device that stops reading pins this much, not the
 /// window's 256 messages of up to 512 KiB each.
 const INFLIGHT_BYTES_MAX: usize = 8 << 20;
+/// How many of the newest committed messages a publish's `after` is looked for among
+/// before its dedup record is read (a tail cache holds up to 512 by default).
+const AFTER_IN_TAIL: usize = 32;
+
 /// Body bytes a mailbox's tail cache holds at most (besides `tail_cache_max` messages):
 /// 512 messages at the body limit would otherwise pin 256 MiB per active user.
 const TAIL_CACHE_BYTES_MAX: usize = 4 << 20;
@@ -430,7 +434,12 @@ impl MailboxState {
             // the tail cache. Only an older one costs a read (a hit searches the memtable's
             // skip list; no Bloom filter spares it).
             let taken = self.pending_ids.contains_key(prev)
-                || self.tail.iter().rev().any(|(_, m)| m.id == prev)
+                || self
+                    .tail
+                    .iter()
+                    .rev()
+                    .take(AFTER_IN_TAIL)
+                    .any(|(_, m)| m.id == prev)
                 || self
                     .store
                     .dedup(self.partition, &self.user, prev)

@@ -118,3 +118,25 @@ async fn a_full_backlog_refuses_new_publishes_at_once_but_answers_retries() {
     assert_eq!(store.last_seq(mb.partition_of("ann"), "ann").unwrap(), 2);
     common::close(mb, log, store).await;
 }
+
+/// The publish an `after` names is looked for in the mailbox's memory (pending, or among
+/// its newest committed messages) before its dedup record: shown here by removing that
+/// record first, which only the in-memory lookup survives.
+#[tokio::test]
+async fn the_publish_named_by_after_is_found_among_the_newest_committed_without_a_read() {
+    let (mb, log, store, _dir) = mailboxes().await;
+    assert_eq!(mb.publish("ann", "a", body("a"), None).await.unwrap(), 1);
+    let partition = mb.partition_of("ann");
+    let policy = warbler_storage::RetentionPolicy {
+        max_messages: 0,
+        max_age_ms: 0,
+        dedup_window_ms: 1,
+    };
+    let far = warbler_storage::now_ms() + 3_600_000;
+    let trimmed = store.trim_user(partition, "ann", &policy, far).unwrap();
+    assert_eq!(trimmed.dedup_records, 1, "{trimmed:?}");
+    assert_eq!(store.dedup(partition, "ann", "a").unwrap(), None);
+    let b = mb.publish_after("ann", "b", body("b"), None, Some("a".into()));
+    assert_eq!(b.await.unwrap(), 2, "'a' was found in the mailbox's tail");
+    common::close(mb, log, store).await;
+}
