@@ -308,10 +308,13 @@ async fn silent_devices_are_pinged_then_closed_and_answering_ones_stay() {
 
     // A device that pings at the ping interval itself is heard before the server's timer
     // runs out: it only ever gets pongs, never the server's ping (the two timers racing
-    // cost an extra ping and pong per interval).
+    // cost an extra ping and pong per interval). Its timer ticks every interval from its
+    // start, as a client's would, whenever the pongs arrive.
     let mut pinging = raw_device(&node, "pinging").await;
+    let every = Duration::from_millis(400);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     for n in 0..8 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        ticks.tick().await;
         pinging
             .write_all(&framed(&Frame::Ping { n }))
             .await

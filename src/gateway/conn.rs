@@ -128,12 +128,14 @@ pub struct Gateway {
     pub bye: CancellationToken,
 }
 
-/// How long a silent connection waits for the server's `ping`: `limits.ping_interval_ms`
-/// and an eighth more. A client that pings at that same interval itself (as the protocol
-/// advises) is always heard first, so its connection costs one ping and one pong per
-/// interval instead of two of each when the two timers race.
+/// How long a silent connection waits for the server's `ping`: `limits.ping_interval_ms`,
+/// an eighth more, and one look of the quiet thread ([`super::io::QUIET_POLL`]), which may
+/// read a quiet device's ping that much later than it arrived. A client that pings at that
+/// same interval itself (as the protocol advises) is then always heard first, so its
+/// connection costs one ping and one pong per interval instead of two of each when the two
+/// timers race.
 pub fn server_ping_after(ping_interval_ms: u64) -> Duration {
-    Duration::from_millis(ping_interval_ms + ping_interval_ms / 8)
+    Duration::from_millis(ping_interval_ms + ping_interval_ms / 8) + super::io::QUIET_POLL
 }
 
 /// A uniformly random delay within the lame-duck window.
@@ -308,7 +310,7 @@ impl Gateway {
     /// The authenticated part: acks, publishes, pings, until either side closes. `device`
     /// is the session of a device connection and the highest seq it handed to the writer.
     ///
-    /// A connection silent for `limits.ping_interval_ms` (and an eighth more, see
+    /// A connection silent for `limits.ping_interval_ms` (and a little more, see
     /// [`server_ping_after`]) is sent a `ping`; one silent for `limits.idle_timeout_ms` is
     /// closed with `idle_timeout`.
     async fn serve<S>(
