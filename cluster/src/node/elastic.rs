@@ -342,7 +342,9 @@ impl ClusterNode {
                 }
                 if round % 4 == 0 {
                     node.drop_moved(left).await;
-                    if !left {
+                    if left {
+                        node.hand_over_again();
+                    } else {
                         node.check_left().await;
                     }
                 }
@@ -517,16 +519,9 @@ impl ClusterNode {
         }
         // The partitions it leads move away under a leader that stays: each is handed to a
         // caught-up replica on a serving member, which then runs its move. One already
-        // moving finishes here; one whose transfer is refused moves from here too.
-        let led: Vec<(PartitionId, Raft<TypeConfig>)> = {
-            let moving = self.moving.lock().unwrap().clone();
-            let pl = self.placement.read().unwrap();
-            pl.rafts
-                .iter()
-                .filter(|(p, r)| !moving.contains(p) && group_view(r, self.my_id).leading)
-                .map(|(p, r)| (*p, r.clone()))
-                .collect()
-        };
+        // moving finishes here; one whose transfer is refused moves from here too, or is
+        // handed over at a later try (see `hand_over_again`).
+        let led = self.led_not_moving();
         if !led.is_empty() {
             tracing::info!(
                 partitions = led.len(),
@@ -534,6 +529,36 @@ impl ClusterNode {
             );
             self.transfer_all(&led, true);
         }
+    }
+
+    /// The partitions this node leads and is not moving itself.
+    fn led_not_moving(&self) -> Vec<(PartitionId, Raft<TypeConfig>)> {
+        let moving = self.moving.lock().unwrap().clone();
+        let pl = self.placement.read().unwrap();
+        pl.rafts
+            .iter()
+            .filter(|(p, r)| !moving.contains(p) && group_view(r, self.my_id).leading)
+            .map(|(p, r)| (*p, r.clone()))
+            .collect()
+    }
+
+    /// On a decommissioned node, every few steps: hands over again the partitions it still
+    /// leads and is not moving. The transfer at [`Self::leave`] may have been refused (the
+    /// leadership was too young, the target lagged), or the node may have won a leadership
+    /// back since; either way the partition must still leave under a member's leadership,
+    /// and waiting for the coordinator to move it from here is the slower path.
+    fn hand_over_again(self: &Arc<Self>) {
+        let mut led = self.led_not_moving();
+        led.retain(|(p, _)| !self.handing.lock().unwrap().contains(p));
+        if led.is_empty() {
+            return;
+        }
+        let partitions: Vec<PartitionId> = led.iter().map(|(p, _)| *p).collect();
+        tracing::warn!(
+            ?partitions,
+            "decommissioned, and still leading these partitions: handing them over again"
+        );
+        self.transfer_all(&led, true);
     }
 
     /// On the member list's leader: removes a member that has been down for

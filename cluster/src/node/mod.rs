@@ -128,6 +128,8 @@ pub struct ClusterNode {
     moving: Mutex<std::collections::HashSet<PartitionId>>,
     /// This node was decommissioned: it is no longer a member.
     left: AtomicBool,
+    /// Partitions whose leadership [`ClusterNode::transfer_all`] is handing over now.
+    handing: Mutex<std::collections::HashSet<PartitionId>>,
     /// This node is stopping: it hands its leaderships over and quiets no group.
     draining: AtomicBool,
     /// When the node started (the catch-up bound of `/readyz` counts from it).
@@ -357,6 +359,7 @@ impl ClusterNode {
             leaders_moved: Arc::default(),
             moving: Mutex::default(),
             left: AtomicBool::new(false),
+            handing: Mutex::default(),
             draining: AtomicBool::new(false),
             started: std::time::Instant::now(),
             leaders_applied: Mutex::default(),
@@ -536,9 +539,16 @@ impl ClusterNode {
                 .max_by_key(|(_, matched)| *matched)
                 .map(|(name, _)| name);
             let Some(target) = target else { continue };
+            // One transfer of a partition at a time: another would only start a second
+            // election behind the first.
+            if !self.handing.lock().unwrap().insert(*partition) {
+                continue;
+            }
             let (node, partition) = (self.clone(), *partition);
             tokio::spawn(async move {
-                match node.transfer(partition, &target).await {
+                let handed = node.transfer(partition, &target).await;
+                node.handing.lock().unwrap().remove(&partition);
+                match handed {
                     Ok(()) if counted => {
                         metrics::counter!("warbler_leaderships_handed_over_total").increment(1)
                     }
