@@ -589,6 +589,29 @@ impl Cluster {
         }
     }
 
+    /// How node `i`'s process ended ("exit code 1", "killed by signal 9"), or why that is
+    /// not known.
+    pub fn exit_status(&mut self, i: usize) -> String {
+        if self.opts.net == Net::Docker {
+            return std::process::Command::new("docker")
+                .args([
+                    "inspect",
+                    "-f",
+                    "exit code {{.State.ExitCode}}, out of memory: {{.State.OOMKilled}}",
+                    &self.container(i),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|e| format!("unknown (docker inspect: {e})"));
+        }
+        match self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => describe_exit(status),
+            Some(Ok(None)) => "still running".to_string(),
+            Some(Err(e)) => format!("unknown ({e})"),
+            None => "not started by the harness".to_string(),
+        }
+    }
+
     pub fn is_paused(&self, i: usize) -> bool {
         self.nodes[i].paused
     }
@@ -661,8 +684,9 @@ impl Cluster {
         let start = Instant::now();
         loop {
             if !self.is_up(i) {
+                let how = self.exit_status(i);
                 bail!(
-                    "node {} exited; its log is {}",
+                    "node {} exited ({how}); its log is {}",
                     self.nodes[i].name,
                     self.nodes[i].log.display()
                 );
@@ -916,4 +940,45 @@ fn signal(pid: u32, sig: &str) {
         .args([sig, &pid.to_string()])
         .stderr(Stdio::null())
         .status();
+}
+
+/// "exit code N" or "killed by signal N (SIGKILL: the kernel's OOM killer, or a kill -9)".
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(9)) => {
+            "killed by signal 9 (SIGKILL: a kill -9, or the kernel's OOM killer; see dmesg)"
+                .to_string()
+        }
+        (None, Some(sig)) => format!(
+            "killed by signal {sig}{}",
+            if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        ),
+        (None, None) => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_exit;
+
+    fn ended(script: &str) -> String {
+        let status = std::process::Command::new("sh")
+            .args(["-c", script])
+            .status()
+            .expect("sh runs");
+        describe_exit(status)
+    }
+
+    #[test]
+    fn a_nodes_end_is_told_by_its_exit_code_or_signal() {
+        assert_eq!(ended("exit 3"), "exit code 3");
+        assert!(ended("kill -9 $$").starts_with("killed by signal 9 (SIGKILL"));
+        assert_eq!(ended("kill -TERM $$"), "killed by signal 15");
+    }
 }
