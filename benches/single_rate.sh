@@ -10,6 +10,7 @@
 #
 #   bash benches/single_rate.sh                        # RATE=9000 DURATION=10 RUNS=2 SLOW_MS=50
 #   BIN=/some/other/build bash benches/single_rate.sh  # the same against other binaries
+#   ONE_MEMBER=1 bash benches/single_rate.sh           # the node as a cluster of itself
 #
 # Same workload as `make bench` (1,000 users x 2 devices, 4 publishers over 2 load
 # processes, 256 B bodies). Nothing else should run meanwhile: server and load share the
@@ -40,17 +41,24 @@ threads() { # CPU ticks and context switches of the node's threads, summed by th
 }
 machine() { awk '/^cpu /{print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6}' /proc/stat; }  # all, idle (iowait too)
 
+# ONE_MEMBER=1: the node is a cluster of itself (RF 1 through consensus), as `make bench`'s
+# one-member run starts it.
+as_cluster=()
+if [ "${ONE_MEMBER:-0}" = 1 ]; then
+    as_cluster=(--cluster-addr 127.0.0.1:17790 --seeds 127.0.0.1:17790 --bootstrap-expect 1)
+fi
+
 for run in $(seq "$RUNS"); do
     rm -rf "$work/d"
     WARBLER_LOG=warn "$BIN/warbler" serve --node-id s0 --data-dir "$work/d" \
         --jwt-secret-file "$work/secret" --client-addr 127.0.0.1:17700 \
-        --http-addr 127.0.0.1:17780 > "$work/node.out" 2>&1 &
+        --http-addr 127.0.0.1:17780 "${as_cluster[@]}" > "$work/node.out" 2>&1 &
     PID=$!
     for _ in $(seq 300); do
         curl -sf http://127.0.0.1:17780/readyz >/dev/null 2>&1 && break
         sleep 0.1
     done
-    echo "== run $run: one node, $RATE/s offered for $DURATION s"
+    echo "== run $run: one node${as_cluster:+ (a cluster of itself)}, $RATE/s offered for $DURATION s"
     sync  # earlier writeback must not land in this run's fsyncs
     threads > "$work/t0"; read -r all0 idle0 < <(machine); t0=$(date +%s.%N)
     # The machine's idle share every half second: the window above also holds the load's
