@@ -40,9 +40,17 @@ use crate::transport::Faults;
 const INPUT_QUEUE_MAX: usize = 1024;
 /// How often a node that knows no member announces itself to its seeds again.
 const SEED_RETRY: Duration = Duration::from_secs(1);
-/// How often a node spreads its metadata again, so members that joined after the last
-/// change learn it too (custom broadcasts are sent a bounded number of times).
+/// How often a node spreads its metadata again while its metadata or the members changed
+/// in the last [`META_SETTLE`]: custom broadcasts are sent a bounded number of times, and a
+/// datagram lost then (a member cut off for a moment) is made good within this.
 const META_REFRESH: Duration = Duration::from_secs(3);
+/// How long after the last change of its metadata or of the members a node spreads its
+/// metadata every [`META_REFRESH`]; after that, every [`META_REFRESH_SETTLED`]. A settled
+/// cluster's broadcasts only repeat what every member knows, and each one is gossip sent,
+/// signed, checked and published to every watcher of the metadata.
+const META_SETTLE: Duration = Duration::from_secs(30);
+/// How often a settled node spreads its metadata again.
+const META_REFRESH_SETTLED: Duration = Duration::from_secs(30);
 /// The grid the steady gossip timers fire on (see [`on_grid`]): each on the multiples of
 /// its own period when that is a multiple of this (the probe's 500 ms, the periodic
 /// gossip's 375 ms, which is the default Raft tick), else on the multiples of this.
@@ -192,7 +200,15 @@ impl BroadcastHandler<NodeId> for MetaHandler {
             return Ok(None);
         }
         let name = update.meta.name.clone();
+        let same = self
+            .known
+            .get(&name)
+            .is_some_and(|old| old.meta == update.meta);
         self.known.insert(name.clone(), update);
+        if same {
+            // A refresh: newer, but what it says is known. Spread it on, wake no watcher.
+            return Ok(Some(MetaKey { name, stamp }));
+        }
         let metas = self
             .known
             .iter()
@@ -435,6 +451,7 @@ async fn drive(
     let mut cluster_size = 1;
     let mut own_meta: Option<NodeMeta> = None;
     let mut meta_version = 0u64;
+    let mut refresh = Refresh::new(Instant::now());
     while let Some(input) = rx.recv().await {
         let result = match input {
             Input::Data(data) => foca.handle_data(&data, &mut runtime),
@@ -458,10 +475,13 @@ async fn drive(
                 seeds = new;
                 Ok(())
             }
+            Input::Meta(None) if !refresh.due(Instant::now()) => Ok(()),
             Input::Meta(meta) => {
                 if meta.is_some() {
                     own_meta = meta;
+                    refresh.changed(Instant::now());
                 }
+                refresh.spread(Instant::now());
                 spread_meta(
                     &mut foca,
                     own_meta.as_ref(),
@@ -496,6 +516,8 @@ async fn drive(
             }
             let _ = view.send(members);
             // A member that just came up has heard none of our earlier broadcasts.
+            refresh.changed(Instant::now());
+            refresh.spread(Instant::now());
             if let Err(e) = spread_meta(
                 &mut foca,
                 own_meta.as_ref(),
@@ -506,6 +528,37 @@ async fn drive(
             }
             flush(&mut runtime, &socket, &timers).await;
         }
+    }
+}
+
+/// When a node spreads its metadata again (see [`META_REFRESH`]).
+#[derive(Debug, Clone, Copy)]
+struct Refresh {
+    last_change: Instant,
+    last_spread: Instant,
+}
+
+impl Refresh {
+    fn new(now: Instant) -> Refresh {
+        Refresh {
+            last_change: now,
+            last_spread: now,
+        }
+    }
+
+    /// Its metadata or the members changed.
+    fn changed(&mut self, now: Instant) {
+        self.last_change = now;
+    }
+
+    fn spread(&mut self, now: Instant) {
+        self.last_spread = now;
+    }
+
+    /// Whether a refresh tick (every [`META_REFRESH`]) spreads the metadata again.
+    fn due(&self, now: Instant) -> bool {
+        now.duration_since(self.last_change) < META_SETTLE
+            || now.duration_since(self.last_spread) + META_REFRESH / 2 >= META_REFRESH_SETTLED
     }
 }
 
@@ -707,6 +760,32 @@ async fn retry_seeds(out: mpsc::Sender<Input>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node spreads its metadata at every refresh tick for 30 s after a change, then every
+    /// 30 s.
+    #[test]
+    fn metadata_refreshes_slow_down_once_settled() {
+        let t0 = Instant::now();
+        let mut r = Refresh::new(t0);
+        let mut spread = Vec::new();
+        for k in 1..=40u32 {
+            let now = t0 + META_REFRESH * k;
+            if r.due(now) {
+                r.spread(now);
+                spread.push(k);
+            }
+        }
+        // 3 s ticks: every one of the first 9 (up to 27 s), then every tenth.
+        let mut expected: Vec<u32> = (1..=9).collect();
+        expected.extend([19, 29, 39]);
+        assert_eq!(spread, expected);
+
+        r.changed(t0 + META_REFRESH * 40);
+        assert!(
+            r.due(t0 + META_REFRESH * 41),
+            "a change brings the fast refresh back"
+        );
+    }
 
     fn on(at: Instant, period: Duration) -> bool {
         crate::grid::nearest(at, period) == at

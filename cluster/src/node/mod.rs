@@ -158,8 +158,15 @@ pub(crate) fn group_view(raft: &Raft<TypeConfig>, my_id: u64) -> GroupView {
     let m = raft.metrics();
     let m = m.borrow();
     let membership = m.membership_config.membership();
+    // A settled group has one voter set: read it as it is (`voter_ids` merges the joint
+    // configurations through a new set, a cost paid by every periodic check of every group).
+    let joint = membership.get_joint_config();
+    let voters = match joint.as_slice() {
+        [one] => one.iter().copied().collect(),
+        _ => membership.voter_ids().collect(),
+    };
     GroupView {
-        voters: membership.voter_ids().collect(),
+        voters,
         nodes: membership.nodes().map(|(id, _)| *id).collect(),
         settled: membership.get_joint_config().len() == 1
             && m.membership_config.log_id().as_ref() <= m.last_applied.as_ref(),

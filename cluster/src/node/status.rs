@@ -168,8 +168,9 @@ impl ClusterNode {
             if live < list.replication_factor.min(list.names.len()) {
                 under += 1;
             }
-            let m = raft.metrics().borrow().clone();
-            if let Some(replication) = m.replication {
+            let watch = raft.metrics();
+            let m = watch.borrow();
+            if let Some(replication) = &m.replication {
                 for id in view.voters.iter().filter(|id| **id != self.my_id) {
                     let matched = replication
                         .get(id)

@@ -207,6 +207,9 @@ where
 
     pub(crate) command_state: CommandState,
 
+    /// What the last report said, in the fields [`MetricsKey`] compares (Warbler's patch 4).
+    pub(crate) last_metrics: Option<MetricsKey<C::NodeId>>,
+
     pub(crate) span: Span,
 
     pub(crate) _p: PhantomData<SM>,
@@ -529,8 +532,16 @@ where
         true
     }
 
+    /// Reports the metrics, unless nothing they say changed since the last report
+    /// ([`MetricsKey`]). The loop calls this after every batch of messages it handles, and a
+    /// report clones the membership and wakes every watcher of the metrics.
     #[tracing::instrument(level = "debug", skip_all)]
     pub fn flush_metrics(&mut self) {
+        let key = self.metrics_key();
+        if self.last_metrics.as_ref() == Some(&key) {
+            return;
+        }
+        self.last_metrics = Some(key);
         let leader_metrics = if let Some(leader) = self.engine.leader.as_ref() {
             let prog = &leader.progress;
             Some(
@@ -550,6 +561,33 @@ where
             None
         };
         self.report_metrics(leader_metrics);
+    }
+
+    /// The fields of a report that [`RaftCore::flush_metrics`] compares.
+    fn metrics_key(&self) -> MetricsKey<C::NodeId> {
+        let st = &self.engine.state;
+        let replication = self.engine.leader.as_ref().map(|leader| {
+            leader
+                .progress
+                .iter()
+                .map(|(id, p)| {
+                    let matching: &Option<LogId<C::NodeId>> = p.borrow();
+                    (id.clone(), matching.clone())
+                })
+                .collect()
+        });
+        MetricsKey {
+            vote: st.vote_ref().clone(),
+            io_vote: st.io_state().vote().clone(),
+            last_log: st.last_log_id().cloned(),
+            applied: st.io_applied().cloned(),
+            snapshot: st.io_snapshot_last_log_id().cloned(),
+            purged: st.io_purged().cloned(),
+            state: st.server_state,
+            leader: self.current_leader(),
+            membership: st.membership_state.effective().log_id().clone(),
+            replication,
+        }
     }
 
     /// Report a metrics payload on the current state of the Raft node.
@@ -1803,4 +1841,22 @@ where
 
         Ok(None)
     }
+}
+
+/// The fields of a metrics report that change with the state of the group: every field but
+/// the membership's contents (named by its log id) and the time since the last quorum
+/// acknowledgement, which changes every millisecond a leader runs and is refreshed with the
+/// next report that another field causes (Warbler's patch 4, `PATCHED.md`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct MetricsKey<NID: NodeId> {
+    vote: Vote<NID>,
+    io_vote: Vote<NID>,
+    last_log: Option<LogId<NID>>,
+    applied: Option<LogId<NID>>,
+    snapshot: Option<LogId<NID>>,
+    purged: Option<LogId<NID>>,
+    state: ServerState,
+    leader: Option<NID>,
+    membership: Option<LogId<NID>>,
+    replication: Option<Vec<(NID, Option<LogId<NID>>)>>,
 }

@@ -28,12 +28,16 @@ where C: RaftTypeConfig
 
     /// Emit event or not
     enabled: Arc<AtomicBool>,
+
+    /// Wakes a disabled ticker when it is enabled again (Warbler's patch 5).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) struct TickHandle<C>
 where C: RaftTypeConfig
 {
     enabled: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     join_handle: Mutex<Option<JoinHandleOf<C, ()>>>,
 }
@@ -55,10 +59,12 @@ where C: RaftTypeConfig
 {
     pub(crate) fn spawn(interval: Duration, tx: mpsc::UnboundedSender<Notify<C>>, enabled: bool) -> TickHandle<C> {
         let enabled = Arc::new(AtomicBool::from(enabled));
+        let wake = Arc::new(tokio::sync::Notify::new());
         let this = Self {
             interval,
             enabled: enabled.clone(),
             tx,
+            wake: wake.clone(),
         };
 
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -73,6 +79,7 @@ where C: RaftTypeConfig
 
         TickHandle {
             enabled,
+            wake,
             shutdown,
             join_handle: Mutex::new(Some(join_handle)),
         }
@@ -84,6 +91,23 @@ where C: RaftTypeConfig
         let mut cancel = std::pin::pin!(cancel_rx);
 
         loop {
+            // A disabled ticker sleeps until it is enabled again instead of waking every
+            // interval to find nothing to do: in Warbler every quiet group's ticker is
+            // disabled, and an idle node has dozens of them (Warbler's patch 5). The first
+            // tick after it is enabled comes one interval later.
+            if !self.enabled.load(Ordering::Relaxed) {
+                let enabled = self.wake.notified();
+                let mut enabled = std::pin::pin!(enabled);
+                enabled.as_mut().enable();
+                if !self.enabled.load(Ordering::Relaxed) {
+                    if let Either::Left(_) = futures::future::select(cancel.as_mut(), enabled).await {
+                        tracing::info!("TickLoop received cancel signal, quit");
+                        return;
+                    }
+                    continue;
+                }
+            }
+
             let at = C::now() + self.interval;
             let sleep_fut = C::sleep_until(at);
             let sleep_fut = std::pin::pin!(sleep_fut);
@@ -121,6 +145,9 @@ where C: RaftTypeConfig
 {
     pub(crate) fn enable(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Relaxed);
+        if enabled {
+            self.wake.notify_one();
+        }
     }
 
     /// Signal the tick loop to stop. And return a JoinHandle to wait for the loop to stop.
@@ -198,6 +225,32 @@ mod tests {
             received.len()
         );
 
+        Ok(())
+    }
+
+    /// A disabled ticker sends nothing and ticks again once enabled; it can be shut down
+    /// while disabled (Warbler's patch 5).
+    #[cfg(not(feature = "singlethreaded"))]
+    #[tokio::test]
+    async fn test_disabled_ticker_waits_for_enable() -> anyhow::Result<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let th = Tick::<TickUTConfig>::spawn(Duration::from_millis(20), tx, true);
+        TickUTConfig::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_ok(), "an enabled ticker ticks");
+
+        th.enable(false);
+        TickUTConfig::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        TickUTConfig::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "a disabled ticker sends nothing");
+
+        th.enable(true);
+        TickUTConfig::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_ok(), "an enabled-again ticker ticks");
+
+        th.enable(false);
+        TickUTConfig::sleep(Duration::from_millis(50)).await;
+        let _ = th.shutdown().unwrap().await;
         Ok(())
     }
 }
