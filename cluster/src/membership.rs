@@ -52,9 +52,11 @@ const META_SETTLE: Duration = Duration::from_secs(30);
 /// How often a settled node spreads its metadata again.
 const META_REFRESH_SETTLED: Duration = Duration::from_secs(30);
 /// The grid the steady gossip timers fire on (see [`on_grid`]): each on the multiples of
-/// its own period when that is a multiple of this (the probe's 500 ms, the periodic
-/// gossip's 375 ms, which is the default Raft tick), else on the multiples of this.
+/// its own period when that is a multiple of this (the probe's and the periodic gossip's
+/// 500 ms), else on the multiples of this.
 const GOSSIP_GRID: Duration = Duration::from_millis(125);
+/// How often foca gossips the updates it has (see [`Timing::foca_config`]).
+const GOSSIP_PERIOD: Duration = Duration::from_millis(500);
 
 /// Where a node is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,11 +278,12 @@ impl Timing {
 
     fn foca_config(&self, cluster_size: u32) -> Config {
         let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-        // foca's 200 ms, on the Raft ticks' grid points (375 ms) so that it adds no instants
-        // of its own to an idle node's: gossip of an update waits 375 ms at most (updates
-        // also ride on every probe and its answer).
+        // foca's 200 ms, on the probes' and the node's checks' grid points (500 ms) so that
+        // it adds no instants of its own to an idle node's (an idle node's Raft groups are
+        // quiet: their 375 ms ticks do not run): gossip of an update waits 500 ms at most
+        // (updates also ride on every probe and its answer).
         c.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: 3 * GOSSIP_GRID,
+            frequency: GOSSIP_PERIOD,
             num_members: NonZeroUsize::new(3).expect("non-zero"),
         });
         c.probe_period = self.probe_period;
@@ -792,13 +795,14 @@ mod tests {
     }
 
     /// The steady timers land on the multiples of their own period (so an idle node's probe
-    /// and gossip fall on the instants its Raft ticks and 500 ms checks already wake it),
+    /// and gossip fall on the instants its 500 ms checks already wake it),
     /// within half a period of their deadline; fast timers keep their deadlines.
     #[test]
     fn steady_timers_fire_on_their_own_periods_grid() {
         let now = Instant::now();
         for (timer, period) in [
             (Timer::ProbeRandomMember(0), Duration::from_millis(500)),
+            (Timer::PeriodicGossip(0), GOSSIP_PERIOD),
             (Timer::PeriodicGossip(0), 3 * GOSSIP_GRID),
         ] {
             for k in 0..20u64 {
