@@ -790,6 +790,57 @@ mod tests {
         );
     }
 
+    /// A newer broadcast that repeats a node's metadata is taken (and spread on) but wakes
+    /// no watcher; one that changes it does.
+    #[test]
+    fn a_refresh_that_repeats_metadata_wakes_no_watcher() {
+        let signer = NodeSigner::generate();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let meta = NodeMeta {
+            name: "n1".into(),
+            client: addr,
+            http: addr,
+            cluster: addr,
+            state: NodeState::Serving,
+            formed: true,
+            low_space: false,
+            signing_key: signer.public_key(),
+            zone: None,
+        };
+        let signed = |version: u64, meta: &NodeMeta| {
+            let mut u = MetaUpdate {
+                generation: 1,
+                version,
+                meta: meta.clone(),
+                signature: Vec::new(),
+            };
+            u.signature = signer.sign(&u.signed());
+            rmp_serde::to_vec(&u).unwrap()
+        };
+        let (out, mut metas) = watch::channel(HashMap::new());
+        let mut h = MetaHandler {
+            known: HashMap::new(),
+            out,
+            owners: Owners::default(),
+            last_warned: None,
+        };
+        assert!(h.receive_item(&signed(1, &meta), None).unwrap().is_some());
+        assert!(metas.has_changed().unwrap(), "new metadata is published");
+        metas.borrow_and_update();
+
+        let key = h.receive_item(&signed(2, &meta), None).unwrap();
+        assert!(key.is_some(), "a newer refresh is spread on");
+        assert!(!metas.has_changed().unwrap(), "the same metadata wakes no watcher");
+
+        let draining = NodeMeta {
+            state: NodeState::Draining,
+            ..meta
+        };
+        assert!(h.receive_item(&signed(3, &draining), None).unwrap().is_some());
+        assert!(metas.has_changed().unwrap(), "changed metadata is published");
+        assert_eq!(metas.borrow()["n1"].state, NodeState::Draining);
+    }
+
     fn on(at: Instant, period: Duration) -> bool {
         crate::grid::nearest(at, period) == at
     }

@@ -31,6 +31,10 @@ where C: RaftTypeConfig
 
     /// Wakes a disabled ticker when it is enabled again (Warbler's patch 5).
     wake: Arc<tokio::sync::Notify>,
+
+    /// How many times the loop woke (tests).
+    #[cfg(test)]
+    wakes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub(crate) struct TickHandle<C>
@@ -38,6 +42,8 @@ where C: RaftTypeConfig
 {
     enabled: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
+    #[cfg(test)]
+    wakes: Arc<std::sync::atomic::AtomicU64>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     join_handle: Mutex<Option<JoinHandleOf<C, ()>>>,
 }
@@ -60,11 +66,15 @@ where C: RaftTypeConfig
     pub(crate) fn spawn(interval: Duration, tx: mpsc::UnboundedSender<Notify<C>>, enabled: bool) -> TickHandle<C> {
         let enabled = Arc::new(AtomicBool::from(enabled));
         let wake = Arc::new(tokio::sync::Notify::new());
+        #[cfg(test)]
+        let wakes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let this = Self {
             interval,
             enabled: enabled.clone(),
             tx,
             wake: wake.clone(),
+            #[cfg(test)]
+            wakes: wakes.clone(),
         };
 
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -80,6 +90,8 @@ where C: RaftTypeConfig
         TickHandle {
             enabled,
             wake,
+            #[cfg(test)]
+            wakes,
             shutdown,
             join_handle: Mutex::new(Some(join_handle)),
         }
@@ -91,6 +103,8 @@ where C: RaftTypeConfig
         let mut cancel = std::pin::pin!(cancel_rx);
 
         loop {
+            #[cfg(test)]
+            self.wakes.fetch_add(1, Ordering::Relaxed);
             // A disabled ticker sleeps until it is enabled again instead of waking every
             // interval to find nothing to do: in Warbler every quiet group's ticker is
             // disabled, and an idle node has dozens of them (Warbler's patch 5). The first
@@ -228,8 +242,8 @@ mod tests {
         Ok(())
     }
 
-    /// A disabled ticker sends nothing and ticks again once enabled; it can be shut down
-    /// while disabled (Warbler's patch 5).
+    /// A disabled ticker sends nothing and does not wake; it ticks again once enabled, and
+    /// can be shut down while disabled (Warbler's patch 5).
     #[cfg(not(feature = "singlethreaded"))]
     #[tokio::test]
     async fn test_disabled_ticker_waits_for_enable() -> anyhow::Result<()> {
@@ -241,8 +255,11 @@ mod tests {
         th.enable(false);
         TickUTConfig::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
+        let woke = th.wakes.load(std::sync::atomic::Ordering::Relaxed);
         TickUTConfig::sleep(Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "a disabled ticker sends nothing");
+        let idle_wakes = th.wakes.load(std::sync::atomic::Ordering::Relaxed) - woke;
+        assert_eq!(idle_wakes, 0, "a disabled ticker does not wake (every 20 ms before)");
 
         th.enable(true);
         TickUTConfig::sleep(Duration::from_millis(100)).await;
