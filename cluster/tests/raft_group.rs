@@ -282,6 +282,46 @@ async fn a_leader_counts_itself_only_once_its_append_is_flushed() {
     converged(&[led[0], others[1]], 4).await;
 }
 
+/// A group reports its metrics only when something in them changed (openraft patch 4,
+/// `vendor/openraft/PATCHED.md`): requests that pass through every replica's core but
+/// change nothing wake no watcher of the metrics, and a write still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_reported_only_when_they_change() {
+    let nodes = three_replicas().await;
+    let (_, led, _) = written_then_split(&nodes, 3).await;
+    // No ticks: nothing moves in the group unless asked.
+    for n in &nodes {
+        n.raft.runtime_config().tick(false);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut watches: Vec<_> = nodes.iter().map(|n| n.raft.metrics()).collect();
+    for w in &mut watches {
+        w.borrow_and_update();
+    }
+    for round in 0..5 {
+        for n in &nodes {
+            // Handled by the core's loop, which then flushes its metrics.
+            n.raft.with_raft_state(|_| ()).await.unwrap();
+        }
+        for (n, w) in nodes.iter().zip(&watches) {
+            assert!(
+                !w.has_changed().unwrap(),
+                "round {round}: replica {} reported unchanged metrics",
+                n.addr
+            );
+        }
+    }
+    for n in &nodes {
+        n.raft.runtime_config().tick(true);
+    }
+    led[0].raft.client_write(batch(4)).await.unwrap();
+    let leader = nodes.iter().position(|n| std::ptr::eq(n, led[0])).unwrap();
+    assert!(
+        watches[leader].has_changed().unwrap(),
+        "a write changed the leader's log, and its metrics said nothing"
+    );
+}
+
 /// A follower whose leader's node gossip has declared gone, and that has heard nothing
 /// from the leader for a leader lease, campaigns at once (`RaftService::elect_without`):
 /// one survivor only, the lowest live id, so that two survivors told at the same moment do
