@@ -124,6 +124,9 @@ pub struct MailboxState {
     registry: ActorRef<RegistryMsg>,
     /// Stopped to sleep: its subscribers went to the registry and stay subscribed.
     asleep: bool,
+    /// Stopped with writes proposed and not yet committed or failed: they may still land,
+    /// so its successor reads its head only after a barrier (see the registry).
+    pub(crate) stopped_in_flight: bool,
 }
 
 pub struct UserMailbox;
@@ -186,6 +189,7 @@ impl Actor for UserMailbox {
             idle_timer: None,
             registry: args.registry,
             asleep: false,
+            stopped_in_flight: false,
         };
         // Woken: the devices that were subscribed continue where they were.
         for s in args.sleepers {
@@ -215,6 +219,7 @@ impl Actor for UserMailbox {
     ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!("warbler_mailboxes_alive").decrement(1.0);
         tracing::debug!(user = %state.user, pending = state.pending.len(), assigned = state.assigned, committed = state.committed, "mailbox stops");
+        state.stopped_in_flight = !state.pending.is_empty();
         // Stopped by the registry (shutdown, leadership moved): the cursors still in memory
         // are written if the log takes them; if not, their acks are delivered again.
         if let Err(e) = state.write_cursors().await {
@@ -331,6 +336,14 @@ impl MailboxState {
             MailboxMsg::FlushCursors => {
                 state.flush_armed = false;
                 state.write_cursors().await?;
+            }
+            MailboxMsg::LeaderMoved => {
+                // Sent for every change of the partition's leader seen on this node, and
+                // possibly late: a mailbox started under a leadership this node holds now
+                // is its user's writer, and stays.
+                if state.log.leader_term(state.partition) != Some(state.term) {
+                    myself.stop(Some("leadership moved".into()));
+                }
             }
             MailboxMsg::Devices { reply } => {
                 let _ = reply.send(state.devices()?);

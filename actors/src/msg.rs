@@ -78,6 +78,9 @@ pub enum MailboxMsg {
     /// Write the cursors that moved since the last write (see
     /// [`crate::MailboxLimits::cursor_flush`]).
     FlushCursors,
+    /// The partition's leader changed since this node led it: stop unless this node leads
+    /// it in the mailbox's term.
+    LeaderMoved,
 }
 
 /// A device subscribed to a mailbox that went to sleep, as the registry keeps it: every
@@ -129,7 +132,8 @@ pub enum RegistryMsg {
         reply: RpcReplyPort<Result<Subscribed, MailboxError>>,
     },
     /// This node stopped leading `partition`: stop its mailboxes (their sessions subscribe
-    /// again where the partition is led now).
+    /// again where the partition is led now), each unless it was started under a
+    /// leadership this node holds again ([`MailboxMsg::LeaderMoved`]).
     StopPartition { partition: PartitionId },
     /// For `user`'s mailbox, which was not running when sent: given to it if it runs now,
     /// else applied to its sleeping subscribers (an unsubscribe) or dropped (an ack: a

@@ -13,7 +13,7 @@ use serde_bytes::ByteBuf;
 use warbler_storage::{PartitionId, PartitionLog, Store};
 
 use crate::error::MailboxError;
-use crate::mailbox::{MailboxArgs, MailboxLimits, UserMailbox, WRITE_FAILED};
+use crate::mailbox::{MailboxArgs, MailboxLimits, MailboxState, UserMailbox, WRITE_FAILED};
 use crate::msg::{DeviceInfo, MailboxMsg, RegistryMsg, Sleeper, SubscribeInfo, Subscribed};
 use crate::outbox::SessionRef;
 use crate::routing::Routing;
@@ -95,10 +95,13 @@ impl Actor for MailboxRegistry {
                 let _ = reply.send(answer);
             }
             RegistryMsg::StopPartition { partition } => {
+                // Each mailbox decides against its own term: this message may come late,
+                // after the node led the partition again and started mailboxes under the
+                // new leadership.
                 let parts = state.args.partitions;
                 for (user, r) in &state.active {
                     if warbler_cluster::partition_of(user, parts) == partition {
-                        r.stop(Some("leadership moved".into()));
+                        let _ = r.cast(MailboxMsg::LeaderMoved);
                     }
                 }
                 // Sleeping ones too: their devices subscribe where the partition is led now.
@@ -130,12 +133,17 @@ impl Actor for MailboxRegistry {
         state: &mut RegistryState,
     ) -> Result<(), ActorProcessingErr> {
         let (cell, failure, unclean): (ActorCell, Option<String>, bool) = match evt {
-            // A mailbox stops cleanly (idle, asleep) only with nothing in flight; one that
-            // stopped on a failed write may still have writes in flight, so its successor
-            // reads its state after a barrier, as after a crash.
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let unclean = reason.is_some_and(|r| r.starts_with(WRITE_FAILED));
-                (cell, None, unclean)
+            // A mailbox that stopped with writes in flight (a failed write, or leadership
+            // moved as it wrote) may see them land after it is gone, so its successor
+            // reads its state after a barrier, as after a crash. One stopped idle or asleep
+            // had nothing in flight.
+            SupervisionEvent::ActorTerminated(cell, last, reason) => {
+                let failed_write = reason.is_some_and(|r| r.starts_with(WRITE_FAILED));
+                let in_flight = last.is_none_or(|mut s| {
+                    s.take::<MailboxState>()
+                        .map_or(true, |s| s.stopped_in_flight)
+                });
+                (cell, None, failed_write || in_flight)
             }
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string()), true),
             _ => return Ok(()),
@@ -453,7 +461,8 @@ impl Mailboxes {
         });
     }
 
-    /// Stops the mailboxes of `partition` (this node no longer leads it).
+    /// This node stopped leading `partition`: its mailboxes stop, except those started under
+    /// a leadership the node holds again by the time they hear of it.
     pub fn stop_partition(&self, partition: PartitionId) {
         let _ = self.registry.cast(RegistryMsg::StopPartition { partition });
     }

@@ -2,12 +2,14 @@
 //! so a barrier (about one commit under load) in every start would hold up every other start
 //! on the node. Once a barrier has settled the partition under this leadership, a mailbox
 //! whose predecessor stopped cleanly starts without one; after a failed write it waits for
-//! one, as after a crash.
+//! one, as after a crash, and so it does after any stop with writes in flight. A late
+//! notice that the node stopped leading the partition stops only the mailboxes of an
+//! earlier leadership.
 
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,13 +21,31 @@ use warbler_storage::{Done, LocalLog, Op, PartitionId, PartitionLog, StorageErro
 /// How long the log's barrier takes: as one commit does on a loaded cluster.
 const BARRIER_TAKES: Duration = Duration::from_millis(200);
 
+/// A write the log holds back (proposed, not yet durable).
+type Held = (PartitionId, Vec<Op>, Option<Done>);
+
 /// The single-node log dressed as a replicated one: its barrier takes [`BARRIER_TAKES`] and
-/// settles its partition, and its writes can be made to fail.
+/// settles its partition, its writes can be made to fail or be held in flight (a barrier
+/// lets them through first, as the proposals queued before it), and its leadership term can
+/// change.
 struct Replicated {
     inner: LocalLog,
     barriers: AtomicUsize,
     settled: Mutex<HashSet<PartitionId>>,
     failing: AtomicBool,
+    holding: AtomicBool,
+    held: Mutex<Vec<Held>>,
+    term: AtomicU64,
+}
+
+impl Replicated {
+    async fn release_held(&self) -> Result<(), StorageError> {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        for (partition, ops, done) in held {
+            self.inner.propose(partition, ops, done).await?;
+        }
+        Ok(())
+    }
 }
 
 impl PartitionLog for Replicated {
@@ -44,6 +64,10 @@ impl PartitionLog for Replicated {
             }
             return Box::pin(async { Ok(()) });
         }
+        if self.holding.load(Ordering::Relaxed) {
+            self.held.lock().unwrap().push((partition, ops, done));
+            return Box::pin(async { Ok(()) });
+        }
         self.inner.propose(partition, ops, done)
     }
 
@@ -51,6 +75,7 @@ impl PartitionLog for Replicated {
         Box::pin(async move {
             self.barriers.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(BARRIER_TAKES).await;
+            self.release_held().await?;
             self.inner.barrier(partition).await?;
             self.settled.lock().unwrap().insert(partition);
             Ok(())
@@ -58,7 +83,9 @@ impl PartitionLog for Replicated {
     }
 
     fn leader_term(&self, partition: PartitionId) -> Option<u64> {
-        self.inner.leader_term(partition)
+        self.inner
+            .leader_term(partition)
+            .map(|_| self.term.load(Ordering::Relaxed))
     }
 
     fn replicated(&self) -> bool {
@@ -79,6 +106,9 @@ async fn mailboxes(
         barriers: AtomicUsize::new(0),
         settled: Mutex::default(),
         failing: AtomicBool::new(false),
+        holding: AtomicBool::new(false),
+        held: Mutex::default(),
+        term: AtomicU64::new(1),
     });
     let (mailboxes, _) = Mailboxes::start(RegistryArgs {
         store: store.clone(),
@@ -176,5 +206,87 @@ async fn a_mailbox_that_stopped_on_a_failed_write_restarts_behind_a_barrier() {
         2,
         "its predecessor may have left writes in flight: the new mailbox waited for them"
     );
+    common::close(mb, log, store).await;
+}
+
+/// The send order violation of `overload` (session 58): a mailbox stopped because
+/// leadership moved while its entry was still in flight, and its successor, in a partition
+/// settled under the new leadership, read the head without that entry and handed out its
+/// seqs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_stopped_with_writes_in_flight_restarts_behind_a_barrier() {
+    let (mb, log, store, _dir) = mailboxes(Duration::from_secs(60)).await;
+    let partition = mb.partition_of("ann");
+    assert_eq!(mb.publish("ann", "m1", body(), None).await.unwrap(), 1);
+    assert_eq!(log.barriers.load(Ordering::Relaxed), 1);
+
+    log.holding.store(true, Ordering::Relaxed);
+    let in_flight = {
+        let mb = mb.clone();
+        tokio::spawn(async move { mb.publish("ann", "m2", body(), None).await })
+    };
+    let start = std::time::Instant::now();
+    while log.held.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "m2 was never proposed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The node lost the partition and leads it again in a new term (settled in it: the
+    // test log's settled set outlives terms); the notice of the loss stops the mailbox.
+    log.term.store(2, Ordering::Relaxed);
+    mb.stop_partition(partition);
+    wait_until_no_mailbox_runs(&mb).await;
+    let answer = in_flight.await.unwrap();
+    assert!(
+        answer.is_err(),
+        "m2's outcome is unknown to its mailbox: {answer:?}"
+    );
+    log.holding.store(false, Ordering::Relaxed);
+
+    assert_eq!(
+        mb.publish("ann", "m3", body(), None).await.unwrap(),
+        3,
+        "the successor read the head after m2 landed"
+    );
+    assert_eq!(
+        log.barriers.load(Ordering::Relaxed),
+        2,
+        "its predecessor stopped with a write in flight: the new mailbox waited for it"
+    );
+    assert_eq!(store.last_seq(partition, "ann").unwrap(), 3);
+    common::close(mb, log, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_notice_of_lost_leadership_leaves_the_mailbox_of_the_new_one_running() {
+    let (mb, log, store, _dir) = mailboxes(Duration::from_secs(60)).await;
+    let partition = mb.partition_of("ann");
+    assert_eq!(mb.publish("ann", "m1", body(), None).await.unwrap(), 1);
+    let first = mb.get("ann").await.unwrap().get_id();
+
+    // Term 2 is led here too: the mailbox of term 1 stops at its next publish...
+    log.term.store(2, Ordering::Relaxed);
+    assert!(mb.publish("ann", "m2", body(), None).await.is_err());
+    wait_until_no_mailbox_runs(&mb).await;
+    assert_eq!(mb.publish("ann", "m2", body(), None).await.unwrap(), 2);
+    let second = mb.get("ann").await.unwrap().get_id();
+    assert_ne!(first, second, "a mailbox of term 2 runs");
+
+    // ... and the notice that term 1's leadership ended comes only now.
+    mb.stop_partition(partition);
+    assert_eq!(mb.publish("ann", "m3", body(), None).await.unwrap(), 3);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        mb.get("ann").await.unwrap().get_id(),
+        second,
+        "the writer of the leadership held now kept running"
+    );
+
+    // A notice while the node no longer leads in the mailbox's term stops it.
+    log.term.store(3, Ordering::Relaxed);
+    mb.stop_partition(partition);
+    wait_until_no_mailbox_runs(&mb).await;
     common::close(mb, log, store).await;
 }
