@@ -112,6 +112,7 @@ const COUNTED_FROM_START: &[&str] = &[
     "warbler_stale_disk_wipes_total",
     "warbler_dead_members_removed_total",
     "warbler_peer_connections_refused_total",
+    "warbler_peer_calls_abandoned_total",
 ];
 
 fn describe() {
@@ -196,6 +197,10 @@ fn describe() {
     describe_counter!(
         "warbler_peer_connections_refused_total",
         "Inbound cluster-port connections refused (wrong key, certificate, cluster id, version)"
+    );
+    describe_counter!(
+        "warbler_peer_calls_abandoned_total",
+        "Calls to peers not sent because their caller had stopped waiting (timed out while queued)"
     );
     describe_counter!(
         "warbler_peer_requests_total",

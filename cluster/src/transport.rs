@@ -977,6 +977,17 @@ fn encode_batch(
     let mut group_bytes = 0;
     let mut item = Some(first);
     while let Some(out) = item.take() {
+        // A call whose caller stopped waiting (it timed out while the frame sat in the
+        // queue: the peer was paused, slow or unreachable) is not sent. A peer coming back
+        // gets the calls that are still wanted at once, not a backlog of expired ones
+        // ahead of them.
+        if out.reply.as_ref().is_some_and(Reply::is_closed) {
+            metrics::counter!("warbler_peer_calls_abandoned_total").increment(1);
+            if buf.len() + group_bytes < WRITE_COALESCE_BYTES {
+                item = queue.try_recv().ok();
+            }
+            continue;
+        }
         match out {
             Outgoing {
                 frame:

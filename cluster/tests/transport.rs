@@ -864,3 +864,79 @@ async fn a_node_answers_each_call_of_a_many_request() {
         }
     }
 }
+
+/// A peer that stops reading (paused, say) holds up the link's writes. Calls queued behind
+/// them whose callers gave up meanwhile are not sent when it reads again: it gets the calls
+/// still wanted, not a backlog of expired ones ahead of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_callers_gave_up_while_queued_are_not_sent() {
+    const FRESH: u16 = 999;
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _hello: PeerFrame = read_raw(&mut s).await;
+        // Paused: nothing is read until the test says so.
+        resumed.await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            if let PeerFrame::Request {
+                partition, kind, ..
+            } = read_raw::<PeerFrame>(&mut s).await
+            {
+                if kind == PeerKind::Probe as u8 {
+                    continue;
+                }
+                got.push(partition);
+                if partition == FRESH {
+                    return got;
+                }
+            }
+        }
+    });
+    let client = Arc::new(
+        PeerTransport::start("client", ANY.parse().unwrap(), None, Arc::new(Echo))
+            .await
+            .unwrap(),
+    );
+    // 32 MiB of calls fill the socket's buffers: the link's writer waits on the peer.
+    let bulky: Vec<_> = (1..=32)
+        .map(|p| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let body = vec![0u8; 1 << 20];
+                let _ = client.call(to, p, PeerKind::Vote, body, T).await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Queued behind them, and given up by their callers.
+    let short = Duration::from_millis(100);
+    let expired = (100..200).map(|p| client.call(to, p, PeerKind::Vote, vec![0], short));
+    for answer in futures::future::join_all(expired).await {
+        assert_eq!(answer, Err(PeerError::Timeout(to.to_string(), short)));
+    }
+    let fresh = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call(to, FRESH, PeerKind::Vote, vec![0], T).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    resume.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), peer)
+        .await
+        .expect("the peer got the call still wanted")
+        .unwrap();
+    let sent_expired: Vec<u16> = got
+        .iter()
+        .copied()
+        .filter(|p| (100..200).contains(p))
+        .collect();
+    assert!(
+        sent_expired.is_empty(),
+        "calls given up while queued were sent: {sent_expired:?}"
+    );
+    assert!(got.iter().any(|p| (1..=32).contains(p)), "{got:?}");
+    fresh.abort();
+    bulky.into_iter().for_each(|t| t.abort());
+}
