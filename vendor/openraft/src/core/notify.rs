@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use crate::core::sm;
 use crate::raft::VoteResponse;
 use crate::replication;
@@ -55,6 +57,9 @@ where C: RaftTypeConfig
     Tick {
         /// ith tick
         i: u64,
+        /// How much later than due the tick fired (Warbler): an election timeout or more
+        /// means this node itself stalled (it was paused, or starved of CPU).
+        late: Duration,
     },
 }
 
@@ -97,8 +102,8 @@ where C: RaftTypeConfig
             Self::LocalLogFlushed { vote, log_id, result } => {
                 format!("LocalLogFlushed: {} by {}: {:?}", log_id, vote, result)
             }
-            Self::Tick { i } => {
-                format!("Tick {}", i)
+            Self::Tick { i, late } => {
+                format!("Tick {} (late {:?})", i, late)
             }
         }
     }

@@ -210,6 +210,10 @@ where
     /// What the last report said, in the fields [`MetricsKey`] compares (Warbler's patch 4).
     pub(crate) last_metrics: Option<MetricsKey<C::NodeId>>,
 
+    /// Warbler: no election before this instant: this node stalled a moment ago (see
+    /// `Notify::Tick`).
+    pub(crate) elections_held_until: Option<InstantOf<C>>,
+
     pub(crate) span: Span,
 
     pub(crate) _p: PhantomData<SM>,
@@ -1372,11 +1376,26 @@ where
                 }
             }
 
-            Notify::Tick { i } => {
+            Notify::Tick { i, late } => {
                 // check every timer
 
                 let now = C::now();
                 tracing::debug!("received tick: {}, now: {:?}", i, now);
+
+                // Warbler: a tick an election timeout late means this node stalled (paused,
+                // or starved of CPU), not that its leader went quiet: what the leader sent
+                // meanwhile is still on its way in. Electing now would raise the term of a
+                // group whose leader is fine and depose it (openraft 0.9 has no pre-vote),
+                // and a node behind cannot win. Elections wait one more election timeout.
+                if late >= Duration::from_millis(self.config.election_timeout_min) {
+                    let hold = self.engine.config.timer_config.election_timeout;
+                    tracing::info!(
+                        late = debug(late),
+                        hold = debug(hold),
+                        "this node stalled; its elections wait for its leaders to be heard first"
+                    );
+                    self.elections_held_until = Some(now + hold);
+                }
 
                 self.handle_tick_election();
 
@@ -1550,6 +1569,11 @@ where
 
         if !self.runtime_config.enable_elect.load(Ordering::Relaxed) {
             tracing::debug!("election is disabled");
+            return;
+        }
+
+        if self.elections_held_until.is_some_and(|t| now < t) {
+            tracing::debug!("elections held: this node stalled a moment ago");
             return;
         }
 

@@ -143,7 +143,9 @@ where C: RaftTypeConfig
 
             i += 1;
 
-            let send_res = self.tx.send(Notify::Tick { i });
+            let now = C::now();
+            let late = if now > at { now - at } else { Duration::ZERO };
+            let send_res = self.tx.send(Notify::Tick { i, late });
             if let Err(_e) = send_res {
                 tracing::info!("Stopping tick_loop(), main loop terminated");
                 break;
@@ -267,6 +269,32 @@ mod tests {
 
         th.enable(false);
         TickUTConfig::sleep(Duration::from_millis(50)).await;
+        let _ = th.shutdown().unwrap().await;
+        Ok(())
+    }
+
+    /// A tick tells how late it fired: a runtime that stalled (here its one thread blocked,
+    /// as a paused or starved process is) sends its next tick with the stall's length, and
+    /// a running one with next to nothing (Warbler's patch 6).
+    #[cfg(not(feature = "singlethreaded"))]
+    #[tokio::test]
+    async fn test_a_tick_after_a_stall_says_how_late_it_is() -> anyhow::Result<()> {
+        use crate::core::notify::Notify;
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let th = Tick::<TickUTConfig>::spawn(Duration::from_millis(50), tx, true);
+        let late_of = |n: Notify<TickUTConfig>| match n {
+            Notify::Tick { late, .. } => late,
+            _ => panic!("only ticks are sent"),
+        };
+
+        let on_time = late_of(rx.recv().await.unwrap());
+        assert!(on_time < Duration::from_millis(40), "{on_time:?}");
+
+        std::thread::sleep(Duration::from_millis(600));
+        let after_stall = late_of(rx.recv().await.unwrap());
+        assert!(after_stall >= Duration::from_millis(400), "{after_stall:?}");
+
         let _ = th.shutdown().unwrap().await;
         Ok(())
     }

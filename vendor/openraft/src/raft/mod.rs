@@ -300,6 +300,7 @@ where C: RaftTypeConfig
 
             command_state: CommandState::default(),
             last_metrics: None,
+            elections_held_until: None,
             span: core_span,
 
             _p: Default::default(),
