@@ -24,8 +24,10 @@ const QUIET_CHECK_PERIOD: Duration = Duration::from_millis(500);
 /// How long a leader waits for a follower to agree to go quiet (a follower that does not
 /// answer in time keeps the group awake).
 const QUIESCE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a replica that just started waits to know its leader before it greets it.
+/// How long a replica that just started waits to know its leader, and then tries to greet it.
 const GREET_WAIT: Duration = Duration::from_secs(2);
+/// The pause between two tries of a replica's greeting to its leader.
+const GREET_RETRY: Duration = Duration::from_millis(100);
 
 /// What a leader's check needs of its group, read from one look at its metrics (the check
 /// runs every 500 ms for every group: a follower's costs one comparison, and nothing is
@@ -232,17 +234,31 @@ impl ClusterNode {
             if leader == my_id {
                 return;
             }
-            let Some(addr) = resolver(leader) else {
-                return;
-            };
+            // Tried again until the leader answers: a node that has just started may not
+            // know the leader's address yet, or its link may still be dialling, and a call
+            // given up in the queue is not sent at all.
             let body = wire::encode(&AppliedReq(vec![partition]));
-            let answer = transport
-                .call(addr, 0, PeerKind::Applied, body, QUIESCE_CALL_TIMEOUT)
-                .await;
+            let until = tokio::time::Instant::now() + GREET_WAIT;
+            let mut ok = false;
+            while !ok && tokio::time::Instant::now() < until {
+                if let Some(addr) = resolver(leader) {
+                    let call = transport.call(
+                        addr,
+                        0,
+                        PeerKind::Applied,
+                        body.clone(),
+                        QUIESCE_CALL_TIMEOUT,
+                    );
+                    ok = call.await.is_ok();
+                }
+                if !ok {
+                    tokio::time::sleep(GREET_RETRY).await;
+                }
+            }
             tracing::debug!(
                 partition,
                 leader,
-                ok = answer.is_ok(),
+                ok,
                 "told the leader this replica is back"
             );
         });
