@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use warbler_client::api::Routes;
 use warbler_client::http::NodeHttp;
 use warbler_client::resend::{GoBackN, Sticky};
-use warbler_client::{ConnectOptions, Connection, Frame, TlsOptions};
+use warbler_client::{ConnectOptions, Connection, Delivery, Frame, TlsOptions};
 
 /// How often an MQTT device connects again after a refused or failed connect.
 const MQTT_CONNECT_TRIES: u32 = 10;
@@ -284,7 +284,7 @@ pub async fn spawn_device(
             tokio::spawn(async move {
                 let mut track = DeviceTrack::default();
                 let slow_ms = slow_ms();
-                while let Ok(m) = conn.recv_msg().await {
+                let mut on_msg = |m: &Delivery| {
                     if let (Some(slow), Some((due, _))) = (slow_ms, read_body(&m.body)) {
                         let (due, now) = (due / 1_000_000, now_ns() / 1_000_000);
                         if now.saturating_sub(due) >= slow {
@@ -295,7 +295,23 @@ pub async fn spawn_device(
                         }
                     }
                     track.on_delivery(&stats, &m.body);
-                    if conn.ack(m.seq).await.is_err() {
+                };
+                while let Ok(m) = conn.recv_msg().await {
+                    on_msg(&m);
+                    // What arrived with it is taken too, and one ack covers them all (acks
+                    // are cumulative), as the SDK's `recv_msg_ready` suggests.
+                    let mut last = m.seq;
+                    for _ in 1..ACK_AFTER_AT_MOST {
+                        match conn.recv_msg_ready().await {
+                            Some(Ok(m)) => {
+                                on_msg(&m);
+                                last = m.seq;
+                            }
+                            Some(Err(_)) => return,
+                            None => break,
+                        }
+                    }
+                    if conn.ack(last).await.is_err() {
                         return;
                     }
                 }
@@ -388,6 +404,13 @@ pub async fn spawn_device(
     }
     Ok(())
 }
+
+/// A device acknowledges at least every this many messages (the server's delivery window
+/// is 256).
+const ACK_AFTER_AT_MOST: usize = 32;
+
+/// A publisher's connection writes at most this many queued frames at once.
+const FRAMES_PER_WRITE: usize = 64;
 
 /// `WARBLER_LOAD_SLOW_MS`: each Warbler delivery at least this late is printed to stderr
 /// with its due, accepted (the node's `ts`) and received times, and each publish sent at
@@ -525,8 +548,21 @@ pub async fn run_publisher(
                     .split();
                 let (frames, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Frame>();
                 tokio::spawn(async move {
+                    // Frames queued meanwhile leave in the same write, as a pipelining
+                    // client (and the MQTT client's event loop) sends them.
                     while let Some(frame) = to_send.recv().await {
-                        if tx.send(frame).await.is_err() {
+                        let mut next = Some(frame);
+                        let mut fed = 0;
+                        while let Some(frame) = next.take() {
+                            if tx.feed(frame).await.is_err() {
+                                return;
+                            }
+                            fed += 1;
+                            if fed < FRAMES_PER_WRITE {
+                                next = to_send.try_recv().ok();
+                            }
+                        }
+                        if tx.flush().await.is_err() {
                             return;
                         }
                     }

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -166,21 +166,35 @@ impl Connection {
 
     /// Receives the next message; an `error` or `bye` frame becomes an error.
     pub async fn recv_msg(&mut self) -> Result<Delivery, ClientError> {
-        match self.recv().await? {
-            Frame::Msg {
-                seq,
-                id,
-                ts,
-                body,
-                from,
-            } => Ok(Delivery {
-                seq,
-                id,
-                ts,
-                body: body.into_vec(),
-                from,
-            }),
-            other => Err(unexpected("msg", other)),
+        delivery(self.recv().await?)
+    }
+
+    /// The next message if it has already arrived, without waiting on the network: `None`
+    /// when nothing is buffered or readable now. Acks are cumulative, so a device drains
+    /// what arrived together and acknowledges the last one:
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut warbler_client::Connection) -> Result<(), warbler_client::ClientError> {
+    /// let mut last = conn.recv_msg().await?;
+    /// while let Some(m) = conn.recv_msg_ready().await {
+    ///     last = m?;
+    /// }
+    /// conn.ack(last.seq).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv_msg_ready(&mut self) -> Option<Result<Delivery, ClientError>> {
+        loop {
+            // A stream's `next` keeps what it read when dropped unfinished.
+            let read = self.rx.read.next().now_or_never()?;
+            match Receiver::interpret(read) {
+                Ok(Frame::Ping { n }) => {
+                    if let Err(e) = self.tx.send(Frame::Pong { n }).await {
+                        return Some(Err(e));
+                    }
+                }
+                Ok(frame) => return Some(delivery(frame)),
+                Err(e) => return Some(Err(e)),
+            }
         }
     }
 
@@ -248,7 +262,14 @@ impl Sender {
 impl Receiver {
     /// The next frame exactly as received (pings included).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
-        match self.read.next().await {
+        Self::interpret(self.read.next().await)
+    }
+
+    /// What the stream gave: a frame, or the error it means (`error` and `bye` included).
+    fn interpret(
+        read: Option<Result<Result<Frame, crate::error::DecodeError>, CodecError>>,
+    ) -> Result<Frame, ClientError> {
+        match read {
             None => Err(ClientError::Closed),
             Some(Err(e)) => Err(codec_err(e)),
             Some(Ok(Err(e))) => Err(ClientError::Decode(e)),
@@ -260,6 +281,26 @@ impl Receiver {
             }
             Some(Ok(Ok(frame))) => Ok(frame),
         }
+    }
+}
+
+/// A `msg` frame as a [`Delivery`]; any other frame is unexpected.
+fn delivery(frame: Frame) -> Result<Delivery, ClientError> {
+    match frame {
+        Frame::Msg {
+            seq,
+            id,
+            ts,
+            body,
+            from,
+        } => Ok(Delivery {
+            seq,
+            id,
+            ts,
+            body: body.into_vec(),
+            from,
+        }),
+        other => Err(unexpected("msg", other)),
     }
 }
 
