@@ -199,7 +199,10 @@ def main():
         "clients connect to; R3 clients spread over the three servers. A NATS device is its own connection "
         "with a durable pull consumer on its user's subject, acking each message; publishers publish "
         "asynchronously with at most 1,024 pending acks. A Mosquitto device is a persistent session "
-        "(clean session off) subscribed at QoS 1; publishes are QoS 1.",
+        "(clean session off) subscribed at QoS 1; publishes are QoS 1 (the MQTT client answers each with a "
+        "PUBACK, as the protocol asks, and its event loop writes what is queued together). A Warbler device "
+        "takes the messages that arrived together and acks the last one (acks are cumulative); a Warbler "
+        "publisher connection writes the publishes queued meanwhile in one write (since session 59).",
         "- Warbler RF 3 runs twice: with clients spread over the three nodes as above (a node that does not "
         "lead a user's partition forwards its publishes and deliveries), and with clients routed by leader "
         "(`--route-by-leader --devices-to-leader`: the load reads `GET /v1/routes` once before the run, each "
