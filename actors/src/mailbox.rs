@@ -118,6 +118,8 @@ pub struct MailboxState {
     unwritten: HashSet<String>,
     /// A `FlushCursors` is scheduled.
     flush_armed: bool,
+    /// This mailbox, for the timers it arms.
+    me: ActorRef<MailboxMsg>,
     last_active: Instant,
     /// When the earliest scheduled `IdleCheck` is due.
     idle_timer: Option<Instant>,
@@ -185,6 +187,7 @@ impl Actor for UserMailbox {
             cursors,
             unwritten: HashSet::new(),
             flush_armed: false,
+            me: myself.clone(),
             last_active: Instant::now(),
             idle_timer: None,
             registry: args.registry,
@@ -318,6 +321,7 @@ impl MailboxState {
                     .get(&device)
                     .is_some_and(|s| s.session.id() == session)
                 {
+                    state.take_acks(&device);
                     state.subs.remove(&device);
                     // Where it reconnects next may be another leader's mailbox.
                     state.write_cursors().await?;
@@ -330,12 +334,14 @@ impl MailboxState {
                 session,
                 seq,
             } => {
-                state.ack(&myself, &device, session, seq).await?;
+                state.ack(&device, session, seq).await?;
                 state.arm_idle_timer(&myself);
             }
             MailboxMsg::FlushCursors => {
                 state.flush_armed = false;
                 state.write_cursors().await?;
+                state.want_outstanding_acks();
+                state.arm_idle_timer(&myself);
             }
             MailboxMsg::LeaderMoved => {
                 // Sent for every change of the partition's leader seen on this node, and
@@ -346,9 +352,11 @@ impl MailboxState {
                 }
             }
             MailboxMsg::Devices { reply } => {
+                state.take_all_acks();
                 let _ = reply.send(state.devices()?);
             }
             MailboxMsg::IdleCheck => {
+                state.take_all_acks();
                 if state.idle_timer.is_some_and(|at| at <= Instant::now()) {
                     state.idle_timer = None;
                 }
@@ -526,6 +534,10 @@ impl MailboxState {
             let _ = reply.send(Ok(seq));
             return Ok(());
         }
+        if self.limits.unacked_max > 0 {
+            // The oldest cursor counts: the acks recorded since the last look too.
+            self.take_all_acks();
+        }
         if let Err(e) = self.admit(after.as_deref()) {
             tracing::debug!(user = %self.user, %id, after = after.as_deref(), error = %e, "publish refused");
             let _ = reply.send(Err(e));
@@ -654,6 +666,8 @@ impl MailboxState {
         session: SessionRef,
         resume: Option<(u64, u64)>,
     ) -> Result<SubscribeInfo, StorageError> {
+        // A connection this one replaces may have acked more since the last look.
+        self.take_acks(&device);
         let stored = self.cursor(&device)?;
         // A resumed session continues after what it wrote to its connection, even when the
         // stored cursor is further along (the device acked through another connection): it
@@ -681,6 +695,10 @@ impl MailboxState {
                 old.session.replaced();
             }
         }
+        if self.limits.cursor_flush.is_zero() {
+            // Every ack is written at once, so every ack comes as a message.
+            let _ = session.want_ack();
+        }
         self.subs.insert(
             device,
             Subscriber {
@@ -697,22 +715,57 @@ impl MailboxState {
         })
     }
 
+    /// A device's ack that came as a message: a stand-in's, or a local session's that this
+    /// mailbox asked for ([`SessionRef::want_ack`]).
     async fn ack(
         &mut self,
-        myself: &ActorRef<MailboxMsg>,
         device: &str,
         session: u64,
         seq: u64,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(sub) = self.subs.get_mut(device) else {
-            return Ok(());
-        };
-        self.last_active = Instant::now();
-        if sub.session.id() != session || seq <= sub.acked {
+        if self
+            .subs
+            .get(device)
+            .is_none_or(|s| s.session.id() != session)
+        {
             return Ok(());
         }
-        sub.acked = seq.min(sub.sent);
-        let acked = sub.acked;
+        self.last_active = Instant::now();
+        let mut seq = seq;
+        loop {
+            self.advance(device, seq);
+            self.take_acks(device);
+            if self.limits.cursor_flush.is_zero() {
+                self.write_cursors().await?;
+            }
+            // Whatever moved the cursor (this message, or a look at the outbox before it
+            // came), the window may have opened.
+            self.pump(device)?;
+            if !self.limits.cursor_flush.is_zero() {
+                return Ok(());
+            }
+            // Every ack is written at once: the next comes as a message too, and one
+            // recorded before asking is taken here.
+            let Some(sub) = self.subs.get(device) else {
+                return Ok(());
+            };
+            match sub.session.want_ack() {
+                Some(next) if next > sub.acked && sub.acked < sub.sent => seq = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Moves `device`'s cursor to `seq` (at most what it was sent). Whether it moved.
+    fn advance(&mut self, device: &str, seq: u64) -> bool {
+        let Some(sub) = self.subs.get_mut(device) else {
+            return false;
+        };
+        let acked = seq.min(sub.sent);
+        if acked <= sub.acked {
+            return false;
+        }
+        sub.acked = acked;
         while let Some(&(s, bytes)) = sub.inflight.front() {
             if s > acked {
                 break;
@@ -721,24 +774,71 @@ impl MailboxState {
             sub.inflight_bytes -= bytes;
         }
         self.cursors.insert(device.to_string(), acked);
-        metrics::counter!("warbler_acks_total").increment(1);
         if !self.unwritten.contains(device) {
             self.unwritten.insert(device.to_string());
         }
+        self.last_active = Instant::now();
+        metrics::counter!("warbler_acks_total").increment(1);
+        self.arm_flush();
+        true
+    }
+
+    /// Takes the acks `device`'s client made since the last look: a session on this node
+    /// records them in its connection's outbox, and this mailbox reads them whenever it
+    /// runs (each commit, each cursor flush) instead of taking a message per ack. With
+    /// `cursor_flush` zero every ack comes as a message. Whether the cursor moved.
+    fn take_acks(&mut self, device: &str) -> bool {
         if self.limits.cursor_flush.is_zero() {
-            self.write_cursors().await?;
-        } else if !self.flush_armed {
-            self.flush_armed = true;
-            myself.send_after(self.limits.cursor_flush, || MailboxMsg::FlushCursors);
+            return false;
         }
-        self.pump(device)?;
-        Ok(())
+        match self.subs.get(device).and_then(|s| s.session.client_acked()) {
+            Some(seq) => self.advance(device, seq),
+            None => false,
+        }
+    }
+
+    /// [`Self::take_acks`] for every subscriber.
+    fn take_all_acks(&mut self) {
+        if self.limits.cursor_flush.is_zero() {
+            return;
+        }
+        let devices: Vec<String> = self.subs.keys().cloned().collect();
+        for d in devices {
+            self.take_acks(&d);
+        }
+    }
+
+    /// Asks every device that has not acknowledged all it was sent to send its next ack as
+    /// a message: it comes when the device catches up, after which the mailbox may sleep.
+    /// A device that stopped acking then costs no timer.
+    fn want_outstanding_acks(&mut self) {
+        let waiting: Vec<(String, u64)> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.acked < s.sent)
+            .filter_map(|(d, s)| Some((d.clone(), s.session.want_ack()?)))
+            .collect();
+        for (device, seq) in waiting {
+            self.advance(&device, seq);
+        }
+    }
+
+    /// Schedules the next cursor flush unless one is scheduled (it also takes the acks
+    /// recorded by then).
+    fn arm_flush(&mut self) {
+        if self.limits.cursor_flush.is_zero() || self.flush_armed {
+            return;
+        }
+        self.flush_armed = true;
+        self.me
+            .send_after(self.limits.cursor_flush, || MailboxMsg::FlushCursors);
     }
 
     /// Proposes the cursors that moved since they were last written, one op per device.
     /// Proposed, not waited for until durable: cursors may lag on a crash (delivery is at
     /// least once).
     async fn write_cursors(&mut self) -> Result<(), StorageError> {
+        self.take_all_acks();
         if self.unwritten.is_empty() {
             return Ok(());
         }
@@ -764,6 +864,7 @@ impl MailboxState {
     /// Sends `device` the committed messages it has not been sent, within its window, in
     /// batches of at most a few MiB (a range read's byte cap).
     fn pump(&mut self, device: &str) -> Result<(), StorageError> {
+        self.take_acks(device);
         loop {
             let Some(sub) = self.subs.get(device) else {
                 return Ok(());
@@ -771,6 +872,15 @@ impl MailboxState {
             let window_end = sub.acked + u64::from(self.limits.inflight_max);
             let upto = self.committed.min(window_end);
             if sub.sent >= upto || sub.inflight_bytes >= INFLIGHT_BYTES_MAX {
+                if sub.sent < self.committed && !self.limits.cursor_flush.is_zero() {
+                    // The window is full: the ack that opens it must come as a message.
+                    // One recorded before asking is read here.
+                    if let Some(seq) = sub.session.want_ack() {
+                        if self.advance(device, seq) {
+                            continue;
+                        }
+                    }
+                }
                 return Ok(());
             }
             let (from, count) = (sub.sent, (upto - sub.sent) as usize);
@@ -810,6 +920,8 @@ impl MailboxState {
                 self.subs.remove(device);
                 return Ok(());
             }
+            // Its ack is read by the next flush at the latest.
+            self.arm_flush();
         }
     }
 

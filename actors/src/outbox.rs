@@ -109,6 +109,13 @@ pub struct Outbox {
     changed: Notify,
     /// The session waits here for a signal.
     signaled: Notify,
+    /// The client's cumulative ack, as its session recorded it ([`OutSender::record_ack`]).
+    /// The mailbox reads it whenever it runs anyway (each commit, its cursor flush), so an
+    /// ack costs it no message of its own.
+    client_acked: AtomicU64,
+    /// The mailbox waits for the next ack (its window is full, or it wants to know when
+    /// the device has caught up): the session then sends it as a message too.
+    ack_wanted: AtomicBool,
 }
 
 /// Session ids: unique on this node, for local sessions and stand-ins alike.
@@ -142,6 +149,8 @@ impl Outbox {
             quiet,
             changed: Notify::new(),
             signaled: Notify::new(),
+            client_acked: AtomicU64::new(0),
+            ack_wanted: AtomicBool::new(false),
         });
         (OutSender(outbox.clone()), OutReceiver(outbox))
     }
@@ -334,6 +343,15 @@ impl OutSender {
         Ok(())
     }
 
+    /// Records the client's cumulative ack where the mailbox reads it. `true`: the mailbox
+    /// asked to be told by a message ([`SessionRef::want_ack`]); the request is used up.
+    pub fn record_ack(&self, seq: u64) -> bool {
+        // SeqCst on both sides, against `want_ack`: either the mailbox's re-read sees this
+        // ack, or this swap sees its request.
+        self.0.client_acked.fetch_max(seq, Ordering::SeqCst);
+        self.0.ack_wanted.swap(false, Ordering::SeqCst)
+    }
+
     /// The highest seq queued to the client.
     pub fn sent(&self) -> u64 {
         self.0.lock().sent
@@ -495,6 +513,28 @@ impl SessionRef {
         }
     }
 
+    /// The client's cumulative ack as its session recorded it (0 before the first). `None`
+    /// for a stand-in, whose acks come as messages.
+    pub fn client_acked(&self) -> Option<u64> {
+        match self {
+            SessionRef::Local(o) => Some(o.client_acked.load(Ordering::SeqCst)),
+            SessionRef::StandIn { .. } => None,
+        }
+    }
+
+    /// Asks the session to send the client's next ack as a message, and reads the ack
+    /// recorded so far after asking: an ack recorded before the request is seen here, one
+    /// recorded after it comes as a message. `None` for a stand-in (every ack comes).
+    pub fn want_ack(&self) -> Option<u64> {
+        match self {
+            SessionRef::Local(o) => {
+                o.ack_wanted.store(true, Ordering::SeqCst);
+                Some(o.client_acked.load(Ordering::SeqCst))
+            }
+            SessionRef::StandIn { .. } => None,
+        }
+    }
+
     /// Another connection of the device took over.
     pub fn replaced(&self) {
         self.signal(Signal::Replaced);
@@ -594,6 +634,26 @@ mod tests {
         drop(tx);
         assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
         assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn acks_are_recorded_quietly_and_a_message_goes_only_when_asked_for() {
+        let (tx, _rx) = Outbox::channel(4);
+        let port = tx.session();
+        assert_eq!(port.client_acked(), Some(0));
+        // Nobody asked: recorded where the mailbox reads them, no message.
+        assert!(!tx.record_ack(3));
+        assert!(!tx.record_ack(5));
+        assert_eq!(port.client_acked(), Some(5));
+        // The mailbox asks (its window is full) and reads what was recorded so far.
+        assert_eq!(port.want_ack(), Some(5));
+        // The next ack must come as a message, and only that one: the request is used up.
+        assert!(tx.record_ack(7), "the ack the mailbox waits for is sent");
+        assert!(!tx.record_ack(8));
+        assert_eq!(port.client_acked(), Some(8));
+        // A late, lower ack never moves the recorded one back.
+        assert!(!tx.record_ack(6));
+        assert_eq!(port.client_acked(), Some(8));
     }
 
     #[tokio::test]

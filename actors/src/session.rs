@@ -98,14 +98,20 @@ impl Session {
     }
 
     /// The client acknowledged every seq up to `seq` (at most what was queued to it):
-    /// passed on to the mailbox, wherever it runs.
+    /// passed on to the mailbox, wherever it runs. A mailbox on this node reads it from the
+    /// connection's outbox when it runs anyway, and gets a message only when it asked for
+    /// one (it waits for this ack).
     pub fn ack(&mut self, seq: u64) {
         if seq <= self.acked {
             return;
         }
         self.acked = seq;
+        let wanted = self.out.record_ack(seq);
         match &self.upstream {
             Upstream::Local => {
+                if !wanted {
+                    return;
+                }
                 let ack = MailboxMsg::Ack {
                     device: self.device.clone(),
                     session: self.out.session().id(),

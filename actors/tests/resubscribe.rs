@@ -489,6 +489,83 @@ async fn acks_are_written_together_after_the_flush_interval_and_at_stop() {
     fixture.close().await;
 }
 
+/// A local device's acks are recorded on its connection and read by the mailbox when it
+/// runs anyway. When the window is full, the ack that opens it still reaches the mailbox at
+/// once (the cursor flush, the other time the mailbox looks, is a minute away here).
+#[tokio::test]
+async fn a_full_window_opens_on_acks_the_mailbox_only_reads() {
+    let fixture = mailboxes_with(Duration::ZERO, Duration::from_secs(60)).await;
+    let mailboxes = fixture.mailboxes.clone();
+    let (_tx, mut rx, mut session) = connect(&mailboxes, 0).await;
+    for i in 1..=40u64 {
+        let id = format!("m{i}");
+        let body = ByteBuf::from(id.clone().into_bytes());
+        assert_eq!(mailboxes.publish("u", &id, body, None).await.unwrap(), i);
+    }
+    // The window is 16 messages: the first 16, then each ack makes room.
+    let first = delivered(&mut rx, Duration::from_millis(200)).await;
+    assert_eq!(first, (1..=16).collect::<Vec<u64>>(), "a window of 16");
+    let mut got = first;
+    while got.len() < 40 {
+        // Acked one at a time, as a client that acks each message it reads.
+        let last = *got.last().unwrap();
+        session.ack(last);
+        let more = delivered(&mut rx, Duration::from_millis(300)).await;
+        assert!(
+            !more.is_empty(),
+            "ack {last} did not open the window; delivered so far: {got:?}"
+        );
+        got.extend(more);
+    }
+    assert_eq!(got, (1..=40).collect::<Vec<u64>>());
+    fixture.close().await;
+}
+
+/// A mailbox learns of its device's acks without a message for each, and still sleeps once
+/// everything is acknowledged: whether the last ack came before its cursor flush looked
+/// (the flush reads it) or after (the flush asked for it as a message).
+#[tokio::test]
+async fn a_mailbox_sleeps_on_acks_it_only_reads() {
+    // Longer than `publish_and_receive` waits for quiet (200 ms), so that an ack right
+    // after it comes before the flush.
+    const FLUSH: Duration = Duration::from_millis(500);
+    let fixture = mailboxes_with(Duration::from_millis(100), FLUSH).await;
+    let (mailboxes, store) = (fixture.mailboxes.clone(), fixture.store.clone());
+    let asleep_within = |limit: Duration, what: &'static str| {
+        let mailboxes = mailboxes.clone();
+        async move {
+            let start = std::time::Instant::now();
+            while mailboxes.active_count().await != 0 {
+                assert!(start.elapsed() < limit, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (_tx, mut rx, mut session) = connect(&mailboxes, 0).await;
+    // Acked after the flush looked: the flush asked for the next ack as a message.
+    publish_and_receive(&mailboxes, &mut rx, 1..=1).await;
+    tokio::time::sleep(FLUSH * 2).await;
+    assert_eq!(
+        mailboxes.active_count().await,
+        1,
+        "awake while 1 is unacked"
+    );
+    session.ack(1);
+    asleep_within(Duration::from_secs(5), "asleep once 1 was acknowledged").await;
+    stored_cursor_reaches(&store, "d", 1, Duration::from_secs(5)).await;
+    // Woken by a publish, acked at once: the flush reads it.
+    publish_and_receive(&mailboxes, &mut rx, 2..=3).await;
+    session.ack(3);
+    asleep_within(
+        Duration::from_secs(5),
+        "asleep again once 3 was acknowledged",
+    )
+    .await;
+    stored_cursor_reaches(&store, "d", 3, Duration::from_secs(5)).await;
+    drop(store);
+    fixture.close().await;
+}
+
 /// A session that subscribes again brings the position its device acknowledged with an
 /// earlier mailbox (the user's leader moved, and that mailbox's cursor write was lost). The
 /// new mailbox takes it, clamped to what is committed, and writes it at once: the device's

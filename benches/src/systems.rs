@@ -551,15 +551,13 @@ pub async fn run_publisher(
                     // Frames queued meanwhile leave in the same write, as a pipelining
                     // client (and the MQTT client's event loop) sends them.
                     while let Some(frame) = to_send.recv().await {
-                        let mut next = Some(frame);
-                        let mut fed = 0;
-                        while let Some(frame) = next.take() {
+                        if tx.feed(frame).await.is_err() {
+                            return;
+                        }
+                        for _ in 1..FRAMES_PER_WRITE {
+                            let Ok(frame) = to_send.try_recv() else { break };
                             if tx.feed(frame).await.is_err() {
                                 return;
-                            }
-                            fed += 1;
-                            if fed < FRAMES_PER_WRITE {
-                                next = to_send.try_recv().ok();
                             }
                         }
                         if tx.flush().await.is_err() {
