@@ -773,7 +773,12 @@ impl MailboxState {
             sub.inflight.pop_front();
             sub.inflight_bytes -= bytes;
         }
-        self.cursors.insert(device.to_string(), acked);
+        match self.cursors.get_mut(device) {
+            Some(cursor) => *cursor = acked,
+            None => {
+                self.cursors.insert(device.to_string(), acked);
+            }
+        }
         if !self.unwritten.contains(device) {
             self.unwritten.insert(device.to_string());
         }
