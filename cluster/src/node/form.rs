@@ -47,6 +47,10 @@ enum Asked {
 /// How long a node restarting on a kept member list waits for a member to tell it whether
 /// it is still one (a whole cluster starting at once waits this long).
 const STANDING_WAIT: Duration = Duration::from_secs(5);
+/// How long a removed node restarting with replicas on its disk keeps asking whether their
+/// partitions still count it, while their leaderships move (the cluster has just rebuilt
+/// them elsewhere and balances their leaders).
+const COUNTED_WAIT: Duration = Duration::from_secs(20);
 
 impl ClusterNode {
     /// Waits for the member list (from disk, from a formed member, by joining a running
@@ -155,8 +159,8 @@ impl ClusterNode {
             .into_iter()
             .filter(|p| *p < self.partitions)
             .collect();
-        if self.counted_in_any(&current, &held).await {
-            tracing::warn!(epoch = current.epoch, members = ?current.names, replicas = held.len(), "this node was removed from the cluster while partitions still counted its replicas: it hands them over and then serves nothing; restart it afterwards and it joins again as a new node (its data directory is wiped then)");
+        if let Some(why) = self.counted_in_any(&current, &held).await {
+            tracing::warn!(epoch = current.epoch, members = ?current.names, replicas = held.len(), why, "this node was removed from the cluster while partitions still counted its replicas: it hands them over and then serves nothing; restart it afterwards and it joins again as a new node (its data directory is wiped then)");
             return Ok(stored);
         }
         tracing::warn!(epoch = current.epoch, members = ?current.names, stale_replicas = held.len(), "this data directory belongs to a node the cluster removed (its member list no longer names it) and no partition counts its replicas: wiping it and joining as a new node");
@@ -212,32 +216,78 @@ impl ClusterNode {
         }
     }
 
-    /// Whether any of `held` (partitions this node has data of) still counts this node in
-    /// its group, asked of the leaders the `current` list places them on. A partition
-    /// whose leader cannot be asked counts as counting it.
-    async fn counted_in_any(&self, current: &MemberList, held: &[PartitionId]) -> bool {
+    /// Why a partition of `held` (partitions this node has data of) still counts this node
+    /// in its group, asked of the leaders the `current` list places them on; `None` when
+    /// none does. A partition that no placed node answers for (its leadership is moving, a
+    /// node is not in gossip yet) is asked again until [`COUNTED_WAIT`]; one still
+    /// unanswered then counts as counting it.
+    async fn counted_in_any(&self, current: &MemberList, held: &[PartitionId]) -> Option<String> {
         let placed = placement::place(current, self.partitions);
         let body = wire::encode(&wire::NodeReq(self.me.clone()));
+        let deadline = Instant::now() + COUNTED_WAIT;
         // Gossip may not have every member's address yet, a moment after start.
-        let deadline = Instant::now() + STANDING_WAIT;
-        'partitions: for &p in held {
-            for name in placed.get(p as usize).into_iter().flatten() {
-                let Some(addr) = self.gossip_addr(name, deadline).await else {
-                    continue;
-                };
-                let asked = self
-                    .transport
-                    .call(addr, p, PeerKind::MemberOf, body.clone(), ASK_TIMEOUT)
-                    .await;
-                match asked.map(|b| wire::decode::<bool>(&b)) {
-                    Ok(Ok(false)) => continue 'partitions,
-                    Ok(Ok(true)) => return true,
-                    _ => {}
+        let gossip_deadline = Instant::now() + STANDING_WAIT;
+        let mut unanswered = held.to_vec();
+        loop {
+            let mut silent = Vec::new();
+            for &p in &unanswered {
+                let names = placed
+                    .get(p as usize)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                match self.ask_counted(p, names, &body, gossip_deadline).await {
+                    Some((true, leader)) => {
+                        return Some(format!("partition {p}'s leader {leader} counts it"));
+                    }
+                    Some((false, _)) => {}
+                    None => silent.push(p),
                 }
             }
-            return true;
+            if silent.is_empty() {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                return Some(format!(
+                    "no leader of partitions {silent:?} answered within {} s",
+                    COUNTED_WAIT.as_secs()
+                ));
+            }
+            tracing::debug!(partitions = ?silent, "no leader answered yet whether these partitions still count this removed node; asking again");
+            unanswered = silent;
+            tokio::time::sleep(DISCOVER_PERIOD).await;
         }
-        false
+    }
+
+    /// Whether `partition`'s group counts this node, and the name of the node that said
+    /// so: the first of `names` (the nodes it is placed on) that answers as its settled
+    /// leader; `None` when none does. Waits for a node's address from gossip until
+    /// `gossip_deadline`.
+    async fn ask_counted<'a>(
+        &self,
+        partition: PartitionId,
+        names: &'a [String],
+        body: &[u8],
+        gossip_deadline: Instant,
+    ) -> Option<(bool, &'a str)> {
+        for name in names {
+            let Some(addr) = self.gossip_addr(name, gossip_deadline).await else {
+                continue;
+            };
+            let asked = self
+                .transport
+                .call(
+                    addr,
+                    partition,
+                    PeerKind::MemberOf,
+                    body.to_vec(),
+                    ASK_TIMEOUT,
+                )
+                .await;
+            if let Ok(Ok(counted)) = asked.map(|b| wire::decode::<bool>(&b)) {
+                return Some((counted, name));
+            }
+        }
+        None
     }
 
     /// `name`'s cluster address from gossip, waiting for it until `deadline`.
