@@ -452,21 +452,33 @@ impl ClusterNode {
         let ids = placement::ask_left_group(self.my_id, view, &placed);
         let body = wire::encode(&NodeReq(self.me.clone()));
         for addr in ids.into_iter().filter_map(|id| (f.resolver)(id)) {
-            let asked = self
-                .transport
-                .call(
-                    addr,
-                    partition,
-                    PeerKind::MemberOf,
-                    body.clone(),
-                    ASK_TIMEOUT,
-                )
-                .await;
-            if let Ok(Ok(member)) = asked.map(|b| wire::decode::<bool>(&b)) {
+            if let Some(member) = self.call_member_of(addr, partition, &body).await {
                 return Some(member);
             }
         }
         None
+    }
+
+    /// Asks the node at `addr` whether `partition`'s group counts the node named in `body`
+    /// (an encoded [`NodeReq`]); `None` when it gives no answer: unreachable, not the
+    /// group's settled leader, or a reply that does not decode.
+    pub(super) async fn call_member_of(
+        &self,
+        addr: SocketAddr,
+        partition: PartitionId,
+        body: &[u8],
+    ) -> Option<bool> {
+        let asked = self
+            .transport
+            .call(
+                addr,
+                partition,
+                PeerKind::MemberOf,
+                body.to_vec(),
+                ASK_TIMEOUT,
+            )
+            .await;
+        wire::decode::<bool>(&asked.ok()?).ok()
     }
 
     /// A decommissioned node hears of it from the others (it no longer gets the member list).

@@ -273,17 +273,7 @@ impl ClusterNode {
             let Some(addr) = self.gossip_addr(name, gossip_deadline).await else {
                 continue;
             };
-            let asked = self
-                .transport
-                .call(
-                    addr,
-                    partition,
-                    PeerKind::MemberOf,
-                    body.to_vec(),
-                    ASK_TIMEOUT,
-                )
-                .await;
-            if let Ok(Ok(counted)) = asked.map(|b| wire::decode::<bool>(&b)) {
+            if let Some(counted) = self.call_member_of(addr, partition, body).await {
                 return Some((counted, name));
             }
         }
