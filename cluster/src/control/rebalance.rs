@@ -8,7 +8,7 @@
 //! joint-consensus change, then removes learners left behind. A partition never has fewer
 //! than its replicas while it moves.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,12 +39,19 @@ pub enum Moved {
     LedBy(String),
 }
 
+/// Rounds in a row without an answer about a partition after which the coordinator asks
+/// the partition's other nodes instead of the leader it knows ([`others_to_ask`]): an
+/// election is over well within this.
+pub const UNANSWERED_ROUNDS: u32 = 10;
+
 /// The coordinator's progress through one epoch of the member list.
 #[derive(Debug, Default)]
 pub struct Coordinator {
     epoch: u64,
     settled: HashSet<PartitionId>,
     moving: HashSet<PartitionId>,
+    /// Rounds in a row without an answer, per partition.
+    unanswered: HashMap<PartitionId, u32>,
 }
 
 impl Coordinator {
@@ -70,6 +77,12 @@ impl Coordinator {
     /// is changing leader, and asking again soon is what it needs.
     pub fn on_answer(&mut self, partition: PartitionId, answer: Option<&Moved>) {
         match answer {
+            None => *self.unanswered.entry(partition).or_default() += 1,
+            Some(_) => {
+                self.unanswered.remove(&partition);
+            }
+        }
+        match answer {
             Some(Moved::Settled) => {
                 self.moving.remove(&partition);
                 self.settled.insert(partition);
@@ -79,6 +92,12 @@ impl Coordinator {
             }
             None => {}
         }
+    }
+
+    /// Whether to ask `partition`'s other nodes ([`others_to_ask`]) rather than the leader
+    /// this node knows: none answered for [`UNANSWERED_ROUNDS`] rounds in a row.
+    pub fn ask_others(&self, partition: PartitionId) -> bool {
+        self.unanswered.get(&partition).copied().unwrap_or(0) >= UNANSWERED_ROUNDS
     }
 
     /// Every one of `partitions` is where the ring places it.
@@ -187,6 +206,27 @@ pub fn on_reconfigure(
     Ok(OnReconfigure::StartMove)
 }
 
+/// Whom a coordinator asks about a partition when the leader it knows has not answered for
+/// [`UNANSWERED_ROUNDS`], in order: the live nodes `placed` for it, then the live rest of
+/// its own replica's `group`, never itself. Its replica may be one the group left behind (an
+/// earlier move took it out, a later placement put it back before it was dropped): no one
+/// writes to it any more, so it campaigns alone, never names a leader, and waiting for it
+/// would keep the partition from moving for good.
+pub fn others_to_ask(
+    me: &str,
+    placed: &[String],
+    group: &[String],
+    live: &HashSet<String>,
+) -> Vec<String> {
+    let mut ask: Vec<String> = Vec::new();
+    for n in placed.iter().chain(group) {
+        if n != me && live.contains(n) && !ask.contains(n) {
+            ask.push(n.clone());
+        }
+    }
+    ask
+}
+
 /// The new replicas to add as learners (and wait for) before the voters change.
 pub fn learners_to_add<'a>(group: &GroupView, to: &'a [String]) -> Vec<&'a String> {
     to.iter()
@@ -245,6 +285,40 @@ mod tests {
             replicas: replicas.iter().map(|s| s.to_string()).collect(),
             epoch,
         }
+    }
+
+    #[test]
+    fn the_coordinator_asks_the_others_only_after_rounds_without_an_answer() {
+        let mut c = Coordinator::default();
+        c.begin_round(1);
+        for _ in 1..UNANSWERED_ROUNDS {
+            c.on_answer(7, None);
+        }
+        assert!(!c.ask_others(7), "an election is not over yet");
+        c.on_answer(7, None);
+        assert!(c.ask_others(7));
+        assert!(!c.ask_others(8));
+        c.on_answer(7, Some(&Moved::Moving));
+        assert!(!c.ask_others(7), "an answer resets the count");
+    }
+
+    #[test]
+    fn a_coordinator_whose_replica_knows_no_leader_asks_the_live_placed_nodes_then_the_group() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+        let live: HashSet<String> = names(&["n1", "n2", "n3", "n4"]).into_iter().collect();
+        // n1 coordinates; its stale replica still counts n0, n1, n2 as the group.
+        let ask = others_to_ask(
+            "n1",
+            &names(&["n2", "n3", "n1"]),
+            &names(&["n0", "n1", "n2", "n4"]),
+            &live,
+        );
+        assert_eq!(
+            ask,
+            names(&["n2", "n3", "n4"]),
+            "n0 is down, n1 is itself, n2 once"
+        );
+        assert!(others_to_ask("n1", &names(&["n1"]), &names(&["n1"]), &live).is_empty());
     }
 
     #[test]

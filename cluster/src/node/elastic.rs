@@ -621,7 +621,11 @@ impl ClusterNode {
                 replicas: replicas[p as usize].clone(),
                 epoch,
             };
-            let mut answer = self.ask_to_move(p, &req).await;
+            let mut answer = if c.ask_others(p) {
+                self.ask_others_to_move(p, &req).await
+            } else {
+                self.ask_to_move(p, &req).await
+            };
             if let Ok(Moved::LedBy(name)) = &answer {
                 // Asked a follower (this node only guessed the leader): ask the one it named.
                 self.redirected(p, Some(name));
@@ -642,24 +646,73 @@ impl ClusterNode {
         match self.leader(partition) {
             Leader::Local => self.reconfigure(&self.me, partition, req.clone()),
             Leader::Remote { addr, .. } => {
-                let asked = self
-                    .transport
-                    .call(
-                        addr,
-                        partition,
-                        PeerKind::Reconfigure,
-                        wire::encode(req),
-                        ASK_TIMEOUT,
-                    )
-                    .await;
-                let bytes = asked.map_err(|e| {
+                let answer = self.call_reconfigure(addr, partition, req).await;
+                if answer.is_err() {
                     self.redirected(partition, None);
-                    RpcError::new(RpcCode::Failed, e.to_string())
-                })?;
-                wire::decode(&bytes).map_err(|e| RpcError::bad_request("reconfigure answer", e))
+                }
+                answer
             }
             Leader::Unknown(why) => Err(not_ready(why)),
         }
+    }
+
+    async fn call_reconfigure(
+        &self,
+        addr: SocketAddr,
+        partition: PartitionId,
+        req: &Reconfigure,
+    ) -> Result<Moved, RpcError> {
+        let bytes = self
+            .transport
+            .call(
+                addr,
+                partition,
+                PeerKind::Reconfigure,
+                wire::encode(req),
+                ASK_TIMEOUT,
+            )
+            .await
+            .map_err(|e| RpcError::new(RpcCode::Failed, e.to_string()))?;
+        wire::decode(&bytes).map_err(|e| RpcError::bad_request("reconfigure answer", e))
+    }
+
+    /// The leader this node knows of `partition` has not answered for rounds (see
+    /// [`rebalance::others_to_ask`] for why it may never): asks the others in turn. The
+    /// first answer decides; a follower's names the leader, which is then asked.
+    async fn ask_others_to_move(
+        &self,
+        partition: PartitionId,
+        req: &Reconfigure,
+    ) -> Result<Moved, RpcError> {
+        let group: Vec<String> = self
+            .local_raft(partition)
+            .map(|r| group_view(&r, self.my_id).voters)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|id| self.name_of(id))
+            .collect();
+        let ask = rebalance::others_to_ask(
+            &self.me,
+            &self.placed(partition),
+            &group,
+            &self.live_names(),
+        );
+        let addr_of = |name: &str| self.metas.borrow().get(name).map(|m| m.cluster);
+        for name in ask {
+            let Some(addr) = addr_of(&name) else { continue };
+            match self.call_reconfigure(addr, partition, req).await {
+                Ok(Moved::LedBy(leader)) if leader != self.me && leader != name => {
+                    if let Some(addr) = addr_of(&leader) {
+                        return self.call_reconfigure(addr, partition, req).await;
+                    }
+                }
+                Ok(Moved::LedBy(_)) | Err(_) => {}
+                Ok(answer) => return Ok(answer),
+            }
+        }
+        Err(not_ready(format!(
+            "no other node placed for partition {partition} or in its group answered"
+        )))
     }
 
     /// The learners of the member-list group that are alive (this node counts), sorted by
