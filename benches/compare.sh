@@ -53,6 +53,10 @@ OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 RUNS="$OUT/runs.jsonl"
 : > "$RUNS"
+# The servers' CPU over each run, beside runs.jsonl: their processes' user + system ticks.
+CPU="$OUT/cpu.jsonl"
+: > "$CPU"
+HZ=$(getconf CLK_TCK)
 work=$(mktemp -d)
 cleanup() { kill -9 $(jobs -p) 2>/dev/null || true; pkill -9 -f "$work" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -131,7 +135,7 @@ print(json.dumps({"label": label, "recipients": asked, "stored": stored, "secs":
 PY
     tail -1 "$OUT/fanout.jsonl" | sed 's/^/   /' >&2
 }
-stop_warbler() { kill -9 "${WARBLER_PIDS[@]}" 2>/dev/null || true; wait "${WARBLER_PIDS[@]}" 2>/dev/null || true; }
+stop_warbler() { kill -9 "${WARBLER_PIDS[@]}" 2>/dev/null || true; wait "${WARBLER_PIDS[@]}" 2>/dev/null || true; WARBLER_PIDS=(); }
 
 NATS_PIDS=()
 start_nats() { # a 3-node JetStream cluster on loopback; $1 = "tls" for TLS on the client port
@@ -159,7 +163,7 @@ start_nats() { # a 3-node JetStream cluster on loopback; $1 = "tls" for TLS on t
     done
     sleep 2 # JetStream's meta group elects its leader
 }
-stop_nats() { kill "${NATS_PIDS[@]}" 2>/dev/null || true; wait "${NATS_PIDS[@]}" 2>/dev/null || true; }
+stop_nats() { kill "${NATS_PIDS[@]}" 2>/dev/null || true; wait "${NATS_PIDS[@]}" 2>/dev/null || true; NATS_PIDS=(); }
 
 start_mosquitto() {
     rm -rf "$work/mosq"; mkdir -p "$work/mosq"
@@ -175,7 +179,7 @@ EOF
     MOSQ_PID=$!
     wait_port 127.0.0.1:17883
 }
-stop_mosquitto() { kill "$MOSQ_PID" 2>/dev/null || true; wait "$MOSQ_PID" 2>/dev/null || true; }
+stop_mosquitto() { kill "$MOSQ_PID" 2>/dev/null || true; wait "$MOSQ_PID" 2>/dev/null || true; MOSQ_PID=""; }
 
 # --- load -------------------------------------------------------------------------------
 # run LABEL RATE SYSTEM ADDRS [extra warbler-load args]
@@ -185,10 +189,24 @@ run() {
     # Dirty pages of the build and of earlier runs go to disk first: a filesystem journal
     # commits them with the next fsync, which would charge their writeback to this run.
     sync
+    local ticks0; ticks0=$(server_ticks)
     "$BIN/warbler-load" run --system "$system" --addr "$addrs" --jwt-secret-file "$work/secret" \
         --users "$USERS" --devices "$DEVICES" --publishers "$PUBLISHERS" --procs "$PROCS" \
         --body-bytes "$BODY" --duration-secs "$DURATION" --rate "$rate" --window 1024 \
         --label "$label" --json-out "$RUNS" --user-prefix "${label//\~/-}" "$@" | sed 's/^/   /' >&2
+    printf '{"label": "%s", "system": "%s", "offered_rate": %s, "server_ticks": %s, "hz": %s}\n' \
+        "$label" "$system" "$rate" $(( $(server_ticks) - ticks0 )) "$HZ" >> "$CPU"
+}
+# The user + system CPU ticks of the running servers' processes, summed: every node of a
+# cluster (Warbler's or NATS's) counts, so a replicated setup pays for its replicas.
+server_ticks() {
+    local p sum=0
+    for p in "${WARBLER_PIDS[@]}" "${NATS_PIDS[@]}" ${MOSQ_PID:-}; do
+        if [ -r "/proc/$p/stat" ]; then
+            sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        fi
+    done
+    echo "$sum"
 }
 # profile LABEL NODES: a separate closed-loop run (not one of the measured ones) with
 # `perf record` on node w0, reported after the run.

@@ -68,6 +68,19 @@ def fmt_ratio(x):
     return f"{x:.2f}" if x >= 0.1 else f"{x:.4f}"
 
 
+def server_cpu_us(cpu, r):
+    """The servers' CPU per acknowledged publish over run `r`, in µs (every process of a
+    cluster counted), or None where the run has no CPU record (results of an older script)."""
+    secs = cpu.get((r["label"], r["system"], r["offered_rate"]))
+    if secs is None or not r.get("published"):
+        return None
+    return secs / r["published"] * 1e6
+
+
+def fmt_us(x):
+    return "–" if x is None else f"{x:,.0f}"
+
+
 def group_rows(runs, labels):
     """Per label: its closed-loop (max) run and its open-loop points sorted by offered rate."""
     out = {}
@@ -173,6 +186,9 @@ def replication_section(runs, fanouts):
 def main():
     results, doc, img_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     runs = load_jsonl(os.path.join(results, "runs.jsonl"))
+    cpu = {(c["label"], c["system"], c["offered_rate"]): c["server_ticks"] / c["hz"]
+           for c in load_jsonl(os.path.join(results, "cpu.jsonl"))}
+    cpu_us = lambda r: server_cpu_us(cpu, r)
     idle = load_jsonl(os.path.join(results, "idle.jsonl"))
     machine = dict(line.split("=", 1) for line in read(os.path.join(results, "machine.txt")).splitlines() if "=" in line)
     md = [BEGIN, "", f"## Side by side with NATS JetStream and Mosquitto ({machine.get('date', '?')})", ""]
@@ -182,7 +198,9 @@ def main():
         f"{int(machine.get('elapsed_secs', 0)) % 60} s). Re-running it rewrites this section and the plots.",
         "",
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('memory_gib', '?')} GiB, kernel {machine.get('kernel', '?')}. "
-        "Servers and load generator share the same cores.",
+        "Servers and load generator share the same cores. A run's server CPU per message is the user and "
+        "system CPU of the server's processes over the whole run (every node of a cluster; connecting and "
+        "draining included) divided by its acknowledged publishes.",
         f"- Versions: Warbler {machine.get('warbler', '?')}, {machine.get('nats', '?')} (Debian), {machine.get('mosquitto', '?')} (Debian).",
         f"- Workload, the same for every system: {machine.get('workload', '?')}. Each user has one publisher "
         "that numbers its messages, and every device checks it gets 1, 2, 3, … (`order violations`). "
@@ -235,8 +253,8 @@ def main():
         md += ["Warbler ÷ peer (throughput above 1 and latency below 1 favour Warbler). Latency at equal "
                "offered load: both systems run open loop at half the lower of their two maxima:", ""]
         md += ["| | max throughput ratio | offered load | publish→deliver p50 / p99 / p99.9 ms (Warbler vs peer) | "
-               "**p99 ratio** | publish→ack p99 ratio |",
-               "|---|---|---|---|---|---|"]
+               "**p99 ratio** | publish→ack p99 ratio | server CPU µs per message (Warbler vs peer) |",
+               "|---|---|---|---|---|---|---|"]
         for ours in our_labels:
             w_max = rows[ours][0]
             for peer in peers:
@@ -245,14 +263,15 @@ def main():
                 w_eq = next((r for r in pair if r["system"] == "warbler"), None)
                 p_eq = next((r for r in pair if r["system"] != "warbler"), None)
                 if not (w_max and p_max and w_eq and p_eq):
-                    md.append(f"| {NAMES[ours]} vs {NAMES[peer]} | (missing run) | | | | |")
+                    md.append(f"| {NAMES[ours]} vs {NAMES[peer]} | (missing run) | | | | | |")
                     continue
                 t = ratio(w_max["publish_rate"], p_max["publish_rate"])
                 d = ratio(w_eq["deliver_ms"]["p99"], p_eq["deliver_ms"]["p99"])
                 a = ratio(w_eq["ack_ms"]["p99"], p_eq["ack_ms"]["p99"])
                 q = lambda r: " / ".join(fmt_ms(r["deliver_ms"][k]) for k in ("p50", "p99", "p999"))
                 md.append(f"| {NAMES[ours]} vs {NAMES[peer]} | **{fmt_ratio(t)}** | {fmt_rate(w_eq['offered_rate'])}/s | "
-                          f"{q(w_eq)} vs {q(p_eq)} | **{fmt_ratio(d)}** | {fmt_ratio(a)} |")
+                          f"{q(w_eq)} vs {q(p_eq)} | **{fmt_ratio(d)}** | {fmt_ratio(a)} | "
+                          f"{fmt_us(cpu_us(w_eq))} vs {fmt_us(cpu_us(p_eq))} |")
                 if t < 1 or d > 1:
                     behind.append((ours, peer, t, d))
         one = group_rows(runs, ["warbler-1"])["warbler-1"][0]
@@ -262,14 +281,15 @@ def main():
                 for ours in our_labels if rows[ours][0]) + "."]
         md.append("")
         md += ["Every run (offered 0 = closed loop; the others are open loop at 33/66/100% of the system's own maximum):", "",
-               "| system | offered/s | acked/s | delivered/s | ack p50 / p99 / p99.9 ms | deliver p50 / p99 / p99.9 / max ms | errors | gaps |",
-               "|---|---|---|---|---|---|---|---|"]
+               "| system | offered/s | acked/s | delivered/s | ack p50 / p99 / p99.9 ms | deliver p50 / p99 / p99.9 / max ms | errors | gaps | server CPU µs per message |",
+               "|---|---|---|---|---|---|---|---|---|"]
         for label, (mx, points) in rows.items():
             for r in ([mx] if mx else []) + points:
                 md.append(f"| {NAMES[label]} | {fmt_rate(r['offered_rate'])} | {fmt_rate(r['publish_rate'])} | "
                           f"{fmt_rate(r['deliver_rate'])} | {fmt_ms(r['ack_ms']['p50'])} / {fmt_ms(r['ack_ms']['p99'])} / "
                           f"{fmt_ms(r['ack_ms']['p999'])} | {fmt_ms(r['deliver_ms']['p50'])} / {fmt_ms(r['deliver_ms']['p99'])} / "
-                          f"{fmt_ms(r['deliver_ms']['p999'])} / {fmt_ms(r['deliver_ms']['max'])} | {r['errors']} | {r.get('gaps', 0)} |")
+                          f"{fmt_ms(r['deliver_ms']['p999'])} / {fmt_ms(r['deliver_ms']['max'])} | {r['errors']} | {r.get('gaps', 0)} | "
+                          f"{fmt_us(cpu_us(r))} |")
         md.append("")
         path = plot(group_id, title, rows, img_dir)
         if path:
